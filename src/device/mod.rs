@@ -1,0 +1,1 @@
+//! Devices: the `VsockDevice` trait and its backends.

@@ -1,0 +1,1 @@
+//! The driver: event loop and socket API.

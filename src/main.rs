@@ -1,0 +1,2 @@
+//! `vdpa-vsock`: command-line front end.
+fn main() {}

@@ -1,0 +1,2 @@
+//! The sans-IO vsock protocol engine.
+#![forbid(unsafe_code)]

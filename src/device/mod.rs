@@ -1,1 +1,419 @@
-//! Devices: the `VsockDevice` trait and its backends.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Devices: the one small trait every backend implements, and the device spec strings.
+//!
+//! A backend is whatever sits behind the rings (virtio 1.2 section 5.10): the in-process
+//! simulated device ([`sim`]), and later the kernel's vhost-vsock, a vhost-vdpa device or a
+//! virtio-pci function bound to VFIO. The device layer never interprets a vsock header; it only
+//! negotiates, maps memory, wires queues and moves notifications.
+//!
+//! Bring-up order, as the driver performs it:
+//! 1. [`VsockDevice::offered_features`], then [`VsockDevice::negotiate`] (FEATURES_OK).
+//! 2. [`VsockDevice::dma_options`] tells where the DMA region must live (its IOVA base); the driver
+//!    creates it and calls [`VsockDevice::map_dma`].
+//! 3. [`VsockDevice::setup_queue`] for queues 0 (rx), 1 (tx) and, when present, 2 (event).
+//! 4. [`VsockDevice::activate`] (DRIVER_OK). Then [`VsockDevice::kick`] after adding buffers and
+//!    wait on [`VsockDevice::call_fd`] for used buffers.
+//! 5. [`VsockDevice::reset`] stops the device; the rings may then be reclaimed.
+
+use std::fmt;
+use std::str::FromStr;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::dma::{DmaOptions, DmaRegion};
+use crate::virtq::QueueLayout;
+
+pub mod sim;
+
+/// Queue index of the receive queue (device to driver).
+pub const RX_QUEUE: u16 = 0;
+/// Queue index of the transmit queue (driver to device).
+pub const TX_QUEUE: u16 = 1;
+/// Queue index of the event queue.
+pub const EVENT_QUEUE: u16 = 2;
+
+/// Errors of the device layer.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The device spec string could not be parsed.
+    #[error("invalid device spec {spec:?}: {reason} (expected one of: sim, vhost-vdpa:/dev/vhost-vdpa-N, vfio:DDDD:BB:DD.F, vhost-vsock[:PATH],cid=N, auto)")]
+    InvalidSpec {
+        /// The spec as given.
+        spec: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The backend exists in the design but is not built yet.
+    #[error("the {0} backend is not implemented yet in this version")]
+    NotImplemented(&'static str),
+    /// The device lacks a feature the driver needs.
+    #[error("device does not offer required feature {name} (bit {bit}); offered features {offered:#x}")]
+    MissingFeature {
+        /// Feature name.
+        name: &'static str,
+        /// Feature bit.
+        bit: u64,
+        /// What the device offered.
+        offered: u64,
+    },
+    /// A queue index the device does not have.
+    #[error("queue {index} does not exist: the device has {count} queues")]
+    NoSuchQueue {
+        /// The index asked for.
+        index: u16,
+        /// How many queues the device has.
+        count: u16,
+    },
+    /// A queue size the device cannot take.
+    #[error("queue size {size} not accepted: expected a power of two up to {max}")]
+    BadQueueSize {
+        /// The size asked for.
+        size: u16,
+        /// The device's maximum.
+        max: u16,
+    },
+    /// An operation in the wrong order (e.g. kick before activate).
+    #[error("device not ready: {0}")]
+    NotReady(&'static str),
+    /// The device reported a failure or stopped working.
+    #[error("device failed: {0}")]
+    Failed(String),
+    /// A system call failed.
+    #[error("{op} failed")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The DMA region could not be set up.
+    #[error("DMA memory")]
+    Dma(#[from] crate::dma::DmaError),
+}
+
+impl DeviceError {
+    /// Wrap an OS error with what was being done.
+    pub fn io(op: &'static str, source: std::io::Error) -> Self {
+        DeviceError::Io { op, source }
+    }
+}
+
+/// The one small trait every backend implements. See the module docs for the call order.
+pub trait VsockDevice: Send + fmt::Debug {
+    /// A short human name ("sim", "vhost-vsock:/dev/vhost-vsock", ...).
+    fn name(&self) -> String;
+
+    /// The feature bits the device offers.
+    fn offered_features(&self) -> u64;
+
+    /// Accept `features` (a subset of the offered ones); returns what was negotiated.
+    fn negotiate(&mut self, features: u64) -> Result<u64, DeviceError>;
+
+    /// The driver's CID: the device config's `guest_cid` (or the CID given to vhost-vsock).
+    fn guest_cid(&self) -> Result<u64, DeviceError>;
+
+    /// Number of queues the driver sets up: 2 (rx, tx) or 3 (with the event queue).
+    fn num_queues(&self) -> u16;
+
+    /// Largest queue size the device accepts for queue `index`.
+    fn max_queue_size(&self, index: u16) -> u16;
+
+    /// Where the DMA region must live (IOVA base, size hints) for this backend.
+    fn dma_options(&self) -> DmaOptions;
+
+    /// Make the DMA region accessible to the device.
+    fn map_dma(&mut self, dma: &DmaRegion) -> Result<(), DeviceError>;
+
+    /// Tell the device where queue `index` lives (addresses are IOVAs) and its size.
+    fn setup_queue(&mut self, index: u16, layout: &QueueLayout) -> Result<(), DeviceError>;
+
+    /// Start the device (DRIVER_OK).
+    fn activate(&mut self) -> Result<(), DeviceError>;
+
+    /// Notify the device that queue `index` has new available buffers.
+    fn kick(&self, index: u16) -> Result<(), DeviceError>;
+
+    /// The eventfd the device signals when it has put used buffers on queue `index`.
+    fn call_fd(&self, index: u16) -> Result<&EventFd, DeviceError>;
+
+    /// Stop the device; afterwards it does not touch the rings or the DMA region.
+    fn reset(&mut self) -> Result<(), DeviceError>;
+}
+
+/// Which device to drive: the parsed form of a `--device` string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// The in-process simulated device.
+    Sim,
+    /// A vDPA device through its vhost-vdpa character device.
+    VhostVdpa {
+        /// Path of the node, e.g. `/dev/vhost-vdpa-0`.
+        path: String,
+    },
+    /// A virtio-pci function bound to vfio-pci.
+    Vfio {
+        /// PCI address `DDDD:BB:DD.F`.
+        bdf: String,
+        /// Use VFIO's unsafe no-IOMMU mode (explicit opt-in).
+        noiommu: bool,
+    },
+    /// The kernel's vhost-vsock: our process is the guest with CID `cid`.
+    VhostVsock {
+        /// Path of the node (default `/dev/vhost-vsock`).
+        path: String,
+        /// Our CID.
+        cid: u64,
+    },
+    /// The first usable device of any kind.
+    Auto,
+}
+
+impl Default for DeviceSpec {
+    fn default() -> Self {
+        DeviceSpec::Sim
+    }
+}
+
+/// Default node of the kernel's vhost-vsock.
+pub const VHOST_VSOCK_PATH: &str = "/dev/vhost-vsock";
+
+fn valid_bdf(s: &str) -> bool {
+    // DDDD:BB:DD.F, hex digits, device <= 0x1f, function <= 7.
+    let b = s.as_bytes();
+    if b.len() != 12 || b[4] != b':' || b[7] != b':' || b[10] != b'.' {
+        return false;
+    }
+    let hex = |r: std::ops::Range<usize>| s[r].chars().all(|c| c.is_ascii_hexdigit());
+    hex(0..4)
+        && hex(5..7)
+        && hex(8..10)
+        && u8::from_str_radix(&s[8..10], 16).is_ok_and(|d| d <= 0x1f)
+        && matches!(b[11], b'0'..=b'7')
+}
+
+impl FromStr for DeviceSpec {
+    type Err = DeviceError;
+
+    /// Parse `sim`, `vhost-vdpa:PATH`, `vfio:BDF[,noiommu]`, `vhost-vsock[:PATH],cid=N`, `auto`.
+    ///
+    /// ```
+    /// use vdpa_vsock::device::DeviceSpec;
+    /// assert_eq!("sim".parse::<DeviceSpec>().unwrap(), DeviceSpec::Sim);
+    /// assert_eq!(
+    ///     "vhost-vsock,cid=3".parse::<DeviceSpec>().unwrap(),
+    ///     DeviceSpec::VhostVsock { path: "/dev/vhost-vsock".into(), cid: 3 }
+    /// );
+    /// assert!("vhost-vsock,cid=2".parse::<DeviceSpec>().is_err()); // 2 is the host
+    /// assert!("vfio:03:00.0".parse::<DeviceSpec>().is_err()); // domain missing
+    /// ```
+    fn from_str(spec: &str) -> Result<Self, DeviceError> {
+        let bad = |reason: &str| DeviceError::InvalidSpec {
+            spec: spec.to_string(),
+            reason: reason.to_string(),
+        };
+        let (kind, rest) = match spec.split_once(':') {
+            Some((k, r)) => (k, Some(r)),
+            None => match spec.split_once(',') {
+                Some((k, _)) => (k, None),
+                None => (spec, None),
+            },
+        };
+        match kind {
+            "sim" if rest.is_none() && spec == "sim" => Ok(DeviceSpec::Sim),
+            "auto" if spec == "auto" => Ok(DeviceSpec::Auto),
+            "vhost-vdpa" => {
+                let path = rest.unwrap_or("");
+                if !path.starts_with('/') {
+                    return Err(bad("expected an absolute path after vhost-vdpa:, e.g. vhost-vdpa:/dev/vhost-vdpa-0"));
+                }
+                Ok(DeviceSpec::VhostVdpa {
+                    path: path.to_string(),
+                })
+            }
+            "vfio" => {
+                let rest = rest.unwrap_or("");
+                let mut parts = rest.split(',');
+                let bdf = parts.next().unwrap_or("").to_ascii_lowercase();
+                if !valid_bdf(&bdf) {
+                    return Err(bad(&format!(
+                        "expected a PCI address DDDD:BB:DD.F after vfio:, found {bdf:?}"
+                    )));
+                }
+                let mut noiommu = false;
+                for opt in parts {
+                    match opt {
+                        "noiommu" => noiommu = true,
+                        other => return Err(bad(&format!("unknown vfio option {other:?} (known: noiommu)"))),
+                    }
+                }
+                Ok(DeviceSpec::Vfio { bdf, noiommu })
+            }
+            "vhost-vsock" => {
+                let body = spec.strip_prefix("vhost-vsock").unwrap_or("");
+                let (path, opts) = match body.strip_prefix(':') {
+                    Some(p) => match p.split_once(',') {
+                        Some((path, opts)) => (path.to_string(), opts),
+                        None => (p.to_string(), ""),
+                    },
+                    None => (
+                        VHOST_VSOCK_PATH.to_string(),
+                        body.strip_prefix(',').unwrap_or(body),
+                    ),
+                };
+                if !path.starts_with('/') {
+                    return Err(bad("expected an absolute path after vhost-vsock:"));
+                }
+                let mut cid = None;
+                for opt in opts.split(',').filter(|o| !o.is_empty()) {
+                    match opt.split_once('=') {
+                        Some(("cid", v)) => {
+                            let v: u64 = v
+                                .parse()
+                                .map_err(|_| bad(&format!("cid must be a number, found {v:?}")))?;
+                            // 0 (hypervisor), 1 (local), 2 (host) and u32::MAX (any) are reserved.
+                            if v <= 2 || v >= u64::from(u32::MAX) {
+                                return Err(bad(&format!(
+                                    "cid {v} is reserved: expected 3..{}",
+                                    u32::MAX - 1
+                                )));
+                            }
+                            cid = Some(v);
+                        }
+                        _ => return Err(bad(&format!("unknown vhost-vsock option {opt:?} (known: cid=N)"))),
+                    }
+                }
+                let cid = cid.ok_or_else(|| bad("vhost-vsock needs cid=N: the CID our process takes as the guest"))?;
+                Ok(DeviceSpec::VhostVsock { path, cid })
+            }
+            _ => Err(bad("unknown device kind")),
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Sim => f.write_str("sim"),
+            DeviceSpec::Auto => f.write_str("auto"),
+            DeviceSpec::VhostVdpa { path } => write!(f, "vhost-vdpa:{path}"),
+            DeviceSpec::Vfio { bdf, noiommu } => {
+                write!(f, "vfio:{bdf}{}", if *noiommu { ",noiommu" } else { "" })
+            }
+            DeviceSpec::VhostVsock { path, cid } => write!(f, "vhost-vsock:{path},cid={cid}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// Open the device this spec names.
+    pub fn open(&self) -> Result<Box<dyn VsockDevice>, DeviceError> {
+        match self {
+            DeviceSpec::Sim => Ok(Box::new(sim::SimDevice::new(sim::SimConfig::default()))),
+            DeviceSpec::VhostVdpa { .. } => Err(DeviceError::NotImplemented("vhost-vdpa")),
+            DeviceSpec::Vfio { .. } => Err(DeviceError::NotImplemented("vfio")),
+            DeviceSpec::VhostVsock { .. } => Err(DeviceError::NotImplemented("vhost-vsock")),
+            DeviceSpec::Auto => Err(DeviceError::NotImplemented(
+                "auto (no hardware backend is built yet; use --device sim)",
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[track_caller]
+    fn ok(s: &str) -> DeviceSpec {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[track_caller]
+    fn err(s: &str, needle: &str) {
+        let e = s.parse::<DeviceSpec>().unwrap_err().to_string();
+        assert!(e.contains(needle), "{s}: {e:?} lacks {needle:?}");
+    }
+
+    #[test]
+    fn parses_every_kind() {
+        assert_eq!(ok("sim"), DeviceSpec::Sim);
+        assert_eq!(ok("auto"), DeviceSpec::Auto);
+        assert_eq!(
+            ok("vhost-vdpa:/dev/vhost-vdpa-0"),
+            DeviceSpec::VhostVdpa {
+                path: "/dev/vhost-vdpa-0".into()
+            }
+        );
+        assert_eq!(
+            ok("vfio:0000:03:00.0"),
+            DeviceSpec::Vfio {
+                bdf: "0000:03:00.0".into(),
+                noiommu: false
+            }
+        );
+        assert_eq!(
+            ok("vfio:0000:0A:1f.7,noiommu"),
+            DeviceSpec::Vfio {
+                bdf: "0000:0a:1f.7".into(),
+                noiommu: true
+            }
+        );
+        assert_eq!(
+            ok("vhost-vsock:/tmp/vv,cid=42"),
+            DeviceSpec::VhostVsock {
+                path: "/tmp/vv".into(),
+                cid: 42
+            }
+        );
+        assert_eq!(
+            ok("vhost-vsock,cid=3"),
+            DeviceSpec::VhostVsock {
+                path: VHOST_VSOCK_PATH.into(),
+                cid: 3
+            }
+        );
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for s in [
+            "sim",
+            "auto",
+            "vhost-vdpa:/dev/vhost-vdpa-1",
+            "vfio:0000:03:00.0,noiommu",
+            "vhost-vsock:/dev/vhost-vsock,cid=7",
+        ] {
+            assert_eq!(ok(s).to_string(), s);
+            assert_eq!(ok(&ok(s).to_string()), ok(s));
+        }
+    }
+
+    #[test]
+    fn rejects_bad_specs_with_reasons() {
+        err("", "unknown device kind");
+        err("simulator", "unknown device kind");
+        err("sim:x", "unknown device kind");
+        err("vhost-vdpa:", "absolute path");
+        err("vhost-vdpa:dev/x", "absolute path");
+        err("vfio:03:00.0", "DDDD:BB:DD.F");
+        err("vfio:0000:03:20.0", "DDDD:BB:DD.F");
+        err("vfio:0000:03:00.8", "DDDD:BB:DD.F");
+        err("vfio:0000:03:00.0,iommu", "unknown vfio option");
+        err("vhost-vsock", "needs cid=N");
+        err("vhost-vsock,cid=x", "must be a number");
+        for reserved in ["0", "1", "2", "4294967295"] {
+            err(&format!("vhost-vsock,cid={reserved}"), "reserved");
+        }
+        err("vhost-vsock,port=3", "unknown vhost-vsock option");
+    }
+
+    #[test]
+    fn unbuilt_backends_say_so() {
+        for s in ["vhost-vdpa:/dev/vhost-vdpa-0", "vfio:0000:03:00.0", "auto"] {
+            let e = ok(s).open().unwrap_err().to_string();
+            assert!(e.contains("not implemented yet"), "{e}");
+        }
+    }
+}

@@ -1,0 +1,2 @@
+//! Subcommand implementations of the CLI.
+pub(crate) mod bench;

@@ -1,0 +1,585 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The driver: joins a device, its rings, the packet parser and the protocol core, and hands
+//! programs sockets.
+//!
+//! One event-loop thread per device sleeps on the device's used-buffer eventfds and a waker
+//! eventfd. Each round it:
+//! 1. reaps TX completions (the buffers return to the free pool);
+//! 2. turns every used RX buffer into a [`VsockPacket`] (bounded by the used length the device
+//!    reported), feeds header and payload to the protocol core and reposts the buffer;
+//! 3. fires due timers;
+//! 4. asks the protocol core for packets to send and builds each in a free TX buffer through the
+//!    same `VsockPacket` type's setters, then kicks the device if it wants a notification.
+//!
+//! In busy-poll mode the device is asked not to interrupt; callers that block spin on the rings
+//! themselves and the loop thread only wakes every millisecond for timers and unattended traffic.
+
+use std::io;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vm_memory::GuestAddress;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::device::sim::{SimConfig, SimDevice, SimHost};
+use crate::device::{DeviceError, DeviceSpec, VsockDevice, RX_QUEUE, TX_QUEUE};
+use crate::dma::DmaRegion;
+use crate::packet::{
+    VsockPacket, PKT_HEADER_SIZE, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_VSOCK_F_SEQPACKET,
+};
+use crate::proto::{self, Endpoint};
+use crate::virtq::{BufferDesc, SplitQueue};
+
+pub(crate) mod socket;
+
+use socket::{Core, Transport};
+pub use socket::{VsockAddr, VsockListener, VsockSeqPacket, VsockStream, DEFAULT_BACKLOG};
+
+/// Driver settings.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// Spin on the rings instead of sleeping on eventfds (lowest latency, burns a core).
+    pub busy_poll: bool,
+    /// Ring size for rx and tx (clamped to the device's maximum).
+    pub queue_size: u16,
+    /// Bytes per posted RX buffer, header included.
+    pub rx_buf_size: u32,
+    /// Bytes per TX buffer, header included.
+    pub tx_buf_size: u32,
+    /// Protocol settings (the local CID is taken from the device).
+    pub proto: proto::Config,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            busy_poll: false,
+            queue_size: 256,
+            rx_buf_size: 64 * 1024 + PKT_HEADER_SIZE as u32,
+            tx_buf_size: 64 * 1024 + PKT_HEADER_SIZE as u32,
+            proto: proto::Config::default(),
+        }
+    }
+}
+
+/// Errors while bringing a driver up.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The device layer failed.
+    #[error("device {name}")]
+    Device {
+        /// Which device.
+        name: String,
+        /// Why.
+        #[source]
+        source: DeviceError,
+    },
+    /// A queue could not be set up.
+    #[error("queue setup")]
+    Queue(#[from] crate::virtq::QueueError),
+    /// DMA memory could not be set up.
+    #[error("DMA memory")]
+    Dma(#[from] crate::dma::DmaError),
+    /// A system call failed.
+    #[error("{op} failed")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl From<DriverError> for io::Error {
+    fn from(e: DriverError) -> io::Error {
+        let kind = match &e {
+            DriverError::Device {
+                source: DeviceError::Io { source, .. },
+                ..
+            } => source.kind(),
+            DriverError::Device {
+                source: DeviceError::InvalidSpec { .. },
+                ..
+            } => io::ErrorKind::InvalidInput,
+            DriverError::Device {
+                source: DeviceError::NotImplemented(_),
+                ..
+            } => io::ErrorKind::Unsupported,
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+/// Counters of the driver's data path.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DriverStats {
+    /// RX buffers the device returned that failed validation (dropped).
+    pub bad_rx_packets: u64,
+    /// Packets received.
+    pub rx_packets: u64,
+    /// Packets sent.
+    pub tx_packets: u64,
+    /// Device notifications sent.
+    pub kicks: u64,
+}
+
+/// The rings and buffers of one device, as the driver's transport.
+struct DriverTransport {
+    dev: Box<dyn VsockDevice>,
+    dma: Arc<DmaRegion>,
+    rx: SplitQueue,
+    tx: SplitQueue,
+    rx_buf: Vec<GuestAddress>,
+    tx_buf: Vec<GuestAddress>,
+    tx_free: Vec<u64>,
+    rx_buf_size: u32,
+    tx_buf_size: u32,
+    waker: EventFd,
+    busy_poll: bool,
+    stats: DriverStats,
+}
+
+impl DriverTransport {
+    fn reap_tx(&mut self) -> Result<bool, String> {
+        let mut moved = false;
+        while let Some(u) = self.tx.pop_used().map_err(|e| format!("tx queue: {e}"))? {
+            self.tx_free.push(u.token);
+            moved = true;
+        }
+        Ok(moved)
+    }
+
+    fn receive(&mut self, ep: &mut Endpoint, now: Instant) -> Result<bool, String> {
+        let mut moved = false;
+        let mem = self.dma.memory();
+        while let Some(u) = self.rx.pop_used().map_err(|e| format!("rx queue: {e}"))? {
+            moved = true;
+            let addr = self.rx_buf[u.token as usize];
+            match VsockPacket::<()>::from_used_rx_buffer(mem, addr, self.rx_buf_size, u.len) {
+                Ok(pkt) => {
+                    let hdr = pkt.header();
+                    let data_addr = GuestAddress(addr.0 + PKT_HEADER_SIZE as u64);
+                    // SAFETY: the buffer came back from the device (it is no longer in flight) and
+                    // is reposted only after this call; `from_used_rx_buffer` checked that `len`
+                    // bytes lie inside what the device wrote.
+                    let r = unsafe {
+                        self.dma
+                            .with_slice(data_addr, hdr.len as usize, |payload| {
+                                ep.handle_packet(now, &hdr, payload)
+                            })
+                    };
+                    if let Err(e) = r {
+                        log::warn!("rx payload out of range: {e}");
+                        self.stats.bad_rx_packets += 1;
+                    } else {
+                        self.stats.rx_packets += 1;
+                    }
+                }
+                Err(e) => {
+                    log::warn!("dropping malformed rx packet from the device: {e}");
+                    self.stats.bad_rx_packets += 1;
+                }
+            }
+            self.rx
+                .add(
+                    &[BufferDesc {
+                        addr,
+                        len: self.rx_buf_size,
+                        writable: true,
+                    }],
+                    u.token,
+                )
+                .map_err(|e| format!("rx repost: {e}"))?;
+        }
+        if moved && self.rx.kick_prepare().map_err(|e| format!("rx queue: {e}"))? {
+            self.dev.kick(RX_QUEUE).map_err(|e| format!("rx kick: {e}"))?;
+            self.stats.kicks += 1;
+        }
+        Ok(moved)
+    }
+
+    fn transmit(&mut self, ep: &mut Endpoint, now: Instant) -> Result<bool, String> {
+        let mut sent = false;
+        let room = (self.tx_buf_size as usize) - PKT_HEADER_SIZE;
+        while let Some(token) = self.tx_free.pop() {
+            let addr = self.tx_buf[token as usize];
+            let data_addr = GuestAddress(addr.0 + PKT_HEADER_SIZE as u64);
+            // SAFETY: `token` came from the free pool: the device no longer owns this buffer.
+            let hdr = unsafe {
+                self.dma
+                    .with_slice_mut(data_addr, room, |payload| ep.poll_transmit(now, payload))
+            }
+            .map_err(|e| format!("tx buffer: {e}"))?;
+            let Some(hdr) = hdr else {
+                self.tx_free.push(token);
+                break;
+            };
+            let mut pkt = VsockPacket::<()>::from_tx_buffer(self.dma.memory(), addr, self.tx_buf_size)
+                .map_err(|e| format!("tx buffer: {e}"))?;
+            pkt.set_header(&hdr);
+            self.tx
+                .add(
+                    &[BufferDesc {
+                        addr,
+                        len: PKT_HEADER_SIZE as u32 + hdr.len,
+                        writable: false,
+                    }],
+                    token,
+                )
+                .map_err(|e| format!("tx queue: {e}"))?;
+            self.stats.tx_packets += 1;
+            sent = true;
+        }
+        if sent && self.tx.kick_prepare().map_err(|e| format!("tx queue: {e}"))? {
+            self.dev.kick(TX_QUEUE).map_err(|e| format!("tx kick: {e}"))?;
+            self.stats.kicks += 1;
+        }
+        Ok(sent)
+    }
+}
+
+impl Transport for DriverTransport {
+    fn pump(&mut self, ep: &mut Endpoint, now: Instant) -> Result<bool, String> {
+        let mut moved = self.reap_tx()?;
+        moved |= self.receive(ep, now)?;
+        if ep.poll_timeout().is_some_and(|t| t <= now) {
+            ep.handle_timeout(now);
+        }
+        moved |= self.transmit(ep, now)?;
+        if !self.busy_poll {
+            // Re-arm interrupts; a `false` means used buffers slipped in meanwhile.
+            let rx_quiet = self.rx.enable_cb().map_err(|e| format!("rx queue: {e}"))?;
+            let tx_quiet = self.tx.enable_cb().map_err(|e| format!("tx queue: {e}"))?;
+            moved |= !(rx_quiet && tx_quiet);
+        }
+        Ok(moved)
+    }
+
+    fn wake(&self) {
+        let _ = self.waker.write(1);
+    }
+
+    fn shutdown(&mut self) {
+        if let Err(e) = self.dev.reset() {
+            log::warn!("{}: reset failed: {e}", self.dev.name());
+        }
+        // The device no longer owns any buffer: reclaim them (nothing is in flight now).
+        self.rx.reset();
+        self.tx.reset();
+    }
+}
+
+impl std::fmt::Debug for DriverTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DriverTransport")
+            .field("dev", &self.dev)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a loop thread waits on besides its waker and stop eventfds.
+pub(crate) struct LoopFds {
+    pub(crate) waker: EventFd,
+    pub(crate) stop: EventFd,
+    pub(crate) signals: Vec<EventFd>,
+    /// Longest sleep (busy-poll mode: 1 ms).
+    pub(crate) max_sleep: Option<Duration>,
+}
+
+/// Run `core`'s transport until `stop` is signalled: the event loop of the driver and of the
+/// simulated device alike.
+pub(crate) fn run_loop(core: Arc<Core>, fds: LoopFds) {
+    let epoll = match Epoll::new() {
+        Ok(e) => e,
+        Err(e) => {
+            core.kill(format!("epoll_create failed: {e}"));
+            return;
+        }
+    };
+    let all: Vec<&EventFd> = std::iter::once(&fds.stop)
+        .chain(std::iter::once(&fds.waker))
+        .chain(fds.signals.iter())
+        .collect();
+    for (i, fd) in all.iter().enumerate() {
+        if let Err(e) = epoll.ctl(
+            ControlOperation::Add,
+            std::os::unix::io::AsRawFd::as_raw_fd(*fd),
+            EpollEvent::new(EventSet::IN, i as u64),
+        ) {
+            core.kill(format!("epoll_ctl failed: {e}"));
+            return;
+        }
+    }
+    let mut events = vec![EpollEvent::default(); all.len()];
+    loop {
+        let timeout = {
+            let mut st = core.lock();
+            let now = Instant::now();
+            // Pump until nothing moves, so one wake-up drains a whole burst.
+            let mut rounds = 0;
+            while Core::pump_locked(&mut st, now) && rounds < 64 {
+                rounds += 1;
+            }
+            if st.dead.is_some() {
+                return;
+            }
+            st.ep.poll_timeout()
+        };
+        let now = Instant::now();
+        let mut sleep = timeout.map(|t| t.saturating_duration_since(now));
+        if let Some(max) = fds.max_sleep {
+            sleep = Some(sleep.map_or(max, |s| s.min(max)));
+        }
+        let ms = sleep.map_or(-1, |d| d.as_millis().min(i32::MAX as u128) as i32);
+        let n = match epoll.wait(ms, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+            Err(e) => {
+                core.kill(format!("epoll_wait failed: {e}"));
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            let i = ev.data() as usize;
+            if i == 0 {
+                return;
+            }
+            let _ = all[i].read();
+        }
+    }
+}
+
+/// A running driver: one device, its event loop, and the sockets on it.
+#[derive(Debug)]
+pub struct VsockDriver {
+    core: Arc<Core>,
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+    local_cid: u64,
+    sim: Option<SimHost>,
+    device_name: String,
+}
+
+fn dev_err(name: &str) -> impl Fn(DeviceError) -> DriverError + '_ {
+    move |source| DriverError::Device {
+        name: name.to_string(),
+        source,
+    }
+}
+
+fn io_err(op: &'static str) -> impl Fn(io::Error) -> DriverError {
+    move |source| DriverError::Io { op, source }
+}
+
+impl VsockDriver {
+    /// Open the device named by `spec` with default settings.
+    pub fn open(spec: &DeviceSpec) -> Result<Self, DriverError> {
+        VsockDriver::open_with(spec, DriverConfig::default())
+    }
+
+    /// Open the device named by `spec`.
+    pub fn open_with(spec: &DeviceSpec, config: DriverConfig) -> Result<Self, DriverError> {
+        if *spec == DeviceSpec::Sim {
+            return VsockDriver::open_sim(
+                SimConfig {
+                    busy_poll: config.busy_poll,
+                    ..SimConfig::default()
+                },
+                config,
+            );
+        }
+        let dev = spec.open().map_err(dev_err(&spec.to_string()))?;
+        VsockDriver::from_device(dev, config, None)
+    }
+
+    /// Open an in-process simulated device with the given settings.
+    pub fn open_sim(sim: SimConfig, config: DriverConfig) -> Result<Self, DriverError> {
+        let dev = SimDevice::new(sim);
+        let host = dev.host();
+        VsockDriver::from_device(Box::new(dev), config, Some(host))
+    }
+
+    /// Bring up `dev` and start the event loop.
+    pub fn from_device(
+        mut dev: Box<dyn VsockDevice>,
+        config: DriverConfig,
+        sim: Option<SimHost>,
+    ) -> Result<Self, DriverError> {
+        let name = dev.name();
+        let e = dev_err(&name);
+        let offered = dev.offered_features();
+        if offered & (1 << VIRTIO_F_VERSION_1) == 0 {
+            return Err(e(DeviceError::MissingFeature {
+                name: "VIRTIO_F_VERSION_1",
+                bit: VIRTIO_F_VERSION_1,
+                offered,
+            }));
+        }
+        let mut want = 1 << VIRTIO_F_VERSION_1;
+        want |= offered & (1 << VIRTIO_RING_F_EVENT_IDX);
+        if config.proto.seqpacket {
+            want |= offered & (1 << VIRTIO_VSOCK_F_SEQPACKET);
+        }
+        let negotiated = dev.negotiate(want).map_err(&e)?;
+        let event_idx = negotiated & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let cid = dev.guest_cid().map_err(&e)?;
+
+        let size = config
+            .queue_size
+            .min(dev.max_queue_size(RX_QUEUE))
+            .min(dev.max_queue_size(TX_QUEUE));
+        let mut dma_opts = dev.dma_options();
+        let ring_bytes = 2 * (64 * 1024) as usize;
+        let need = usize::from(size) * (config.rx_buf_size as usize + config.tx_buf_size as usize)
+            + ring_bytes
+            + 64 * 1024;
+        dma_opts.size = dma_opts.size.max(need.next_multiple_of(2 << 20));
+        let dma = Arc::new(DmaRegion::new(&dma_opts)?);
+        dev.map_dma(&dma).map_err(&e)?;
+        let mut rx = SplitQueue::new(&dma, size, event_idx)?;
+        let mut tx = SplitQueue::new(&dma, size, event_idx)?;
+        dev.setup_queue(RX_QUEUE, &rx.layout()).map_err(&e)?;
+        dev.setup_queue(TX_QUEUE, &tx.layout()).map_err(&e)?;
+
+        let mut rx_buf = Vec::with_capacity(size.into());
+        for token in 0..u64::from(size) {
+            let addr = dma.alloc(config.rx_buf_size as usize, 64)?;
+            rx.add(
+                &[BufferDesc {
+                    addr,
+                    len: config.rx_buf_size,
+                    writable: true,
+                }],
+                token,
+            )?;
+            rx_buf.push(addr);
+        }
+        let mut tx_buf = Vec::with_capacity(size.into());
+        for _ in 0..size {
+            tx_buf.push(dma.alloc(config.tx_buf_size as usize, 64)?);
+        }
+        if config.busy_poll {
+            rx.disable_cb();
+            tx.disable_cb();
+        }
+        dev.activate().map_err(&e)?;
+        if rx.kick_prepare()? {
+            dev.kick(RX_QUEUE).map_err(&e)?;
+        }
+
+        let waker = EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+        let signals = vec![
+            dev.call_fd(RX_QUEUE).map_err(&e)?.try_clone().map_err(io_err("dup"))?,
+            dev.call_fd(TX_QUEUE).map_err(&e)?.try_clone().map_err(io_err("dup"))?,
+        ];
+        let fds = LoopFds {
+            waker: waker.try_clone().map_err(io_err("dup"))?,
+            stop: stop.try_clone().map_err(io_err("dup"))?,
+            signals,
+            max_sleep: config.busy_poll.then_some(Duration::from_millis(1)),
+        };
+        let mut pc = config.proto.clone();
+        pc.local_cid = cid;
+        if !(negotiated & (1 << VIRTIO_VSOCK_F_SEQPACKET) != 0) {
+            pc.seqpacket = false;
+        }
+        let tx_free = (0..u64::from(size)).collect();
+        let transport = DriverTransport {
+            dev,
+            dma,
+            rx,
+            tx,
+            rx_buf,
+            tx_buf,
+            tx_free,
+            rx_buf_size: config.rx_buf_size,
+            tx_buf_size: config.tx_buf_size,
+            waker,
+            busy_poll: config.busy_poll,
+            stats: DriverStats::default(),
+        };
+        let core = Core::new(Endpoint::new(pc), Box::new(transport), config.busy_poll);
+        let loop_core = core.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vsock-{name}"))
+            .spawn(move || run_loop(loop_core, fds))
+            .map_err(io_err("spawn event loop"))?;
+        log::info!("{name}: driver up, cid {cid}, {size} descriptors per queue, features {negotiated:#x}");
+        Ok(VsockDriver {
+            core,
+            stop,
+            thread: Some(thread),
+            local_cid: cid,
+            sim,
+            device_name: name,
+        })
+    }
+
+    /// Our CID (the device's `guest_cid`).
+    pub fn local_cid(&self) -> u64 {
+        self.local_cid
+    }
+
+    /// The device's name.
+    pub fn device_name(&self) -> &str {
+        &self.device_name
+    }
+
+    /// The host side of the simulated device, when the device is `sim`.
+    pub fn sim_host(&self) -> Option<&SimHost> {
+        self.sim.as_ref()
+    }
+
+    /// Connect a stream to `addr` (the connect timeout of the protocol config applies).
+    pub fn connect(&self, addr: VsockAddr) -> io::Result<VsockStream> {
+        VsockStream::connect_on(&self.core, addr, None)
+    }
+
+    /// Connect a stream, giving up after `timeout`.
+    pub fn connect_timeout(&self, addr: VsockAddr, timeout: Duration) -> io::Result<VsockStream> {
+        VsockStream::connect_on(&self.core, addr, Some(timeout))
+    }
+
+    /// Listen for streams on `port`.
+    pub fn listen(&self, port: u32) -> io::Result<VsockListener> {
+        VsockListener::bind_on(&self.core, port, crate::packet::SocketType::Stream)
+    }
+
+    /// Connect a SEQPACKET socket (needs VIRTIO_VSOCK_F_SEQPACKET).
+    pub fn connect_seqpacket(&self, addr: VsockAddr) -> io::Result<VsockSeqPacket> {
+        VsockSeqPacket::connect_on(&self.core, addr, None)
+    }
+
+    /// Listen for SEQPACKET connections on `port`.
+    pub fn listen_seqpacket(&self, port: u32) -> io::Result<VsockListener> {
+        VsockListener::bind_on(&self.core, port, crate::packet::SocketType::SeqPacket)
+    }
+
+    /// Protocol counters.
+    pub fn proto_stats(&self) -> proto::Stats {
+        self.core.lock().ep.stats()
+    }
+
+    /// Reset the device now (as on an unrecoverable error): every stream ends with an error.
+    pub fn reset_device(&self, reason: &str) {
+        self.core.kill(format!("device reset: {reason}"));
+    }
+}
+
+impl Drop for VsockDriver {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.core.kill("driver closed".into());
+    }
+}

@@ -1,0 +1,325 @@
+//! The socket API over the sim device, end to end through the public API.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::Shutdown;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vdpa_vsock::device::sim::{Hostile, SimConfig, DISCARD_PORT, ECHO_PORT, SEQPACKET_ECHO_PORT};
+use vdpa_vsock::device::DeviceSpec;
+use vdpa_vsock::driver::{DriverConfig, VsockAddr, VsockDriver};
+
+fn sim() -> VsockDriver {
+    VsockDriver::open(&DeviceSpec::Sim).expect("open sim")
+}
+
+/// FNV-1a, enough to tell streams apart.
+fn checksum(data: &[u8], mut h: u64) -> u64 {
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn echo_round_trip() {
+    let d = sim();
+    assert_eq!(d.local_cid(), 3);
+    let mut s = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap();
+    assert_eq!(s.peer_addr().unwrap(), VsockAddr::new(2, ECHO_PORT));
+    s.write_all(b"hello vsock").unwrap();
+    let mut buf = [0u8; 11];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello vsock");
+}
+
+#[test]
+fn connect_to_closed_port_is_refused() {
+    let d = sim();
+    let e = d.connect(VsockAddr::new(2, 4444)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}");
+}
+
+#[test]
+fn host_connects_to_our_listener() {
+    let d = sim();
+    let l = d.listen(5000).unwrap();
+    assert_eq!(d.listen(5000).unwrap_err().kind(), ErrorKind::AddrInUse);
+    let host = d.sim_host().unwrap().clone();
+    let t = thread::spawn(move || {
+        let mut s = host.connect(5000).unwrap();
+        s.write_all(b"from the host").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).unwrap();
+        back
+    });
+    let (mut s, peer) = l.accept().unwrap();
+    assert_eq!(peer.cid, 2);
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"from the host");
+    s.write_all(b"reply").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(t.join().unwrap(), b"reply");
+}
+
+#[test]
+fn half_close_then_read_eof_and_write_broken_pipe() {
+    let d = sim();
+    let mut s = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap();
+    s.write_all(b"abc").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"abc");
+    let e = s.write(b"more").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::BrokenPipe, "{e}");
+}
+
+#[test]
+fn many_concurrent_connections_checksummed() {
+    const CONNS: usize = 1000;
+    const BYTES: usize = 1 << 20;
+    let d = Arc::new(sim());
+    let mut streams = Vec::new();
+    for _ in 0..CONNS {
+        streams.push(d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap());
+    }
+    let mut handles = Vec::new();
+    for (i, s) in streams.into_iter().enumerate() {
+        let mut w = s.try_clone().unwrap();
+        let mut r = s;
+        let writer = thread::Builder::new()
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                let data = pattern(i as u64, BYTES);
+                for chunk in data.chunks(64 * 1024) {
+                    w.write_all(chunk).unwrap();
+                }
+                checksum(&data, 0xcbf2_9ce4_8422_2325)
+            })
+            .unwrap();
+        let reader = thread::Builder::new()
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut h = 0xcbf2_9ce4_8422_2325;
+                let mut got = 0;
+                while got < BYTES {
+                    let n = r.read(&mut buf[..(BYTES - got).min(16 * 1024)]).unwrap();
+                    assert!(n > 0, "early EOF after {got} bytes");
+                    h = checksum(&buf[..n], h);
+                    got += n;
+                }
+                h
+            })
+            .unwrap();
+        handles.push((writer, reader));
+    }
+    for (w, r) in handles {
+        assert_eq!(w.join().unwrap(), r.join().unwrap(), "a stream came back altered");
+    }
+    let host = d.sim_host().unwrap();
+    assert_eq!(host.stats().protocol_violations, 0);
+    assert_eq!(host.proto_stats().credit_violations, 0);
+}
+
+#[test]
+fn slow_reader_never_sees_credit_overrun() {
+    let d = sim();
+    let host = d.sim_host().unwrap().clone();
+    let l = host.listen(6000).unwrap();
+    let writer = {
+        let mut s = d.connect(VsockAddr::new(2, 6000)).unwrap();
+        thread::spawn(move || {
+            let data = pattern(7, 4 << 20);
+            s.write_all(&data).unwrap();
+            s.shutdown(Shutdown::Write).unwrap();
+            checksum(&data, 0)
+        })
+    };
+    let (mut r, _) = l.accept().unwrap();
+    let mut h = 0;
+    let mut buf = [0u8; 4096];
+    let mut total = 0;
+    loop {
+        let n = r.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h = checksum(&buf[..n], h);
+        total += n;
+        if total % (256 * 1024) < 4096 {
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+    assert_eq!(total, 4 << 20);
+    assert_eq!(writer.join().unwrap(), h);
+    assert_eq!(host.proto_stats().credit_violations, 0);
+    assert_eq!(d.proto_stats().credit_violations, 0);
+}
+
+#[test]
+fn seqpacket_boundaries_preserved() {
+    let d = sim();
+    let s = d.connect_seqpacket(VsockAddr::new(2, SEQPACKET_ECHO_PORT)).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    for size in [1usize, 2, 43, 44, 4096, 65_535, 65_536, 65_537, 300_000, 1 << 20] {
+        let msg = pattern(size as u64, size);
+        assert_eq!(s.send(&msg).unwrap(), size);
+        let (n, full, _eor) = s.recv_full(&mut buf).unwrap();
+        assert_eq!((n, full), (size, size), "message of {size} bytes");
+        assert_eq!(&buf[..n], &msg[..]);
+    }
+    // Two messages back to back stay two messages.
+    s.send(b"one").unwrap();
+    s.send(b"two!").unwrap();
+    assert_eq!(s.recv(&mut buf).unwrap(), 3);
+    assert_eq!(s.recv(&mut buf).unwrap(), 4);
+    // A short buffer truncates (MSG_TRUNC) and reports the full length.
+    s.send(&[9u8; 100]).unwrap();
+    let (n, full, _) = s.recv_full(&mut buf[..10]).unwrap();
+    assert_eq!((n, full), (10, 100));
+}
+
+#[test]
+fn device_reset_mid_transfer_ends_every_stream() {
+    let d = Arc::new(sim());
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let mut s = d.connect(VsockAddr::new(2, DISCARD_PORT)).unwrap();
+        workers.push(thread::spawn(move || {
+            let chunk = vec![1u8; 64 * 1024];
+            loop {
+                if let Err(e) = s.write_all(&chunk) {
+                    return e;
+                }
+            }
+        }));
+    }
+    let mut r = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap();
+    let reader = thread::spawn(move || {
+        let mut b = [0u8; 16];
+        r.read(&mut b).unwrap_err()
+    });
+    thread::sleep(Duration::from_millis(100));
+    let t0 = Instant::now();
+    d.reset_device("test");
+    for w in workers {
+        let e = w.join().unwrap();
+        assert_eq!(e.kind(), ErrorKind::ConnectionAborted, "{e}");
+    }
+    let e = reader.join().unwrap();
+    assert_eq!(e.kind(), ErrorKind::ConnectionAborted, "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(2), "streams took {:?} to end", t0.elapsed());
+    assert!(d.connect(VsockAddr::new(2, ECHO_PORT)).is_err());
+}
+
+#[test]
+fn listener_accepts_under_load() {
+    let d = sim();
+    let l = d.listen(7000).unwrap();
+    let host = d.sim_host().unwrap().clone();
+    // Background load on the same device.
+    let mut load = d.connect(VsockAddr::new(2, DISCARD_PORT)).unwrap();
+    let loader = thread::spawn(move || {
+        let chunk = vec![0u8; 64 * 1024];
+        for _ in 0..200 {
+            load.write_all(&chunk).unwrap();
+        }
+    });
+    let clients: Vec<_> = (0..50)
+        .map(|i| {
+            let host = host.clone();
+            thread::spawn(move || {
+                let mut s = host.connect(7000).unwrap();
+                s.write_all(&[i as u8; 10]).unwrap();
+            })
+        })
+        .collect();
+    let mut seen = [false; 50];
+    for _ in 0..50 {
+        let (mut s, _) = l.accept().unwrap();
+        let mut b = [0u8; 10];
+        s.read_exact(&mut b).unwrap();
+        seen[b[0] as usize] = true;
+    }
+    assert!(seen.iter().all(|&x| x));
+    for c in clients {
+        c.join().unwrap();
+    }
+    loader.join().unwrap();
+}
+
+#[track_caller]
+fn hostile_device_breaks_cleanly(h: Hostile) {
+    let d = VsockDriver::open_sim(SimConfig { hostile: Some(h), ..SimConfig::default() }, DriverConfig::default()).unwrap();
+    // The first RX delivery (the RESPONSE) is bogus: the connect must fail, not hang or panic.
+    let t0 = Instant::now();
+    let e = d.connect_timeout(VsockAddr::new(2, ECHO_PORT), Duration::from_secs(5)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ConnectionAborted, "{h:?}: {e}");
+    assert!(e.to_string().contains("rx queue"), "{h:?}: {e}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    // And the driver stays dead, with the same clear error.
+    let e = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ConnectionAborted, "{h:?}: {e}");
+}
+
+#[test]
+fn hostile_bogus_used_id() {
+    hostile_device_breaks_cleanly(Hostile::BogusUsedId);
+}
+
+#[test]
+fn hostile_len_beyond_buffer() {
+    hostile_device_breaks_cleanly(Hostile::LenBeyondBuffer);
+}
+
+#[test]
+fn hostile_duplicate_used() {
+    hostile_device_breaks_cleanly(Hostile::DuplicateUsed);
+}
+
+#[test]
+fn hostile_used_idx_jump() {
+    hostile_device_breaks_cleanly(Hostile::UsedIdxJump);
+}
+
+#[test]
+fn busy_poll_mode_echoes() {
+    let d = VsockDriver::open_sim(
+        SimConfig { busy_poll: true, ..SimConfig::default() },
+        DriverConfig { busy_poll: true, ..DriverConfig::default() },
+    )
+    .unwrap();
+    let mut s = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap();
+    for i in 0..1000u32 {
+        s.write_all(&i.to_le_bytes()).unwrap();
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(u32::from_le_bytes(b), i);
+    }
+}
+
+#[test]
+fn bad_device_specs_fail_clearly() {
+    let e = "vhost-vdpa:relative".parse::<DeviceSpec>().unwrap_err().to_string();
+    assert!(e.contains("absolute path"), "{e}");
+    let e = VsockDriver::open(&"vfio:0000:03:00.0".parse().unwrap()).unwrap_err();
+    assert!(format!("{e:#}").contains("device vfio:0000:03:00.0"), "{e}");
+}

@@ -345,7 +345,9 @@ impl DmaRegion {
         let Some(start_iova) = start_iova else {
             return Err(exhausted);
         };
-        let start = (start_iova - self.iova_base) as usize;
+        let Ok(start) = usize::try_from(start_iova - self.iova_base) else {
+            return Err(exhausted);
+        };
         match start.checked_add(size) {
             Some(end) if end <= self.size => {
                 *next = end;

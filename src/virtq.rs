@@ -69,15 +69,18 @@ const AVAIL_ELEM_SIZE: u64 = 2;
 /// Bytes per used ring element.
 const USED_ELEM_SIZE: u64 = 8;
 
-// The flags as the u16s they are on the wire (the bindings export them as u32; all fit in u16).
-#[allow(clippy::cast_possible_truncation, reason = "the flag values are 1, 2 and 1")]
-const DESC_F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
-#[allow(clippy::cast_possible_truncation, reason = "the flag values are 1, 2 and 1")]
-const DESC_F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
-#[allow(clippy::cast_possible_truncation, reason = "the flag values are 1, 2 and 1")]
-const AVAIL_F_NO_INTERRUPT: u16 = VRING_AVAIL_F_NO_INTERRUPT as u16;
-#[allow(clippy::cast_possible_truncation, reason = "the flag values are 1, 2 and 1")]
-const USED_F_NO_NOTIFY: u16 = VRING_USED_F_NO_NOTIFY as u16;
+/// Narrows a ring flag (virtio-bindings exports them as u32) to its u16 wire width; a value
+/// that does not fit fails the build.
+const fn wire_flag(flag: u32) -> u16 {
+    let [lo, hi, rest @ ..] = flag.to_le_bytes();
+    assert!(matches!(rest, [0, 0]), "ring flag does not fit in u16");
+    u16::from_le_bytes([lo, hi])
+}
+
+const DESC_F_NEXT: u16 = wire_flag(VRING_DESC_F_NEXT);
+const DESC_F_WRITE: u16 = wire_flag(VRING_DESC_F_WRITE);
+const AVAIL_F_NO_INTERRUPT: u16 = wire_flag(VRING_AVAIL_F_NO_INTERRUPT);
+const USED_F_NO_NOTIFY: u16 = wire_flag(VRING_USED_F_NO_NOTIFY);
 
 /// Errors from [`SplitQueue`].
 #[derive(thiserror::Error, Debug)]

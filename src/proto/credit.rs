@@ -12,11 +12,6 @@ use std::num::Wrapping;
 /// bytes that the peer has not been told about.
 pub const CREDIT_UPDATE_FRACTION: u32 = 4;
 
-/// Also send a `CREDIT_UPDATE` (after any freed byte) when the space the peer believes we have
-/// left drops below this many bytes (capped at half of `buf_alloc`). Same role as Linux's
-/// `VIRTIO_VSOCK_MAX_PKT_BUF_SIZE` (64 KiB) check in `virtio_transport_stream_do_dequeue`.
-pub const CREDIT_UPDATE_LOW_WATER: u32 = 64 * 1024;
-
 /// The credit state of one connection, both directions.
 #[derive(Debug, Clone)]
 pub(crate) struct Credit {
@@ -124,20 +119,14 @@ impl Credit {
         (self.buf_alloc, self.fwd_cnt.0)
     }
 
-    /// Should we tell the peer about freed space now (see [`CREDIT_UPDATE_FRACTION`] and
-    /// [`CREDIT_UPDATE_LOW_WATER`])?
+    /// Should we tell the peer about freed space now? When the reader has freed at least
+    /// `buf_alloc / CREDIT_UPDATE_FRACTION` unannounced bytes, or has drained the buffer
+    /// completely (Linux's `rx_bytes < SO_RCVLOWAT` case), so a writer blocked on a nearly
+    /// full buffer always hears back, without an update per read.
     pub(crate) fn need_credit_update(&self) -> bool {
         let unannounced = (self.fwd_cnt - self.last_fwd_cnt_sent).0;
-        if unannounced == 0 {
-            return false;
-        }
-        // What the peer believes is free: it counts everything it sent, but only what we
-        // announced as consumed.
-        let peer_view_free = self
-            .buf_alloc
-            .saturating_sub((self.rx_cnt - self.last_fwd_cnt_sent).0);
-        let low_water = CREDIT_UPDATE_LOW_WATER.min(self.buf_alloc / 2);
-        unannounced >= self.buf_alloc / CREDIT_UPDATE_FRACTION || peer_view_free < low_water
+        unannounced > 0
+            && (unannounced >= self.buf_alloc / CREDIT_UPDATE_FRACTION || self.rx_buffered() == 0)
     }
 
     /// Test hook: start every free-running counter at `start` (both directions), as if
@@ -188,8 +177,14 @@ mod tests {
         assert!(c.on_rx(1 << 20).is_ok());
         let _ = c.on_header_sent();
         c.on_consumed(1);
-        // The peer believes we are full: any freed byte is worth announcing.
-        assert!(c.need_credit_update());
+        assert!(!c.need_credit_update(), "one byte is not worth an update");
+        c.on_consumed((1 << 18) - 1);
+        assert!(c.need_credit_update(), "a quarter of the buffer is");
+        let _ = c.on_header_sent();
+        c.on_consumed(1);
+        assert!(!c.need_credit_update());
+        c.on_consumed((1 << 20) - (1 << 18) - 1);
+        assert!(c.need_credit_update(), "drained: always announce");
         let _ = c.on_header_sent();
         assert!(!c.need_credit_update());
     }

@@ -41,8 +41,8 @@
 //! `devices/virtio/vsock/csm/connection.rs`.
 #![forbid(unsafe_code)]
 
-pub mod credit;
 mod conn;
+pub mod credit;
 
 #[cfg(test)]
 mod tests;
@@ -52,8 +52,8 @@ use std::fmt;
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
-pub use conn::ConnState;
 use conn::Conn;
+pub use conn::ConnState;
 use credit::CreditViolation;
 
 use crate::packet::{Header, Op, SeqFlags, ShutdownFlags, SocketType};
@@ -401,7 +401,9 @@ impl Endpoint {
     ) -> Result<ListenerId, ProtoError> {
         self.check_type(ty)?;
         if backlog == 0 {
-            return Err(ProtoError::InvalidInput("listen backlog must be at least 1"));
+            return Err(ProtoError::InvalidInput(
+                "listen backlog must be at least 1",
+            ));
         }
         if self.listener_ports.contains_key(&port) || self.bound_refs.contains_key(&port) {
             return Err(ProtoError::AddrInUse { port });
@@ -451,9 +453,14 @@ impl Endpoint {
     pub fn send(&mut self, now: Instant, c: ConnId, data: &[u8]) -> Result<usize, ProtoError> {
         let _ = now;
         let send_buffer = self.config.send_buffer;
-        let conn = self.conns.get_mut(&c).ok_or(ProtoError::UnknownConnection)?;
+        let conn = self
+            .conns
+            .get_mut(&c)
+            .ok_or(ProtoError::UnknownConnection)?;
         if conn.ty != SocketType::Stream {
-            return Err(ProtoError::InvalidInput("send on a seqpacket socket; use send_msg"));
+            return Err(ProtoError::InvalidInput(
+                "send on a seqpacket socket; use send_msg",
+            ));
         }
         Self::check_sendable(conn)?;
         let n = conn.tx_space(send_buffer).min(data.len());
@@ -470,9 +477,14 @@ impl Endpoint {
     /// shut down receiving) once the buffer is empty; `Err(WouldBlock)` when empty otherwise.
     pub fn recv(&mut self, now: Instant, c: ConnId, buf: &mut [u8]) -> Result<usize, ProtoError> {
         let _ = now;
-        let conn = self.conns.get_mut(&c).ok_or(ProtoError::UnknownConnection)?;
+        let conn = self
+            .conns
+            .get_mut(&c)
+            .ok_or(ProtoError::UnknownConnection)?;
         if conn.ty != SocketType::Stream {
-            return Err(ProtoError::InvalidInput("recv on a seqpacket socket; use recv_msg"));
+            return Err(ProtoError::InvalidInput(
+                "recv on a seqpacket socket; use recv_msg",
+            ));
         }
         conn.readable_notified = false;
         if conn.state == ConnState::Connecting {
@@ -505,9 +517,14 @@ impl Endpoint {
     ) -> Result<(), ProtoError> {
         let _ = now;
         let send_buffer = self.config.send_buffer;
-        let conn = self.conns.get_mut(&c).ok_or(ProtoError::UnknownConnection)?;
+        let conn = self
+            .conns
+            .get_mut(&c)
+            .ok_or(ProtoError::UnknownConnection)?;
         if conn.ty != SocketType::SeqPacket {
-            return Err(ProtoError::InvalidInput("send_msg on a stream socket; use send"));
+            return Err(ProtoError::InvalidInput(
+                "send_msg on a stream socket; use send",
+            ));
         }
         Self::check_sendable(conn)?;
         let max = send_buffer.min(conn.credit.peer_buf_alloc as usize);
@@ -538,9 +555,14 @@ impl Endpoint {
         buf: &mut [u8],
     ) -> Result<(usize, usize, bool), ProtoError> {
         let _ = now;
-        let conn = self.conns.get_mut(&c).ok_or(ProtoError::UnknownConnection)?;
+        let conn = self
+            .conns
+            .get_mut(&c)
+            .ok_or(ProtoError::UnknownConnection)?;
         if conn.ty != SocketType::SeqPacket {
-            return Err(ProtoError::InvalidInput("recv_msg on a stream socket; use recv"));
+            return Err(ProtoError::InvalidInput(
+                "recv_msg on a stream socket; use recv",
+            ));
         }
         conn.readable_notified = false;
         if conn.state == ConnState::Connecting {
@@ -568,7 +590,10 @@ impl Endpoint {
         how: ShutdownFlags,
     ) -> Result<(), ProtoError> {
         let _ = now;
-        let conn = self.conns.get_mut(&c).ok_or(ProtoError::UnknownConnection)?;
+        let conn = self
+            .conns
+            .get_mut(&c)
+            .ok_or(ProtoError::UnknownConnection)?;
         match conn.state {
             ConnState::Connecting => return Err(ProtoError::NotConnected),
             ConnState::Closed => {
@@ -655,7 +680,9 @@ impl Endpoint {
 
     /// The peer's `(CID, port)`.
     pub fn peer_addr(&self, c: ConnId) -> Option<(u64, u32)> {
-        self.conns.get(&c).map(|conn| (conn.peer_cid, conn.peer_port))
+        self.conns
+            .get(&c)
+            .map(|conn| (conn.peer_cid, conn.peer_port))
     }
 
     /// Our port for this connection.
@@ -802,7 +829,11 @@ impl Endpoint {
     #[must_use]
     pub fn poll_transmit(&mut self, now: Instant, payload: &mut [u8]) -> Option<Header> {
         let _ = now;
-        if let Some(h) = self.control.pop_front().or_else(|| self.unknown_rst.pop_front()) {
+        if let Some(h) = self
+            .control
+            .pop_front()
+            .or_else(|| self.unknown_rst.pop_front())
+        {
             return Some(self.count_out(h));
         }
         let mut budget = self.ready.len();
@@ -812,8 +843,7 @@ impl Endpoint {
             let Some(conn) = self.conns.get_mut(&id) else {
                 continue;
             };
-            let Some(h) =
-                conn.next_packet(self.config.local_cid, self.config.max_payload, payload)
+            let Some(h) = conn.next_packet(self.config.local_cid, self.config.max_payload, payload)
             else {
                 conn.queued = conn.wants_transmit();
                 if conn.queued {
@@ -876,11 +906,11 @@ impl Endpoint {
             if conn.tx_buf.len() > self.config.send_buffer {
                 return Err(format!("{id}: send buffer over its limit"));
             }
-            let msgs: usize = conn.rx_msgs.iter().map(|m| m.0).sum();
-            if msgs + conn.rx_partial != conn.rx_buf.len() {
-                return Err(format!("{id}: seqpacket rx bookkeeping"));
-            }
             if conn.ty == SocketType::SeqPacket {
+                let msgs: usize = conn.rx_msgs.iter().map(|m| m.0).sum();
+                if msgs + conn.rx_partial != conn.rx_buf.len() {
+                    return Err(format!("{id}: seqpacket rx bookkeeping"));
+                }
                 let pending: usize = conn.tx_msgs.iter().map(|m| m.0).sum();
                 if pending != conn.tx_buf.len() {
                     return Err(format!("{id}: seqpacket tx bookkeeping"));
@@ -1179,9 +1209,7 @@ impl Endpoint {
             return;
         };
         if let Err(CreditViolation { len, free }) = conn.credit.on_rx(hdr.len) {
-            log::warn!(
-                "{id}: peer sent {len} bytes with only {free} bytes of credit: resetting"
-            );
+            log::warn!("{id}: peer sent {len} bytes with only {free} bytes of credit: resetting");
             self.stats.credit_violations += 1;
             self.reset_conn(id);
             return;

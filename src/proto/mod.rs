@@ -1,2 +1,1301 @@
-//! The sans-IO vsock protocol engine.
+//! The sans-IO vsock protocol engine (virtio 1.2 section 5.10.6).
+//!
+//! # Protocol primer
+//!
+//! Read virtio 1.2 section 5.10.6 first. A vsock connection is named by
+//! `(local port, peer CID, peer port)`. Every packet carries a 44-byte header (see
+//! [`Header`]): addresses, `len` (payload bytes, only non-zero for `RW`), the socket `type`
+//! (stream or seqpacket), the `op`, `flags`, and the sender's credit (`buf_alloc`, `fwd_cnt`).
+//!
+//! - **Handshake**: the client sends `REQUEST`; the server answers `RESPONSE` (accepted) or `RST`
+//!   (refused: nobody listening, or the backlog is full).
+//! - **Data**: `RW` packets. A sender may only have `peer_buf_alloc - (tx_cnt - peer_fwd_cnt)`
+//!   bytes in flight (see [`credit`]). A receiver tells the sender about freed space with
+//!   `CREDIT_UPDATE` (unsolicited, or in answer to a `CREDIT_REQUEST`); every other packet carries
+//!   the same information. A peer that sends beyond its credit is reset.
+//! - **Close**: `SHUTDOWN` with `RECEIVE`/`SEND` flags is a half close; once a side has seen both
+//!   flags from its peer it answers `RST` and forgets the connection (as Linux does). `RST` ends a
+//!   connection at once. A packet for an unknown connection is answered with `RST`, except an
+//!   `RST` itself.
+//! - **Seqpacket**: `RW` packets carry `EOM` on the last packet of each message (and `EOR` when
+//!   the message ends a record); the receiver reassembles messages.
+//! - The event queue's `TRANSPORT_RESET` (or a CID change) kills every connection.
+//!
+//! # Model
+//!
+//! Like quinn-proto and smoltcp, [`Endpoint`] does no I/O and reads no clock: time comes in as
+//! an [`Instant`]. The call order, after every input:
+//!
+//! 1. inputs: [`Endpoint::handle_packet`] for each received packet, [`Endpoint::handle_timeout`]
+//!    when [`Endpoint::poll_timeout`]'s deadline passed, [`Endpoint::handle_transport_reset`],
+//!    and the user calls (`connect`, `send`, `recv`, `close`, ...);
+//! 2. [`Endpoint::poll_transmit`] until it returns `None`, putting each packet on the TX queue;
+//! 3. [`Endpoint::poll_event`] until it returns `None`;
+//! 4. [`Endpoint::poll_timeout`] to arm the next wake-up.
+//!
+//! A [`ConnId`] stays valid until the user calls [`Endpoint::close`] (released when the linger
+//! ends) or [`Endpoint::abort`] (released at once); either ends with [`Event::Closed`]. A
+//! connection that was reset, refused or timed out stays in [`ConnState::Closed`] until then.
+//!
+//! Facts (not code) come from Linux `net/vmw_vsock/virtio_transport_common.c` and Firecracker's
+//! `devices/virtio/vsock/csm/connection.rs`.
 #![forbid(unsafe_code)]
+
+mod conn;
+pub mod credit;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::ops::RangeInclusive;
+use std::time::{Duration, Instant};
+
+use conn::Conn;
+pub use conn::ConnState;
+use credit::CreditViolation;
+
+use crate::packet::{Header, Op, SeqFlags, ShutdownFlags, SocketType};
+
+/// Default receive buffer per connection (`buf_alloc`), as Linux's default 256 KiB.
+pub const DEFAULT_BUF_ALLOC: u32 = 256 * 1024;
+/// Default largest RW payload per packet, as Linux's `VIRTIO_VSOCK_MAX_PKT_BUF_SIZE`.
+pub const DEFAULT_MAX_PAYLOAD: u32 = 64 * 1024;
+/// Default send buffer per connection.
+pub const DEFAULT_SEND_BUFFER: usize = 256 * 1024;
+/// Default connect timeout (Linux's `VSOCK_DEFAULT_CONNECT_TIMEOUT` is 2 s).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default linger after `close` before we give up and send `RST` (Linux's
+/// `VSOCK_CLOSE_TIMEOUT` is 8 s).
+pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(8);
+/// Default ephemeral port range: the IANA dynamic range. Linux picks a random start above
+/// 1023; we walk the range with a cursor from its start instead (no randomness in a sans-IO
+/// core), which also delays reuse of a recently closed port.
+pub const DEFAULT_EPHEMERAL_PORTS: RangeInclusive<u32> = 49152..=65535;
+/// Default limit of connections in the table (including closed ones not yet released).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// At most this many `RST`s for unknown connections wait to be sent; more are dropped (and
+/// counted in [`Stats::rst_dropped`]) so a flood cannot grow memory.
+pub const MAX_PENDING_UNKNOWN_RST: usize = 256;
+
+/// Endpoint configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Our CID (the device config's `guest_cid`).
+    pub local_cid: u64,
+    /// Our receive buffer per connection, advertised as `buf_alloc`.
+    pub buf_alloc: u32,
+    /// Largest RW payload per packet (at least 1).
+    pub max_payload: u32,
+    /// Per-connection send buffer, in bytes.
+    pub send_buffer: usize,
+    /// How long a `connect` waits for `RESPONSE`.
+    pub connect_timeout: Duration,
+    /// How long `close` lingers for the peer's `RST`/`SHUTDOWN` before sending `RST`.
+    pub close_timeout: Duration,
+    /// `VIRTIO_VSOCK_F_SEQPACKET` was negotiated: seqpacket sockets are allowed.
+    pub seqpacket: bool,
+    /// Ports `connect` picks from when no local port is given.
+    pub ephemeral_ports: RangeInclusive<u32>,
+    /// Most connections in the table at once.
+    pub max_connections: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            local_cid: 3,
+            buf_alloc: DEFAULT_BUF_ALLOC,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            send_buffer: DEFAULT_SEND_BUFFER,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            close_timeout: DEFAULT_CLOSE_TIMEOUT,
+            seqpacket: false,
+            ephemeral_ports: DEFAULT_EPHEMERAL_PORTS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// A connection handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(u64);
+
+impl fmt::Display for ConnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "conn#{}", self.0)
+    }
+}
+
+/// A listener handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenerId(u64);
+
+impl fmt::Display for ListenerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "listener#{}", self.0)
+    }
+}
+
+/// Something the user should know about.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Our `connect` got its `RESPONSE`.
+    Connected(ConnId),
+    /// Our `connect` failed: `ConnectionRefused` (peer `RST`), `TimedOut`, or `ConnectionReset`
+    /// (transport reset).
+    ConnectFailed(ConnId, ProtoError),
+    /// A listener has a connection to `accept`.
+    Incoming(ListenerId),
+    /// Data (or a complete seqpacket message) arrived.
+    Readable(ConnId),
+    /// Send buffer space freed after a `send` found it full.
+    Writable(ConnId),
+    /// The peer sent `SHUTDOWN`; the flags are everything it has shut down so far.
+    PeerShutdown(ConnId, ShutdownFlags),
+    /// The connection was reset (peer `RST`, credit violation, transport reset).
+    Reset(ConnId),
+    /// The `ConnId` was released after `close` or `abort`.
+    Closed(ConnId),
+}
+
+/// Protocol errors.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum ProtoError {
+    /// The peer answered our `REQUEST` with `RST`.
+    #[error("connection refused: the peer answered REQUEST with RST")]
+    ConnectionRefused,
+    /// The connection was reset.
+    #[error("connection reset by peer or transport")]
+    ConnectionReset,
+    /// No `RESPONSE` within the connect timeout.
+    #[error("connect timed out waiting for RESPONSE")]
+    TimedOut,
+    /// The local port is taken.
+    #[error("local port {port} is already in use")]
+    AddrInUse {
+        /// The port.
+        port: u32,
+    },
+    /// Every port in the ephemeral range is taken.
+    #[error("no free ephemeral port in {start}..={end}")]
+    PortsExhausted {
+        /// First port of the range.
+        start: u32,
+        /// Last port of the range.
+        end: u32,
+    },
+    /// The connection is not established (yet).
+    #[error("connection is not established")]
+    NotConnected,
+    /// Sending after our `SHUTDOWN` send, the peer's `SHUTDOWN` receive, or `close`.
+    #[error("broken pipe: sending side is shut down")]
+    BrokenPipe,
+    /// Nothing to read or no room to write now.
+    #[error("operation would block")]
+    WouldBlock,
+    /// A bad argument.
+    #[error("invalid input: {0}")]
+    InvalidInput(&'static str),
+    /// A seqpacket message larger than the send buffer or the peer's `buf_alloc`.
+    #[error("message of {len} bytes exceeds the limit of {max} bytes")]
+    MessageTooLarge {
+        /// Message length.
+        len: usize,
+        /// Largest message allowed.
+        max: usize,
+    },
+    /// The `ConnId` is not (or no longer) known.
+    #[error("unknown connection")]
+    UnknownConnection,
+    /// The connection table is full.
+    #[error("too many connections: the limit is {max}")]
+    TooManyConnections {
+        /// The limit ([`Config::max_connections`]).
+        max: usize,
+    },
+}
+
+/// Counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Packets given to `handle_packet`.
+    pub packets_in: u64,
+    /// Packets returned by `poll_transmit`.
+    pub packets_out: u64,
+    /// RW payload bytes accepted.
+    pub bytes_in: u64,
+    /// RW payload bytes sent.
+    pub bytes_out: u64,
+    /// `RST`s sent, all causes.
+    pub rst_sent: u64,
+    /// `RST`s sent in answer to packets for unknown connections or ports.
+    pub rst_unknown: u64,
+    /// `RST`s for unknown connections dropped because [`MAX_PENDING_UNKNOWN_RST`] were queued.
+    pub rst_dropped: u64,
+    /// Connections reset because the peer sent beyond our advertised credit.
+    pub credit_violations: u64,
+    /// Packets ignored: `dst_cid` is not ours.
+    pub dropped_wrong_cid: u64,
+    /// Packets ignored: unknown op or type, type mismatch, `len` not matching the payload,
+    /// or an op that makes no sense in the connection's state.
+    pub dropped_invalid: u64,
+    /// `REQUEST`s refused because the listener's backlog was full.
+    pub backlog_full: u64,
+    /// `REQUEST`s refused because the connection table was full.
+    pub table_full: u64,
+    /// Connects that timed out.
+    pub connect_timeouts: u64,
+    /// Closes that ended with our `RST` after the linger.
+    pub close_timeouts: u64,
+    /// `CREDIT_UPDATE`s received.
+    pub credit_updates_in: u64,
+    /// `CREDIT_REQUEST`s received.
+    pub credit_requests_in: u64,
+}
+
+/// A listening port.
+#[derive(Debug)]
+struct Listener {
+    port: u32,
+    ty: SocketType,
+    backlog: usize,
+    /// Established connections not yet accepted.
+    queue: VecDeque<ConnId>,
+}
+
+/// `(local port, peer CID, peer port)`.
+type Key = (u32, u64, u32);
+
+/// The protocol engine for one vsock device (one local CID).
+#[derive(Debug)]
+pub struct Endpoint {
+    config: Config,
+    conns: HashMap<ConnId, Conn>,
+    keys: HashMap<Key, ConnId>,
+    listeners: HashMap<ListenerId, Listener>,
+    listener_ports: HashMap<u32, ListenerId>,
+    /// Live connections per local port.
+    port_refs: HashMap<u32, usize>,
+    /// Live `connect`-created connections per local port (bound ports).
+    bound_refs: HashMap<u32, usize>,
+    next_conn: u64,
+    next_listener: u64,
+    next_ephemeral: u32,
+    /// Connections that may have packets to send, round robin.
+    ready: VecDeque<ConnId>,
+    /// `RST`s for our own connections taken off the wire, sent first.
+    control: VecDeque<Header>,
+    /// `RST`s answering packets for unknown connections (bounded).
+    unknown_rst: VecDeque<Header>,
+    events: VecDeque<Event>,
+    stats: Stats,
+}
+
+fn op_name(h: &Header) -> String {
+    match Op::try_from(h.op) {
+        Ok(op) => op.to_string(),
+        Err(_) => format!("op {}", h.op),
+    }
+}
+
+fn refcount_add(map: &mut HashMap<u32, usize>, port: u32) {
+    *map.entry(port).or_insert(0) += 1;
+}
+
+fn refcount_sub(map: &mut HashMap<u32, usize>, port: u32) {
+    if let Some(n) = map.get_mut(&port) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(&port);
+        }
+    }
+}
+
+impl Endpoint {
+    /// A new endpoint. `max_payload` is raised to 1 if zero.
+    pub fn new(mut config: Config) -> Self {
+        config.max_payload = config.max_payload.max(1);
+        let next_ephemeral = *config.ephemeral_ports.start();
+        Endpoint {
+            config,
+            conns: HashMap::new(),
+            keys: HashMap::new(),
+            listeners: HashMap::new(),
+            listener_ports: HashMap::new(),
+            port_refs: HashMap::new(),
+            bound_refs: HashMap::new(),
+            next_conn: 0,
+            next_listener: 0,
+            next_ephemeral,
+            ready: VecDeque::new(),
+            control: VecDeque::new(),
+            unknown_rst: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Our CID.
+    pub fn local_cid(&self) -> u64 {
+        self.config.local_cid
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    // ----- user side -----
+
+    /// Open a connection: queues a `REQUEST` and arms the connect timeout. Without
+    /// `local_port`, an ephemeral port is picked that no connection or listener uses.
+    pub fn connect(
+        &mut self,
+        now: Instant,
+        peer_cid: u64,
+        peer_port: u32,
+        local_port: Option<u32>,
+        ty: SocketType,
+    ) -> Result<ConnId, ProtoError> {
+        self.check_type(ty)?;
+        self.check_room()?;
+        let port = match local_port {
+            Some(p) => {
+                if self.listener_ports.contains_key(&p)
+                    || self.bound_refs.contains_key(&p)
+                    || self.keys.contains_key(&(p, peer_cid, peer_port))
+                {
+                    return Err(ProtoError::AddrInUse { port: p });
+                }
+                p
+            }
+            None => self.alloc_ephemeral()?,
+        };
+        let id = self.new_conn_id();
+        let mut conn = Conn::new(
+            id,
+            ty,
+            port,
+            peer_cid,
+            peer_port,
+            ConnState::Connecting,
+            self.config.buf_alloc,
+        );
+        conn.bound = true;
+        conn.pending.request = true;
+        conn.deadline = Some(now + self.config.connect_timeout);
+        self.insert_conn(conn);
+        self.schedule(id);
+        Ok(id)
+    }
+
+    /// Listen on `port` for connections of type `ty`; at most `backlog` (≥ 1) established
+    /// connections wait for `accept`, further `REQUEST`s get `RST`.
+    pub fn listen(
+        &mut self,
+        port: u32,
+        backlog: usize,
+        ty: SocketType,
+    ) -> Result<ListenerId, ProtoError> {
+        self.check_type(ty)?;
+        if backlog == 0 {
+            return Err(ProtoError::InvalidInput(
+                "listen backlog must be at least 1",
+            ));
+        }
+        if self.listener_ports.contains_key(&port) || self.bound_refs.contains_key(&port) {
+            return Err(ProtoError::AddrInUse { port });
+        }
+        let id = ListenerId(self.next_listener);
+        self.next_listener += 1;
+        self.listeners.insert(
+            id,
+            Listener {
+                port,
+                ty,
+                backlog,
+                queue: VecDeque::new(),
+            },
+        );
+        self.listener_ports.insert(port, id);
+        Ok(id)
+    }
+
+    /// Stop listening; connections not yet accepted get `RST` and are dropped.
+    pub fn unlisten(&mut self, now: Instant, l: ListenerId) {
+        let _ = now;
+        let Some(listener) = self.listeners.remove(&l) else {
+            return;
+        };
+        self.listener_ports.remove(&listener.port);
+        for id in listener.queue {
+            if let Some(conn) = self.conns.get_mut(&id) {
+                conn.listener = None;
+            }
+            self.send_rst_and_unlink(id);
+            self.release(id, false);
+        }
+    }
+
+    /// The next established connection waiting on `l`.
+    pub fn accept(&mut self, l: ListenerId) -> Option<ConnId> {
+        let id = self.listeners.get_mut(&l)?.queue.pop_front()?;
+        if let Some(conn) = self.conns.get_mut(&id) {
+            conn.listener = None;
+        }
+        Some(id)
+    }
+
+    /// Copy as much of `data` as fits into the send buffer (stream sockets). `Ok(0)` means the
+    /// buffer is full: wait for [`Event::Writable`].
+    pub fn send(&mut self, now: Instant, c: ConnId, data: &[u8]) -> Result<usize, ProtoError> {
+        let _ = now;
+        let send_buffer = self.config.send_buffer;
+        let conn = self
+            .conns
+            .get_mut(&c)
+            .ok_or(ProtoError::UnknownConnection)?;
+        if conn.ty != SocketType::Stream {
+            return Err(ProtoError::InvalidInput(
+                "send on a seqpacket socket; use send_msg",
+            ));
+        }
+        Self::check_sendable(conn)?;
+        let n = conn.tx_space(send_buffer).min(data.len());
+        if n == 0 {
+            conn.writable_wanted = !data.is_empty();
+            return Ok(0);
+        }
+        conn.tx_buf.extend(&data[..n]);
+        self.schedule(c);
+        Ok(n)
+    }
+
+    /// Read buffered stream data. `Ok(0)` is end of stream (the peer shut down sending, or we
+    /// shut down receiving) once the buffer is empty; `Err(WouldBlock)` when empty otherwise.
+    pub fn recv(&mut self, now: Instant, c: ConnId, buf: &mut [u8]) -> Result<usize, ProtoError> {
+        let _ = now;
+        let conn = self
+            .conns
+            .get_mut(&c)
+            .ok_or(ProtoError::UnknownConnection)?;
+        if conn.ty != SocketType::Stream {
+            return Err(ProtoError::InvalidInput(
+                "recv on a seqpacket socket; use recv_msg",
+            ));
+        }
+        conn.readable_notified = false;
+        if conn.state == ConnState::Connecting {
+            return Err(ProtoError::NotConnected);
+        }
+        if !conn.rx_buf.is_empty() && !buf.is_empty() {
+            let n = conn.rx_buf.len().min(buf.len());
+            for (dst, src) in buf.iter_mut().zip(conn.rx_buf.drain(..n)) {
+                *dst = src;
+            }
+            Self::consumed(conn, n);
+            self.schedule(c);
+            return Ok(n);
+        }
+        if !conn.rx_buf.is_empty() {
+            return Ok(0);
+        }
+        Self::rx_end(conn).map(|()| 0)
+    }
+
+    /// Queue one seqpacket message (split into packets of at most `max_payload`, the last one
+    /// flagged `EOM`, and `EOR` if `eor`). All or nothing: `Err(WouldBlock)` if the send buffer
+    /// lacks room.
+    pub fn send_msg(
+        &mut self,
+        now: Instant,
+        c: ConnId,
+        msg: &[u8],
+        eor: bool,
+    ) -> Result<(), ProtoError> {
+        let _ = now;
+        let send_buffer = self.config.send_buffer;
+        let conn = self
+            .conns
+            .get_mut(&c)
+            .ok_or(ProtoError::UnknownConnection)?;
+        if conn.ty != SocketType::SeqPacket {
+            return Err(ProtoError::InvalidInput(
+                "send_msg on a stream socket; use send",
+            ));
+        }
+        Self::check_sendable(conn)?;
+        let max = send_buffer.min(conn.credit.peer_buf_alloc as usize);
+        if msg.len() > max {
+            return Err(ProtoError::MessageTooLarge {
+                len: msg.len(),
+                max,
+            });
+        }
+        if conn.tx_space(send_buffer) < msg.len() {
+            conn.writable_wanted = true;
+            return Err(ProtoError::WouldBlock);
+        }
+        conn.tx_buf.extend(msg);
+        conn.tx_msgs.push_back((msg.len(), eor));
+        self.schedule(c);
+        Ok(())
+    }
+
+    /// Receive one seqpacket message into `buf`: returns (bytes copied, full message length,
+    /// EOR). A longer message is truncated, the rest discarded (like `MSG_TRUNC`). At end of
+    /// stream returns `Ok((0, 0, false))` (as Linux's `recvmsg` returns 0; a zero-length
+    /// message looks the same).
+    pub fn recv_msg(
+        &mut self,
+        now: Instant,
+        c: ConnId,
+        buf: &mut [u8],
+    ) -> Result<(usize, usize, bool), ProtoError> {
+        let _ = now;
+        let conn = self
+            .conns
+            .get_mut(&c)
+            .ok_or(ProtoError::UnknownConnection)?;
+        if conn.ty != SocketType::SeqPacket {
+            return Err(ProtoError::InvalidInput(
+                "recv_msg on a stream socket; use recv",
+            ));
+        }
+        conn.readable_notified = false;
+        if conn.state == ConnState::Connecting {
+            return Err(ProtoError::NotConnected);
+        }
+        if let Some((len, eor)) = conn.rx_msgs.pop_front() {
+            let copied = len.min(buf.len());
+            for (dst, src) in buf.iter_mut().zip(conn.rx_buf.drain(..copied)) {
+                *dst = src;
+            }
+            conn.rx_buf.drain(..len - copied);
+            Self::consumed(conn, len);
+            self.schedule(c);
+            return Ok((copied, len, eor));
+        }
+        Self::rx_end(conn).map(|()| (0, 0, false))
+    }
+
+    /// Shut down one or both directions: `SHUTDOWN` goes out (with `SEND` after the send
+    /// buffer drains). Data received after our `RECEIVE` shutdown is discarded.
+    pub fn shutdown(
+        &mut self,
+        now: Instant,
+        c: ConnId,
+        how: ShutdownFlags,
+    ) -> Result<(), ProtoError> {
+        let _ = now;
+        let conn = self
+            .conns
+            .get_mut(&c)
+            .ok_or(ProtoError::UnknownConnection)?;
+        match conn.state {
+            ConnState::Connecting => return Err(ProtoError::NotConnected),
+            ConnState::Closed => {
+                return Err(conn.error.clone().unwrap_or(ProtoError::NotConnected));
+            }
+            ConnState::Connected | ConnState::PeerClosed { .. } | ConnState::Closing => {}
+        }
+        conn.local_shutdown.receive |= how.receive;
+        conn.local_shutdown.send |= how.send;
+        if how.receive {
+            let n = conn.rx_buf.len();
+            conn.rx_buf.clear();
+            conn.rx_msgs.clear();
+            conn.rx_partial = 0;
+            Self::consumed(conn, n);
+        }
+        self.schedule(c);
+        Ok(())
+    }
+
+    /// Graceful close: send what is buffered, then `SHUTDOWN` (both flags), and wait for the
+    /// peer's `RST` or `SHUTDOWN` up to [`Config::close_timeout`], then `RST`. Unread data is
+    /// discarded. [`Event::Closed`] reports the release of `c`.
+    pub fn close(&mut self, now: Instant, c: ConnId) {
+        let Some(conn) = self.conns.get_mut(&c) else {
+            return;
+        };
+        match conn.state {
+            ConnState::Closing => {}
+            ConnState::Closed => self.release(c, true),
+            ConnState::Connecting => {
+                self.send_rst_and_unlink(c);
+                self.release(c, true);
+            }
+            ConnState::Connected | ConnState::PeerClosed { .. } => {
+                conn.state = ConnState::Closing;
+                conn.local_shutdown = ShutdownFlags {
+                    receive: true,
+                    send: true,
+                };
+                let n = conn.rx_buf.len();
+                conn.rx_buf.clear();
+                conn.rx_msgs.clear();
+                conn.rx_partial = 0;
+                Self::consumed(conn, n);
+                if conn.peer_shutdown.receive {
+                    conn.tx_buf.clear();
+                    conn.tx_msgs.clear();
+                }
+                conn.deadline = Some(now + self.config.close_timeout);
+                self.schedule(c);
+            }
+        }
+    }
+
+    /// Immediate close: `RST` (if still on the wire) and release; [`Event::Closed`] follows.
+    pub fn abort(&mut self, now: Instant, c: ConnId) {
+        let _ = now;
+        if self.conns.contains_key(&c) {
+            self.send_rst_and_unlink(c);
+            self.release(c, true);
+        }
+    }
+
+    /// The connection's state, or `None` if `c` is unknown or released.
+    pub fn state(&self, c: ConnId) -> Option<ConnState> {
+        self.conns.get(&c).map(|conn| conn.state)
+    }
+
+    /// Bytes buffered for reading (for seqpacket, of all complete and partial messages).
+    pub fn readable_bytes(&self, c: ConnId) -> usize {
+        self.conns.get(&c).map_or(0, |conn| conn.rx_buf.len())
+    }
+
+    /// Room in the send buffer, or 0 if the connection cannot send.
+    pub fn writable_bytes(&self, c: ConnId) -> usize {
+        match self.conns.get(&c) {
+            Some(conn) if Self::check_sendable(conn).is_ok() => {
+                conn.tx_space(self.config.send_buffer)
+            }
+            _ => 0,
+        }
+    }
+
+    /// The peer's `(CID, port)`.
+    pub fn peer_addr(&self, c: ConnId) -> Option<(u64, u32)> {
+        self.conns
+            .get(&c)
+            .map(|conn| (conn.peer_cid, conn.peer_port))
+    }
+
+    /// Our port for this connection.
+    pub fn local_port(&self, c: ConnId) -> Option<u32> {
+        self.conns.get(&c).map(|conn| conn.local_port)
+    }
+
+    // ----- network side -----
+
+    /// Process one received packet. `payload` is the packet's data (`hdr.len` bytes).
+    pub fn handle_packet(&mut self, now: Instant, hdr: &Header, payload: &[u8]) {
+        let _ = now;
+        self.stats.packets_in += 1;
+        if hdr.dst_cid != self.config.local_cid {
+            self.stats.dropped_wrong_cid += 1;
+            return;
+        }
+        let (Ok(op), Ok(ty)) = (Op::try_from(hdr.op), SocketType::try_from(hdr.type_)) else {
+            self.stats.dropped_invalid += 1;
+            return;
+        };
+        if payload.len() != hdr.len as usize || (op != Op::Rw && hdr.len != 0) {
+            self.stats.dropped_invalid += 1;
+            return;
+        }
+        if ty == SocketType::SeqPacket && !self.config.seqpacket {
+            self.stats.dropped_invalid += 1;
+            return;
+        }
+        let key = (hdr.dst_port, hdr.src_cid, hdr.src_port);
+        let Some(&id) = self.keys.get(&key) else {
+            self.handle_unknown(hdr, op, ty);
+            return;
+        };
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if conn.ty != ty {
+            self.stats.dropped_invalid += 1;
+            return;
+        }
+        if op == Op::Rst {
+            self.on_peer_rst(id);
+            return;
+        }
+        conn.credit.update_peer(hdr.buf_alloc, hdr.fwd_cnt);
+        match (conn.state, op) {
+            (ConnState::Connecting, Op::Response) => {
+                conn.state = ConnState::Connected;
+                conn.deadline = None;
+                self.events.push_back(Event::Connected(id));
+            }
+            (ConnState::Connecting, _) => self.stats.dropped_invalid += 1,
+            (_, Op::Rw) => self.on_rw(id, hdr, payload),
+            (_, Op::Shutdown) => self.on_peer_shutdown(id, hdr.flags),
+            (_, Op::CreditUpdate) => self.stats.credit_updates_in += 1,
+            (_, Op::CreditRequest) => {
+                self.stats.credit_requests_in += 1;
+                conn.pending.credit_update = true;
+            }
+            (_, Op::Request | Op::Response) => self.stats.dropped_invalid += 1,
+            (_, Op::Rst) => unreachable!("handled above"),
+        }
+        self.schedule(id);
+    }
+
+    /// Fire expired timers (connect and close deadlines). Calling it again is harmless.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let expired: Vec<ConnId> = self
+            .conns
+            .values()
+            .filter(|c| c.deadline.is_some_and(|d| d <= now))
+            .map(|c| c.id)
+            .collect();
+        for id in expired {
+            let Some(conn) = self.conns.get_mut(&id) else {
+                continue;
+            };
+            conn.deadline = None;
+            match conn.state {
+                ConnState::Connecting => {
+                    self.stats.connect_timeouts += 1;
+                    self.send_rst_and_unlink(id);
+                    self.fail(id, ProtoError::TimedOut);
+                    self.events
+                        .push_back(Event::ConnectFailed(id, ProtoError::TimedOut));
+                }
+                ConnState::Closing => {
+                    self.stats.close_timeouts += 1;
+                    self.send_rst_and_unlink(id);
+                    self.release(id, true);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The transport was reset (event queue `TRANSPORT_RESET`) or our CID changed: every
+    /// connection is reset without sending anything; listeners stay.
+    pub fn handle_transport_reset(&mut self, now: Instant, new_cid: Option<u64>) {
+        let _ = now;
+        if let Some(cid) = new_cid {
+            self.config.local_cid = cid;
+        }
+        self.control.clear();
+        self.unknown_rst.clear();
+        let mut ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        ids.sort();
+        for id in ids {
+            let Some(conn) = self.conns.get(&id) else {
+                continue;
+            };
+            if !conn.in_table {
+                continue;
+            }
+            match (conn.state, conn.listener) {
+                (_, Some(_)) => {
+                    self.unlink(id);
+                    self.release(id, false);
+                }
+                (ConnState::Closing, _) => {
+                    self.unlink(id);
+                    self.release(id, true);
+                }
+                (ConnState::Connecting, _) => {
+                    self.unlink(id);
+                    self.fail(id, ProtoError::ConnectionReset);
+                    self.events
+                        .push_back(Event::ConnectFailed(id, ProtoError::ConnectionReset));
+                }
+                _ => {
+                    self.unlink(id);
+                    self.fail(id, ProtoError::ConnectionReset);
+                    self.events.push_back(Event::Reset(id));
+                }
+            }
+        }
+    }
+
+    // ----- outputs -----
+
+    /// The next packet to send, with up to `payload.len()` bytes of RW data copied into
+    /// `payload` (`header.len` is the count). Control packets have `len` 0. Call until `None`.
+    #[must_use]
+    pub fn poll_transmit(&mut self, now: Instant, payload: &mut [u8]) -> Option<Header> {
+        let _ = now;
+        if let Some(h) = self
+            .control
+            .pop_front()
+            .or_else(|| self.unknown_rst.pop_front())
+        {
+            return Some(self.count_out(h));
+        }
+        let mut budget = self.ready.len();
+        while budget > 0 {
+            budget -= 1;
+            let id = self.ready.pop_front()?;
+            let Some(conn) = self.conns.get_mut(&id) else {
+                continue;
+            };
+            let Some(h) = conn.next_packet(self.config.local_cid, self.config.max_payload, payload)
+            else {
+                conn.queued = conn.wants_transmit();
+                if conn.queued {
+                    // Only blocked by an empty payload buffer: keep its turn.
+                    self.ready.push_back(id);
+                }
+                continue;
+            };
+            if conn.writable_wanted
+                && h.len > 0
+                && conn.tx_space(self.config.send_buffer) > 0
+                && conn.tx_open()
+            {
+                conn.writable_wanted = false;
+                self.events.push_back(Event::Writable(id));
+            }
+            if conn.wants_transmit() {
+                self.ready.push_back(id);
+            } else {
+                conn.queued = false;
+            }
+            return Some(self.count_out(h));
+        }
+        None
+    }
+
+    /// When `handle_timeout` should next be called.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.conns.values().filter_map(|c| c.deadline).min()
+    }
+
+    /// The next event for the user.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Check internal invariants (for tests and fuzzing): per connection, bytes buffered for
+    /// reading never exceed `buf_alloc` and match the credit counters; the send buffer never
+    /// exceeds `send_buffer`; the tables agree with each other.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for conn in self.conns.values() {
+            let id = conn.id;
+            let buffered = conn.credit.rx_buffered() as usize;
+            if buffered > conn.credit.buf_alloc as usize {
+                return Err(format!("{id}: {buffered} bytes buffered > buf_alloc"));
+            }
+            if buffered != conn.rx_buf.len() {
+                return Err(format!(
+                    "{id}: credit says {buffered} buffered, rx buffer holds {}",
+                    conn.rx_buf.len()
+                ));
+            }
+            if conn.tx_buf.len() > self.config.send_buffer {
+                return Err(format!("{id}: send buffer over its limit"));
+            }
+            if conn.ty == SocketType::SeqPacket {
+                let msgs: usize = conn.rx_msgs.iter().map(|m| m.0).sum();
+                if msgs + conn.rx_partial != conn.rx_buf.len() {
+                    return Err(format!("{id}: seqpacket rx bookkeeping"));
+                }
+                let pending: usize = conn.tx_msgs.iter().map(|m| m.0).sum();
+                if pending != conn.tx_buf.len() {
+                    return Err(format!("{id}: seqpacket tx bookkeeping"));
+                }
+            }
+            let key = (conn.local_port, conn.peer_cid, conn.peer_port);
+            if conn.in_table != (self.keys.get(&key) == Some(&id)) {
+                return Err(format!("{id}: key table disagrees"));
+            }
+        }
+        if self.keys.len() > self.conns.len() {
+            return Err("more keys than connections".into());
+        }
+        Ok(())
+    }
+
+    /// The peer's credit as we see it, and bytes in flight (for tests and fuzzing).
+    pub fn peer_credit(&self, c: ConnId) -> Option<(u32, u32)> {
+        self.conns
+            .get(&c)
+            .map(|conn| (conn.credit.peer_credit(), conn.credit.in_flight()))
+    }
+
+    // ----- internals -----
+
+    fn check_type(&self, ty: SocketType) -> Result<(), ProtoError> {
+        if ty == SocketType::SeqPacket && !self.config.seqpacket {
+            return Err(ProtoError::InvalidInput(
+                "seqpacket sockets need VIRTIO_VSOCK_F_SEQPACKET (Config::seqpacket)",
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_room(&self) -> Result<(), ProtoError> {
+        if self.conns.len() >= self.config.max_connections {
+            return Err(ProtoError::TooManyConnections {
+                max: self.config.max_connections,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_sendable(conn: &Conn) -> Result<(), ProtoError> {
+        match conn.state {
+            ConnState::Connecting => Err(ProtoError::NotConnected),
+            ConnState::Closed => Err(conn.error.clone().unwrap_or(ProtoError::BrokenPipe)),
+            ConnState::Closing => Err(ProtoError::BrokenPipe),
+            _ if conn.local_shutdown.send || conn.peer_shutdown.receive => {
+                Err(ProtoError::BrokenPipe)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The answer to a read on an empty buffer.
+    fn rx_end(conn: &Conn) -> Result<(), ProtoError> {
+        if conn.rx_done() || conn.state == ConnState::Closing {
+            return Ok(());
+        }
+        if conn.state == ConnState::Closed {
+            return match &conn.error {
+                Some(e) => Err(e.clone()),
+                None => Ok(()),
+            };
+        }
+        Err(ProtoError::WouldBlock)
+    }
+
+    /// The reader consumed `n` bytes: advance `fwd_cnt`, maybe owe a credit update.
+    fn consumed(conn: &mut Conn, n: usize) {
+        // n never exceeds buffered bytes, which never exceed buf_alloc (a u32).
+        conn.credit
+            .on_consumed(u32::try_from(n).unwrap_or(u32::MAX));
+        if conn.in_table && conn.credit.need_credit_update() {
+            conn.pending.credit_update = true;
+        }
+    }
+
+    fn new_conn_id(&mut self) -> ConnId {
+        let id = ConnId(self.next_conn);
+        self.next_conn += 1;
+        id
+    }
+
+    fn alloc_ephemeral(&mut self) -> Result<u32, ProtoError> {
+        let (start, end) = (
+            *self.config.ephemeral_ports.start(),
+            *self.config.ephemeral_ports.end(),
+        );
+        let exhausted = ProtoError::PortsExhausted { start, end };
+        if start > end {
+            return Err(exhausted);
+        }
+        let span = u64::from(end - start) + 1;
+        // A sequential walk meets a free port within (ports in use + 1) steps.
+        let used = (self.port_refs.len() + self.listener_ports.len()) as u64;
+        let mut port = self.next_ephemeral.clamp(start, end);
+        for _ in 0..span.min(used + 1) {
+            let candidate = port;
+            port = if port == end { start } else { port + 1 };
+            if !self.port_refs.contains_key(&candidate)
+                && !self.listener_ports.contains_key(&candidate)
+            {
+                self.next_ephemeral = port;
+                return Ok(candidate);
+            }
+        }
+        Err(exhausted)
+    }
+
+    fn insert_conn(&mut self, mut conn: Conn) {
+        let id = conn.id;
+        conn.in_table = true;
+        self.keys
+            .insert((conn.local_port, conn.peer_cid, conn.peer_port), id);
+        refcount_add(&mut self.port_refs, conn.local_port);
+        if conn.bound {
+            refcount_add(&mut self.bound_refs, conn.local_port);
+        }
+        self.conns.insert(id, conn);
+    }
+
+    /// Take the connection off the wire: free its key and port.
+    fn unlink(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if !conn.in_table {
+            return;
+        }
+        conn.in_table = false;
+        conn.deadline = None;
+        conn.pending = conn::Pending::default();
+        let (port, bound) = (conn.local_port, conn.bound);
+        self.keys.remove(&(port, conn.peer_cid, conn.peer_port));
+        refcount_sub(&mut self.port_refs, port);
+        if bound {
+            refcount_sub(&mut self.bound_refs, port);
+        }
+    }
+
+    /// Queue an `RST` for a connection still on the wire, then unlink it.
+    fn send_rst_and_unlink(&mut self, id: ConnId) {
+        let local_cid = self.config.local_cid;
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if conn.in_table {
+            let h = conn.rst_header(local_cid);
+            self.control.push_back(h);
+        }
+        self.unlink(id);
+    }
+
+    /// Mark the connection `Closed` with an error (the `ConnId` stays until close/abort).
+    fn fail(&mut self, id: ConnId, err: ProtoError) {
+        if let Some(conn) = self.conns.get_mut(&id) {
+            conn.state = ConnState::Closed;
+            conn.error = Some(err);
+            conn.tx_buf.clear();
+            conn.tx_msgs.clear();
+        }
+    }
+
+    /// Forget the connection; `notify` emits [`Event::Closed`].
+    fn release(&mut self, id: ConnId, notify: bool) {
+        self.unlink(id);
+        if let Some(conn) = self.conns.remove(&id) {
+            if let Some(l) = conn.listener {
+                if let Some(listener) = self.listeners.get_mut(&l) {
+                    listener.queue.retain(|&c| c != id);
+                }
+            }
+            if notify && conn.listener.is_none() {
+                self.events.push_back(Event::Closed(id));
+            }
+        }
+    }
+
+    fn schedule(&mut self, id: ConnId) {
+        if let Some(conn) = self.conns.get_mut(&id) {
+            if !conn.queued && conn.wants_transmit() {
+                conn.queued = true;
+                self.ready.push_back(id);
+            }
+        }
+    }
+
+    fn count_out(&mut self, h: Header) -> Header {
+        self.stats.packets_out += 1;
+        self.stats.bytes_out += u64::from(h.len);
+        if h.op == Op::Rst as u16 {
+            self.stats.rst_sent += 1;
+        }
+        h
+    }
+
+    /// A packet for no connection: `REQUEST` to a listener, or `RST` (never for an `RST`).
+    fn handle_unknown(&mut self, hdr: &Header, op: Op, ty: SocketType) {
+        if op == Op::Rst {
+            return;
+        }
+        if op == Op::Request {
+            if let Some(&l) = self.listener_ports.get(&hdr.dst_port) {
+                let listener = &self.listeners[&l];
+                if listener.ty != ty {
+                    log::debug!("{} for {} listener: refused", ty, listener.ty);
+                } else if listener.queue.len() >= listener.backlog {
+                    self.stats.backlog_full += 1;
+                } else if self.check_room().is_err() {
+                    self.stats.table_full += 1;
+                } else {
+                    self.accept_request(l, hdr, ty);
+                    return;
+                }
+            }
+        } else {
+            log::trace!("{} for unknown connection {}", op_name(hdr), hdr);
+        }
+        self.queue_unknown_rst(hdr);
+    }
+
+    fn accept_request(&mut self, l: ListenerId, hdr: &Header, ty: SocketType) {
+        let id = self.new_conn_id();
+        let mut conn = Conn::new(
+            id,
+            ty,
+            hdr.dst_port,
+            hdr.src_cid,
+            hdr.src_port,
+            ConnState::Connected,
+            self.config.buf_alloc,
+        );
+        conn.credit.update_peer(hdr.buf_alloc, hdr.fwd_cnt);
+        conn.pending.response = true;
+        conn.listener = Some(l);
+        self.insert_conn(conn);
+        if let Some(listener) = self.listeners.get_mut(&l) {
+            listener.queue.push_back(id);
+        }
+        self.events.push_back(Event::Incoming(l));
+        self.schedule(id);
+    }
+
+    fn queue_unknown_rst(&mut self, hdr: &Header) {
+        if self.unknown_rst.len() >= MAX_PENDING_UNKNOWN_RST {
+            self.stats.rst_dropped += 1;
+            return;
+        }
+        self.stats.rst_unknown += 1;
+        self.unknown_rst.push_back(Header {
+            src_cid: self.config.local_cid,
+            dst_cid: hdr.src_cid,
+            src_port: hdr.dst_port,
+            dst_port: hdr.src_port,
+            len: 0,
+            type_: hdr.type_,
+            op: Op::Rst as u16,
+            flags: 0,
+            buf_alloc: 0,
+            fwd_cnt: 0,
+        });
+    }
+
+    fn on_peer_rst(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get(&id) else {
+            return;
+        };
+        let (state, listener) = (conn.state, conn.listener);
+        let graceful = conn.peer_shutdown.send;
+        self.unlink(id);
+        match (state, listener) {
+            (_, Some(_)) => self.release(id, false),
+            (ConnState::Closing, _) => self.release(id, true),
+            (ConnState::Connecting, _) => {
+                self.fail(id, ProtoError::ConnectionRefused);
+                self.events
+                    .push_back(Event::ConnectFailed(id, ProtoError::ConnectionRefused));
+            }
+            _ => {
+                self.fail(id, ProtoError::ConnectionReset);
+                if graceful {
+                    // The peer finished sending before it reset: reads end with EOF.
+                    if let Some(conn) = self.conns.get_mut(&id) {
+                        conn.error = None;
+                    }
+                }
+                self.events.push_back(Event::Reset(id));
+            }
+        }
+    }
+
+    fn on_rw(&mut self, id: ConnId, hdr: &Header, payload: &[u8]) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if let Err(CreditViolation { len, free }) = conn.credit.on_rx(hdr.len) {
+            log::warn!("{id}: peer sent {len} bytes with only {free} bytes of credit: resetting");
+            self.stats.credit_violations += 1;
+            self.reset_conn(id);
+            return;
+        }
+        self.stats.bytes_in += u64::from(hdr.len);
+        let discard = conn.rx_done() || conn.state == ConnState::Closing;
+        if discard {
+            // Nobody will read it: consume at once so credit keeps flowing.
+            if hdr.len > 0 {
+                self.stats.dropped_invalid += 1;
+            }
+            Self::consumed(conn, payload.len());
+            return;
+        }
+        conn.rx_buf.extend(payload);
+        let mut readable = !payload.is_empty();
+        if conn.ty == SocketType::SeqPacket {
+            conn.rx_partial += payload.len();
+            let flags = SeqFlags::from_bits(hdr.flags);
+            readable = flags.eom;
+            if flags.eom {
+                conn.rx_msgs.push_back((conn.rx_partial, flags.eor));
+                conn.rx_partial = 0;
+            }
+        }
+        if readable && !conn.readable_notified && conn.listener.is_none() {
+            conn.readable_notified = true;
+            self.events.push_back(Event::Readable(id));
+        }
+    }
+
+    /// Reset a connection on our initiative (protocol violation).
+    fn reset_conn(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get(&id) else {
+            return;
+        };
+        let (state, listener) = (conn.state, conn.listener);
+        self.send_rst_and_unlink(id);
+        match (state, listener) {
+            (_, Some(_)) => self.release(id, false),
+            (ConnState::Closing, _) => self.release(id, true),
+            _ => {
+                self.fail(id, ProtoError::ConnectionReset);
+                self.events.push_back(Event::Reset(id));
+            }
+        }
+    }
+
+    fn on_peer_shutdown(&mut self, id: ConnId, flags: u32) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let f = ShutdownFlags::from_bits(flags);
+        conn.peer_shutdown.receive |= f.receive;
+        conn.peer_shutdown.send |= f.send;
+        if conn.peer_shutdown.receive {
+            // The peer will not read: drop what we had queued.
+            conn.tx_buf.clear();
+            conn.tx_msgs.clear();
+        }
+        conn.refresh_peer_state();
+        let all = conn.peer_shutdown;
+        let (state, listener) = (conn.state, conn.listener);
+        if all.receive && all.send {
+            // Both directions closed by the peer: answer RST and forget (as Linux does).
+            self.send_rst_and_unlink(id);
+            match (state, listener) {
+                (_, Some(_)) => {
+                    // Not accepted yet: the user can still accept it and read until EOF.
+                    if let Some(conn) = self.conns.get_mut(&id) {
+                        conn.state = ConnState::Closed;
+                    }
+                }
+                (ConnState::Closing, _) => {
+                    self.release(id, true);
+                    return;
+                }
+                _ => {
+                    if let Some(conn) = self.conns.get_mut(&id) {
+                        conn.state = ConnState::Closed;
+                    }
+                }
+            }
+        }
+        if listener.is_none() && state != ConnState::Closing && (f.receive || f.send) {
+            self.events.push_back(Event::PeerShutdown(id, all));
+        }
+    }
+}

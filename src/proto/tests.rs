@@ -1,0 +1,909 @@
+//! Two endpoints wired back to back on a virtual clock: A is the guest (CID 3), B the host
+//! (CID 2). Grouped by phase: handshake, data and credit, close, reset, ports, seqpacket.
+
+use super::*;
+use crate::packet::VMADDR_CID_HOST;
+
+const GUEST_CID: u64 = 3;
+const PORT: u32 = 1234;
+
+fn cfg(cid: u64) -> Config {
+    Config {
+        local_cid: cid,
+        ..Config::default()
+    }
+}
+
+/// Which endpoint sent a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    A,
+    B,
+}
+
+struct Pair {
+    a: Endpoint,
+    b: Endpoint,
+    now: Instant,
+    /// Every packet moved, in order.
+    log: Vec<(Side, Header)>,
+    buf: Vec<u8>,
+}
+
+/// A deterministic byte pattern, position-dependent so reordering or loss shows.
+fn pattern(offset: usize, len: usize) -> Vec<u8> {
+    (offset..offset + len)
+        .map(|i| (i.wrapping_mul(7).wrapping_add(i >> 8) % 251) as u8)
+        .collect()
+}
+
+/// A header template from `src` to `dst`; tweak fields with struct update syntax.
+fn tmpl(src: (u64, u32), dst: (u64, u32), op: Op) -> Header {
+    Header {
+        src_cid: src.0,
+        dst_cid: dst.0,
+        src_port: src.1,
+        dst_port: dst.1,
+        len: 0,
+        type_: SocketType::Stream as u16,
+        op: op as u16,
+        flags: 0,
+        buf_alloc: DEFAULT_BUF_ALLOC,
+        fwd_cnt: 0,
+    }
+}
+
+impl Pair {
+    fn new() -> Self {
+        Self::with(cfg(GUEST_CID), cfg(VMADDR_CID_HOST))
+    }
+
+    fn with(a: Config, b: Config) -> Self {
+        Pair {
+            a: Endpoint::new(a),
+            b: Endpoint::new(b),
+            now: Instant::now(),
+            log: Vec::new(),
+            buf: vec![0; 1 << 20],
+        }
+    }
+
+    fn ep(&mut self, side: Side) -> &mut Endpoint {
+        match side {
+            Side::A => &mut self.a,
+            Side::B => &mut self.b,
+        }
+    }
+
+    /// Drain `from`'s transmit queue; deliver to the other side if `deliver`.
+    #[track_caller]
+    fn pump(&mut self, from: Side, deliver: bool) -> Vec<Header> {
+        let mut out = Vec::new();
+        let now = self.now;
+        loop {
+            let mut buf = std::mem::take(&mut self.buf);
+            let h = self.ep(from).poll_transmit(now, &mut buf);
+            let Some(h) = h else {
+                self.buf = buf;
+                break;
+            };
+            assert!(h.len as usize <= buf.len());
+            if h.op == Op::Rw as u16 {
+                assert!(h.len > 0 || h.type_ == SocketType::SeqPacket as u16);
+            }
+            self.log.push((from, h));
+            if deliver {
+                let to = if from == Side::A { Side::B } else { Side::A };
+                self.ep(to).handle_packet(now, &h, &buf[..h.len as usize]);
+            }
+            self.buf = buf;
+            out.push(h);
+            self.check();
+        }
+        out
+    }
+
+    /// Shuttle packets both ways until both are quiet; returns the number moved.
+    #[track_caller]
+    fn shuttle(&mut self) -> usize {
+        let mut total = 0;
+        loop {
+            let n = self.pump(Side::A, true).len() + self.pump(Side::B, true).len();
+            if n == 0 {
+                return total;
+            }
+            total += n;
+        }
+    }
+
+    #[track_caller]
+    fn check(&self) {
+        for ep in [&self.a, &self.b] {
+            if let Err(e) = ep.check_invariants() {
+                panic!("invariant broken: {e}");
+            }
+        }
+    }
+
+    fn events(&mut self, side: Side) -> Vec<Event> {
+        std::iter::from_fn(|| self.ep(side).poll_event()).collect()
+    }
+
+    /// B listens on `PORT`, A connects; returns (A's conn, B's accepted conn, listener).
+    #[track_caller]
+    fn establish(&mut self, ty: SocketType) -> (ConnId, ConnId, ListenerId) {
+        let l = self.b.listen(PORT, 16, ty).unwrap();
+        let ca = self
+            .a
+            .connect(self.now, VMADDR_CID_HOST, PORT, None, ty)
+            .unwrap();
+        self.shuttle();
+        assert!(self.events(Side::A).contains(&Event::Connected(ca)));
+        assert!(self.events(Side::B).contains(&Event::Incoming(l)));
+        let cb = self.b.accept(l).expect("accepted connection");
+        (ca, cb, l)
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        self.a.handle_timeout(self.now);
+        self.b.handle_timeout(self.now);
+    }
+
+    fn count(&self, side: Side, op: Op) -> usize {
+        self.log
+            .iter()
+            .filter(|(s, h)| *s == side && h.op == op as u16)
+            .count()
+    }
+
+    /// Read everything available on `c` (stream).
+    #[track_caller]
+    fn read_all(&mut self, side: Side, c: ConnId) -> Vec<u8> {
+        let now = self.now;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = self.ep(side).recv(now, c, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        out
+    }
+
+    /// Stream `total` bytes from `from`'s `cf` to the other side's `ct`, reading `read_chunk`
+    /// bytes per round; checks credit safety on the way and returns what arrived.
+    #[track_caller]
+    fn transfer(
+        &mut self,
+        from: Side,
+        cf: ConnId,
+        ct: ConnId,
+        total: usize,
+        read_chunk: usize,
+    ) -> Vec<u8> {
+        let to = if from == Side::A { Side::B } else { Side::A };
+        let data = pattern(0, total);
+        let (mut sent, mut got) = (0, Vec::with_capacity(total));
+        let mut rbuf = vec![0u8; read_chunk];
+        let mut rounds = 0;
+        while got.len() < total {
+            rounds += 1;
+            assert!(
+                rounds < 1_000_000,
+                "transfer stalled at {} of {total}",
+                got.len()
+            );
+            let now = self.now;
+            if sent < total {
+                sent += self.ep(from).send(now, cf, &data[sent..]).unwrap();
+            }
+            self.shuttle();
+            let buf_alloc = self.ep(to).config().buf_alloc as usize;
+            assert!(self.ep(to).readable_bytes(ct) <= buf_alloc);
+            match self.ep(to).recv(now, ct, &mut rbuf) {
+                Ok(n) => got.extend_from_slice(&rbuf[..n]),
+                Err(ProtoError::WouldBlock) => {}
+                Err(e) => panic!("recv: {e}"),
+            }
+            self.shuttle();
+        }
+        assert_eq!(got, data, "data corrupted in transfer");
+        assert_eq!(self.a.stats().credit_violations, 0);
+        assert_eq!(self.b.stats().credit_violations, 0);
+        got
+    }
+}
+
+// ----- handshake -----
+
+#[test]
+fn handshake_and_echo() {
+    let mut p = Pair::new();
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    assert_eq!(p.a.state(ca), Some(ConnState::Connected));
+    assert_eq!(p.b.state(cb), Some(ConnState::Connected));
+    assert_eq!(
+        p.b.peer_addr(cb),
+        Some((GUEST_CID, p.a.local_port(ca).unwrap()))
+    );
+    assert_eq!(p.a.peer_addr(ca), Some((VMADDR_CID_HOST, PORT)));
+    assert!(DEFAULT_EPHEMERAL_PORTS.contains(&p.a.local_port(ca).unwrap()));
+    assert_eq!(p.count(Side::A, Op::Request), 1);
+    assert_eq!(p.count(Side::B, Op::Response), 1);
+
+    let now = p.now;
+    assert_eq!(p.a.send(now, ca, b"ping").unwrap(), 4);
+    p.shuttle();
+    assert_eq!(p.events(Side::B), vec![Event::Readable(cb)]);
+    assert_eq!(p.read_all(Side::B, cb), b"ping");
+    assert_eq!(p.b.send(now, cb, b"pong").unwrap(), 4);
+    p.shuttle();
+    assert_eq!(p.read_all(Side::A, ca), b"pong");
+    assert_eq!(p.a.recv(now, ca, &mut [0; 4]), Err(ProtoError::WouldBlock));
+    assert_eq!(ConnState::Connected.to_string(), "connected");
+}
+
+#[test]
+fn refused_connect_without_listener() {
+    let mut p = Pair::new();
+    let now = p.now;
+    let ca =
+        p.a.connect(now, VMADDR_CID_HOST, 9999, None, SocketType::Stream)
+            .unwrap();
+    assert_eq!(p.a.state(ca), Some(ConnState::Connecting));
+    assert_eq!(p.a.send(now, ca, b"x"), Err(ProtoError::NotConnected));
+    p.shuttle();
+    assert_eq!(
+        p.events(Side::A),
+        vec![Event::ConnectFailed(ca, ProtoError::ConnectionRefused)]
+    );
+    assert_eq!(p.b.stats().rst_unknown, 1);
+    assert_eq!(p.a.state(ca), Some(ConnState::Closed));
+    assert_eq!(p.a.send(now, ca, b"x"), Err(ProtoError::ConnectionRefused));
+    // The refused connection sent nothing back in answer to the RST.
+    assert_eq!(p.count(Side::A, Op::Rst), 0);
+    p.a.close(now, ca);
+    assert_eq!(p.events(Side::A), vec![Event::Closed(ca)]);
+    assert_eq!(p.a.state(ca), None);
+}
+
+#[test]
+fn connect_timeout_sends_rst() {
+    let mut p = Pair::new();
+    let t0 = p.now;
+    let ca =
+        p.a.connect(t0, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+            .unwrap();
+    let sent = p.pump(Side::A, false); // the REQUEST is lost
+    assert_eq!(sent.len(), 1);
+    assert_eq!(p.a.poll_timeout(), Some(t0 + DEFAULT_CONNECT_TIMEOUT));
+    p.advance(DEFAULT_CONNECT_TIMEOUT - Duration::from_millis(1));
+    assert!(p.events(Side::A).is_empty());
+    p.advance(Duration::from_millis(1));
+    assert_eq!(
+        p.events(Side::A),
+        vec![Event::ConnectFailed(ca, ProtoError::TimedOut)]
+    );
+    let rst = p.pump(Side::A, false);
+    assert_eq!(rst.len(), 1);
+    assert_eq!(rst[0].op, Op::Rst as u16);
+    // Idempotent.
+    p.advance(Duration::ZERO);
+    assert!(p.events(Side::A).is_empty());
+    assert!(p.pump(Side::A, false).is_empty());
+    assert_eq!(p.a.poll_timeout(), None);
+    assert_eq!(p.a.stats().connect_timeouts, 1);
+}
+
+#[test]
+fn backlog_full_gets_rst() {
+    let mut p = Pair::new();
+    let l = p.b.listen(PORT, 1, SocketType::Stream).unwrap();
+    let now = p.now;
+    let c1 =
+        p.a.connect(now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+            .unwrap();
+    let c2 =
+        p.a.connect(now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+            .unwrap();
+    p.shuttle();
+    let ev = p.events(Side::A);
+    assert!(ev.contains(&Event::Connected(c1)));
+    assert!(ev.contains(&Event::ConnectFailed(c2, ProtoError::ConnectionRefused)));
+    assert_eq!(p.b.stats().backlog_full, 1);
+    assert!(p.b.accept(l).is_some());
+    assert!(p.b.accept(l).is_none());
+    // Room again after accept.
+    let c3 =
+        p.a.connect(now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+            .unwrap();
+    p.shuttle();
+    assert!(p.events(Side::A).contains(&Event::Connected(c3)));
+}
+
+#[test]
+fn listen_twice_is_addr_in_use() {
+    let mut p = Pair::new();
+    p.b.listen(PORT, 1, SocketType::Stream).unwrap();
+    assert_eq!(
+        p.b.listen(PORT, 1, SocketType::Stream),
+        Err(ProtoError::AddrInUse { port: PORT })
+    );
+    assert!(matches!(
+        p.b.listen(1, 1, SocketType::SeqPacket),
+        Err(ProtoError::InvalidInput(_))
+    ));
+}
+
+#[test]
+fn unlisten_resets_pending() {
+    let mut p = Pair::new();
+    let l = p.b.listen(PORT, 4, SocketType::Stream).unwrap();
+    let now = p.now;
+    let ca =
+        p.a.connect(now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+            .unwrap();
+    p.shuttle();
+    p.events(Side::A);
+    p.b.unlisten(now, l);
+    p.shuttle();
+    assert_eq!(p.events(Side::A), vec![Event::Reset(ca)]);
+    assert_eq!(p.a.send(now, ca, b"x"), Err(ProtoError::ConnectionReset));
+    assert_eq!(p.b.accept(l), None);
+}
+
+// ----- data and credit -----
+
+#[test]
+fn coalesces_small_writes() {
+    let mut p = Pair::new();
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    let data = pattern(0, 1000);
+    for b in &data {
+        assert_eq!(p.a.send(now, ca, std::slice::from_ref(b)).unwrap(), 1);
+    }
+    p.shuttle();
+    assert_eq!(
+        p.count(Side::A, Op::Rw),
+        1,
+        "1000 one-byte sends, one packet"
+    );
+    assert_eq!(p.read_all(Side::B, cb), data);
+}
+
+#[test]
+fn slow_reader_blocks_writer_without_overrun() {
+    let b_cfg = Config {
+        buf_alloc: 64 * 1024,
+        ..cfg(VMADDR_CID_HOST)
+    };
+    let mut p = Pair::with(cfg(GUEST_CID), b_cfg);
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    // Fill: the writer may buffer send_buffer bytes plus the peer's credit, never more.
+    let data = pattern(0, 1 << 20);
+    let mut sent = 0;
+    loop {
+        let n = p.a.send(now, ca, &data[sent..]).unwrap();
+        p.shuttle();
+        if n == 0 {
+            break;
+        }
+        sent += n;
+    }
+    assert_eq!(sent, DEFAULT_SEND_BUFFER + 64 * 1024);
+    assert_eq!(p.b.readable_bytes(cb), 64 * 1024);
+    assert_eq!(p.a.peer_credit(ca), Some((0, 64 * 1024)));
+    assert_eq!(p.b.stats().credit_violations, 0);
+    // Blocked: the writer asked for credit once, nothing else moves.
+    assert_eq!(p.count(Side::A, Op::CreditRequest), 1);
+    assert_eq!(p.shuttle(), 0);
+    // The slow reader drains in small steps; the writer is told when it may write again.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 3000];
+    let mut writable = 0;
+    while got.len() < data.len() {
+        match p.b.recv(now, cb, &mut buf) {
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(ProtoError::WouldBlock) => {}
+            Err(e) => panic!("{e}"),
+        }
+        p.shuttle();
+        for e in p.events(Side::A) {
+            if e == Event::Writable(ca) {
+                writable += 1;
+            }
+        }
+        if sent < data.len() {
+            sent += p.a.send(now, ca, &data[sent..]).unwrap();
+        }
+        assert!(p.b.readable_bytes(cb) <= 64 * 1024);
+        p.shuttle();
+    }
+    assert_eq!(got, data);
+    assert!(writable >= 1);
+    assert_eq!(p.b.stats().credit_violations, 0);
+    // Credit updates were batched, not one per read.
+    assert!(p.count(Side::B, Op::CreditUpdate) < (1 << 20) / 3000 / 2);
+}
+
+#[test]
+fn credit_request_answered_with_credit_update() {
+    let b_cfg = Config {
+        buf_alloc: 4096,
+        ..cfg(VMADDR_CID_HOST)
+    };
+    let mut p = Pair::with(cfg(GUEST_CID), b_cfg);
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    assert_eq!(p.a.send(now, ca, &pattern(0, 10_000)).unwrap(), 10_000);
+    p.shuttle();
+    assert_eq!(p.b.readable_bytes(cb), 4096);
+    assert_eq!(p.count(Side::A, Op::CreditRequest), 1);
+    assert_eq!(p.count(Side::B, Op::CreditUpdate), 1);
+    assert_eq!(p.shuttle(), 0, "no credit request storm");
+    let got = p.read_all(Side::B, cb);
+    assert_eq!(got.len(), 4096);
+    p.shuttle();
+    assert_eq!(p.b.readable_bytes(cb), 4096);
+
+    // A hand-crafted CREDIT_REQUEST gets a CREDIT_UPDATE with our fwd_cnt.
+    let before = p.count(Side::B, Op::CreditUpdate);
+    let port = p.a.local_port(ca).unwrap();
+    let req = tmpl(
+        (GUEST_CID, port),
+        (VMADDR_CID_HOST, PORT),
+        Op::CreditRequest,
+    );
+    p.b.handle_packet(
+        now,
+        &Header {
+            fwd_cnt: 8192,
+            ..req
+        },
+        &[],
+    );
+    let out = p.pump(Side::B, false);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].op, Op::CreditUpdate as u16);
+    assert_eq!(out[0].buf_alloc, 4096);
+    assert_eq!(out[0].fwd_cnt, 4096);
+    assert_eq!(p.count(Side::B, Op::CreditUpdate), before + 1);
+}
+
+#[test]
+fn peer_credit_overrun_is_reset() {
+    let b_cfg = Config {
+        buf_alloc: 4096,
+        ..cfg(VMADDR_CID_HOST)
+    };
+    let mut p = Pair::with(cfg(GUEST_CID), b_cfg);
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    let port = p.a.local_port(ca).unwrap();
+    let rw = tmpl((GUEST_CID, port), (VMADDR_CID_HOST, PORT), Op::Rw);
+    let payload = pattern(0, 4097);
+    p.b.handle_packet(now, &Header { len: 4097, ..rw }, &payload);
+    assert_eq!(p.b.stats().credit_violations, 1);
+    assert_eq!(p.events(Side::B), vec![Event::Reset(cb)]);
+    assert_eq!(p.b.state(cb), Some(ConnState::Closed));
+    assert_eq!(p.b.readable_bytes(cb), 0);
+    p.shuttle();
+    assert_eq!(p.events(Side::A), vec![Event::Reset(ca)]);
+    assert_eq!(
+        p.b.recv(now, cb, &mut [0; 8]),
+        Err(ProtoError::ConnectionReset)
+    );
+}
+
+#[test]
+fn counters_wrap_past_u32_max() {
+    let mut p = Pair::new();
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    let start = u32::MAX - 100_000;
+    for (ep, c) in [(&mut p.a, ca), (&mut p.b, cb)] {
+        ep.conns.get_mut(&c).unwrap().credit.preset_counters(start);
+    }
+    p.transfer(Side::A, ca, cb, 3 << 20, 50_000);
+    p.transfer(Side::B, cb, ca, 3 << 20, 70_000);
+    let a = &p.a.conns[&ca].credit;
+    assert!(a.tx_cnt.0 < start, "tx_cnt wrapped");
+    assert_eq!(a.tx_cnt.0, start.wrapping_add(3 << 20));
+    assert_eq!(a.fwd_cnt.0, start.wrapping_add(3 << 20));
+    assert_eq!(a.in_flight(), 0);
+}
+
+// ----- shutdown and close -----
+
+#[test]
+fn half_close_send_then_other_direction() {
+    let mut p = Pair::new();
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    let send_only = ShutdownFlags {
+        receive: false,
+        send: true,
+    };
+    p.a.send(now, ca, b"last words").unwrap();
+    p.a.shutdown(now, ca, send_only).unwrap();
+    assert_eq!(p.a.send(now, ca, b"more"), Err(ProtoError::BrokenPipe));
+    p.shuttle();
+    // SHUTDOWN follows the data.
+    let ops: Vec<u16> = p
+        .log
+        .iter()
+        .filter(|(s, _)| *s == Side::A)
+        .map(|(_, h)| h.op)
+        .collect();
+    assert_eq!(&ops[ops.len() - 2..], &[Op::Rw as u16, Op::Shutdown as u16]);
+    assert!(p
+        .events(Side::B)
+        .contains(&Event::PeerShutdown(cb, send_only)));
+    assert_eq!(
+        p.b.state(cb),
+        Some(ConnState::PeerClosed {
+            no_more_rx: true,
+            no_more_tx: false
+        })
+    );
+    assert_eq!(p.read_all(Side::B, cb), b"last words");
+    assert_eq!(p.b.recv(now, cb, &mut [0; 8]), Ok(0), "EOF after drain");
+    // The other direction still works.
+    p.b.send(now, cb, b"reply").unwrap();
+    p.shuttle();
+    assert_eq!(p.read_all(Side::A, ca), b"reply");
+    // B half-closes too: neither side has seen both flags, nobody resets.
+    p.b.shutdown(now, cb, send_only).unwrap();
+    p.shuttle();
+    assert!(p
+        .events(Side::A)
+        .contains(&Event::PeerShutdown(ca, send_only)));
+    assert_eq!(p.a.recv(now, ca, &mut [0; 8]), Ok(0));
+    assert_eq!(p.count(Side::A, Op::Rst) + p.count(Side::B, Op::Rst), 0);
+    // close: A sends SHUTDOWN(both), B has now seen both flags and answers RST.
+    p.a.close(now, ca);
+    assert_eq!(p.a.state(ca), Some(ConnState::Closing));
+    p.shuttle();
+    assert_eq!(p.count(Side::B, Op::Rst), 1);
+    assert_eq!(p.events(Side::A), vec![Event::Closed(ca)]);
+    assert_eq!(p.a.state(ca), None);
+    assert_eq!(p.b.state(cb), Some(ConnState::Closed));
+    assert_eq!(p.b.recv(now, cb, &mut [0; 8]), Ok(0));
+    p.b.close(now, cb);
+    assert_eq!(p.events(Side::B).last(), Some(&Event::Closed(cb)));
+    assert_eq!(p.a.poll_timeout(), None);
+}
+
+#[test]
+fn half_close_receive() {
+    let mut p = Pair::new();
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    let recv_only = ShutdownFlags {
+        receive: true,
+        send: false,
+    };
+    p.b.shutdown(now, cb, recv_only).unwrap();
+    assert_eq!(p.b.recv(now, cb, &mut [0; 8]), Ok(0));
+    p.shuttle();
+    assert!(p
+        .events(Side::A)
+        .contains(&Event::PeerShutdown(ca, recv_only)));
+    assert_eq!(
+        p.a.state(ca),
+        Some(ConnState::PeerClosed {
+            no_more_rx: false,
+            no_more_tx: true
+        })
+    );
+    assert_eq!(p.a.send(now, ca, b"x"), Err(ProtoError::BrokenPipe));
+    assert_eq!(p.a.writable_bytes(ca), 0);
+    // B can still send.
+    p.b.send(now, cb, b"still here").unwrap();
+    p.shuttle();
+    assert_eq!(p.read_all(Side::A, ca), b"still here");
+}
+
+#[test]
+fn close_with_responsive_peer_finishes_early() {
+    let mut p = Pair::new();
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    p.a.send(now, ca, b"bye").unwrap();
+    p.a.close(now, ca);
+    p.shuttle();
+    // B saw both flags and reset; A's linger ends at once.
+    assert_eq!(p.events(Side::A), vec![Event::Closed(ca)]);
+    assert_eq!(p.read_all(Side::B, cb), b"bye");
+    assert_eq!(p.b.recv(now, cb, &mut [0; 8]), Ok(0));
+    assert_eq!(p.a.stats().close_timeouts, 0);
+}
+
+#[test]
+fn close_linger_then_rst() {
+    let mut p = Pair::new();
+    let (ca, _cb, _) = p.establish(SocketType::Stream);
+    let t = p.now;
+    p.a.close(t, ca);
+    let out = p.pump(Side::A, false); // the peer is deaf
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].op, Op::Shutdown as u16);
+    assert_eq!(out[0].flags, VIRTIO_VSOCK_SHUTDOWN_BOTH);
+    assert_eq!(p.a.poll_timeout(), Some(t + DEFAULT_CLOSE_TIMEOUT));
+    p.advance(DEFAULT_CLOSE_TIMEOUT - Duration::from_millis(1));
+    assert!(p.events(Side::A).is_empty());
+    assert!(p.pump(Side::A, false).is_empty());
+    p.advance(Duration::from_millis(1));
+    assert_eq!(p.events(Side::A), vec![Event::Closed(ca)]);
+    let out = p.pump(Side::A, false);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].op, Op::Rst as u16);
+    assert_eq!(p.a.state(ca), None);
+    assert_eq!(p.a.stats().close_timeouts, 1);
+}
+
+const VIRTIO_VSOCK_SHUTDOWN_BOTH: u32 =
+    crate::packet::VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE | crate::packet::VIRTIO_VSOCK_SHUTDOWN_F_SEND;
+
+#[test]
+fn abort_sends_rst() {
+    let mut p = Pair::new();
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    p.a.abort(now, ca);
+    assert_eq!(p.events(Side::A), vec![Event::Closed(ca)]);
+    p.shuttle();
+    assert_eq!(p.events(Side::B), vec![Event::Reset(cb)]);
+    assert_eq!(p.b.send(now, cb, b"x"), Err(ProtoError::ConnectionReset));
+}
+
+// ----- resets and unknown connections -----
+
+#[test]
+fn rst_for_unknown_connection_but_not_for_rst() {
+    let mut p = Pair::new();
+    let now = p.now;
+    let rw = tmpl((GUEST_CID, 5000), (VMADDR_CID_HOST, 77), Op::Rw);
+    p.b.handle_packet(now, &Header { len: 3, ..rw }, b"abc");
+    let out = p.pump(Side::B, false);
+    assert_eq!(out.len(), 1);
+    let rst = out[0];
+    assert_eq!(rst.op, Op::Rst as u16);
+    assert_eq!((rst.src_cid, rst.src_port), (VMADDR_CID_HOST, 77));
+    assert_eq!((rst.dst_cid, rst.dst_port), (GUEST_CID, 5000));
+    assert_eq!(p.b.stats().rst_unknown, 1);
+    // Never RST an RST.
+    p.b.handle_packet(
+        now,
+        &Header {
+            op: Op::Rst as u16,
+            ..rw
+        },
+        &[],
+    );
+    assert!(p.pump(Side::B, false).is_empty());
+    // Wrong dst_cid and bad type are ignored silently.
+    p.b.handle_packet(now, &Header { dst_cid: 99, ..rw }, &[]);
+    p.b.handle_packet(now, &Header { type_: 9, ..rw }, &[]);
+    assert!(p.pump(Side::B, false).is_empty());
+    assert_eq!(p.b.stats().dropped_wrong_cid, 1);
+    assert_eq!(p.b.stats().dropped_invalid, 1);
+}
+
+#[test]
+fn unknown_rst_queue_is_bounded() {
+    let mut p = Pair::new();
+    let now = p.now;
+    for port in 0..(MAX_PENDING_UNKNOWN_RST as u32 + 10) {
+        let rw = tmpl((GUEST_CID, port), (VMADDR_CID_HOST, 77), Op::CreditUpdate);
+        p.b.handle_packet(now, &rw, &[]);
+    }
+    assert_eq!(p.pump(Side::B, false).len(), MAX_PENDING_UNKNOWN_RST);
+    assert_eq!(p.b.stats().rst_dropped, 10);
+}
+
+#[test]
+fn transport_reset_resets_everything_keeps_listeners() {
+    let mut p = Pair::new();
+    let (ca, _cb, _) = p.establish(SocketType::Stream);
+    let la = p.a.listen(4000, 4, SocketType::Stream).unwrap();
+    let now = p.now;
+    let pending =
+        p.a.connect(now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+            .unwrap();
+    p.a.handle_transport_reset(now, Some(7));
+    assert_eq!(p.a.local_cid(), 7);
+    let ev = p.events(Side::A);
+    assert!(ev.contains(&Event::Reset(ca)));
+    assert!(ev.contains(&Event::ConnectFailed(pending, ProtoError::ConnectionReset)));
+    assert!(
+        p.pump(Side::A, false).is_empty(),
+        "nothing sent on transport reset"
+    );
+    assert_eq!(
+        p.a.recv(now, ca, &mut [0; 4]),
+        Err(ProtoError::ConnectionReset)
+    );
+    // The listener survived and answers on the new CID.
+    let cb2 = p.b.connect(now, 7, 4000, None, SocketType::Stream).unwrap();
+    p.shuttle();
+    assert!(p.events(Side::B).contains(&Event::Connected(cb2)));
+    assert!(p.a.accept(la).is_some());
+}
+
+// ----- ports -----
+
+#[test]
+fn ephemeral_ports_exhausted() {
+    let a_cfg = Config {
+        ephemeral_ports: 50000..=50003,
+        ..cfg(GUEST_CID)
+    };
+    let mut p = Pair::with(a_cfg, cfg(VMADDR_CID_HOST));
+    p.b.listen(PORT, 16, SocketType::Stream).unwrap();
+    p.a.listen(50001, 1, SocketType::Stream).unwrap();
+    let now = p.now;
+    let mut conns = Vec::new();
+    for _ in 0..3 {
+        conns.push(
+            p.a.connect(now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+                .unwrap(),
+        );
+    }
+    let mut ports: Vec<u32> = conns.iter().map(|&c| p.a.local_port(c).unwrap()).collect();
+    ports.sort();
+    assert_eq!(ports, vec![50000, 50002, 50003]);
+    assert_eq!(
+        p.a.connect(now, VMADDR_CID_HOST, PORT, None, SocketType::Stream),
+        Err(ProtoError::PortsExhausted {
+            start: 50000,
+            end: 50003
+        })
+    );
+    // An explicit port in use is refused too.
+    assert_eq!(
+        p.a.connect(now, VMADDR_CID_HOST, PORT, Some(50002), SocketType::Stream),
+        Err(ProtoError::AddrInUse { port: 50002 })
+    );
+    // Freeing one makes it available again (the cursor wraps).
+    p.a.abort(now, conns[1]);
+    let c =
+        p.a.connect(now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+            .unwrap();
+    assert_eq!(p.a.local_port(c), Some(ports[1]));
+}
+
+#[test]
+fn too_many_connections() {
+    let a_cfg = Config {
+        max_connections: 2,
+        ..cfg(GUEST_CID)
+    };
+    let mut p = Pair::with(a_cfg, cfg(VMADDR_CID_HOST));
+    let now = p.now;
+    for _ in 0..2 {
+        p.a.connect(now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+            .unwrap();
+    }
+    assert_eq!(
+        p.a.connect(now, VMADDR_CID_HOST, PORT, None, SocketType::Stream),
+        Err(ProtoError::TooManyConnections { max: 2 })
+    );
+}
+
+// ----- seqpacket -----
+
+fn seq_cfg(cid: u64) -> Config {
+    Config {
+        seqpacket: true,
+        buf_alloc: 2 << 20,
+        send_buffer: 2 << 20,
+        ..cfg(cid)
+    }
+}
+
+#[test]
+fn seqpacket_preserves_boundaries_1b_to_1mib() {
+    let mut p = Pair::with(seq_cfg(GUEST_CID), seq_cfg(VMADDR_CID_HOST));
+    let (ca, cb, _) = p.establish(SocketType::SeqPacket);
+    let now = p.now;
+    let sizes = [1usize, 2, 100, 4095, 65_536, 65_537, 300_000, 1 << 20, 0, 7];
+    for (i, &len) in sizes.iter().enumerate() {
+        p.a.send_msg(now, ca, &pattern(i, len), i % 2 == 0).unwrap();
+    }
+    p.shuttle();
+    let mut buf = vec![0u8; 1 << 20];
+    for (i, &len) in sizes.iter().enumerate() {
+        let (copied, full, eor) = p.b.recv_msg(now, cb, &mut buf).unwrap();
+        assert_eq!((copied, full, eor), (len, len, i % 2 == 0), "message {i}");
+        assert_eq!(&buf[..len], &pattern(i, len)[..]);
+        p.shuttle();
+    }
+    assert_eq!(p.b.recv_msg(now, cb, &mut buf), Err(ProtoError::WouldBlock));
+    // 1 MiB is split into max_payload packets, only the last with EOM.
+    let rw: Vec<&Header> = p
+        .log
+        .iter()
+        .filter(|(s, h)| *s == Side::A && h.op == Op::Rw as u16)
+        .map(|(_, h)| h)
+        .collect();
+    assert!(rw.iter().all(|h| h.len <= DEFAULT_MAX_PAYLOAD));
+    let eoms = rw
+        .iter()
+        .filter(|h| h.flags & crate::packet::VIRTIO_VSOCK_SEQ_EOM != 0)
+        .count();
+    assert_eq!(eoms, sizes.len());
+    assert_eq!(p.b.stats().credit_violations, 0);
+}
+
+#[test]
+fn seqpacket_truncates_and_limits() {
+    let mut p = Pair::with(seq_cfg(GUEST_CID), seq_cfg(VMADDR_CID_HOST));
+    let (ca, cb, _) = p.establish(SocketType::SeqPacket);
+    let now = p.now;
+    p.a.send_msg(now, ca, &pattern(0, 1000), false).unwrap();
+    p.a.send_msg(now, ca, b"next", true).unwrap();
+    p.shuttle();
+    let mut small = [0u8; 10];
+    assert_eq!(p.b.recv_msg(now, cb, &mut small), Ok((10, 1000, false)));
+    assert_eq!(&small[..], &pattern(0, 10)[..]);
+    assert_eq!(p.b.recv_msg(now, cb, &mut small), Ok((4, 4, true)));
+    assert_eq!(&small[..4], b"next");
+    assert_eq!(p.b.readable_bytes(cb), 0);
+    assert!(matches!(
+        p.a.send_msg(now, ca, &vec![0; (2 << 20) + 1], false),
+        Err(ProtoError::MessageTooLarge { .. })
+    ));
+    assert!(matches!(
+        p.a.send(now, ca, b"x"),
+        Err(ProtoError::InvalidInput(_))
+    ));
+    // EOF after the peer shuts down sending.
+    p.a.shutdown(
+        now,
+        ca,
+        ShutdownFlags {
+            receive: false,
+            send: true,
+        },
+    )
+    .unwrap();
+    p.shuttle();
+    assert_eq!(p.b.recv_msg(now, cb, &mut small), Ok((0, 0, false)));
+}
+
+#[test]
+fn seqpacket_send_buffer_full_would_block() {
+    let a_cfg = Config {
+        send_buffer: 100_000,
+        ..seq_cfg(GUEST_CID)
+    };
+    let b_cfg = Config {
+        buf_alloc: 100_000,
+        ..seq_cfg(VMADDR_CID_HOST)
+    };
+    let mut p = Pair::with(a_cfg, b_cfg);
+    let (ca, cb, _) = p.establish(SocketType::SeqPacket);
+    let now = p.now;
+    let msg = pattern(0, 60_000);
+    let mut sent = 0;
+    while sent < 6 {
+        match p.a.send_msg(now, ca, &msg, false) {
+            Ok(()) => sent += 1,
+            Err(ProtoError::WouldBlock) => {
+                p.shuttle();
+                let mut buf = vec![0; 60_000];
+                let (n, full, _) = p.b.recv_msg(now, cb, &mut buf).unwrap();
+                assert_eq!((n, full), (60_000, 60_000));
+                assert_eq!(buf, msg);
+            }
+            Err(e) => panic!("{e}"),
+        }
+        p.shuttle();
+        assert!(p.b.readable_bytes(cb) <= 100_000);
+    }
+    assert_eq!(p.b.stats().credit_violations, 0);
+}

@@ -61,9 +61,13 @@ fn pipe(stream: VsockStream) -> Result<()> {
         if n == 0 {
             break;
         }
-        writer.write_all(&buf[..n]).context("writing to the vsock stream")?;
+        writer
+            .write_all(&buf[..n])
+            .context("writing to the vsock stream")?;
     }
-    writer.shutdown(Shutdown::Write).context("shutting down the write half")?;
+    writer
+        .shutdown(Shutdown::Write)
+        .context("shutting down the write half")?;
     out.join()
         .map_err(|_| anyhow::anyhow!("output thread panicked"))?
         .context("reading from the vsock stream")?;
@@ -73,14 +77,24 @@ fn pipe(stream: VsockStream) -> Result<()> {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Connect { addr, device } => {
-            let driver = VsockDriver::open(&device).with_context(|| format!("opening device {device}"))?;
-            let stream = driver.connect(addr).with_context(|| format!("connecting to {addr}"))?;
+            let driver =
+                VsockDriver::open(&device).with_context(|| format!("opening device {device}"))?;
+            let stream = driver
+                .connect(addr)
+                .with_context(|| format!("connecting to {addr}"))?;
             pipe(stream)
         }
         Cmd::Listen { port, device } => {
-            let driver = VsockDriver::open(&device).with_context(|| format!("opening device {device}"))?;
-            let listener = driver.listen(port).with_context(|| format!("listening on port {port}"))?;
-            eprintln!("listening on {}:{port} ({})", driver.local_cid(), driver.device_name());
+            let driver =
+                VsockDriver::open(&device).with_context(|| format!("opening device {device}"))?;
+            let listener = driver
+                .listen(port)
+                .with_context(|| format!("listening on port {port}"))?;
+            eprintln!(
+                "listening on {}:{port} ({})",
+                driver.local_cid(),
+                driver.device_name()
+            );
             let (stream, peer) = listener.accept().context("accepting")?;
             eprintln!("connection from {peer}");
             pipe(stream)

@@ -132,7 +132,11 @@ fn many_concurrent_connections_checksummed() {
         handles.push((writer, reader));
     }
     for (w, r) in handles {
-        assert_eq!(w.join().unwrap(), r.join().unwrap(), "a stream came back altered");
+        assert_eq!(
+            w.join().unwrap(),
+            r.join().unwrap(),
+            "a stream came back altered"
+        );
     }
     let host = d.sim_host().unwrap();
     assert_eq!(host.stats().protocol_violations, 0);
@@ -176,10 +180,39 @@ fn slow_reader_never_sees_credit_overrun() {
 
 #[test]
 fn seqpacket_boundaries_preserved() {
-    let d = sim();
-    let s = d.connect_seqpacket(VsockAddr::new(2, SEQPACKET_ECHO_PORT)).unwrap();
+    // As with Linux's SO_VM_SOCKETS_BUFFER_SIZE, a message must fit the peer's buffer: 2 MiB here.
+    let big = |mut c: vdpa_vsock::proto::Config| {
+        c.buf_alloc = 2 << 20;
+        c.send_buffer = 2 << 20;
+        c
+    };
+    let d = VsockDriver::open_sim(
+        SimConfig {
+            host: big(Default::default()),
+            ..SimConfig::default()
+        },
+        DriverConfig {
+            proto: big(Default::default()),
+            ..DriverConfig::default()
+        },
+    )
+    .unwrap();
+    let s = d
+        .connect_seqpacket(VsockAddr::new(2, SEQPACKET_ECHO_PORT))
+        .unwrap();
     let mut buf = vec![0u8; 1 << 20];
-    for size in [1usize, 2, 43, 44, 4096, 65_535, 65_536, 65_537, 300_000, 1 << 20] {
+    for size in [
+        1usize,
+        2,
+        43,
+        44,
+        4096,
+        65_535,
+        65_536,
+        65_537,
+        300_000,
+        1 << 20,
+    ] {
         let msg = pattern(size as u64, size);
         assert_eq!(s.send(&msg).unwrap(), size);
         let (n, full, _eor) = s.recv_full(&mut buf).unwrap();
@@ -226,7 +259,11 @@ fn device_reset_mid_transfer_ends_every_stream() {
     }
     let e = reader.join().unwrap();
     assert_eq!(e.kind(), ErrorKind::ConnectionAborted, "{e}");
-    assert!(t0.elapsed() < Duration::from_secs(2), "streams took {:?} to end", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "streams took {:?} to end",
+        t0.elapsed()
+    );
     assert!(d.connect(VsockAddr::new(2, ECHO_PORT)).is_err());
 }
 
@@ -268,10 +305,19 @@ fn listener_accepts_under_load() {
 
 #[track_caller]
 fn hostile_device_breaks_cleanly(h: Hostile) {
-    let d = VsockDriver::open_sim(SimConfig { hostile: Some(h), ..SimConfig::default() }, DriverConfig::default()).unwrap();
+    let d = VsockDriver::open_sim(
+        SimConfig {
+            hostile: Some(h),
+            ..SimConfig::default()
+        },
+        DriverConfig::default(),
+    )
+    .unwrap();
     // The first RX delivery (the RESPONSE) is bogus: the connect must fail, not hang or panic.
     let t0 = Instant::now();
-    let e = d.connect_timeout(VsockAddr::new(2, ECHO_PORT), Duration::from_secs(5)).unwrap_err();
+    let e = d
+        .connect_timeout(VsockAddr::new(2, ECHO_PORT), Duration::from_secs(5))
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ConnectionAborted, "{h:?}: {e}");
     assert!(e.to_string().contains("rx queue"), "{h:?}: {e}");
     assert!(t0.elapsed() < Duration::from_secs(5));
@@ -303,8 +349,14 @@ fn hostile_used_idx_jump() {
 #[test]
 fn busy_poll_mode_echoes() {
     let d = VsockDriver::open_sim(
-        SimConfig { busy_poll: true, ..SimConfig::default() },
-        DriverConfig { busy_poll: true, ..DriverConfig::default() },
+        SimConfig {
+            busy_poll: true,
+            ..SimConfig::default()
+        },
+        DriverConfig {
+            busy_poll: true,
+            ..DriverConfig::default()
+        },
     )
     .unwrap();
     let mut s = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap();
@@ -318,7 +370,10 @@ fn busy_poll_mode_echoes() {
 
 #[test]
 fn bad_device_specs_fail_clearly() {
-    let e = "vhost-vdpa:relative".parse::<DeviceSpec>().unwrap_err().to_string();
+    let e = "vhost-vdpa:relative"
+        .parse::<DeviceSpec>()
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("absolute path"), "{e}");
     let e = VsockDriver::open(&"vfio:0000:03:00.0".parse().unwrap()).unwrap_err();
     assert!(format!("{e:#}").contains("device vfio:0000:03:00.0"), "{e}");

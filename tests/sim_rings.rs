@@ -42,13 +42,31 @@ impl Rig {
         let mut rx_bufs = Vec::new();
         for i in 0..u64::from(QSIZE) {
             let a = dma.alloc(BUF as usize, 64).unwrap();
-            rx.add(&[BufferDesc { addr: a, len: BUF, writable: true }], i).unwrap();
+            rx.add(
+                &[BufferDesc {
+                    addr: a,
+                    len: BUF,
+                    writable: true,
+                }],
+                i,
+            )
+            .unwrap();
             rx_bufs.push(a);
         }
-        let tx_bufs = (0..QSIZE).map(|_| dma.alloc(BUF as usize, 64).unwrap()).collect();
+        let tx_bufs = (0..QSIZE)
+            .map(|_| dma.alloc(BUF as usize, 64).unwrap())
+            .collect();
         dev.activate().unwrap();
         dev.kick(RX_QUEUE).unwrap();
-        Rig { dev, dma, rx, tx, rx_bufs, tx_bufs, cid }
+        Rig {
+            dev,
+            dma,
+            rx,
+            tx,
+            rx_bufs,
+            tx_bufs,
+            cid,
+        }
     }
 
     fn send(&mut self, slot: usize, hdr: &Header, payload: &[u8]) {
@@ -57,7 +75,16 @@ impl Rig {
         pkt.set_header(hdr);
         assert_eq!(pkt.write_data(payload).unwrap(), payload.len());
         let len = (PKT_HEADER_SIZE + payload.len()) as u32;
-        self.tx.add(&[BufferDesc { addr, len, writable: false }], slot as u64).unwrap();
+        self.tx
+            .add(
+                &[BufferDesc {
+                    addr,
+                    len,
+                    writable: false,
+                }],
+                slot as u64,
+            )
+            .unwrap();
         self.dev.kick(TX_QUEUE).unwrap();
     }
 
@@ -68,16 +95,30 @@ impl Rig {
             while self.tx.pop_used().unwrap().is_some() {}
             if let Some(u) = self.rx.pop_used().unwrap() {
                 let addr = self.rx_bufs[u.token as usize];
-                let pkt = VsockPacket::<()>::from_used_rx_buffer(self.dma.memory(), addr, BUF, u.len).unwrap();
+                let pkt =
+                    VsockPacket::<()>::from_used_rx_buffer(self.dma.memory(), addr, BUF, u.len)
+                        .unwrap();
                 let mut data = vec![0; pkt.len() as usize];
                 pkt.read_data(&mut data).unwrap();
                 let hdr = pkt.header();
                 drop(pkt);
-                self.rx.add(&[BufferDesc { addr, len: BUF, writable: true }], u.token).unwrap();
+                self.rx
+                    .add(
+                        &[BufferDesc {
+                            addr,
+                            len: BUF,
+                            writable: true,
+                        }],
+                        u.token,
+                    )
+                    .unwrap();
                 self.dev.kick(RX_QUEUE).unwrap();
                 return (hdr, data);
             }
-            assert!(Instant::now() < deadline, "no packet from the sim within 10 s");
+            assert!(
+                Instant::now() < deadline,
+                "no packet from the sim within 10 s"
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -104,7 +145,11 @@ fn raw_request_gets_response_and_rw_comes_back_intact() {
     let req = rig.hdr(Op::Request, 0, 0);
     rig.send(0, &req, &[]);
     let (resp, _) = rig.recv();
-    assert_eq!(resp.op, Op::Response as u16, "expected RESPONSE, got {resp}");
+    assert_eq!(
+        resp.op,
+        Op::Response as u16,
+        "expected RESPONSE, got {resp}"
+    );
     assert_eq!((resp.src_cid, resp.src_port), (VMADDR_CID_HOST, ECHO_PORT));
     assert_eq!((resp.dst_cid, resp.dst_port), (rig.cid, 50_000));
     assert!(resp.buf_alloc > 0);

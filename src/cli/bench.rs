@@ -74,7 +74,10 @@ fn one_way<W: Write + Send + 'static>(
     Ok(t0.elapsed())
 }
 
-fn reader_thread<R: Read + Send + 'static>(mut r: R, bytes: u64) -> std::thread::JoinHandle<std::io::Result<u64>> {
+fn reader_thread<R: Read + Send + 'static>(
+    mut r: R,
+    bytes: u64,
+) -> std::thread::JoinHandle<std::io::Result<u64>> {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 256 * 1024];
         let mut got = 0u64;
@@ -124,8 +127,18 @@ fn echo_thread<S: Read + Write + Send + 'static>(mut s: S) {
 }
 
 fn open_sim(busy_poll: bool, base: &DriverConfig) -> Result<VsockDriver> {
-    let cfg = DriverConfig { busy_poll, ..base.clone() };
-    VsockDriver::open_sim(SimConfig { busy_poll, ..SimConfig::default() }, cfg).context("opening the sim device")
+    let cfg = DriverConfig {
+        busy_poll,
+        ..base.clone()
+    };
+    VsockDriver::open_sim(
+        SimConfig {
+            busy_poll,
+            ..SimConfig::default()
+        },
+        cfg,
+    )
+    .context("opening the sim device")
 }
 
 fn wait_discarded(driver: &VsockDriver, total: u64) -> Result<()> {
@@ -133,7 +146,10 @@ fn wait_discarded(driver: &VsockDriver, total: u64) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     while host.stats().discarded_bytes < total {
         if Instant::now() > deadline {
-            bail!("sim discarded only {} of {total} bytes", host.stats().discarded_bytes);
+            bail!(
+                "sim discarded only {} of {total} bytes",
+                host.stats().discarded_bytes
+            );
         }
         std::thread::yield_now();
     }
@@ -153,15 +169,27 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
 
     progress(1, steps, "one-way: vdpa-vsock (sim, eventfd)");
     let driver = open_sim(false, &base)?;
-    let s = driver.connect(VsockAddr::new(2, DISCARD_PORT)).context("connect to discard port")?;
+    let s = driver
+        .connect(VsockAddr::new(2, DISCARD_PORT))
+        .context("connect to discard port")?;
     let d = one_way(s, bytes, ws, || wait_discarded(&driver, bytes))?;
-    rows.push(Row { workload: "one-way 64KiB writes", transport: "vdpa-vsock sim", value: gbits(bytes, d), unit: "Gbit/s" });
+    rows.push(Row {
+        workload: "one-way 64KiB writes",
+        transport: "vdpa-vsock sim",
+        value: gbits(bytes, d),
+        unit: "Gbit/s",
+    });
 
     progress(2, steps, "one-way: unix socketpair");
     let (a, b) = UnixStream::pair()?;
     let r = reader_thread(b, bytes);
     let d = one_way(a, bytes, ws, || join_reader(r, bytes))?;
-    rows.push(Row { workload: "one-way 64KiB writes", transport: "unix socketpair", value: gbits(bytes, d), unit: "Gbit/s" });
+    rows.push(Row {
+        workload: "one-way 64KiB writes",
+        transport: "unix socketpair",
+        value: gbits(bytes, d),
+        unit: "Gbit/s",
+    });
 
     progress(3, steps, "one-way: tcp loopback");
     let l = TcpListener::bind("127.0.0.1:0")?;
@@ -169,7 +197,12 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
     let (b, _) = l.accept()?;
     let r = reader_thread(b, bytes);
     let d = one_way(a, bytes, ws, || join_reader(r, bytes))?;
-    rows.push(Row { workload: "one-way 64KiB writes", transport: "tcp loopback", value: gbits(bytes, d), unit: "Gbit/s" });
+    rows.push(Row {
+        workload: "one-way 64KiB writes",
+        transport: "tcp loopback",
+        value: gbits(bytes, d),
+        unit: "Gbit/s",
+    });
 
     progress(4, steps, "one-way: memcpy (limit)");
     let src = vec![0x11u8; 16 << 20];
@@ -187,14 +220,24 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
         off += n;
         left -= n as u64;
     }
-    rows.push(Row { workload: "one-way 64KiB writes", transport: "memcpy", value: gbits(bytes, t0.elapsed()), unit: "Gbit/s" });
+    rows.push(Row {
+        workload: "one-way 64KiB writes",
+        transport: "memcpy",
+        value: gbits(bytes, t0.elapsed()),
+        unit: "Gbit/s",
+    });
 
     let n = args.round_trips;
     let rt = |d: Duration| f64::from(n) / d.as_secs_f64();
     progress(5, steps, "ping-pong: vdpa-vsock (sim, eventfd)");
     let mut s = driver.connect(VsockAddr::new(2, ECHO_PORT))?;
     let d = ping_pong(&mut s, n, args.msg_size)?;
-    rows.push(Row { workload: "ping-pong 64B", transport: "vdpa-vsock sim eventfd", value: rt(d), unit: "round trips/s" });
+    rows.push(Row {
+        workload: "ping-pong 64B",
+        transport: "vdpa-vsock sim eventfd",
+        value: rt(d),
+        unit: "round trips/s",
+    });
     drop(s);
     drop(driver);
 
@@ -202,7 +245,12 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
     let busy = open_sim(true, &base)?;
     let mut s = busy.connect(VsockAddr::new(2, ECHO_PORT))?;
     let d = ping_pong(&mut s, n, args.msg_size)?;
-    rows.push(Row { workload: "ping-pong 64B", transport: "vdpa-vsock sim busy-poll", value: rt(d), unit: "round trips/s" });
+    rows.push(Row {
+        workload: "ping-pong 64B",
+        transport: "vdpa-vsock sim busy-poll",
+        value: rt(d),
+        unit: "round trips/s",
+    });
     drop(s);
     drop(busy);
 
@@ -210,7 +258,12 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
     let (mut a, b) = UnixStream::pair()?;
     echo_thread(b);
     let d = ping_pong(&mut a, n, args.msg_size)?;
-    rows.push(Row { workload: "ping-pong 64B", transport: "unix socketpair", value: rt(d), unit: "round trips/s" });
+    rows.push(Row {
+        workload: "ping-pong 64B",
+        transport: "unix socketpair",
+        value: rt(d),
+        unit: "round trips/s",
+    });
 
     progress(8, steps, "ping-pong: tcp loopback");
     let l = TcpListener::bind("127.0.0.1:0")?;
@@ -220,11 +273,20 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
     b.set_nodelay(true)?;
     echo_thread(b);
     let d = ping_pong(&mut a, n, args.msg_size)?;
-    rows.push(Row { workload: "ping-pong 64B", transport: "tcp loopback", value: rt(d), unit: "round trips/s" });
+    rows.push(Row {
+        workload: "ping-pong 64B",
+        transport: "tcp loopback",
+        value: rt(d),
+        unit: "round trips/s",
+    });
     progress(9, steps, "done");
     eprintln!();
 
-    let baseline = |w: &str| rows.iter().find(|r| r.workload == w && r.transport == "unix socketpair").map(|r| r.value);
+    let baseline = |w: &str| {
+        rows.iter()
+            .find(|r| r.workload == w && r.transport == "unix socketpair")
+            .map(|r| r.value)
+    };
     if args.json {
         let items: Vec<String> = rows
             .iter()
@@ -238,15 +300,31 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
             .collect();
         println!("[{}]", items.join(","));
     } else {
-        println!("bytes={} write_size={} round_trips={} msg_size={}", bytes, ws, n, args.msg_size);
-        println!("{:<22} {:<26} {:>14} {:<14} {:>12}", "workload", "transport", "value", "unit", "x socketpair");
+        println!(
+            "bytes={} write_size={} round_trips={} msg_size={}",
+            bytes, ws, n, args.msg_size
+        );
+        println!(
+            "{:<22} {:<26} {:>14} {:<14} {:>12}",
+            "workload", "transport", "value", "unit", "x socketpair"
+        );
         for r in &rows {
-            let ratio = baseline(r.workload).map_or(String::from("-"), |b| format!("{:.2}x", r.value / b));
-            println!("{:<22} {:<26} {:>14.2} {:<14} {:>12}", r.workload, r.transport, r.value, r.unit, ratio);
+            let ratio =
+                baseline(r.workload).map_or(String::from("-"), |b| format!("{:.2}x", r.value / b));
+            println!(
+                "{:<22} {:<26} {:>14.2} {:<14} {:>12}",
+                r.workload, r.transport, r.value, r.unit, ratio
+            );
         }
-        let memcpy = rows.iter().find(|r| r.transport == "memcpy").map(|r| r.value);
+        let memcpy = rows
+            .iter()
+            .find(|r| r.transport == "memcpy")
+            .map(|r| r.value);
         if let (Some(ours), Some(m)) = (rows.first().map(|r| r.value), memcpy) {
-            println!("vdpa-vsock one-way = {:.0}% of memcpy bandwidth", 100.0 * ours / m);
+            println!(
+                "vdpa-vsock one-way = {:.0}% of memcpy bandwidth",
+                100.0 * ours / m
+            );
         }
     }
     Ok(())

@@ -48,7 +48,9 @@ pub enum DeviceError {
     #[error("the {0} backend is not implemented yet in this version")]
     NotImplemented(&'static str),
     /// The device lacks a feature the driver needs.
-    #[error("device does not offer required feature {name} (bit {bit}); offered features {offered:#x}")]
+    #[error(
+        "device does not offer required feature {name} (bit {bit}); offered features {offered:#x}"
+    )]
     MissingFeature {
         /// Feature name.
         name: &'static str,
@@ -245,7 +247,11 @@ impl FromStr for DeviceSpec {
                 for opt in parts {
                     match opt {
                         "noiommu" => noiommu = true,
-                        other => return Err(bad(&format!("unknown vfio option {other:?} (known: noiommu)"))),
+                        other => {
+                            return Err(bad(&format!(
+                                "unknown vfio option {other:?} (known: noiommu)"
+                            )))
+                        }
                     }
                 }
                 Ok(DeviceSpec::Vfio { bdf, noiommu })
@@ -281,10 +287,16 @@ impl FromStr for DeviceSpec {
                             }
                             cid = Some(v);
                         }
-                        _ => return Err(bad(&format!("unknown vhost-vsock option {opt:?} (known: cid=N)"))),
+                        _ => {
+                            return Err(bad(&format!(
+                                "unknown vhost-vsock option {opt:?} (known: cid=N)"
+                            )))
+                        }
                     }
                 }
-                let cid = cid.ok_or_else(|| bad("vhost-vsock needs cid=N: the CID our process takes as the guest"))?;
+                let cid = cid.ok_or_else(|| {
+                    bad("vhost-vsock needs cid=N: the CID our process takes as the guest")
+                })?;
                 Ok(DeviceSpec::VhostVsock { path, cid })
             }
             _ => Err(bad("unknown device kind")),

@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT, VirtqUsedElem};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, Le32};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{DeviceError, VsockDevice, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
@@ -44,6 +44,9 @@ pub const ECHO_PORT: u32 = 7;
 pub const SEQPACKET_ECHO_PORT: u32 = 8;
 /// Host port of the built-in discard (sink) service.
 pub const DISCARD_PORT: u32 = 9;
+
+/// Largest message the SEQPACKET echo returns whole (bigger ones come back truncated).
+pub const SERVICE_BUF: usize = 4 << 20;
 
 /// A bogus thing the hostile device does, once, on its first RX delivery (tests only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,7 +144,10 @@ struct SimTransport {
     waker: EventFd,
     listeners: Vec<(ListenerId, Service)>,
     services: Vec<ServiceConn>,
+    /// Payload staging between the rings and the endpoint (one packet).
     scratch: Vec<u8>,
+    /// The services' receive buffer (one whole SEQPACKET message).
+    service_buf: Vec<u8>,
     stats: Arc<Mutex<SimStats>>,
 }
 
@@ -159,7 +165,7 @@ impl SimTransport {
             }
         }
         let mut stats = lock(&self.stats);
-        let buf = &mut self.scratch;
+        let buf = &mut self.service_buf;
         self.services.retain_mut(|s| {
             loop {
                 // Flush what an echo could not send last time before reading more.
@@ -250,7 +256,9 @@ impl SimRings {
                         log::warn!("sim: dropping packet with bad addressing: {hdr}");
                         stats.protocol_violations += 1;
                     } else {
-                        let n = pkt.read_data(&mut scratch[..hdr.len as usize]).map_err(|e| e.to_string())?;
+                        let n = pkt
+                            .read_data(&mut scratch[..hdr.len as usize])
+                            .map_err(|e| e.to_string())?;
                         ep.handle_packet(now, &hdr, &scratch[..n]);
                         stats.tx_packets += 1;
                     }
@@ -283,7 +291,8 @@ impl SimRings {
         let mut used_any = false;
         while let Some(mut chain) = self.rx.pop_descriptor_chain(&self.mem) {
             let head = chain.head_index();
-            let mut pkt = match VsockPacket::from_rx_virtq_chain(&self.mem, &mut chain, max_payload) {
+            let mut pkt = match VsockPacket::from_rx_virtq_chain(&self.mem, &mut chain, max_payload)
+            {
                 Ok(p) => p,
                 Err(e) => {
                     log::warn!("sim: malformed rx chain from the driver: {e}");
@@ -324,30 +333,55 @@ impl SimRings {
     }
 
     /// Write one bogus used entry into the RX used ring (the hostile test mode).
-    fn misbehave(&mut self, h: Hostile, head: u16, used_len: u32, capacity: u32) -> Result<(), String> {
+    fn misbehave(
+        &mut self,
+        h: Hostile,
+        head: u16,
+        used_len: u32,
+        capacity: u32,
+    ) -> Result<(), String> {
         log::warn!("sim: hostile mode: {h:?}");
         let size = self.rx.size();
         let used = GuestAddress(self.rx.used_ring());
-        let write_raw = |q: &mut Queue, mem: &GuestMemoryMmap<()>, id: u32, len: u32, idx_step: u16| {
-            let next = q.next_used();
-            let slot = u64::from(next % size);
-            let elem = VirtqUsedElem::new(id, len);
-            mem.write_obj(elem, GuestAddress(used.0 + 4 + 8 * slot))
-                .map_err(|e| e.to_string())?;
-            let new_idx = next.wrapping_add(idx_step);
-            mem.store(new_idx, GuestAddress(used.0 + 2), Ordering::Release)
-                .map_err(|e| e.to_string())?;
-            q.set_next_used(new_idx);
-            Ok::<(), String>(())
-        };
+        // Write `elems` after the device's used index, then publish them with one index store
+        // of `next + step` (a correct device would use step == elems.len()).
+        let write_raw =
+            |q: &mut Queue, mem: &GuestMemoryMmap<()>, elems: &[(u32, u32)], step: u16| {
+                let next = q.next_used();
+                for (i, &(id, len)) in elems.iter().enumerate() {
+                    let slot = u64::from(next.wrapping_add(i as u16) % size);
+                    // struct virtq_used_elem { le32 id; le32 len; } (virtio 1.2 2.7.8)
+                    let elem = GuestAddress(used.0 + 4 + 8 * slot);
+                    mem.write_obj(Le32::from(id), elem)
+                        .and_then(|()| mem.write_obj(Le32::from(len), GuestAddress(elem.0 + 4)))
+                        .map_err(|e| e.to_string())?;
+                }
+                let new_idx = next.wrapping_add(step);
+                mem.store(new_idx, GuestAddress(used.0 + 2), Ordering::Release)
+                    .map_err(|e| e.to_string())?;
+                q.set_next_used(new_idx);
+                Ok::<(), String>(())
+            };
+        let head = u32::from(head);
         match h {
-            Hostile::BogusUsedId => write_raw(&mut self.rx, &self.mem, u32::from(size) + 3, used_len, 1)?,
-            Hostile::LenBeyondBuffer => write_raw(&mut self.rx, &self.mem, u32::from(head), capacity + 4096, 1)?,
-            Hostile::DuplicateUsed => {
-                write_raw(&mut self.rx, &self.mem, u32::from(head), used_len, 1)?;
-                write_raw(&mut self.rx, &self.mem, u32::from(head), used_len, 1)?;
+            Hostile::BogusUsedId => write_raw(
+                &mut self.rx,
+                &self.mem,
+                &[(u32::from(size) + 3, used_len)],
+                1,
+            )?,
+            Hostile::LenBeyondBuffer => {
+                write_raw(&mut self.rx, &self.mem, &[(head, capacity + 4096)], 1)?
             }
-            Hostile::UsedIdxJump => write_raw(&mut self.rx, &self.mem, u32::from(head), used_len, size + 2)?,
+            Hostile::DuplicateUsed => write_raw(
+                &mut self.rx,
+                &self.mem,
+                &[(head, used_len), (head, used_len)],
+                2,
+            )?,
+            Hostile::UsedIdxJump => {
+                write_raw(&mut self.rx, &self.mem, &[(head, used_len)], size + 2)?
+            }
         }
         Ok(())
     }
@@ -366,7 +400,14 @@ impl Transport for SimTransport {
             return Ok(moved);
         };
         let mut stats = *lock(&self.stats);
-        moved |= r.device_tx(ep, now, self.guest_cid, self.max_payload, &mut self.scratch, &mut stats)?;
+        moved |= r.device_tx(
+            ep,
+            now,
+            self.guest_cid,
+            self.max_payload,
+            &mut self.scratch,
+            &mut stats,
+        )?;
         if ep.poll_timeout().is_some_and(|t| t <= now) {
             ep.handle_timeout(now);
         }
@@ -495,10 +536,13 @@ impl SimDevice {
             guest_cid: cfg.guest_cid,
             max_payload: cfg.max_payload,
             busy_poll: cfg.busy_poll,
-            waker: waker.try_clone().unwrap_or_else(|e| panic!("dup eventfd: {e}")),
+            waker: waker
+                .try_clone()
+                .unwrap_or_else(|e| panic!("dup eventfd: {e}")),
             listeners,
             services: Vec::new(),
             scratch: vec![0; cfg.max_payload as usize],
+            service_buf: vec![0; SERVICE_BUF],
             stats: stats.clone(),
         };
         let core = Core::new(ep, Box::new(transport), false);
@@ -527,9 +571,13 @@ impl SimDevice {
     }
 
     fn make_queue(&self, index: u16, layout: &QueueLayout) -> Result<Queue, DeviceError> {
-        let mut q = Queue::new(self.cfg.queue_max).map_err(|e| DeviceError::Failed(format!("queue {index}: {e}")))?;
+        let mut q = Queue::new(self.cfg.queue_max)
+            .map_err(|e| DeviceError::Failed(format!("queue {index}: {e}")))?;
         q.try_set_size(layout.size)
-            .map_err(|_| DeviceError::BadQueueSize { size: layout.size, max: self.cfg.queue_max })?;
+            .map_err(|_| DeviceError::BadQueueSize {
+                size: layout.size,
+                max: self.cfg.queue_max,
+            })?;
         q.try_set_desc_table_address(layout.desc_table)
             .and_then(|()| q.try_set_avail_ring_address(layout.avail_ring))
             .and_then(|()| q.try_set_used_ring_address(layout.used_ring))
@@ -596,7 +644,10 @@ impl VsockDevice for SimDevice {
             RX_QUEUE | TX_QUEUE => {
                 let max = self.cfg.queue_max;
                 if layout.size == 0 || !layout.size.is_power_of_two() || layout.size > max {
-                    return Err(DeviceError::BadQueueSize { size: layout.size, max });
+                    return Err(DeviceError::BadQueueSize {
+                        size: layout.size,
+                        max,
+                    });
                 }
                 self.layouts[usize::from(index)] = Some(*layout);
                 Ok(())
@@ -606,9 +657,14 @@ impl VsockDevice for SimDevice {
     }
 
     fn activate(&mut self) -> Result<(), DeviceError> {
-        let mem = self.mem.clone().ok_or(DeviceError::NotReady("activate before map_dma"))?;
+        let mem = self
+            .mem
+            .clone()
+            .ok_or(DeviceError::NotReady("activate before map_dma"))?;
         let (Some(rxl), Some(txl)) = (self.layouts[0], self.layouts[1]) else {
-            return Err(DeviceError::NotReady("activate before both queues were set up"));
+            return Err(DeviceError::NotReady(
+                "activate before both queues were set up",
+            ));
         };
         let mut rx = self.make_queue(RX_QUEUE, &rxl)?;
         let mut tx = self.make_queue(TX_QUEUE, &txl)?;
@@ -630,7 +686,11 @@ impl VsockDevice for SimDevice {
             waker: dup(&self.waker)?,
             stop: dup(&stop)?,
             signals: vec![dup(&self.kick[0])?, dup(&self.kick[1])?],
-            max_sleep: Some(if self.cfg.busy_poll { Duration::ZERO } else { Duration::from_millis(100) }),
+            max_sleep: Some(if self.cfg.busy_poll {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(100)
+            }),
         };
         let core = self.host.core.clone();
         self.thread = Some(

@@ -138,6 +138,7 @@ struct DriverTransport {
     rx_buf: Vec<GuestAddress>,
     tx_buf: Vec<GuestAddress>,
     tx_free: Vec<u64>,
+    rx_batch: Vec<crate::virtq::UsedElem>,
     rx_buf_size: u32,
     tx_buf_size: u32,
     waker: EventFd,
@@ -156,10 +157,15 @@ impl DriverTransport {
     }
 
     fn receive(&mut self, ep: &mut Endpoint, now: Instant) -> Result<bool, String> {
-        let mut moved = false;
-        let mem = self.dma.memory();
+        // Take the whole batch first, so a device that reports one buffer twice is caught
+        // before the buffer is reposted under the same id.
+        let mut batch = std::mem::take(&mut self.rx_batch);
         while let Some(u) = self.rx.pop_used().map_err(|e| format!("rx queue: {e}"))? {
-            moved = true;
+            batch.push(u);
+        }
+        let moved = !batch.is_empty();
+        let mem = self.dma.memory();
+        for u in batch.drain(..) {
             let addr = self.rx_buf[u.token as usize];
             match VsockPacket::<()>::from_used_rx_buffer(mem, addr, self.rx_buf_size, u.len) {
                 Ok(pkt) => {
@@ -169,10 +175,9 @@ impl DriverTransport {
                     // is reposted only after this call; `from_used_rx_buffer` checked that `len`
                     // bytes lie inside what the device wrote.
                     let r = unsafe {
-                        self.dma
-                            .with_slice(data_addr, hdr.len as usize, |payload| {
-                                ep.handle_packet(now, &hdr, payload)
-                            })
+                        self.dma.with_slice(data_addr, hdr.len as usize, |payload| {
+                            ep.handle_packet(now, &hdr, payload)
+                        })
                     };
                     if let Err(e) = r {
                         log::warn!("rx payload out of range: {e}");
@@ -197,8 +202,16 @@ impl DriverTransport {
                 )
                 .map_err(|e| format!("rx repost: {e}"))?;
         }
-        if moved && self.rx.kick_prepare().map_err(|e| format!("rx queue: {e}"))? {
-            self.dev.kick(RX_QUEUE).map_err(|e| format!("rx kick: {e}"))?;
+        self.rx_batch = batch;
+        if moved
+            && self
+                .rx
+                .kick_prepare()
+                .map_err(|e| format!("rx queue: {e}"))?
+        {
+            self.dev
+                .kick(RX_QUEUE)
+                .map_err(|e| format!("rx kick: {e}"))?;
             self.stats.kicks += 1;
         }
         Ok(moved)
@@ -220,8 +233,9 @@ impl DriverTransport {
                 self.tx_free.push(token);
                 break;
             };
-            let mut pkt = VsockPacket::<()>::from_tx_buffer(self.dma.memory(), addr, self.tx_buf_size)
-                .map_err(|e| format!("tx buffer: {e}"))?;
+            let mut pkt =
+                VsockPacket::<()>::from_tx_buffer(self.dma.memory(), addr, self.tx_buf_size)
+                    .map_err(|e| format!("tx buffer: {e}"))?;
             pkt.set_header(&hdr);
             self.tx
                 .add(
@@ -236,8 +250,15 @@ impl DriverTransport {
             self.stats.tx_packets += 1;
             sent = true;
         }
-        if sent && self.tx.kick_prepare().map_err(|e| format!("tx queue: {e}"))? {
-            self.dev.kick(TX_QUEUE).map_err(|e| format!("tx kick: {e}"))?;
+        if sent
+            && self
+                .tx
+                .kick_prepare()
+                .map_err(|e| format!("tx queue: {e}"))?
+        {
+            self.dev
+                .kick(TX_QUEUE)
+                .map_err(|e| format!("tx kick: {e}"))?;
             self.stats.kicks += 1;
         }
         Ok(sent)
@@ -424,9 +445,8 @@ impl VsockDriver {
         }
         let mut want = 1 << VIRTIO_F_VERSION_1;
         want |= offered & (1 << VIRTIO_RING_F_EVENT_IDX);
-        if config.proto.seqpacket {
-            want |= offered & (1 << VIRTIO_VSOCK_F_SEQPACKET);
-        }
+        // SEQPACKET whenever the device offers it; `pc.seqpacket` below follows the outcome.
+        want |= offered & (1 << VIRTIO_VSOCK_F_SEQPACKET);
         let negotiated = dev.negotiate(want).map_err(&e)?;
         let event_idx = negotiated & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let cid = dev.guest_cid().map_err(&e)?;
@@ -477,8 +497,14 @@ impl VsockDriver {
         let waker = EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?;
         let signals = vec![
-            dev.call_fd(RX_QUEUE).map_err(&e)?.try_clone().map_err(io_err("dup"))?,
-            dev.call_fd(TX_QUEUE).map_err(&e)?.try_clone().map_err(io_err("dup"))?,
+            dev.call_fd(RX_QUEUE)
+                .map_err(&e)?
+                .try_clone()
+                .map_err(io_err("dup"))?,
+            dev.call_fd(TX_QUEUE)
+                .map_err(&e)?
+                .try_clone()
+                .map_err(io_err("dup"))?,
         ];
         let fds = LoopFds {
             waker: waker.try_clone().map_err(io_err("dup"))?,
@@ -488,9 +514,7 @@ impl VsockDriver {
         };
         let mut pc = config.proto.clone();
         pc.local_cid = cid;
-        if !(negotiated & (1 << VIRTIO_VSOCK_F_SEQPACKET) != 0) {
-            pc.seqpacket = false;
-        }
+        pc.seqpacket = negotiated & (1 << VIRTIO_VSOCK_F_SEQPACKET) != 0;
         let tx_free = (0..u64::from(size)).collect();
         let transport = DriverTransport {
             dev,
@@ -500,6 +524,7 @@ impl VsockDriver {
             rx_buf,
             tx_buf,
             tx_free,
+            rx_batch: Vec::with_capacity(size.into()),
             rx_buf_size: config.rx_buf_size,
             tx_buf_size: config.tx_buf_size,
             waker,
@@ -512,14 +537,16 @@ impl VsockDriver {
             .name(format!("vsock-{name}"))
             .spawn(move || run_loop(loop_core, fds))
             .map_err(io_err("spawn event loop"))?;
-        log::info!("{name}: driver up, cid {cid}, {size} descriptors per queue, features {negotiated:#x}");
+        log::info!(
+            "{name}: driver up, cid {cid}, {size} descriptors per queue, features {negotiated:#x}"
+        );
         Ok(VsockDriver {
             core,
             stop,
             thread: Some(thread),
             local_cid: cid,
             sim,
-            device_name: name,
+            device_name: name.clone(),
         })
     }
 

@@ -198,9 +198,9 @@ impl Core {
 
     /// Block until `ready` says yes (returns its value), the deadline passes, or the device dies.
     /// `cv` is the condition variable the awaited state change notifies.
-    fn wait_until<T>(
-        self: &Arc<Self>,
-        mut st: MutexGuard<'_, CoreState>,
+    fn wait_until<'a, T>(
+        self: &'a Arc<Self>,
+        mut st: MutexGuard<'a, CoreState>,
         cv: &Arc<Condvar>,
         deadline: Option<Instant>,
         mut ready: impl FnMut(&mut CoreState) -> Option<io::Result<T>>,
@@ -217,7 +217,10 @@ impl Core {
             }
             let now = Instant::now();
             if deadline.is_some_and(|d| now >= d) {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "vsock operation timed out"));
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "vsock operation timed out",
+                ));
             }
             if self.busy_poll {
                 // Run-to-completion: move packets ourselves, then let others at the lock.
@@ -227,8 +230,13 @@ impl Core {
                 st = self.lock();
                 continue;
             }
-            let slice = deadline.map_or(WAIT_SLICE, |d| d.saturating_duration_since(now).min(WAIT_SLICE));
-            st = cv.wait_timeout(st, slice).unwrap_or_else(|p| p.into_inner()).0;
+            let slice = deadline.map_or(WAIT_SLICE, |d| {
+                d.saturating_duration_since(now).min(WAIT_SLICE)
+            });
+            st = cv
+                .wait_timeout(st, slice)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -298,7 +306,11 @@ impl Core {
         Ok(l)
     }
 
-    pub(crate) fn accept(self: &Arc<Self>, l: ListenerId, deadline: Option<Instant>) -> io::Result<ConnId> {
+    pub(crate) fn accept(
+        self: &Arc<Self>,
+        l: ListenerId,
+        deadline: Option<Instant>,
+    ) -> io::Result<ConnId> {
         let mut st = self.lock();
         let cv = st.listen_wait.entry(l).or_default().clone();
         self.wait_until(st, &cv, deadline, |st| {
@@ -317,7 +329,12 @@ impl Core {
     }
 
     /// Blocking read: waits for data, EOF (Ok(0)) or an error.
-    pub(crate) fn read(self: &Arc<Self>, c: ConnId, buf: &mut [u8], deadline: Option<Instant>) -> io::Result<usize> {
+    pub(crate) fn read(
+        self: &Arc<Self>,
+        c: ConnId,
+        buf: &mut [u8],
+        deadline: Option<Instant>,
+    ) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
         }
@@ -346,7 +363,12 @@ impl Core {
     }
 
     /// Blocking write of the whole buffer (returns once all of it is queued in the endpoint).
-    pub(crate) fn write(self: &Arc<Self>, c: ConnId, mut data: &[u8], deadline: Option<Instant>) -> io::Result<usize> {
+    pub(crate) fn write(
+        self: &Arc<Self>,
+        c: ConnId,
+        mut data: &[u8],
+        deadline: Option<Instant>,
+    ) -> io::Result<usize> {
         let total = data.len();
         let mut st = self.lock();
         let cv = Core::conn_cv(&mut st, c);
@@ -374,7 +396,13 @@ impl Core {
     }
 
     /// Blocking send of one SEQPACKET message.
-    pub(crate) fn send_msg(self: &Arc<Self>, c: ConnId, msg: &[u8], eor: bool, deadline: Option<Instant>) -> io::Result<usize> {
+    pub(crate) fn send_msg(
+        self: &Arc<Self>,
+        c: ConnId,
+        msg: &[u8],
+        eor: bool,
+        deadline: Option<Instant>,
+    ) -> io::Result<usize> {
         let mut st = self.lock();
         let cv = Core::conn_cv(&mut st, c);
         let this = self.clone();
@@ -394,23 +422,30 @@ impl Core {
     }
 
     /// Blocking receive of one SEQPACKET message: (bytes copied, full message length, EOR).
-    pub(crate) fn recv_msg(self: &Arc<Self>, c: ConnId, buf: &mut [u8], deadline: Option<Instant>) -> io::Result<(usize, usize, bool)> {
+    pub(crate) fn recv_msg(
+        self: &Arc<Self>,
+        c: ConnId,
+        buf: &mut [u8],
+        deadline: Option<Instant>,
+    ) -> io::Result<(usize, usize, bool)> {
         let mut st = self.lock();
         let cv = Core::conn_cv(&mut st, c);
         let this = self.clone();
-        self.wait_until(st, &cv, deadline, |st| match st.ep.recv_msg(Instant::now(), c, buf) {
-            Ok(r) => {
-                this.kick(st);
-                Some(Ok(r))
-            }
-            Err(ProtoError::WouldBlock) => {
-                if st.reset.contains_key(&c) {
-                    Some(Err(to_io(ProtoError::ConnectionReset)))
-                } else {
-                    None
+        self.wait_until(st, &cv, deadline, |st| {
+            match st.ep.recv_msg(Instant::now(), c, buf) {
+                Ok(r) => {
+                    this.kick(st);
+                    Some(Ok(r))
                 }
+                Err(ProtoError::WouldBlock) => {
+                    if st.reset.contains_key(&c) {
+                        Some(Err(to_io(ProtoError::ConnectionReset)))
+                    } else {
+                        None
+                    }
+                }
+                Err(e) => Some(Err(to_io(e))),
             }
-            Err(e) => Some(Err(to_io(e))),
         })
     }
 
@@ -418,9 +453,18 @@ impl Core {
         let mut st = self.lock();
         Core::check_dead(&st)?;
         let flags = match how {
-            Shutdown::Read => ShutdownFlags { receive: true, send: false },
-            Shutdown::Write => ShutdownFlags { receive: false, send: true },
-            Shutdown::Both => ShutdownFlags { receive: true, send: true },
+            Shutdown::Read => ShutdownFlags {
+                receive: true,
+                send: false,
+            },
+            Shutdown::Write => ShutdownFlags {
+                receive: false,
+                send: true,
+            },
+            Shutdown::Both => ShutdownFlags {
+                receive: true,
+                send: true,
+            },
         };
         st.ep.shutdown(Instant::now(), c, flags).map_err(to_io)?;
         self.kick(&mut st);
@@ -442,7 +486,10 @@ impl Core {
             .ep
             .local_port(c)
             .map(|p| VsockAddr::new(st.ep.local_cid(), p));
-        let peer = st.ep.peer_addr(c).map(|(cid, port)| VsockAddr::new(cid, port));
+        let peer = st
+            .ep
+            .peer_addr(c)
+            .map(|(cid, port)| VsockAddr::new(cid, port));
         (local, peer)
     }
 }
@@ -505,25 +552,38 @@ impl Drop for ConnHandle {
 impl VsockStream {
     pub(crate) fn from_conn(core: Arc<Core>, id: ConnId) -> Self {
         VsockStream {
-            conn: Arc::new(ConnHandle { core: core.clone(), id }),
+            conn: Arc::new(ConnHandle {
+                core: core.clone(),
+                id,
+            }),
             core,
             timeouts: Timeouts::default(),
         }
     }
 
-    pub(crate) fn connect_on(core: &Arc<Core>, addr: VsockAddr, timeout: Option<Duration>) -> io::Result<Self> {
+    pub(crate) fn connect_on(
+        core: &Arc<Core>,
+        addr: VsockAddr,
+        timeout: Option<Duration>,
+    ) -> io::Result<Self> {
         let id = core.connect(addr, SocketType::Stream, timeout)?;
         Ok(VsockStream::from_conn(core.clone(), id))
     }
 
     /// Our address (local CID, local port).
     pub fn local_addr(&self) -> io::Result<VsockAddr> {
-        self.core.addrs(self.conn.id).0.ok_or_else(|| to_io(ProtoError::NotConnected))
+        self.core
+            .addrs(self.conn.id)
+            .0
+            .ok_or_else(|| to_io(ProtoError::NotConnected))
     }
 
     /// The peer's address.
     pub fn peer_addr(&self) -> io::Result<VsockAddr> {
-        self.core.addrs(self.conn.id).1.ok_or_else(|| to_io(ProtoError::NotConnected))
+        self.core
+            .addrs(self.conn.id)
+            .1
+            .ok_or_else(|| to_io(ProtoError::NotConnected))
     }
 
     /// Shut down the read, write or both halves (VIRTIO_VSOCK_OP_SHUTDOWN).
@@ -591,7 +651,12 @@ pub const DEFAULT_BACKLOG: usize = 128;
 impl VsockListener {
     pub(crate) fn bind_on(core: &Arc<Core>, port: u32, ty: SocketType) -> io::Result<Self> {
         let id = core.listen(port, DEFAULT_BACKLOG, ty)?;
-        Ok(VsockListener { core: core.clone(), id, port, ty })
+        Ok(VsockListener {
+            core: core.clone(),
+            id,
+            port,
+            ty,
+        })
     }
 
     /// The port listened on.
@@ -605,11 +670,19 @@ impl VsockListener {
     }
 
     /// Like [`VsockListener::accept`], giving up after `timeout`.
-    pub fn accept_timeout(&self, timeout: Option<Duration>) -> io::Result<(VsockStream, VsockAddr)> {
+    pub fn accept_timeout(
+        &self,
+        timeout: Option<Duration>,
+    ) -> io::Result<(VsockStream, VsockAddr)> {
         if self.ty != SocketType::Stream {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "listener is SEQPACKET: use accept_seqpacket"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "listener is SEQPACKET: use accept_seqpacket",
+            ));
         }
-        let c = self.core.accept(self.id, timeout.map(|t| Instant::now() + t))?;
+        let c = self
+            .core
+            .accept(self.id, timeout.map(|t| Instant::now() + t))?;
         let s = VsockStream::from_conn(self.core.clone(), c);
         let peer = s.peer_addr()?;
         Ok((s, peer))
@@ -618,7 +691,9 @@ impl VsockListener {
     /// Wait for the next SEQPACKET connection (for a listener made with `listen_seqpacket`).
     pub fn accept_seqpacket(&self) -> io::Result<(VsockSeqPacket, VsockAddr)> {
         let c = self.core.accept(self.id, None)?;
-        let s = VsockSeqPacket { inner: VsockStream::from_conn(self.core.clone(), c) };
+        let s = VsockSeqPacket {
+            inner: VsockStream::from_conn(self.core.clone(), c),
+        };
         let peer = s.inner.peer_addr()?;
         Ok((s, peer))
     }
@@ -642,9 +717,15 @@ pub struct VsockSeqPacket {
 }
 
 impl VsockSeqPacket {
-    pub(crate) fn connect_on(core: &Arc<Core>, addr: VsockAddr, timeout: Option<Duration>) -> io::Result<Self> {
+    pub(crate) fn connect_on(
+        core: &Arc<Core>,
+        addr: VsockAddr,
+        timeout: Option<Duration>,
+    ) -> io::Result<Self> {
         let id = core.connect(addr, SocketType::SeqPacket, timeout)?;
-        Ok(VsockSeqPacket { inner: VsockStream::from_conn(core.clone(), id) })
+        Ok(VsockSeqPacket {
+            inner: VsockStream::from_conn(core.clone(), id),
+        })
     }
 
     /// Send one message (blocks until there is room for all of it).
@@ -655,7 +736,9 @@ impl VsockSeqPacket {
     /// Send one message, marking the end of a record (`MSG_EOR`) when `eor`.
     pub fn send_eor(&self, msg: &[u8], eor: bool) -> io::Result<usize> {
         let deadline = self.inner.timeouts.write.map(|t| Instant::now() + t);
-        self.inner.core.send_msg(self.inner.conn.id, msg, eor, deadline)
+        self.inner
+            .core
+            .send_msg(self.inner.conn.id, msg, eor, deadline)
     }
 
     /// Receive one message into `buf`: returns the bytes copied; a longer message is truncated

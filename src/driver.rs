@@ -1,1 +1,0 @@
-//! The driver: event loop and socket API.

@@ -249,6 +249,9 @@ pub struct Stats {
     pub connect_timeouts: u64,
     /// Closes that ended with our `RST` after the linger.
     pub close_timeouts: u64,
+    /// RW payload bytes discarded because nobody will read them (after our `RECEIVE`
+    /// shutdown, the peer's `SEND` shutdown, or `close`).
+    pub rx_discarded: u64,
     /// `CREDIT_UPDATE`s received.
     pub credit_updates_in: u64,
     /// `CREDIT_REQUEST`s received.
@@ -439,7 +442,8 @@ impl Endpoint {
         }
     }
 
-    /// The next established connection waiting on `l`.
+    /// The next established connection waiting on `l`. Data may already be buffered on it
+    /// (no [`Event::Readable`] is sent for connections not yet accepted): try `recv` at once.
     pub fn accept(&mut self, l: ListenerId) -> Option<ConnId> {
         let id = self.listeners.get_mut(&l)?.queue.pop_front()?;
         if let Some(conn) = self.conns.get_mut(&id) {
@@ -473,7 +477,7 @@ impl Endpoint {
         Ok(n)
     }
 
-    /// Read buffered stream data. `Ok(0)` is end of stream (the peer shut down sending, or we
+    /// Read buffered stream data (an empty `buf` reads nothing). `Ok(0)` is end of stream (the peer shut down sending, or we
     /// shut down receiving) once the buffer is empty; `Err(WouldBlock)` when empty otherwise.
     pub fn recv(&mut self, now: Instant, c: ConnId, buf: &mut [u8]) -> Result<usize, ProtoError> {
         let _ = now;
@@ -1218,9 +1222,7 @@ impl Endpoint {
         let discard = conn.rx_done() || conn.state == ConnState::Closing;
         if discard {
             // Nobody will read it: consume at once so credit keeps flowing.
-            if hdr.len > 0 {
-                self.stats.dropped_invalid += 1;
-            }
+            self.stats.rx_discarded += u64::from(hdr.len);
             Self::consumed(conn, payload.len());
             return;
         }

@@ -33,7 +33,7 @@ struct Pair {
 /// A deterministic byte pattern, position-dependent so reordering or loss shows.
 fn pattern(offset: usize, len: usize) -> Vec<u8> {
     (offset..offset + len)
-        .map(|i| (i.wrapping_mul(7).wrapping_add(i >> 8) % 251) as u8)
+        .map(|i| u8::try_from(i.wrapping_mul(7).wrapping_add(i >> 8) % 251).unwrap())
         .collect()
 }
 
@@ -697,7 +697,7 @@ fn rst_for_unknown_connection_but_not_for_rst() {
 fn unknown_rst_queue_is_bounded() {
     let mut p = Pair::new();
     let now = p.now;
-    for port in 0..(MAX_PENDING_UNKNOWN_RST as u32 + 10) {
+    for port in 0..u32::try_from(MAX_PENDING_UNKNOWN_RST + 10).unwrap() {
         let rw = tmpl((GUEST_CID, port), (VMADDR_CID_HOST, 77), Op::CreditUpdate);
         p.b.handle_packet(now, &rw, &[]);
     }
@@ -906,4 +906,84 @@ fn seqpacket_send_buffer_full_would_block() {
         assert!(p.b.readable_bytes(cb) <= 100_000);
     }
     assert_eq!(p.b.stats().credit_violations, 0);
+}
+
+// ----- fuzz regressions and odds and ends -----
+
+/// From fuzzing: a one-byte payload buffer still drains a full send buffer (one byte per
+/// packet) and control packets are not starved.
+#[test]
+fn regression_one_byte_payload_buffer() {
+    let mut p = Pair::new();
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    let data = pattern(0, 5000);
+    assert_eq!(p.a.send(now, ca, &data).unwrap(), 5000);
+    let mut one = [0u8; 1];
+    let mut n = 0;
+    while let Some(h) = p.a.poll_transmit(now, &mut one) {
+        assert_eq!(h.len, 1);
+        p.b.handle_packet(now, &h, &one);
+        n += 1;
+    }
+    assert_eq!(n, 5000);
+    p.shuttle();
+    assert_eq!(p.read_all(Side::B, cb), data);
+    // An empty payload buffer: no RW, but control packets still go out.
+    p.a.send(now, ca, b"x").unwrap();
+    p.a.shutdown(
+        now,
+        ca,
+        ShutdownFlags {
+            receive: true,
+            send: false,
+        },
+    )
+    .unwrap();
+    let h =
+        p.a.poll_transmit(now, &mut [])
+            .expect("SHUTDOWN(receive) despite no room");
+    assert_eq!(h.op, Op::Shutdown as u16);
+    assert!(p.a.poll_transmit(now, &mut []).is_none());
+}
+
+#[test]
+fn states_display_in_spec_words() {
+    let shown: Vec<String> = [
+        ConnState::Connecting,
+        ConnState::Connected,
+        ConnState::PeerClosed {
+            no_more_rx: true,
+            no_more_tx: false,
+        },
+        ConnState::Closing,
+        ConnState::Closed,
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    assert_eq!(
+        shown[2],
+        "peer closed (no more rx: true, no more tx: false)"
+    );
+    assert_eq!(ConnId(4).to_string(), "conn#4");
+    assert_eq!(ListenerId(1).to_string(), "listener#1");
+    assert_eq!(
+        ProtoError::PortsExhausted { start: 1, end: 2 }.to_string(),
+        "no free ephemeral port in 1..=2"
+    );
+}
+
+#[test]
+fn data_after_close_is_discarded_but_credited() {
+    let mut p = Pair::new();
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    p.a.close(now, ca);
+    // B sends before it learns of the close.
+    p.b.send(now, cb, &pattern(0, 1000)).unwrap();
+    p.pump(Side::B, true);
+    assert_eq!(p.a.stats().rx_discarded, 1000);
+    p.shuttle();
+    assert_eq!(p.events(Side::A), vec![Event::Closed(ca)]);
 }

@@ -33,6 +33,48 @@
 //! 3. [`Endpoint::poll_event`] until it returns `None`;
 //! 4. [`Endpoint::poll_timeout`] to arm the next wake-up.
 //!
+//! ```
+//! use std::time::Instant;
+//! use vdpa_vsock::packet::{SocketType, VMADDR_CID_HOST};
+//! use vdpa_vsock::proto::{Config, Endpoint, Event};
+//!
+//! /// The wire: move packets both ways until both sides are quiet.
+//! fn wire(now: Instant, a: &mut Endpoint, b: &mut Endpoint) {
+//!     let mut buf = vec![0u8; 64 * 1024];
+//!     loop {
+//!         let mut moved = false;
+//!         while let Some(h) = a.poll_transmit(now, &mut buf) {
+//!             b.handle_packet(now, &h, &buf[..h.len as usize]);
+//!             moved = true;
+//!         }
+//!         while let Some(h) = b.poll_transmit(now, &mut buf) {
+//!             a.handle_packet(now, &h, &buf[..h.len as usize]);
+//!             moved = true;
+//!         }
+//!         if !moved {
+//!             return;
+//!         }
+//!     }
+//! }
+//!
+//! let now = Instant::now();
+//! let mut guest = Endpoint::new(Config { local_cid: 3, ..Config::default() });
+//! let mut host = Endpoint::new(Config { local_cid: VMADDR_CID_HOST, ..Config::default() });
+//! let l = host.listen(1234, 8, SocketType::Stream).unwrap();
+//! let c = guest.connect(now, VMADDR_CID_HOST, 1234, None, SocketType::Stream).unwrap();
+//! wire(now, &mut guest, &mut host);
+//! assert_eq!(guest.poll_event(), Some(Event::Connected(c)));
+//! assert_eq!(host.poll_event(), Some(Event::Incoming(l)));
+//! let s = host.accept(l).unwrap();
+//!
+//! guest.send(now, c, b"hello").unwrap();
+//! wire(now, &mut guest, &mut host);
+//! assert_eq!(host.poll_event(), Some(Event::Readable(s)));
+//! let mut data = [0u8; 16];
+//! assert_eq!(host.recv(now, s, &mut data), Ok(5));
+//! assert_eq!(&data[..5], b"hello");
+//! ```
+//!
 //! A [`ConnId`] stays valid until the user calls [`Endpoint::close`] (released when the linger
 //! ends) or [`Endpoint::abort`] (released at once); either ends with [`Event::Closed`]. A
 //! connection that was reset, refused or timed out stays in [`ConnState::Closed`] until then.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use vdpa_vsock::packet::{Header, Op, ShutdownFlags, SocketType};
-use vdpa_vsock::proto::{Config, ConnId, Endpoint, Event, ListenerId};
+use vdpa_vsock::proto::{Config, ConnId, ConnState, Endpoint, Event, ListenerId};
 
 const LOCAL_CID: u64 = 3;
 
@@ -130,7 +130,10 @@ impl World {
             assert_eq!(h.src_cid, self.ep.local_cid());
             if h.op == Op::Rw as u16 {
                 for &c in &self.conns {
-                    if self.ep.local_port(c) == Some(h.src_port)
+                    // A closed connection keeps its addresses but is off the wire; a new one
+                    // may reuse them.
+                    if self.ep.state(c) != Some(ConnState::Closed)
+                        && self.ep.local_port(c) == Some(h.src_port)
                         && self.ep.peer_addr(c) == Some((h.dst_cid, h.dst_port))
                     {
                         let before = credit.iter().find(|x| x.0 == c).and_then(|x| x.1);

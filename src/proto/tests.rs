@@ -987,3 +987,30 @@ fn data_after_close_is_discarded_but_credited() {
     p.shuttle();
     assert_eq!(p.events(Side::A), vec![Event::Closed(ca)]);
 }
+
+/// From fuzzing: a connection that timed out is off the wire, so its port may be reused by a
+/// new `connect` while the old `ConnId` is still held; the two never mix.
+#[test]
+fn regression_port_reused_while_closed_conn_held() {
+    let mut p = Pair::new();
+    p.b.listen(PORT, 4, SocketType::Stream).unwrap();
+    let now = p.now;
+    let old =
+        p.a.connect(now, VMADDR_CID_HOST, PORT, Some(49152), SocketType::Stream)
+            .unwrap();
+    let _ = p.pump(Side::A, false); // REQUEST lost
+    p.advance(DEFAULT_CONNECT_TIMEOUT);
+    let _ = p.pump(Side::A, false); // RST lost too
+    assert_eq!(p.a.state(old), Some(ConnState::Closed));
+    let new =
+        p.a.connect(p.now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+            .unwrap();
+    assert_eq!(p.a.local_port(new), Some(49152));
+    p.shuttle();
+    assert!(p.events(Side::A).contains(&Event::Connected(new)));
+    p.a.send(p.now, new, b"fresh").unwrap();
+    p.shuttle();
+    assert_eq!(p.a.state(old), Some(ConnState::Closed));
+    assert_eq!(p.a.send(p.now, old, b"x"), Err(ProtoError::TimedOut));
+    assert_eq!(p.a.peer_credit(old), Some((0, 0)));
+}

@@ -777,6 +777,7 @@ impl Endpoint {
         conn.credit.update_peer(hdr.buf_alloc, hdr.fwd_cnt);
         match (conn.state, op) {
             (ConnState::Connecting, Op::Response) => {
+                conn.credit.on_handshake(hdr.buf_alloc, hdr.fwd_cnt);
                 conn.state = ConnState::Connected;
                 conn.deadline = None;
                 self.events.push_back(Event::Connected(id));
@@ -1191,7 +1192,7 @@ impl Endpoint {
             ConnState::Connected,
             self.config.buf_alloc,
         );
-        conn.credit.update_peer(hdr.buf_alloc, hdr.fwd_cnt);
+        conn.credit.on_handshake(hdr.buf_alloc, hdr.fwd_cnt);
         conn.pending.response = true;
         conn.listener = Some(l);
         self.insert_conn(conn);

@@ -1014,3 +1014,41 @@ fn regression_port_reused_while_closed_conn_held() {
     assert_eq!(p.a.send(p.now, old, b"x"), Err(ProtoError::TimedOut));
     assert_eq!(p.a.peer_credit(old), Some((0, 0)));
 }
+
+#[test]
+fn peer_counters_not_starting_at_zero() {
+    let mut p = Pair::new();
+    let l = p.b.listen(PORT, 4, SocketType::Stream).unwrap();
+    let now = p.now;
+    // A peer whose fwd_cnt starts at 1000 connects to B.
+    let req = tmpl((GUEST_CID, 6000), (VMADDR_CID_HOST, PORT), Op::Request);
+    p.b.handle_packet(
+        now,
+        &Header {
+            buf_alloc: 10,
+            fwd_cnt: 1000,
+            ..req
+        },
+        &[],
+    );
+    let _ = p.pump(Side::B, false);
+    let cb = p.b.accept(l).unwrap();
+    assert_eq!(p.b.peer_credit(cb), Some((10, 0)));
+    assert_eq!(p.b.send(now, cb, &[7; 30]).unwrap(), 30);
+    let out = p.pump(Side::B, false);
+    assert_eq!(out.iter().map(|h| h.len).sum::<u32>(), 10);
+    // The peer consumed 10: its fwd_cnt moves to 1010 and 10 more may go.
+    let upd = tmpl((GUEST_CID, 6000), (VMADDR_CID_HOST, PORT), Op::CreditUpdate);
+    p.b.handle_packet(
+        now,
+        &Header {
+            buf_alloc: 10,
+            fwd_cnt: 1010,
+            ..upd
+        },
+        &[],
+    );
+    assert_eq!(p.b.peer_credit(cb), Some((10, 0)));
+    let out = p.pump(Side::B, false);
+    assert_eq!(out[0].len, 10);
+}

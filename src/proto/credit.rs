@@ -58,6 +58,15 @@ impl Credit {
         }
     }
 
+    /// Adopt the peer's counters from the handshake (`REQUEST` or `RESPONSE`), before any data
+    /// went out: our `tx_cnt` starts where the peer's `fwd_cnt` does. Linux starts both at 0;
+    /// this keeps a peer that starts elsewhere from looking like it acknowledges unsent bytes.
+    pub(crate) fn on_handshake(&mut self, buf_alloc: u32, fwd_cnt: u32) {
+        self.peer_buf_alloc = buf_alloc;
+        self.peer_fwd_cnt = Wrapping(fwd_cnt);
+        self.tx_cnt = Wrapping(fwd_cnt);
+    }
+
     /// Record the peer's `buf_alloc`/`fwd_cnt` from any packet it sent. A `fwd_cnt` that claims
     /// more bytes consumed than we ever sent is ignored (it would make the in-flight count wrap).
     pub(crate) fn update_peer(&mut self, buf_alloc: u32, fwd_cnt: u32) {

@@ -33,6 +33,48 @@
 //! 3. [`Endpoint::poll_event`] until it returns `None`;
 //! 4. [`Endpoint::poll_timeout`] to arm the next wake-up.
 //!
+//! ```
+//! use std::time::Instant;
+//! use vdpa_vsock::packet::{SocketType, VMADDR_CID_HOST};
+//! use vdpa_vsock::proto::{Config, Endpoint, Event};
+//!
+//! /// The wire: move packets both ways until both sides are quiet.
+//! fn wire(now: Instant, a: &mut Endpoint, b: &mut Endpoint) {
+//!     let mut buf = vec![0u8; 64 * 1024];
+//!     loop {
+//!         let mut moved = false;
+//!         while let Some(h) = a.poll_transmit(now, &mut buf) {
+//!             b.handle_packet(now, &h, &buf[..h.len as usize]);
+//!             moved = true;
+//!         }
+//!         while let Some(h) = b.poll_transmit(now, &mut buf) {
+//!             a.handle_packet(now, &h, &buf[..h.len as usize]);
+//!             moved = true;
+//!         }
+//!         if !moved {
+//!             return;
+//!         }
+//!     }
+//! }
+//!
+//! let now = Instant::now();
+//! let mut guest = Endpoint::new(Config { local_cid: 3, ..Config::default() });
+//! let mut host = Endpoint::new(Config { local_cid: VMADDR_CID_HOST, ..Config::default() });
+//! let l = host.listen(1234, 8, SocketType::Stream).unwrap();
+//! let c = guest.connect(now, VMADDR_CID_HOST, 1234, None, SocketType::Stream).unwrap();
+//! wire(now, &mut guest, &mut host);
+//! assert_eq!(guest.poll_event(), Some(Event::Connected(c)));
+//! assert_eq!(host.poll_event(), Some(Event::Incoming(l)));
+//! let s = host.accept(l).unwrap();
+//!
+//! guest.send(now, c, b"hello").unwrap();
+//! wire(now, &mut guest, &mut host);
+//! assert_eq!(host.poll_event(), Some(Event::Readable(s)));
+//! let mut data = [0u8; 16];
+//! assert_eq!(host.recv(now, s, &mut data), Ok(5));
+//! assert_eq!(&data[..5], b"hello");
+//! ```
+//!
 //! A [`ConnId`] stays valid until the user calls [`Endpoint::close`] (released when the linger
 //! ends) or [`Endpoint::abort`] (released at once); either ends with [`Event::Closed`]. A
 //! connection that was reset, refused or timed out stays in [`ConnState::Closed`] until then.
@@ -249,6 +291,9 @@ pub struct Stats {
     pub connect_timeouts: u64,
     /// Closes that ended with our `RST` after the linger.
     pub close_timeouts: u64,
+    /// RW payload bytes discarded because nobody will read them (after our `RECEIVE`
+    /// shutdown, the peer's `SEND` shutdown, or `close`).
+    pub rx_discarded: u64,
     /// `CREDIT_UPDATE`s received.
     pub credit_updates_in: u64,
     /// `CREDIT_REQUEST`s received.
@@ -439,7 +484,8 @@ impl Endpoint {
         }
     }
 
-    /// The next established connection waiting on `l`.
+    /// The next established connection waiting on `l`. Data may already be buffered on it
+    /// (no [`Event::Readable`] is sent for connections not yet accepted): try `recv` at once.
     pub fn accept(&mut self, l: ListenerId) -> Option<ConnId> {
         let id = self.listeners.get_mut(&l)?.queue.pop_front()?;
         if let Some(conn) = self.conns.get_mut(&id) {
@@ -473,7 +519,7 @@ impl Endpoint {
         Ok(n)
     }
 
-    /// Read buffered stream data. `Ok(0)` is end of stream (the peer shut down sending, or we
+    /// Read buffered stream data (an empty `buf` reads nothing). `Ok(0)` is end of stream (the peer shut down sending, or we
     /// shut down receiving) once the buffer is empty; `Err(WouldBlock)` when empty otherwise.
     pub fn recv(&mut self, now: Instant, c: ConnId, buf: &mut [u8]) -> Result<usize, ProtoError> {
         let _ = now;
@@ -731,6 +777,7 @@ impl Endpoint {
         conn.credit.update_peer(hdr.buf_alloc, hdr.fwd_cnt);
         match (conn.state, op) {
             (ConnState::Connecting, Op::Response) => {
+                conn.credit.on_handshake(hdr.buf_alloc, hdr.fwd_cnt);
                 conn.state = ConnState::Connected;
                 conn.deadline = None;
                 self.events.push_back(Event::Connected(id));
@@ -1145,7 +1192,7 @@ impl Endpoint {
             ConnState::Connected,
             self.config.buf_alloc,
         );
-        conn.credit.update_peer(hdr.buf_alloc, hdr.fwd_cnt);
+        conn.credit.on_handshake(hdr.buf_alloc, hdr.fwd_cnt);
         conn.pending.response = true;
         conn.listener = Some(l);
         self.insert_conn(conn);
@@ -1218,9 +1265,7 @@ impl Endpoint {
         let discard = conn.rx_done() || conn.state == ConnState::Closing;
         if discard {
             // Nobody will read it: consume at once so credit keeps flowing.
-            if hdr.len > 0 {
-                self.stats.dropped_invalid += 1;
-            }
+            self.stats.rx_discarded += u64::from(hdr.len);
             Self::consumed(conn, payload.len());
             return;
         }

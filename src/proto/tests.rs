@@ -33,7 +33,7 @@ struct Pair {
 /// A deterministic byte pattern, position-dependent so reordering or loss shows.
 fn pattern(offset: usize, len: usize) -> Vec<u8> {
     (offset..offset + len)
-        .map(|i| (i.wrapping_mul(7).wrapping_add(i >> 8) % 251) as u8)
+        .map(|i| u8::try_from(i.wrapping_mul(7).wrapping_add(i >> 8) % 251).unwrap())
         .collect()
 }
 
@@ -697,7 +697,7 @@ fn rst_for_unknown_connection_but_not_for_rst() {
 fn unknown_rst_queue_is_bounded() {
     let mut p = Pair::new();
     let now = p.now;
-    for port in 0..(MAX_PENDING_UNKNOWN_RST as u32 + 10) {
+    for port in 0..u32::try_from(MAX_PENDING_UNKNOWN_RST + 10).unwrap() {
         let rw = tmpl((GUEST_CID, port), (VMADDR_CID_HOST, 77), Op::CreditUpdate);
         p.b.handle_packet(now, &rw, &[]);
     }
@@ -906,4 +906,149 @@ fn seqpacket_send_buffer_full_would_block() {
         assert!(p.b.readable_bytes(cb) <= 100_000);
     }
     assert_eq!(p.b.stats().credit_violations, 0);
+}
+
+// ----- fuzz regressions and odds and ends -----
+
+/// From fuzzing: a one-byte payload buffer still drains a full send buffer (one byte per
+/// packet) and control packets are not starved.
+#[test]
+fn regression_one_byte_payload_buffer() {
+    let mut p = Pair::new();
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    let data = pattern(0, 5000);
+    assert_eq!(p.a.send(now, ca, &data).unwrap(), 5000);
+    let mut one = [0u8; 1];
+    let mut n = 0;
+    while let Some(h) = p.a.poll_transmit(now, &mut one) {
+        assert_eq!(h.len, 1);
+        p.b.handle_packet(now, &h, &one);
+        n += 1;
+    }
+    assert_eq!(n, 5000);
+    p.shuttle();
+    assert_eq!(p.read_all(Side::B, cb), data);
+    // An empty payload buffer: no RW, but control packets still go out.
+    p.a.send(now, ca, b"x").unwrap();
+    p.a.shutdown(
+        now,
+        ca,
+        ShutdownFlags {
+            receive: true,
+            send: false,
+        },
+    )
+    .unwrap();
+    let h =
+        p.a.poll_transmit(now, &mut [])
+            .expect("SHUTDOWN(receive) despite no room");
+    assert_eq!(h.op, Op::Shutdown as u16);
+    assert!(p.a.poll_transmit(now, &mut []).is_none());
+}
+
+#[test]
+fn states_display_in_spec_words() {
+    let shown: Vec<String> = [
+        ConnState::Connecting,
+        ConnState::Connected,
+        ConnState::PeerClosed {
+            no_more_rx: true,
+            no_more_tx: false,
+        },
+        ConnState::Closing,
+        ConnState::Closed,
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    assert_eq!(
+        shown[2],
+        "peer closed (no more rx: true, no more tx: false)"
+    );
+    assert_eq!(ConnId(4).to_string(), "conn#4");
+    assert_eq!(ListenerId(1).to_string(), "listener#1");
+    assert_eq!(
+        ProtoError::PortsExhausted { start: 1, end: 2 }.to_string(),
+        "no free ephemeral port in 1..=2"
+    );
+}
+
+#[test]
+fn data_after_close_is_discarded_but_credited() {
+    let mut p = Pair::new();
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    p.a.close(now, ca);
+    // B sends before it learns of the close.
+    p.b.send(now, cb, &pattern(0, 1000)).unwrap();
+    p.pump(Side::B, true);
+    assert_eq!(p.a.stats().rx_discarded, 1000);
+    p.shuttle();
+    assert_eq!(p.events(Side::A), vec![Event::Closed(ca)]);
+}
+
+/// From fuzzing: a connection that timed out is off the wire, so its port may be reused by a
+/// new `connect` while the old `ConnId` is still held; the two never mix.
+#[test]
+fn regression_port_reused_while_closed_conn_held() {
+    let mut p = Pair::new();
+    p.b.listen(PORT, 4, SocketType::Stream).unwrap();
+    let now = p.now;
+    let old =
+        p.a.connect(now, VMADDR_CID_HOST, PORT, Some(49152), SocketType::Stream)
+            .unwrap();
+    let _ = p.pump(Side::A, false); // REQUEST lost
+    p.advance(DEFAULT_CONNECT_TIMEOUT);
+    let _ = p.pump(Side::A, false); // RST lost too
+    assert_eq!(p.a.state(old), Some(ConnState::Closed));
+    let new =
+        p.a.connect(p.now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+            .unwrap();
+    assert_eq!(p.a.local_port(new), Some(49152));
+    p.shuttle();
+    assert!(p.events(Side::A).contains(&Event::Connected(new)));
+    p.a.send(p.now, new, b"fresh").unwrap();
+    p.shuttle();
+    assert_eq!(p.a.state(old), Some(ConnState::Closed));
+    assert_eq!(p.a.send(p.now, old, b"x"), Err(ProtoError::TimedOut));
+    assert_eq!(p.a.peer_credit(old), Some((0, 0)));
+}
+
+#[test]
+fn peer_counters_not_starting_at_zero() {
+    let mut p = Pair::new();
+    let l = p.b.listen(PORT, 4, SocketType::Stream).unwrap();
+    let now = p.now;
+    // A peer whose fwd_cnt starts at 1000 connects to B.
+    let req = tmpl((GUEST_CID, 6000), (VMADDR_CID_HOST, PORT), Op::Request);
+    p.b.handle_packet(
+        now,
+        &Header {
+            buf_alloc: 10,
+            fwd_cnt: 1000,
+            ..req
+        },
+        &[],
+    );
+    let _ = p.pump(Side::B, false);
+    let cb = p.b.accept(l).unwrap();
+    assert_eq!(p.b.peer_credit(cb), Some((10, 0)));
+    assert_eq!(p.b.send(now, cb, &[7; 30]).unwrap(), 30);
+    let out = p.pump(Side::B, false);
+    assert_eq!(out.iter().map(|h| h.len).sum::<u32>(), 10);
+    // The peer consumed 10: its fwd_cnt moves to 1010 and 10 more may go.
+    let upd = tmpl((GUEST_CID, 6000), (VMADDR_CID_HOST, PORT), Op::CreditUpdate);
+    p.b.handle_packet(
+        now,
+        &Header {
+            buf_alloc: 10,
+            fwd_cnt: 1010,
+            ..upd
+        },
+        &[],
+    );
+    assert_eq!(p.b.peer_credit(cb), Some((10, 0)));
+    let out = p.pump(Side::B, false);
+    assert_eq!(out[0].len, 10);
 }

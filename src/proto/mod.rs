@@ -538,9 +538,7 @@ impl Endpoint {
         }
         if !conn.rx_buf.is_empty() && !buf.is_empty() {
             let n = conn.rx_buf.len().min(buf.len());
-            for (dst, src) in buf.iter_mut().zip(conn.rx_buf.drain(..n)) {
-                *dst = src;
-            }
+            conn::take_front(&mut conn.rx_buf, &mut buf[..n]);
             Self::consumed(conn, n);
             self.schedule(c);
             return Ok(n);
@@ -616,9 +614,7 @@ impl Endpoint {
         }
         if let Some((len, eor)) = conn.rx_msgs.pop_front() {
             let copied = len.min(buf.len());
-            for (dst, src) in buf.iter_mut().zip(conn.rx_buf.drain(..copied)) {
-                *dst = src;
-            }
+            conn::take_front(&mut conn.rx_buf, &mut buf[..copied]);
             conn.rx_buf.drain(..len - copied);
             Self::consumed(conn, len);
             self.schedule(c);

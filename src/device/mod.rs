@@ -145,9 +145,10 @@ pub trait VsockDevice: Send + fmt::Debug {
 }
 
 /// Which device to drive: the parsed form of a `--device` string.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum DeviceSpec {
-    /// The in-process simulated device.
+    /// The in-process simulated device (the default).
+    #[default]
     Sim,
     /// A vDPA device through its vhost-vdpa character device.
     VhostVdpa {
@@ -170,12 +171,6 @@ pub enum DeviceSpec {
     },
     /// The first usable device of any kind.
     Auto,
-}
-
-impl Default for DeviceSpec {
-    fn default() -> Self {
-        DeviceSpec::Sim
-    }
 }
 
 /// Default node of the kernel's vhost-vsock.

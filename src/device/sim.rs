@@ -27,10 +27,12 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, Le32};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{DeviceError, VsockDevice, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
+use super::{DeviceError, VsockDevice, RX_QUEUE, TX_QUEUE};
 use crate::dma::{DmaOptions, DmaRegion, IovaBase};
 use crate::driver::socket::{Core, Transport};
-use crate::driver::{run_loop, LoopFds, VsockAddr, VsockListener, VsockSeqPacket, VsockStream};
+use crate::driver::{
+    run_loop, LoopFds, VsockAddr, VsockListener, VsockSeqPacket, VsockStream, HDR_LEN,
+};
 use crate::packet::{
     SocketType, VsockPacket, PKT_HEADER_SIZE, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_VSOCK_F_SEQPACKET, VMADDR_CID_HOST,
@@ -313,8 +315,8 @@ impl SimRings {
             pkt.set_header(&hdr);
             pkt.write_data(&scratch[..hdr.len as usize])
                 .map_err(|e| e.to_string())?;
-            let used_len = PKT_HEADER_SIZE as u32 + hdr.len;
-            let capacity = (PKT_HEADER_SIZE + pkt.data_len()) as u32;
+            let used_len = HDR_LEN + hdr.len;
+            let capacity = u32::try_from(PKT_HEADER_SIZE + pkt.data_len()).unwrap_or(u32::MAX);
             drop(pkt);
             match self.hostile.take() {
                 None => self
@@ -348,8 +350,8 @@ impl SimRings {
         let write_raw =
             |q: &mut Queue, mem: &GuestMemoryMmap<()>, elems: &[(u32, u32)], step: u16| {
                 let next = q.next_used();
-                for (i, &(id, len)) in elems.iter().enumerate() {
-                    let slot = u64::from(next.wrapping_add(i as u16) % size);
+                for (i, &(id, len)) in (0u16..).zip(elems) {
+                    let slot = u64::from(next.wrapping_add(i) % size);
                     // struct virtq_used_elem { le32 id; le32 len; } (virtio 1.2 2.7.8)
                     let elem = GuestAddress(used.0 + 4 + 8 * slot);
                     mem.write_obj(Le32::from(id), elem)
@@ -652,7 +654,7 @@ impl VsockDevice for SimDevice {
                 self.layouts[usize::from(index)] = Some(*layout);
                 Ok(())
             }
-            EVENT_QUEUE | _ => Err(DeviceError::NoSuchQueue { index, count: 2 }),
+            _ => Err(DeviceError::NoSuchQueue { index, count: 2 }),
         }
     }
 

@@ -39,6 +39,10 @@ pub(crate) mod socket;
 use socket::{Core, Transport};
 pub use socket::{VsockAddr, VsockListener, VsockSeqPacket, VsockStream, DEFAULT_BACKLOG};
 
+/// The header length as the ring's `u32` lengths need it.
+#[allow(clippy::cast_possible_truncation)] // 44 fits in a u32.
+pub(crate) const HDR_LEN: u32 = PKT_HEADER_SIZE as u32;
+
 /// Driver settings.
 #[derive(Debug, Clone)]
 pub struct DriverConfig {
@@ -59,8 +63,8 @@ impl Default for DriverConfig {
         DriverConfig {
             busy_poll: false,
             queue_size: 256,
-            rx_buf_size: 64 * 1024 + PKT_HEADER_SIZE as u32,
-            tx_buf_size: 64 * 1024 + PKT_HEADER_SIZE as u32,
+            rx_buf_size: 64 * 1024 + HDR_LEN,
+            tx_buf_size: 64 * 1024 + HDR_LEN,
             proto: proto::Config::default(),
         }
     }
@@ -166,7 +170,7 @@ impl DriverTransport {
         let moved = !batch.is_empty();
         let mem = self.dma.memory();
         for u in batch.drain(..) {
-            let addr = self.rx_buf[u.token as usize];
+            let addr = token_addr(&self.rx_buf, u.token)?;
             match VsockPacket::<()>::from_used_rx_buffer(mem, addr, self.rx_buf_size, u.len) {
                 Ok(pkt) => {
                     let hdr = pkt.header();
@@ -221,7 +225,7 @@ impl DriverTransport {
         let mut sent = false;
         let room = (self.tx_buf_size as usize) - PKT_HEADER_SIZE;
         while let Some(token) = self.tx_free.pop() {
-            let addr = self.tx_buf[token as usize];
+            let addr = token_addr(&self.tx_buf, token)?;
             let data_addr = GuestAddress(addr.0 + PKT_HEADER_SIZE as u64);
             // SAFETY: `token` came from the free pool: the device no longer owns this buffer.
             let hdr = unsafe {
@@ -241,7 +245,7 @@ impl DriverTransport {
                 .add(
                     &[BufferDesc {
                         addr,
-                        len: PKT_HEADER_SIZE as u32 + hdr.len,
+                        len: HDR_LEN + hdr.len,
                         writable: false,
                     }],
                     token,
@@ -263,6 +267,14 @@ impl DriverTransport {
         }
         Ok(sent)
     }
+}
+
+/// The buffer behind a token (tokens are indexes we handed to the queue ourselves).
+fn token_addr(bufs: &[GuestAddress], token: u64) -> Result<GuestAddress, String> {
+    usize::try_from(token)
+        .ok()
+        .and_then(|i| bufs.get(i).copied())
+        .ok_or_else(|| format!("queue returned unknown token {token}"))
 }
 
 impl Transport for DriverTransport {
@@ -358,7 +370,7 @@ pub(crate) fn run_loop(core: Arc<Core>, fds: LoopFds) {
         if let Some(max) = fds.max_sleep {
             sleep = Some(sleep.map_or(max, |s| s.min(max)));
         }
-        let ms = sleep.map_or(-1, |d| d.as_millis().min(i32::MAX as u128) as i32);
+        let ms = sleep.map_or(-1, |d| i32::try_from(d.as_millis()).unwrap_or(i32::MAX));
         let n = match epoll.wait(ms, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
@@ -368,11 +380,15 @@ pub(crate) fn run_loop(core: Arc<Core>, fds: LoopFds) {
             }
         };
         for ev in &events[..n] {
-            let i = ev.data() as usize;
-            if i == 0 {
-                return;
+            match usize::try_from(ev.data()) {
+                Ok(0) => return,
+                Ok(i) => {
+                    if let Some(fd) = all.get(i) {
+                        let _ = fd.read();
+                    }
+                }
+                Err(_) => {}
             }
-            let _ = all[i].read();
         }
     }
 }

@@ -378,3 +378,33 @@ fn bad_device_specs_fail_clearly() {
     let e = VsockDriver::open(&"vfio:0000:03:00.0".parse().unwrap()).unwrap_err();
     assert!(format!("{e:#}").contains("device vfio:0000:03:00.0"), "{e}");
 }
+
+#[test]
+fn bad_driver_config_is_refused_with_reason() {
+    for (cfg, needle) in [
+        (
+            DriverConfig {
+                rx_buf_size: 44,
+                ..DriverConfig::default()
+            },
+            "rx_buf_size",
+        ),
+        (
+            DriverConfig {
+                tx_buf_size: 0,
+                ..DriverConfig::default()
+            },
+            "tx_buf_size",
+        ),
+        (
+            DriverConfig {
+                queue_size: 100,
+                ..DriverConfig::default()
+            },
+            "power of two",
+        ),
+    ] {
+        let e = VsockDriver::open_sim(SimConfig::default(), cfg).unwrap_err();
+        assert!(e.to_string().contains(needle), "{e}");
+    }
+}

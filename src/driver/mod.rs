@@ -43,6 +43,9 @@ pub use socket::{VsockAddr, VsockListener, VsockSeqPacket, VsockStream, DEFAULT_
 #[allow(clippy::cast_possible_truncation)] // 44 fits in a u32.
 pub(crate) const HDR_LEN: u32 = PKT_HEADER_SIZE as u32;
 
+/// Largest buffer size accepted for RX and TX buffers (header included).
+pub const MAX_BUF_SIZE: u32 = 1 << 20;
+
 /// Driver settings.
 #[derive(Debug, Clone)]
 pub struct DriverConfig {
@@ -97,6 +100,9 @@ pub enum DriverError {
         #[source]
         source: io::Error,
     },
+    /// The driver settings are unusable.
+    #[error("invalid driver config: {0}")]
+    InvalidConfig(String),
 }
 
 impl From<DriverError> for io::Error {
@@ -114,6 +120,7 @@ impl From<DriverError> for io::Error {
                 source: DeviceError::NotImplemented(_),
                 ..
             } => io::ErrorKind::Unsupported,
+            DriverError::InvalidConfig(_) => io::ErrorKind::InvalidInput,
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, e)
@@ -143,6 +150,8 @@ struct DriverTransport {
     tx_buf: Vec<GuestAddress>,
     tx_free: Vec<u64>,
     rx_batch: Vec<crate::virtq::UsedElem>,
+    /// Payload staging between DMA buffers and the protocol core (one packet).
+    scratch: Vec<u8>,
     rx_buf_size: u32,
     tx_buf_size: u32,
     waker: EventFd,
@@ -173,21 +182,19 @@ impl DriverTransport {
             let addr = token_addr(&self.rx_buf, u.token)?;
             match VsockPacket::<()>::from_used_rx_buffer(mem, addr, self.rx_buf_size, u.len) {
                 Ok(pkt) => {
+                    // One volatile copy out of DMA memory: the device is untrusted and could
+                    // still write there, so no plain `&[u8]` may alias it.
                     let hdr = pkt.header();
-                    let data_addr = GuestAddress(addr.0 + PKT_HEADER_SIZE as u64);
-                    // SAFETY: the buffer came back from the device (it is no longer in flight) and
-                    // is reposted only after this call; `from_used_rx_buffer` checked that `len`
-                    // bytes lie inside what the device wrote.
-                    let r = unsafe {
-                        self.dma.with_slice(data_addr, hdr.len as usize, |payload| {
-                            ep.handle_packet(now, &hdr, payload)
-                        })
-                    };
-                    if let Err(e) = r {
-                        log::warn!("rx payload out of range: {e}");
-                        self.stats.bad_rx_packets += 1;
-                    } else {
-                        self.stats.rx_packets += 1;
+                    let payload = &mut self.scratch[..hdr.len as usize];
+                    match pkt.read_data(payload) {
+                        Ok(n) => {
+                            ep.handle_packet(now, &hdr, &payload[..n]);
+                            self.stats.rx_packets += 1;
+                        }
+                        Err(e) => {
+                            log::warn!("rx payload unreadable: {e}");
+                            self.stats.bad_rx_packets += 1;
+                        }
                     }
                 }
                 Err(e) => {
@@ -226,14 +233,7 @@ impl DriverTransport {
         let room = (self.tx_buf_size as usize) - PKT_HEADER_SIZE;
         while let Some(token) = self.tx_free.pop() {
             let addr = token_addr(&self.tx_buf, token)?;
-            let data_addr = GuestAddress(addr.0 + PKT_HEADER_SIZE as u64);
-            // SAFETY: `token` came from the free pool: the device no longer owns this buffer.
-            let hdr = unsafe {
-                self.dma
-                    .with_slice_mut(data_addr, room, |payload| ep.poll_transmit(now, payload))
-            }
-            .map_err(|e| format!("tx buffer: {e}"))?;
-            let Some(hdr) = hdr else {
+            let Some(hdr) = ep.poll_transmit(now, &mut self.scratch[..room]) else {
                 self.tx_free.push(token);
                 break;
             };
@@ -241,6 +241,8 @@ impl DriverTransport {
                 VsockPacket::<()>::from_tx_buffer(self.dma.memory(), addr, self.tx_buf_size)
                     .map_err(|e| format!("tx buffer: {e}"))?;
             pkt.set_header(&hdr);
+            pkt.write_data(&self.scratch[..hdr.len as usize])
+                .map_err(|e| format!("tx buffer: {e}"))?;
             self.tx
                 .add(
                     &[BufferDesc {
@@ -463,6 +465,23 @@ impl VsockDriver {
         config: DriverConfig,
         sim: Option<SimHost>,
     ) -> Result<Self, DriverError> {
+        for (what, v) in [
+            ("rx_buf_size", config.rx_buf_size),
+            ("tx_buf_size", config.tx_buf_size),
+        ] {
+            if v <= HDR_LEN || v > MAX_BUF_SIZE {
+                return Err(DriverError::InvalidConfig(format!(
+                    "{what} must hold a header and payload: expected {}..={MAX_BUF_SIZE} bytes, found {v}",
+                    HDR_LEN + 1
+                )));
+            }
+        }
+        if config.queue_size == 0 || !config.queue_size.is_power_of_two() {
+            return Err(DriverError::InvalidConfig(format!(
+                "queue_size must be a power of two, found {}",
+                config.queue_size
+            )));
+        }
         let name = dev.name();
         let e = dev_err(&name);
         let offered = dev.offered_features();
@@ -555,6 +574,7 @@ impl VsockDriver {
             tx_buf,
             tx_free,
             rx_batch: Vec::with_capacity(size.into()),
+            scratch: vec![0; config.rx_buf_size.max(config.tx_buf_size) as usize],
             rx_buf_size: config.rx_buf_size,
             tx_buf_size: config.tx_buf_size,
             waker,

@@ -8,6 +8,11 @@
 //! descriptors, a TX payload spread over descriptors, and an RX payload buffer that takes every
 //! remaining descriptor of the chain (0.12 stops after the second).
 
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "test fixtures: flag constants, header size and region sizes all fit"
+)]
+
 use proptest::prelude::*;
 use vdpa_vsock::packet::{Error, Header, VsockPacket, PKT_HEADER_SIZE};
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
@@ -137,6 +142,7 @@ fn assert_same(ours: &VsockPacket<'_, ()>, theirs: &RefPacket<'_, ()>) {
 }
 
 /// How the two parsers answered one chain.
+#[allow(clippy::large_enum_variant, reason = "test-only, built once per chain")]
 enum Verdict<'m> {
     BothOk(VsockPacket<'m, ()>, RefPacket<'m, ()>),
     BothErr(&'static str, &'static str),
@@ -219,7 +225,11 @@ fn tx_shapes_accepted_by_both() {
     accept_both(&mem, &[(0x4000, HDR, R), (0x5000, 300, R)], false);
     accept_both(&mem, &[(0x4000, 100, R), (0x5000, 100, R)], false);
     // Three descriptors where the second holds the whole payload.
-    accept_both(&mem, &[(0x4000, HDR, R), (0x5000, 100, R), (0x6000, 8, W)], false);
+    accept_both(
+        &mem,
+        &[(0x4000, HDR, R), (0x5000, 100, R), (0x6000, 8, W)],
+        false,
+    );
     // Ending exactly at the last byte of the high region.
     let top = u64::MAX - 1;
     put(&mem, top - 63, hdr(20));
@@ -251,19 +261,47 @@ fn tx_rejects_have_the_same_kind() {
     t(&[(0x1000, HDR, W)], MAX, "UnexpectedWriteOnlyDescriptor");
     t(&[(0x1000, 43, R)], MAX, "DescriptorLengthTooSmall");
     t(&[(0x1000, 0, R)], MAX, "DescriptorLengthTooSmall");
-    t(&[(0x1000, HDR, R), (0x2000, 100, R)], 99, "InvalidHeaderLen");
+    t(
+        &[(0x1000, HDR, R), (0x2000, 100, R)],
+        99,
+        "InvalidHeaderLen",
+    );
     t(&[(0x1000, HDR, R)], MAX, "DescriptorChainTooShort");
     t(&[(0x1000, HDR + 99, R)], MAX, "DescriptorChainTooShort");
-    t(&[(0x1000, HDR, R), (0x2000, 100, W)], MAX, "UnexpectedWriteOnlyDescriptor");
-    t(&[(0x1000, HDR, R), (0x2000, 99, R)], MAX, "DescriptorLengthTooSmall");
-    t(&[(0x1000, HDR, R), (0x2000, 0, R)], MAX, "DescriptorLengthTooSmall");
+    t(
+        &[(0x1000, HDR, R), (0x2000, 100, W)],
+        MAX,
+        "UnexpectedWriteOnlyDescriptor",
+    );
+    t(
+        &[(0x1000, HDR, R), (0x2000, 99, R)],
+        MAX,
+        "DescriptorLengthTooSmall",
+    );
+    t(
+        &[(0x1000, HDR, R), (0x2000, 0, R)],
+        MAX,
+        "DescriptorLengthTooSmall",
+    );
     // Length is checked before the address.
-    t(&[(0x1000, HDR, R), (u64::MAX - 3, 99, R)], MAX, "DescriptorLengthTooSmall");
+    t(
+        &[(0x1000, HDR, R), (u64::MAX - 3, 99, R)],
+        MAX,
+        "DescriptorLengthTooSmall",
+    );
     // Memory.
     t(&[(0x10_0000, HDR, R)], MAX, "InvalidMemoryAccess");
-    t(&[(0x1000, HDR, R), (0x10_0000, 100, R)], MAX, "InvalidMemoryAccess");
+    t(
+        &[(0x1000, HDR, R), (0x10_0000, 100, R)],
+        MAX,
+        "InvalidMemoryAccess",
+    );
     t(&[(REGION - 4, HDR, R)], MAX, "FragmentedMemory");
-    t(&[(0x1000, HDR, R), (REGION - 4, 100, R)], MAX, "FragmentedMemory");
+    t(
+        &[(0x1000, HDR, R), (REGION - 4, 100, R)],
+        MAX,
+        "FragmentedMemory",
+    );
     t(&[(2 * REGION - 4, 100, R)], MAX, "FragmentedMemory");
     put(&mem, REGION - 50, hdr(20));
     t(&[(REGION - 50, HDR + 20, R)], MAX, "FragmentedMemory");
@@ -273,18 +311,45 @@ fn tx_rejects_have_the_same_kind() {
 #[test]
 fn rx_rejects_have_the_same_kind() {
     let mem = mem();
-    let r = |descs: &[(u64, u32, u16)], max: u32, want: &str| {
-        reject_both(&mem, descs, true, max, want)
-    };
-    r(&[(0x1000, HDR, R), (0x2000, 10, W)], MAX, "UnexpectedReadOnlyDescriptor");
-    r(&[(0x1000, HDR, W), (0x2000, 10, R)], MAX, "UnexpectedReadOnlyDescriptor");
+    let r =
+        |descs: &[(u64, u32, u16)], max: u32, want: &str| reject_both(&mem, descs, true, max, want);
+    r(
+        &[(0x1000, HDR, R), (0x2000, 10, W)],
+        MAX,
+        "UnexpectedReadOnlyDescriptor",
+    );
+    r(
+        &[(0x1000, HDR, W), (0x2000, 10, R)],
+        MAX,
+        "UnexpectedReadOnlyDescriptor",
+    );
     r(&[(0x1000, 43, W)], MAX, "DescriptorLengthTooSmall");
     r(&[(0x1000, HDR, W)], MAX, "DescriptorChainTooShort");
-    r(&[(0x1000, HDR, W), (0x2000, 101, W)], 100, "DescriptorLengthTooLong");
-    r(&[(0x10_0000, HDR, W), (0x2000, 10, W)], MAX, "InvalidMemoryAccess");
-    r(&[(0x1000, HDR, W), (0x10_0000, 10, W)], MAX, "InvalidMemoryAccess");
-    r(&[(REGION - 4, HDR, W), (0x2000, 10, W)], MAX, "FragmentedMemory");
-    r(&[(0x1000, HDR, W), (REGION - 4, 10, W)], MAX, "FragmentedMemory");
+    r(
+        &[(0x1000, HDR, W), (0x2000, 101, W)],
+        100,
+        "DescriptorLengthTooLong",
+    );
+    r(
+        &[(0x10_0000, HDR, W), (0x2000, 10, W)],
+        MAX,
+        "InvalidMemoryAccess",
+    );
+    r(
+        &[(0x1000, HDR, W), (0x10_0000, 10, W)],
+        MAX,
+        "InvalidMemoryAccess",
+    );
+    r(
+        &[(REGION - 4, HDR, W), (0x2000, 10, W)],
+        MAX,
+        "FragmentedMemory",
+    );
+    r(
+        &[(0x1000, HDR, W), (REGION - 4, 10, W)],
+        MAX,
+        "FragmentedMemory",
+    );
     r(&[(REGION - 50, HDR + 10, W)], MAX, "FragmentedMemory");
     r(&[(u64::MAX - 10, HDR + 10, W)], MAX, "FragmentedMemory");
 }

@@ -4,6 +4,11 @@
 //! error path, then the header accessors. Chains are built with virtio-queue's `MockSplitQueue`;
 //! the queue itself lives at address 0, buffers from 0x1000 up.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "test fixtures: flag constants, header size and region sizes all fit"
+)]
+
 use super::*;
 
 use proptest::prelude::*;
@@ -15,6 +20,8 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRe
 
 type Mem = GuestMemoryMmap<()>;
 type Chain<'m> = DescriptorChain<&'m Mem>;
+/// A chain as `(addr, len, flags)` descriptors.
+type Shape = &'static [(u64, u32, u16)];
 
 /// Device-readable (TX) descriptor flags.
 const R: u16 = 0;
@@ -388,7 +395,7 @@ fn tx_write_only_at_every_index() {
     let mem = mem();
     mem.write_slice(&hdr(100).to_bytes(), GuestAddress(0x1000))
         .unwrap();
-    let cases: [(&[(u64, u32, u16)], usize); 4] = [
+    let cases: [(Shape, usize); 4] = [
         (&[(0x1000, HDR, R), (0x2000, 100, W)], 1),
         (&[(0x1000, 20, R), (0x1014, 24, W), (0x2000, 100, R)], 1),
         (&[(0x1000, 20, R), (0x1014, 4, R), (0x1018, 20, W)], 2),
@@ -848,7 +855,7 @@ fn rx_exhausted_chain_is_too_short() {
 #[test]
 fn rx_read_only_at_every_index() {
     let mem = mem();
-    let cases: [(&[(u64, u32, u16)], usize); 5] = [
+    let cases: [(Shape, usize); 5] = [
         (&[(0x1000, HDR, R), (0x2000, 100, W)], 0),
         (&[(0x1000, HDR, W), (0x2000, 100, R)], 1),
         (&[(0x1000, 20, W), (0x2000, 24, R), (0x3000, 100, W)], 1),

@@ -45,6 +45,8 @@ mod tests;
 
 /// The size of the `virtio_vsock_hdr` structure on the wire.
 pub const PKT_HEADER_SIZE: usize = 44;
+/// [`PKT_HEADER_SIZE`] as a descriptor length.
+const PKT_HEADER_LEN: u32 = 44;
 
 /// Feature bit: stream sockets (`VIRTIO_VSOCK_F_STREAM`, virtio 1.2 5.10.3).
 pub const VIRTIO_VSOCK_F_STREAM: u64 = 0;
@@ -110,7 +112,9 @@ pub enum Error {
         found: u64,
     },
     /// A descriptor's buffer stretches over more than one host memory fragment.
-    #[error("descriptor buffer at {addr:#x} of {len} bytes stretches over multiple memory fragments")]
+    #[error(
+        "descriptor buffer at {addr:#x} of {len} bytes stretches over multiple memory fragments"
+    )]
     FragmentedMemory {
         /// Guest address (IOVA) of the buffer.
         addr: u64,
@@ -263,8 +267,15 @@ impl ShutdownFlags {
     }
     /// Encode for the header's `flags`.
     pub fn bits(self) -> u32 {
-        (if self.receive { VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE } else { 0 })
-            | (if self.send { VIRTIO_VSOCK_SHUTDOWN_F_SEND } else { 0 })
+        (if self.receive {
+            VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE
+        } else {
+            0
+        }) | (if self.send {
+            VIRTIO_VSOCK_SHUTDOWN_F_SEND
+        } else {
+            0
+        })
     }
 }
 
@@ -323,10 +334,17 @@ pub struct Header {
 
 impl Header {
     /// Decode from the 44 bytes of the wire format.
+    #[inline]
     pub fn from_bytes(b: &[u8; PKT_HEADER_SIZE]) -> Self {
-        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
-        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]));
-        let u16_at = |o: usize| u16::from_le_bytes(b[o..o + 2].try_into().unwrap_or([0; 2]));
+        // Constant offsets inside a fixed-size array: these compile to plain loads.
+        fn at<const N: usize>(b: &[u8; PKT_HEADER_SIZE], o: usize) -> [u8; N] {
+            let mut a = [0u8; N];
+            a.copy_from_slice(&b[o..o + N]);
+            a
+        }
+        let u64_at = |o: usize| u64::from_le_bytes(at(b, o));
+        let u32_at = |o: usize| u32::from_le_bytes(at(b, o));
+        let u16_at = |o: usize| u16::from_le_bytes(at(b, o));
         Header {
             src_cid: u64_at(SRC_CID_OFFSET),
             dst_cid: u64_at(DST_CID_OFFSET),
@@ -342,6 +360,7 @@ impl Header {
     }
 
     /// Encode to the 44 bytes of the wire format.
+    #[inline]
     pub fn to_bytes(&self) -> [u8; PKT_HEADER_SIZE] {
         let mut b = [0u8; PKT_HEADER_SIZE];
         b[SRC_CID_OFFSET..SRC_CID_OFFSET + 8].copy_from_slice(&self.src_cid.to_le_bytes());
@@ -412,6 +431,7 @@ pub struct VsockPacket<'a, B: BitmapSlice> {
 
 /// Get a single slice for `[addr, addr + count)`, or `FragmentedMemory` when the range spans
 /// host fragments. `count` must be non-zero.
+#[inline(always)]
 fn get_single_slice<'a, M: GuestMemory, B: BitmapSlice>(
     mem: &'a M,
     addr: GuestAddress,
@@ -453,6 +473,7 @@ enum Direction {
 }
 
 impl Direction {
+    #[inline]
     fn check(self, write_only: bool, index: usize) -> Result<()> {
         match (self, write_only) {
             (Direction::Tx, true) => Err(Error::UnexpectedWriteOnlyDescriptor { index }),
@@ -460,6 +481,7 @@ impl Direction {
             _ => Ok(()),
         }
     }
+    #[inline]
     fn access(self) -> Permissions {
         match self {
             Direction::Tx => Permissions::Read,
@@ -477,6 +499,7 @@ struct Desc {
     has_next: bool,
 }
 
+#[inline]
 fn next_desc<T>(chain: &mut DescriptorChain<T>) -> Option<Desc>
 where
     T: Deref,
@@ -610,6 +633,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
 
     /// Write `bytes` at `offset` of the header, across fragments. The offsets used here are all
     /// inside the 44 header bytes that every constructor guarantees, so writes cannot fail.
+    #[inline]
     fn write_header_bytes(&self, bytes: &[u8], offset: usize) {
         if self.header_rest.is_empty() {
             // The whole header is in `header_slice`, which is at least PKT_HEADER_SIZE long.
@@ -644,10 +668,12 @@ macro_rules! header_field {
     ($(#[$gdoc:meta])* $get:ident, $(#[$sdoc:meta])* $set:ident, $field:ident, $ty:ty, $offset:ident) => {
         impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
             $(#[$gdoc])*
+            #[inline]
             pub fn $get(&self) -> $ty {
                 self.header.$field
             }
             $(#[$sdoc])*
+            #[inline]
             pub fn $set(&mut self, value: $ty) -> &mut Self {
                 self.header.$field = value;
                 self.write_header_bytes(&value.to_le_bytes(), $offset);
@@ -729,13 +755,15 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         self.set_flags(self.flags() | flag)
     }
 
-    /// Gather the header from the front of the chain. Returns the fragments, the private copy,
-    /// and where the header ended.
+    /// Gather the header from the front of the chain. Returns the packet with its header
+    /// fragments and private copy (zeroed for RX, which is not read) but no payload yet, and
+    /// where the header ended.
+    #[inline(always)]
     fn parse_header<M, T>(
         mem: &'a M,
         chain: &mut DescriptorChain<T>,
         dir: Direction,
-    ) -> Result<(VolatileSlice<'a, B>, Vec<VolatileSlice<'a, B>>, Header, HeaderEnd)>
+    ) -> Result<(Self, HeaderEnd)>
     where
         M: GuestMemory,
         M::Bitmap: WithBitmapSlice<'a, S = B>,
@@ -750,20 +778,48 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         // Fast path: the whole header in the head descriptor (every layout 0.12 accepts).
         if head.len as usize >= PKT_HEADER_SIZE {
             let slice = get_single_slice(mem, head.addr, PKT_HEADER_SIZE, dir.access())?;
-            let mut raw = [0u8; PKT_HEADER_SIZE];
-            if dir == Direction::Tx {
+            // TX: read the header once, from the slice (no second address translation).
+            let header = if dir == Direction::Tx {
+                let mut raw = [0u8; PKT_HEADER_SIZE];
                 slice
                     .read_slice(&mut raw, 0)
                     .map_err(Error::InvalidVolatileAccess)?;
-            }
+                Header::from_bytes(&raw)
+            } else {
+                Header::default()
+            };
             let end = HeaderEnd {
                 index: 0,
                 desc: head,
-                used: PKT_HEADER_SIZE as u32,
+                used: PKT_HEADER_LEN,
             };
-            return Ok((slice, Vec::new(), Header::from_bytes(&raw), end));
+            // Built in place, with no payload yet: the caller adds it.
+            let pkt = VsockPacket {
+                header_slice: slice,
+                header_rest: Vec::new(),
+                header,
+                data_slice: None,
+                data_rest: Vec::new(),
+            };
+            return Ok((pkt, end));
         }
-        // The header is split over descriptors (beyond 0.12).
+        Self::parse_split_header(mem, chain, dir, head)
+    }
+
+    /// The slow path of [`Self::parse_header`]: the head is shorter than a header (beyond 0.12).
+    #[inline(never)]
+    fn parse_split_header<M, T>(
+        mem: &'a M,
+        chain: &mut DescriptorChain<T>,
+        dir: Direction,
+        head: Desc,
+    ) -> Result<(Self, HeaderEnd)>
+    where
+        M: GuestMemory,
+        M::Bitmap: WithBitmapSlice<'a, S = B>,
+        T: Deref,
+        T::Target: GuestMemory,
+    {
         if !head.has_next {
             return Err(Error::DescriptorLengthTooSmall {
                 expected: PKT_HEADER_SIZE as u64,
@@ -796,10 +852,18 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                 let end = HeaderEnd {
                     index,
                     desc,
-                    used: take as u32,
+                    // `take` is at most PKT_HEADER_SIZE here.
+                    used: u32::try_from(take).unwrap_or(PKT_HEADER_LEN),
                 };
                 let first = first.ok_or(Error::DescriptorChainTooShort("no header fragment"))?;
-                return Ok((first, rest, Header::from_bytes(&raw), end));
+                let pkt = VsockPacket {
+                    header_slice: first,
+                    header_rest: rest,
+                    header: Header::from_bytes(&raw),
+                    data_slice: None,
+                    data_rest: Vec::new(),
+                };
+                return Ok((pkt, end));
             }
             desc = match next_desc(chain) {
                 Some(d) => d,
@@ -872,15 +936,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         T: Deref,
         T::Target: GuestMemory,
     {
-        let (header_slice, header_rest, header, end) =
-            Self::parse_header(mem, desc_chain, Direction::Tx)?;
-        let mut pkt = VsockPacket {
-            header_slice,
-            header_rest,
-            header,
-            data_slice: None,
-            data_rest: Vec::new(),
-        };
+        let (mut pkt, end) = Self::parse_header(mem, desc_chain, Direction::Tx)?;
         // A header-only packet: anything after the header is ignored.
         if pkt.is_empty() {
             return Ok(pkt);
@@ -898,15 +954,20 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         let leftover = end.desc.len - end.used;
         let skip_leftover = end.index == 0 && end.desc.has_next;
         if !skip_leftover && leftover > 0 {
+            // Nothing follows and the rest cannot hold the payload: refuse before touching
+            // memory (0.12 answers "chain too short" here whatever the buffer's address).
+            if !end.desc.has_next && (leftover as usize) < need {
+                return Err(Error::DescriptorChainTooShort(
+                    "expected a descriptor holding the packet payload after the header",
+                ));
+            }
             let take = (leftover as usize).min(need);
-            let addr = end
-                .desc
-                .addr
-                .checked_add(u64::from(end.used))
-                .ok_or(Error::DescriptorLengthTooSmall {
+            let addr = end.desc.addr.checked_add(u64::from(end.used)).ok_or(
+                Error::DescriptorLengthTooSmall {
                     expected: PKT_HEADER_SIZE as u64 + u64::from(want),
                     found: u64::from(end.desc.len),
-                })?;
+                },
+            )?;
             pkt.push_data(get_single_slice(mem, addr, take, Permissions::Read)?);
             need -= take;
         }
@@ -932,6 +993,14 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
             data_descs += 1;
             has_next = desc.has_next;
             Direction::Tx.check(desc.write_only, index)?;
+            // The last descriptor must hold the rest: check its length before its address, as
+            // 0.12 does.
+            if !desc.has_next && (desc.len as usize) < need {
+                return Err(Error::DescriptorLengthTooSmall {
+                    expected: u64::from(want),
+                    found: (want as usize - need) as u64 + u64::from(desc.len),
+                });
+            }
             let take = (desc.len as usize).min(need);
             if take > 0 {
                 pkt.push_data(get_single_slice(mem, desc.addr, take, Permissions::Read)?);
@@ -982,15 +1051,8 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         T: Deref,
         T::Target: GuestMemory,
     {
-        let (header_slice, header_rest, _, end) =
-            Self::parse_header(mem, desc_chain, Direction::Rx)?;
-        let mut pkt = VsockPacket {
-            header_slice,
-            header_rest,
-            header: Header::default(),
-            data_slice: None,
-            data_rest: Vec::new(),
-        };
+        // The RX header is not read: the copy stays zeroed (as 0.12) until the setters fill it.
+        let (mut pkt, end) = Self::parse_header(mem, desc_chain, Direction::Rx)?;
         let leftover = end.desc.len - end.used;
         let skip_leftover = end.index == 0 && end.desc.has_next;
         let mut total: u64 = 0;
@@ -1003,14 +1065,12 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                     found: u64::from(leftover),
                 });
             }
-            let addr = end
-                .desc
-                .addr
-                .checked_add(u64::from(end.used))
-                .ok_or(Error::DescriptorLengthTooSmall {
+            let addr = end.desc.addr.checked_add(u64::from(end.used)).ok_or(
+                Error::DescriptorLengthTooSmall {
                     expected: PKT_HEADER_SIZE as u64,
                     found: u64::from(end.desc.len),
-                })?;
+                },
+            )?;
             pkt.push_data(get_single_slice(
                 mem,
                 addr,
@@ -1062,6 +1122,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         Ok(pkt)
     }
 
+    #[inline]
     fn push_data(&mut self, slice: VolatileSlice<'a, B>) {
         if self.data_slice.is_none() {
             self.data_slice = Some(slice);
@@ -1120,7 +1181,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
             .read_slice(&mut raw, 0)
             .map_err(Error::InvalidVolatileAccess)?;
         let header = Header::from_bytes(&raw);
-        let room = used_len - PKT_HEADER_SIZE as u32;
+        let room = used_len - PKT_HEADER_LEN;
         if header.len > room {
             return Err(Error::InvalidHeaderLen {
                 len: header.len,
@@ -1128,12 +1189,12 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
             });
         }
         let data_slice = if header.len > 0 {
-            let data_addr = addr
-                .checked_add(PKT_HEADER_SIZE as u64)
-                .ok_or(Error::FragmentedMemory {
-                    addr: addr.raw_value(),
-                    len: used_len as usize,
-                })?;
+            let data_addr =
+                addr.checked_add(PKT_HEADER_SIZE as u64)
+                    .ok_or(Error::FragmentedMemory {
+                        addr: addr.raw_value(),
+                        len: used_len as usize,
+                    })?;
             Some(get_single_slice(
                 mem,
                 data_addr,
@@ -1154,6 +1215,25 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
 
     /// Driver view of a TX buffer being filled: a header at `addr` and room for up to
     /// `capacity - PKT_HEADER_SIZE` bytes of payload after it. The header starts zeroed.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use vdpa_vsock::packet::{Op, VsockPacket};
+    /// use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    ///
+    /// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+    /// let mut pkt = VsockPacket::from_tx_buffer(&mem, GuestAddress(0x1000), 4096).unwrap();
+    /// let n = pkt.write_data(b"ping").unwrap();
+    /// pkt.set_op(Op::Rw as u16).set_len(n as u32);
+    /// assert_eq!(pkt.data_len(), 4096 - 44);
+    /// let mut raw = [0u8; 48];
+    /// mem.read_slice(&mut raw, GuestAddress(0x1000)).unwrap();
+    /// assert_eq!(raw[24], 4); // len
+    /// assert_eq!(&raw[44..], b"ping");
+    /// // Too small for a header.
+    /// assert!(VsockPacket::from_tx_buffer(&mem, GuestAddress(0x1000), 43).is_err());
+    /// ```
     pub fn from_tx_buffer<M>(mem: &'a M, addr: GuestAddress, capacity: u32) -> Result<Self>
     where
         M: GuestMemory,
@@ -1168,12 +1248,12 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         let header_slice = get_single_slice(mem, addr, PKT_HEADER_SIZE, Permissions::Write)?;
         let room = capacity as usize - PKT_HEADER_SIZE;
         let data_slice = if room > 0 {
-            let data_addr = addr
-                .checked_add(PKT_HEADER_SIZE as u64)
-                .ok_or(Error::FragmentedMemory {
-                    addr: addr.raw_value(),
-                    len: capacity as usize,
-                })?;
+            let data_addr =
+                addr.checked_add(PKT_HEADER_SIZE as u64)
+                    .ok_or(Error::FragmentedMemory {
+                        addr: addr.raw_value(),
+                        len: capacity as usize,
+                    })?;
             Some(get_single_slice(mem, data_addr, room, Permissions::Write)?)
         } else {
             None

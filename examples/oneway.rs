@@ -1,4 +1,5 @@
 //! Profiling aid: one-way throughput into the sim's discard service.
+#![allow(clippy::cast_possible_truncation)] // Test sizes and counters are small and known.
 use std::io::Write;
 use std::time::Instant;
 use vdpa_vsock::device::sim::DISCARD_PORT;

@@ -1,4 +1,5 @@
 //! Profiling aid: 64-byte ping-pong against the sim's echo service (`busy` argument: busy-poll).
+#![allow(clippy::cast_possible_truncation)] // Test sizes and counters are small and known.
 use std::io::{Read, Write};
 use std::time::Instant;
 use vdpa_vsock::device::sim::{SimConfig, ECHO_PORT};
@@ -6,8 +7,14 @@ use vdpa_vsock::driver::{DriverConfig, VsockAddr, VsockDriver};
 fn main() {
     let busy = std::env::args().any(|a| a == "busy");
     let d = VsockDriver::open_sim(
-        SimConfig { busy_poll: busy, ..SimConfig::default() },
-        DriverConfig { busy_poll: busy, ..DriverConfig::default() },
+        SimConfig {
+            busy_poll: busy,
+            ..SimConfig::default()
+        },
+        DriverConfig {
+            busy_poll: busy,
+            ..DriverConfig::default()
+        },
     )
     .unwrap();
     let mut s = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap();
@@ -19,5 +26,8 @@ fn main() {
         s.write_all(&msg).unwrap();
         s.read_exact(&mut back).unwrap();
     }
-    println!("{:.0} round trips/s", f64::from(n) / t0.elapsed().as_secs_f64());
+    println!(
+        "{:.0} round trips/s",
+        f64::from(n) / t0.elapsed().as_secs_f64()
+    );
 }

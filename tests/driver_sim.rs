@@ -1,4 +1,5 @@
 //! The socket API over the sim device, end to end through the public API.
+#![allow(clippy::cast_possible_truncation)] // Test sizes and counters are small and known.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
@@ -9,6 +10,9 @@ use std::time::{Duration, Instant};
 use vdpa_vsock::device::sim::{Hostile, SimConfig, DISCARD_PORT, ECHO_PORT, SEQPACKET_ECHO_PORT};
 use vdpa_vsock::device::DeviceSpec;
 use vdpa_vsock::driver::{DriverConfig, VsockAddr, VsockDriver};
+
+/// Longest a blocking call may wait in these tests before the test fails.
+const STALL: Duration = Duration::from_secs(60);
 
 fn sim() -> VsockDriver {
     VsockDriver::open(&DeviceSpec::Sim).expect("open sim")
@@ -98,7 +102,11 @@ fn many_concurrent_connections_checksummed() {
     let d = Arc::new(sim());
     let mut streams = Vec::new();
     for _ in 0..CONNS {
-        streams.push(d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap());
+        let mut s = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap();
+        // A stall must fail the test, not hang it.
+        s.set_read_timeout(Some(STALL)).unwrap();
+        s.set_write_timeout(Some(STALL)).unwrap();
+        streams.push(s);
     }
     let mut handles = Vec::new();
     for (i, s) in streams.into_iter().enumerate() {

@@ -1,4 +1,5 @@
 //! The sim device at ring level, through the public API and without the protocol engine on the
+#![allow(clippy::cast_possible_truncation)] // Test sizes and counters are small and known.
 //! driver side: we build packets in DMA buffers by hand, post them on our driver-side queues, and
 //! check what the sim's host side answers.
 

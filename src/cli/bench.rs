@@ -66,7 +66,7 @@ fn one_way<W: Write + Send + 'static>(
     let t0 = Instant::now();
     let mut left = bytes;
     while left > 0 {
-        let n = left.min(write_size as u64) as usize;
+        let n = usize::try_from(left).map_or(write_size, |l| l.min(write_size));
         w.write_all(&buf[..n]).context("writing")?;
         left -= n as u64;
     }
@@ -213,7 +213,7 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
     let mut left = bytes;
     let mut off = 0usize;
     while left > 0 {
-        let n = left.min(ws as u64) as usize;
+        let n = usize::try_from(left).map_or(ws, |l| l.min(ws));
         if off + n > dst.len() {
             off = 0;
         }

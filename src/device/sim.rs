@@ -121,6 +121,8 @@ struct SimRings {
     tx: Queue,
     call: [EventFd; 2],
     hostile: Option<Hostile>,
+    /// The last `device_rx` ran out of RX buffers (it may still have packets to deliver).
+    rx_starved: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -291,6 +293,7 @@ impl SimRings {
         stats: &mut SimStats,
     ) -> Result<bool, String> {
         let mut used_any = false;
+        self.rx_starved = true;
         while let Some(mut chain) = self.rx.pop_descriptor_chain(&self.mem) {
             let head = chain.head_index();
             let mut pkt = match VsockPacket::from_rx_virtq_chain(&self.mem, &mut chain, max_payload)
@@ -310,6 +313,7 @@ impl SimRings {
             let Some(hdr) = ep.poll_transmit(now, &mut scratch[..room]) else {
                 // Nothing to send: give the chain back to the avail ring for later.
                 self.rx.go_to_previous_position();
+                self.rx_starved = false;
                 break;
             };
             pkt.set_header(&hdr);
@@ -425,7 +429,7 @@ impl Transport for SimTransport {
                 // Re-arm kicks; `true` means buffers arrived meanwhile: go round again.
                 let more_tx = r.tx.enable_notification(&r.mem).unwrap_or(false);
                 let more_rx = r.rx.enable_notification(&r.mem).unwrap_or(false);
-                moved |= more_tx || (more_rx && ep.poll_timeout().is_some());
+                moved |= more_tx || (more_rx && r.rx_starved);
             }
         }
         Ok(moved)
@@ -682,6 +686,7 @@ impl VsockDevice for SimDevice {
             tx,
             call: [dup(&self.call[0])?, dup(&self.call[1])?],
             hostile: self.cfg.hostile,
+            rx_starved: false,
         });
         let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| DeviceError::io("eventfd", e))?;
         let fds = LoopFds {

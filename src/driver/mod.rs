@@ -328,6 +328,9 @@ pub(crate) struct LoopFds {
     pub(crate) max_sleep: Option<Duration>,
 }
 
+/// Transport rounds per hold of the core's lock in the event loop.
+const MAX_PUMP_ROUNDS: u32 = 64;
+
 /// In spin mode, rounds between two looks at the eventfds.
 const SPIN_ROUNDS_PER_POLL: u32 = 256;
 
@@ -361,20 +364,25 @@ pub(crate) fn run_loop(core: Arc<Core>, fds: LoopFds) {
     let spinning = fds.max_sleep == Some(Duration::ZERO);
     let mut spins = 0u32;
     loop {
-        let timeout = {
+        let (timeout, more) = {
             let mut st = core.lock();
             let now = Instant::now();
-            // Pump until nothing moves, so one wake-up drains a whole burst.
-            let mut rounds = 0;
-            while Core::pump_locked(&mut st, now) && rounds < 64 {
-                rounds += 1;
+            // Pump until nothing moves, so one wake-up drains a whole burst; after
+            // MAX_PUMP_ROUNDS let user threads at the lock, then come straight back: work
+            // left over may never be signalled again (its eventfd was already consumed).
+            let mut more = true;
+            for _ in 0..MAX_PUMP_ROUNDS {
+                more = Core::pump_locked(&mut st, now);
+                if !more {
+                    break;
+                }
             }
             if st.dead.is_some() {
                 return;
             }
-            st.ep.poll_timeout()
+            (st.ep.poll_timeout(), more)
         };
-        if spinning {
+        if spinning && !more {
             spins = spins.wrapping_add(1);
             if spins % SPIN_ROUNDS_PER_POLL != 0 {
                 std::hint::spin_loop();
@@ -386,7 +394,12 @@ pub(crate) fn run_loop(core: Arc<Core>, fds: LoopFds) {
         if let Some(max) = fds.max_sleep {
             sleep = Some(sleep.map_or(max, |s| s.min(max)));
         }
-        let ms = sleep.map_or(-1, |d| i32::try_from(d.as_millis()).unwrap_or(i32::MAX));
+        let ms = if more {
+            // Only look for the stop signal; the work left over is ours to finish.
+            0
+        } else {
+            sleep.map_or(-1, |d| i32::try_from(d.as_millis()).unwrap_or(i32::MAX))
+        };
         let n = match epoll.wait(ms, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,

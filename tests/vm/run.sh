@@ -53,58 +53,50 @@ apt_update_once() {
     fi
 }
 
-# Candidate version of a package, empty when apt does not know it.
+# Candidate version of a package, empty when apt does not know it. (apt-cache takes ~2 s a call
+# here, so warm runs call it only to resolve the kernel.)
 candidate() {
     apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ { if ($2 != "(none)") print $2 }'
 }
 
-# The runtime libraries QEMU needs: the Depends of the unpacked packages, minus the unpacked
-# packages themselves (first alternative of each, version constraints dropped).
-QEMU_DEBS=(qemu-system-x86 qemu-system-common qemu-system-data seabios)
-qemu_lib_deps() {
-    local p
-    for p in "${QEMU_DEBS[@]}"; do
-        apt-cache show "$p=$(candidate "$p")" | sed -n 's/^Depends: //p' | head -n 1
-    done | tr ',' '\n' | sed -e 's/|.*//' -e 's/(.*)//' -e 's/:any//' -e 's/ //g' |
-        grep -v -e '^$' -e '^qemu-' -e '^seabios$' -e '^ipxe-qemu$' | sort -u
-}
-
-install_host_packages() {
-    if [[ -z $(candidate linux-image-6.12-amd64) || -z $(candidate qemu-system-x86) ]]; then
-        apt_update_once
-    fi
-    local wanted missing=() p
-    mapfile -t wanted < <(printf '%s\n' "${HOST_PACKAGES[@]}"; qemu_lib_deps)
-    for p in "${wanted[@]}"; do
+# Installs the packages that are not installed yet (dpkg-query only when all are there).
+apt_install_missing() {
+    local missing=() p
+    for p in "$@"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
     done
-    if [[ ${#missing[@]} -gt 0 ]]; then
-        apt_update_once
-        log "apt-get install ${missing[*]}"
-        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    fi
+    [[ ${#missing[@]} -gt 0 ]] || return 0
+    apt_update_once
+    log "apt-get install ${missing[*]}"
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
 # QEMU is unpacked, not installed: bookworm's qemu-system-x86 7.2 Breaks the newer qemu-utils from
 # bookworm-backports that CI machines may carry, and apt would remove it. The unpacked binary runs
-# with the system's libraries (installed above) and `-L` for its firmware.
+# with the system's libraries (the Depends of the unpacked packages, installed here) and `-L` for its
+# firmware.
+QEMU_DEBS=(qemu-system-x86 qemu-system-common qemu-system-data seabios)
 QEMU_ROOT=$CACHE/qemu
 setup_qemu() {
-    local ver
-    ver=$(candidate qemu-system-x86)
-    [[ -n $ver ]] || die "apt knows no qemu-system-x86"
-    if ! stamped "qemu-$ver"; then
-        log "unpacking QEMU $ver"
+    QEMU=$QEMU_ROOT/usr/bin/qemu-system-x86_64
+    if ! stamped qemu; then
+        [[ -n $(candidate qemu-system-x86) ]] || apt_update_once
+        local p vers=() deps
+        for p in "${QEMU_DEBS[@]}"; do vers+=("$p=$(candidate "$p")"); done
+        log "unpacking ${vers[*]}"
+        # First alternative of each dependency, version constraints dropped, minus the unpacked ones.
+        mapfile -t deps < <(apt-cache show "${vers[@]}" | sed -n 's/^Depends: //p' | tr ',' '\n' |
+            sed -e 's/|.*//' -e 's/(.*)//' -e 's/:any//' -e 's/ //g' |
+            grep -v -e '^$' -e '^qemu-' -e '^seabios$' -e '^ipxe-qemu$' | sort -u)
+        apt_install_missing "${deps[@]}"
         rm -rf "$QEMU_ROOT" "$CACHE/debs/qemu"
         mkdir -p "$QEMU_ROOT" "$CACHE/debs/qemu"
-        local p
-        (cd "$CACHE/debs/qemu" && for p in "${QEMU_DEBS[@]}"; do apt-get download -qq -o APT::Sandbox::User=root "$p=$(candidate "$p")"; done)
+        (cd "$CACHE/debs/qemu" && apt-get download -qq -o APT::Sandbox::User=root "${vers[@]}")
         for p in "$CACHE"/debs/qemu/*.deb; do dpkg -x "$p" "$QEMU_ROOT"; done
         rm -rf "$CACHE/debs/qemu"
-        stamp "qemu-$ver"
+        "$QEMU" --version >/dev/null || die "unpacked QEMU does not run (missing libraries?)"
+        stamp qemu
     fi
-    QEMU=$QEMU_ROOT/usr/bin/qemu-system-x86_64
-    "$QEMU" --version >/dev/null || die "unpacked QEMU does not run (missing libraries?)"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -113,6 +105,10 @@ setup_qemu() {
 resolve_kernel() {
     local meta
     KPKGVER=$(candidate linux-image-6.12-amd64)
+    if [[ -z $KPKGVER ]]; then
+        apt_update_once
+        KPKGVER=$(candidate linux-image-6.12-amd64)
+    fi
     [[ -n $KPKGVER ]] || die "apt knows no linux-image-6.12-amd64 (bookworm-security or backports needed)"
     meta=$(apt-cache show "linux-image-6.12-amd64=$KPKGVER" | sed -n 's/^Depends: //p' | head -n 1)
     # "linux-image-6.12.117+deb12-amd64 (= 6.12.117-1~deb12u1)" -> 6.12.117+deb12
@@ -318,7 +314,10 @@ report() {
     if [[ $verdict != ok || $fail -gt 0 || $pass -eq 0 ]]; then
         printf '%s\n' "----- console log ($log) -----" >&2
         tail -n 60 "$log.txt" >&2
-        [[ $verdict == ok ]] || printf 'FAIL harness: %s\n' "$verdict"
+        # A failing test explains status 3 by itself; anything else gets its own line.
+        if [[ $verdict != ok && ! ($QEMU_RC -eq 3 && $fail -gt 0) ]]; then
+            printf 'FAIL harness: %s\n' "$verdict"
+        fi
         VM_KEEP=1
     fi
     if [[ $verdict != ok && $fail -eq 0 ]]; then fail=1; fi
@@ -332,7 +331,7 @@ report() {
 
 main() {
     local start=$SECONDS tests
-    install_host_packages
+    apt_install_missing "${HOST_PACKAGES[@]}"
     setup_qemu
     resolve_kernel
     setup_kernel

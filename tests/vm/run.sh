@@ -330,26 +330,24 @@ report() {
 }
 
 main() {
-    local start=$SECONDS tests
+    local start=$SECONDS tests t rc=0
+    # The guest program first: it knows the test names, so a typo fails before any download.
+    build_vmtest
+    if [[ ${1:-} == --list ]]; then
+        "$VMTEST" --list
+        return 0
+    fi
+    for t in "$@"; do
+        "$VMTEST" --list | grep -qx -- "$t" || die "unknown test '$t' (see: tests/vm/run.sh --list)"
+    done
     apt_install_missing "${HOST_PACKAGES[@]}"
     setup_qemu
     resolve_kernel
     setup_kernel
     build_modules
     setup_vhost_device_vsock
-    build_vmtest
-    if [[ ${1:-} == --list ]]; then
-        "$VMTEST" --list
-        return 0
-    fi
-    # Names are checked on the host so a typo fails fast instead of after a boot.
-    local t
-    for t in "$@"; do
-        "$VMTEST" --list | grep -qx "$t" || die "unknown test '$t' (see: tests/vm/run.sh --list)"
-    done
     tests=$(IFS=,; echo "$*")
     boot "${tests:-default}"
-    local rc=0
     report || rc=$?
     log "done in $((SECONDS - start))s"
     return "$rc"

@@ -65,38 +65,32 @@ struct Test {
     run: fn() -> TestResult,
 }
 
+/// A test run by `vmtest` without names.
+const fn default(name: &'static str, run: fn() -> TestResult) -> Test {
+    Test {
+        name,
+        default: true,
+        run,
+    }
+}
+
+/// A test run only when named (self-tests, reproducers of known failures).
+const fn by_name(name: &'static str, run: fn() -> TestResult) -> Test {
+    Test {
+        name,
+        default: false,
+        run,
+    }
+}
+
 /// Every test, in the order the default run uses.
 const TESTS: &[Test] = &[
-    Test {
-        name: "vhost_vsock_features",
-        default: true,
-        run: vhost_vsock_features,
-    },
-    Test {
-        name: "vdpa_sim_net_device",
-        default: true,
-        run: vdpa_sim_net_device,
-    },
-    Test {
-        name: "vfio_noiommu_rebind",
-        default: true,
-        run: vfio_noiommu_rebind,
-    },
-    Test {
-        name: "kernel_vsock_to_host",
-        default: true,
-        run: kernel_vsock_to_host,
-    },
-    Test {
-        name: "selftest_must_fail",
-        default: false,
-        run: selftest_must_fail,
-    },
-    Test {
-        name: "vsock_64k_single_send",
-        default: false,
-        run: vsock_64k_single_send,
-    },
+    default("vhost_vsock_features", vhost_vsock_features),
+    default("vdpa_sim_net_device", vdpa_sim_net_device),
+    default("vfio_noiommu_rebind", vfio_noiommu_rebind),
+    default("kernel_vsock_to_host", kernel_vsock_to_host),
+    by_name("selftest_must_fail", selftest_must_fail),
+    by_name("vsock_64k_single_send", vsock_64k_single_send),
 ];
 
 // ---------------------------------------------------------------------------------------------

@@ -316,8 +316,9 @@ report() {
         verdict="no test reported a result"
     fi
     if [[ $verdict != ok || $fail -gt 0 ]]; then
-        printf '%s\n' "----- console log ($log) -----" >&2
-        tail -n 60 "$log.txt" >&2
+        # Prefixed, so the result lines above are the only ones that start with PASS/FAIL/SKIP.
+        printf '%s\n' "----- end of the console log ($log) -----" >&2
+        tail -n 60 "$log.txt" | sed 's/^/console| /' >&2
         # A failing test explains status 3 by itself; anything else gets its own line.
         if [[ $verdict != ok && ! ($QEMU_RC -eq 3 && $fail -gt 0) ]]; then
             printf 'FAIL harness: %s\n' "$verdict"

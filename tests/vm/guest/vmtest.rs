@@ -127,6 +127,25 @@ fn vhost_set_owner(dev: &File) -> TestResult {
     Ok(())
 }
 
+/// An ioctl that writes one `T` (a "get"), e.g. `VHOST_GET_FEATURES`; the error names `what`.
+///
+/// # Safety
+///
+/// `request` must be valid for `dev` and write at most `size_of::<T>()` bytes to its argument.
+unsafe fn ioctl_get<T: Default>(dev: &File, request: libc::c_ulong, what: &str) -> io::Result<T> {
+    let mut value = T::default();
+    // SAFETY: the caller promises `request` writes at most one `T`; `value` is valid and
+    // exclusively borrowed for the call.
+    let ret = unsafe { ioctl_with_mut_ref(dev, request, &mut value) };
+    if ret < 0 {
+        return Err(io::Error::other(format!(
+            "{what}: {}",
+            io::Error::last_os_error()
+        )));
+    }
+    Ok(value)
+}
+
 /// Polls for `path` to exist (devtmpfs creates nodes asynchronously).
 fn wait_for_path(path: &Path, timeout: Duration) -> bool {
     let start = Instant::now();
@@ -177,15 +196,8 @@ fn pci_driver(dev: &Path) -> Option<String> {
 fn vhost_vsock_features() -> TestResult {
     let dev = open_rw("/dev/vhost-vsock")?;
     vhost_set_owner(&dev)?;
-    let mut features: u64 = 0;
-    // SAFETY: VHOST_GET_FEATURES writes one u64 to the valid, exclusively borrowed `features`.
-    let ret = unsafe { ioctl_with_mut_ref(&dev, VHOST_GET_FEATURES(), &mut features) };
-    if ret < 0 {
-        return Err(fail(format!(
-            "VHOST_GET_FEATURES: {}",
-            io::Error::last_os_error()
-        )));
-    }
+    // SAFETY: VHOST_GET_FEATURES writes one u64 (linux/vhost.h).
+    let features: u64 = unsafe { ioctl_get(&dev, VHOST_GET_FEATURES(), "VHOST_GET_FEATURES")? };
     println!("# vhost-vsock features {features:#x}");
     if features & VIRTIO_F_VERSION_1 == 0 {
         return Err(fail(format!(
@@ -207,15 +219,9 @@ fn vdpa_sim_net_device() -> TestResult {
             return Err(fail("/dev/vhost-vdpa-0 did not appear within 5 s"));
         }
         let dev = open_rw("/dev/vhost-vdpa-0")?;
-        let mut id: u32 = 0;
-        // SAFETY: VHOST_VDPA_GET_DEVICE_ID writes one u32 to the valid, exclusively borrowed `id`.
-        let ret = unsafe { ioctl_with_mut_ref(&dev, VHOST_VDPA_GET_DEVICE_ID(), &mut id) };
-        if ret < 0 {
-            return Err(fail(format!(
-                "VHOST_VDPA_GET_DEVICE_ID: {}",
-                io::Error::last_os_error()
-            )));
-        }
+        // SAFETY: VHOST_VDPA_GET_DEVICE_ID writes one u32 (linux/vhost.h).
+        let id: u32 =
+            unsafe { ioctl_get(&dev, VHOST_VDPA_GET_DEVICE_ID(), "VHOST_VDPA_GET_DEVICE_ID")? };
         if id != VIRTIO_ID_NET {
             return Err(fail(format!(
                 "device id: expected {VIRTIO_ID_NET} (net), got {id}"
@@ -409,17 +415,14 @@ mod vm_sockets {
 /// The CID of this guest on its guest-to-host transport (virtio-vsock).
 fn vsock_local_cid() -> io::Result<u32> {
     let dev = open_rw("/dev/vsock")?;
-    let mut cid: u32 = 0;
-    // SAFETY: the ioctl writes one u32 to the valid, exclusively borrowed `cid` (the kernel's
-    // vsock_dev_do_ioctl does put_user of a u32 despite the _IO encoding).
-    let ret =
-        unsafe { ioctl_with_mut_ref(&dev, vm_sockets::IOCTL_VM_SOCKETS_GET_LOCAL_CID(), &mut cid) };
-    if ret < 0 {
-        return Err(io::Error::other(format!(
-            "IOCTL_VM_SOCKETS_GET_LOCAL_CID: {}",
-            io::Error::last_os_error()
-        )));
-    }
+    // SAFETY: the kernel's vsock_dev_do_ioctl does put_user of one u32 (despite the _IO encoding).
+    let cid: u32 = unsafe {
+        ioctl_get(
+            &dev,
+            vm_sockets::IOCTL_VM_SOCKETS_GET_LOCAL_CID(),
+            "IOCTL_VM_SOCKETS_GET_LOCAL_CID",
+        )?
+    };
     Ok(cid)
 }
 

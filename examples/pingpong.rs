@@ -6,8 +6,14 @@ use vdpa_vsock::driver::{DriverConfig, VsockAddr, VsockDriver};
 fn main() {
     let busy = std::env::args().any(|a| a == "busy");
     let d = VsockDriver::open_sim(
-        SimConfig { busy_poll: busy, ..SimConfig::default() },
-        DriverConfig { busy_poll: busy, ..DriverConfig::default() },
+        SimConfig {
+            busy_poll: busy,
+            ..SimConfig::default()
+        },
+        DriverConfig {
+            busy_poll: busy,
+            ..DriverConfig::default()
+        },
     )
     .unwrap();
     let mut s = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap();
@@ -19,5 +25,8 @@ fn main() {
         s.write_all(&msg).unwrap();
         s.read_exact(&mut back).unwrap();
     }
-    println!("{:.0} round trips/s", f64::from(n) / t0.elapsed().as_secs_f64());
+    println!(
+        "{:.0} round trips/s",
+        f64::from(n) / t0.elapsed().as_secs_f64()
+    );
 }

@@ -139,13 +139,17 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
         Err(e) => {
-            // clap's first line says what is wrong; keep it to one line with a pointer to help.
+            // clap's first paragraph says what is wrong (a missing argument is on the lines
+            // under it); keep it to one line, with a pointer to the help.
             let text = e.render().to_string();
-            let first = text
+            let first: Vec<&str> = text
                 .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("bad usage");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
+                .map(str::trim)
+                .skip_while(|l| l.is_empty())
+                .take_while(|l| !l.is_empty())
+                .collect();
+            let first = first.join(" ");
+            let first = first.strip_prefix("error: ").unwrap_or(&first);
             eprintln!("vdpa-vsock: error: {first} (hint: see `vdpa-vsock --help` or `vdpa-vsock <command> --help`)");
             return ExitCode::from(EXIT_USAGE);
         }

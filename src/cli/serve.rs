@@ -12,6 +12,9 @@
 //! - Each connection gets two pump threads, one per direction; a write half closed on one side
 //!   is shut down on the other. At most `--max-conns` connections (handshaking or open) at a
 //!   time; one over the limit is answered `ERR too many connections`.
+//! - With `--device sim`, `--sim-host-uds PATH2` exposes the other end too: a client of PATH2
+//!   speaks the same handshake and is connected *from the sim host* (CID 2) to our port, which
+//!   is how a peer-initiated connection is tried (and tested) without hardware.
 //! - SIGTERM or SIGINT: stop accepting, remove PATH, shut every connection down, drop the
 //!   driver, exit 0, within a second.
 
@@ -57,6 +60,10 @@ pub(crate) struct ServeArgs {
     /// Accept peer connections on this vsock port and forward them to PATH_<port> (repeatable).
     #[arg(long = "listen-port", value_name = "PORT")]
     listen_ports: Vec<u32>,
+    /// With --device sim: a second Unix socket whose clients connect from the sim host (CID 2)
+    /// to our ports, e.g. to a --listen-port (same `CONNECT <port>` handshake).
+    #[arg(long, value_name = "PATH")]
+    sim_host_uds: Option<PathBuf>,
     /// Seconds a client has to send its `CONNECT <port>` line.
     #[arg(long, default_value_t = 5, value_name = "SECS")]
     handshake_timeout: u64,
@@ -215,8 +222,17 @@ fn splice(shared: &Shared, uds: UnixStream, vs: VsockStream, what: &str) -> io::
     Ok(())
 }
 
-/// One client of the Unix socket: handshake, connect, splice.
-fn client(shared: &Shared, mut uds: UnixStream) {
+/// Which end a Unix-socket client connects from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// Our driver, to the peer (CID 2).
+    Driver,
+    /// The sim device's host (CID 2), to our driver.
+    SimHost,
+}
+
+/// One client of a Unix socket: handshake, connect, splice.
+fn client(shared: &Shared, mut uds: UnixStream, side: Side) {
     let Some(_slot) = shared.take_slot() else {
         let _ = uds.write_all(b"ERR too many connections\n");
         log::warn!("client refused: {} connections open", shared.max_conns);
@@ -235,8 +251,21 @@ fn client(shared: &Shared, mut uds: UnixStream) {
             return;
         }
     };
-    let addr = VsockAddr::new(VMADDR_CID_HOST, port);
-    let vs = match shared.driver.connect(addr) {
+    let (addr, connected) = match side {
+        Side::Driver => {
+            let addr = VsockAddr::new(VMADDR_CID_HOST, port);
+            (addr, shared.driver.connect(addr))
+        }
+        Side::SimHost => {
+            let addr = VsockAddr::new(shared.driver.local_cid(), port);
+            let host = shared
+                .driver
+                .sim_host()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "not a sim device"));
+            (addr, host.and_then(|h| h.connect(port)))
+        }
+    };
+    let vs = match connected {
         Ok(s) => s,
         Err(e) => {
             log::info!("connect to {addr} failed: {e}");
@@ -339,8 +368,23 @@ pub(crate) fn run(args: &ServeArgs, roots: &Roots) -> Result<()> {
         signal_hook::low_level::pipe::register(sig, sig_w.try_clone()?)
             .context("installing the signal handler")?;
     }
+    if args.sim_host_uds.is_some() && args.device != DeviceSpec::Sim {
+        bail!("--sim-host-uds needs --device sim");
+    }
     let uds = bind_uds(&args.uds)?;
     uds.set_nonblocking(true)?;
+    let mut sockets = vec![(uds, args.uds.clone(), Side::Driver)];
+    if let Some(p) = &args.sim_host_uds {
+        let l = match bind_uds(p) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = std::fs::remove_file(&args.uds);
+                return Err(e);
+            }
+        };
+        l.set_nonblocking(true)?;
+        sockets.push((l, p.clone(), Side::SimHost));
+    }
     let shared = Arc::new(Shared {
         driver,
         stop: AtomicBool::new(false),
@@ -378,10 +422,11 @@ pub(crate) fn run(args: &ServeArgs, roots: &Roots) -> Result<()> {
     );
 
     let signal = loop {
-        let mut fds = [
-            PollFd::new(uds.as_fd(), PollFlags::POLLIN),
-            PollFd::new(sig_r.as_fd(), PollFlags::POLLIN),
-        ];
+        let mut fds: Vec<PollFd<'_>> = sockets
+            .iter()
+            .map(|(l, _, _)| PollFd::new(l.as_fd(), PollFlags::POLLIN))
+            .collect();
+        fds.push(PollFd::new(sig_r.as_fd(), PollFlags::POLLIN));
         match nix::poll::poll(&mut fds, PollTimeout::NONE) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => break Err(anyhow::Error::from(e).context("poll")),
@@ -392,37 +437,18 @@ pub(crate) fn run(args: &ServeArgs, roots: &Roots) -> Result<()> {
                 break Ok(());
             }
         }
-        loop {
-            match uds.accept() {
-                Ok((s, _)) => {
-                    let sh = shared.clone();
-                    let spawned =
-                        std::thread::Builder::new()
-                            .name("client".into())
-                            .spawn(move || {
-                                let _ = s.set_nonblocking(false);
-                                client(&sh, s)
-                            });
-                    if let Err(e) = spawned {
-                        log::warn!("cannot spawn a client thread: {e}");
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    // EMFILE and friends: per-connection trouble, not the daemon's end.
-                    log::warn!("accept failed: {e}");
-                    break;
-                }
-            }
+        for (l, _, side) in &sockets {
+            accept_all(&shared, l, *side);
         }
     };
 
-    // Shut down: no new clients, no socket file, every connection ended, the driver dropped.
+    // Shut down: no new clients, no socket files, every connection ended, the driver dropped.
     log::info!("shutting down");
     shared.stop.store(true, Ordering::SeqCst);
-    drop(uds);
-    let _ = std::fs::remove_file(&args.uds);
+    for (l, path, _) in sockets {
+        drop(l);
+        let _ = std::fs::remove_file(&path);
+    }
     for (u, v) in shared
         .conns
         .lock()
@@ -457,4 +483,31 @@ pub(crate) fn run(args: &ServeArgs, roots: &Roots) -> Result<()> {
     }
     eprintln!("stopped");
     signal
+}
+
+/// Accept every pending client of `l` and give each its thread.
+fn accept_all(shared: &Arc<Shared>, l: &UnixListener, side: Side) {
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                let sh = shared.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("client".into())
+                    .spawn(move || {
+                        let _ = s.set_nonblocking(false);
+                        client(&sh, s, side)
+                    });
+                if let Err(e) = spawned {
+                    log::warn!("cannot spawn a client thread: {e}");
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                // EMFILE and friends: one client's trouble, not the daemon's end.
+                log::warn!("accept failed: {e}");
+                return;
+            }
+        }
+    }
 }

@@ -130,11 +130,42 @@ fn expect(out: &Output, code: i32, stderr_has: &str) {
 
 #[test]
 fn shellcheck_clean() {
-    match Command::new("shellcheck").arg(SCRIPT).output() {
+    let helper = concat!(env!("CARGO_MANIFEST_DIR"), "/udev/vdpa-vsock-vfio-group");
+    match Command::new("shellcheck").args([SCRIPT, helper]).output() {
         Ok(out) => assert!(out.status.success(), "{}", text(&out.stdout)),
         Err(e) => {
             eprintln!("skipped: shellcheck not installed ({e}); apt-get install -y shellcheck")
         }
+    }
+}
+
+/// The unit passes `systemd-analyze verify`, with ExecStart pointed at the built binary.
+#[test]
+fn systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tools/systemd/vdpa-vsock.service"
+    ))
+    .unwrap()
+    .replace(
+        "/usr/local/bin/vdpa-vsock",
+        env!("CARGO_BIN_EXE_vdpa-vsock"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vdpa-vsock.service");
+    std::fs::write(&path, unit).unwrap();
+    match Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+    {
+        Ok(out) => assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "{}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        ),
+        Err(e) => eprintln!("skipped: systemd-analyze not installed ({e})"),
     }
 }
 
@@ -399,4 +430,44 @@ fn noiommu_warns_loudly() {
         f.get("bus/pci/devices/0000:06:00.0/driver_override"),
         "vfio-pci\n"
     );
+}
+
+#[test]
+fn udev_vfio_group_helper() {
+    const HELPER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/udev/vdpa-vsock-vfio-group");
+    let f = Fake::new();
+    let group = |n: &str, members: &[&str]| {
+        for m in members {
+            let d = f.sys(&format!("kernel/iommu_groups/{n}/devices"));
+            std::fs::create_dir_all(&d).unwrap();
+            symlink(format!("../../../../bus/pci/devices/{m}"), d.join(m)).unwrap();
+        }
+    };
+    group("12", &["0000:04:00.0"]); // vsock on vfio-pci
+    group("13", &["0000:03:00.0", "0000:05:00.0"]); // vsock + virtio-net
+    group("14", &["0000:05:00.0"]); // virtio-net only
+    let run = |arg: &str| {
+        Command::new("sh")
+            .arg(HELPER)
+            .arg(arg)
+            .env("SYSFS_ROOT", f.dir.path())
+            .status()
+            .unwrap()
+            .code()
+    };
+    assert_eq!(run("12"), Some(0));
+    assert_eq!(run("noiommu-12"), Some(0));
+    assert_eq!(
+        run("13"),
+        Some(0),
+        "virtio-net of group 13 is not on vfio-pci"
+    );
+    assert_eq!(run("14"), Some(1));
+    assert_eq!(run("99"), Some(1));
+    assert_eq!(run("vfio"), Some(1));
+    // A non-vsock member handed to vfio-pci takes the group out.
+    let net = f.sys("bus/pci/devices/0000:05:00.0/driver");
+    std::fs::remove_file(&net).unwrap();
+    symlink("../../drivers/vfio-pci", &net).unwrap();
+    assert_eq!(run("13"), Some(1));
 }

@@ -410,7 +410,7 @@ fn pattern(seed: u32, len: usize) -> Vec<u8> {
             x ^= x << 13;
             x ^= x >> 17;
             x ^= x << 5;
-            x as u8
+            x.to_le_bytes()[0]
         })
         .collect()
 }

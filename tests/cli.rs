@@ -398,7 +398,8 @@ fn read_line(s: &mut UnixStream) -> String {
 fn hello(path: &Path, line: &[u8]) -> (UnixStream, String) {
     let mut s = UnixStream::connect(path).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s.write_all(line).unwrap();
+    // A refusal (ERR too many connections) may come before we have written.
+    let _ = s.write_all(line);
     let reply = read_line(&mut s);
     (s, reply)
 }
@@ -627,4 +628,28 @@ fn serve_forwards_peer_connections_to_path_port() {
     let _ = peer.read_to_end(&mut rest);
     assert!(rest.is_empty());
     echo_client(&d.uds, 7, 1024);
+}
+
+#[test]
+fn serve_data_right_after_the_handshake_line_is_kept() {
+    let d = Daemon::start(&[]);
+    let mut s = UnixStream::connect(&d.uds).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"CONNECT 7\nhello in the same write").unwrap();
+    assert!(read_line(&mut s).starts_with("OK "));
+    let mut buf = [0u8; 23];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello in the same write");
+}
+
+#[test]
+fn serve_unbindable_path_is_a_clear_runtime_error() {
+    let out = run(&["serve", "--uds", "/nonexistent-dir/v.sock"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot bind the Unix socket /nonexistent-dir/v.sock")
+            && stderr.contains("does the directory exist"),
+        "{stderr}"
+    );
 }

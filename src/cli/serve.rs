@@ -236,6 +236,10 @@ fn client(shared: &Shared, mut uds: UnixStream, side: Side) {
     let Some(_slot) = shared.take_slot() else {
         let _ = uds.write_all(b"ERR too many connections\n");
         log::warn!("client refused: {} connections open", shared.max_conns);
+        // Let the client's handshake land before the close, so its write doesn't fail first.
+        let _ = uds.shutdown(Shutdown::Write);
+        let _ = uds.set_read_timeout(Some(Duration::from_millis(200)));
+        let _ = uds.read(&mut [0u8; MAX_LINE]);
         return;
     };
     let port = match read_handshake(&mut uds, shared.handshake_timeout) {
@@ -343,10 +347,32 @@ fn bind_uds(path: &Path) -> Result<UnixListener> {
                 format!("{} is served by a running program", path.display())
             ));
         }
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing the stale socket {}", path.display()))?;
+        // Not an io::Error in the chain: the device hints don't apply to a socket path.
+        std::fs::remove_file(path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot remove the stale socket {}: {e} (is it ours to replace?)",
+                path.display()
+            )
+        })?;
     }
-    UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))
+    // Bind (and listen) under a temporary name and rename: the socket appears only once it
+    // accepts, so a client that waits for the file never meets ECONNREFUSED.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let cannot = |e: io::Error| {
+        anyhow::anyhow!(
+            "cannot bind the Unix socket {}: {e} (does the directory exist, and may we write to it?)",
+            path.display()
+        )
+    };
+    let l = UnixListener::bind(&tmp).map_err(cannot)?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(cannot(e));
+    }
+    Ok(l)
 }
 
 /// Run `vdpa-vsock serve` until SIGTERM or SIGINT.
@@ -371,20 +397,24 @@ pub(crate) fn run(args: &ServeArgs, roots: &Roots) -> Result<()> {
     if args.sim_host_uds.is_some() && args.device != DeviceSpec::Sim {
         bail!("--sim-host-uds needs --device sim");
     }
-    let uds = bind_uds(&args.uds)?;
-    uds.set_nonblocking(true)?;
-    let mut sockets = vec![(uds, args.uds.clone(), Side::Driver)];
+    // The sim-host socket first: once the main socket exists, everything is ready.
+    let mut sockets = Vec::new();
     if let Some(p) = &args.sim_host_uds {
-        let l = match bind_uds(p) {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = std::fs::remove_file(&args.uds);
-                return Err(e);
-            }
-        };
+        let l = bind_uds(p)?;
         l.set_nonblocking(true)?;
         sockets.push((l, p.clone(), Side::SimHost));
     }
+    let uds = match bind_uds(&args.uds) {
+        Ok(l) => l,
+        Err(e) => {
+            if let Some(p) = &args.sim_host_uds {
+                let _ = std::fs::remove_file(p);
+            }
+            return Err(e);
+        }
+    };
+    uds.set_nonblocking(true)?;
+    sockets.push((uds, args.uds.clone(), Side::Driver));
     let shared = Arc::new(Shared {
         driver,
         stop: AtomicBool::new(false),

@@ -2,10 +2,13 @@
 
 //! `vdpa-vsock`: the command-line front end of the userspace virtio-vsock driver.
 //!
-//! Exit codes: 0 success, 1 runtime failure (device, connection), 2 usage error (clap).
+//! Exit codes: 0 success, 1 runtime failure (device, connection), 2 usage error (bad flag,
+//! spec or address). Errors are one line on stderr, `vdpa-vsock: error: ...`, with a hint.
+//! `RUST_LOG` (e.g. `RUST_LOG=info`) sets the log level; the default is `warn`.
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -17,8 +20,20 @@ mod cli;
 
 /// Userspace virtio-vsock driver: vsock streams over vDPA, VFIO, vhost-vsock or a simulated device.
 #[derive(Debug, Parser)]
-#[command(name = "vdpa-vsock", version, about, long_about = None)]
+#[command(
+    name = "vdpa-vsock",
+    version,
+    about,
+    long_about = None,
+    after_help = "Exit codes: 0 success, 1 runtime failure, 2 usage error.\nLogging: RUST_LOG=info|debug|trace (default warn)."
+)]
 struct Cli {
+    /// Stand-in for /sys (testing on a fake tree; also the SYSFS_ROOT variable).
+    #[arg(long, global = true, hide = true, value_name = "DIR")]
+    sysfs_root: Option<PathBuf>,
+    /// Stand-in for /dev (testing on a fake tree; also the DEV_ROOT variable).
+    #[arg(long, global = true, hide = true, value_name = "DIR")]
+    dev_root: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -43,6 +58,12 @@ enum Cmd {
     },
     /// Measure throughput and latency, side by side with a Unix socketpair, TCP loopback and memcpy.
     Bench(cli::bench::BenchArgs),
+    /// List every device the driver could run on, and whether it can right now (and why not).
+    List(cli::list::ListArgs),
+    /// Show a device's features (offered and negotiated, by name), CID and queues.
+    Inspect(cli::inspect::InspectArgs),
+    /// Serve the transport on a Unix socket with Firecracker's hybrid-vsock protocol.
+    Serve(cli::serve::ServeArgs),
 }
 
 fn pipe(stream: VsockStream) -> Result<()> {
@@ -75,8 +96,10 @@ fn pipe(stream: VsockStream) -> Result<()> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let roots = cli::Roots::new(cli.sysfs_root, cli.dev_root);
     match cli.cmd {
         Cmd::Connect { addr, device } => {
+            cli::preflight(&device, &roots)?;
             let driver =
                 VsockDriver::open(&device).with_context(|| format!("opening device {device}"))?;
             let stream = driver
@@ -85,6 +108,7 @@ fn run(cli: Cli) -> Result<()> {
             pipe(stream)
         }
         Cmd::Listen { port, device } => {
+            cli::preflight(&device, &roots)?;
             let driver =
                 VsockDriver::open(&device).with_context(|| format!("opening device {device}"))?;
             let listener = driver
@@ -100,15 +124,43 @@ fn run(cli: Cli) -> Result<()> {
             pipe(stream)
         }
         Cmd::Bench(args) => cli::bench::run(&args, DriverConfig::default()),
+        Cmd::List(args) => cli::list::run(&args, &roots),
+        Cmd::Inspect(args) => cli::inspect::run(&args, &roots),
+        Cmd::Serve(args) => cli::serve::run(&args, &roots),
     }
 }
 
+/// Exit code of a usage error.
+const EXIT_USAGE: u8 = 2;
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    match run(Cli::parse()) {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // clap's first paragraph says what is wrong (a missing argument is on the lines
+            // under it); keep it to one line, with a pointer to the help.
+            let text = e.render().to_string();
+            let first: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .skip_while(|l| l.is_empty())
+                .take_while(|l| !l.is_empty())
+                .collect();
+            let first = first.join(" ");
+            let first = first.strip_prefix("error: ").unwrap_or(&first);
+            eprintln!("vdpa-vsock: error: {first} (hint: see `vdpa-vsock --help` or `vdpa-vsock <command> --help`)");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vdpa-vsock: error: {e:#}");
+            match cli::hint(&e) {
+                Some(h) => eprintln!("vdpa-vsock: error: {e:#} (hint: {h})"),
+                None => eprintln!("vdpa-vsock: error: {e:#}"),
+            }
             ExitCode::FAILURE
         }
     }

@@ -1,2 +1,160 @@
-//! Subcommand implementations of the CLI.
+//! Subcommand implementations of the CLI, and what they share: where sysfs and `/dev` are (so the
+//! operator commands can be tested on a fake tree), the pre-flight check of a device spec, and
+//! the hint printed under an error.
 pub(crate) mod bench;
+pub(crate) mod inspect;
+pub(crate) mod list;
+pub(crate) mod serve;
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Result};
+use nix::unistd::AccessFlags;
+use vdpa_vsock::device::{DeviceError, DeviceSpec};
+use vdpa_vsock::driver::DriverError;
+
+/// Where the kernel's sysfs and device nodes are. `/sys` and `/dev` unless overridden by
+/// `--sysfs-root`/`--dev-root` or the `SYSFS_ROOT`/`DEV_ROOT` environment variables (tests).
+#[derive(Debug, Clone)]
+pub(crate) struct Roots {
+    /// Stands for `/sys`.
+    pub(crate) sys: PathBuf,
+    /// Stands for `/dev`.
+    pub(crate) dev: PathBuf,
+}
+
+impl Roots {
+    /// Flags first, then the environment, then the real paths.
+    pub(crate) fn new(sys: Option<PathBuf>, dev: Option<PathBuf>) -> Roots {
+        let pick = |flag: Option<PathBuf>, var: &str, default: &str| {
+            flag.or_else(|| std::env::var_os(var).map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from(default))
+        };
+        Roots {
+            sys: pick(sys, "SYSFS_ROOT", "/sys"),
+            dev: pick(dev, "DEV_ROOT", "/dev"),
+        }
+    }
+
+    /// `rel` (e.g. `bus/pci/devices`) under the sysfs root.
+    pub(crate) fn sys(&self, rel: &str) -> PathBuf {
+        self.sys.join(rel)
+    }
+
+    /// `rel` (e.g. `vhost-vsock`) under the device root.
+    pub(crate) fn dev(&self, rel: &str) -> PathBuf {
+        self.dev.join(rel)
+    }
+
+    /// Whether these are the real `/sys` and `/dev` (external tools are only asked then).
+    pub(crate) fn is_real(&self) -> bool {
+        self.sys == Path::new("/sys") && self.dev == Path::new("/dev")
+    }
+}
+
+/// Why a device node can't be used by this process, or `None` when it can be opened read-write.
+pub(crate) fn node_problem(path: &Path) -> Option<String> {
+    if std::fs::symlink_metadata(path).is_err() {
+        return Some(format!("{} does not exist", path.display()));
+    }
+    match nix::unistd::access(path, AccessFlags::R_OK | AccessFlags::W_OK) {
+        Ok(()) => None,
+        Err(e) => Some(format!(
+            "no read-write access to {} ({e}); join group vsock, see udev/README.md",
+            path.display()
+        )),
+    }
+}
+
+/// Whether this build has a backend for `spec`'s kind: asks the backend to open a node that
+/// cannot exist, which a built backend refuses with "not found" and a missing one with
+/// `NotImplemented`. No real device is touched.
+pub(crate) fn backend_built(spec: &DeviceSpec) -> bool {
+    let probe = match spec {
+        DeviceSpec::Sim => return true,
+        DeviceSpec::VhostVdpa { .. } => DeviceSpec::VhostVdpa {
+            path: "/nonexistent/vdpa-vsock-probe".into(),
+        },
+        DeviceSpec::Vfio { .. } => DeviceSpec::Vfio {
+            bdf: "ffff:ff:1f.7".into(),
+            noiommu: false,
+        },
+        DeviceSpec::VhostVsock { cid, .. } => DeviceSpec::VhostVsock {
+            path: "/nonexistent/vdpa-vsock-probe".into(),
+            cid: *cid,
+        },
+        DeviceSpec::Auto => return true,
+    };
+    !matches!(probe.open(), Err(DeviceError::NotImplemented(_)))
+}
+
+/// Check what can be checked before opening `spec`, so a new user gets "no such node" rather
+/// than a backend error: the node (or PCI function) exists and is readable and writable.
+pub(crate) fn preflight(spec: &DeviceSpec, roots: &Roots) -> Result<()> {
+    let node = match spec {
+        DeviceSpec::Sim | DeviceSpec::Auto => return Ok(()),
+        DeviceSpec::VhostVdpa { path } | DeviceSpec::VhostVsock { path, .. } => PathBuf::from(path),
+        DeviceSpec::Vfio { bdf, .. } => {
+            let dir = roots.sys("bus/pci/devices").join(bdf);
+            if !dir.exists() {
+                return Err(anyhow!(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("no PCI function {bdf} ({} is missing)", dir.display())
+                )));
+            }
+            return Ok(());
+        }
+    };
+    if std::fs::symlink_metadata(&node).is_err() {
+        return Err(anyhow!(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("device node {} does not exist", node.display())
+        )));
+    }
+    if let Some(p) = node_problem(&node) {
+        return Err(anyhow!(io::Error::new(io::ErrorKind::PermissionDenied, p)));
+    }
+    Ok(())
+}
+
+/// A one-line hint for the errors a new user meets, found anywhere in the error's chain.
+pub(crate) fn hint(err: &anyhow::Error) -> Option<&'static str> {
+    for cause in err.chain() {
+        if let Some(DeviceError::NotImplemented(_)) = cause.downcast_ref::<DeviceError>() {
+            return Some(
+                "this build drives only --device sim so far; `vdpa-vsock list` shows what is there",
+            );
+        }
+        if let Some(DriverError::Device {
+            source: DeviceError::NotImplemented(_),
+            ..
+        }) = cause.downcast_ref::<DriverError>()
+        {
+            return Some(
+                "this build drives only --device sim so far; `vdpa-vsock list` shows what is there",
+            );
+        }
+        if let Some(e) = cause.downcast_ref::<io::Error>() {
+            match e.kind() {
+                io::ErrorKind::NotFound => {
+                    return Some("`vdpa-vsock list` shows the devices this machine has")
+                }
+                io::ErrorKind::PermissionDenied => {
+                    return Some("add yourself to group vsock (udev/README.md) or run as root")
+                }
+                io::ErrorKind::AddrInUse => {
+                    return Some("another listener holds that port (a repeated --listen-port, or another program)")
+                }
+                io::ErrorKind::ConnectionRefused => {
+                    return Some("nothing listens there; the sim host serves 7 (echo), 8 (seqpacket echo), 9 (discard)")
+                }
+                io::ErrorKind::TimedOut => {
+                    return Some("the peer did not answer; is the device running?")
+                }
+                _ => {}
+            }
+        }
+    }
+    None
+}

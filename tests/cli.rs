@@ -1,0 +1,655 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The `vdpa-vsock` binary as a user meets it: help, error lines and exit codes, `list` and
+//! `inspect` (also on a fake sysfs tree), and the `serve` daemon over the sim device.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::symlink;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_vdpa-vsock");
+
+fn cmd() -> Command {
+    let mut c = Command::new(BIN);
+    c.env_remove("SYSFS_ROOT")
+        .env_remove("DEV_ROOT")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    cmd().args(args).output().expect("running vdpa-vsock")
+}
+
+/// The run failed with `code`, and stderr has exactly one error line holding a hint and every
+/// one of `needles`. Returns that line.
+#[track_caller]
+fn expect_error(out: &Output, code: i32, needles: &[&str]) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr:\n{stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("vdpa-vsock: error:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "expected one error line, stderr:\n{stderr}");
+    let line = lines[0];
+    assert!(line.contains("(hint: "), "no hint in {line:?}");
+    for n in needles {
+        assert!(line.contains(n), "{n:?} missing from {line:?}");
+    }
+    line.to_string()
+}
+
+#[test]
+fn help_on_every_subcommand() {
+    for sub in [
+        &["--help"][..],
+        &["connect", "--help"],
+        &["listen", "--help"],
+        &["bench", "--help"],
+        &["list", "--help"],
+        &["inspect", "--help"],
+        &["serve", "--help"],
+    ] {
+        let out = run(sub);
+        assert_eq!(out.status.code(), Some(0), "{sub:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage"),
+            "{sub:?}"
+        );
+    }
+    let top = String::from_utf8_lossy(&run(&["--help"]).stdout).to_string();
+    assert!(top.contains("Exit codes: 0 success, 1 runtime failure, 2 usage error"));
+}
+
+#[test]
+fn bad_spec_is_a_usage_error() {
+    let out = run(&["connect", "--device", "vhost-vdpa", "2:7"]);
+    expect_error(&out, 2, &["invalid device spec", "absolute path"]);
+    let out = run(&["serve", "--device", "bogus", "--uds", "/tmp/x"]);
+    expect_error(&out, 2, &["unknown device kind", "expected one of"]);
+    let out = run(&["inspect", "vfio:03:00.0"]);
+    expect_error(&out, 2, &["DDDD:BB:DD.F"]);
+}
+
+#[test]
+fn bad_cid_port_is_a_usage_error() {
+    expect_error(&run(&["connect", "2x7"]), 2, &["expected CID:PORT"]);
+    expect_error(&run(&["connect", "two:7"]), 2, &["bad CID"]);
+    expect_error(&run(&["connect", "2:99999999999"]), 2, &["bad port"]);
+    expect_error(&run(&["serve"]), 2, &["--uds"]);
+}
+
+#[test]
+fn missing_device_node() {
+    let out = run(&["connect", "--device", "vhost-vdpa:/dev/nonexistent", "2:7"]);
+    expect_error(
+        &out,
+        1,
+        &["/dev/nonexistent does not exist", "vdpa-vsock list"],
+    );
+    let out = run(&["inspect", "vhost-vsock:/dev/nonexistent,cid=3"]);
+    expect_error(&out, 1, &["does not exist"]);
+    let out = run(&[
+        "serve",
+        "--device",
+        "vfio:0000:ff:1f.7",
+        "--uds",
+        "/tmp/never",
+    ]);
+    expect_error(&out, 1, &["no PCI function 0000:ff:1f.7"]);
+}
+
+#[test]
+fn unimplemented_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = dir.path().join("vhost-vdpa-0");
+    std::fs::write(&node, b"").unwrap();
+    let spec = format!("vhost-vdpa:{}", node.display());
+    let out = run(&["connect", "--device", &spec, "2:7"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    if stderr.contains("not implemented") {
+        expect_error(
+            &out,
+            1,
+            &["vhost-vdpa backend is not implemented", "only --device sim"],
+        );
+    } else {
+        // Once the backend exists, a regular file is refused by its first ioctl.
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+    }
+}
+
+#[test]
+fn connection_refused_has_a_hint() {
+    let out = run(&["connect", "2:1234"]);
+    expect_error(&out, 1, &["connecting to 2:1234", "sim host serves 7"]);
+}
+
+#[test]
+fn list_json_parses() {
+    let out = run(&["list", "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("list --json is JSON");
+    let devs = v["devices"].as_array().unwrap();
+    let sim = devs.iter().find(|d| d["kind"] == "sim").unwrap();
+    assert_eq!(sim["usable"], true);
+    assert_eq!(sim["spec"], "sim");
+    assert!(devs.iter().any(|d| d["kind"] == "vhost-vsock"));
+    assert_eq!(run(&["list"]).status.code(), Some(0));
+}
+
+/// A fake /sys and /dev: two vDPA devices, three PCI functions, vhost-vsock missing.
+fn fake_tree() -> tempfile::TempDir {
+    let t = tempfile::tempdir().unwrap();
+    let sys = t.path().join("sys");
+    let dev = t.path().join("dev");
+    let mk = |p: &Path| std::fs::create_dir_all(p).unwrap();
+    let put = |p: PathBuf, s: &str| {
+        mk(p.parent().unwrap());
+        std::fs::write(p, s).unwrap()
+    };
+    for d in ["vhost_vdpa", "virtio_vdpa"] {
+        mk(&sys.join("bus/vdpa/drivers").join(d));
+    }
+    for d in ["vfio-pci", "virtio-pci"] {
+        mk(&sys.join("bus/pci/drivers").join(d));
+    }
+    // vdpa0: bound to vhost_vdpa, node present.
+    let v0 = sys.join("bus/vdpa/devices/vdpa0");
+    mk(&v0.join("vhost-vdpa-0"));
+    symlink("../../drivers/vhost_vdpa", v0.join("driver")).unwrap();
+    put(dev.join("vhost-vdpa-0"), "");
+    // vdpa1: a net device on virtio_vdpa.
+    let v1 = sys.join("bus/vdpa/devices/vdpa1");
+    put(v1.join("virtio1/device"), "0x0001\n");
+    symlink("../../drivers/virtio_vdpa", v1.join("driver")).unwrap();
+    // PCI: vsock on vfio-pci (group 7), vsock on virtio-pci, a virtio-net function.
+    let pci = sys.join("bus/pci/devices");
+    for (bdf, id, drv) in [
+        ("0000:03:00.0", "0x1053", Some("vfio-pci")),
+        ("0000:04:00.0", "0x1012", Some("virtio-pci")),
+        ("0000:05:00.0", "0x1041", Some("virtio-pci")),
+        ("0000:06:00.0", "0x1053", None),
+    ] {
+        put(pci.join(bdf).join("vendor"), "0x1af4\n");
+        put(pci.join(bdf).join("device"), &format!("{id}\n"));
+        if let Some(d) = drv {
+            symlink(format!("../../drivers/{d}"), pci.join(bdf).join("driver")).unwrap();
+        }
+    }
+    mk(&sys.join("kernel/iommu_groups/7"));
+    symlink(
+        "../../../kernel/iommu_groups/7",
+        pci.join("0000:03:00.0/iommu_group"),
+    )
+    .unwrap();
+    put(dev.join("vfio/7"), "");
+    put(dev.join("vfio/vfio"), "");
+    t
+}
+
+fn fake_cmd(t: &tempfile::TempDir) -> Command {
+    let mut c = cmd();
+    c.env("SYSFS_ROOT", t.path().join("sys"))
+        .env("DEV_ROOT", t.path().join("dev"));
+    c
+}
+
+#[test]
+fn list_on_a_fake_tree() {
+    let t = fake_tree();
+    let out = fake_cmd(&t).args(["list", "--json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let devs = v["devices"].as_array().unwrap();
+    let by_name = |n: &str| {
+        devs.iter()
+            .find(|d| d["name"] == n)
+            .unwrap_or_else(|| panic!("{n} not listed: {v:#}"))
+    };
+    let reason = |n: &str| by_name(n)["reason"].as_str().unwrap_or("").to_string();
+
+    let vdpa0 = by_name("vdpa0");
+    assert_eq!(vdpa0["facts"]["driver"], "vhost_vdpa");
+    let node = t.path().join("dev/vhost-vdpa-0");
+    assert_eq!(vdpa0["spec"], format!("vhost-vdpa:{}", node.display()));
+    assert!(vdpa0["usable"] == true || reason("vdpa0").contains("backend is not built"));
+    assert_eq!(by_name("vdpa1")["usable"], false);
+    assert!(reason("vdpa1").contains("not a vsock device"));
+    assert!(by_name("vdpa1")["facts"]["device_id"]
+        .as_str()
+        .unwrap()
+        .contains("net"));
+
+    let p3 = by_name("0000:03:00.0");
+    assert_eq!(p3["facts"]["driver"], "vfio-pci");
+    assert_eq!(p3["facts"]["iommu_group"], "7");
+    assert!(p3["usable"] == true || reason("0000:03:00.0").contains("backend is not built"));
+    assert!(reason("0000:04:00.0").contains("bound to virtio-pci"));
+    assert!(reason("0000:04:00.0").contains("tools/bind.sh --bind vfio-pci 0000:04:00.0"));
+    assert!(reason("0000:06:00.0").contains("no driver bound"));
+    assert!(
+        devs.iter().all(|d| d["name"] != "0000:05:00.0"),
+        "virtio-net listed"
+    );
+    assert!(
+        reason(&t.path().join("dev/vhost-vsock").display().to_string()).contains("does not exist")
+    );
+
+    // The flags do the same as the variables.
+    let out = cmd()
+        .arg("--sysfs-root")
+        .arg(t.path().join("sys"))
+        .arg("--dev-root")
+        .arg(t.path().join("dev"))
+        .arg("list")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("0000:04:00.0"), "{text}");
+}
+
+#[test]
+fn inspect_sim_json() {
+    let out = run(&["inspect", "sim", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("inspect --json is JSON");
+    let names = |k: &str| -> Vec<String> {
+        v[k]["names"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_str().unwrap().to_string())
+            .collect()
+    };
+    for f in ["VERSION_1", "EVENT_IDX", "SEQPACKET"] {
+        assert!(names("negotiated").contains(&f.to_string()), "{v:#}");
+        assert!(names("offered").contains(&f.to_string()), "{v:#}");
+    }
+    assert_eq!(v["guest_cid"], 3);
+    assert_eq!(v["num_queues"], 2);
+    assert_eq!(v["queues"][0]["name"], "rx");
+    assert!(v["queues"][0]["max_size"].as_u64().unwrap() > 0);
+    assert_eq!(v["driver_up"], true);
+    let text = run(&["inspect", "sim"]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("negotiated:"));
+}
+
+#[test]
+fn inspect_other_specs_on_a_fake_tree() {
+    let t = fake_tree();
+    let out = fake_cmd(&t)
+        .args(["inspect", "vfio:0000:03:00.0", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["sysfs"]["facts"]["driver"], "vfio-pci");
+    let open = v["open"].as_str().unwrap();
+    assert!(
+        open == "backend not built yet" || open.starts_with("cannot open"),
+        "{open}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("vdpa-vsock: error: opening device vfio:0000:03:00.0"),
+        "{err}"
+    );
+}
+
+// ---- serve ----
+
+/// A running `serve`, killed on drop if still there.
+struct Daemon {
+    child: Child,
+    dir: tempfile::TempDir,
+    uds: PathBuf,
+}
+
+impl Daemon {
+    fn start(extra: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
+        let child = cmd()
+            .arg("serve")
+            .arg("--uds")
+            .arg(&uds)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let d = Daemon { child, dir, uds };
+        let t0 = Instant::now();
+        while !d.uds.exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "serve did not start: {}",
+                d.log()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        d
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// SIGTERM, then the time until it exited and its exit code.
+    fn terminate(&mut self) -> (Duration, Option<i32>) {
+        let t0 = Instant::now();
+        let st = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return (t0.elapsed(), s.code());
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "serve ignores SIGTERM"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read_line(s: &mut UnixStream) -> String {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while s.read(&mut b).unwrap_or(0) == 1 {
+        if b[0] == b'\n' {
+            break;
+        }
+        line.push(b[0]);
+    }
+    String::from_utf8_lossy(&line).into_owned()
+}
+
+/// Connect to `path`, send `line`, return the stream and the answer line.
+fn hello(path: &Path, line: &[u8]) -> (UnixStream, String) {
+    let mut s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // A refusal (ERR too many connections) may come before we have written.
+    let _ = s.write_all(line);
+    let reply = read_line(&mut s);
+    (s, reply)
+}
+
+fn pattern(seed: u32, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+/// Echo `len` bytes through `CONNECT 7` and check they come back intact.
+fn echo_client(path: &Path, seed: u32, len: usize) {
+    let (s, reply) = hello(path, b"CONNECT 7\n");
+    assert!(reply.starts_with("OK "), "client {seed}: {reply:?}");
+    reply[3..].parse::<u32>().expect("OK <local_port>");
+    let data = pattern(seed, len);
+    let mut w = s.try_clone().unwrap();
+    let sent = data.clone();
+    let writer = thread::spawn(move || {
+        for chunk in sent.chunks(32 * 1024) {
+            w.write_all(chunk).unwrap();
+        }
+    });
+    let mut got = vec![0u8; len];
+    let mut r = s;
+    r.read_exact(&mut got).unwrap();
+    writer.join().unwrap();
+    assert!(got == data, "client {seed}: echoed bytes differ");
+}
+
+#[test]
+fn serve_100_clients_echo_1mib_each_despite_bad_clients() {
+    let d = Daemon::start(&[]);
+    let t0 = Instant::now();
+    let mut threads = Vec::new();
+    for i in 0..100 {
+        let p = d.uds.clone();
+        threads.push(thread::spawn(move || echo_client(&p, i, 1 << 20)));
+    }
+    // Bad clients in between: garbage, an overlong line, a bad port, closing mid-handshake.
+    let mut errs = Vec::new();
+    for (line, want) in [
+        (&b"GET / HTTP/1.1\n"[..], "ERR expected \"CONNECT <port>\""),
+        (&[b'A'; 200][..], "ERR handshake line too long"),
+        (b"CONNECT 99999999999\n", "ERR bad port"),
+        (b"CONNECT -1\n", "ERR bad port"),
+        (b"\xff\xfe\n", "ERR expected"),
+        (b"CONNECT 1234\n", "ERR connect to 2:1234 failed"),
+    ] {
+        let (_, reply) = hello(&d.uds, line);
+        errs.push((reply, want));
+    }
+    for _ in 0..10 {
+        let mut s = UnixStream::connect(&d.uds).unwrap();
+        s.write_all(b"CONN").unwrap();
+        drop(s);
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    let elapsed = t0.elapsed();
+    eprintln!("serve: 100 clients x 1 MiB echoed in {elapsed:?}");
+    for (reply, want) in errs {
+        assert!(reply.starts_with(want), "{reply:?} is not {want:?}");
+    }
+    // Still serving.
+    echo_client(&d.uds, 1000, 4096);
+}
+
+#[test]
+fn serve_handshake_timeout() {
+    let d = Daemon::start(&[]);
+    let t0 = Instant::now();
+    let mut idle = UnixStream::connect(&d.uds).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    idle.write_all(b"CONNECT 7").unwrap(); // no newline
+                                           // Others are served meanwhile.
+    echo_client(&d.uds, 1, 1 << 16);
+    let reply = read_line(&mut idle);
+    let waited = t0.elapsed();
+    assert_eq!(reply, "ERR handshake timed out after 5s");
+    assert!(
+        waited >= Duration::from_millis(4900) && waited < Duration::from_secs(8),
+        "{waited:?}"
+    );
+    let mut rest = Vec::new();
+    assert_eq!(
+        idle.read_to_end(&mut rest).unwrap_or(0),
+        0,
+        "closed after ERR"
+    );
+}
+
+#[test]
+fn serve_connection_limit() {
+    let d = Daemon::start(&["--max-conns", "2"]);
+    let (a, ra) = hello(&d.uds, b"CONNECT 7\n");
+    let (_b, rb) = hello(&d.uds, b"CONNECT 9\n");
+    assert!(
+        ra.starts_with("OK ") && rb.starts_with("OK "),
+        "{ra:?} {rb:?}"
+    );
+    let (_, rc) = hello(&d.uds, b"CONNECT 7\n");
+    assert_eq!(rc, "ERR too many connections");
+    drop(a);
+    // The slot comes back once the connection has wound down.
+    let t0 = Instant::now();
+    loop {
+        let (_s, r) = hello(&d.uds, b"CONNECT 7\n");
+        if r.starts_with("OK ") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "slot not released: {r:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let out = run(&["serve", "--uds", "/tmp/x", "--max-conns", "0"]);
+    expect_error(&out, 2, &["--max-conns"]);
+}
+
+#[test]
+fn serve_sigterm_is_quick_and_clean() {
+    let mut d = Daemon::start(&["--listen-port", "5000"]);
+    let (mut open, r) = hello(&d.uds, b"CONNECT 7\n");
+    assert!(r.starts_with("OK "));
+    let (took, code) = d.terminate();
+    eprintln!("serve: SIGTERM to exit with an open connection: {took:?}");
+    assert_eq!(code, Some(0), "{}", d.log());
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert!(!d.uds.exists(), "socket file left behind");
+    let mut rest = Vec::new();
+    assert_eq!(
+        open.read_to_end(&mut rest).unwrap_or(0),
+        0,
+        "open connection ended"
+    );
+    assert!(d.log().contains("stopped"), "{}", d.log());
+
+    // SIGINT does the same.
+    let mut d = Daemon::start(&[]);
+    Command::new("kill")
+        .args(["-INT", &d.child.id().to_string()])
+        .status()
+        .unwrap();
+    let st = d.child.wait().unwrap();
+    assert_eq!(st.code(), Some(0));
+    assert!(!d.uds.exists());
+}
+
+#[test]
+fn serve_port_in_use_and_socket_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
+    let out = cmd()
+        .args([
+            "serve",
+            "--listen-port",
+            "5000",
+            "--listen-port",
+            "5000",
+            "--uds",
+        ])
+        .arg(&uds)
+        .output()
+        .unwrap();
+    expect_error(
+        &out,
+        1,
+        &["listening on vsock port 5000", "another listener"],
+    );
+    assert!(!uds.exists(), "socket file created although startup failed");
+
+    let d = Daemon::start(&[]);
+    let out = cmd().args(["serve", "--uds"]).arg(&d.uds).output().unwrap();
+    expect_error(&out, 1, &["served by a running program"]);
+    assert!(d.uds.exists(), "the running daemon's socket was removed");
+}
+
+#[test]
+fn serve_forwards_peer_connections_to_path_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host.sock");
+    let d = Daemon::start(&[
+        "--listen-port",
+        "5000",
+        "--sim-host-uds",
+        host.to_str().unwrap(),
+    ]);
+    let target = UnixListener::bind(d.path("v.sock_5000")).unwrap();
+    let app = thread::spawn(move || {
+        let (mut s, _) = target.accept().unwrap();
+        let mut buf = [0u8; 23];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(b"hi back").unwrap();
+        buf.to_vec()
+    });
+    // The sim host (CID 2) connects to our port 5000.
+    let (mut peer, reply) = hello(&host, b"CONNECT 5000\n");
+    assert!(reply.starts_with("OK "), "{reply:?}");
+    peer.write_all(b"hello from the sim host").unwrap();
+    let mut back = [0u8; 7];
+    peer.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"hi back");
+    assert_eq!(app.join().unwrap(), b"hello from the sim host");
+
+    // No program on PATH_5001: the peer's connection is closed, the daemon goes on.
+    drop(d);
+    let d = Daemon::start(&[
+        "--listen-port",
+        "5001",
+        "--sim-host-uds",
+        host.to_str().unwrap(),
+    ]);
+    let (mut peer, reply) = hello(&host, b"CONNECT 5001\n");
+    assert!(reply.starts_with("OK "), "{reply:?}");
+    let mut rest = Vec::new();
+    let _ = peer.read_to_end(&mut rest);
+    assert!(rest.is_empty());
+    echo_client(&d.uds, 7, 1024);
+}
+
+#[test]
+fn serve_data_right_after_the_handshake_line_is_kept() {
+    let d = Daemon::start(&[]);
+    let mut s = UnixStream::connect(&d.uds).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"CONNECT 7\nhello in the same write").unwrap();
+    assert!(read_line(&mut s).starts_with("OK "));
+    let mut buf = [0u8; 23];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello in the same write");
+}
+
+#[test]
+fn serve_unbindable_path_is_a_clear_runtime_error() {
+    let out = run(&["serve", "--uds", "/nonexistent-dir/v.sock"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot bind the Unix socket /nonexistent-dir/v.sock")
+            && stderr.contains("does the directory exist"),
+        "{stderr}"
+    );
+}

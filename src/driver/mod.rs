@@ -670,6 +670,6 @@ impl Drop for VsockDriver {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        self.core.kill("driver closed".into());
+        self.core.close_all("driver closed".into());
     }
 }

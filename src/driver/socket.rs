@@ -181,6 +181,11 @@ impl Core {
     /// The device is gone: every blocked and future call fails with `reason`.
     pub(crate) fn kill_locked(st: &mut CoreState, reason: String) {
         log::error!("device failed: {reason}");
+        Core::end_locked(st, reason);
+    }
+
+    /// Every blocked and future call fails with `reason` (no failure is logged).
+    fn end_locked(st: &mut CoreState, reason: String) {
         st.dead = Some(reason);
         for cv in st.conn_wait.values().chain(st.listen_wait.values()) {
             cv.notify_all();
@@ -193,6 +198,17 @@ impl Core {
         st.transport.shutdown();
         if st.dead.is_none() {
             Core::kill_locked(&mut st, reason);
+        }
+    }
+
+    /// An orderly close by the owner: like [`Core::kill`], but nothing failed, so nothing is
+    /// logged as an error.
+    pub(crate) fn close_all(&self, reason: String) {
+        let mut st = self.lock();
+        st.transport.shutdown();
+        if st.dead.is_none() {
+            log::debug!("closing: {reason}");
+            Core::end_locked(&mut st, reason);
         }
     }
 

@@ -37,7 +37,7 @@ use crate::packet::{
     SocketType, VsockPacket, PKT_HEADER_SIZE, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_VSOCK_F_SEQPACKET, VMADDR_CID_HOST,
 };
-use crate::proto::{self, ConnId, Endpoint, ListenerId, ProtoError};
+use crate::proto::{self, ConnId, ConnState, Endpoint, ListenerId, ProtoError};
 use crate::virtq::QueueLayout;
 
 /// Host port of the built-in stream echo service.
@@ -49,6 +49,9 @@ pub const DISCARD_PORT: u32 = 9;
 
 /// Largest message the SEQPACKET echo returns whole (bigger ones come back truncated).
 pub const SERVICE_BUF: usize = 4 << 20;
+
+/// Receive/send rounds per service connection per pump.
+const SERVICE_ROUNDS: usize = 64;
 
 /// A bogus thing the hostile device does, once, on its first RX delivery (tests only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,7 +174,8 @@ impl SimTransport {
         let mut stats = lock(&self.stats);
         let buf = &mut self.service_buf;
         self.services.retain_mut(|s| {
-            loop {
+            // Bounded, so one busy connection cannot hold the device thread.
+            for _ in 0..SERVICE_ROUNDS {
                 // Flush what an echo could not send last time before reading more.
                 if !s.pending.is_empty() {
                     let r = match s.kind {
@@ -199,8 +203,17 @@ impl SimTransport {
                 let r = match s.kind {
                     Service::SeqEcho => ep.recv_msg(now, s.conn, buf).map(|(n, full, eor)| {
                         s.pending_eor = eor;
-                        // An empty message is still a message: echo it.
-                        (n, full == 0)
+                        // recv_msg says (0, 0) both for an empty message and at the end of
+                        // the stream; the connection's state tells them apart.
+                        let ended = matches!(
+                            ep.state(s.conn),
+                            None | Some(ConnState::Closed | ConnState::Closing)
+                                | Some(ConnState::PeerClosed {
+                                    no_more_rx: true,
+                                    ..
+                                })
+                        );
+                        (n, full == 0 && !ended)
                     }),
                     _ => ep.recv(now, s.conn, buf).map(|n| (n, false)),
                 };
@@ -230,6 +243,7 @@ impl SimTransport {
                     }
                 }
             }
+            true
         });
         moved
     }

@@ -1,0 +1,358 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+#
+# QEMU hardware-in-loop tests for vdpa-vsock (see tests/vm/README.md).
+#
+#   tests/vm/run.sh            run every default test in one boot
+#   tests/vm/run.sh NAME...    run only the named tests
+#   tests/vm/run.sh --list     list the tests the guest program knows
+#
+# Environment: VM_CACHE (default tests/vm/.cache), VM_TIMEOUT (seconds, default 300),
+# VM_KEEP=1 keeps the temporary run directory (console log, sockets).
+# Installs what it needs (apt, Debian's 6.12 kernel, out-of-tree modules, vhost-device-vsock) into
+# the cache on the first run; later runs reuse it. Needs root and cargo.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+CACHE=${VM_CACHE:-$HERE/.cache}
+mkdir -p "$CACHE"
+CACHE=$(cd "$CACHE" && pwd)
+VM_TIMEOUT=${VM_TIMEOUT:-300}
+VHOST_DEVICE_VSOCK_VERSION=0.3.0
+GUEST_CID=3
+HOST_ECHO_PORT=1234
+export DEBIAN_FRONTEND=noninteractive
+
+log() { printf '[vm %(%T)T] %s\n' -1 "$*" >&2; }
+die() {
+    printf '[vm] error: %s\n' "$*" >&2
+    exit 2
+}
+stamped() { [[ -f "$CACHE/stamps/$1" ]]; }
+stamp() {
+    mkdir -p "$CACHE/stamps"
+    touch "$CACHE/stamps/$1"
+}
+
+[[ $(id -u) -eq 0 ]] || die "run as root (apt-get, and QEMU reads the unpacked kernel)"
+command -v cargo >/dev/null || die "cargo is needed to build the guest test program"
+
+# ---------------------------------------------------------------------------------------------
+# (a) host packages
+# ---------------------------------------------------------------------------------------------
+HOST_PACKAGES=(busybox-static cpio kmod xz-utils bc iproute2 socat ca-certificates
+    make gcc flex bison libelf-dev)
+
+apt_updated=0
+apt_update_once() {
+    if [[ $apt_updated -eq 0 ]]; then
+        log "apt-get update"
+        apt-get update -qq
+        apt_updated=1
+    fi
+}
+
+# Candidate version of a package, empty when apt does not know it. (apt-cache takes ~2 s a call
+# here, so warm runs call it only to resolve the kernel.)
+candidate() {
+    apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ { if ($2 != "(none)") print $2 }'
+}
+
+# Installs the packages that are not installed yet (dpkg-query only when all are there).
+apt_install_missing() {
+    local missing=() p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+    done
+    [[ ${#missing[@]} -gt 0 ]] || return 0
+    apt_update_once
+    log "apt-get install ${missing[*]}"
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# QEMU is unpacked, not installed: bookworm's qemu-system-x86 7.2 Breaks the newer qemu-utils from
+# bookworm-backports that CI machines may carry, and apt would remove it. The unpacked binary runs
+# with the system's libraries (the Depends of the unpacked packages, installed here) and `-L` for its
+# firmware.
+QEMU_DEBS=(qemu-system-x86 qemu-system-common qemu-system-data seabios)
+QEMU_ROOT=$CACHE/qemu
+setup_qemu() {
+    QEMU=$QEMU_ROOT/usr/bin/qemu-system-x86_64
+    if ! stamped qemu; then
+        [[ -n $(candidate qemu-system-x86) ]] || apt_update_once
+        local p vers=() deps
+        for p in "${QEMU_DEBS[@]}"; do vers+=("$p=$(candidate "$p")"); done
+        log "unpacking ${vers[*]}"
+        # First alternative of each dependency, version constraints dropped, minus the unpacked ones.
+        mapfile -t deps < <(apt-cache show "${vers[@]}" | sed -n 's/^Depends: //p' | tr ',' '\n' |
+            sed -e 's/|.*//' -e 's/(.*)//' -e 's/:any//' -e 's/ //g' |
+            grep -v -e '^$' -e '^qemu-' -e '^seabios$' -e '^ipxe-qemu$' | sort -u)
+        apt_install_missing "${deps[@]}"
+        rm -rf "$QEMU_ROOT" "$CACHE/debs/qemu"
+        mkdir -p "$QEMU_ROOT" "$CACHE/debs/qemu"
+        (cd "$CACHE/debs/qemu" && apt-get download -qq -o APT::Sandbox::User=root "${vers[@]}")
+        for p in "$CACHE"/debs/qemu/*.deb; do dpkg -x "$p" "$QEMU_ROOT"; done
+        rm -rf "$CACHE/debs/qemu"
+        "$QEMU" --version >/dev/null || die "unpacked QEMU does not run (missing libraries?)"
+        stamp qemu
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# kernel: Debian's 6.12, the version the linux-image-6.12-amd64 metapackage points at right now
+# ---------------------------------------------------------------------------------------------
+resolve_kernel() {
+    local meta
+    KPKGVER=$(candidate linux-image-6.12-amd64)
+    if [[ -z $KPKGVER ]]; then
+        apt_update_once
+        KPKGVER=$(candidate linux-image-6.12-amd64)
+    fi
+    [[ -n $KPKGVER ]] || die "apt knows no linux-image-6.12-amd64 (bookworm-security or backports needed)"
+    meta=$(apt-cache show "linux-image-6.12-amd64=$KPKGVER" | sed -n 's/^Depends: //p' | head -n 1)
+    # "linux-image-6.12.117+deb12-amd64 (= 6.12.117-1~deb12u1)" -> 6.12.117+deb12
+    KABI=$(sed -n 's/.*linux-image-\(6\.12\.[0-9]*+[a-z0-9]*\)-amd64.*/\1/p' <<<"$meta")
+    [[ -n $KABI ]] || die "cannot read the kernel ABI name from: $meta"
+    KREL=$KABI-amd64
+    KDIR=$CACHE/kernel/$KREL
+    KROOT=$KDIR/root
+}
+
+setup_kernel() {
+    if ! stamped "kernel-$KREL"; then
+        log "downloading kernel $KREL ($KPKGVER)"
+        rm -rf "$KDIR"
+        mkdir -p "$KDIR/debs" "$KROOT"
+        (cd "$KDIR/debs" && apt-get download -qq -o APT::Sandbox::User=root \
+            "linux-image-$KREL=$KPKGVER" \
+            "linux-headers-$KREL=$KPKGVER" \
+            "linux-headers-$KABI-common=$KPKGVER" \
+            "linux-kbuild-$KABI=$KPKGVER" \
+            "linux-source-6.12=$KPKGVER")
+        local deb
+        for deb in "$KDIR"/debs/*.deb; do dpkg -x "$deb" "$KROOT"; done
+        rm -rf "$KDIR/debs"
+        stamp "kernel-$KREL"
+    fi
+}
+
+# Out-of-tree modules Debian does not ship: vringh + vdpa_sim + vdpa_sim_net, and vfio rebuilt with
+# CONFIG_VFIO_NOIOMMU (its symbol CRCs match Debian's, so the stock vfio-pci loads on top). They
+# go to lib/modules/$KREL/updates/, which depmod prefers over the stock vfio.ko.xz.
+build_modules() {
+    stamped "modules-$KREL" && return 0
+    log "building out-of-tree modules for $KREL"
+    local hdr src b
+    hdr=$KROOT/usr/src/linux-headers-$KREL
+    # The arch headers' Makefile includes the common headers by absolute /usr/src path.
+    sed -i "s|/usr/src/|$KROOT/usr/src/|g" "$hdr/Makefile"
+    src=$KDIR/src
+    rm -rf "$src"
+    mkdir -p "$src"
+    tar -xJf "$KROOT/usr/src/linux-source-6.12.tar.xz" -C "$src" --strip-components=1 --wildcards \
+        'linux-source-6.12/drivers/vdpa/vdpa_sim/*' 'linux-source-6.12/drivers/vhost/vringh.c' \
+        'linux-source-6.12/drivers/vfio/*.[ch]'
+    b=$KDIR/build
+    rm -rf "$b"
+    mkdir -p "$b/vdpa_sim" "$b/vfio"
+    cp "$src"/drivers/vdpa/vdpa_sim/*.[ch] "$src/drivers/vhost/vringh.c" "$b/vdpa_sim/"
+    echo 'obj-m += vringh.o vdpa_sim.o vdpa_sim_net.o' >"$b/vdpa_sim/Kbuild"
+    cp "$src"/drivers/vfio/*.[ch] "$b/vfio/"
+    cat >"$b/vfio/Kbuild" <<'EOF'
+ccflags-y += -DCONFIG_VFIO_NOIOMMU=1
+obj-m += vfio.o
+vfio-y += vfio_main.o group.o container.o virqfd.o
+EOF
+    local m
+    for m in vdpa_sim vfio; do
+        make -s -C "$hdr" M="$b/$m" CONFIG_DEBUG_INFO_BTF_MODULES= -j"$(nproc)" modules
+    done
+    mkdir -p "$KROOT/lib/modules/$KREL/updates"
+    cp "$b"/vdpa_sim/*.ko "$b"/vfio/*.ko "$KROOT/lib/modules/$KREL/updates/"
+    depmod -b "$KROOT" "$KREL"
+    rm -rf "$src" "$b"
+    stamp "modules-$KREL"
+}
+
+# ---------------------------------------------------------------------------------------------
+# vhost-device-vsock (rust-vmm's vhost-user vsock device): the device behind the guest's PCI function
+# ---------------------------------------------------------------------------------------------
+setup_vhost_device_vsock() {
+    VHOST_DEVICE_VSOCK=$CACHE/cargo/bin/vhost-device-vsock
+    stamped "vhost-device-vsock-$VHOST_DEVICE_VSOCK_VERSION" && return 0
+    log "cargo install vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION"
+    # A private target dir that cargo install deletes afterwards (not the project's).
+    env -u CARGO_TARGET_DIR cargo install --quiet --locked --root "$CACHE/cargo" \
+        --version "$VHOST_DEVICE_VSOCK_VERSION" vhost-device-vsock
+    stamp "vhost-device-vsock-$VHOST_DEVICE_VSOCK_VERSION"
+}
+
+# ---------------------------------------------------------------------------------------------
+# (b) the guest test program, a static glibc binary
+# ---------------------------------------------------------------------------------------------
+build_vmtest() {
+    log "building the vmtest example (static)"
+    local target=${CARGO_TARGET_DIR:-$ROOT/target}
+    (cd "$ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
+        --example vmtest --target x86_64-unknown-linux-gnu)
+    VMTEST=$target/x86_64-unknown-linux-gnu/release/examples/vmtest
+    [[ -x $VMTEST ]] || die "no $VMTEST after the build"
+}
+
+# ---------------------------------------------------------------------------------------------
+# (c) the initramfs
+# ---------------------------------------------------------------------------------------------
+# Modules the tests need; modprobe --show-depends puts their dependencies first, in load order.
+GUEST_MODULES=(vhost_vsock vsock_loopback vmw_vsock_virtio_transport vhost_vdpa vdpa_sim_net
+    vfio_iommu_type1 vfio_pci)
+declare -A MODULE_PARAMS=([vfio]="enable_unsafe_noiommu_mode=1")
+
+build_initramfs() {
+    local out=$1 ir=$2 m path name seen=" "
+    rm -rf "$ir"
+    mkdir -p "$ir"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,modules}
+    cp /bin/busybox "$ir/bin/busybox"
+    for m in sh mount mkdir cat echo ls insmod sleep poweroff dmesg grep uname tr sed; do
+        ln -s busybox "$ir/bin/$m"
+    done
+    # Dependencies first; a module named twice (shared dependency) is loaded once.
+    : >"$ir/modules/order"
+    while read -r _ path; do
+        name=$(basename "$path")
+        name=${name%.xz}
+        name=${name%.ko}
+        [[ $seen == *" $name "* ]] && continue
+        seen+="$name "
+        case $path in
+        *.ko.xz) xz -dc "$path" >"$ir/modules/$name.ko" ;;
+        *) cp "$path" "$ir/modules/$name.ko" ;;
+        esac
+        printf '%s %s\n' "$name" "${MODULE_PARAMS[$name]:-}" >>"$ir/modules/order"
+    done < <(for m in "${GUEST_MODULES[@]}"; do
+        modprobe -d "$KROOT" -S "$KREL" --show-depends "$m" | grep '^insmod '
+    done)
+    # iproute2's vdpa tool and its shared libraries.
+    cp /usr/sbin/vdpa "$ir/usr/sbin/vdpa"
+    local lib
+    for lib in $(ldd /usr/sbin/vdpa | grep -o '/[^ ]*'); do
+        mkdir -p "$ir$(dirname "$lib")"
+        cp -L "$lib" "$ir$lib"
+    done
+    cp "$VMTEST" "$ir/bin/vmtest"
+    cp "$HERE/guest/init" "$ir/init"
+    chmod +x "$ir/init"
+    (cd "$ir" && find . | cpio -o -H newc --quiet) | gzip -1 >"$out"
+}
+
+# ---------------------------------------------------------------------------------------------
+# (d) boot, (e) report, (f) verdict
+# ---------------------------------------------------------------------------------------------
+RUN=""
+PIDS=()
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    if [[ -n $RUN && -z ${VM_KEEP:-} ]]; then rm -rf "$RUN"; fi
+}
+trap cleanup EXIT
+
+wait_for_socket() {
+    local _
+    for _ in $(seq 100); do
+        [[ -S $1 ]] && return 0
+        sleep 0.05
+    done
+    die "$1 did not appear"
+}
+
+boot() {
+    local tests=$1 rc=0
+    RUN=$(mktemp -d /tmp/vdpa-vsock-vm.XXXXXX)
+    log "run directory $RUN"
+    build_initramfs "$RUN/initramfs.cpio.gz" "$RUN/initramfs"
+    # Host side of kernel_vsock_to_host: the guest's connection to CID 2 port $HOST_ECHO_PORT arrives
+    # as a Unix connection on <uds-path>_$HOST_ECHO_PORT; echo it back.
+    socat -d -d "UNIX-LISTEN:$RUN/vm.vsock_$HOST_ECHO_PORT,fork" EXEC:cat 2>"$RUN/socat.log" &
+    PIDS+=($!)
+    "$VHOST_DEVICE_VSOCK" --guest-cid "$GUEST_CID" --socket "$RUN/vhu.sock" \
+        --uds-path "$RUN/vm.vsock" >"$RUN/vhost-device-vsock.log" 2>&1 &
+    PIDS+=($!)
+    wait_for_socket "$RUN/vhu.sock"
+    log "booting $KREL (TCG, timeout ${VM_TIMEOUT}s)"
+    timeout --kill-after=10 "$VM_TIMEOUT" "$QEMU" -L "$QEMU_ROOT/usr/share/qemu" -L "$QEMU_ROOT/usr/share/seabios" \
+        -accel tcg -machine pc -cpu max -m 1G -smp 2 \
+        -display none -vga none -monitor none -serial "file:$RUN/console.log" \
+        -nic none -no-reboot \
+        -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \
+        -chardev "socket,id=c0,path=$RUN/vhu.sock" -device vhost-user-vsock-pci,chardev=c0 \
+        -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
+        -kernel "$KROOT/boot/vmlinuz-$KREL" -initrd "$RUN/initramfs.cpio.gz" \
+        -append "console=ttyS0 panic=-1 loglevel=3 vmtest.tests=$tests" </dev/null || rc=$?
+    QEMU_RC=$rc
+}
+
+report() {
+    local log=$RUN/console.log pass fail skip
+    tr -d '\r' <"$log" >"$log.txt"
+    grep -E '^(PASS|FAIL|SKIP) ' "$log.txt" || true
+    pass=$(grep -c '^PASS ' "$log.txt" || true)
+    fail=$(grep -c '^FAIL ' "$log.txt" || true)
+    skip=$(grep -c '^SKIP ' "$log.txt" || true)
+    local verdict=ok
+    case $QEMU_RC in
+    1) ;; # guest wrote 0 to isa-debug-exit: all ran, none failed
+    3) verdict="guest reported failure" ;;
+    124 | 137) verdict="timeout after ${VM_TIMEOUT}s (boot hung?)" ;;
+    0) verdict="guest powered off without a verdict" ;;
+    *) verdict="QEMU exited with status $QEMU_RC" ;;
+    esac
+    if [[ $verdict == ok ]] && ! grep -q '^VMTEST-DONE' "$log.txt"; then
+        verdict="no VMTEST-DONE marker on the console"
+    fi
+    if [[ $verdict != ok || $fail -gt 0 || $pass -eq 0 ]]; then
+        printf '%s\n' "----- console log ($log) -----" >&2
+        tail -n 60 "$log.txt" >&2
+        # A failing test explains status 3 by itself; anything else gets its own line.
+        if [[ $verdict != ok && ! ($QEMU_RC -eq 3 && $fail -gt 0) ]]; then
+            printf 'FAIL harness: %s\n' "$verdict"
+        fi
+        VM_KEEP=1
+    fi
+    if [[ $verdict != ok && $fail -eq 0 ]]; then fail=1; fi
+    if [[ $skip -gt 0 ]]; then
+        echo "$pass passed, $fail failed, $skip skipped"
+    else
+        echo "$pass passed, $fail failed"
+    fi
+    [[ $verdict == ok && $fail -eq 0 && $pass -gt 0 ]]
+}
+
+main() {
+    local start=$SECONDS tests
+    apt_install_missing "${HOST_PACKAGES[@]}"
+    setup_qemu
+    resolve_kernel
+    setup_kernel
+    build_modules
+    setup_vhost_device_vsock
+    build_vmtest
+    if [[ ${1:-} == --list ]]; then
+        "$VMTEST" --list
+        return 0
+    fi
+    # Names are checked on the host so a typo fails fast instead of after a boot.
+    local t
+    for t in "$@"; do
+        "$VMTEST" --list | grep -qx "$t" || die "unknown test '$t' (see: tests/vm/run.sh --list)"
+    done
+    tests=$(IFS=,; echo "$*")
+    boot "${tests:-default}"
+    local rc=0
+    report || rc=$?
+    log "done in $((SECONDS - start))s"
+    return "$rc"
+}
+
+main "$@"

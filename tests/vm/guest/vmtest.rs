@@ -33,6 +33,9 @@ use vhost::vhost_kern::vhost_binding::{
 };
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref};
 
+/// Our driver on `/dev/vhost-vsock` against the guest kernel's AF_VSOCK.
+mod vhost_vsock_tests;
+
 /// Why a test did not pass.
 #[derive(Debug)]
 enum NotPassed {
@@ -96,6 +99,41 @@ const TESTS: &[Test] = &[
         name: "vsock_64k_single_send",
         default: false,
         run: vsock_64k_single_send,
+    },
+    Test {
+        name: "vhost_vsock_bulk_to_kernel",
+        default: true,
+        run: vhost_vsock_tests::vhost_vsock_bulk_to_kernel,
+    },
+    Test {
+        name: "vhost_vsock_kernel_connects_to_us",
+        default: true,
+        run: vhost_vsock_tests::vhost_vsock_kernel_connects_to_us,
+    },
+    Test {
+        name: "vhost_vsock_connect_refused",
+        default: true,
+        run: vhost_vsock_tests::vhost_vsock_connect_refused,
+    },
+    Test {
+        name: "vhost_vsock_concurrent_echo",
+        default: true,
+        run: vhost_vsock_tests::vhost_vsock_concurrent_echo,
+    },
+    Test {
+        name: "vhost_vsock_kernel_closes_mid_stream",
+        default: true,
+        run: vhost_vsock_tests::vhost_vsock_kernel_closes_mid_stream,
+    },
+    Test {
+        name: "vhost_vsock_cid_in_use",
+        default: true,
+        run: vhost_vsock_tests::vhost_vsock_cid_in_use,
+    },
+    Test {
+        name: "vhost_vsock_wrong_checksum_must_fail",
+        default: false,
+        run: vhost_vsock_tests::vhost_vsock_wrong_checksum_must_fail,
     },
 ];
 

@@ -110,9 +110,7 @@ pub enum Error {
         found: u64,
     },
     /// A descriptor's buffer stretches over more than one host memory fragment.
-    #[error(
-        "descriptor buffer at {addr:#x} of {len} bytes stretches over multiple memory fragments"
-    )]
+    #[error("descriptor buffer at {addr:#x} of {len} bytes stretches over multiple memory fragments")]
     FragmentedMemory {
         /// Guest address (IOVA) of the buffer.
         addr: u64,
@@ -265,15 +263,8 @@ impl ShutdownFlags {
     }
     /// Encode for the header's `flags`.
     pub fn bits(self) -> u32 {
-        (if self.receive {
-            VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE
-        } else {
-            0
-        }) | (if self.send {
-            VIRTIO_VSOCK_SHUTDOWN_F_SEND
-        } else {
-            0
-        })
+        (if self.receive { VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE } else { 0 })
+            | (if self.send { VIRTIO_VSOCK_SHUTDOWN_F_SEND } else { 0 })
     }
 }
 
@@ -744,12 +735,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         mem: &'a M,
         chain: &mut DescriptorChain<T>,
         dir: Direction,
-    ) -> Result<(
-        VolatileSlice<'a, B>,
-        Vec<VolatileSlice<'a, B>>,
-        Header,
-        HeaderEnd,
-    )>
+    ) -> Result<(VolatileSlice<'a, B>, Vec<VolatileSlice<'a, B>>, Header, HeaderEnd)>
     where
         M: GuestMemory,
         M::Bitmap: WithBitmapSlice<'a, S = B>,
@@ -913,12 +899,14 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         let skip_leftover = end.index == 0 && end.desc.has_next;
         if !skip_leftover && leftover > 0 {
             let take = (leftover as usize).min(need);
-            let addr = end.desc.addr.checked_add(u64::from(end.used)).ok_or(
-                Error::DescriptorLengthTooSmall {
+            let addr = end
+                .desc
+                .addr
+                .checked_add(u64::from(end.used))
+                .ok_or(Error::DescriptorLengthTooSmall {
                     expected: PKT_HEADER_SIZE as u64 + u64::from(want),
                     found: u64::from(end.desc.len),
-                },
-            )?;
+                })?;
             pkt.push_data(get_single_slice(mem, addr, take, Permissions::Read)?);
             need -= take;
         }
@@ -1015,12 +1003,14 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                     found: u64::from(leftover),
                 });
             }
-            let addr = end.desc.addr.checked_add(u64::from(end.used)).ok_or(
-                Error::DescriptorLengthTooSmall {
+            let addr = end
+                .desc
+                .addr
+                .checked_add(u64::from(end.used))
+                .ok_or(Error::DescriptorLengthTooSmall {
                     expected: PKT_HEADER_SIZE as u64,
                     found: u64::from(end.desc.len),
-                },
-            )?;
+                })?;
             pkt.push_data(get_single_slice(
                 mem,
                 addr,
@@ -1138,12 +1128,12 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
             });
         }
         let data_slice = if header.len > 0 {
-            let data_addr =
-                addr.checked_add(PKT_HEADER_SIZE as u64)
-                    .ok_or(Error::FragmentedMemory {
-                        addr: addr.raw_value(),
-                        len: used_len as usize,
-                    })?;
+            let data_addr = addr
+                .checked_add(PKT_HEADER_SIZE as u64)
+                .ok_or(Error::FragmentedMemory {
+                    addr: addr.raw_value(),
+                    len: used_len as usize,
+                })?;
             Some(get_single_slice(
                 mem,
                 data_addr,
@@ -1178,12 +1168,12 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         let header_slice = get_single_slice(mem, addr, PKT_HEADER_SIZE, Permissions::Write)?;
         let room = capacity as usize - PKT_HEADER_SIZE;
         let data_slice = if room > 0 {
-            let data_addr =
-                addr.checked_add(PKT_HEADER_SIZE as u64)
-                    .ok_or(Error::FragmentedMemory {
-                        addr: addr.raw_value(),
-                        len: capacity as usize,
-                    })?;
+            let data_addr = addr
+                .checked_add(PKT_HEADER_SIZE as u64)
+                .ok_or(Error::FragmentedMemory {
+                    addr: addr.raw_value(),
+                    len: capacity as usize,
+                })?;
             Some(get_single_slice(mem, data_addr, room, Permissions::Write)?)
         } else {
             None

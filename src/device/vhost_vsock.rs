@@ -490,7 +490,7 @@ mod tests {
 
     /// One recorded system call.
     #[derive(Debug, Clone, PartialEq, Eq)]
-    enum Call {
+    enum Op {
         Open(String),
         SetOwner,
         GetFeatures,
@@ -506,7 +506,7 @@ mod tests {
         Close,
     }
 
-    type Log = Arc<Mutex<Vec<Call>>>;
+    type Log = Arc<Mutex<Vec<Op>>>;
 
     /// The test twin: records every call; fails the named one with an errno.
     #[derive(Debug)]
@@ -516,7 +516,7 @@ mod tests {
     }
 
     impl FakeSys {
-        fn rec(&self, name: &'static str, call: Call) -> io::Result<()> {
+        fn rec(&self, name: &'static str, call: Op) -> io::Result<()> {
             self.log.lock().unwrap().push(call);
             match self.fail {
                 Some((n, errno)) if n == name => Err(io::Error::from_raw_os_error(errno)),
@@ -527,45 +527,44 @@ mod tests {
 
     impl Drop for FakeSys {
         fn drop(&mut self) {
-            self.log.lock().unwrap().push(Call::Close);
+            self.log.lock().unwrap().push(Op::Close);
         }
     }
 
     impl Sys for FakeSys {
         fn set_owner(&mut self) -> io::Result<()> {
-            self.rec("set_owner", Call::SetOwner)
+            self.rec("set_owner", Op::SetOwner)
         }
         fn get_features(&mut self) -> io::Result<u64> {
-            self.rec("get_features", Call::GetFeatures)
-                .map(|()| OFFERED)
+            self.rec("get_features", Op::GetFeatures).map(|()| OFFERED)
         }
         fn set_features(&mut self, f: u64) -> io::Result<()> {
-            self.rec("set_features", Call::SetFeatures(f))
+            self.rec("set_features", Op::SetFeatures(f))
         }
         fn set_mem_table(&mut self, r: MemRegion, _: &GuestMemoryMmap<()>) -> io::Result<()> {
-            self.rec("set_mem_table", Call::SetMemTable(r))
+            self.rec("set_mem_table", Op::SetMemTable(r))
         }
         fn set_guest_cid(&mut self, cid: u64) -> io::Result<()> {
-            self.rec("set_guest_cid", Call::SetGuestCid(cid))
+            self.rec("set_guest_cid", Op::SetGuestCid(cid))
         }
         fn set_vring_num(&mut self, i: u16, n: u16) -> io::Result<()> {
-            self.rec("set_vring_num", Call::SetVringNum(i, n))
+            self.rec("set_vring_num", Op::SetVringNum(i, n))
         }
         fn set_vring_base(&mut self, i: u16, b: u16) -> io::Result<()> {
-            self.rec("set_vring_base", Call::SetVringBase(i, b))
+            self.rec("set_vring_base", Op::SetVringBase(i, b))
         }
         fn set_vring_addr(&mut self, i: u16, l: &QueueLayout) -> io::Result<()> {
-            let c = Call::SetVringAddr(i, l.desc_table.0, l.avail_ring.0, l.used_ring.0);
+            let c = Op::SetVringAddr(i, l.desc_table.0, l.avail_ring.0, l.used_ring.0);
             self.rec("set_vring_addr", c)
         }
         fn set_vring_kick(&mut self, i: u16, _: &EventFd) -> io::Result<()> {
-            self.rec("set_vring_kick", Call::SetVringKick(i))
+            self.rec("set_vring_kick", Op::SetVringKick(i))
         }
         fn set_vring_call(&mut self, i: u16, _: &EventFd) -> io::Result<()> {
-            self.rec("set_vring_call", Call::SetVringCall(i))
+            self.rec("set_vring_call", Op::SetVringCall(i))
         }
         fn set_running(&mut self, on: bool) -> io::Result<()> {
-            self.rec("set_running", Call::SetRunning(on))
+            self.rec("set_running", Op::SetRunning(on))
         }
     }
 
@@ -577,7 +576,7 @@ mod tests {
         let log = Log::default();
         let l = log.clone();
         let dev = VhostVsockDevice::open_with("/dev/vhost-vsock", cid, move |p| {
-            l.lock().unwrap().push(Call::Open(p.into()));
+            l.lock().unwrap().push(Op::Open(p.into()));
             match fail {
                 Some(("open", errno)) => Err(io::Error::from_raw_os_error(errno)),
                 _ => Ok(Box::new(FakeSys {
@@ -652,7 +651,7 @@ mod tests {
         dev.reset().unwrap(); // idempotent
         drop(dev);
 
-        use Call::*;
+        use Op::*;
         let q = |i: u16, b: u64| {
             vec![
                 SetVringNum(i, 256),
@@ -692,7 +691,7 @@ mod tests {
         assert!(log
             .lock()
             .unwrap()
-            .contains(&Call::SetFeatures(1 << VIRTIO_F_VERSION_1)));
+            .contains(&Op::SetFeatures(1 << VIRTIO_F_VERSION_1)));
         let e = dev.negotiate(1 << VIRTIO_RING_F_EVENT_IDX).unwrap_err();
         assert!(e.to_string().contains("VIRTIO_F_VERSION_1"), "{e}");
     }
@@ -704,10 +703,10 @@ mod tests {
         assert_eq!(
             *log.lock().unwrap(),
             vec![
-                Call::Open("/dev/vhost-vsock".into()),
-                Call::SetOwner,
-                Call::GetFeatures,
-                Call::Close
+                Op::Open("/dev/vhost-vsock".into()),
+                Op::SetOwner,
+                Op::GetFeatures,
+                Op::Close
             ]
         );
     }
@@ -764,7 +763,7 @@ mod tests {
         let s = full_error(&e);
         assert!(s.contains("CID 4 is already in use on this host"), "{s}");
         // Nothing after the failed call.
-        assert_eq!(log.lock().unwrap().last(), Some(&Call::SetGuestCid(4)));
+        assert_eq!(log.lock().unwrap().last(), Some(&Op::SetGuestCid(4)));
         assert!(matches!(
             dev.setup_queue(RX_QUEUE, &layout(0)),
             Err(DeviceError::NotReady(_))

@@ -396,25 +396,29 @@ pub(super) fn vhost_vsock_concurrent_echo() -> TestResult {
     Ok(())
 }
 
-/// (e) The kernel side sends some bytes and closes mid-stream: our reads see them, then EOF (or a
-/// reset), never a hang.
+/// (e) The kernel side closes mid-stream: it reads 100 bytes of the many we are still writing,
+/// sends 10 000 bytes and closes. Our reads see those bytes, then EOF (or a reset), and our writer
+/// fails instead of hanging.
 pub(super) fn vhost_vsock_kernel_closes_mid_stream() -> TestResult {
     const PORT: u32 = 5003;
     const SENT: usize = 10_000;
+    /// Far more than the kernel's receive buffer (256 KiB): the writer is mid-stream at the close.
+    const OFFERED: usize = 16 << 20;
     let drv = open_driver()?;
     let listener = kernel_listen(PORT)?;
     let kernel = thread::spawn(move || -> io::Result<()> {
         let (mut s, _) = kernel_accept(&listener)?;
         let mut buf = [0u8; 100];
-        s.read_exact(&mut buf)?; // the first of many bytes we offer
+        s.read_exact(&mut buf)?;
         s.write_all(&[7u8; SENT])?;
-        Ok(()) // dropped: closed while our side still has data in flight
+        Ok(()) // dropped: closed with our unread bytes still queued
     });
     let mut ours = drv
         .connect_timeout(VsockAddr::new(HOST_CID, PORT), TIMEOUT)
         .map_err(|e| fail(format!("connect: {e}")))?;
     timed(&mut ours)?;
-    ours.write_all(&[1u8; 100])?;
+    let mut w = ours.try_clone()?;
+    let writer = thread::spawn(move || send_pattern(&mut w, 5, OFFERED));
     join(kernel, "kernel side")?;
     let mut got = 0;
     let mut buf = [0u8; 4096];
@@ -426,22 +430,24 @@ pub(super) fn vhost_vsock_kernel_closes_mid_stream() -> TestResult {
             Err(e) => return Err(fail(format!("read after {got} bytes: {e:?}"))),
         }
     };
-    if got > SENT {
-        return Err(fail(format!("read {got} bytes, the kernel sent {SENT}")));
+    if got != SENT {
+        return Err(fail(format!(
+            "read {got} bytes before {end}, the kernel sent {SENT}"
+        )));
     }
-    // Writing now fails (the peer is gone), possibly after one buffered write.
-    let mut write_err = None;
-    for _ in 0..4 {
-        if let Err(e) = ours.write_all(&[2u8; 1000]) {
-            write_err = Some(e);
-            break;
+    let written = writer.join().map_err(|_| fail("writer thread panicked"))?;
+    let write_end = match written {
+        Ok(_) => {
+            return Err(fail(format!(
+                "all {OFFERED} bytes written to a closed peer"
+            )))
         }
-        thread::sleep(Duration::from_millis(50));
-    }
-    println!(
-        "# read {got} of {SENT} bytes, then {end}; a later write: {}",
-        write_err.map_or_else(|| "succeeded (!)".to_string(), |e| e.to_string())
-    );
+        Err(e) if e.kind() == io::ErrorKind::TimedOut || e.kind() == io::ErrorKind::WouldBlock => {
+            return Err(fail(format!("writer hung until its timeout: {e}")))
+        }
+        Err(e) => e,
+    };
+    println!("# read {got} of {SENT} bytes, then {end}; the writer stopped with: {write_end}");
     Ok(())
 }
 

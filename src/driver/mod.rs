@@ -109,7 +109,7 @@ impl From<DriverError> for io::Error {
     fn from(e: DriverError) -> io::Error {
         let kind = match &e {
             DriverError::Device {
-                source: DeviceError::Io { source, .. },
+                source: DeviceError::Io { source, .. } | DeviceError::Hinted { source, .. },
                 ..
             } => source.kind(),
             DriverError::Device {

@@ -33,6 +33,9 @@ use vhost::vhost_kern::vhost_binding::{
 };
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref};
 
+/// Our driver on `/dev/vhost-vsock` against the guest kernel's AF_VSOCK.
+mod vhost_vsock_tests;
+
 /// Why a test did not pass.
 #[derive(Debug)]
 enum NotPassed {
@@ -91,6 +94,34 @@ const TESTS: &[Test] = &[
     default("kernel_vsock_to_host", kernel_vsock_to_host),
     by_name("selftest_must_fail", selftest_must_fail),
     by_name("vsock_64k_single_send", vsock_64k_single_send),
+    default(
+        "vhost_vsock_bulk_to_kernel",
+        vhost_vsock_tests::vhost_vsock_bulk_to_kernel,
+    ),
+    default(
+        "vhost_vsock_kernel_connects_to_us",
+        vhost_vsock_tests::vhost_vsock_kernel_connects_to_us,
+    ),
+    default(
+        "vhost_vsock_connect_refused",
+        vhost_vsock_tests::vhost_vsock_connect_refused,
+    ),
+    default(
+        "vhost_vsock_concurrent_echo",
+        vhost_vsock_tests::vhost_vsock_concurrent_echo,
+    ),
+    default(
+        "vhost_vsock_kernel_closes_mid_stream",
+        vhost_vsock_tests::vhost_vsock_kernel_closes_mid_stream,
+    ),
+    default(
+        "vhost_vsock_cid_in_use",
+        vhost_vsock_tests::vhost_vsock_cid_in_use,
+    ),
+    by_name(
+        "vhost_vsock_wrong_checksum_must_fail",
+        vhost_vsock_tests::vhost_vsock_wrong_checksum_must_fail,
+    ),
 ];
 
 // ---------------------------------------------------------------------------------------------

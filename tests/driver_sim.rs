@@ -416,3 +416,18 @@ fn bad_driver_config_is_refused_with_reason() {
         assert!(e.to_string().contains(needle), "{e}");
     }
 }
+
+#[test]
+fn auto_without_devices_says_what_it_tried() {
+    let candidates = vdpa_vsock::device::auto_candidates();
+    if !candidates.is_empty() {
+        eprintln!("skipped: this machine has vsock device candidates ({candidates:?}); auto is tested in the VM");
+        return;
+    }
+    let e = VsockDriver::open(&DeviceSpec::Auto).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("no usable vsock device found"), "{msg}");
+    assert!(msg.contains("no /dev/vhost-vsock"), "{msg}");
+    assert!(msg.contains("--device sim"), "{msg}");
+    assert_eq!(std::io::Error::from(e).kind(), ErrorKind::NotFound);
+}

@@ -202,6 +202,53 @@ pub enum DeviceSpec {
     Auto,
 }
 
+/// The first CID `auto` tries for vhost-vsock (then the next ones while they are in use).
+pub const AUTO_FIRST_CID: u64 = 3;
+/// How many CIDs `auto` tries for vhost-vsock.
+pub const AUTO_CID_TRIES: u64 = 64;
+
+/// What `auto` tries, in order: vhost-vdpa nodes, virtio-vsock functions bound to vfio-pci, then
+/// vhost-vsock with CIDs from [`AUTO_FIRST_CID`]. Candidates whose node is absent are left out.
+pub fn auto_candidates() -> Vec<DeviceSpec> {
+    let mut out = Vec::new();
+    let mut vdpa: Vec<String> = std::fs::read_dir("/dev")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with("vhost-vdpa-"))
+        .map(|n| format!("/dev/{n}"))
+        .collect();
+    vdpa.sort();
+    out.extend(vdpa.into_iter().map(|path| DeviceSpec::VhostVdpa { path }));
+    let mut vfio: Vec<String> = std::fs::read_dir("/sys/bus/pci/drivers/vfio-pci")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| valid_bdf(n))
+        .filter(|n| {
+            let id = |f: &str| std::fs::read_to_string(format!("/sys/bus/pci/devices/{n}/{f}"));
+            matches!((id("vendor"), id("device")), (Ok(v), Ok(d))
+                if v.trim() == "0x1af4" && matches!(d.trim(), "0x1053" | "0x1012"))
+        })
+        .collect();
+    vfio.sort();
+    out.extend(vfio.into_iter().map(|bdf| DeviceSpec::Vfio {
+        bdf,
+        noiommu: false,
+    }));
+    if std::path::Path::new(VHOST_VSOCK_PATH).exists() {
+        out.extend(
+            (AUTO_FIRST_CID..AUTO_FIRST_CID + AUTO_CID_TRIES).map(|cid| DeviceSpec::VhostVsock {
+                path: VHOST_VSOCK_PATH.into(),
+                cid,
+            }),
+        );
+    }
+    out
+}
+
 /// Default node of the kernel's vhost-vsock.
 pub const VHOST_VSOCK_PATH: &str = "/dev/vhost-vsock";
 
@@ -352,8 +399,8 @@ impl DeviceSpec {
             DeviceSpec::VhostVsock { path, cid } => {
                 Ok(Box::new(vhost_vsock::VhostVsockDevice::open(path, *cid)?))
             }
-            DeviceSpec::Auto => Err(DeviceError::NotImplemented(
-                "auto (no hardware backend is built yet; use --device sim)",
+            DeviceSpec::Auto => Err(DeviceError::NotReady(
+                "`auto` names several candidates: open it with VsockDriver::open, which tries each",
             )),
         }
     }
@@ -449,7 +496,7 @@ mod tests {
 
     #[test]
     fn unbuilt_backends_say_so() {
-        for s in ["vhost-vdpa:/dev/vhost-vdpa-0", "vfio:0000:03:00.0", "auto"] {
+        for s in ["vhost-vdpa:/dev/vhost-vdpa-0", "vfio:0000:03:00.0"] {
             let e = ok(s).open().unwrap_err().to_string();
             assert!(e.contains("not implemented yet"), "{e}");
         }

@@ -103,6 +103,13 @@ pub enum DriverError {
     /// The driver settings are unusable.
     #[error("invalid driver config: {0}")]
     InvalidConfig(String),
+    /// `auto` found no device it could bring up.
+    #[error("no usable vsock device found (use --device sim for the simulated one); tried: {}",
+        if tried.is_empty() { "nothing: no vhost-vdpa node, no vfio-bound virtio-vsock function, no /dev/vhost-vsock".to_string() } else { tried.join("; ") })]
+    NoDevice {
+        /// Each candidate and why it failed.
+        tried: Vec<String>,
+    },
 }
 
 impl From<DriverError> for io::Error {
@@ -121,6 +128,7 @@ impl From<DriverError> for io::Error {
                 ..
             } => io::ErrorKind::Unsupported,
             DriverError::InvalidConfig(_) => io::ErrorKind::InvalidInput,
+            DriverError::NoDevice { .. } => io::ErrorKind::NotFound,
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, e)
@@ -269,6 +277,18 @@ impl DriverTransport {
         }
         Ok(sent)
     }
+}
+
+/// An error and its causes, `: `-separated.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 /// The buffer behind a token (tokens are indexes we handed to the queue ourselves).
@@ -461,8 +481,42 @@ impl VsockDriver {
                 config,
             );
         }
+        if *spec == DeviceSpec::Auto {
+            return VsockDriver::open_auto(config);
+        }
         let dev = spec.open().map_err(dev_err(&spec.to_string()))?;
         VsockDriver::from_device(dev, config, None)
+    }
+
+    /// `auto`: the first vsock vDPA device, then a virtio-vsock function bound to vfio-pci, then
+    /// the kernel's vhost-vsock with the first free CID from [`AUTO_FIRST_CID`].
+    fn open_auto(config: DriverConfig) -> Result<Self, DriverError> {
+        let mut tried = Vec::new();
+        for spec in crate::device::auto_candidates() {
+            let is_vhost_vsock = matches!(spec, DeviceSpec::VhostVsock { .. });
+            let r = spec
+                .open()
+                .map_err(dev_err(&spec.to_string()))
+                .and_then(|dev| VsockDriver::from_device(dev, config.clone(), None));
+            match r {
+                Ok(d) => {
+                    log::info!("auto: using {spec}");
+                    return Ok(d);
+                }
+                Err(e) => {
+                    let in_use = matches!(&e, DriverError::Device { source, .. }
+                        if source.os_error().and_then(io::Error::raw_os_error) == Some(libc::EADDRINUSE));
+                    log::debug!("auto: {spec}: {e}");
+                    tried.push(format!("{spec}: {}", error_chain(&e)));
+                    // A CID in use: the next candidate is the next CID. Any other vhost-vsock
+                    // failure would repeat for every CID.
+                    if is_vhost_vsock && !in_use {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(DriverError::NoDevice { tried })
     }
 
     /// Open an in-process simulated device with the given settings.

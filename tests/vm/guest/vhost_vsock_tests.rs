@@ -489,3 +489,254 @@ pub(super) fn vhost_vsock_cid_in_use() -> TestResult {
     drop(open_driver()?);
     Ok(())
 }
+
+/// A kernel AF_VSOCK listener of socket type `ty` (SOCK_STREAM or SOCK_SEQPACKET).
+fn kernel_listen_ty(port: u32, ty: libc::c_int) -> io::Result<OwnedFd> {
+    if ty == libc::SOCK_STREAM {
+        return kernel_listen(port);
+    }
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, ty | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = VSOCK_FAMILY;
+    addr.svm_cid = libc::VMADDR_CID_ANY;
+    addr.svm_port = port;
+    // SAFETY: `addr` is a valid sockaddr_vm of SOCKADDR_VM_LEN bytes for the call.
+    if unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), SOCKADDR_VM_LEN) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: listen(2) on a bound socket we own.
+    if unsafe { libc::listen(fd.as_raw_fd(), 16) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Half-close both ways: (1) we shut down our write half, the kernel reads to EOF and answers;
+/// (2) the kernel shuts down its write half, we read to EOF and answer.
+pub(super) fn vhost_vsock_half_close() -> TestResult {
+    const PORT: u32 = 5004;
+    let drv = open_driver()?;
+    let listener = kernel_listen(PORT)?;
+    let kernel = thread::spawn(move || -> io::Result<Vec<u8>> {
+        let (mut s, _) = kernel_accept(&listener)?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got)?;
+        s.write_all(b"answer after your EOF")?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let (mut s2, _) = kernel_accept(&listener)?;
+        s2.write_all(b"kernel speaks first")?;
+        s2.shutdown(std::net::Shutdown::Write)?;
+        let mut reply = Vec::new();
+        s2.read_to_end(&mut reply)?;
+        got.push(b'|');
+        got.extend(reply);
+        Ok(got)
+    });
+    let connect = || {
+        let mut s = drv
+            .connect_timeout(VsockAddr::new(HOST_CID, PORT), TIMEOUT)
+            .map_err(|e| fail(format!("connect: {e}")))?;
+        timed(&mut s)?;
+        Ok::<_, super::NotPassed>(s)
+    };
+    // (1) Our write half first.
+    let mut a = connect()?;
+    a.write_all(b"we speak first")?;
+    a.shutdown(std::net::Shutdown::Write)?;
+    let mut back = Vec::new();
+    a.read_to_end(&mut back)
+        .map_err(|e| fail(format!("read after our shutdown: {e}")))?;
+    if back != b"answer after your EOF" {
+        return Err(fail(format!(
+            "got {:?} after our shutdown",
+            String::from_utf8_lossy(&back)
+        )));
+    }
+    match a.write(b"x") {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+        other => {
+            return Err(fail(format!(
+                "write after shutdown(Write): expected BrokenPipe, got {other:?}"
+            )))
+        }
+    }
+    // (2) The kernel's write half first.
+    let mut b = connect()?;
+    let mut first = Vec::new();
+    b.read_to_end(&mut first)
+        .map_err(|e| fail(format!("read to the kernel's EOF: {e}")))?;
+    if first != b"kernel speaks first" {
+        return Err(fail(format!(
+            "got {:?} before EOF",
+            String::from_utf8_lossy(&first)
+        )));
+    }
+    b.write_all(b"we answer after your EOF")
+        .map_err(|e| fail(format!("write after the kernel's shutdown(SHUT_WR): {e}")))?;
+    b.shutdown(std::net::Shutdown::Write)?;
+    let got = join(kernel, "kernel side")?;
+    if got != b"we speak first|we answer after your EOF" {
+        return Err(fail(format!(
+            "kernel got {:?}",
+            String::from_utf8_lossy(&got)
+        )));
+    }
+    Ok(())
+}
+
+/// SEQPACKET against the kernel's SOCK_SEQPACKET: every message comes back whole, one per recv.
+pub(super) fn vhost_vsock_seqpacket_boundaries() -> TestResult {
+    const PORT: u32 = 5005;
+    const SIZES: [usize; 8] = [1, 2, 44, 4096, 65_536, 65_537, 100_000, 200_000];
+    let drv = open_driver()?;
+    let listener = kernel_listen_ty(PORT, libc::SOCK_SEQPACKET)?;
+    let kernel = thread::spawn(move || -> io::Result<Vec<usize>> {
+        let (mut s, _) = kernel_accept(&listener)?;
+        let mut buf = vec![0u8; 256 << 10];
+        let mut seen = Vec::new();
+        for _ in 0..SIZES.len() {
+            // One read(2) on a SOCK_SEQPACKET socket returns exactly one message.
+            let n = s.read(&mut buf)?;
+            seen.push(n);
+            s.write_all(&buf[..n])?;
+        }
+        Ok(seen)
+    });
+    let s = drv
+        .connect_seqpacket(VsockAddr::new(HOST_CID, PORT))
+        .map_err(|e| fail(format!("seqpacket connect: {e}")))?;
+    let mut back = vec![0u8; 256 << 10];
+    for (i, &size) in SIZES.iter().enumerate() {
+        let mut msg = vec![0u8; size];
+        block(50 + i as u64, 0, &mut msg);
+        s.send(&msg)
+            .map_err(|e| fail(format!("send {size} B: {e}")))?;
+        let (n, full, _) = s
+            .recv_full(&mut back)
+            .map_err(|e| fail(format!("recv after {size} B: {e}")))?;
+        if (n, full) != (size, size) || back[..n] != msg[..] {
+            return Err(fail(format!(
+                "message {i}: sent {size} B, got {n} of {full} B{}",
+                if n == size {
+                    " with different bytes"
+                } else {
+                    ""
+                }
+            )));
+        }
+    }
+    let seen = join(kernel, "kernel side")?;
+    if seen != SIZES {
+        return Err(fail(format!(
+            "kernel saw message sizes {seen:?}, sent {SIZES:?}"
+        )));
+    }
+    println!(
+        "# {} SEQPACKET messages of 1 B..200 KB kept their boundaries both ways",
+        SIZES.len()
+    );
+    Ok(())
+}
+
+/// Discards `len` bytes from a kernel socket; returns when all arrived.
+fn kernel_sink(mut s: UnixStream, len: usize) -> io::Result<()> {
+    let mut buf = vec![0u8; 256 << 10];
+    let mut got = 0;
+    while got < len {
+        match s.read(&mut buf)? {
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("EOF after {got} of {len} bytes"),
+                ))
+            }
+            n => got += n,
+        }
+    }
+    Ok(())
+}
+
+/// Throughput of 64 KiB writes in the same boot: our driver over vhost-vsock into a kernel
+/// socket, and the kernel's own AF_VSOCK over vsock_loopback. Emulated numbers; the ratio counts.
+pub(super) fn vhost_vsock_throughput_vs_loopback() -> TestResult {
+    const LEN: usize = 32 << 20;
+    let chunk = vec![0x5au8; 64 << 10];
+    let drv = open_driver()?;
+
+    let listener = kernel_listen(5006)?;
+    let sink = thread::spawn(move || kernel_sink(kernel_accept(&listener)?.0, LEN));
+    let mut ours = drv
+        .connect_timeout(VsockAddr::new(HOST_CID, 5006), TIMEOUT)
+        .map_err(|e| fail(format!("connect: {e}")))?;
+    timed(&mut ours)?;
+    let t0 = Instant::now();
+    for _ in 0..LEN / chunk.len() {
+        ours.write_all(&chunk)?;
+    }
+    join(sink, "kernel sink (ours)")?;
+    let ours_mibs = (LEN >> 20) as f64 / t0.elapsed().as_secs_f64();
+
+    let listener = kernel_listen(5007)?;
+    let sink = thread::spawn(move || kernel_sink(kernel_accept(&listener)?.0, LEN));
+    let mut lo = super::vsock_connect(libc::VMADDR_CID_LOCAL, 5007)
+        .map_err(|e| fail(format!("vsock_loopback connect: {e}")))?;
+    lo.set_write_timeout(Some(TIMEOUT))?;
+    let t0 = Instant::now();
+    for _ in 0..LEN / chunk.len() {
+        lo.write_all(&chunk)?;
+    }
+    join(sink, "kernel sink (loopback)")?;
+    let lo_mibs = (LEN >> 20) as f64 / t0.elapsed().as_secs_f64();
+    println!(
+        "# throughput, 64 KiB writes, {} MiB: vdpa-vsock over vhost-vsock {ours_mibs:.1} MiB/s, \
+         kernel AF_VSOCK over vsock_loopback {lo_mibs:.1} MiB/s, ratio {:.2}",
+        LEN >> 20,
+        ours_mibs / lo_mibs
+    );
+    Ok(())
+}
+
+/// `auto` falls back to vhost-vsock (no vsock vDPA device, no vfio-bound function here) and
+/// skips the CIDs in use: 3 is the guest kernel's own, so it must land on another one.
+pub(super) fn vhost_vsock_auto() -> TestResult {
+    if !std::path::Path::new(VHOST_VSOCK_PATH).exists() {
+        return Err(skip(format!("{VHOST_VSOCK_PATH} is absent")));
+    }
+    let drv =
+        VsockDriver::open(&DeviceSpec::Auto).map_err(|e| fail(format!("auto: {}", chain(&e))))?;
+    println!(
+        "# auto chose {} with CID {}",
+        drv.device_name(),
+        drv.local_cid()
+    );
+    if drv.local_cid() == 3 {
+        return Err(fail("auto took CID 3, the guest kernel's own"));
+    }
+    let listener = kernel_listen(5008)?;
+    let kernel = thread::spawn(move || -> io::Result<Vec<u8>> {
+        let (mut s, _) = kernel_accept(&listener)?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got)?;
+        Ok(got)
+    });
+    let mut s = drv
+        .connect_timeout(VsockAddr::new(HOST_CID, 5008), TIMEOUT)
+        .map_err(|e| fail(format!("connect over auto: {e}")))?;
+    s.write_all(b"auto works")?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let got = join(kernel, "kernel side")?;
+    if got != b"auto works" {
+        return Err(fail(format!(
+            "kernel got {:?}",
+            String::from_utf8_lossy(&got)
+        )));
+    }
+    Ok(())
+}

@@ -118,6 +118,19 @@ const TESTS: &[Test] = &[
         "vhost_vsock_cid_in_use",
         vhost_vsock_tests::vhost_vsock_cid_in_use,
     ),
+    default(
+        "vhost_vsock_half_close",
+        vhost_vsock_tests::vhost_vsock_half_close,
+    ),
+    default("vhost_vsock_auto", vhost_vsock_tests::vhost_vsock_auto),
+    default(
+        "vhost_vsock_seqpacket_boundaries",
+        vhost_vsock_tests::vhost_vsock_seqpacket_boundaries,
+    ),
+    default(
+        "vhost_vsock_throughput_vs_loopback",
+        vhost_vsock_tests::vhost_vsock_throughput_vs_loopback,
+    ),
     by_name(
         "vhost_vsock_wrong_checksum_must_fail",
         vhost_vsock_tests::vhost_vsock_wrong_checksum_must_fail,

@@ -26,7 +26,7 @@
 //! The ioctls are rust-vmm's `vhost` crate (`VhostBackend` over our own `VhostKernBackend`, since
 //! the crate's `vhost_kern::vsock::Vsock` opens only the fixed path `/dev/vhost-vsock`), plus two
 //! small wrappers for the vsock-specific SET_GUEST_CID and SET_RUNNING. All of it sits behind the
-//! [`Sys`] seam, so the bring-up order and the error hints are unit-tested without `/dev`.
+//! `Sys` seam, so the bring-up order and the error hints are unit-tested without `/dev`.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};

@@ -297,7 +297,8 @@ boot() {
 report() {
     local log=$RUN/console.log pass fail skip
     tr -d '\r' <"$log" >"$log.txt"
-    grep -E '^(PASS|FAIL|SKIP) ' "$log.txt" || true
+    # Results, with each test's diagnostics ("# ..." lines: timings, the throughput comparison).
+    grep -E '^(PASS|FAIL|SKIP) |^# ' "$log.txt" || true
     pass=$(grep -c '^PASS ' "$log.txt" || true)
     fail=$(grep -c '^FAIL ' "$log.txt" || true)
     skip=$(grep -c '^SKIP ' "$log.txt" || true)

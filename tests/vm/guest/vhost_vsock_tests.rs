@@ -123,30 +123,7 @@ fn recv_checksum(r: &mut impl Read, len: usize) -> io::Result<u64> {
 
 /// A kernel AF_VSOCK stream listener on VMADDR_CID_ANY:`port`.
 fn kernel_listen(port: u32) -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a new descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
-    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    addr.svm_family = VSOCK_FAMILY;
-    addr.svm_cid = libc::VMADDR_CID_ANY;
-    addr.svm_port = port;
-    // SAFETY: `addr` is a valid sockaddr_vm of SOCKADDR_VM_LEN bytes for the call.
-    if unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), SOCKADDR_VM_LEN) } < 0 {
-        return Err(io::Error::other(format!(
-            "bind vsock port {port}: {}",
-            io::Error::last_os_error()
-        )));
-    }
-    // SAFETY: listen(2) on a bound socket we own.
-    if unsafe { libc::listen(fd.as_raw_fd(), 128) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fd)
+    kernel_listen_ty(port, libc::SOCK_STREAM)
 }
 
 /// Accepts one connection within `TIMEOUT`; returns it and the peer's CID.
@@ -492,9 +469,6 @@ pub(super) fn vhost_vsock_cid_in_use() -> TestResult {
 
 /// A kernel AF_VSOCK listener of socket type `ty` (SOCK_STREAM or SOCK_SEQPACKET).
 fn kernel_listen_ty(port: u32, ty: libc::c_int) -> io::Result<OwnedFd> {
-    if ty == libc::SOCK_STREAM {
-        return kernel_listen(port);
-    }
     // SAFETY: plain socket(2) call; the result is checked before use.
     let fd = unsafe { libc::socket(libc::AF_VSOCK, ty | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -509,10 +483,13 @@ fn kernel_listen_ty(port: u32, ty: libc::c_int) -> io::Result<OwnedFd> {
     addr.svm_port = port;
     // SAFETY: `addr` is a valid sockaddr_vm of SOCKADDR_VM_LEN bytes for the call.
     if unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), SOCKADDR_VM_LEN) } < 0 {
-        return Err(io::Error::last_os_error());
+        return Err(io::Error::other(format!(
+            "bind vsock port {port}: {}",
+            io::Error::last_os_error()
+        )));
     }
     // SAFETY: listen(2) on a bound socket we own.
-    if unsafe { libc::listen(fd.as_raw_fd(), 16) } < 0 {
+    if unsafe { libc::listen(fd.as_raw_fd(), 128) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(fd)

@@ -319,7 +319,9 @@ impl DeviceSpec {
     pub fn open(&self) -> Result<Box<dyn VsockDevice>, DeviceError> {
         match self {
             DeviceSpec::Sim => Ok(Box::new(sim::SimDevice::new(sim::SimConfig::default()))),
-            DeviceSpec::VhostVdpa { path } => Ok(Box::new(vhost_vdpa::VhostVdpaDevice::open(path)?)),
+            DeviceSpec::VhostVdpa { path } => {
+                Ok(Box::new(vhost_vdpa::VhostVdpaDevice::open(path)?))
+            }
             DeviceSpec::Vfio { .. } => Err(DeviceError::NotImplemented("vfio")),
             DeviceSpec::VhostVsock { .. } => Err(DeviceError::NotImplemented("vhost-vsock")),
             DeviceSpec::Auto => Err(DeviceError::NotImplemented(
@@ -424,7 +426,10 @@ mod tests {
             assert!(e.contains("not implemented yet"), "{e}");
         }
         // vhost-vdpa is built: a missing node is an open error naming the path.
-        let e = ok("vhost-vdpa:/nonexistent/vhost-vdpa-9").open().unwrap_err().to_string();
+        let e = ok("vhost-vdpa:/nonexistent/vhost-vdpa-9")
+            .open()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cannot open /nonexistent/vhost-vdpa-9"), "{e}");
     }
 }

@@ -247,19 +247,17 @@ impl VdpaSys for KernelVdpa {
         raw[0..4].copy_from_slice(&offset.to_ne_bytes());
         raw[4..8].copy_from_slice(&len.to_ne_bytes());
         // SAFETY: `raw` holds the 8-byte header plus `len` bytes the kernel writes `buf` into.
-        rc(unsafe { ioctl_with_mut_ptr(&self.file, vb::VHOST_VDPA_GET_CONFIG(), raw.as_mut_ptr()) })?;
+        rc(unsafe {
+            ioctl_with_mut_ptr(&self.file, vb::VHOST_VDPA_GET_CONFIG(), raw.as_mut_ptr())
+        })?;
         buf.copy_from_slice(&raw[8..]);
         Ok(())
     }
     fn get_iova_range(&self) -> io::Result<(u64, u64)> {
         let mut r = [0u64; 2]; // struct vhost_vdpa_iova_range { __u64 first; __u64 last; }
-        // SAFETY: the ioctl writes 16 bytes into `r`.
+                               // SAFETY: the ioctl writes 16 bytes into `r`.
         rc(unsafe {
-            ioctl_with_mut_ptr(
-                &self.file,
-                vb::VHOST_VDPA_GET_IOVA_RANGE(),
-                r.as_mut_ptr(),
-            )
+            ioctl_with_mut_ptr(&self.file, vb::VHOST_VDPA_GET_IOVA_RANGE(), r.as_mut_ptr())
         })?;
         Ok((r[0], r[1]))
     }
@@ -349,9 +347,8 @@ impl VhostVdpaDevice {
     /// Opens any vDPA device whose device id is `expected_device_id` (e.g. 1 for `vdpa_sim_net`,
     /// used to test the plumbing on a non-vsock device).
     pub fn open_raw(path: &str, expected_device_id: u32) -> Result<Self, DeviceError> {
-        let sys = KernelVdpa::open(path).map_err(|e| {
-            DeviceError::Failed(format!("cannot open {path}: {e}"))
-        })?;
+        let sys = KernelVdpa::open(path)
+            .map_err(|e| DeviceError::Failed(format!("cannot open {path}: {e}")))?;
         Self::with_sys(Box::new(sys), path, expected_device_id)
     }
 
@@ -380,8 +377,7 @@ impl VhostVdpaDevice {
                 "{path}: backend features {offered_backend:#x} lack IOTLB_MSG_V2"
             )));
         }
-        let backend_features =
-            offered_backend & (BACKEND_F_IOTLB_MSG_V2 | BACKEND_F_IOTLB_BATCH);
+        let backend_features = offered_backend & (BACKEND_F_IOTLB_MSG_V2 | BACKEND_F_IOTLB_BATCH);
         sys.set_backend_features(backend_features)
             .map_err(io_err("VHOST_SET_BACKEND_FEATURES"))?;
         let iova_range = sys
@@ -495,9 +491,9 @@ impl VhostVdpaDevice {
             }
         }
         if batch {
-            let end = self
-                .sys
-                .write_msg(&encode_iotlb_v2(0, vb::VHOST_IOTLB_BATCH_END, 0, 0, 0, 0));
+            let end =
+                self.sys
+                    .write_msg(&encode_iotlb_v2(0, vb::VHOST_IOTLB_BATCH_END, 0, 0, 0, 0));
             res = res.and(end);
         }
         res
@@ -582,7 +578,11 @@ impl VsockDevice for VhostVdpaDevice {
 
     fn dma_options(&self) -> DmaOptions {
         let page = PAGE_SIZE as u64;
-        let first = self.iova_range.0.checked_add(page - 1).map_or(0, |f| f & !(page - 1));
+        let first = self
+            .iova_range
+            .0
+            .checked_add(page - 1)
+            .map_or(0, |f| f & !(page - 1));
         DmaOptions {
             iova: IovaBase::Fixed(first),
             ..DmaOptions::default()
@@ -619,7 +619,8 @@ impl VsockDevice for VhostVdpaDevice {
         let s = &self.sys;
         s.set_vring_num(q, u32::from(layout.size))
             .map_err(io_err("VHOST_SET_VRING_NUM"))?;
-        s.set_vring_base(q, 0).map_err(io_err("VHOST_SET_VRING_BASE"))?;
+        s.set_vring_base(q, 0)
+            .map_err(io_err("VHOST_SET_VRING_BASE"))?;
         s.set_vring_addr(
             q,
             layout.desc_table.0,
@@ -669,7 +670,9 @@ impl VsockDevice for VhostVdpaDevice {
         self.queues[i]
             .as_ref()
             .map(|q| &q.call)
-            .ok_or(DeviceError::NotReady("call_fd of a queue that is not set up"))
+            .ok_or(DeviceError::NotReady(
+                "call_fd of a queue that is not set up",
+            ))
     }
 
     fn reset(&mut self) -> Result<(), DeviceError> {
@@ -767,7 +770,11 @@ mod tests {
             if s != 0 && st.status & !s != 0 {
                 return Err(io::Error::from_raw_os_error(libc::EINVAL));
             }
-            st.status = if st.reject_features_ok { s & !status::FEATURES_OK } else { s };
+            st.status = if st.reject_features_ok {
+                s & !status::FEATURES_OK
+            } else {
+                s
+            };
             Ok(())
         }
         fn get_config(&self, offset: u32, buf: &mut [u8]) -> io::Result<()> {
@@ -835,7 +842,14 @@ mod tests {
         // SAFETY: vhost_msg_v2 is plain old data of VHOST_MSG_V2_SIZE bytes (asserted above);
         // padding bytes were zeroed by Default.
         let bytes: [u8; VHOST_MSG_V2_SIZE] = unsafe { std::mem::transmute(m) };
-        let ours = encode_iotlb_v2(7, vb::VHOST_IOTLB_UPDATE, 0x1000, 0x20_0000, 0x7f00_0000_0000, 3);
+        let ours = encode_iotlb_v2(
+            7,
+            vb::VHOST_IOTLB_UPDATE,
+            0x1000,
+            0x20_0000,
+            0x7f00_0000_0000,
+            3,
+        );
         assert_eq!(&bytes[..34], &ours[..34]);
         assert!(ours[34..].iter().all(|&b| b == 0));
     }
@@ -845,7 +859,8 @@ mod tests {
         let f = Fake::new(1, BACKEND_F_IOTLB_MSG_V2, VSOCK_FEATURES);
         let e = VhostVdpaDevice::with_sys(Box::new(f), "/dev/vhost-vdpa-0", 19).unwrap_err();
         assert!(
-            e.to_string().contains("device id 1 (net), expected 19 (vsock)"),
+            e.to_string()
+                .contains("device id 1 (net), expected 19 (vsock)"),
             "{e}"
         );
     }
@@ -861,7 +876,10 @@ mod tests {
     fn bring_up_sequence_and_batched_iotlb() {
         let f = Fake::new(19, 0b1110, VSOCK_FEATURES);
         let mut d = VhostVdpaDevice::with_sys(Box::new(f.clone()), "/x", 19).unwrap();
-        assert_eq!(d.backend_features(), BACKEND_F_IOTLB_MSG_V2 | BACKEND_F_IOTLB_BATCH);
+        assert_eq!(
+            d.backend_features(),
+            BACKEND_F_IOTLB_MSG_V2 | BACKEND_F_IOTLB_BATCH
+        );
         assert_eq!(d.backend_features(), 0x6); // bits 1 and 2 (linux/vhost_types.h)
         assert_eq!(d.num_queues(), 3);
         assert_eq!(d.max_queue_size(0), 256);
@@ -904,13 +922,25 @@ mod tests {
         let tail = &calls[calls.len() - 5..];
         assert_eq!(
             tail,
-            ["set_status 0xf", "set_status 0x0", "iotlb type 5", "iotlb type 3", "iotlb type 6"]
+            [
+                "set_status 0xf",
+                "set_status 0x0",
+                "iotlb type 5",
+                "iotlb type 3",
+                "iotlb type 6"
+            ]
         );
         let st = f.state.lock().unwrap();
         let upd = &st.msgs[1];
         assert_eq!(u64::from_ne_bytes(upd[8..16].try_into().unwrap()), 0x2000);
-        assert_eq!(u64::from_ne_bytes(upd[16..24].try_into().unwrap()), dma.size() as u64);
-        assert_eq!(u64::from_ne_bytes(upd[24..32].try_into().unwrap()), dma.host_addr());
+        assert_eq!(
+            u64::from_ne_bytes(upd[16..24].try_into().unwrap()),
+            dma.size() as u64
+        );
+        assert_eq!(
+            u64::from_ne_bytes(upd[24..32].try_into().unwrap()),
+            dma.host_addr()
+        );
         assert_eq!(upd[32], VHOST_ACCESS_RW);
         let inv = &st.msgs[4];
         assert_eq!(u64::from_ne_bytes(inv[8..16].try_into().unwrap()), 0x2000);
@@ -924,7 +954,11 @@ mod tests {
         let dma = DmaRegion::new(&d.dma_options()).unwrap();
         d.map_dma(&dma).unwrap();
         drop(d);
-        let iotlb: Vec<_> = f.calls().into_iter().filter(|c| c.starts_with("iotlb")).collect();
+        let iotlb: Vec<_> = f
+            .calls()
+            .into_iter()
+            .filter(|c| c.starts_with("iotlb"))
+            .collect();
         assert_eq!(iotlb, ["iotlb type 2", "iotlb type 3"]);
     }
 
@@ -935,14 +969,22 @@ mod tests {
         let mut d = VhostVdpaDevice::with_sys(Box::new(f.clone()), "/x", 19).unwrap();
         let e = d.negotiate(0).unwrap_err();
         assert!(e.to_string().contains("FEATURES_OK"), "{e}");
-        assert!(f.calls().contains(&"set_status 0x83".to_string()), "{:?}", f.calls());
+        assert!(
+            f.calls().contains(&"set_status 0x83".to_string()),
+            "{:?}",
+            f.calls()
+        );
     }
 
     #[test]
     fn version_1_required() {
         let f = Fake::new(19, BACKEND_F_IOTLB_MSG_V2, 1 << F_ACCESS_PLATFORM);
         let mut d = VhostVdpaDevice::with_sys(Box::new(f), "/x", 19).unwrap();
-        assert!(d.negotiate(0).unwrap_err().to_string().contains("VERSION_1"));
+        assert!(d
+            .negotiate(0)
+            .unwrap_err()
+            .to_string()
+            .contains("VERSION_1"));
     }
 
     #[test]
@@ -954,6 +996,10 @@ mod tests {
             ..DmaOptions::default()
         })
         .unwrap();
-        assert!(d.map_dma(&dma).unwrap_err().to_string().contains("IOVA range"));
+        assert!(d
+            .map_dma(&dma)
+            .unwrap_err()
+            .to_string()
+            .contains("IOVA range"));
     }
 }

@@ -168,7 +168,7 @@ impl NetLoop {
                 }
                 while let Some(u) = self.rx.pop_used().map_err(e)? {
                     progress = true;
-                    let i = u.token as usize;
+                    let i = usize::try_from(u.token).map_err(e)?;
                     let want = &sent[got];
                     if u.len as usize != want.len() {
                         return Err(fail(format!(
@@ -237,7 +237,12 @@ fn make_frame(seq: u32) -> Vec<u8> {
     f.extend_from_slice(&[0x88, 0xb5]);
     f.extend_from_slice(&seq.to_be_bytes());
     for k in 4..payload_len {
-        f.push((seq as usize).wrapping_mul(31).wrapping_add(k * 7).to_le_bytes()[0]);
+        f.push(
+            (seq as usize)
+                .wrapping_mul(31)
+                .wrapping_add(k * 7)
+                .to_le_bytes()[0],
+        );
     }
     f
 }
@@ -305,14 +310,20 @@ pub(crate) fn vdpa_vsock_echo_1mib() -> TestResult {
     with_vdpa_dev("vdpasim_vsock", "vdpav0", |node| {
         use vdpa_vsock::driver::{DriverConfig, VsockAddr, VsockDriver};
         let dev = VhostVdpaDevice::open(node).map_err(e)?;
-        let drv = VsockDriver::from_device(Box::new(dev), DriverConfig::default(), None)
-            .map_err(e)?;
-        println!("# driver up on {}, cid {}", drv.device_name(), drv.local_cid());
+        let drv =
+            VsockDriver::from_device(Box::new(dev), DriverConfig::default(), None).map_err(e)?;
+        println!(
+            "# driver up on {}, cid {}",
+            drv.device_name(),
+            drv.local_cid()
+        );
         let mut s = drv
             .connect_timeout(VsockAddr::new(2, 1234), Duration::from_secs(10))
             .map_err(e)?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let data: Vec<u8> = (0..(1usize << 20)).map(|i| (i * 131 + i / 977).to_le_bytes()[0]).collect();
+        let data: Vec<u8> = (0..(1usize << 20))
+            .map(|i| (i * 131 + i / 977).to_le_bytes()[0])
+            .collect();
         let mut w = s.try_clone()?;
         let d2 = data.clone();
         let writer = thread::spawn(move || w.write_all(&d2));

@@ -93,7 +93,10 @@ const TESTS: &[Test] = &[
     default("vfio_noiommu_rebind", vfio_noiommu_rebind),
     default("kernel_vsock_to_host", kernel_vsock_to_host),
     default("vdpa_net_raw_loopback", vdpa_tests::vdpa_net_raw_loopback),
-    default("vdpa_teardown_no_mapping", vdpa_tests::vdpa_teardown_no_mapping),
+    default(
+        "vdpa_teardown_no_mapping",
+        vdpa_tests::vdpa_teardown_no_mapping,
+    ),
     default("vdpa_refuses_non_vsock", vdpa_tests::vdpa_refuses_non_vsock),
     by_name("vdpa_vsock_echo_1mib", vdpa_tests::vdpa_vsock_echo_1mib),
     by_name("selftest_must_fail", selftest_must_fail),

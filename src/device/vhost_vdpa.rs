@@ -617,23 +617,29 @@ impl VsockDevice for VhostVdpaDevice {
         let kick = EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?;
         let call = EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?;
         let s = &self.sys;
-        s.set_vring_num(q, u32::from(layout.size))
-            .map_err(io_err("VHOST_SET_VRING_NUM"))?;
-        s.set_vring_base(q, 0)
-            .map_err(io_err("VHOST_SET_VRING_BASE"))?;
-        s.set_vring_addr(
-            q,
-            layout.desc_table.0,
-            layout.avail_ring.0,
-            layout.used_ring.0,
-        )
-        .map_err(io_err("VHOST_SET_VRING_ADDR"))?;
-        s.set_vring_kick(q, kick.as_raw_fd())
-            .map_err(io_err("VHOST_SET_VRING_KICK"))?;
-        s.set_vring_call(q, call.as_raw_fd())
-            .map_err(io_err("VHOST_SET_VRING_CALL"))?;
-        s.set_vring_enable(q, true)
-            .map_err(io_err("VHOST_VDPA_SET_VRING_ENABLE"))?;
+        let wired = (|| {
+            s.set_vring_num(q, u32::from(layout.size))
+                .map_err(io_err("VHOST_SET_VRING_NUM"))?;
+            s.set_vring_base(q, 0)
+                .map_err(io_err("VHOST_SET_VRING_BASE"))?;
+            s.set_vring_addr(
+                q,
+                layout.desc_table.0,
+                layout.avail_ring.0,
+                layout.used_ring.0,
+            )
+            .map_err(io_err("VHOST_SET_VRING_ADDR"))?;
+            s.set_vring_kick(q, kick.as_raw_fd())
+                .map_err(io_err("VHOST_SET_VRING_KICK"))?;
+            s.set_vring_call(q, call.as_raw_fd())
+                .map_err(io_err("VHOST_SET_VRING_CALL"))?;
+            s.set_vring_enable(q, true)
+                .map_err(io_err("VHOST_VDPA_SET_VRING_ENABLE"))
+        })();
+        if let Err(err) = wired {
+            self.fail();
+            return Err(err);
+        }
         self.queues[i] = Some(QueueFds { kick, call });
         Ok(())
     }
@@ -970,7 +976,7 @@ mod tests {
         let e = d.negotiate(0).unwrap_err();
         assert!(e.to_string().contains("FEATURES_OK"), "{e}");
         assert!(
-            f.calls().contains(&"set_status 0x83".to_string()),
+            f.calls().contains(&"set_status 0x8b".to_string()),
             "{:?}",
             f.calls()
         );

@@ -9,7 +9,8 @@
 //!   reopened device comes up again and loops frames.
 //! - `vdpa_refuses_non_vsock`: opening `vdpa_sim_net` for vsock use fails naming the device type.
 //! - `vdpa_vsock_echo_1mib`: our driver over vhost-vdpa on `vdpasim_vsock` (tests/vm/vdpa_sim_vsock)
-//!   connects to the echo port of its host side and 1 MiB comes back intact.
+//!   connects to the echo port of its host side and 1 MiB comes back intact; after shutdown a second
+//!   connection echoes; a port without a listener is refused.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -341,6 +342,24 @@ pub(crate) fn vdpa_vsock_echo_1mib() -> TestResult {
             "# 1 MiB echoed intact in {:.2} s",
             start.elapsed().as_secs_f64()
         );
+        // SHUTDOWN is answered with RST: the connection closes and a new one works.
+        s.shutdown(std::net::Shutdown::Both)?;
+        drop(s);
+        let mut s2 = drv
+            .connect_timeout(VsockAddr::new(2, 1234), Duration::from_secs(10))
+            .map_err(|x| fail(format!("second connection: {x}")))?;
+        s2.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s2.write_all(b"again")?;
+        let mut b = [0u8; 5];
+        s2.read_exact(&mut b)?;
+        if &b != b"again" {
+            return Err(fail("second connection echoed wrong bytes"));
+        }
+        // A port nobody listens on is refused (REQUEST answered with RST).
+        match drv.connect_timeout(VsockAddr::new(2, 4321), Duration::from_secs(10)) {
+            Ok(_) => return Err(fail("connect to port 4321 succeeded")),
+            Err(x) => println!("# port 4321: {x}"),
+        }
         Ok(())
     })
 }

@@ -98,7 +98,7 @@ const TESTS: &[Test] = &[
         vdpa_tests::vdpa_teardown_no_mapping,
     ),
     default("vdpa_refuses_non_vsock", vdpa_tests::vdpa_refuses_non_vsock),
-    by_name("vdpa_vsock_echo_1mib", vdpa_tests::vdpa_vsock_echo_1mib),
+    default("vdpa_vsock_echo_1mib", vdpa_tests::vdpa_vsock_echo_1mib),
     by_name("selftest_must_fail", selftest_must_fail),
     by_name("vsock_64k_single_send", vsock_64k_single_send),
 ];

@@ -97,7 +97,7 @@ static void queue_rst(struct vdpasim_vsock *v, u32 host_port, u32 guest_port)
 	}
 }
 
-/* One packet from the guest (tx queue). Returns false if it must be retried later. */
+/* One packet from the guest (tx queue); replies are queued on the connection or in rsts[]. */
 static void handle_tx_pkt(struct vdpasim_vsock *v, struct virtio_vsock_hdr *h, u8 *data, u32 len)
 {
 	u16 op = le16_to_cpu(h->op);

@@ -140,14 +140,19 @@ setup_kernel() {
 # Out-of-tree modules Debian does not ship: vringh + vdpa_sim + vdpa_sim_net, and vfio rebuilt with
 # CONFIG_VFIO_NOIOMMU (its symbol CRCs match Debian's, so the stock vfio-pci loads on top). They
 # go to lib/modules/$KREL/updates/, which depmod prefers over the stock vfio.ko.xz.
+# The stamp names the vdpa_sim_vsock source too, so editing it rebuilds the modules.
+modules_stamp() {
+    echo "modules-$KREL-vsock-$(sha1sum "$HERE/vdpa_sim_vsock/vdpa_sim_vsock.c" | cut -c1-12)"
+}
+
 build_modules() {
-    stamped "modules-$KREL" && return 0
+    stamped "$(modules_stamp)" && return 0
     log "building out-of-tree modules for $KREL"
     local hdr src b
     hdr=$KROOT/usr/src/linux-headers-$KREL
-    # The arch headers' Makefile includes the common headers by absolute /usr/src path (the
-    # anchored pattern leaves an already rewritten line alone when this step is retried).
-    sed -i "s|^include /usr/src/|include $KROOT/usr/src/|" "$hdr/Makefile"
+    # The arch headers' Makefile includes the common headers by absolute /usr/src path.
+    # A cache copied from another checkout carries that checkout's path: rewrite any prefix.
+    sed -i "s|^include .*/usr/src/linux-headers-|include $KROOT/usr/src/linux-headers-|" "$hdr/Makefile"
     src=$KDIR/src
     rm -rf "$src"
     mkdir -p "$src"
@@ -158,7 +163,9 @@ build_modules() {
     rm -rf "$b"
     mkdir -p "$b/vdpa_sim" "$b/vfio"
     cp "$src"/drivers/vdpa/vdpa_sim/*.[ch] "$src/drivers/vhost/vringh.c" "$b/vdpa_sim/"
-    echo 'obj-m += vringh.o vdpa_sim.o vdpa_sim_net.o' >"$b/vdpa_sim/Kbuild"
+    # Our virtio-vsock test device (tests/vm/vdpa_sim_vsock), built beside vdpa_sim (vdpa_sim.h).
+    cp "$HERE/vdpa_sim_vsock/vdpa_sim_vsock.c" "$b/vdpa_sim/"
+    echo 'obj-m += vringh.o vdpa_sim.o vdpa_sim_net.o vdpa_sim_vsock.o' >"$b/vdpa_sim/Kbuild"
     cp "$src"/drivers/vfio/*.[ch] "$b/vfio/"
     cat >"$b/vfio/Kbuild" <<'EOF'
 ccflags-y += -DCONFIG_VFIO_NOIOMMU=1
@@ -173,7 +180,7 @@ EOF
     cp "$b"/vdpa_sim/*.ko "$b"/vfio/*.ko "$KROOT/lib/modules/$KREL/updates/"
     depmod -b "$KROOT" "$KREL"
     rm -rf "$src" "$b"
-    stamp "modules-$KREL"
+    stamp "$(modules_stamp)"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +213,7 @@ build_vmtest() {
 # ---------------------------------------------------------------------------------------------
 # Modules the tests need; modprobe --show-depends puts their dependencies first, in load order.
 GUEST_MODULES=(vhost_vsock vsock_loopback vmw_vsock_virtio_transport vhost_vdpa vdpa_sim_net
-    vfio_iommu_type1 vfio_pci)
+    vdpa_sim_vsock vfio_iommu_type1 vfio_pci)
 declare -A MODULE_PARAMS=([vfio]="enable_unsafe_noiommu_mode=1")
 
 build_initramfs() {

@@ -33,6 +33,9 @@ use vhost::vhost_kern::vhost_binding::{
 };
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref};
 
+/// Our driver on `/dev/vhost-vdpa-N` (vdpa_sim_net, and the vdpasim_vsock test device).
+#[path = "vdpa_tests.rs"]
+mod vdpa_tests;
 /// Our driver on `/dev/vhost-vsock` against the guest kernel's AF_VSOCK.
 mod vhost_vsock_tests;
 
@@ -92,6 +95,13 @@ const TESTS: &[Test] = &[
     default("vdpa_sim_net_device", vdpa_sim_net_device),
     default("vfio_noiommu_rebind", vfio_noiommu_rebind),
     default("kernel_vsock_to_host", kernel_vsock_to_host),
+    default("vdpa_net_raw_loopback", vdpa_tests::vdpa_net_raw_loopback),
+    default(
+        "vdpa_teardown_no_mapping",
+        vdpa_tests::vdpa_teardown_no_mapping,
+    ),
+    default("vdpa_refuses_non_vsock", vdpa_tests::vdpa_refuses_non_vsock),
+    default("vdpa_vsock_echo_1mib", vdpa_tests::vdpa_vsock_echo_1mib),
     by_name("selftest_must_fail", selftest_must_fail),
     by_name("vsock_64k_single_send", vsock_64k_single_send),
     default(

@@ -1,0 +1,467 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * vdpa_sim_vsock: a virtio-vsock (device id 19) test device on the vdpa_sim framework, modelled on
+ * drivers/vdpa/vdpa_sim/vdpa_sim_net.c. Built out of tree by tests/vm/run.sh next to vdpa_sim.
+ *
+ * Management device "vdpasim_vsock"; config guest_cid = 3; queues 0 rx, 1 tx, 2 event (unused).
+ * The host side (CID 2) lives in the work function: it accepts stream connections on port 1234
+ * and echoes RW payload; REQUEST -> RESPONSE (RST for other ports), SHUTDOWN -> RST,
+ * CREDIT_REQUEST -> CREDIT_UPDATE; credit per virtio 1.2 section 5.10.6.3 (buf_alloc/fwd_cnt).
+ */
+
+#include <linux/init.h>
+#include <linux/module.h>
+#include <linux/device.h>
+#include <linux/kernel.h>
+#include <linux/slab.h>
+#include <linux/vringh.h>
+#include <linux/vdpa.h>
+#include <uapi/linux/virtio_ids.h>
+#include <uapi/linux/virtio_vsock.h>
+
+#include "vdpa_sim.h"
+
+#define VDPASIM_VSOCK_VQ_NUM 3
+#define GUEST_CID 3
+#define HOST_CID 2
+#define ECHO_PORT 1234
+#define HOST_BUF_ALLOC (64 * 1024)
+#define MAX_CONNS 16
+#define MAX_PENDING_RST 16
+#define HDR_LEN sizeof(struct virtio_vsock_hdr)
+
+struct vconn {
+	bool used;
+	u32 guest_port;
+	u32 host_port;
+	u32 peer_buf_alloc;
+	u32 peer_fwd_cnt;
+	u32 tx_cnt;	/* bytes we sent to the guest */
+	u32 fwd_cnt;	/* bytes of ours consumed (echoed back) */
+	bool need_response, need_credit_update, need_rst;
+	u8 *buf;	/* ring of HOST_BUF_ALLOC bytes */
+	u32 head, len;
+};
+
+struct pending_rst {
+	u32 src_port, dst_port; /* from the host's point of view: src = host port */
+};
+
+struct vdpasim_vsock {
+	struct vdpasim vdpasim;
+	u8 *pkt;	/* HDR_LEN + HOST_BUF_ALLOC scratch */
+	struct vconn conns[MAX_CONNS];
+	struct pending_rst rsts[MAX_PENDING_RST];
+	int nrst;
+};
+
+static struct vdpasim_vsock *sim_to_vsock(struct vdpasim *vdpasim)
+{
+	return container_of(vdpasim, struct vdpasim_vsock, vdpasim);
+}
+
+static void vq_complete(struct vdpasim_virtqueue *vq, size_t len)
+{
+	smp_wmb();
+	vringh_complete_iotlb(&vq->vring, vq->head, len);
+	smp_wmb();
+	local_bh_disable();
+	if (vringh_need_notify_iotlb(&vq->vring) > 0)
+		vringh_notify(&vq->vring);
+	local_bh_enable();
+}
+
+static struct vconn *find_conn(struct vdpasim_vsock *v, u32 guest_port, u32 host_port)
+{
+	int i;
+
+	for (i = 0; i < MAX_CONNS; i++)
+		if (v->conns[i].used && v->conns[i].guest_port == guest_port &&
+		    v->conns[i].host_port == host_port)
+			return &v->conns[i];
+	return NULL;
+}
+
+static void free_conn(struct vconn *c)
+{
+	kvfree(c->buf);
+	memset(c, 0, sizeof(*c));
+}
+
+static void queue_rst(struct vdpasim_vsock *v, u32 host_port, u32 guest_port)
+{
+	if (v->nrst < MAX_PENDING_RST) {
+		v->rsts[v->nrst].src_port = host_port;
+		v->rsts[v->nrst].dst_port = guest_port;
+		v->nrst++;
+	}
+}
+
+/* One packet from the guest (tx queue); replies are queued on the connection or in rsts[]. */
+static void handle_tx_pkt(struct vdpasim_vsock *v, struct virtio_vsock_hdr *h, u8 *data, u32 len)
+{
+	u16 op = le16_to_cpu(h->op);
+	u32 sport = le32_to_cpu(h->src_port), dport = le32_to_cpu(h->dst_port);
+	struct vconn *c;
+	int i;
+
+	if (le16_to_cpu(h->type) != VIRTIO_VSOCK_TYPE_STREAM ||
+	    le64_to_cpu(h->dst_cid) != HOST_CID || le64_to_cpu(h->src_cid) != GUEST_CID) {
+		if (op != VIRTIO_VSOCK_OP_RST)
+			queue_rst(v, dport, sport);
+		return;
+	}
+	c = find_conn(v, sport, dport);
+	if (c) {
+		c->peer_buf_alloc = le32_to_cpu(h->buf_alloc);
+		c->peer_fwd_cnt = le32_to_cpu(h->fwd_cnt);
+	}
+	switch (op) {
+	case VIRTIO_VSOCK_OP_REQUEST:
+		if (c || dport != ECHO_PORT) {
+			queue_rst(v, dport, sport);
+			return;
+		}
+		for (i = 0; i < MAX_CONNS && v->conns[i].used; i++)
+			;
+		if (i == MAX_CONNS) {
+			queue_rst(v, dport, sport);
+			return;
+		}
+		c = &v->conns[i];
+		c->buf = kvmalloc(HOST_BUF_ALLOC, GFP_KERNEL);
+		if (!c->buf) {
+			queue_rst(v, dport, sport);
+			return;
+		}
+		c->used = true;
+		c->guest_port = sport;
+		c->host_port = dport;
+		c->peer_buf_alloc = le32_to_cpu(h->buf_alloc);
+		c->peer_fwd_cnt = le32_to_cpu(h->fwd_cnt);
+		c->need_response = true;
+		return;
+	case VIRTIO_VSOCK_OP_RW:
+		if (!c) {
+			queue_rst(v, dport, sport);
+			return;
+		}
+		if (len > HOST_BUF_ALLOC - c->len) {
+			/* The guest broke our credit: reset the connection. */
+			c->need_rst = true;
+			return;
+		}
+		for (i = 0; i < len; i++)
+			c->buf[(c->head + c->len + i) % HOST_BUF_ALLOC] = data[i];
+		c->len += len;
+		return;
+	case VIRTIO_VSOCK_OP_SHUTDOWN:
+		if (c)
+			c->need_rst = true;
+		else
+			queue_rst(v, dport, sport);
+		return;
+	case VIRTIO_VSOCK_OP_CREDIT_REQUEST:
+		if (c)
+			c->need_credit_update = true;
+		else
+			queue_rst(v, dport, sport);
+		return;
+	case VIRTIO_VSOCK_OP_CREDIT_UPDATE:
+	case VIRTIO_VSOCK_OP_RESPONSE:
+		return;
+	case VIRTIO_VSOCK_OP_RST:
+		if (c)
+			free_conn(c);
+		return;
+	default:
+		queue_rst(v, dport, sport);
+	}
+}
+
+static size_t iov_space(struct vringh_kiov *iov)
+{
+	size_t n = 0;
+	unsigned int k;
+
+	for (k = iov->i; k < iov->used; k++)
+		n += iov->iov[k].iov_len;
+	return n - iov->consumed;
+}
+
+/* Sends one packet to the guest; false when no rx buffer is available. */
+static bool send_pkt(struct vdpasim *vdpasim, u16 op, u32 sport, u32 dport, struct vconn *c,
+		     u32 want_data, u32 *sent)
+{
+	struct vdpasim_vsock *v = sim_to_vsock(vdpasim);
+	struct vdpasim_virtqueue *rxq = &vdpasim->vqs[0];
+	struct virtio_vsock_hdr *h = (struct virtio_vsock_hdr *)v->pkt;
+	size_t room;
+	u32 n = 0, i;
+	int err;
+
+	err = vringh_getdesc_iotlb(&rxq->vring, NULL, &rxq->in_iov, &rxq->head, GFP_ATOMIC);
+	if (err <= 0)
+		return false;
+	room = iov_space(&rxq->in_iov);
+	if (room < HDR_LEN) {
+		vq_complete(rxq, 0);
+		return true;
+	}
+	if (want_data) {
+		n = min_t(u32, want_data, room - HDR_LEN);
+		for (i = 0; i < n; i++)
+			v->pkt[HDR_LEN + i] = c->buf[(c->head + i) % HOST_BUF_ALLOC];
+		c->head = (c->head + n) % HOST_BUF_ALLOC;
+		c->len -= n;
+		c->fwd_cnt += n;
+		c->tx_cnt += n;
+	}
+	memset(h, 0, HDR_LEN);
+	h->src_cid = cpu_to_le64(HOST_CID);
+	h->dst_cid = cpu_to_le64(GUEST_CID);
+	h->src_port = cpu_to_le32(sport);
+	h->dst_port = cpu_to_le32(dport);
+	h->len = cpu_to_le32(n);
+	h->type = cpu_to_le16(VIRTIO_VSOCK_TYPE_STREAM);
+	h->op = cpu_to_le16(op);
+	h->buf_alloc = cpu_to_le32(c ? HOST_BUF_ALLOC : 0);
+	h->fwd_cnt = cpu_to_le32(c ? c->fwd_cnt : 0);
+	err = vringh_iov_push_iotlb(&rxq->vring, &rxq->in_iov, v->pkt, HDR_LEN + n);
+	vq_complete(rxq, err > 0 ? err : 0);
+	if (sent)
+		*sent = n;
+	return true;
+}
+
+/* Host-to-guest work; returns true if anything was sent. */
+static bool pump_rx(struct vdpasim *vdpasim, bool *starved)
+{
+	struct vdpasim_vsock *v = sim_to_vsock(vdpasim);
+	bool progress = false;
+	int i;
+
+	while (v->nrst > 0) {
+		struct pending_rst *r = &v->rsts[v->nrst - 1];
+
+		if (!send_pkt(vdpasim, VIRTIO_VSOCK_OP_RST, r->src_port, r->dst_port, NULL, 0, NULL))
+			goto starved;
+		v->nrst--;
+		progress = true;
+	}
+	for (i = 0; i < MAX_CONNS; i++) {
+		struct vconn *c = &v->conns[i];
+		u32 credit, sent;
+
+		if (!c->used)
+			continue;
+		if (c->need_rst) {
+			if (!send_pkt(vdpasim, VIRTIO_VSOCK_OP_RST, c->host_port, c->guest_port, NULL,
+				      0, NULL))
+				goto starved;
+			free_conn(c);
+			progress = true;
+			continue;
+		}
+		if (c->need_response) {
+			if (!send_pkt(vdpasim, VIRTIO_VSOCK_OP_RESPONSE, c->host_port,
+				      c->guest_port, c, 0, NULL))
+				goto starved;
+			c->need_response = false;
+			progress = true;
+		}
+		while (c->len > 0) {
+			credit = c->peer_buf_alloc - (c->tx_cnt - c->peer_fwd_cnt);
+			if (credit == 0 || credit > c->peer_buf_alloc)
+				break;
+			if (!send_pkt(vdpasim, VIRTIO_VSOCK_OP_RW, c->host_port, c->guest_port, c,
+				      min(c->len, credit), &sent))
+				goto starved;
+			c->need_credit_update = false; /* the RW header carries our credit */
+			progress = true;
+		}
+		if (c->need_credit_update) {
+			if (!send_pkt(vdpasim, VIRTIO_VSOCK_OP_CREDIT_UPDATE, c->host_port,
+				      c->guest_port, c, 0, NULL))
+				goto starved;
+			c->need_credit_update = false;
+			progress = true;
+		}
+	}
+	return progress;
+starved:
+	*starved = true;
+	return progress;
+}
+
+static void vdpasim_vsock_work(struct vdpasim *vdpasim)
+{
+	struct vdpasim_vsock *v = sim_to_vsock(vdpasim);
+	struct vdpasim_virtqueue *txq = &vdpasim->vqs[1];
+	struct vdpasim_virtqueue *rxq = &vdpasim->vqs[0];
+	int rounds = 0, i, err;
+	ssize_t read;
+
+	mutex_lock(&vdpasim->mutex);
+	if (!vdpasim->running || !(vdpasim->status & VIRTIO_CONFIG_S_DRIVER_OK)) {
+		for (i = 0; i < MAX_CONNS; i++)
+			if (v->conns[i].used)
+				free_conn(&v->conns[i]);
+		v->nrst = 0;
+		goto out;
+	}
+	if (!txq->ready || !rxq->ready)
+		goto out;
+
+	while (rounds++ < 64) {
+		bool progress = false, starved = false;
+
+		/* Guest to host: only while nothing is owed to the guest that we cannot send. */
+		while (v->nrst < MAX_PENDING_RST) {
+			err = vringh_getdesc_iotlb(&txq->vring, &txq->out_iov, NULL, &txq->head,
+						   GFP_ATOMIC);
+			if (err <= 0)
+				break;
+			read = vringh_iov_pull_iotlb(&txq->vring, &txq->out_iov, v->pkt,
+						     HDR_LEN + HOST_BUF_ALLOC);
+			if (read >= (ssize_t)HDR_LEN) {
+				struct virtio_vsock_hdr *h = (struct virtio_vsock_hdr *)v->pkt;
+				u32 len = min_t(u32, le32_to_cpu(h->len), read - HDR_LEN);
+
+				handle_tx_pkt(v, h, v->pkt + HDR_LEN, len);
+			}
+			vq_complete(txq, 0);
+			progress = true;
+		}
+		if (pump_rx(vdpasim, &starved))
+			progress = true;
+		if (!progress)
+			break;
+	}
+	if (rounds > 64)
+		vdpasim_schedule_work(vdpasim);
+out:
+	mutex_unlock(&vdpasim->mutex);
+}
+
+static void vdpasim_vsock_get_config(struct vdpasim *vdpasim, void *config)
+{
+	struct virtio_vsock_config *c = config;
+
+	c->guest_cid = cpu_to_le64(GUEST_CID);
+}
+
+static void vdpasim_vsock_free(struct vdpasim *vdpasim)
+{
+	struct vdpasim_vsock *v = sim_to_vsock(vdpasim);
+	int i;
+
+	for (i = 0; i < MAX_CONNS; i++)
+		if (v->conns[i].used)
+			free_conn(&v->conns[i]);
+	kvfree(v->pkt);
+}
+
+static void vdpasim_vsock_mgmtdev_release(struct device *dev)
+{
+}
+
+static struct device vdpasim_vsock_mgmtdev = {
+	.init_name = "vdpasim_vsock",
+	.release = vdpasim_vsock_mgmtdev_release,
+};
+
+static int vdpasim_vsock_dev_add(struct vdpa_mgmt_dev *mdev, const char *name,
+				 const struct vdpa_dev_set_config *config)
+{
+	struct vdpasim_dev_attr dev_attr = {};
+	struct vdpasim_vsock *v;
+	struct vdpasim *simdev;
+	int ret;
+
+	dev_attr.mgmt_dev = mdev;
+	dev_attr.name = name;
+	dev_attr.id = VIRTIO_ID_VSOCK;
+	dev_attr.supported_features = VDPASIM_FEATURES;
+	dev_attr.nvqs = VDPASIM_VSOCK_VQ_NUM;
+	dev_attr.ngroups = 2; /* vdpa_sim puts queue 2 in group 1 */
+	dev_attr.nas = 1;
+	dev_attr.alloc_size = sizeof(struct vdpasim_vsock);
+	dev_attr.config_size = sizeof(struct virtio_vsock_config);
+	dev_attr.get_config = vdpasim_vsock_get_config;
+	dev_attr.work_fn = vdpasim_vsock_work;
+	dev_attr.free = vdpasim_vsock_free;
+
+	simdev = vdpasim_create(&dev_attr, config);
+	if (IS_ERR(simdev))
+		return PTR_ERR(simdev);
+
+	v = sim_to_vsock(simdev);
+	v->pkt = kvmalloc(HDR_LEN + HOST_BUF_ALLOC, GFP_KERNEL);
+	if (!v->pkt) {
+		ret = -ENOMEM;
+		goto reg_err;
+	}
+	ret = _vdpa_register_device(&simdev->vdpa, VDPASIM_VSOCK_VQ_NUM);
+	if (ret)
+		goto reg_err;
+	return 0;
+
+reg_err:
+	put_device(&simdev->vdpa.dev);
+	return ret;
+}
+
+static void vdpasim_vsock_dev_del(struct vdpa_mgmt_dev *mdev, struct vdpa_device *dev)
+{
+	struct vdpasim *simdev = container_of(dev, struct vdpasim, vdpa);
+
+	_vdpa_unregister_device(&simdev->vdpa);
+}
+
+static const struct vdpa_mgmtdev_ops vdpasim_vsock_mgmtdev_ops = {
+	.dev_add = vdpasim_vsock_dev_add,
+	.dev_del = vdpasim_vsock_dev_del,
+};
+
+static struct virtio_device_id id_table[] = {
+	{ VIRTIO_ID_VSOCK, VIRTIO_DEV_ANY_ID },
+	{ 0 },
+};
+
+static struct vdpa_mgmt_dev mgmt_dev = {
+	.device = &vdpasim_vsock_mgmtdev,
+	.id_table = id_table,
+	.ops = &vdpasim_vsock_mgmtdev_ops,
+	.max_supported_vqs = VDPASIM_VSOCK_VQ_NUM,
+	.supported_features = VDPASIM_FEATURES,
+};
+
+static int __init vdpasim_vsock_init(void)
+{
+	int ret;
+
+	ret = device_register(&vdpasim_vsock_mgmtdev);
+	if (ret) {
+		put_device(&vdpasim_vsock_mgmtdev);
+		return ret;
+	}
+	ret = vdpa_mgmtdev_register(&mgmt_dev);
+	if (ret) {
+		device_unregister(&vdpasim_vsock_mgmtdev);
+		return ret;
+	}
+	return 0;
+}
+
+static void __exit vdpasim_vsock_exit(void)
+{
+	vdpa_mgmtdev_unregister(&mgmt_dev);
+	device_unregister(&vdpasim_vsock_mgmtdev);
+}
+
+module_init(vdpasim_vsock_init);
+module_exit(vdpasim_vsock_exit);
+
+MODULE_LICENSE("GPL v2");
+MODULE_DESCRIPTION("vDPA device simulator for virtio-vsock (test device)");

@@ -33,6 +33,9 @@ use vhost::vhost_kern::vhost_binding::{
 };
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref};
 
+#[path = "vfio_vsock.rs"]
+mod vfio_vsock;
+
 /// Why a test did not pass.
 #[derive(Debug)]
 enum NotPassed {
@@ -89,6 +92,11 @@ const TESTS: &[Test] = &[
     default("vdpa_sim_net_device", vdpa_sim_net_device),
     default("vfio_noiommu_rebind", vfio_noiommu_rebind),
     default("kernel_vsock_to_host", kernel_vsock_to_host),
+    default("vfio_driver_echo", vfio_vsock::vfio_driver_echo),
+    default(
+        "vfio_noiommu_needs_flag",
+        vfio_vsock::vfio_noiommu_needs_flag,
+    ),
     by_name("selftest_must_fail", selftest_must_fail),
     by_name("vsock_64k_single_send", vsock_64k_single_send),
 ];

@@ -667,6 +667,12 @@ impl VfioPciDevice {
         Ok(dev)
     }
 
+    /// Stops offering the feature bits in `mask` to the driver (diagnostics: e.g. run without
+    /// `VIRTIO_RING_F_EVENT_IDX` to tell a notification-suppression problem from others).
+    pub fn hide_features(&mut self, mask: u64) {
+        self.offered &= !mask;
+    }
+
     /// Number of MSI-X vectors in use (0: INTx).
     pub fn msix_vectors(&self) -> u32 {
         self.msix_vectors

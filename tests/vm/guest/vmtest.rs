@@ -97,6 +97,10 @@ const TESTS: &[Test] = &[
         "vfio_noiommu_needs_flag",
         vfio_vsock::vfio_noiommu_needs_flag,
     ),
+    by_name(
+        "vfio_driver_echo_no_event_idx",
+        vfio_vsock::vfio_driver_echo_no_event_idx,
+    ),
     by_name("selftest_must_fail", selftest_must_fail),
     by_name("vsock_64k_single_send", vsock_64k_single_send),
 ];

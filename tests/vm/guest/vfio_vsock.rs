@@ -90,7 +90,54 @@ fn fnv(h: u64, data: &[u8]) -> u64 {
         .fold(h, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }
 
-/// Sends `len` pseudo-random bytes to the echo on port 1234 and checks the echo's checksum.
+/// Lock-step echo: 64 KiB written, its echo read back and compared, `len` bytes in all. The
+/// writer never runs ahead of the echo by more than one chunk.
+fn echo_lockstep(drv: &VsockDriver, len: usize) -> TestResult {
+    let addr = VsockAddr::new(u64::from(VMADDR_CID_HOST), HOST_ECHO_PORT);
+    let mut s = drv
+        .connect_timeout(addr, Duration::from_secs(10))
+        .map_err(|e| fail(format!("connect {addr:?}: {e}")))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let start = Instant::now();
+    let (mut hs, mut hr) = (0xcbf2_9ce4_8422_2325u64, 0xcbf2_9ce4_8422_2325u64);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut back = vec![0u8; 64 * 1024];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(chunk.len());
+        for b in &mut chunk[..n] {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        s.write_all(&chunk[..n])?;
+        hs = fnv(hs, &chunk[..n]);
+        s.read_exact(&mut back[..n]).map_err(|e| {
+            println!("# proto stats at the failure: {:?}", drv.proto_stats());
+            fail(format!(
+                "lock-step echo stalled after {done} of {len} bytes: {e}"
+            ))
+        })?;
+        hr = fnv(hr, &back[..n]);
+        done += n;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "# lock-step: {len} bytes each way in {secs:.2} s ({:.1} MB/s each way), checksum {hr:#018x}",
+        len as f64 / secs / 1e6
+    );
+    if hs != hr {
+        return Err(fail(format!(
+            "checksum mismatch: sent {hs:#x}, echoed {hr:#x}"
+        )));
+    }
+    Ok(())
+}
+
+/// Full duplex: a writer thread streams `len` pseudo-random bytes while this thread reads the
+/// echo; checksums compared.
 fn echo_through(drv: &VsockDriver, len: usize) -> TestResult {
     let addr = VsockAddr::new(u64::from(VMADDR_CID_HOST), HOST_ECHO_PORT);
     let mut s = drv
@@ -155,6 +202,14 @@ pub(super) fn vfio_driver_echo() -> TestResult {
     driver_echo(0)
 }
 
+/// Full-duplex streaming of 16 MiB (diagnostic, run by name: stalls, see the report).
+pub(super) fn vfio_driver_duplex() -> TestResult {
+    with_vfio_bound(|bdf| {
+        let drv = open_driver(bdf, 0)?;
+        echo_through(&drv, ECHO_BYTES)
+    })
+}
+
 /// The same without VIRTIO_RING_F_EVENT_IDX (diagnostic: run by name).
 pub(super) fn vfio_driver_echo_no_event_idx() -> TestResult {
     driver_echo(1 << 29)
@@ -170,7 +225,7 @@ fn driver_echo(hide: u64) -> TestResult {
                 drv.local_cid()
             )));
         }
-        echo_through(&drv, ECHO_BYTES)?;
+        echo_lockstep(&drv, ECHO_BYTES)?;
         // Nobody listens on port 4321 on the host: the device answers with a reset.
         let refused = VsockAddr::new(u64::from(VMADDR_CID_HOST), 4321);
         match drv.connect_timeout(refused, Duration::from_secs(10)) {
@@ -180,7 +235,7 @@ fn driver_echo(hide: u64) -> TestResult {
         drop(drv);
         // Reopen: the previous close reset the device and released the group.
         let drv = open_driver(bdf, hide)?;
-        echo_through(&drv, 1 << 20)?;
+        echo_lockstep(&drv, 1 << 20)?;
         drop(drv);
         Ok(())
     })
@@ -206,4 +261,20 @@ pub(super) fn vfio_noiommu_needs_flag() -> TestResult {
             }
         }
     })
+}
+
+/// Control experiment for the device: the guest kernel's own virtio-vsock driver (function on
+/// virtio-pci) echoes 16 MiB through the same vhost-device-vsock in 4 KiB sends (run by name).
+pub(super) fn kernel_vsock_echo_16m() -> TestResult {
+    let mut sock = vsock_connect(VMADDR_CID_HOST, HOST_ECHO_PORT)?;
+    let timeout = Some(Duration::from_secs(10));
+    sock.set_read_timeout(timeout)?;
+    sock.set_write_timeout(timeout)?;
+    let start = Instant::now();
+    echo_round(&mut sock, ECHO_BYTES, 4096)?;
+    println!(
+        "# kernel driver: {ECHO_BYTES} bytes echoed in {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
 }

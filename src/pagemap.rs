@@ -80,7 +80,7 @@ pub fn contiguous_base(entries: &[u64]) -> Result<u64, PagemapError> {
 /// Physical base address of `[addr, addr + len)` in this process, if it is resident and
 /// physically contiguous. `addr` must be page aligned.
 pub fn physical_base(addr: u64, len: usize) -> Result<u64, PagemapError> {
-    let pages = (len as u64).div_ceil(PAGEMAP_PAGE_SIZE) as usize;
+    let pages = len.div_ceil(4096);
     let file = File::open("/proc/self/pagemap")?;
     let mut raw = vec![0u8; pages * 8];
     file.read_exact_at(&mut raw, addr / PAGEMAP_PAGE_SIZE * 8)?;

@@ -177,7 +177,7 @@ mod tests {
     fn qemu_like() -> Vec<u8> {
         let mut c = vec![0u8; 256];
         c[0..4].copy_from_slice(&[0xf4, 0x1a, 0x53, 0x10]);
-        c[PCI_STATUS] = PCI_STATUS_CAP_LIST as u8;
+        c[PCI_STATUS] = 1 << 4; // PCI_STATUS_CAP_LIST
         c[PCI_CAPABILITY_LIST] = 0x98;
         // MSI-X: 3 vectors, next 0x84.
         c[0x98..0x9c].copy_from_slice(&[PCI_CAP_ID_MSIX, 0x84, 2, 0]);

@@ -303,10 +303,11 @@ impl Bar {
 
     fn write(&self, off: u64, width: usize, val: u32) {
         for (start, len, m) in &self.maps {
-            if off >= *start && off + width as u64 <= start + len {
-                if m.write(off - start, width, val).is_some() {
-                    return;
-                }
+            if off >= *start
+                && off + width as u64 <= start + len
+                && m.write(off - start, width, val).is_some()
+            {
+                return;
             }
         }
         if off + width as u64 <= self.size {
@@ -321,13 +322,16 @@ impl Bar {
     }
 }
 
-/// Region info and the sparse mmap areas (offset, size) if the region lists any.
+/// Sparse mmap areas of a region: (offset, size) pairs.
+type SparseAreas = Option<Vec<(u64, u64)>>;
+
+/// Region info and the sparse mmap areas if the region lists any.
 fn region_info(
     device: &File,
     index: u32,
-) -> Result<(sys::vfio_region_info, Option<Vec<(u64, u64)>>), DeviceError> {
+) -> Result<(sys::vfio_region_info, SparseAreas), DeviceError> {
     let mut info = sys::vfio_region_info {
-        argsz: std::mem::size_of::<sys::vfio_region_info>() as u32,
+        argsz: argsz::<sys::vfio_region_info>(),
         index,
         ..Default::default()
     };
@@ -396,6 +400,12 @@ fn sparse_areas(buf: &[u8], first: usize) -> Option<Vec<(u64, u64)>> {
         off = u32_at(off + 4)? as usize;
     }
     None
+}
+
+/// `argsz` of a VFIO structure (all are a few dozen bytes).
+#[allow(clippy::cast_possible_truncation)]
+const fn argsz<T>() -> u32 {
+    std::mem::size_of::<T>() as u32
 }
 
 fn errno(op: &'static str) -> DeviceError {
@@ -506,7 +516,7 @@ impl VfioPciDevice {
             format!("/dev/vfio/{group}")
         })?;
         let mut status = sys::vfio_group_status {
-            argsz: std::mem::size_of::<sys::vfio_group_status>() as u32,
+            argsz: argsz::<sys::vfio_group_status>(),
             flags: 0,
         };
         // SAFETY: GET_STATUS writes one `vfio_group_status` (argsz says how big it is).
@@ -555,7 +565,7 @@ impl VfioPciDevice {
         let device = Arc::new(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) });
 
         let mut dinfo = sys::vfio_device_info {
-            argsz: std::mem::size_of::<sys::vfio_device_info>() as u32,
+            argsz: argsz::<sys::vfio_device_info>(),
             ..Default::default()
         };
         // SAFETY: GET_INFO writes at most `argsz` bytes into `dinfo`.
@@ -763,8 +773,11 @@ impl VfioPciDevice {
     }
 
     fn set_irqs(&self, index: u32, fds: &[i32]) -> Result<(), DeviceError> {
+        let fds = &fds[..fds.len().min(8)];
+        #[allow(clippy::cast_possible_truncation)]
+        let n = fds.len() as u32; // <= 8
         let mut set = sys::vfio_irq_set {
-            argsz: (20 + 4 * fds.len()) as u32,
+            argsz: 20 + 4 * n,
             flags: if fds.is_empty() {
                 sys::VFIO_IRQ_SET_DATA_NONE | sys::VFIO_IRQ_SET_ACTION_TRIGGER
             } else {
@@ -772,7 +785,7 @@ impl VfioPciDevice {
             },
             index,
             start: 0,
-            count: fds.len() as u32,
+            count: n,
             data: [0; 8],
         };
         set.data[..fds.len()].copy_from_slice(fds);
@@ -788,7 +801,7 @@ impl VfioPciDevice {
 
     fn irq_count(&self, index: u32) -> u32 {
         let mut info = sys::vfio_irq_info {
-            argsz: std::mem::size_of::<sys::vfio_irq_info>() as u32,
+            argsz: argsz::<sys::vfio_irq_info>(),
             index,
             ..Default::default()
         };
@@ -929,7 +942,7 @@ impl VsockDevice for VfioPciDevice {
     fn map_dma(&mut self, dma: &DmaRegion) -> Result<(), DeviceError> {
         if self.noiommu {
             // Nothing to map; DmaRegion (IovaBase::Physical) checked every page in pagemap.
-            if !dma.is_hugetlb() && dma.size() > crate::pagemap::PAGEMAP_PAGE_SIZE as usize {
+            if !dma.is_hugetlb() && dma.size() > 4096 {
                 log::warn!(
                     "vfio {}: no-IOMMU DMA region is not on huge pages; it was physically \
                      contiguous when checked",
@@ -945,7 +958,7 @@ impl VsockDevice for VfioPciDevice {
             return Ok(());
         }
         let map = sys::vfio_iommu_type1_dma_map {
-            argsz: std::mem::size_of::<sys::vfio_iommu_type1_dma_map>() as u32,
+            argsz: argsz::<sys::vfio_iommu_type1_dma_map>(),
             flags: sys::VFIO_DMA_MAP_FLAG_READ | sys::VFIO_DMA_MAP_FLAG_WRITE,
             vaddr: dma.host_addr(),
             iova: dma.iova_base(),
@@ -1045,15 +1058,14 @@ impl VsockDevice for VfioPciDevice {
         self.started = false;
         self.notify_off = [None; 2];
         if let Some((iova, size)) = self.dma_mapped.take() {
-            let unmap = sys::vfio_iommu_type1_dma_unmap {
-                argsz: std::mem::size_of::<sys::vfio_iommu_type1_dma_unmap>() as u32,
+            let mut unmap = sys::vfio_iommu_type1_dma_unmap {
+                argsz: argsz::<sys::vfio_iommu_type1_dma_unmap>(),
                 flags: 0,
                 iova,
                 size,
             };
             // SAFETY: UNMAP_DMA reads one `vfio_iommu_type1_dma_unmap` (and writes back the
             // size unmapped into it; it is exclusively ours for the call).
-            let mut unmap = unmap;
             if unsafe {
                 vmm_sys_util::ioctl::ioctl_with_mut_ref(
                     &self.container,

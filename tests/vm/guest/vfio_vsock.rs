@@ -110,7 +110,7 @@ fn echo_lockstep(drv: &VsockDriver, len: usize) -> TestResult {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            *b = x as u8;
+            *b = x.to_le_bytes()[0];
         }
         s.write_all(&chunk[..n])?;
         hs = fnv(hs, &chunk[..n]);
@@ -157,7 +157,7 @@ fn echo_through(drv: &VsockDriver, len: usize) -> TestResult {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                *b = x as u8;
+                *b = x.to_le_bytes()[0];
             }
             w.write_all(&chunk[..n])?;
             h = fnv(h, &chunk[..n]);
@@ -226,12 +226,28 @@ fn driver_echo(hide: u64) -> TestResult {
             )));
         }
         echo_lockstep(&drv, ECHO_BYTES)?;
-        // Nobody listens on port 4321 on the host: the device answers with a reset.
+        // Nobody listens on port 4321 on the host. A device should answer with RST (refused);
+        // vhost-device-vsock 0.3.0 never does (its `enq_rst` is a TODO in thread_backend.rs),
+        // so here the connect must fail by timing out, and the device must stay usable.
         let refused = VsockAddr::new(u64::from(VMADDR_CID_HOST), 4321);
-        match drv.connect_timeout(refused, Duration::from_secs(10)) {
+        match drv.connect_timeout(refused, Duration::from_secs(3)) {
             Ok(_) => return Err(fail("connect to an unserved port succeeded")),
-            Err(e) => println!("# connect to port 4321: {e} ({:?})", e.kind()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionRefused
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::TimedOut
+                ) =>
+            {
+                println!(
+                    "# connect to unserved port 4321 failed: {e} ({:?})",
+                    e.kind()
+                )
+            }
+            Err(e) => return Err(fail(format!("connect to port 4321: unexpected {e}"))),
         }
+        echo_lockstep(&drv, 64 * 1024)?;
         drop(drv);
         // Reopen: the previous close reset the device and released the group.
         let drv = open_driver(bdf, hide)?;

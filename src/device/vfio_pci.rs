@@ -92,6 +92,7 @@ mod sys {
     pub const VFIO_PCI_MSIX_IRQ_INDEX: u32 = 2;
     pub const VFIO_IRQ_SET_DATA_NONE: u32 = 1;
     pub const VFIO_IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
+    pub const VFIO_IRQ_SET_ACTION_UNMASK: u32 = 1 << 4;
     pub const VFIO_IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
     pub const VFIO_DMA_MAP_FLAG_READ: u32 = 1;
     pub const VFIO_DMA_MAP_FLAG_WRITE: u32 = 2;
@@ -416,6 +417,77 @@ fn failed(msg: impl Into<String>) -> DeviceError {
     DeviceError::Failed(msg.into())
 }
 
+/// The INTx forwarding thread and its stop signal.
+#[derive(Debug)]
+struct IntxForwarder {
+    stop: EventFd,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for IntxForwarder {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Waits for the INTx eventfd; reads the ISR (clears it, deasserts the line); on a queue
+/// interrupt (ISR bit 0) signals both queues; unmasks the line in VFIO.
+fn intx_loop(
+    device: &File,
+    isr: &Bar,
+    isr_off: u64,
+    line: &EventFd,
+    stop: &EventFd,
+    calls: &[EventFd; 2],
+) {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: line.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            log::error!("vfio INTx: poll failed: {}", io::Error::last_os_error());
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        if fds[0].revents != 0 {
+            let _ = line.read();
+            if isr.read(isr_off, 1) & 1 != 0 {
+                for c in calls {
+                    let _ = c.write(1);
+                }
+            }
+            if let Err(e) = set_irqs_on(
+                device,
+                sys::VFIO_PCI_INTX_IRQ_INDEX,
+                sys::VFIO_IRQ_SET_DATA_NONE | sys::VFIO_IRQ_SET_ACTION_UNMASK,
+                &[],
+            ) {
+                log::error!("vfio INTx: unmask failed: {e}");
+                return;
+            }
+        }
+    }
+}
+
 /// A virtio-vsock PCI function driven through VFIO.
 #[derive(Debug)]
 pub struct VfioPciDevice {
@@ -425,7 +497,10 @@ pub struct VfioPciDevice {
     _group: File,
     device: Arc<File>,
     config_offset: u64,
-    bars: Vec<Option<Bar>>,
+    bars: Vec<Option<Arc<Bar>>>,
+    /// INTx fallback: the thread that turns the line into per-queue eventfd signals.
+    intx: Option<IntxForwarder>,
+    force_intx: bool,
     caps: VirtioCaps,
     offered: u64,
     /// Notify-area offsets (within the notify structure) of queues 0 and 1.
@@ -440,6 +515,11 @@ impl VfioPciDevice {
     /// Opens `bdf` (bound to vfio-pci). `noiommu` must be true exactly when its group is a VFIO
     /// no-IOMMU group; IOVAs are then physical addresses.
     pub fn open(bdf: &str, noiommu: bool) -> Result<Self, DeviceError> {
+        Self::open_with(bdf, noiommu, false)
+    }
+
+    /// [`Self::open`], optionally using the INTx fallback even when MSI-X exists (tests).
+    pub fn open_with(bdf: &str, noiommu: bool, force_intx: bool) -> Result<Self, DeviceError> {
         let sysdev = Path::new("/sys/bus/pci/devices").join(bdf);
         if !sysdev.exists() {
             return Err(failed(format!("{bdf}: no such PCI function")));
@@ -597,7 +677,7 @@ impl VfioPciDevice {
         }
         let caps = pci::virtio_caps(&cfg).map_err(|e| failed(format!("{bdf}: {e}")))?;
 
-        let mut bars: Vec<Option<Bar>> = (0..6).map(|_| None).collect();
+        let mut bars: Vec<Option<Arc<Bar>>> = (0..6).map(|_| None).collect();
         for cap in [caps.common, caps.notify, caps.isr, caps.device] {
             let i = usize::from(cap.bar);
             if bars[i].is_some() {
@@ -628,12 +708,12 @@ impl VfioPciDevice {
                 info.size,
                 maps.len()
             );
-            bars[i] = Some(Bar {
+            bars[i] = Some(Arc::new(Bar {
                 device: Arc::clone(&device),
                 region_offset: info.offset,
                 size: info.size,
                 maps,
-            });
+            }));
         }
 
         let mut dev = VfioPciDevice {
@@ -649,6 +729,8 @@ impl VfioPciDevice {
             notify_off: [None; 2],
             calls: Vec::new(),
             msix_vectors: 0,
+            intx: None,
+            force_intx,
             dma_mapped: None,
             started: false,
         };
@@ -773,32 +855,46 @@ impl VfioPciDevice {
     }
 
     fn set_irqs(&self, index: u32, fds: &[i32]) -> Result<(), DeviceError> {
+        let flags = if fds.is_empty() {
+            sys::VFIO_IRQ_SET_DATA_NONE | sys::VFIO_IRQ_SET_ACTION_TRIGGER
+        } else {
+            sys::VFIO_IRQ_SET_DATA_EVENTFD | sys::VFIO_IRQ_SET_ACTION_TRIGGER
+        };
+        set_irqs_on(&self.device, index, flags, fds)
+    }
+}
+
+/// `VFIO_DEVICE_SET_IRQS` for `fds` (at most 8) from vector 0; `DATA_NONE` with no fds uses
+/// count 0 for TRIGGER (disable) and count 1 for UNMASK.
+fn set_irqs_on(device: &File, index: u32, flags: u32, fds: &[i32]) -> Result<(), DeviceError> {
+    {
         let fds = &fds[..fds.len().min(8)];
         #[allow(clippy::cast_possible_truncation)]
         let n = fds.len() as u32; // <= 8
         let mut set = sys::vfio_irq_set {
             argsz: 20 + 4 * n,
-            flags: if fds.is_empty() {
-                sys::VFIO_IRQ_SET_DATA_NONE | sys::VFIO_IRQ_SET_ACTION_TRIGGER
-            } else {
-                sys::VFIO_IRQ_SET_DATA_EVENTFD | sys::VFIO_IRQ_SET_ACTION_TRIGGER
-            },
+            flags,
             index,
             start: 0,
-            count: n,
+            count: if flags & sys::VFIO_IRQ_SET_ACTION_UNMASK != 0 {
+                1
+            } else {
+                n
+            },
             data: [0; 8],
         };
         set.data[..fds.len()].copy_from_slice(fds);
         // SAFETY: SET_IRQS reads `argsz` bytes: the header and `count` (<= 8) eventfds.
-        if unsafe {
-            vmm_sys_util::ioctl::ioctl_with_ref(&*self.device, sys::VFIO_DEVICE_SET_IRQS(), &set)
-        } < 0
+        if unsafe { vmm_sys_util::ioctl::ioctl_with_ref(device, sys::VFIO_DEVICE_SET_IRQS(), &set) }
+            < 0
         {
             return Err(errno("VFIO_DEVICE_SET_IRQS"));
         }
         Ok(())
     }
+}
 
+impl VfioPciDevice {
     fn irq_count(&self, index: u32) -> u32 {
         let mut info = sys::vfio_irq_info {
             argsz: argsz::<sys::vfio_irq_info>(),
@@ -825,7 +921,7 @@ impl VfioPciDevice {
         let mk = || EventFd::new(EFD_NONBLOCK).map_err(|e| DeviceError::io("eventfd", e));
         self.calls = vec![mk()?, mk()?];
         let msix = self.irq_count(sys::VFIO_PCI_MSIX_IRQ_INDEX);
-        if msix >= 2 {
+        if msix >= 2 && !self.force_intx {
             let fds: Vec<i32> = self.calls.iter().map(|e| e.as_raw_fd()).collect();
             self.set_irqs(sys::VFIO_PCI_MSIX_IRQ_INDEX, &fds)?;
             self.msix_vectors = 2;
@@ -844,13 +940,41 @@ impl VfioPciDevice {
         if self.irq_count(sys::VFIO_PCI_INTX_IRQ_INDEX) == 0 {
             return Err(failed(format!("{}: neither MSI-X nor INTx", self.bdf)));
         }
-        // INTx fallback is not wired: the line is level-triggered and VFIO masks it after each
-        // interrupt; unmasking needs the ISR read in the event loop, which the driver does not
-        // do through this trait yet.
-        Err(failed(format!(
-            "{}: no MSI-X ({msix} vectors); the INTx fallback is not implemented yet",
-            self.bdf
-        )))
+        // INTx: one level-triggered line for everything. VFIO masks it when it fires; a thread
+        // reads the ISR (which deasserts the line), signals both queues' eventfds on a queue
+        // interrupt, and unmasks.
+        let cmd = self.config_read16(pci::PCI_COMMAND)?;
+        self.config_write16(pci::PCI_COMMAND, cmd & !pci::PCI_COMMAND_INTX_DISABLE)?;
+        let line = mk()?;
+        set_irqs_on(
+            &self.device,
+            sys::VFIO_PCI_INTX_IRQ_INDEX,
+            sys::VFIO_IRQ_SET_DATA_EVENTFD | sys::VFIO_IRQ_SET_ACTION_TRIGGER,
+            &[line.as_raw_fd()],
+        )?;
+        let stop = mk()?;
+        let isr_bar = self.bars[usize::from(self.caps.isr.bar)]
+            .clone()
+            .expect("ISR BAR mapped in open");
+        let isr_off = u64::from(self.caps.isr.offset);
+        let device = Arc::clone(&self.device);
+        let dup = |e: &EventFd| e.try_clone().map_err(|e| DeviceError::io("dup eventfd", e));
+        let calls = [dup(&self.calls[0])?, dup(&self.calls[1])?];
+        let stop2 = dup(&stop)?;
+        let thread = std::thread::Builder::new()
+            .name(format!("vfio-intx-{}", self.bdf))
+            .spawn(move || intx_loop(&device, &isr_bar, isr_off, &line, &stop2, &calls))
+            .map_err(|e| DeviceError::io("spawn INTx thread", e))?;
+        self.intx = Some(IntxForwarder {
+            stop,
+            thread: Some(thread),
+        });
+        log::info!(
+            "vfio {}: INTx ({msix} MSI-X vectors{})",
+            self.bdf,
+            if self.force_intx { ", INTx forced" } else { "" }
+        );
+        Ok(())
     }
 
     fn queue_select(&self, index: u16) {
@@ -1093,6 +1217,9 @@ impl Drop for VfioPciDevice {
         }
         if self.msix_vectors > 0 {
             let _ = self.set_irqs(sys::VFIO_PCI_MSIX_IRQ_INDEX, &[]);
+        }
+        if self.intx.take().is_some() {
+            let _ = self.set_irqs(sys::VFIO_PCI_INTX_IRQ_INDEX, &[]);
         }
         if let Ok(cmd) = self.config_read16(pci::PCI_COMMAND) {
             let _ = self.config_write16(pci::PCI_COMMAND, cmd & !pci::PCI_COMMAND_MASTER);

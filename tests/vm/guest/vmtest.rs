@@ -93,6 +93,7 @@ const TESTS: &[Test] = &[
     default("vfio_noiommu_rebind", vfio_noiommu_rebind),
     default("kernel_vsock_to_host", kernel_vsock_to_host),
     default("vfio_driver_echo", vfio_vsock::vfio_driver_echo),
+    default("vfio_driver_intx", vfio_vsock::vfio_driver_intx),
     default(
         "vfio_noiommu_needs_flag",
         vfio_vsock::vfio_noiommu_needs_flag,

@@ -25,8 +25,10 @@ fn config() -> DriverConfig {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    let mut proto = vdpa_vsock::proto::Config::default();
-    proto.ephemeral_ports = 49152 + nanos % 8192..=65535;
+    let proto = vdpa_vsock::proto::Config {
+        ephemeral_ports: 49152 + nanos % 8192..=65535,
+        ..Default::default()
+    };
     DriverConfig {
         proto,
         // 128 x 2 x 4140 bytes plus rings fit one 2 MiB huge page: physically contiguous.

@@ -214,7 +214,8 @@ pub(super) fn vfio_driver_echo() -> TestResult {
     driver_echo(0)
 }
 
-/// Full-duplex streaming of 16 MiB (diagnostic, run by name: stalls, see the report).
+/// Full-duplex streaming of 16 MiB: a writer thread and a reader at once (this stalled before
+/// the protocol answered CREDIT_REQUEST explicitly; see tests/vm/README.md).
 pub(super) fn vfio_driver_duplex() -> TestResult {
     with_vfio_bound(|bdf| {
         let drv = open_driver(bdf, 0)?;

@@ -102,7 +102,7 @@ const TESTS: &[Test] = &[
         "vfio_driver_echo_no_event_idx",
         vfio_vsock::vfio_driver_echo_no_event_idx,
     ),
-    by_name("vfio_driver_duplex", vfio_vsock::vfio_driver_duplex),
+    default("vfio_driver_duplex", vfio_vsock::vfio_driver_duplex),
     by_name("kernel_vsock_echo_16m", vfio_vsock::kernel_vsock_echo_16m),
     by_name("selftest_must_fail", selftest_must_fail),
     by_name("vsock_64k_single_send", vsock_64k_single_send),

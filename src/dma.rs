@@ -45,6 +45,9 @@ pub enum IovaBase {
     /// IOVA == host virtual address of the mapping (what vhost-vsock expects when the memory
     /// table maps userspace addresses one to one).
     Identity,
+    /// IOVA == physical address (VFIO no-IOMMU mode). The region is populated and every page is
+    /// checked in `/proc/self/pagemap`; it must be physically contiguous (use huge pages).
+    Physical,
 }
 
 /// How to create a [`DmaRegion`].
@@ -135,6 +138,9 @@ pub enum DmaError {
     /// Zero-size allocation.
     #[error("allocation size must be at least 1 byte, found 0")]
     ZeroSize,
+    /// [`IovaBase::Physical`]: no usable physical address for the region.
+    #[error("cannot use the physical address of the DMA region as its IOVA")]
+    Physical(#[source] crate::pagemap::PagemapError),
     /// An address range is not inside the region.
     #[error("range [{addr:#x}, +{len:#x}) is outside the DMA region [{base:#x}, +{size:#x})")]
     OutOfRange {
@@ -258,6 +264,17 @@ impl DmaRegion {
             // The mapping exists now, so its address is known and stable: the guest address of
             // every byte is its own host virtual address.
             IovaBase::Identity => mapping.as_ptr() as u64,
+            IovaBase::Physical => {
+                // Fault every page in (mlock may have failed or been skipped).
+                for off in (0..size).step_by(PAGE_SIZE) {
+                    // SAFETY: `off < size`, so the byte lies inside the live mapping we own; no
+                    // reference to it exists yet, and writing 0 to fresh anonymous memory changes
+                    // nothing observable.
+                    unsafe { mapping.as_ptr().add(off).write_volatile(0) };
+                }
+                crate::pagemap::physical_base(mapping.as_ptr() as u64, size)
+                    .map_err(DmaError::Physical)?
+            }
         };
         let mapping = Arc::new(mapping);
         let region = GuestRegionMmap::with_arc(Arc::clone(&mapping), GuestAddress(iova_base))

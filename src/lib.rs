@@ -20,5 +20,6 @@ pub mod device;
 pub mod dma;
 pub mod driver;
 pub mod packet;
+pub mod pagemap;
 pub mod proto;
 pub mod virtq;

@@ -55,6 +55,10 @@ pub(crate) struct Pending {
     pub(crate) request: bool,
     pub(crate) response: bool,
     pub(crate) credit_update: bool,
+    /// The peer sent CREDIT_REQUEST: answer with an explicit CREDIT_UPDATE even if other
+    /// packets carry our fwd_cnt first (Linux does; vhost-device-vsock 0.3.0 resumes reading
+    /// its host socket only on an explicit CREDIT_UPDATE).
+    pub(crate) credit_reply: bool,
 }
 
 /// A connection's full state.
@@ -219,6 +223,7 @@ impl Conn {
         self.pending.request
             || self.pending.response
             || self.pending.credit_update
+            || self.pending.credit_reply
             || self.data_ready()
             || self.credit_request_due()
             || self.shutdown_due().is_some()
@@ -300,7 +305,8 @@ impl Conn {
             self.shutdown_sent = bits;
             return Some(self.header(local_cid, Op::Shutdown, 0, bits));
         }
-        if self.pending.credit_update {
+        if self.pending.credit_update || self.pending.credit_reply {
+            self.pending.credit_reply = false;
             return Some(self.header(local_cid, Op::CreditUpdate, 0, 0));
         }
         None

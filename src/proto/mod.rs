@@ -785,6 +785,7 @@ impl Endpoint {
             (_, Op::CreditRequest) => {
                 self.stats.credit_requests_in += 1;
                 conn.pending.credit_update = true;
+                conn.pending.credit_reply = true;
             }
             (_, Op::Request | Op::Response) => self.stats.dropped_invalid += 1,
             (_, Op::Rst) => unreachable!("handled above"),

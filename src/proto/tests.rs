@@ -1052,3 +1052,30 @@ fn peer_counters_not_starting_at_zero() {
     let out = p.pump(Side::B, false);
     assert_eq!(out[0].len, 10);
 }
+
+/// A CREDIT_REQUEST is answered with an explicit CREDIT_UPDATE even when data packets (which
+/// carry fwd_cnt too) go out first: vhost-device-vsock 0.3.0 resumes reading its host socket
+/// only on an explicit CREDIT_UPDATE, and a full-duplex transfer stalled without it.
+#[test]
+fn credit_request_answered_explicitly_despite_piggybacked_data() {
+    let mut p = Pair::with(cfg(GUEST_CID), cfg(VMADDR_CID_HOST));
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    assert_eq!(p.b.send(now, cb, &pattern(0, 1000)).unwrap(), 1000);
+    let port = p.a.local_port(ca).unwrap();
+    let req = tmpl(
+        (GUEST_CID, port),
+        (VMADDR_CID_HOST, PORT),
+        Op::CreditRequest,
+    );
+    p.b.handle_packet(now, &req, &[]);
+    let out = p.pump(Side::B, false);
+    assert!(
+        out.iter().any(|h| h.op == Op::Rw as u16),
+        "the queued data goes out: {out:?}"
+    );
+    assert!(
+        out.iter().any(|h| h.op == Op::CreditUpdate as u16),
+        "and an explicit CREDIT_UPDATE answers the request: {out:?}"
+    );
+}

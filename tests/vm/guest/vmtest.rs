@@ -36,6 +36,9 @@ use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref};
 /// Our driver on `/dev/vhost-vdpa-N` (vdpa_sim_net, and the vdpasim_vsock test device).
 #[path = "vdpa_tests.rs"]
 mod vdpa_tests;
+/// Our driver on a virtio-vsock PCI function bound to vfio-pci (noiommu).
+#[path = "vfio_vsock.rs"]
+mod vfio_vsock;
 /// Our driver on `/dev/vhost-vsock` against the guest kernel's AF_VSOCK.
 mod vhost_vsock_tests;
 
@@ -102,6 +105,18 @@ const TESTS: &[Test] = &[
     ),
     default("vdpa_refuses_non_vsock", vdpa_tests::vdpa_refuses_non_vsock),
     default("vdpa_vsock_echo_1mib", vdpa_tests::vdpa_vsock_echo_1mib),
+    default("vfio_driver_echo", vfio_vsock::vfio_driver_echo),
+    default("vfio_driver_intx", vfio_vsock::vfio_driver_intx),
+    default(
+        "vfio_noiommu_needs_flag",
+        vfio_vsock::vfio_noiommu_needs_flag,
+    ),
+    by_name(
+        "vfio_driver_echo_no_event_idx",
+        vfio_vsock::vfio_driver_echo_no_event_idx,
+    ),
+    default("vfio_driver_duplex", vfio_vsock::vfio_driver_duplex),
+    by_name("kernel_vsock_echo_16m", vfio_vsock::kernel_vsock_echo_16m),
     by_name("selftest_must_fail", selftest_must_fail),
     by_name("vsock_64k_single_send", vsock_64k_single_send),
     default(

@@ -1,0 +1,1270 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! A virtio-vsock PCI function bound to `vfio-pci`, driven from userspace (virtio 1.2 section
+//! 4.1, modern virtio-pci only).
+//!
+//! Bring-up: container and group (IOMMU type1v2, or no-IOMMU when explicitly asked for), device
+//! fd, config space read through the VFIO config region, the virtio vendor capabilities found by
+//! walking the capability list ([`super::pci`]), the BARs that hold them mmap'd (sparse mmap
+//! areas honoured; anything not mmappable goes through `pread`/`pwrite` on the region), bus
+//! master on, status reset / ACKNOWLEDGE / DRIVER, features, FEATURES_OK re-read, MSI-X vectors
+//! wired to eventfds with `VFIO_DEVICE_SET_IRQS` (one per queue), queues, DRIVER_OK.
+//!
+//! IOVAs: with type1v2 the DMA region is mapped with `VFIO_IOMMU_MAP_DMA` at [`TYPE1_IOVA_BASE`];
+//! with no-IOMMU the device sees physical addresses, so the region must be pinned, physically
+//! contiguous memory whose physical address is its IOVA ([`IovaBase::Physical`]: one huge page).
+//!
+//! Why not the `vfio-ioctls` crate: 0.10 is compatible with our vm-memory 0.18 / vmm-sys-util
+//! 0.15 (and builds without KVM), but its `VfioContainer` only accepts the type1 IOMMU models
+//! (`check_extension` / `set_iommu` reject anything else), so it cannot open a no-IOMMU group,
+//! the only mode our QEMU harness has. The dozen ioctls needed are declared below with
+//! vmm-sys-util's macros and numbers from `linux/vfio.h`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::pci::{self, VirtioCap, VirtioCaps};
+use super::{DeviceError, VsockDevice};
+use crate::dma::{DmaOptions, DmaRegion, IovaBase, HUGE_PAGE_SIZE};
+use crate::virtq::QueueLayout;
+
+/// IOVA where the DMA region is mapped in type1 (real IOMMU) mode.
+pub const TYPE1_IOVA_BASE: u64 = 0x1_0000_0000;
+
+/// virtio-pci device ID of virtio-vsock (0x1040 + 19).
+const VIRTIO_VSOCK_PCI_ID: u16 = 0x1053;
+const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
+const VIRTIO_F_ACCESS_PLATFORM: u64 = 33;
+const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
+
+// Device status bits (2.1).
+const ACKNOWLEDGE: u8 = 1;
+const DRIVER: u8 = 2;
+const DRIVER_OK: u8 = 4;
+const FEATURES_OK: u8 = 8;
+const NEEDS_RESET: u8 = 64;
+const FAILED: u8 = 128;
+
+// Offsets in struct virtio_pci_common_cfg (4.1.4.3).
+mod common {
+    pub(super) const DEVICE_FEATURE_SELECT: u64 = 0;
+    pub(super) const DEVICE_FEATURE: u64 = 4;
+    pub(super) const DRIVER_FEATURE_SELECT: u64 = 8;
+    pub(super) const DRIVER_FEATURE: u64 = 12;
+    pub(super) const CONFIG_MSIX_VECTOR: u64 = 16;
+    pub(super) const NUM_QUEUES: u64 = 18;
+    pub(super) const DEVICE_STATUS: u64 = 20;
+    pub(super) const CONFIG_GENERATION: u64 = 21;
+    pub(super) const QUEUE_SELECT: u64 = 22;
+    pub(super) const QUEUE_SIZE: u64 = 24;
+    pub(super) const QUEUE_MSIX_VECTOR: u64 = 26;
+    pub(super) const QUEUE_ENABLE: u64 = 28;
+    pub(super) const QUEUE_NOTIFY_OFF: u64 = 30;
+    pub(super) const QUEUE_DESC: u64 = 32;
+    pub(super) const QUEUE_DRIVER: u64 = 40;
+    pub(super) const QUEUE_DEVICE: u64 = 48;
+}
+
+/// The VFIO ioctls and structures we use (`linux/vfio.h`).
+mod sys {
+    #![allow(non_upper_case_globals, unreachable_pub)]
+    use vmm_sys_util::ioctl_io_nr;
+
+    const VFIO_TYPE: u32 = b';' as u32;
+    const VFIO_BASE: u32 = 100;
+    pub const VFIO_API_VERSION: i32 = 0;
+    pub const VFIO_TYPE1v2_IOMMU: u64 = 3;
+    pub const VFIO_NOIOMMU_IOMMU: u64 = 8;
+    pub const VFIO_GROUP_FLAGS_VIABLE: u32 = 1;
+    pub const VFIO_DEVICE_FLAGS_PCI: u32 = 1 << 1;
+    pub const VFIO_REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
+    pub const VFIO_REGION_INFO_FLAG_CAPS: u32 = 1 << 3;
+    pub const VFIO_REGION_INFO_CAP_SPARSE_MMAP: u16 = 1;
+    pub const VFIO_PCI_CONFIG_REGION_INDEX: u32 = 7;
+    pub const VFIO_PCI_INTX_IRQ_INDEX: u32 = 0;
+    pub const VFIO_PCI_MSIX_IRQ_INDEX: u32 = 2;
+    pub const VFIO_IRQ_SET_DATA_NONE: u32 = 1;
+    pub const VFIO_IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
+    pub const VFIO_IRQ_SET_ACTION_UNMASK: u32 = 1 << 4;
+    pub const VFIO_IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
+    pub const VFIO_DMA_MAP_FLAG_READ: u32 = 1;
+    pub const VFIO_DMA_MAP_FLAG_WRITE: u32 = 2;
+
+    ioctl_io_nr!(VFIO_GET_API_VERSION, VFIO_TYPE, VFIO_BASE);
+    ioctl_io_nr!(VFIO_CHECK_EXTENSION, VFIO_TYPE, VFIO_BASE + 1);
+    ioctl_io_nr!(VFIO_SET_IOMMU, VFIO_TYPE, VFIO_BASE + 2);
+    ioctl_io_nr!(VFIO_GROUP_GET_STATUS, VFIO_TYPE, VFIO_BASE + 3);
+    ioctl_io_nr!(VFIO_GROUP_SET_CONTAINER, VFIO_TYPE, VFIO_BASE + 4);
+    ioctl_io_nr!(VFIO_GROUP_GET_DEVICE_FD, VFIO_TYPE, VFIO_BASE + 6);
+    ioctl_io_nr!(VFIO_DEVICE_GET_INFO, VFIO_TYPE, VFIO_BASE + 7);
+    ioctl_io_nr!(VFIO_DEVICE_GET_REGION_INFO, VFIO_TYPE, VFIO_BASE + 8);
+    ioctl_io_nr!(VFIO_DEVICE_GET_IRQ_INFO, VFIO_TYPE, VFIO_BASE + 9);
+    ioctl_io_nr!(VFIO_DEVICE_SET_IRQS, VFIO_TYPE, VFIO_BASE + 10);
+    ioctl_io_nr!(VFIO_IOMMU_MAP_DMA, VFIO_TYPE, VFIO_BASE + 13);
+    ioctl_io_nr!(VFIO_IOMMU_UNMAP_DMA, VFIO_TYPE, VFIO_BASE + 14);
+
+    #[repr(C)]
+    #[derive(Default)]
+    pub struct vfio_group_status {
+        pub argsz: u32,
+        pub flags: u32,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    pub struct vfio_device_info {
+        pub argsz: u32,
+        pub flags: u32,
+        pub num_regions: u32,
+        pub num_irqs: u32,
+        pub cap_offset: u32,
+        pub pad: u32,
+    }
+
+    #[repr(C)]
+    #[derive(Default, Clone, Copy)]
+    pub struct vfio_region_info {
+        pub argsz: u32,
+        pub flags: u32,
+        pub index: u32,
+        pub cap_offset: u32,
+        pub size: u64,
+        pub offset: u64,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    pub struct vfio_irq_info {
+        pub argsz: u32,
+        pub flags: u32,
+        pub index: u32,
+        pub count: u32,
+    }
+
+    /// `struct vfio_irq_set` followed by up to 8 eventfds.
+    #[repr(C)]
+    #[derive(Default)]
+    pub struct vfio_irq_set {
+        pub argsz: u32,
+        pub flags: u32,
+        pub index: u32,
+        pub start: u32,
+        pub count: u32,
+        pub data: [i32; 8],
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    pub struct vfio_iommu_type1_dma_map {
+        pub argsz: u32,
+        pub flags: u32,
+        pub vaddr: u64,
+        pub iova: u64,
+        pub size: u64,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    pub struct vfio_iommu_type1_dma_unmap {
+        pub argsz: u32,
+        pub flags: u32,
+        pub iova: u64,
+        pub size: u64,
+    }
+}
+
+/// The only unsafe MMIO code: one mmap'd BAR window and bounds-checked volatile accesses.
+mod mmio {
+    use std::io;
+    use std::os::fd::AsRawFd;
+
+    /// A shared mapping of `len` bytes of a VFIO region.
+    #[derive(Debug)]
+    pub(super) struct Mapping {
+        ptr: *mut u8,
+        len: usize,
+    }
+
+    // SAFETY: the mapping is device memory owned by this value; all accesses are volatile single
+    // loads/stores with no Rust references to the memory, so using it from several threads is
+    // no different from a device register file shared by CPUs.
+    unsafe impl Send for Mapping {}
+    // SAFETY: as above; `&Mapping` only allows volatile accesses.
+    unsafe impl Sync for Mapping {}
+
+    impl Mapping {
+        pub(super) fn new(fd: &impl AsRawFd, offset: u64, len: usize) -> io::Result<Self> {
+            let off = libc::off_t::try_from(offset).map_err(io::Error::other)?;
+            // SAFETY: a fresh shared mapping chosen by the kernel (addr NULL); it aliases no Rust
+            // memory. The fd stays open for the call; the mapping keeps its own reference.
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    fd.as_raw_fd(),
+                    off,
+                )
+            };
+            if ptr == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(Mapping {
+                ptr: ptr.cast(),
+                len,
+            })
+        }
+
+        fn at(&self, off: u64, width: usize) -> Option<*mut u8> {
+            let off = usize::try_from(off).ok()?;
+            (off % width == 0 && off.checked_add(width)? <= self.len)
+                // SAFETY: `off + width <= len`, so the pointer stays inside the mapping.
+                .then(|| unsafe { self.ptr.add(off) })
+        }
+
+        /// Volatile read of `width` (1, 2 or 4) bytes at `off`; `None` if out of range or
+        /// misaligned.
+        pub(super) fn read(&self, off: u64, width: usize) -> Option<u32> {
+            let p = self.at(off, width)?;
+            // SAFETY: `at` checked that [p, p + width) is inside the live mapping and aligned to
+            // `width`; device memory is read with one access of exactly that width.
+            unsafe {
+                Some(match width {
+                    1 => u32::from(p.read_volatile()),
+                    2 => u32::from(u16::from_le(p.cast::<u16>().read_volatile())),
+                    4 => u32::from_le(p.cast::<u32>().read_volatile()),
+                    _ => return None,
+                })
+            }
+        }
+
+        /// Volatile write of the low `width` (1, 2 or 4) bytes of `val` at `off`.
+        pub(super) fn write(&self, off: u64, width: usize, val: u32) -> Option<()> {
+            let p = self.at(off, width)?;
+            // SAFETY: as in `read`; one aligned store of exactly `width` bytes (truncation to the
+            // register width is intended).
+            #[allow(clippy::cast_possible_truncation)]
+            unsafe {
+                match width {
+                    1 => p.write_volatile(val as u8),
+                    2 => p.cast::<u16>().write_volatile((val as u16).to_le()),
+                    4 => p.cast::<u32>().write_volatile(val.to_le()),
+                    _ => return None,
+                }
+            }
+            Some(())
+        }
+    }
+
+    impl Drop for Mapping {
+        fn drop(&mut self) {
+            // SAFETY: `ptr`/`len` are exactly what mmap returned; nothing uses them afterwards.
+            unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        }
+    }
+}
+
+/// One BAR: its mmap'd areas, with `pread`/`pwrite` on the region for anything else.
+#[derive(Debug)]
+struct Bar {
+    device: Arc<File>,
+    region_offset: u64,
+    size: u64,
+    maps: Vec<(u64, u64, mmio::Mapping)>,
+}
+
+impl Bar {
+    fn read(&self, off: u64, width: usize) -> u32 {
+        for (start, len, m) in &self.maps {
+            if off >= *start && off + width as u64 <= start + len {
+                if let Some(v) = m.read(off - start, width) {
+                    return v;
+                }
+            }
+        }
+        let mut b = [0u8; 4];
+        if off + width as u64 > self.size
+            || self
+                .device
+                .read_exact_at(&mut b[..width], self.region_offset + off)
+                .is_err()
+        {
+            return u32::MAX; // what a read of an absent device returns
+        }
+        u32::from_le_bytes(b)
+    }
+
+    fn write(&self, off: u64, width: usize, val: u32) {
+        for (start, len, m) in &self.maps {
+            if off >= *start
+                && off + width as u64 <= start + len
+                && m.write(off - start, width, val).is_some()
+            {
+                return;
+            }
+        }
+        if off + width as u64 <= self.size {
+            let b = val.to_le_bytes();
+            if let Err(e) = self
+                .device
+                .write_all_at(&b[..width], self.region_offset + off)
+            {
+                log::warn!("vfio: BAR write at {off:#x} failed: {e}");
+            }
+        }
+    }
+}
+
+/// Sparse mmap areas of a region: (offset, size) pairs.
+type SparseAreas = Option<Vec<(u64, u64)>>;
+
+/// Region info and the sparse mmap areas if the region lists any.
+fn region_info(
+    device: &File,
+    index: u32,
+) -> Result<(sys::vfio_region_info, SparseAreas), DeviceError> {
+    let mut info = sys::vfio_region_info {
+        argsz: argsz::<sys::vfio_region_info>(),
+        index,
+        ..Default::default()
+    };
+    // SAFETY: GET_REGION_INFO writes at most `argsz` bytes into `info`, which is that large.
+    let rc = unsafe {
+        vmm_sys_util::ioctl::ioctl_with_mut_ref(
+            device,
+            sys::VFIO_DEVICE_GET_REGION_INFO(),
+            &mut info,
+        )
+    };
+    if rc < 0 {
+        return Err(DeviceError::io(
+            "VFIO_DEVICE_GET_REGION_INFO",
+            io::Error::last_os_error(),
+        ));
+    }
+    if info.flags & sys::VFIO_REGION_INFO_FLAG_CAPS == 0
+        || (info.argsz as usize) <= std::mem::size_of::<sys::vfio_region_info>()
+    {
+        return Ok((info, None));
+    }
+    // Again with room for the capability chain (u64 words keep the buffer aligned).
+    let words = (info.argsz as usize).div_ceil(8);
+    let mut buf = vec![0u64; words];
+    let argsz = info.argsz;
+    let head = buf.as_mut_ptr().cast::<sys::vfio_region_info>();
+    // SAFETY: `buf` is at least `argsz >= size_of::<vfio_region_info>()` bytes, 8-aligned, and
+    // exclusively ours; the kernel writes at most `argsz` bytes.
+    let rc = unsafe {
+        head.write(sys::vfio_region_info {
+            argsz,
+            index,
+            ..Default::default()
+        });
+        vmm_sys_util::ioctl::ioctl_with_mut_ptr(device, sys::VFIO_DEVICE_GET_REGION_INFO(), head)
+    };
+    if rc < 0 {
+        return Err(DeviceError::io(
+            "VFIO_DEVICE_GET_REGION_INFO",
+            io::Error::last_os_error(),
+        ));
+    }
+    let bytes: Vec<u8> = buf.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    // SAFETY: the buffer starts with an initialised `vfio_region_info` (plain integers).
+    let info = unsafe { head.read() };
+    Ok((info, sparse_areas(&bytes, info.cap_offset as usize)))
+}
+
+/// Parses the VFIO region capability chain in `buf` from `first` for the sparse mmap areas.
+fn sparse_areas(buf: &[u8], first: usize) -> Option<Vec<(u64, u64)>> {
+    let u16_at = |o: usize| Some(u16::from_ne_bytes(buf.get(o..o + 2)?.try_into().ok()?));
+    let u32_at = |o: usize| Some(u32::from_ne_bytes(buf.get(o..o + 4)?.try_into().ok()?));
+    let u64_at = |o: usize| Some(u64::from_ne_bytes(buf.get(o..o + 8)?.try_into().ok()?));
+    let mut off = first;
+    for _ in 0..16 {
+        if off == 0 {
+            break;
+        }
+        if u16_at(off)? == sys::VFIO_REGION_INFO_CAP_SPARSE_MMAP {
+            let n = u32_at(off + 8)? as usize;
+            return (0..n.min(64))
+                .map(|i| Some((u64_at(off + 16 + 16 * i)?, u64_at(off + 24 + 16 * i)?)))
+                .collect();
+        }
+        off = u32_at(off + 4)? as usize;
+    }
+    None
+}
+
+/// `argsz` of a VFIO structure (all are a few dozen bytes).
+#[allow(clippy::cast_possible_truncation)]
+const fn argsz<T>() -> u32 {
+    std::mem::size_of::<T>() as u32
+}
+
+fn errno(op: &'static str) -> DeviceError {
+    DeviceError::io(op, io::Error::last_os_error())
+}
+
+fn failed(msg: impl Into<String>) -> DeviceError {
+    DeviceError::Failed(msg.into())
+}
+
+/// The INTx forwarding thread and its stop signal.
+#[derive(Debug)]
+struct IntxForwarder {
+    stop: EventFd,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for IntxForwarder {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Waits for the INTx eventfd; reads the ISR (clears it, deasserts the line); on a queue
+/// interrupt (ISR bit 0) signals both queues; unmasks the line in VFIO.
+fn intx_loop(
+    device: &File,
+    isr: &Bar,
+    isr_off: u64,
+    line: &EventFd,
+    stop: &EventFd,
+    calls: &[EventFd; 2],
+) {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: line.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            log::error!("vfio INTx: poll failed: {}", io::Error::last_os_error());
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        if fds[0].revents != 0 {
+            let _ = line.read();
+            if isr.read(isr_off, 1) & 1 != 0 {
+                for c in calls {
+                    let _ = c.write(1);
+                }
+            }
+            if let Err(e) = set_irqs_on(
+                device,
+                sys::VFIO_PCI_INTX_IRQ_INDEX,
+                sys::VFIO_IRQ_SET_DATA_NONE | sys::VFIO_IRQ_SET_ACTION_UNMASK,
+                &[],
+            ) {
+                log::error!("vfio INTx: unmask failed: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// A virtio-vsock PCI function driven through VFIO.
+#[derive(Debug)]
+pub struct VfioPciDevice {
+    bdf: String,
+    noiommu: bool,
+    container: File,
+    _group: File,
+    device: Arc<File>,
+    config_offset: u64,
+    bars: Vec<Option<Arc<Bar>>>,
+    /// INTx fallback: the thread that turns the line into per-queue eventfd signals.
+    intx: Option<IntxForwarder>,
+    force_intx: bool,
+    caps: VirtioCaps,
+    offered: u64,
+    /// Notify-area offsets (within the notify structure) of queues 0 and 1.
+    notify_off: [Option<u64>; 2],
+    calls: Vec<EventFd>,
+    msix_vectors: u32,
+    dma_mapped: Option<(u64, u64)>,
+    started: bool,
+}
+
+impl VfioPciDevice {
+    /// Opens `bdf` (bound to vfio-pci). `noiommu` must be true exactly when its group is a VFIO
+    /// no-IOMMU group; IOVAs are then physical addresses.
+    pub fn open(bdf: &str, noiommu: bool) -> Result<Self, DeviceError> {
+        Self::open_with(bdf, noiommu, false)
+    }
+
+    /// [`Self::open`], optionally using the INTx fallback even when MSI-X exists (tests).
+    pub fn open_with(bdf: &str, noiommu: bool, force_intx: bool) -> Result<Self, DeviceError> {
+        let sysdev = Path::new("/sys/bus/pci/devices").join(bdf);
+        if !sysdev.exists() {
+            return Err(failed(format!("{bdf}: no such PCI function")));
+        }
+        let driver = fs::read_link(sysdev.join("driver"))
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+        if driver.as_deref() != Some("vfio-pci") {
+            return Err(failed(format!(
+                "{bdf} is bound to {}, not vfio-pci (bind it first, e.g. tools/bind.sh)",
+                driver.as_deref().unwrap_or("no driver")
+            )));
+        }
+        let group = fs::read_link(sysdev.join("iommu_group"))
+            .map_err(|e| DeviceError::io("read iommu_group link", e))?;
+        let group = group
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let noiommu_node = format!("/dev/vfio/noiommu-{group}");
+        let group_is_noiommu = Path::new(&noiommu_node).exists()
+            || fs::read_to_string(format!("/sys/kernel/iommu_groups/{group}/name"))
+                .is_ok_and(|n| n.trim() == "vfio-noiommu");
+        if group_is_noiommu && !noiommu {
+            return Err(failed(format!(
+                "{bdf} is in VFIO no-IOMMU group {group}: the device can DMA to any physical \
+                 memory and nothing confines it to our buffers (a buggy or hostile device can \
+                 corrupt the whole machine; the kernel is tainted). Refusing without explicit \
+                 consent: use the spec vfio:{bdf},noiommu if you accept that risk"
+            )));
+        }
+        if noiommu && !group_is_noiommu {
+            return Err(failed(format!(
+                "{bdf}: ,noiommu was asked for but group {group} is behind a real IOMMU: drop \
+                 ,noiommu (type1 mode is the safe one)"
+            )));
+        }
+        let rw = |p: &str| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(p)
+                .map_err(|e| failed(format!("open {p}: {e}")))
+        };
+        let container = rw("/dev/vfio/vfio")?;
+        // SAFETY: GET_API_VERSION takes no argument.
+        let v = unsafe { vmm_sys_util::ioctl::ioctl(&container, sys::VFIO_GET_API_VERSION()) };
+        if v != sys::VFIO_API_VERSION {
+            return Err(failed(format!("VFIO API version {v}, expected 0")));
+        }
+        let iommu = if noiommu {
+            sys::VFIO_NOIOMMU_IOMMU
+        } else {
+            sys::VFIO_TYPE1v2_IOMMU
+        };
+        // SAFETY: CHECK_EXTENSION takes an integer argument and writes nothing.
+        let ok = unsafe {
+            vmm_sys_util::ioctl::ioctl_with_val(&container, sys::VFIO_CHECK_EXTENSION(), iommu)
+        };
+        if ok != 1 {
+            return Err(failed(format!(
+                "the VFIO container does not support IOMMU type {iommu} ({})",
+                if noiommu {
+                    "load vfio with enable_unsafe_noiommu_mode=1"
+                } else {
+                    "type1v2: is an IOMMU enabled?"
+                }
+            )));
+        }
+        let group_file = rw(&if noiommu {
+            noiommu_node
+        } else {
+            format!("/dev/vfio/{group}")
+        })?;
+        let mut status = sys::vfio_group_status {
+            argsz: argsz::<sys::vfio_group_status>(),
+            flags: 0,
+        };
+        // SAFETY: GET_STATUS writes one `vfio_group_status` (argsz says how big it is).
+        if unsafe {
+            vmm_sys_util::ioctl::ioctl_with_mut_ref(
+                &group_file,
+                sys::VFIO_GROUP_GET_STATUS(),
+                &mut status,
+            )
+        } < 0
+        {
+            return Err(errno("VFIO_GROUP_GET_STATUS"));
+        }
+        if status.flags & sys::VFIO_GROUP_FLAGS_VIABLE == 0 {
+            return Err(failed(format!(
+                "VFIO group {group} is not viable: bind every device of the group to vfio-pci"
+            )));
+        }
+        let cfd = container.as_raw_fd();
+        // SAFETY: SET_CONTAINER reads one int (the container fd) from the pointer.
+        if unsafe {
+            vmm_sys_util::ioctl::ioctl_with_ref(&group_file, sys::VFIO_GROUP_SET_CONTAINER(), &cfd)
+        } < 0
+        {
+            return Err(errno("VFIO_GROUP_SET_CONTAINER"));
+        }
+        // SAFETY: SET_IOMMU takes an integer argument.
+        if unsafe { vmm_sys_util::ioctl::ioctl_with_val(&container, sys::VFIO_SET_IOMMU(), iommu) }
+            < 0
+        {
+            return Err(errno("VFIO_SET_IOMMU"));
+        }
+        let name = std::ffi::CString::new(bdf).map_err(|_| failed("NUL in PCI address"))?;
+        // SAFETY: GET_DEVICE_FD reads a NUL-terminated string; it returns a new fd we own.
+        let fd = unsafe {
+            vmm_sys_util::ioctl::ioctl_with_ptr(
+                &group_file,
+                sys::VFIO_GROUP_GET_DEVICE_FD(),
+                name.as_ptr(),
+            )
+        };
+        if fd < 0 {
+            return Err(errno("VFIO_GROUP_GET_DEVICE_FD"));
+        }
+        // SAFETY: `fd` is a fresh descriptor returned to us and owned by nobody else.
+        let device = Arc::new(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+
+        let mut dinfo = sys::vfio_device_info {
+            argsz: argsz::<sys::vfio_device_info>(),
+            ..Default::default()
+        };
+        // SAFETY: GET_INFO writes at most `argsz` bytes into `dinfo`.
+        if unsafe {
+            vmm_sys_util::ioctl::ioctl_with_mut_ref(
+                &*device,
+                sys::VFIO_DEVICE_GET_INFO(),
+                &mut dinfo,
+            )
+        } < 0
+        {
+            return Err(errno("VFIO_DEVICE_GET_INFO"));
+        }
+        if dinfo.flags & sys::VFIO_DEVICE_FLAGS_PCI == 0 {
+            return Err(failed(format!("{bdf}: VFIO says this is not a PCI device")));
+        }
+
+        let (cfg_info, _) = region_info(&device, sys::VFIO_PCI_CONFIG_REGION_INDEX)?;
+        let mut cfg = vec![0u8; 256];
+        device
+            .read_exact_at(&mut cfg, cfg_info.offset)
+            .map_err(|e| DeviceError::io("read PCI config space", e))?;
+        let vendor = u16::from_le_bytes([cfg[0], cfg[1]]);
+        let devid = u16::from_le_bytes([cfg[2], cfg[3]]);
+        if vendor != VIRTIO_PCI_VENDOR || devid != VIRTIO_VSOCK_PCI_ID {
+            return Err(failed(format!(
+                "{bdf} is {vendor:04x}:{devid:04x}, not a modern virtio-vsock function (1af4:1053)"
+            )));
+        }
+        let caps = pci::virtio_caps(&cfg).map_err(|e| failed(format!("{bdf}: {e}")))?;
+
+        let mut bars: Vec<Option<Arc<Bar>>> = (0..6).map(|_| None).collect();
+        for cap in [caps.common, caps.notify, caps.isr, caps.device] {
+            let i = usize::from(cap.bar);
+            if bars[i].is_some() {
+                continue;
+            }
+            let (info, sparse) = region_info(&device, u32::from(cap.bar))?;
+            let mut maps = Vec::new();
+            if info.flags & sys::VFIO_REGION_INFO_FLAG_MMAP != 0 {
+                let areas = sparse.unwrap_or_else(|| vec![(0, info.size)]);
+                for (off, len) in areas {
+                    let Ok(ulen) = usize::try_from(len) else {
+                        continue;
+                    };
+                    if ulen == 0 {
+                        continue;
+                    }
+                    match mmio::Mapping::new(&*device, info.offset + off, ulen) {
+                        Ok(m) => maps.push((off, len, m)),
+                        Err(e) => log::warn!(
+                            "vfio {bdf}: mmap of BAR{i} [{off:#x}, +{len:#x}) failed ({e}); \
+                             using pread/pwrite"
+                        ),
+                    }
+                }
+            }
+            log::debug!(
+                "vfio {bdf}: BAR{i} size {:#x}, {} mmap'd area(s)",
+                info.size,
+                maps.len()
+            );
+            bars[i] = Some(Arc::new(Bar {
+                device: Arc::clone(&device),
+                region_offset: info.offset,
+                size: info.size,
+                maps,
+            }));
+        }
+
+        let mut dev = VfioPciDevice {
+            bdf: bdf.to_string(),
+            noiommu,
+            container,
+            _group: group_file,
+            device,
+            config_offset: cfg_info.offset,
+            bars,
+            caps,
+            offered: 0,
+            notify_off: [None; 2],
+            calls: Vec::new(),
+            msix_vectors: 0,
+            intx: None,
+            force_intx,
+            dma_mapped: None,
+            started: false,
+        };
+        // Memory decoding and bus mastering on: the device DMAs into our rings.
+        let cmd = dev.config_read16(pci::PCI_COMMAND)?;
+        dev.config_write16(
+            pci::PCI_COMMAND,
+            cmd | pci::PCI_COMMAND_MEMORY | pci::PCI_COMMAND_MASTER,
+        )?;
+        dev.reset_status()?;
+        dev.set_status(ACKNOWLEDGE)?;
+        dev.set_status(ACKNOWLEDGE | DRIVER)?;
+        let mut offered = 0u64;
+        for sel in 0..2u32 {
+            dev.common_w(common::DEVICE_FEATURE_SELECT, 4, sel);
+            offered |= u64::from(dev.common_r(common::DEVICE_FEATURE, 4)) << (32 * sel);
+        }
+        dev.offered = offered;
+        let nq = dev.common_r(common::NUM_QUEUES, 2);
+        if nq < 2 {
+            return Err(failed(format!(
+                "{bdf}: device has {nq} queues, expected >= 2"
+            )));
+        }
+        dev.setup_irqs()?;
+        Ok(dev)
+    }
+
+    /// Stops offering the feature bits in `mask` to the driver (diagnostics: e.g. run without
+    /// `VIRTIO_RING_F_EVENT_IDX` to tell a notification-suppression problem from others).
+    pub fn hide_features(&mut self, mask: u64) {
+        self.offered &= !mask;
+    }
+
+    /// Number of MSI-X vectors in use (0: INTx).
+    pub fn msix_vectors(&self) -> u32 {
+        self.msix_vectors
+    }
+
+    /// MSI-X table size the function advertises in its capability.
+    pub fn msix_table_size(&self) -> Option<u16> {
+        self.caps.msix_vectors
+    }
+
+    fn config_read16(&self, off: usize) -> Result<u16, DeviceError> {
+        let mut b = [0u8; 2];
+        self.device
+            .read_exact_at(&mut b, self.config_offset + off as u64)
+            .map_err(|e| DeviceError::io("read PCI config space", e))?;
+        Ok(u16::from_le_bytes(b))
+    }
+
+    fn config_write16(&self, off: usize, v: u16) -> Result<(), DeviceError> {
+        self.device
+            .write_all_at(&v.to_le_bytes(), self.config_offset + off as u64)
+            .map_err(|e| DeviceError::io("write PCI config space", e))
+    }
+
+    fn bar(&self, cap: &VirtioCap) -> &Bar {
+        // Every BAR named by a capability was set up in `open`.
+        self.bars[usize::from(cap.bar)]
+            .as_ref()
+            .expect("BAR of a virtio capability is mapped in open")
+    }
+
+    fn cap_r(&self, cap: &VirtioCap, off: u64, width: usize) -> u32 {
+        self.bar(cap).read(u64::from(cap.offset) + off, width)
+    }
+
+    fn cap_w(&self, cap: &VirtioCap, off: u64, width: usize, v: u32) {
+        self.bar(cap).write(u64::from(cap.offset) + off, width, v)
+    }
+
+    fn common_r(&self, off: u64, width: usize) -> u32 {
+        self.cap_r(&self.caps.common, off, width)
+    }
+
+    fn common_w(&self, off: u64, width: usize, v: u32) {
+        self.cap_w(&self.caps.common, off, width, v)
+    }
+
+    fn common_w64(&self, off: u64, v: u64) {
+        #[allow(clippy::cast_possible_truncation)]
+        {
+            self.common_w(off, 4, v as u32);
+            self.common_w(off + 4, 4, (v >> 32) as u32);
+        }
+    }
+
+    fn status(&self) -> u8 {
+        #[allow(clippy::cast_possible_truncation)]
+        let s = self.common_r(common::DEVICE_STATUS, 1) as u8;
+        s
+    }
+
+    fn set_status(&self, s: u8) -> Result<(), DeviceError> {
+        self.common_w(common::DEVICE_STATUS, 1, u32::from(s));
+        let now = self.status();
+        if now & FAILED != 0 || (s != 0 && now & s != s) {
+            return Err(failed(format!(
+                "{}: device status {now:#x} after writing {s:#x}",
+                self.bdf
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes 0 to device_status and waits until it reads back 0 (4.1.4.3.2).
+    fn reset_status(&self) -> Result<(), DeviceError> {
+        self.common_w(common::DEVICE_STATUS, 1, 0);
+        let start = Instant::now();
+        while self.status() != 0 {
+            if start.elapsed() > Duration::from_secs(2) {
+                return Err(failed(format!(
+                    "{}: device did not finish its reset within 2 s",
+                    self.bdf
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        Ok(())
+    }
+
+    fn set_irqs(&self, index: u32, fds: &[i32]) -> Result<(), DeviceError> {
+        let flags = if fds.is_empty() {
+            sys::VFIO_IRQ_SET_DATA_NONE | sys::VFIO_IRQ_SET_ACTION_TRIGGER
+        } else {
+            sys::VFIO_IRQ_SET_DATA_EVENTFD | sys::VFIO_IRQ_SET_ACTION_TRIGGER
+        };
+        set_irqs_on(&self.device, index, flags, fds)
+    }
+}
+
+/// `VFIO_DEVICE_SET_IRQS` for `fds` (at most 8) from vector 0; `DATA_NONE` with no fds uses
+/// count 0 for TRIGGER (disable) and count 1 for UNMASK.
+fn set_irqs_on(device: &File, index: u32, flags: u32, fds: &[i32]) -> Result<(), DeviceError> {
+    {
+        let fds = &fds[..fds.len().min(8)];
+        #[allow(clippy::cast_possible_truncation)]
+        let n = fds.len() as u32; // <= 8
+        let mut set = sys::vfio_irq_set {
+            argsz: 20 + 4 * n,
+            flags,
+            index,
+            start: 0,
+            count: if flags & sys::VFIO_IRQ_SET_ACTION_UNMASK != 0 {
+                1
+            } else {
+                n
+            },
+            data: [0; 8],
+        };
+        set.data[..fds.len()].copy_from_slice(fds);
+        // SAFETY: SET_IRQS reads `argsz` bytes: the header and `count` (<= 8) eventfds.
+        if unsafe { vmm_sys_util::ioctl::ioctl_with_ref(device, sys::VFIO_DEVICE_SET_IRQS(), &set) }
+            < 0
+        {
+            return Err(errno("VFIO_DEVICE_SET_IRQS"));
+        }
+        Ok(())
+    }
+}
+
+impl VfioPciDevice {
+    fn irq_count(&self, index: u32) -> u32 {
+        let mut info = sys::vfio_irq_info {
+            argsz: argsz::<sys::vfio_irq_info>(),
+            index,
+            ..Default::default()
+        };
+        // SAFETY: GET_IRQ_INFO writes one `vfio_irq_info`.
+        let rc = unsafe {
+            vmm_sys_util::ioctl::ioctl_with_mut_ref(
+                &*self.device,
+                sys::VFIO_DEVICE_GET_IRQ_INFO(),
+                &mut info,
+            )
+        };
+        if rc < 0 {
+            0
+        } else {
+            info.count
+        }
+    }
+
+    /// One eventfd per queue: MSI-X vectors 0 (rx) and 1 (tx), config changes unsignalled.
+    fn setup_irqs(&mut self) -> Result<(), DeviceError> {
+        let mk = || EventFd::new(EFD_NONBLOCK).map_err(|e| DeviceError::io("eventfd", e));
+        self.calls = vec![mk()?, mk()?];
+        let msix = self.irq_count(sys::VFIO_PCI_MSIX_IRQ_INDEX);
+        if msix >= 2 && !self.force_intx {
+            let fds: Vec<i32> = self.calls.iter().map(|e| e.as_raw_fd()).collect();
+            self.set_irqs(sys::VFIO_PCI_MSIX_IRQ_INDEX, &fds)?;
+            self.msix_vectors = 2;
+            log::info!(
+                "vfio {}: MSI-X, {} of {msix} vectors in use",
+                self.bdf,
+                self.msix_vectors
+            );
+            self.common_w(
+                common::CONFIG_MSIX_VECTOR,
+                2,
+                u32::from(VIRTIO_MSI_NO_VECTOR),
+            );
+            return Ok(());
+        }
+        if self.irq_count(sys::VFIO_PCI_INTX_IRQ_INDEX) == 0 {
+            return Err(failed(format!("{}: neither MSI-X nor INTx", self.bdf)));
+        }
+        // INTx: one level-triggered line for everything. VFIO masks it when it fires; a thread
+        // reads the ISR (which deasserts the line), signals both queues' eventfds on a queue
+        // interrupt, and unmasks.
+        let cmd = self.config_read16(pci::PCI_COMMAND)?;
+        self.config_write16(pci::PCI_COMMAND, cmd & !pci::PCI_COMMAND_INTX_DISABLE)?;
+        let line = mk()?;
+        set_irqs_on(
+            &self.device,
+            sys::VFIO_PCI_INTX_IRQ_INDEX,
+            sys::VFIO_IRQ_SET_DATA_EVENTFD | sys::VFIO_IRQ_SET_ACTION_TRIGGER,
+            &[line.as_raw_fd()],
+        )?;
+        let stop = mk()?;
+        let isr_bar = self.bars[usize::from(self.caps.isr.bar)]
+            .clone()
+            .expect("ISR BAR mapped in open");
+        let isr_off = u64::from(self.caps.isr.offset);
+        let device = Arc::clone(&self.device);
+        let dup = |e: &EventFd| e.try_clone().map_err(|e| DeviceError::io("dup eventfd", e));
+        let calls = [dup(&self.calls[0])?, dup(&self.calls[1])?];
+        let stop2 = dup(&stop)?;
+        let thread = std::thread::Builder::new()
+            .name(format!("vfio-intx-{}", self.bdf))
+            .spawn(move || intx_loop(&device, &isr_bar, isr_off, &line, &stop2, &calls))
+            .map_err(|e| DeviceError::io("spawn INTx thread", e))?;
+        self.intx = Some(IntxForwarder {
+            stop,
+            thread: Some(thread),
+        });
+        log::info!(
+            "vfio {}: INTx ({msix} MSI-X vectors{})",
+            self.bdf,
+            if self.force_intx { ", INTx forced" } else { "" }
+        );
+        Ok(())
+    }
+
+    fn queue_select(&self, index: u16) {
+        self.common_w(common::QUEUE_SELECT, 2, u32::from(index));
+    }
+}
+
+impl VsockDevice for VfioPciDevice {
+    fn name(&self) -> String {
+        format!(
+            "vfio:{}{}",
+            self.bdf,
+            if self.noiommu { ",noiommu" } else { "" }
+        )
+    }
+
+    fn offered_features(&self) -> u64 {
+        self.offered
+    }
+
+    fn negotiate(&mut self, features: u64) -> Result<u64, DeviceError> {
+        // Our buffers are reached through VFIO's DMA translation (or physical addresses in
+        // no-IOMMU mode): accept ACCESS_PLATFORM when offered.
+        let features = features | (self.offered & (1 << VIRTIO_F_ACCESS_PLATFORM));
+        if features & !self.offered != 0 {
+            return Err(failed(format!(
+                "driver accepted features {features:#x} beyond those offered {:#x}",
+                self.offered
+            )));
+        }
+        for sel in 0..2u32 {
+            self.common_w(common::DRIVER_FEATURE_SELECT, 4, sel);
+            #[allow(clippy::cast_possible_truncation)]
+            self.common_w(common::DRIVER_FEATURE, 4, (features >> (32 * sel)) as u32);
+        }
+        self.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK)
+            .map_err(|_| {
+                failed(format!(
+                    "{}: device did not accept features {features:#x} (FEATURES_OK not set)",
+                    self.bdf
+                ))
+            })?;
+        Ok(features)
+    }
+
+    fn guest_cid(&self) -> Result<u64, DeviceError> {
+        for _ in 0..100 {
+            let gen = self.common_r(common::CONFIG_GENERATION, 1);
+            let lo = self.cap_r(&self.caps.device, 0, 4);
+            let hi = self.cap_r(&self.caps.device, 4, 4);
+            if gen == self.common_r(common::CONFIG_GENERATION, 1) {
+                return Ok(u64::from(lo) | (u64::from(hi) << 32));
+            }
+        }
+        Err(failed(format!(
+            "{}: config_generation kept changing while reading guest_cid",
+            self.bdf
+        )))
+    }
+
+    fn num_queues(&self) -> u16 {
+        2
+    }
+
+    fn max_queue_size(&self, index: u16) -> u16 {
+        self.queue_select(index);
+        #[allow(clippy::cast_possible_truncation)]
+        let s = self.common_r(common::QUEUE_SIZE, 2) as u16;
+        s
+    }
+
+    fn dma_options(&self) -> DmaOptions {
+        if self.noiommu {
+            // Physical addresses: one huge page is physically contiguous by construction.
+            DmaOptions {
+                size: HUGE_PAGE_SIZE,
+                iova: IovaBase::Physical,
+                hugetlb: true,
+                lock: true,
+            }
+        } else {
+            DmaOptions {
+                iova: IovaBase::Fixed(TYPE1_IOVA_BASE),
+                ..DmaOptions::default()
+            }
+        }
+    }
+
+    fn map_dma(&mut self, dma: &DmaRegion) -> Result<(), DeviceError> {
+        if self.noiommu {
+            // Nothing to map; DmaRegion (IovaBase::Physical) checked every page in pagemap.
+            if !dma.is_hugetlb() && dma.size() > 4096 {
+                log::warn!(
+                    "vfio {}: no-IOMMU DMA region is not on huge pages; it was physically \
+                     contiguous when checked",
+                    self.bdf
+                );
+            }
+            log::info!(
+                "vfio {}: no-IOMMU DMA region at physical {:#x}, {} bytes",
+                self.bdf,
+                dma.iova_base(),
+                dma.size()
+            );
+            return Ok(());
+        }
+        let map = sys::vfio_iommu_type1_dma_map {
+            argsz: argsz::<sys::vfio_iommu_type1_dma_map>(),
+            flags: sys::VFIO_DMA_MAP_FLAG_READ | sys::VFIO_DMA_MAP_FLAG_WRITE,
+            vaddr: dma.host_addr(),
+            iova: dma.iova_base(),
+            size: dma.size() as u64,
+        };
+        // SAFETY: MAP_DMA reads one `vfio_iommu_type1_dma_map`; the range is our live mapping,
+        // which the driver keeps alive until after `reset` (where we unmap it).
+        if unsafe {
+            vmm_sys_util::ioctl::ioctl_with_ref(&self.container, sys::VFIO_IOMMU_MAP_DMA(), &map)
+        } < 0
+        {
+            return Err(errno("VFIO_IOMMU_MAP_DMA"));
+        }
+        self.dma_mapped = Some((map.iova, map.size));
+        Ok(())
+    }
+
+    fn setup_queue(&mut self, index: u16, layout: &QueueLayout) -> Result<(), DeviceError> {
+        if index >= 2 {
+            return Err(DeviceError::NoSuchQueue { index, count: 2 });
+        }
+        let max = self.max_queue_size(index);
+        if max == 0 {
+            return Err(DeviceError::NoSuchQueue { index, count: 2 });
+        }
+        if layout.size == 0 || !layout.size.is_power_of_two() || layout.size > max {
+            return Err(DeviceError::BadQueueSize {
+                size: layout.size,
+                max,
+            });
+        }
+        self.queue_select(index);
+        self.common_w(common::QUEUE_SIZE, 2, u32::from(layout.size));
+        self.common_w64(common::QUEUE_DESC, layout.desc_table.0);
+        self.common_w64(common::QUEUE_DRIVER, layout.avail_ring.0);
+        self.common_w64(common::QUEUE_DEVICE, layout.used_ring.0);
+        if self.msix_vectors > 0 {
+            self.common_w(common::QUEUE_MSIX_VECTOR, 2, u32::from(index));
+            let got = self.common_r(common::QUEUE_MSIX_VECTOR, 2);
+            if got != u32::from(index) {
+                return Err(failed(format!(
+                    "{}: queue {index} refused MSI-X vector {index} (read back {got:#x})",
+                    self.bdf
+                )));
+            }
+        }
+        let off = u64::from(self.common_r(common::QUEUE_NOTIFY_OFF, 2))
+            * u64::from(self.caps.notify_off_multiplier);
+        if off + 2 > u64::from(self.caps.notify.length) {
+            return Err(failed(format!(
+                "{}: queue {index} notify offset {off:#x} is outside the notify structure",
+                self.bdf
+            )));
+        }
+        self.notify_off[usize::from(index)] = Some(off);
+        self.common_w(common::QUEUE_ENABLE, 2, 1);
+        Ok(())
+    }
+
+    fn activate(&mut self) -> Result<(), DeviceError> {
+        if self.notify_off.iter().any(Option::is_none) {
+            return Err(DeviceError::NotReady(
+                "activate before both queues were set up",
+            ));
+        }
+        self.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)?;
+        let s = self.status();
+        if s & NEEDS_RESET != 0 {
+            return Err(failed(format!(
+                "{}: device needs reset (status {s:#x})",
+                self.bdf
+            )));
+        }
+        self.started = true;
+        Ok(())
+    }
+
+    fn kick(&self, index: u16) -> Result<(), DeviceError> {
+        let off = self
+            .notify_off
+            .get(usize::from(index))
+            .copied()
+            .flatten()
+            .ok_or(DeviceError::NotReady("kick of a queue that is not set up"))?;
+        self.cap_w(&self.caps.notify, off, 2, u32::from(index));
+        Ok(())
+    }
+
+    fn call_fd(&self, index: u16) -> Result<&EventFd, DeviceError> {
+        self.calls
+            .get(usize::from(index))
+            .ok_or(DeviceError::NoSuchQueue { index, count: 2 })
+    }
+
+    fn reset(&mut self) -> Result<(), DeviceError> {
+        let r = self.reset_status();
+        self.started = false;
+        self.notify_off = [None; 2];
+        if let Some((iova, size)) = self.dma_mapped.take() {
+            let mut unmap = sys::vfio_iommu_type1_dma_unmap {
+                argsz: argsz::<sys::vfio_iommu_type1_dma_unmap>(),
+                flags: 0,
+                iova,
+                size,
+            };
+            // SAFETY: UNMAP_DMA reads one `vfio_iommu_type1_dma_unmap` (and writes back the
+            // size unmapped into it; it is exclusively ours for the call).
+            if unsafe {
+                vmm_sys_util::ioctl::ioctl_with_mut_ref(
+                    &self.container,
+                    sys::VFIO_IOMMU_UNMAP_DMA(),
+                    &mut unmap,
+                )
+            } < 0
+            {
+                log::warn!(
+                    "vfio {}: VFIO_IOMMU_UNMAP_DMA failed: {}",
+                    self.bdf,
+                    io::Error::last_os_error()
+                );
+            }
+        }
+        r
+    }
+}
+
+impl Drop for VfioPciDevice {
+    fn drop(&mut self) {
+        // Reset first: the device must stop touching our memory before the DMA mapping goes.
+        if let Err(e) = self.reset() {
+            log::warn!("vfio {}: reset on close: {e}", self.bdf);
+        }
+        if self.msix_vectors > 0 {
+            let _ = self.set_irqs(sys::VFIO_PCI_MSIX_IRQ_INDEX, &[]);
+        }
+        if self.intx.take().is_some() {
+            let _ = self.set_irqs(sys::VFIO_PCI_INTX_IRQ_INDEX, &[]);
+        }
+        if let Ok(cmd) = self.config_read16(pci::PCI_COMMAND) {
+            let _ = self.config_write16(pci::PCI_COMMAND, cmd & !pci::PCI_COMMAND_MASTER);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_mmap_areas_are_parsed_from_the_cap_chain() {
+        // vfio_region_info (32 bytes), then a type cap (id 2) linking to a sparse cap at 48.
+        let mut b = vec![0u8; 96];
+        b[32..34].copy_from_slice(&2u16.to_ne_bytes());
+        b[36..40].copy_from_slice(&48u32.to_ne_bytes());
+        b[48..50].copy_from_slice(&1u16.to_ne_bytes());
+        b[56..60].copy_from_slice(&2u32.to_ne_bytes());
+        b[64..72].copy_from_slice(&0u64.to_ne_bytes());
+        b[72..80].copy_from_slice(&0x1000u64.to_ne_bytes());
+        b[80..88].copy_from_slice(&0x3000u64.to_ne_bytes());
+        b[88..96].copy_from_slice(&0x1000u64.to_ne_bytes());
+        assert_eq!(
+            sparse_areas(&b, 32),
+            Some(vec![(0, 0x1000), (0x3000, 0x1000)])
+        );
+        assert_eq!(sparse_areas(&b, 0), None);
+        assert_eq!(sparse_areas(&b[..90], 32), None); // truncated: ignored, not a panic
+    }
+
+    #[test]
+    fn ioctl_numbers_match_linux_vfio_h() {
+        // _IO(';', 100 + n) = 0x3b00 | (100 + n)
+        assert_eq!(sys::VFIO_GET_API_VERSION(), 0x3b64);
+        assert_eq!(sys::VFIO_GROUP_GET_DEVICE_FD(), 0x3b6a);
+        assert_eq!(sys::VFIO_DEVICE_SET_IRQS(), 0x3b6e);
+        assert_eq!(sys::VFIO_IOMMU_MAP_DMA(), 0x3b71);
+        assert_eq!(std::mem::size_of::<sys::vfio_region_info>(), 32);
+        assert_eq!(std::mem::size_of::<sys::vfio_iommu_type1_dma_map>(), 32);
+    }
+
+    #[test]
+    fn opening_a_missing_function_fails_cleanly() {
+        let e = VfioPciDevice::open("ffff:ff:1f.7", false).unwrap_err();
+        assert!(e.to_string().contains("no such PCI function"), "{e}");
+    }
+}

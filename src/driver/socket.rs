@@ -366,14 +366,7 @@ impl Core {
                     }
                     Some(Ok(n))
                 }
-                Err(ProtoError::WouldBlock) => {
-                    if st.reset.contains_key(&c) {
-                        Some(Err(to_io(ProtoError::ConnectionReset)))
-                    } else {
-                        None
-                    }
-                }
-                Err(e) => Some(Err(to_io(e))),
+                Err(e) => Core::read_error(st, c, e),
             }
         })
     }
@@ -453,16 +446,19 @@ impl Core {
                     this.kick(st);
                     Some(Ok(r))
                 }
-                Err(ProtoError::WouldBlock) => {
-                    if st.reset.contains_key(&c) {
-                        Some(Err(to_io(ProtoError::ConnectionReset)))
-                    } else {
-                        None
-                    }
-                }
-                Err(e) => Some(Err(to_io(e))),
+                Err(e) => Core::read_error(st, c, e),
             }
         })
+    }
+
+    /// What a blocked read does with a receive error: nothing buffered (`WouldBlock`) means
+    /// wait, unless the peer reset the connection; anything else ends the read.
+    fn read_error<T>(st: &CoreState, c: ConnId, e: ProtoError) -> Option<io::Result<T>> {
+        match e {
+            ProtoError::WouldBlock if !st.reset.contains_key(&c) => None,
+            ProtoError::WouldBlock => Some(Err(to_io(ProtoError::ConnectionReset))),
+            e => Some(Err(to_io(e))),
+        }
     }
 
     pub(crate) fn shutdown(&self, c: ConnId, how: Shutdown) -> io::Result<()> {

@@ -279,6 +279,16 @@ impl DriverTransport {
     }
 }
 
+/// A port in `range` that differs from run to run (clock and process id; not for security).
+fn random_port(range: &std::ops::RangeInclusive<u32>) -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let seed = nanos ^ std::process::id().rotate_left(16);
+    let span = range.end().saturating_sub(*range.start()).saturating_add(1);
+    range.start() + seed % span.max(1)
+}
+
 /// An error and its causes, `: `-separated.
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -630,6 +640,9 @@ impl VsockDriver {
         };
         let mut pc = config.proto.clone();
         pc.local_cid = cid;
+        if pc.ephemeral_first.is_none() {
+            pc.ephemeral_first = Some(random_port(&pc.ephemeral_ports));
+        }
         pc.seqpacket = negotiated & (1 << VIRTIO_VSOCK_F_SEQPACKET) != 0;
         let tx_free = (0..u64::from(size)).collect();
         let transport = DriverTransport {

@@ -140,6 +140,10 @@ pub struct Config {
     pub seqpacket: bool,
     /// Ports `connect` picks from when no local port is given.
     pub ephemeral_ports: RangeInclusive<u32>,
+    /// The first ephemeral port tried (then the next ones, wrapping); `None` or a port outside
+    /// `ephemeral_ports` starts at its beginning. Drivers randomise it, as Linux does, so that a
+    /// process reopening a device does not reuse the ports a previous one left half-closed.
+    pub ephemeral_first: Option<u32>,
     /// Most connections in the table at once.
     pub max_connections: usize,
 }
@@ -155,6 +159,7 @@ impl Default for Config {
             close_timeout: DEFAULT_CLOSE_TIMEOUT,
             seqpacket: false,
             ephemeral_ports: DEFAULT_EPHEMERAL_PORTS,
+            ephemeral_first: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
@@ -362,7 +367,10 @@ impl Endpoint {
     /// A new endpoint. `max_payload` is raised to 1 if zero.
     pub fn new(mut config: Config) -> Self {
         config.max_payload = config.max_payload.max(1);
-        let next_ephemeral = *config.ephemeral_ports.start();
+        let next_ephemeral = config
+            .ephemeral_first
+            .filter(|p| config.ephemeral_ports.contains(p))
+            .unwrap_or(*config.ephemeral_ports.start());
         Endpoint {
             config,
             conns: HashMap::new(),

@@ -1079,3 +1079,34 @@ fn credit_request_answered_explicitly_despite_piggybacked_data() {
         "and an explicit CREDIT_UPDATE answers the request: {out:?}"
     );
 }
+
+#[test]
+fn ephemeral_first_starts_the_search_and_wraps() {
+    let a_cfg = Config {
+        ephemeral_ports: 50000..=50003,
+        ephemeral_first: Some(50002),
+        ..cfg(GUEST_CID)
+    };
+    let mut p = Pair::with(a_cfg, cfg(VMADDR_CID_HOST));
+    p.b.listen(PORT, 16, SocketType::Stream).unwrap();
+    let now = p.now;
+    let ports: Vec<u32> = (0..4)
+        .map(|_| {
+            let c =
+                p.a.connect(now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+                    .unwrap();
+            p.a.local_port(c).unwrap()
+        })
+        .collect();
+    assert_eq!(ports, vec![50002, 50003, 50000, 50001]);
+    // Outside the range it is ignored: the search starts at the range's beginning.
+    let mut q = Endpoint::new(Config {
+        ephemeral_ports: 50000..=50003,
+        ephemeral_first: Some(7),
+        ..cfg(GUEST_CID)
+    });
+    let c = q
+        .connect(now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+        .unwrap();
+    assert_eq!(q.local_port(c), Some(50000));
+}

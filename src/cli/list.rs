@@ -111,24 +111,6 @@ fn sorted_entries(dir: &Path) -> Vec<String> {
     v
 }
 
-/// Name of a virtio device id, for the facts.
-fn virtio_id_name(id: u32) -> &'static str {
-    match id {
-        1 => "net",
-        2 => "block",
-        3 => "console",
-        4 => "entropy",
-        5 => "balloon",
-        8 => "scsi",
-        9 => "9p",
-        16 => "gpu",
-        18 => "input",
-        VIRTIO_ID_VSOCK => "vsock",
-        26 => "fs",
-        _ => "other",
-    }
-}
-
 /// What `vdpa -j dev show NAME` says (only asked on the real /sys, when the tool exists).
 fn vdpa_tool_facts(name: &str) -> Vec<(&'static str, String)> {
     let Ok(out) = std::process::Command::new("vdpa")
@@ -186,7 +168,13 @@ pub(crate) fn vdpa_devices(roots: &Roots) -> Vec<Candidate> {
             facts.extend(tool);
         }
         match device_id {
-            Some(id) => facts.push(("device_id", format!("{id} ({})", virtio_id_name(id)))),
+            Some(id) => facts.push((
+                "device_id",
+                format!(
+                    "{id} ({})",
+                    vdpa_vsock::device::vhost_vdpa::device_type_name(id)
+                ),
+            )),
             None => facts.push((
                 "device_id",
                 "unknown from sysfs (checked with VHOST_VDPA_GET_DEVICE_ID when opened)".into(),

@@ -527,23 +527,37 @@ impl Endpoint {
         Ok(n)
     }
 
-    /// Read buffered stream data (an empty `buf` reads nothing). `Ok(0)` is end of stream (the peer shut down sending, or we
-    /// shut down receiving) once the buffer is empty; `Err(WouldBlock)` when empty otherwise.
-    pub fn recv(&mut self, now: Instant, c: ConnId, buf: &mut [u8]) -> Result<usize, ProtoError> {
-        let _ = now;
+    /// The connection `c` for a receive call of socket type `ty` (`misuse` says why another type
+    /// is refused); re-arms its `Readable` event. A connection still connecting has nothing to read.
+    fn conn_to_read(
+        &mut self,
+        c: ConnId,
+        ty: SocketType,
+        misuse: &'static str,
+    ) -> Result<&mut Conn, ProtoError> {
         let conn = self
             .conns
             .get_mut(&c)
             .ok_or(ProtoError::UnknownConnection)?;
-        if conn.ty != SocketType::Stream {
-            return Err(ProtoError::InvalidInput(
-                "recv on a seqpacket socket; use recv_msg",
-            ));
+        if conn.ty != ty {
+            return Err(ProtoError::InvalidInput(misuse));
         }
         conn.readable_notified = false;
         if conn.state == ConnState::Connecting {
             return Err(ProtoError::NotConnected);
         }
+        Ok(conn)
+    }
+
+    /// Read buffered stream data (an empty `buf` reads nothing). `Ok(0)` is end of stream (the peer shut down sending, or we
+    /// shut down receiving) once the buffer is empty; `Err(WouldBlock)` when empty otherwise.
+    pub fn recv(&mut self, now: Instant, c: ConnId, buf: &mut [u8]) -> Result<usize, ProtoError> {
+        let _ = now;
+        let conn = self.conn_to_read(
+            c,
+            SocketType::Stream,
+            "recv on a seqpacket socket; use recv_msg",
+        )?;
         if !conn.rx_buf.is_empty() && !buf.is_empty() {
             let n = conn.rx_buf.len().min(buf.len());
             conn::take_front(&mut conn.rx_buf, &mut buf[..n]);
@@ -607,19 +621,11 @@ impl Endpoint {
         buf: &mut [u8],
     ) -> Result<(usize, usize, bool), ProtoError> {
         let _ = now;
-        let conn = self
-            .conns
-            .get_mut(&c)
-            .ok_or(ProtoError::UnknownConnection)?;
-        if conn.ty != SocketType::SeqPacket {
-            return Err(ProtoError::InvalidInput(
-                "recv_msg on a stream socket; use recv",
-            ));
-        }
-        conn.readable_notified = false;
-        if conn.state == ConnState::Connecting {
-            return Err(ProtoError::NotConnected);
-        }
+        let conn = self.conn_to_read(
+            c,
+            SocketType::SeqPacket,
+            "recv_msg on a stream socket; use recv",
+        )?;
         if let Some((len, eor)) = conn.rx_msgs.pop_front() {
             let copied = len.min(buf.len());
             conn::take_front(&mut conn.rx_buf, &mut buf[..copied]);

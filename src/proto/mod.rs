@@ -507,15 +507,11 @@ impl Endpoint {
     pub fn send(&mut self, now: Instant, c: ConnId, data: &[u8]) -> Result<usize, ProtoError> {
         let _ = now;
         let send_buffer = self.config.send_buffer;
-        let conn = self
-            .conns
-            .get_mut(&c)
-            .ok_or(ProtoError::UnknownConnection)?;
-        if conn.ty != SocketType::Stream {
-            return Err(ProtoError::InvalidInput(
-                "send on a seqpacket socket; use send_msg",
-            ));
-        }
+        let conn = self.conn_of_type(
+            c,
+            SocketType::Stream,
+            "send on a seqpacket socket; use send_msg",
+        )?;
         Self::check_sendable(conn)?;
         let n = conn.tx_space(send_buffer).min(data.len());
         if n == 0 {
@@ -527,9 +523,9 @@ impl Endpoint {
         Ok(n)
     }
 
-    /// The connection `c` for a receive call of socket type `ty` (`misuse` says why another type
-    /// is refused); re-arms its `Readable` event. A connection still connecting has nothing to read.
-    fn conn_to_read(
+    /// The connection `c`, which a call for socket type `ty` is about to use (`misuse` says why
+    /// another type is refused).
+    fn conn_of_type(
         &mut self,
         c: ConnId,
         ty: SocketType,
@@ -542,6 +538,18 @@ impl Endpoint {
         if conn.ty != ty {
             return Err(ProtoError::InvalidInput(misuse));
         }
+        Ok(conn)
+    }
+
+    /// The connection `c` for a receive call of socket type `ty` (`misuse` says why another type
+    /// is refused); re-arms its `Readable` event. A connection still connecting has nothing to read.
+    fn conn_to_read(
+        &mut self,
+        c: ConnId,
+        ty: SocketType,
+        misuse: &'static str,
+    ) -> Result<&mut Conn, ProtoError> {
+        let conn = self.conn_of_type(c, ty, misuse)?;
         conn.readable_notified = false;
         if conn.state == ConnState::Connecting {
             return Err(ProtoError::NotConnected);
@@ -583,15 +591,11 @@ impl Endpoint {
     ) -> Result<(), ProtoError> {
         let _ = now;
         let send_buffer = self.config.send_buffer;
-        let conn = self
-            .conns
-            .get_mut(&c)
-            .ok_or(ProtoError::UnknownConnection)?;
-        if conn.ty != SocketType::SeqPacket {
-            return Err(ProtoError::InvalidInput(
-                "send_msg on a stream socket; use send",
-            ));
-        }
+        let conn = self.conn_of_type(
+            c,
+            SocketType::SeqPacket,
+            "send_msg on a stream socket; use send",
+        )?;
         Self::check_sendable(conn)?;
         let max = send_buffer.min(conn.credit.peer_buf_alloc as usize);
         if msg.len() > max {

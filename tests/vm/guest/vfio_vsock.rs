@@ -63,21 +63,7 @@ fn with_vfio_bound(body: impl FnOnce(&str) -> TestResult) -> TestResult {
         );
         body(&bdf)
     })();
-    let restore = (|| {
-        if pci_driver(&dev).is_some() {
-            write_sysfs(dev.join("driver/unbind"), &bdf)?;
-        }
-        write_sysfs(dev.join("driver_override"), "\n")?;
-        write_sysfs("/sys/bus/pci/drivers_probe", &bdf)?;
-        let driver = pci_driver(&dev);
-        if driver.as_deref() != Some("virtio-pci") {
-            return Err(fail(format!(
-                "{bdf}: not rebound to virtio-pci: {driver:?}"
-            )));
-        }
-        Ok(())
-    })();
-    result.and(restore)
+    result.and(rebind_virtio_pci(&dev, &bdf))
 }
 
 fn open_driver(bdf: &str, hide: u64) -> Result<VsockDriver, NotPassed> {

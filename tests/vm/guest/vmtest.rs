@@ -339,21 +339,24 @@ fn vfio_noiommu_rebind() -> TestResult {
         Ok(())
     })();
     // Give the function back to virtio-pci whatever happened, so the guest's vsock keeps working.
-    let restore = (|| {
-        if pci_driver(&dev).is_some() {
-            write_sysfs(dev.join("driver/unbind"), &bdf)?;
-        }
-        write_sysfs(dev.join("driver_override"), "\n")?;
-        write_sysfs("/sys/bus/pci/drivers_probe", &bdf)?;
-        let driver = pci_driver(&dev);
-        if driver.as_deref() != Some("virtio-pci") {
-            return Err(fail(format!(
-                "{bdf}: not rebound to virtio-pci, driver is {driver:?}"
-            )));
-        }
-        Ok(())
-    })();
-    result.and(restore)
+    result.and(rebind_virtio_pci(&dev, &bdf))
+}
+
+/// Hand the PCI function at `dev` back to virtio-pci (clears `driver_override`, reprobes) and
+/// check that it landed there.
+fn rebind_virtio_pci(dev: &Path, bdf: &str) -> TestResult {
+    if pci_driver(dev).is_some() {
+        write_sysfs(dev.join("driver/unbind"), bdf)?;
+    }
+    write_sysfs(dev.join("driver_override"), "\n")?;
+    write_sysfs("/sys/bus/pci/drivers_probe", bdf)?;
+    let driver = pci_driver(dev);
+    if driver.as_deref() != Some("virtio-pci") {
+        return Err(fail(format!(
+            "{bdf}: not rebound to virtio-pci, driver is {driver:?}"
+        )));
+    }
+    Ok(())
 }
 
 fn find_pci(vendor: &str, device: &str) -> io::Result<Option<PathBuf>> {

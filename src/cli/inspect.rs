@@ -1,13 +1,13 @@
 //! `vdpa-vsock inspect DEVICE`: what a device offers and what the driver would negotiate.
 //!
-//! For `sim` the device is brought up as the driver does it: features offered and negotiated
-//! (decoded by name), `guest_cid`, queues and their sizes. For the other specs: what sysfs and
-//! the device node say, then the outcome of opening it (today: "backend not built yet").
+//! The device is probed as the driver does it: features offered and negotiated (decoded by name),
+//! `guest_cid`, queues and their sizes, and the backend's own details (device id, status, IOVA
+//! range, PCI capabilities, MSI-X). Then the device is reset and the real driver is brought up on
+//! it, so `inspect` also proves the device works. For hardware specs, what sysfs says comes first.
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
-use vdpa_vsock::device::sim::{SimConfig, SimDevice};
 use vdpa_vsock::device::{DeviceSpec, VsockDevice, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
 use vdpa_vsock::driver::{DriverConfig, VsockDriver};
 use vdpa_vsock::packet::{
@@ -79,15 +79,24 @@ fn features_json(bits: u64) -> Value {
     json!({ "bits": format!("{bits:#x}"), "names": feature_names(bits) })
 }
 
-fn inspect_sim(json_out: bool) -> Result<()> {
-    let mut dev = SimDevice::new(SimConfig::default());
+/// Probe `dev` as the driver would (features, `guest_cid`, queues, the backend's details), reset
+/// it, then bring the real driver up on `spec` to prove the device works.
+fn inspect_device(
+    spec: &DeviceSpec,
+    mut dev: Box<dyn VsockDevice>,
+    sysfs: Option<&Candidate>,
+    json_out: bool,
+) -> Result<()> {
     let offered = dev.offered_features();
-    // The same choice `VsockDriver::from_device` makes: VERSION_1, and EVENT_IDX and SEQPACKET
-    // whenever offered.
+    // The same choice `VsockDriver::from_device` makes: VERSION_1, and EVENT_IDX, SEQPACKET and
+    // ACCESS_PLATFORM whenever offered.
     let want = (1 << VIRTIO_F_VERSION_1)
-        | (offered & ((1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_VSOCK_F_SEQPACKET)));
-    let negotiated = dev.negotiate(want).context("negotiating features")?;
-    let cid = dev.guest_cid().context("reading guest_cid")?;
+        | (offered
+            & ((1 << VIRTIO_RING_F_EVENT_IDX)
+                | (1 << VIRTIO_VSOCK_F_SEQPACKET)
+                | (1 << VIRTIO_F_ACCESS_PLATFORM)));
+    let negotiated = dev.negotiate(want);
+    let cid = dev.guest_cid();
     let nq = dev.num_queues();
     let driver_q = DriverConfig::default().queue_size;
     let queues: Vec<Value> = [(RX_QUEUE, "rx"), (TX_QUEUE, "tx"), (EVENT_QUEUE, "event")]
@@ -98,30 +107,50 @@ fn inspect_sim(json_out: bool) -> Result<()> {
             json!({ "index": i, "name": name, "max_size": max, "driver_size": driver_q.min(max) })
         })
         .collect();
-    // Bring the real driver up too, so "inspect" also proves the device works.
-    let up = VsockDriver::open(&DeviceSpec::Sim).map(|d| d.local_cid());
-    let v = json!({
-        "device": "sim",
-        "offered": features_json(offered),
-        "negotiated": features_json(negotiated),
-        "guest_cid": cid,
-        "num_queues": nq,
-        "queues": queues,
-        "driver_up": up.is_ok(),
-    });
+    let details = dev.details();
+    let name = dev.name();
+    // Give the device back before the driver opens it again (one owner per vhost/VFIO device).
+    if let Err(e) = dev.reset() {
+        log::warn!("resetting {name} after probing: {e}");
+    }
+    drop(dev);
+    let up = VsockDriver::open(spec).map(|d| d.local_cid());
     if json_out {
+        let mut v = json!({
+            "device": spec.to_string(),
+            "name": name,
+            "offered": features_json(offered),
+            "negotiated": negotiated.as_ref().map_or_else(|e| json!({ "error": e.to_string() }), |n| features_json(*n)),
+            "guest_cid": cid.as_ref().map_or_else(|e| json!({ "error": e.to_string() }), |c| json!(c)),
+            "num_queues": nq,
+            "queues": queues,
+            "details": details.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            "driver_up": up.is_ok(),
+        });
+        if let Some(c) = sysfs {
+            v["sysfs"] = c.to_json();
+        }
+        if let Err(e) = &up {
+            v["driver_error"] = json!(format!("{e:#}"));
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("device:      sim (in-process simulated virtio-vsock)");
+        println!("device:      {spec} ({name})");
+        if let Some(c) = sysfs {
+            c.print();
+        }
         println!(
             "offered:     {offered:#x} {}",
             feature_names(offered).join(" ")
         );
-        println!(
-            "negotiated:  {negotiated:#x} {}",
-            feature_names(negotiated).join(" ")
-        );
-        println!("guest_cid:   {cid}");
+        match &negotiated {
+            Ok(n) => println!("negotiated:  {n:#x} {}", feature_names(*n).join(" ")),
+            Err(e) => println!("negotiated:  failed: {e}"),
+        }
+        match &cid {
+            Ok(c) => println!("guest_cid:   {c}"),
+            Err(e) => println!("guest_cid:   unreadable: {e}"),
+        }
         println!("queues:      {nq}");
         for q in &queues {
             println!(
@@ -131,6 +160,9 @@ fn inspect_sim(json_out: bool) -> Result<()> {
                 q["driver_size"]
             );
         }
+        for (k, v) in &details {
+            println!("{:<12} {v}", format!("{k}:"));
+        }
         println!(
             "driver:      {}",
             match &up {
@@ -139,7 +171,9 @@ fn inspect_sim(json_out: bool) -> Result<()> {
             }
         );
     }
-    up.context("bringing the driver up on sim")?;
+    negotiated.with_context(|| format!("negotiating features with {spec}"))?;
+    cid.with_context(|| format!("reading guest_cid of {spec}"))?;
+    up.with_context(|| format!("bringing the driver up on {spec}"))?;
     Ok(())
 }
 
@@ -162,41 +196,34 @@ fn candidate_for(spec: &DeviceSpec, roots: &Roots) -> Option<Candidate> {
 
 /// Run `vdpa-vsock inspect`.
 pub(crate) fn run(args: &InspectArgs, roots: &Roots) -> Result<()> {
-    if args.device == DeviceSpec::Sim {
-        return inspect_sim(args.json);
-    }
     if args.device == DeviceSpec::Auto {
         bail!("inspect needs a concrete device, not auto; `vdpa-vsock list` shows them");
     }
     let found = candidate_for(&args.device, roots);
     let opened = preflight(&args.device, roots)
-        .and_then(|()| VsockDriver::open(&args.device).map_err(anyhow::Error::from));
-    let backend = match &opened {
-        Ok(_) => "opened".to_string(),
-        Err(e) if super::hint(e).is_some_and(|h| h.contains("only --device sim")) => {
-            "backend not built yet".to_string()
+        .and_then(|()| args.device.open().map_err(anyhow::Error::from));
+    match opened {
+        Ok(dev) => inspect_device(&args.device, dev, found.as_ref(), args.json),
+        Err(e) => {
+            if args.json {
+                let v = json!({
+                    "device": args.device.to_string(),
+                    "sysfs": found.as_ref().map(Candidate::to_json),
+                    "open": format!("cannot open: {e:#}"),
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("device:  {}", args.device);
+                match &found {
+                    Some(c) => c.print(),
+                    None => println!(
+                        "sysfs:   nothing known about it under {}",
+                        roots.sys.display()
+                    ),
+                }
+                println!("open:    cannot open: {e:#}");
+            }
+            Err(e.context(format!("opening device {}", args.device)))
         }
-        Err(e) => format!("cannot open: {e:#}"),
-    };
-    if args.json {
-        let v = json!({
-            "device": args.device.to_string(),
-            "sysfs": found.as_ref().map(Candidate::to_json),
-            "open": backend,
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        println!("device:  {}", args.device);
-        match &found {
-            Some(c) => c.print(),
-            None => println!(
-                "sysfs:   nothing known about it under {}",
-                roots.sys.display()
-            ),
-        }
-        println!("open:    {backend}");
     }
-    opened
-        .map(|_| ())
-        .with_context(|| format!("opening device {}", args.device))
 }

@@ -174,6 +174,40 @@ pub trait VsockDevice: Send + fmt::Debug {
 
     /// Stop the device; afterwards it does not touch the rings or the DMA region.
     fn reset(&mut self) -> Result<(), DeviceError>;
+
+    /// Backend-specific facts for `vdpa-vsock inspect`, as (name, value) pairs in display order:
+    /// device id, status, IOVA range, PCI capabilities, MSI-X vectors, raw config, ...
+    /// The default has none.
+    fn details(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+}
+
+/// A device status byte with its bits named (virtio 1.2 section 2.1), for `inspect` and errors:
+/// `0xf (ACKNOWLEDGE DRIVER FEATURES_OK DRIVER_OK)`.
+pub fn status_names(status: u8) -> String {
+    use virtio_bindings::virtio_config as c;
+    const NAMES: &[(u32, &str)] = &[
+        (c::VIRTIO_CONFIG_S_ACKNOWLEDGE, "ACKNOWLEDGE"),
+        (c::VIRTIO_CONFIG_S_DRIVER, "DRIVER"),
+        (c::VIRTIO_CONFIG_S_FEATURES_OK, "FEATURES_OK"),
+        (c::VIRTIO_CONFIG_S_DRIVER_OK, "DRIVER_OK"),
+        (c::VIRTIO_CONFIG_S_NEEDS_RESET, "NEEDS_RESET"),
+        (c::VIRTIO_CONFIG_S_FAILED, "FAILED"),
+    ];
+    let mut names: Vec<&str> = NAMES
+        .iter()
+        .filter(|(bit, _)| u32::from(status) & bit != 0)
+        .map(|(_, n)| *n)
+        .collect();
+    let known = NAMES.iter().fold(0, |acc, (bit, _)| acc | bit);
+    if u32::from(status) & !known != 0 {
+        names.push("unknown bits");
+    }
+    if names.is_empty() {
+        names.push("reset");
+    }
+    format!("{status:#x} ({})", names.join(" "))
 }
 
 /// Which device to drive: the parsed form of a `--device` string.
@@ -416,6 +450,17 @@ impl DeviceSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_names_decodes_bits() {
+        assert_eq!(status_names(0), "0x0 (reset)");
+        assert_eq!(
+            status_names(0xf),
+            "0xf (ACKNOWLEDGE DRIVER FEATURES_OK DRIVER_OK)"
+        );
+        assert_eq!(status_names(0x80 | 1), "0x81 (ACKNOWLEDGE FAILED)");
+        assert_eq!(status_names(0x10), "0x10 (unknown bits)");
+    }
 
     #[track_caller]
     fn ok(s: &str) -> DeviceSpec {

@@ -200,12 +200,14 @@ setup_vhost_device_vsock() {
 # (b) the guest test program, a static glibc binary
 # ---------------------------------------------------------------------------------------------
 build_vmtest() {
-    log "building the vmtest example (static)"
+    log "building the vmtest example and the vdpa-vsock CLI (static)"
     local target=${CARGO_TARGET_DIR:-$ROOT/target}
     (cd "$ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
-        --example vmtest --target x86_64-unknown-linux-gnu)
+        --example vmtest --bin vdpa-vsock --target x86_64-unknown-linux-gnu)
     VMTEST=$target/x86_64-unknown-linux-gnu/release/examples/vmtest
+    CLI=$target/x86_64-unknown-linux-gnu/release/vdpa-vsock
     [[ -x $VMTEST ]] || die "no $VMTEST after the build"
+    [[ -x $CLI ]] || die "no $CLI after the build"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +223,7 @@ build_initramfs() {
     rm -rf "$ir"
     mkdir -p "$ir"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,modules}
     cp /bin/busybox "$ir/bin/busybox"
-    for m in sh mount mkdir cat echo ls insmod sleep poweroff dmesg grep uname tr sed; do
+    for m in sh mount mkdir cat echo ls insmod sleep poweroff dmesg grep uname tr sed readlink printf modprobe; do
         ln -s busybox "$ir/bin/$m"
     done
     # Dependencies first; a module named twice (shared dependency) is loaded once.
@@ -240,14 +242,21 @@ build_initramfs() {
     done < <(for m in "${GUEST_MODULES[@]}"; do
         modprobe -d "$KROOT" -S "$KREL" --show-depends "$m" | grep '^insmod '
     done)
-    # iproute2's vdpa tool and its shared libraries.
+    # iproute2's vdpa tool and its shared libraries (and bash's, for tools/bind.sh).
     cp /usr/sbin/vdpa "$ir/usr/sbin/vdpa"
     local lib
-    for lib in $(ldd /usr/sbin/vdpa | grep -o '/[^ ]*'); do
+    for lib in $(ldd /usr/sbin/vdpa /bin/bash | grep -o '/[^ ]*' | grep -v ':$' | sort -u); do
         mkdir -p "$ir$(dirname "$lib")"
         cp -L "$lib" "$ir$lib"
     done
     cp "$VMTEST" "$ir/bin/vmtest"
+    # The CLI, for the tests of `inspect`, `serve` and friends as an operator runs them.
+    cp "$CLI" "$ir/bin/vdpa-vsock"
+    # tools/bind.sh as operators run it: under bash (with its libraries), busybox for the rest.
+    mkdir -p "$ir/tools"
+    cp "$ROOT/tools/bind.sh" "$ir/tools/bind.sh"
+    cp /bin/bash "$ir/bin/bash"
+    ln -s ../../bin/busybox "$ir/usr/bin/env"
     cp "$HERE/guest/init" "$ir/init"
     chmod +x "$ir/init"
     (cd "$ir" && find . | cpio -o -H newc --quiet) | gzip -1 >"$out"

@@ -29,6 +29,7 @@ pub mod sim;
 pub mod vfio_pci;
 pub mod vhost_vdpa;
 pub mod vhost_vsock;
+pub(crate) mod virtio_pci;
 
 /// Queue index of the receive queue (device to driver).
 pub const RX_QUEUE: u16 = 0;

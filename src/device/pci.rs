@@ -247,4 +247,88 @@ mod tests {
         c[0x84 + 2] = 16; // notify cap too short for its multiplier
         assert!(matches!(virtio_caps(&c), Err(PciError::Malformed(m)) if m.contains("multiplier")));
     }
+
+    #[test]
+    fn pointers_out_of_range_or_into_the_header_are_malformed() {
+        // A next pointer past the end of a (short) config space.
+        let mut c = qemu_like();
+        c[0x98 + 1] = 0xf0;
+        c.truncate(0xa0);
+        let e = capabilities(&c).unwrap_err();
+        assert!(
+            matches!(&e, PciError::Malformed(m) if m.contains("0xf0")),
+            "{e}"
+        );
+        // A next pointer into the standard header (below 0x40).
+        let mut c = qemu_like();
+        c[0x84 + 1] = 0x3c;
+        let e = capabilities(&c).unwrap_err();
+        assert!(
+            matches!(&e, PciError::Malformed(m) if m.contains("into the header")),
+            "{e}"
+        );
+        // A capability that points at itself.
+        let mut c = qemu_like();
+        c[0x70 + 1] = 0x70;
+        assert!(matches!(capabilities(&c), Err(PciError::Malformed(m)) if m.contains("loops")));
+        // The low two bits of a pointer are reserved: 0x87 means 0x84, not a misaligned read.
+        let mut c = qemu_like();
+        c[0x98 + 1] = 0x87;
+        assert_eq!(virtio_caps(&c).unwrap(), virtio_caps(&qemu_like()).unwrap());
+    }
+
+    #[test]
+    fn truncated_or_short_vendor_caps_are_malformed() {
+        // A vendor capability at the very end of the config space: its offset and length
+        // fields would lie beyond it.
+        let mut c = qemu_like();
+        c[0x40 + 1] = 0xf8;
+        c[0xf8..0xfc].copy_from_slice(&[PCI_CAP_ID_VNDR, 0, 16, VIRTIO_PCI_CAP_DEVICE_CFG]);
+        let e = virtio_caps(&c).unwrap_err();
+        assert!(
+            matches!(&e, PciError::Malformed(m) if m.contains("beyond config space")),
+            "{e}"
+        );
+        // cap_len below the 16 bytes of struct virtio_pci_cap.
+        let mut c = qemu_like();
+        c[0x50 + 2] = 12;
+        let e = virtio_caps(&c).unwrap_err();
+        assert!(
+            matches!(&e, PciError::Malformed(m) if m.contains("12 bytes, expected >= 16")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn reserved_bars_are_skipped_and_the_first_capability_of_a_type_wins() {
+        // The common capability names BAR 6 (reserved): skipped, so none is left.
+        let mut c = qemu_like();
+        c[0x50 + 4] = 6;
+        assert_eq!(virtio_caps(&c), Err(PciError::Missing("common")));
+        // A second common capability later in the list does not replace the first.
+        let mut c = qemu_like();
+        c[0x40..0x44].copy_from_slice(&[PCI_CAP_ID_VNDR, 0, 16, VIRTIO_PCI_CAP_COMMON_CFG]);
+        c[0x40 + 4] = 2;
+        let caps = virtio_caps(&c).unwrap();
+        assert_eq!((caps.common.bar, caps.common.offset), (4, 0));
+    }
+
+    #[test]
+    fn arbitrary_config_spaces_never_panic() {
+        // xorshift noise over the capability area of a valid header, with the list enabled.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for round in 0..20_000 {
+            let len = [256, 0x41, 0x90, 0x100][round % 4];
+            let mut c = qemu_like();
+            for b in &mut c[0x34..] {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x.to_le_bytes()[0];
+            }
+            c[PCI_STATUS] |= 1 << 4;
+            c.truncate(len);
+            let _ = virtio_caps(&c);
+        }
+    }
 }

@@ -5,10 +5,12 @@
 //!
 //! Bring-up: container and group (IOMMU type1v2, or no-IOMMU when explicitly asked for), device
 //! fd, config space read through the VFIO config region, the virtio vendor capabilities found by
-//! walking the capability list ([`super::pci`]), the BARs that hold them mmap'd (sparse mmap
-//! areas honoured; anything not mmappable goes through `pread`/`pwrite` on the region), bus
-//! master on, status reset / ACKNOWLEDGE / DRIVER, features, FEATURES_OK re-read, MSI-X vectors
-//! wired to eventfds with `VFIO_DEVICE_SET_IRQS` (one per queue), queues, DRIVER_OK.
+//! walking the capability list ([`super::pci`]), the mmap'able areas of the BARs that hold them
+//! mapped (sparse mmap areas honoured; a structure outside its BAR or outside every mmap'able
+//! area is refused with an error naming it), bus master on, then the modern virtio-pci
+//! transport ([`super::virtio_pci`]: status reset / ACKNOWLEDGE / DRIVER, features, FEATURES_OK
+//! re-read, queues, DRIVER_OK) over those mappings, and MSI-X vectors wired to eventfds with
+//! `VFIO_DEVICE_SET_IRQS` (one per queue; INTx with a forwarding thread when MSI-X is absent).
 //!
 //! IOVAs: with type1v2 the DMA region is mapped with `VFIO_IOMMU_MAP_DMA` at [`TYPE1_IOVA_BASE`];
 //! with no-IOMMU the device sees physical addresses, so the region must be pinned, physically
@@ -26,11 +28,14 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::pci::{self, VirtioCap, VirtioCaps};
+use super::pci;
+use super::virtio_pci::{
+    self, QueueAddrs, Regs, Transport, ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET,
+    VIRTIO_MSI_NO_VECTOR,
+};
 use super::{DeviceError, VsockDevice};
 use crate::dma::{DmaOptions, DmaRegion, IovaBase, HUGE_PAGE_SIZE};
 use crate::virtq::QueueLayout;
@@ -42,36 +47,6 @@ pub const TYPE1_IOVA_BASE: u64 = 0x1_0000_0000;
 const VIRTIO_VSOCK_PCI_ID: u16 = 0x1053;
 const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
 const VIRTIO_F_ACCESS_PLATFORM: u64 = 33;
-const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
-
-// Device status bits (2.1).
-const ACKNOWLEDGE: u8 = 1;
-const DRIVER: u8 = 2;
-const DRIVER_OK: u8 = 4;
-const FEATURES_OK: u8 = 8;
-const NEEDS_RESET: u8 = 64;
-const FAILED: u8 = 128;
-
-// Offsets in struct virtio_pci_common_cfg (4.1.4.3).
-mod common {
-    pub(super) const DEVICE_FEATURE_SELECT: u64 = 0;
-    pub(super) const DEVICE_FEATURE: u64 = 4;
-    pub(super) const DRIVER_FEATURE_SELECT: u64 = 8;
-    pub(super) const DRIVER_FEATURE: u64 = 12;
-    pub(super) const CONFIG_MSIX_VECTOR: u64 = 16;
-    pub(super) const NUM_QUEUES: u64 = 18;
-    pub(super) const DEVICE_STATUS: u64 = 20;
-    pub(super) const CONFIG_GENERATION: u64 = 21;
-    pub(super) const QUEUE_SELECT: u64 = 22;
-    pub(super) const QUEUE_SIZE: u64 = 24;
-    pub(super) const QUEUE_MSIX_VECTOR: u64 = 26;
-    pub(super) const QUEUE_ENABLE: u64 = 28;
-    pub(super) const QUEUE_NOTIFY_OFF: u64 = 30;
-    pub(super) const QUEUE_DESC: u64 = 32;
-    pub(super) const QUEUE_DRIVER: u64 = 40;
-    pub(super) const QUEUE_DEVICE: u64 = 48;
-}
-
 /// The VFIO ioctls and structures we use (`linux/vfio.h`).
 mod sys {
     #![allow(non_upper_case_globals, unreachable_pub)]
@@ -272,54 +247,31 @@ mod mmio {
     }
 }
 
-/// One BAR: its mmap'd areas, with `pread`/`pwrite` on the region for anything else.
+/// One BAR: its mmap'd areas (every virtio window lies inside one of them, checked in `open`).
 #[derive(Debug)]
 struct Bar {
-    device: Arc<File>,
-    region_offset: u64,
-    size: u64,
     maps: Vec<(u64, u64, mmio::Mapping)>,
 }
 
-impl Bar {
-    fn read(&self, off: u64, width: usize) -> u32 {
-        for (start, len, m) in &self.maps {
-            if off >= *start && off + width as u64 <= start + len {
-                if let Some(v) = m.read(off - start, width) {
-                    return v;
-                }
-            }
-        }
-        let mut b = [0u8; 4];
-        if off + width as u64 > self.size
-            || self
-                .device
-                .read_exact_at(&mut b[..width], self.region_offset + off)
-                .is_err()
-        {
-            return u32::MAX; // what a read of an absent device returns
-        }
-        u32::from_le_bytes(b)
+impl Regs for Bar {
+    fn read(&self, off: u64, width: usize) -> Option<u32> {
+        let (start, _, m) = self.area(off, width)?;
+        m.read(off - start, width)
     }
 
-    fn write(&self, off: u64, width: usize, val: u32) {
-        for (start, len, m) in &self.maps {
-            if off >= *start
-                && off + width as u64 <= start + len
-                && m.write(off - start, width, val).is_some()
-            {
-                return;
-            }
-        }
-        if off + width as u64 <= self.size {
-            let b = val.to_le_bytes();
-            if let Err(e) = self
-                .device
-                .write_all_at(&b[..width], self.region_offset + off)
-            {
-                log::warn!("vfio: BAR write at {off:#x} failed: {e}");
-            }
-        }
+    fn write(&self, off: u64, width: usize, val: u32) -> Option<()> {
+        let (start, _, m) = self.area(off, width)?;
+        m.write(off - start, width, val)
+    }
+}
+
+impl Bar {
+    /// The mapped area holding `[off, off + width)`.
+    fn area(&self, off: u64, width: usize) -> Option<&(u64, u64, mmio::Mapping)> {
+        let end = off.checked_add(width as u64)?;
+        self.maps
+            .iter()
+            .find(|(start, len, _)| off >= *start && end <= start.saturating_add(*len))
     }
 }
 
@@ -403,6 +355,57 @@ fn sparse_areas(buf: &[u8], first: usize) -> Option<Vec<(u64, u64)>> {
     None
 }
 
+/// Maps, for every BAR that holds a virtio structure, the mmap'able area around each structure
+/// (sparse mmap areas honoured). A structure outside its BAR, or in a BAR or part of one that
+/// VFIO does not let us mmap, is an error that names it.
+fn map_bars(
+    device: &File,
+    bdf: &str,
+    caps: &pci::VirtioCaps,
+) -> Result<[Option<Arc<dyn Regs>>; 6], DeviceError> {
+    let mut bars: [Option<Arc<dyn Regs>>; 6] = Default::default();
+    for i in 0..6u8 {
+        let on_bar: Vec<_> = [caps.common, caps.notify, caps.isr, caps.device]
+            .into_iter()
+            .filter(|c| c.bar == i)
+            .collect();
+        if on_bar.is_empty() {
+            continue;
+        }
+        let (info, sparse) = region_info(device, u32::from(i))?;
+        let mmap = info.flags & sys::VFIO_REGION_INFO_FLAG_MMAP != 0;
+        let mut maps: Vec<(u64, u64, mmio::Mapping)> = Vec::new();
+        for cap in on_bar {
+            let (off, len) = virtio_pci::mmap_area_for(&cap, info.size, mmap, sparse.as_deref())
+                .map_err(|e| failed(format!("{bdf}: {e}")))?;
+            if maps.iter().any(|(o, _, _)| *o == off) {
+                continue;
+            }
+            let ulen = usize::try_from(len)
+                .map_err(|_| failed(format!("{bdf}: BAR{i} area of {len:#x} bytes")))?;
+            let offset = info
+                .offset
+                .checked_add(off)
+                .ok_or_else(|| failed(format!("{bdf}: BAR{i} area offset {off:#x} overflows")))?;
+            let m = mmio::Mapping::new(device, offset, ulen).map_err(|e| {
+                DeviceError::hinted(
+                    "mmap of a VFIO BAR",
+                    format!("{bdf}: BAR{i} [{off:#x}, +{len:#x})"),
+                    e,
+                )
+            })?;
+            maps.push((off, len, m));
+        }
+        log::debug!(
+            "vfio {bdf}: BAR{i} size {:#x}, {} mmap'd area(s)",
+            info.size,
+            maps.len()
+        );
+        bars[usize::from(i)] = Some(Arc::new(Bar { maps }));
+    }
+    Ok(bars)
+}
+
 /// `argsz` of a VFIO structure (all are a few dozen bytes).
 #[allow(clippy::cast_possible_truncation)]
 const fn argsz<T>() -> u32 {
@@ -437,8 +440,7 @@ impl Drop for IntxForwarder {
 /// interrupt (ISR bit 0) signals both queues; unmasks the line in VFIO.
 fn intx_loop(
     device: &File,
-    isr: &Bar,
-    isr_off: u64,
+    transport: &Transport,
     line: &EventFd,
     stop: &EventFd,
     calls: &[EventFd; 2],
@@ -470,7 +472,7 @@ fn intx_loop(
         }
         if fds[0].revents != 0 {
             let _ = line.read();
-            if isr.read(isr_off, 1) & 1 != 0 {
+            if transport.read_isr() & 1 != 0 {
                 for c in calls {
                     let _ = c.write(1);
                 }
@@ -497,11 +499,11 @@ pub struct VfioPciDevice {
     _group: File,
     device: Arc<File>,
     config_offset: u64,
-    bars: Vec<Option<Arc<Bar>>>,
+    /// The virtio-pci transport over the mmap'd BARs (shared with the INTx thread).
+    transport: Arc<Transport>,
     /// INTx fallback: the thread that turns the line into per-queue eventfd signals.
     intx: Option<IntxForwarder>,
     force_intx: bool,
-    caps: VirtioCaps,
     offered: u64,
     /// Notify-area offsets (within the notify structure) of queues 0 and 1.
     notify_off: [Option<u64>; 2],
@@ -677,44 +679,7 @@ impl VfioPciDevice {
         }
         let caps = pci::virtio_caps(&cfg).map_err(|e| failed(format!("{bdf}: {e}")))?;
 
-        let mut bars: Vec<Option<Arc<Bar>>> = (0..6).map(|_| None).collect();
-        for cap in [caps.common, caps.notify, caps.isr, caps.device] {
-            let i = usize::from(cap.bar);
-            if bars[i].is_some() {
-                continue;
-            }
-            let (info, sparse) = region_info(&device, u32::from(cap.bar))?;
-            let mut maps = Vec::new();
-            if info.flags & sys::VFIO_REGION_INFO_FLAG_MMAP != 0 {
-                let areas = sparse.unwrap_or_else(|| vec![(0, info.size)]);
-                for (off, len) in areas {
-                    let Ok(ulen) = usize::try_from(len) else {
-                        continue;
-                    };
-                    if ulen == 0 {
-                        continue;
-                    }
-                    match mmio::Mapping::new(&*device, info.offset + off, ulen) {
-                        Ok(m) => maps.push((off, len, m)),
-                        Err(e) => log::warn!(
-                            "vfio {bdf}: mmap of BAR{i} [{off:#x}, +{len:#x}) failed ({e}); \
-                             using pread/pwrite"
-                        ),
-                    }
-                }
-            }
-            log::debug!(
-                "vfio {bdf}: BAR{i} size {:#x}, {} mmap'd area(s)",
-                info.size,
-                maps.len()
-            );
-            bars[i] = Some(Arc::new(Bar {
-                device: Arc::clone(&device),
-                region_offset: info.offset,
-                size: info.size,
-                maps,
-            }));
-        }
+        let transport = Arc::new(Transport::new(bdf, caps, map_bars(&device, bdf, &caps)?)?);
 
         let mut dev = VfioPciDevice {
             bdf: bdf.to_string(),
@@ -723,8 +688,7 @@ impl VfioPciDevice {
             _group: group_file,
             device,
             config_offset: cfg_info.offset,
-            bars,
-            caps,
+            transport,
             offered: 0,
             notify_off: [None; 2],
             calls: Vec::new(),
@@ -740,16 +704,9 @@ impl VfioPciDevice {
             pci::PCI_COMMAND,
             cmd | pci::PCI_COMMAND_MEMORY | pci::PCI_COMMAND_MASTER,
         )?;
-        dev.reset_status()?;
-        dev.set_status(ACKNOWLEDGE)?;
-        dev.set_status(ACKNOWLEDGE | DRIVER)?;
-        let mut offered = 0u64;
-        for sel in 0..2u32 {
-            dev.common_w(common::DEVICE_FEATURE_SELECT, 4, sel);
-            offered |= u64::from(dev.common_r(common::DEVICE_FEATURE, 4)) << (32 * sel);
-        }
-        dev.offered = offered;
-        let nq = dev.common_r(common::NUM_QUEUES, 2);
+        dev.transport.begin_init()?;
+        dev.offered = dev.transport.device_features();
+        let nq = dev.transport.num_queues();
         if nq < 2 {
             return Err(failed(format!(
                 "{bdf}: device has {nq} queues, expected >= 2"
@@ -772,7 +729,7 @@ impl VfioPciDevice {
 
     /// MSI-X table size the function advertises in its capability.
     pub fn msix_table_size(&self) -> Option<u16> {
-        self.caps.msix_vectors
+        self.transport.caps().msix_vectors
     }
 
     fn config_read16(&self, off: usize) -> Result<u16, DeviceError> {
@@ -787,71 +744,6 @@ impl VfioPciDevice {
         self.device
             .write_all_at(&v.to_le_bytes(), self.config_offset + off as u64)
             .map_err(|e| DeviceError::io("write PCI config space", e))
-    }
-
-    fn bar(&self, cap: &VirtioCap) -> &Bar {
-        // Every BAR named by a capability was set up in `open`.
-        self.bars[usize::from(cap.bar)]
-            .as_ref()
-            .expect("BAR of a virtio capability is mapped in open")
-    }
-
-    fn cap_r(&self, cap: &VirtioCap, off: u64, width: usize) -> u32 {
-        self.bar(cap).read(u64::from(cap.offset) + off, width)
-    }
-
-    fn cap_w(&self, cap: &VirtioCap, off: u64, width: usize, v: u32) {
-        self.bar(cap).write(u64::from(cap.offset) + off, width, v)
-    }
-
-    fn common_r(&self, off: u64, width: usize) -> u32 {
-        self.cap_r(&self.caps.common, off, width)
-    }
-
-    fn common_w(&self, off: u64, width: usize, v: u32) {
-        self.cap_w(&self.caps.common, off, width, v)
-    }
-
-    fn common_w64(&self, off: u64, v: u64) {
-        #[allow(clippy::cast_possible_truncation)]
-        {
-            self.common_w(off, 4, v as u32);
-            self.common_w(off + 4, 4, (v >> 32) as u32);
-        }
-    }
-
-    fn status(&self) -> u8 {
-        #[allow(clippy::cast_possible_truncation)]
-        let s = self.common_r(common::DEVICE_STATUS, 1) as u8;
-        s
-    }
-
-    fn set_status(&self, s: u8) -> Result<(), DeviceError> {
-        self.common_w(common::DEVICE_STATUS, 1, u32::from(s));
-        let now = self.status();
-        if now & FAILED != 0 || (s != 0 && now & s != s) {
-            return Err(failed(format!(
-                "{}: device status {now:#x} after writing {s:#x}",
-                self.bdf
-            )));
-        }
-        Ok(())
-    }
-
-    /// Writes 0 to device_status and waits until it reads back 0 (4.1.4.3.2).
-    fn reset_status(&self) -> Result<(), DeviceError> {
-        self.common_w(common::DEVICE_STATUS, 1, 0);
-        let start = Instant::now();
-        while self.status() != 0 {
-            if start.elapsed() > Duration::from_secs(2) {
-                return Err(failed(format!(
-                    "{}: device did not finish its reset within 2 s",
-                    self.bdf
-                )));
-            }
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        Ok(())
     }
 
     fn set_irqs(&self, index: u32, fds: &[i32]) -> Result<(), DeviceError> {
@@ -930,11 +822,7 @@ impl VfioPciDevice {
                 self.bdf,
                 self.msix_vectors
             );
-            self.common_w(
-                common::CONFIG_MSIX_VECTOR,
-                2,
-                u32::from(VIRTIO_MSI_NO_VECTOR),
-            );
+            self.transport.set_config_msix_vector(VIRTIO_MSI_NO_VECTOR);
             return Ok(());
         }
         if self.irq_count(sys::VFIO_PCI_INTX_IRQ_INDEX) == 0 {
@@ -953,17 +841,14 @@ impl VfioPciDevice {
             &[line.as_raw_fd()],
         )?;
         let stop = mk()?;
-        let isr_bar = self.bars[usize::from(self.caps.isr.bar)]
-            .clone()
-            .expect("ISR BAR mapped in open");
-        let isr_off = u64::from(self.caps.isr.offset);
+        let transport = Arc::clone(&self.transport);
         let device = Arc::clone(&self.device);
         let dup = |e: &EventFd| e.try_clone().map_err(|e| DeviceError::io("dup eventfd", e));
         let calls = [dup(&self.calls[0])?, dup(&self.calls[1])?];
         let stop2 = dup(&stop)?;
         let thread = std::thread::Builder::new()
             .name(format!("vfio-intx-{}", self.bdf))
-            .spawn(move || intx_loop(&device, &isr_bar, isr_off, &line, &stop2, &calls))
+            .spawn(move || intx_loop(&device, &transport, &line, &stop2, &calls))
             .map_err(|e| DeviceError::io("spawn INTx thread", e))?;
         self.intx = Some(IntxForwarder {
             stop,
@@ -975,10 +860,6 @@ impl VfioPciDevice {
             if self.force_intx { ", INTx forced" } else { "" }
         );
         Ok(())
-    }
-
-    fn queue_select(&self, index: u16) {
-        self.common_w(common::QUEUE_SELECT, 2, u32::from(index));
     }
 }
 
@@ -1005,34 +886,12 @@ impl VsockDevice for VfioPciDevice {
                 self.offered
             )));
         }
-        for sel in 0..2u32 {
-            self.common_w(common::DRIVER_FEATURE_SELECT, 4, sel);
-            #[allow(clippy::cast_possible_truncation)]
-            self.common_w(common::DRIVER_FEATURE, 4, (features >> (32 * sel)) as u32);
-        }
-        self.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK)
-            .map_err(|_| {
-                failed(format!(
-                    "{}: device did not accept features {features:#x} (FEATURES_OK not set)",
-                    self.bdf
-                ))
-            })?;
+        self.transport.write_features(features)?;
         Ok(features)
     }
 
     fn guest_cid(&self) -> Result<u64, DeviceError> {
-        for _ in 0..100 {
-            let gen = self.common_r(common::CONFIG_GENERATION, 1);
-            let lo = self.cap_r(&self.caps.device, 0, 4);
-            let hi = self.cap_r(&self.caps.device, 4, 4);
-            if gen == self.common_r(common::CONFIG_GENERATION, 1) {
-                return Ok(u64::from(lo) | (u64::from(hi) << 32));
-            }
-        }
-        Err(failed(format!(
-            "{}: config_generation kept changing while reading guest_cid",
-            self.bdf
-        )))
+        self.transport.guest_cid()
     }
 
     fn num_queues(&self) -> u16 {
@@ -1040,10 +899,7 @@ impl VsockDevice for VfioPciDevice {
     }
 
     fn max_queue_size(&self, index: u16) -> u16 {
-        self.queue_select(index);
-        #[allow(clippy::cast_possible_truncation)]
-        let s = self.common_r(common::QUEUE_SIZE, 2) as u16;
-        s
+        self.transport.queue_max_size(index)
     }
 
     fn dma_options(&self) -> DmaOptions {
@@ -1104,41 +960,16 @@ impl VsockDevice for VfioPciDevice {
         if index >= 2 {
             return Err(DeviceError::NoSuchQueue { index, count: 2 });
         }
-        let max = self.max_queue_size(index);
-        if max == 0 {
-            return Err(DeviceError::NoSuchQueue { index, count: 2 });
-        }
-        if layout.size == 0 || !layout.size.is_power_of_two() || layout.size > max {
-            return Err(DeviceError::BadQueueSize {
-                size: layout.size,
-                max,
-            });
-        }
-        self.queue_select(index);
-        self.common_w(common::QUEUE_SIZE, 2, u32::from(layout.size));
-        self.common_w64(common::QUEUE_DESC, layout.desc_table.0);
-        self.common_w64(common::QUEUE_DRIVER, layout.avail_ring.0);
-        self.common_w64(common::QUEUE_DEVICE, layout.used_ring.0);
-        if self.msix_vectors > 0 {
-            self.common_w(common::QUEUE_MSIX_VECTOR, 2, u32::from(index));
-            let got = self.common_r(common::QUEUE_MSIX_VECTOR, 2);
-            if got != u32::from(index) {
-                return Err(failed(format!(
-                    "{}: queue {index} refused MSI-X vector {index} (read back {got:#x})",
-                    self.bdf
-                )));
-            }
-        }
-        let off = u64::from(self.common_r(common::QUEUE_NOTIFY_OFF, 2))
-            * u64::from(self.caps.notify_off_multiplier);
-        if off + 2 > u64::from(self.caps.notify.length) {
-            return Err(failed(format!(
-                "{}: queue {index} notify offset {off:#x} is outside the notify structure",
-                self.bdf
-            )));
-        }
+        let rings = QueueAddrs {
+            desc: layout.desc_table.0,
+            driver: layout.avail_ring.0,
+            device: layout.used_ring.0,
+        };
+        let vector = (self.msix_vectors > 0).then_some(index);
+        let off = self
+            .transport
+            .setup_queue(index, layout.size, rings, vector)?;
         self.notify_off[usize::from(index)] = Some(off);
-        self.common_w(common::QUEUE_ENABLE, 2, 1);
         Ok(())
     }
 
@@ -1148,8 +979,9 @@ impl VsockDevice for VfioPciDevice {
                 "activate before both queues were set up",
             ));
         }
-        self.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)?;
-        let s = self.status();
+        self.transport
+            .set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)?;
+        let s = self.transport.status();
         if s & NEEDS_RESET != 0 {
             return Err(failed(format!(
                 "{}: device needs reset (status {s:#x})",
@@ -1167,7 +999,7 @@ impl VsockDevice for VfioPciDevice {
             .copied()
             .flatten()
             .ok_or(DeviceError::NotReady("kick of a queue that is not set up"))?;
-        self.cap_w(&self.caps.notify, off, 2, u32::from(index));
+        self.transport.notify(off, index);
         Ok(())
     }
 
@@ -1178,7 +1010,7 @@ impl VsockDevice for VfioPciDevice {
     }
 
     fn reset(&mut self) -> Result<(), DeviceError> {
-        let r = self.reset_status();
+        let r = self.transport.reset();
         self.started = false;
         self.notify_off = [None; 2];
         if let Some((iova, size)) = self.dma_mapped.take() {
@@ -1206,6 +1038,63 @@ impl VsockDevice for VfioPciDevice {
             }
         }
         r
+    }
+    fn details(&self) -> Vec<(&'static str, String)> {
+        let caps = self.transport.caps();
+        let cap = |c: &pci::VirtioCap| {
+            format!("BAR{} offset {:#x}, {:#x} bytes", c.bar, c.offset, c.length)
+        };
+        let mut d = vec![
+            (
+                "pci",
+                format!(
+                    "{} ({VIRTIO_PCI_VENDOR:04x}:{VIRTIO_VSOCK_PCI_ID:04x})",
+                    self.bdf
+                ),
+            ),
+            (
+                "iommu",
+                if self.noiommu {
+                    "noiommu (VFIO no-IOMMU: IOVAs are physical addresses, DMA unconfined)"
+                        .to_string()
+                } else {
+                    format!("type1v2 (DMA region mapped at IOVA {TYPE1_IOVA_BASE:#x})")
+                },
+            ),
+            ("common cfg", cap(&caps.common)),
+            (
+                "notify cfg",
+                format!(
+                    "{}, notify_off_multiplier {}",
+                    cap(&caps.notify),
+                    caps.notify_off_multiplier
+                ),
+            ),
+            ("isr cfg", cap(&caps.isr)),
+            ("device cfg", cap(&caps.device)),
+            (
+                "msi-x",
+                match (caps.msix_vectors, self.msix_vectors) {
+                    (None, _) => "none (INTx)".to_string(),
+                    (Some(t), 0) => format!("{t} vectors in the table, INTx fallback in use"),
+                    (Some(t), n) => format!("{t} vectors in the table, {n} in use (rx, tx)"),
+                },
+            ),
+            ("status", super::status_names(self.transport.status())),
+        ];
+        let nq = self.transport.num_queues();
+        let sizes: Vec<String> = (0..nq.min(8))
+            .map(|i| format!("{i}:{}", self.transport.queue_max_size(i)))
+            .collect();
+        d.push(("queues", format!("{nq} (max sizes {})", sizes.join(" "))));
+        d.push((
+            "guest_cid",
+            match self.transport.guest_cid() {
+                Ok(c) => c.to_string(),
+                Err(e) => format!("unreadable: {e}"),
+            },
+        ));
+        d
     }
 }
 

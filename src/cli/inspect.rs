@@ -114,7 +114,7 @@ fn inspect_device(
         log::warn!("resetting {name} after probing: {e}");
     }
     drop(dev);
-    let up = VsockDriver::open(spec).map(|d| d.local_cid());
+    let up = VsockDriver::open_with(spec, driver_config(spec)).map(|d| d.local_cid());
     if json_out {
         let mut v = json!({
             "device": spec.to_string(),
@@ -175,6 +175,21 @@ fn inspect_device(
     cid.with_context(|| format!("reading guest_cid of {spec}"))?;
     up.with_context(|| format!("bringing the driver up on {spec}"))?;
     Ok(())
+}
+
+/// The driver settings `inspect` brings the driver up with: the defaults, except for VFIO in
+/// no-IOMMU mode, whose DMA region must be physically contiguous: there the rings and buffers
+/// must fit one 2 MiB huge page (128-entry queues, 4 KiB payloads plus the 44-byte header: about 1.2 MiB).
+fn driver_config(spec: &DeviceSpec) -> DriverConfig {
+    match spec {
+        DeviceSpec::Vfio { noiommu: true, .. } => DriverConfig {
+            queue_size: 128,
+            rx_buf_size: 4096 + 44,
+            tx_buf_size: 4096 + 44,
+            ..DriverConfig::default()
+        },
+        _ => DriverConfig::default(),
+    }
 }
 
 /// What sysfs says about the device `spec` names, as a list candidate.

@@ -22,6 +22,12 @@ VM_TIMEOUT=${VM_TIMEOUT:-300}
 VHOST_DEVICE_VSOCK_VERSION=0.3.0
 GUEST_CID=3
 HOST_ECHO_PORT=1234
+# vfio_host_connects_in: the guest says "LISTENING" on host port HOST_IN_READY_PORT, then the
+# host program connects IN to guest port HOST_IN_PORT and sends HOST_IN_BYTES (keep in step with
+# the constants of the same names in tests/vm/guest/vfio_vsock.rs).
+HOST_IN_READY_PORT=1235
+HOST_IN_PORT=5000
+HOST_IN_BYTES=1048576
 export DEBIAN_FRONTEND=noninteractive
 
 log() { printf '[vm %(%T)T] %s\n' -1 "$*" >&2; }
@@ -42,7 +48,7 @@ command -v cargo >/dev/null || die "cargo is needed to build the guest test prog
 # (a) host packages
 # ---------------------------------------------------------------------------------------------
 HOST_PACKAGES=(busybox-static cpio kmod xz-utils bc iproute2 socat ca-certificates
-    make gcc flex bison libelf-dev)
+    make gcc flex bison libelf-dev python3)
 
 apt_updated=0
 apt_update_once() {
@@ -275,6 +281,117 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Host side of vfio_host_connects_in. It waits until the guest test says it listens (a guest
+# connection to CID 2 port $HOST_IN_READY_PORT, i.e. the Unix socket <uds-path>_$HOST_IN_READY_PORT,
+# carrying `LISTENING <port>`): host connections attempted while nobody drives the function wedged
+# vhost-device-vsock 0.3.0 for the rest of the boot (no packet reached the guest any more). Then it
+# connects IN through vhost-device-vsock's Unix socket (`CONNECT <port>\n` -> `OK <port>\n`),
+# retrying about once a second for a while, sends a deterministic pattern, reads the echo back
+# and checks it, then sends one line `HOST-OK <fnv-1a of the echo>` (or `HOST-BAD <why>`) and
+# closes. Logs to $1.
+host_connect_in() {
+    exec python3 - "$RUN/vm.vsock" "$HOST_IN_READY_PORT" "$HOST_IN_PORT" "$HOST_IN_BYTES" >"$1" 2>&1 <<'EOF'
+import socket, sys, threading, time
+
+path, ready_port, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+# The same formula as host_pattern() in tests/vm/guest/vfio_vsock.rs.
+data = bytes(((i * 2654435761) & 0xFFFFFFFF) >> 13 & 0xFF for i in range(total))
+
+
+def fnv(buf):
+    h = 0xCBF29CE484222325
+    for b in buf:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def say(msg):
+    print(f"[{time.strftime('%T')}] {msg}", flush=True)
+
+
+ready = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+ready.bind(f"{path}_{ready_port}")
+ready.listen(4)
+while True:
+    r, _ = ready.accept()
+    r.settimeout(10)
+    try:
+        msg = r.recv(64)
+    except OSError as e:
+        msg = repr(e).encode()
+    r.close()
+    say(f"guest says {msg!r}")
+    if msg.startswith(b"LISTENING %d" % port):
+        break
+attempt = 0
+while True:
+    attempt += 1
+    if attempt > 30:
+        say("gave up after 30 attempts")
+        sys.exit(1)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(path)
+        s.sendall(b"CONNECT %d\n" % port)
+        line = b""
+        while not line.endswith(b"\n") and len(line) < 64:
+            c = s.recv(1)
+            if not c:
+                raise ConnectionError("closed (no listener yet)")
+            line += c
+        if not line.startswith(b"OK "):
+            raise ConnectionError(f"answer {line!r}")
+        break
+    except OSError as e:
+        s.close()
+        say(f"attempt {attempt}: {e}")
+        time.sleep(1)
+say(f"connected to guest port {port} on attempt {attempt}: {line.decode().strip()}")
+s.settimeout(60)
+sent_err = []
+
+
+def writer():
+    try:
+        s.sendall(data)
+    except OSError as e:
+        sent_err.append(e)
+
+
+t = threading.Thread(target=writer)
+t.start()
+echo = bytearray()
+try:
+    while len(echo) < total:
+        chunk = s.recv(min(65536, total - len(echo)))
+        if not chunk:
+            break
+        echo += chunk
+except OSError as e:
+    say(f"reading the echo: {e}")
+t.join()
+if sent_err:
+    verdict = f"HOST-BAD send failed: {sent_err[0]}"
+elif len(echo) != total:
+    verdict = f"HOST-BAD echo ended after {len(echo)} of {total} bytes"
+elif echo != data:
+    first = next(i for i in range(total) if echo[i] != data[i])
+    verdict = f"HOST-BAD echo differs at byte {first}"
+else:
+    verdict = f"HOST-OK {fnv(echo):016x}"
+say(f"verdict: {verdict}")
+s.sendall(verdict.encode() + b"\n")
+s.shutdown(socket.SHUT_WR)
+try:
+    while s.recv(4096):
+        pass
+except OSError:
+    pass
+s.close()
+EOF
+}
+
 wait_for_socket() {
     local _
     for _ in $(seq 100); do
@@ -297,6 +414,8 @@ boot() {
         --uds-path "$RUN/vm.vsock" >"$RUN/vhost-device-vsock.log" 2>&1 &
     PIDS+=($!)
     wait_for_socket "$RUN/vhu.sock"
+    host_connect_in "$RUN/host-connect-in.log" &
+    PIDS+=($!)
     log "booting $KREL (TCG, timeout ${VM_TIMEOUT}s)"
     timeout --kill-after=10 "$VM_TIMEOUT" "$QEMU" \
         -L "$QEMU_ROOT/usr/share/qemu" -L "$QEMU_ROOT/usr/share/seabios" -accel tcg -machine pc -cpu max -m 1G -smp 2 \
@@ -323,6 +442,10 @@ report() {
     tr -d '\r' <"$log" >"$log.txt"
     # Results, with each test's diagnostics ("# ..." lines: timings, the throughput comparison).
     grep -E '^(PASS|FAIL|SKIP) |^# ' "$log.txt" || true
+    # What the host side of vfio_host_connects_in saw.
+    if [[ -s $RUN/host-connect-in.log ]]; then
+        sed 's/^/# host-connect-in: /' "$RUN/host-connect-in.log"
+    fi
     pass=$(grep -c '^PASS ' "$log.txt" || true)
     fail=$(grep -c '^FAIL ' "$log.txt" || true)
     skip=$(grep -c '^SKIP ' "$log.txt" || true)

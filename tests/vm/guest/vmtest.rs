@@ -117,6 +117,16 @@ const TESTS: &[Test] = &[
     ),
     default("vfio_driver_duplex", vfio_vsock::vfio_driver_duplex),
     by_name("kernel_vsock_echo_16m", vfio_vsock::kernel_vsock_echo_16m),
+    default("vfio_host_connects_in", vfio_vsock::vfio_host_connects_in),
+    default(
+        "vfio_concurrent_echo_50",
+        vfio_vsock::vfio_concurrent_echo_50,
+    ),
+    default(
+        "vfio_connect_refused_times_out",
+        vfio_vsock::vfio_connect_refused_times_out,
+    ),
+    default("vfio_inspect_cli", vfio_vsock::vfio_inspect_cli),
     by_name("selftest_must_fail", selftest_must_fail),
     by_name("vsock_64k_single_send", vsock_64k_single_send),
     default(

@@ -8,7 +8,7 @@
 //! walking the capability list ([`super::pci`]), the mmap'able areas of the BARs that hold them
 //! mapped (sparse mmap areas honoured; a structure outside its BAR or outside every mmap'able
 //! area is refused with an error naming it), bus master on, then the modern virtio-pci
-//! transport ([`super::virtio_pci`]: status reset / ACKNOWLEDGE / DRIVER, features, FEATURES_OK
+//! transport (`device::virtio_pci`: status reset / ACKNOWLEDGE / DRIVER, features, FEATURES_OK
 //! re-read, queues, DRIVER_OK) over those mappings, and MSI-X vectors wired to eventfds with
 //! `VFIO_DEVICE_SET_IRQS` (one per queue; INTx with a forwarding thread when MSI-X is absent).
 //!

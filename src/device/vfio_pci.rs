@@ -504,6 +504,8 @@ pub struct VfioPciDevice {
     /// INTx fallback: the thread that turns the line into per-queue eventfd signals.
     intx: Option<IntxForwarder>,
     force_intx: bool,
+    /// Type1 only: map the DMA region at IOVA = its physical address.
+    identity_iova: bool,
     offered: u64,
     /// Notify-area offsets (within the notify structure) of queues 0 and 1.
     notify_off: [Option<u64>; 2],
@@ -695,6 +697,7 @@ impl VfioPciDevice {
             msix_vectors: 0,
             intx: None,
             force_intx,
+            identity_iova: false,
             dma_mapped: None,
             started: false,
         };
@@ -720,6 +723,15 @@ impl VfioPciDevice {
     /// `VIRTIO_RING_F_EVENT_IDX` to tell a notification-suppression problem from others).
     pub fn hide_features(&mut self, mask: u64) {
         self.offered &= !mask;
+    }
+
+    /// Type1 (IOMMU) mode only: map the DMA region at IOVAs equal to its physical addresses (one
+    /// huge page) instead of at [`TYPE1_IOVA_BASE`]. For a device that bypasses the IOMMU (an
+    /// emulated virtio device without ACCESS_PLATFORM behind an emulated IOMMU), the identity
+    /// mapping is the only one both it and the IOMMU agree on. Diagnostics and VM tests; no
+    /// effect in no-IOMMU mode, where IOVAs are physical addresses anyway.
+    pub fn set_identity_iova(&mut self, on: bool) {
+        self.identity_iova = on;
     }
 
     /// Number of MSI-X vectors in use (0: INTx).
@@ -903,7 +915,7 @@ impl VsockDevice for VfioPciDevice {
     }
 
     fn dma_options(&self) -> DmaOptions {
-        if self.noiommu {
+        if self.noiommu || self.identity_iova {
             // Physical addresses: one huge page is physically contiguous by construction.
             DmaOptions {
                 size: HUGE_PAGE_SIZE,
@@ -1057,6 +1069,8 @@ impl VsockDevice for VfioPciDevice {
                 if self.noiommu {
                     "noiommu (VFIO no-IOMMU: IOVAs are physical addresses, DMA unconfined)"
                         .to_string()
+                } else if self.identity_iova {
+                    "type1v2 (DMA region mapped at IOVA = its physical address)".to_string()
                 } else {
                     format!("type1v2 (DMA region mapped at IOVA {TYPE1_IOVA_BASE:#x})")
                 },

@@ -8,7 +8,9 @@
 #   tests/vm/run.sh --list     list the tests the guest program knows
 #
 # Environment: VM_CACHE (default tests/vm/.cache), VM_TIMEOUT (seconds, default 300),
-# VM_KEEP=1 keeps the temporary run directory (console log, sockets).
+# VM_KEEP=1 keeps the temporary run directory (console log, sockets), VM_IOMMU=1 boots q35 with
+# QEMU's emulated Intel IOMMU and intel_iommu=on instead (for vfio_type1_iommu; the default tests
+# expect no IOMMU).
 # Installs what it needs (apt, Debian's 6.12 kernel, out-of-tree modules, vhost-device-vsock) into
 # the cache on the first run; later runs reuse it. Needs root and cargo.
 set -euo pipefail
@@ -416,16 +418,22 @@ boot() {
     wait_for_socket "$RUN/vhu.sock"
     host_connect_in "$RUN/host-connect-in.log" &
     PIDS+=($!)
-    log "booting $KREL (TCG, timeout ${VM_TIMEOUT}s)"
+    local machine=(-machine pc) iommu_arg=""
+    if [[ -n ${VM_IOMMU:-} ]]; then
+        # The IOMMU device must come before the devices it translates for.
+        machine=(-machine "q35,kernel-irqchip=split" -device "intel-iommu,intremap=on")
+        iommu_arg=" intel_iommu=on"
+    fi
+    log "booting $KREL (TCG, ${machine[*]}, timeout ${VM_TIMEOUT}s)"
     timeout --kill-after=10 "$VM_TIMEOUT" "$QEMU" \
-        -L "$QEMU_ROOT/usr/share/qemu" -L "$QEMU_ROOT/usr/share/seabios" -accel tcg -machine pc -cpu max -m 1G -smp 2 \
+        -L "$QEMU_ROOT/usr/share/qemu" -L "$QEMU_ROOT/usr/share/seabios" -accel tcg "${machine[@]}" -cpu max -m 1G -smp 2 \
         -display none -vga none -monitor none -serial "file:$RUN/console.log" \
         -nic none -no-reboot \
         -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \
         -chardev "socket,id=c0,path=$RUN/vhu.sock" -device vhost-user-vsock-pci,chardev=c0 \
         -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
         -kernel "$KROOT/boot/vmlinuz-$KREL" -initrd "$RUN/initramfs.cpio.gz" \
-        -append "console=ttyS0 panic=-1 loglevel=3 vmtest.tests=$tests" </dev/null || rc=$?
+        -append "console=ttyS0 panic=-1 loglevel=3$iommu_arg vmtest.tests=$tests" </dev/null || rc=$?
     QEMU_RC=$rc
 }
 

@@ -206,6 +206,12 @@ impl Transport {
         self.reset_timeout = t;
     }
 
+    /// Whether `[off, off + width)` lies inside `cap`'s window.
+    fn in_window(cap: &VirtioCap, off: u64, width: usize) -> bool {
+        off.checked_add(width as u64)
+            .is_some_and(|end| end <= u64::from(cap.length))
+    }
+
     fn bar(&self, cap: &VirtioCap) -> Option<&dyn Regs> {
         self.bars.get(usize::from(cap.bar))?.as_deref()
     }
@@ -218,7 +224,7 @@ impl Transport {
         } else {
             (1 << (8 * width)) - 1
         };
-        if off + width as u64 > u64::from(cap.length) {
+        if !Self::in_window(cap, off, width) {
             return ones;
         }
         self.bar(cap)
@@ -227,7 +233,7 @@ impl Transport {
     }
 
     fn cap_w(&self, cap: &VirtioCap, off: u64, width: usize, v: u32) {
-        let done = off + width as u64 <= u64::from(cap.length)
+        let done = Self::in_window(cap, off, width)
             && self
                 .bar(cap)
                 .and_then(|b| b.write(u64::from(cap.offset) + off, width, v))
@@ -953,6 +959,8 @@ mod tests {
         assert_eq!(t.cap_r(&c.device, 8, 4), u32::MAX);
         assert_eq!(t.cap_r(&c.device, 7, 2), 0xffff);
         assert_eq!(t.cap_r(&c.device, u64::from(u32::MAX), 1), 0xff);
+        assert_eq!(t.cap_r(&c.device, u64::MAX, 4), u32::MAX);
+        t.cap_w(&c.device, u64::MAX - 1, 2, 0);
         t.cap_w(&c.notify, 0x1000, 2, 0);
         let s = fake.0.lock().unwrap();
         assert_eq!(s.device_cfg_reads, 0);

@@ -33,6 +33,8 @@ use vhost::vhost_kern::vhost_binding::{
 };
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref};
 
+/// The CLI's `serve` and tools/bind.sh, run as an operator would.
+mod operator_tests;
 /// Our driver on `/dev/vhost-vdpa-N` (vdpa_sim_net, and the vdpasim_vsock test device).
 #[path = "vdpa_tests.rs"]
 mod vdpa_tests;
@@ -155,6 +157,18 @@ const TESTS: &[Test] = &[
     default(
         "vhost_vsock_throughput_vs_loopback",
         vhost_vsock_tests::vhost_vsock_throughput_vs_loopback,
+    ),
+    default(
+        "serve_vhost_vsock_100_clients",
+        operator_tests::serve_vhost_vsock_100_clients,
+    ),
+    default(
+        "bind_sh_rebinds_vsock_function",
+        operator_tests::bind_sh_rebinds_vsock_function,
+    ),
+    default(
+        "bind_sh_rebinds_vdpa_device",
+        operator_tests::bind_sh_rebinds_vdpa_device,
     ),
     by_name(
         "vhost_vsock_wrong_checksum_must_fail",

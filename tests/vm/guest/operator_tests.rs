@@ -1,0 +1,421 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! VM tests of the operator tooling, run as an operator would: the static `vdpa-vsock` CLI at
+//! `/bin/vdpa-vsock` (`serve` on the kernel's vhost-vsock) and `tools/bind.sh` under bash at
+//! `/tools/bind.sh` (a real rebind of the guest's virtio-vsock function, and of a vDPA device).
+//!
+//! Included from `vmtest.rs`; the rows are in its `TESTS` table.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vdpa_vsock::device::{DeviceSpec, VHOST_VSOCK_PATH};
+use vdpa_vsock::driver::{DriverConfig, VsockDriver};
+
+use super::vhost_vsock_tests::{kernel_accept, kernel_listen, recv_checksum, send_pattern};
+use super::{fail, find_pci, pci_driver, rebind_virtio_pci, skip, wait_for_path, TestResult};
+
+/// The kernel AF_VSOCK echo service `serve`'s clients reach (our driver is CID 4 on vhost-vsock,
+/// the guest kernel is its host, CID 2).
+const ECHO_PORT: u32 = 7000;
+/// A port nobody listens on: the kernel answers REQUEST with RST.
+const CLOSED_PORT: u32 = 7001;
+/// Concurrent `serve` clients, and the bytes each echoes.
+const CLIENTS: usize = 100;
+const CLIENT_BYTES: usize = 1 << 20;
+const UDS: &str = "/tmp/serve.sock";
+const SERVE_LOG: &str = "/tmp/serve.log";
+const STEP: Duration = Duration::from_secs(60);
+
+/// The `serve` daemon as a child process; killed on drop if the test did not stop it.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve_log() -> String {
+    fs::read_to_string(SERVE_LOG).unwrap_or_default()
+}
+
+fn read_line(s: &mut UnixStream) -> io::Result<String> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b)? {
+            0 => break,
+            _ if b[0] == b'\n' => break,
+            _ => line.push(b[0]),
+        }
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+/// Connects to `serve`, sends `line`, returns the stream and the answer line.
+fn hello(line: &[u8]) -> io::Result<(UnixStream, String)> {
+    let mut s = UnixStream::connect(UDS)?;
+    s.set_read_timeout(Some(STEP))?;
+    s.set_write_timeout(Some(STEP))?;
+    // An error line may come before the whole line is written.
+    let _ = s.write_all(line);
+    let reply = read_line(&mut s)?;
+    Ok((s, reply))
+}
+
+/// One client: `CONNECT ECHO_PORT`, then `len` bytes of pattern `seed` out while reading the echo
+/// back; the checksums of both must match.
+fn echo_client(seed: u64, len: usize) -> io::Result<()> {
+    let (s, reply) = hello(format!("CONNECT {ECHO_PORT}\n").as_bytes())?;
+    let port = reply
+        .strip_prefix("OK ")
+        .and_then(|p| p.parse::<u32>().ok())
+        .ok_or_else(|| io::Error::other(format!("client {seed}: handshake answer {reply:?}")))?;
+    let mut w = s.try_clone()?;
+    let writer = thread::spawn(move || send_pattern(&mut w, seed, len));
+    let mut r = s;
+    let got = recv_checksum(&mut r, len)?;
+    let sent = writer
+        .join()
+        .map_err(|_| io::Error::other("writer panicked"))??;
+    if got != sent {
+        return Err(io::Error::other(format!(
+            "client {seed} (local port {port}): echo checksum {got:#x}, sent {sent:#x}"
+        )));
+    }
+    Ok(())
+}
+
+/// The kernel's echo service: accepts `n` connections and echoes each until EOF.
+fn kernel_echo_server(n: usize) -> io::Result<thread::JoinHandle<io::Result<()>>> {
+    let listener = kernel_listen(ECHO_PORT)?;
+    Ok(thread::spawn(move || {
+        let mut conns = Vec::new();
+        for _ in 0..n {
+            let (s, _cid) = kernel_accept(&listener)?;
+            conns.push(thread::spawn(move || -> io::Result<()> {
+                let mut w = s.try_clone()?;
+                let mut r = s;
+                io::copy(&mut r, &mut w)?;
+                w.shutdown(std::net::Shutdown::Write)
+            }));
+        }
+        for c in conns {
+            c.join().map_err(|_| io::Error::other("echo panicked"))??;
+        }
+        Ok(())
+    }))
+}
+
+/// `vdpa-vsock serve` on the kernel's vhost-vsock: 100 Unix-socket clients each echo 1 MiB
+/// through it intact while bad clients (garbage, a refused port, closing mid-handshake) come and
+/// go; then SIGTERM with a connection open ends it within a second, exit 0, socket removed, and the
+/// CID is free again.
+pub(crate) fn serve_vhost_vsock_100_clients() -> TestResult {
+    if !Path::new(VHOST_VSOCK_PATH).exists() {
+        return Err(skip(format!("{VHOST_VSOCK_PATH} is absent")));
+    }
+    // The 100 clients, the check after the bad ones, and the one open at SIGTERM.
+    let server = kernel_echo_server(CLIENTS + 2)?;
+    let log = fs::File::create(SERVE_LOG)?;
+    let _ = fs::remove_file(UDS);
+    let mut daemon = Daemon(
+        Command::new("/bin/vdpa-vsock")
+            .args(["serve", "--device", "vhost-vsock,cid=4", "--uds", UDS])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?,
+    );
+    if !wait_for_path(Path::new(UDS), Duration::from_secs(20)) {
+        return Err(fail(format!("{UDS} did not appear: {}", serve_log())));
+    }
+    let t0 = Instant::now();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| thread::spawn(move || echo_client(i as u64 + 1, CLIENT_BYTES)))
+        .collect();
+    // Bad clients among them: each gets an error line (or just a close) and the others go on.
+    let mut bad = Vec::new();
+    for (line, want) in [
+        (&b"GET / HTTP/1.1\n"[..], "ERR expected"),
+        (b"CONNECT banana\n", "ERR bad port"),
+        (
+            format!("CONNECT {CLOSED_PORT}\n").as_bytes(),
+            "ERR connect to 2:7001 failed",
+        ),
+    ] {
+        let (_, reply) = hello(line)?;
+        bad.push((reply, want));
+    }
+    for _ in 0..10 {
+        let mut s = UnixStream::connect(UDS)?;
+        s.write_all(b"CONN")?;
+    }
+    let mut failures = Vec::new();
+    for (i, c) in clients.into_iter().enumerate() {
+        match c.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failures.push(format!("client {i}: {e}")),
+            Err(_) => failures.push(format!("client {i}: panicked")),
+        }
+    }
+    let took = t0.elapsed();
+    if !failures.is_empty() {
+        return Err(fail(format!(
+            "{} of {CLIENTS} clients failed, first: {}; serve log: {}",
+            failures.len(),
+            failures[0],
+            serve_log()
+        )));
+    }
+    println!(
+        "# serve on vhost-vsock: {CLIENTS} clients x 1 MiB echoed intact in {:.2} s",
+        took.as_secs_f64()
+    );
+    for (reply, want) in &bad {
+        if !reply.starts_with(want) {
+            return Err(fail(format!(
+                "bad client got {reply:?}, expected {want:?}…"
+            )));
+        }
+        println!("# bad client answered: {reply}");
+    }
+    // Still serving after the bad clients.
+    echo_client(1000, 4096).map_err(|e| fail(format!("after the bad clients: {e}")))?;
+
+    // SIGTERM with one connection open.
+    let (mut open, reply) = hello(format!("CONNECT {ECHO_PORT}\n").as_bytes())?;
+    if !reply.starts_with("OK ") {
+        return Err(fail(format!("last client: {reply:?}")));
+    }
+    let pid = libc::pid_t::try_from(daemon.0.id()).map_err(fail)?;
+    let t = Instant::now();
+    // SAFETY: kill(2) with a pid we spawned and have not reaped; no memory is involved.
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        return Err(io::Error::last_os_error().into());
+    }
+    let status = loop {
+        if let Some(st) = daemon.0.try_wait()? {
+            break st;
+        }
+        if t.elapsed() > Duration::from_secs(5) {
+            return Err(fail(format!(
+                "serve still running 5 s after SIGTERM: {}",
+                serve_log()
+            )));
+        }
+        thread::sleep(Duration::from_millis(5));
+    };
+    let stop = t.elapsed();
+    println!("# SIGTERM to exit: {} ms, {status}", stop.as_millis());
+    if stop > Duration::from_secs(1) || status.code() != Some(0) {
+        return Err(fail(format!(
+            "SIGTERM: exit {status} after {stop:?} (want 0 within 1 s): {}",
+            serve_log()
+        )));
+    }
+    if Path::new(UDS).exists() {
+        return Err(fail(format!("{UDS} left behind after SIGTERM")));
+    }
+    let mut rest = Vec::new();
+    let n = open.read_to_end(&mut rest).unwrap_or(0);
+    if n != 0 {
+        return Err(fail(format!(
+            "the open client read {n} bytes after SIGTERM"
+        )));
+    }
+    drop(open);
+    server
+        .join()
+        .map_err(|_| fail("kernel echo server panicked"))?
+        .map_err(|e| fail(format!("kernel echo server: {e}")))?;
+    // The daemon reset the device and closed it: CID 4 is free for the next user.
+    let spec = DeviceSpec::VhostVsock {
+        path: VHOST_VSOCK_PATH.into(),
+        cid: 4,
+    };
+    VsockDriver::open_with(&spec, DriverConfig::default())
+        .map_err(|e| fail(format!("reopening {spec} after serve: {e}")))?;
+    Ok(())
+}
+
+fn bind_sh(args: &[&str]) -> io::Result<Output> {
+    Command::new("/bin/bash")
+        .arg("/tools/bind.sh")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+}
+
+/// Runs bind.sh, checks its exit code and that its output (stdout and stderr) has every needle;
+/// returns the output.
+fn expect_bind(args: &[&str], code: i32, needles: &[&str]) -> Result<String, super::NotPassed> {
+    let out = bind_sh(args)?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.code() != Some(code) {
+        return Err(fail(format!(
+            "bind.sh {}: exit {:?}, expected {code}: {text}",
+            args.join(" "),
+            out.status.code()
+        )));
+    }
+    for n in needles {
+        if !text.contains(n) {
+            return Err(fail(format!(
+                "bind.sh {}: output lacks {n:?}: {text}",
+                args.join(" ")
+            )));
+        }
+    }
+    println!("# bind.sh {} -> {code}", args.join(" "));
+    Ok(text)
+}
+
+/// tools/bind.sh on the real sysfs: status, a dry run that changes nothing, bad input, the
+/// virtio-vsock function to vfio-pci (our driver then runs on it), a refusal while our driver has
+/// the VFIO group open, unbind, and back to virtio-pci, where the kernel's vsock works again.
+pub(crate) fn bind_sh_rebinds_vsock_function() -> TestResult {
+    let dev = find_pci("0x1af4", "0x1053")?.ok_or_else(|| fail("no 1af4:1053 PCI function"))?;
+    let bdf = dev
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if pci_driver(&dev).as_deref() != Some("virtio-pci") {
+        return Err(fail(format!("{bdf} does not start on virtio-pci")));
+    }
+    let result = (|| {
+        expect_bind(&["--status"], 0, &[&bdf, "virtio-pci"])?;
+        let dry = expect_bind(
+            &["--dry-run", "--bind", "vfio-pci", &bdf],
+            0,
+            &["driver_override", "drivers_probe"],
+        )?;
+        if pci_driver(&dev).as_deref() != Some("virtio-pci") {
+            return Err(fail(format!("--dry-run changed the driver: {dry}")));
+        }
+        expect_bind(
+            &["--bind", "vfio-pci", "00:1f.9"],
+            2,
+            &["not a PCI address"],
+        )?;
+        expect_bind(
+            &["--bind", "vfio-pci", "0000:00:1f.7"],
+            2,
+            &["no PCI device"],
+        )?;
+        expect_bind(
+            &["--bind", "vfio-pci", &bdf],
+            0,
+            &["virtio-pci -> vfio-pci"],
+        )?;
+        if pci_driver(&dev).as_deref() != Some("vfio-pci") {
+            return Err(fail(format!("{bdf}: not on vfio-pci after bind.sh")));
+        }
+        // Our driver on it, and bind.sh refusing to take it away while the group is open.
+        fs::write("/proc/sys/vm/nr_hugepages", "16")?;
+        let spec = DeviceSpec::Vfio {
+            bdf: bdf.clone(),
+            noiommu: true,
+        };
+        let config = DriverConfig {
+            rx_buf_size: 4096 + 44,
+            tx_buf_size: 4096 + 44,
+            ..DriverConfig::default()
+        };
+        let drv = VsockDriver::open_with(&spec, config)
+            .map_err(|e| fail(format!("our driver on {spec} after bind.sh: {e}")))?;
+        println!("# our driver up on {spec}, local CID {}", drv.local_cid());
+        expect_bind(
+            &["--bind", "virtio-pci", &bdf],
+            3,
+            &["in use", "is open by a process", "--force"],
+        )?;
+        drop(drv);
+        expect_bind(&["--unbind", &bdf], 0, &[])?;
+        if let Some(d) = pci_driver(&dev) {
+            return Err(fail(format!("{bdf}: still on {d} after --unbind")));
+        }
+        let over = fs::read_to_string(dev.join("driver_override")).unwrap_or_default();
+        if !matches!(over.trim(), "" | "(null)") {
+            return Err(fail(format!("--unbind left driver_override {over:?}")));
+        }
+        expect_bind(&["--bind", "virtio-pci", &bdf], 0, &["-> virtio-pci"])?;
+        if pci_driver(&dev).as_deref() != Some("virtio-pci") {
+            return Err(fail(format!("{bdf}: not back on virtio-pci")));
+        }
+        // The kernel's vsock transport has its device back.
+        super::kernel_vsock_to_host()
+    })();
+    if pci_driver(&dev).as_deref() == Some("virtio-pci") {
+        result
+    } else {
+        result.and(rebind_virtio_pci(&dev, &bdf))
+    }
+}
+
+/// tools/bind.sh on a vDPA device: unbind it from vhost_vdpa (its /dev/vhost-vdpa-N goes away),
+/// bind it back (the node returns), refuse a bad name and an unknown device.
+pub(crate) fn bind_sh_rebinds_vdpa_device() -> TestResult {
+    super::vdpa_tests::with_vdpa_dev("vdpasim_net", "vdpa-bind", |node| {
+        let name = "vdpa-bind";
+        let dir = Path::new("/sys/bus/vdpa/devices").join(name);
+        expect_bind(&["--status"], 0, &[name, "vhost_vdpa"])?;
+        expect_bind(&["--unbind", name], 0, &[])?;
+        if pci_driver(&dir).is_some() {
+            return Err(fail(format!("{name} still has a driver after --unbind")));
+        }
+        let start = Instant::now();
+        while Path::new(node).exists() && start.elapsed() < Duration::from_secs(5) {
+            thread::sleep(Duration::from_millis(20));
+        }
+        if Path::new(node).exists() {
+            return Err(fail(format!("{node} still there after --unbind")));
+        }
+        expect_bind(&["--bind", "vhost_vdpa", name], 0, &["-> vhost_vdpa"])?;
+        if pci_driver(&dir).as_deref() != Some("vhost_vdpa") {
+            return Err(fail(format!("{name}: not on vhost_vdpa after --bind")));
+        }
+        // The node comes back (its number may differ if another was taken meanwhile).
+        let start = Instant::now();
+        let back = loop {
+            let found = fs::read_dir(&dir).ok().and_then(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .find(|n| n.starts_with("vhost-vdpa-"))
+            });
+            match found {
+                Some(n) if Path::new("/dev").join(&n).exists() => break n,
+                _ if start.elapsed() > Duration::from_secs(5) => {
+                    return Err(fail(format!(
+                        "no /dev/vhost-vdpa-N for {name} after --bind"
+                    )))
+                }
+                _ => thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        println!("# {name}: {node} gone after --unbind, /dev/{back} back after --bind");
+        expect_bind(
+            &["--bind", "vhost_vdpa", "bad/name"],
+            2,
+            &["not a vDPA device name"],
+        )?;
+        expect_bind(
+            &["--bind", "vhost_vdpa", "vdpa-nope"],
+            2,
+            &["no vDPA device"],
+        )?;
+        Ok(())
+    })
+}

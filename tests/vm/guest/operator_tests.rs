@@ -419,3 +419,146 @@ pub(crate) fn bind_sh_rebinds_vdpa_device() -> TestResult {
         Ok(())
     })
 }
+
+/// The gid `tests/vm/run.sh` gives group `vsock` in the guest's /etc/group.
+const VSOCK_GID: u32 = 990;
+
+/// Group and permission bits of `path`.
+fn owner_mode(path: &Path) -> io::Result<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(path)?;
+    Ok((m.gid(), m.mode() & 0o777))
+}
+
+/// Waits up to 10 s for udev to have handled every event so far.
+fn udev_settle() -> TestResult {
+    super::run_cmd("/bin/udevadm", &["settle", "--timeout=10"])
+}
+
+/// `path` ends up group vsock, mode 0660 (udev applies rules asynchronously: settle first).
+fn expect_vsock_group(path: &Path) -> TestResult {
+    udev_settle()?;
+    let (gid, mode) = owner_mode(path)?;
+    if (gid, mode) != (VSOCK_GID, 0o660) {
+        return Err(fail(format!(
+            "{}: gid {gid} mode {mode:o}, expected gid {VSOCK_GID} (vsock) mode 660",
+            path.display()
+        )));
+    }
+    println!("# {}: group vsock, mode 660", path.display());
+    Ok(())
+}
+
+/// udev/70-vdpa-vsock.rules and its helper, installed as udev/README.md says, under Debian's
+/// systemd-udevd: /dev/vhost-vsock, a new /dev/vhost-vdpa-N and the VFIO group node of the
+/// virtio-vsock function bound with bind.sh become group vsock, mode 0660; /dev/vfio/vfio and
+/// unrelated nodes are left alone.
+pub(crate) fn udev_rules_give_group_vsock() -> TestResult {
+    fs::create_dir_all("/run/udev")?;
+    let mut udevd = Daemon(
+        Command::new("/bin/systemd-udevd")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create("/tmp/udevd.log")?)
+            .spawn()?,
+    );
+    let result = (|| {
+        if !wait_for_path(Path::new("/run/udev/control"), Duration::from_secs(10)) {
+            return Err(fail(
+                "systemd-udevd did not open /run/udev/control within 10 s",
+            ));
+        }
+        // The rules parse: udevadm reports no error for them (udev 252 has no `verify`).
+        let out = Command::new("/bin/udevadm")
+            .args(["control", "--reload"])
+            .output()?;
+        if !out.status.success() {
+            return Err(fail(format!(
+                "udevadm control --reload: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        // Nodes that existed before udevd started: replay their add events.
+        super::run_cmd(
+            "/bin/udevadm",
+            &["trigger", "--action=add", "--subsystem-match=misc"],
+        )?;
+        expect_vsock_group(Path::new(VHOST_VSOCK_PATH))?;
+        // What the group is for: a user in it drives the device without root; one outside cannot.
+        for (gid, ok) in [(VSOCK_GID, true), (1000, false)] {
+            use std::os::unix::process::CommandExt;
+            let out = Command::new("/bin/vdpa-vsock")
+                .args(["inspect", "vhost-vsock,cid=4"])
+                .uid(1000)
+                .gid(gid)
+                .stdin(Stdio::null())
+                .output()?;
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let good = if ok {
+                out.status.success() && text.contains("brought up, local CID 4")
+            } else {
+                out.status.code() == Some(1) && text.contains("no read-write access")
+            };
+            if !good {
+                return Err(fail(format!(
+                    "inspect as uid 1000 gid {gid}: {}: {text}",
+                    out.status
+                )));
+            }
+            println!(
+                "# inspect vhost-vsock as uid 1000 gid {gid}: {}",
+                if ok {
+                    "brought up"
+                } else {
+                    "refused, no read-write access"
+                }
+            );
+        }
+        for other in ["/dev/null", "/dev/vfio/vfio"] {
+            let (gid, mode) = owner_mode(Path::new(other))?;
+            if gid == VSOCK_GID {
+                return Err(fail(format!("{other} got group vsock (mode {mode:o})")));
+            }
+        }
+        // A vDPA device added now: its node is created with the rule applied.
+        super::vdpa_tests::with_vdpa_dev("vdpasim_net", "vdpa-udev", |node| {
+            expect_vsock_group(Path::new(node))
+        })?;
+        // The virtio-vsock function handed to vfio-pci with bind.sh: the helper accepts its group.
+        let dev = find_pci("0x1af4", "0x1053")?.ok_or_else(|| fail("no 1af4:1053 PCI function"))?;
+        let bdf = dev
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let bound = (|| {
+            expect_bind(&["--bind", "vfio-pci", &bdf], 0, &["-> vfio-pci"])?;
+            let group = fs::read_link(dev.join("iommu_group"))?;
+            let group = group
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let node = Path::new("/dev/vfio").join(format!("noiommu-{group}"));
+            if !wait_for_path(&node, Duration::from_secs(5)) {
+                return Err(fail(format!("{} did not appear", node.display())));
+            }
+            expect_vsock_group(&node)
+        })();
+        let back = expect_bind(&["--bind", "virtio-pci", &bdf], 0, &["-> virtio-pci"]).map(|_| ());
+        bound.and(back)
+    })();
+    let _ = udevd.0.kill();
+    let _ = udevd.0.wait();
+    if result.is_err() {
+        println!(
+            "# udevd log: {}",
+            fs::read_to_string("/tmp/udevd.log")
+                .unwrap_or_default()
+                .trim()
+        );
+    }
+    result
+}

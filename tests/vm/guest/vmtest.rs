@@ -170,6 +170,10 @@ const TESTS: &[Test] = &[
         "bind_sh_rebinds_vdpa_device",
         operator_tests::bind_sh_rebinds_vdpa_device,
     ),
+    default(
+        "udev_rules_give_group_vsock",
+        operator_tests::udev_rules_give_group_vsock,
+    ),
     by_name(
         "vhost_vsock_wrong_checksum_must_fail",
         vhost_vsock_tests::vhost_vsock_wrong_checksum_must_fail,

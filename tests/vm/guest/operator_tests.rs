@@ -562,3 +562,83 @@ pub(crate) fn udev_rules_give_group_vsock() -> TestResult {
     }
     result
 }
+
+/// `vdpa-vsock list --json` as an operator runs it, parsed.
+fn list_json() -> Result<Vec<serde_json::Value>, super::NotPassed> {
+    let out = Command::new("/bin/vdpa-vsock")
+        .args(["list", "--json"])
+        .stdin(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        return Err(fail(format!(
+            "list --json: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| fail(format!("list --json is not JSON: {e}")))?;
+    v["devices"]
+        .as_array()
+        .cloned()
+        .ok_or_else(|| fail(format!("list --json has no devices array: {v}")))
+}
+
+/// The entry of `kind` named `name` in `list --json`.
+fn listed(
+    devs: &[serde_json::Value],
+    kind: &str,
+    name: &str,
+) -> Result<serde_json::Value, super::NotPassed> {
+    devs.iter()
+        .find(|d| d["kind"] == kind && d["name"] == name)
+        .cloned()
+        .ok_or_else(|| fail(format!("list --json has no {kind} {name}: {devs:?}")))
+}
+
+/// `vdpa-vsock list` on the guest's real devices: the vsock PCI function on virtio-pci is listed
+/// as not usable with the bind.sh command to run, usable once bind.sh moved it to vfio-pci; a vDPA
+/// device with its node; /dev/vhost-vsock usable.
+pub(crate) fn cli_list_sees_real_devices() -> TestResult {
+    let dev = find_pci("0x1af4", "0x1053")?.ok_or_else(|| fail("no 1af4:1053 PCI function"))?;
+    let bdf = dev
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    super::vdpa_tests::with_vdpa_dev("vdpasim_net", "vdpa-list", |node| {
+        let devs = list_json()?;
+        let pci = listed(&devs, "pci", &bdf)?;
+        let reason = pci["reason"].as_str().unwrap_or_default();
+        if pci["usable"] != false || !reason.contains("tools/bind.sh --bind vfio-pci") {
+            return Err(fail(format!("{bdf} on virtio-pci: {pci}")));
+        }
+        println!("# list: {bdf}: not usable: {reason}");
+        let vv = listed(&devs, "vhost-vsock", VHOST_VSOCK_PATH)?;
+        if vv["usable"] != true {
+            return Err(fail(format!("/dev/vhost-vsock not usable: {vv}")));
+        }
+        let vdpa = devs
+            .iter()
+            .find(|d| d["kind"] == "vdpa" && d["spec"] == format!("vhost-vdpa:{node}"))
+            .ok_or_else(|| {
+                fail(format!(
+                    "list --json has no vdpa device with {node}: {devs:?}"
+                ))
+            })?;
+        println!("# list: vdpa-list: {vdpa}");
+        expect_bind(&["--bind", "vfio-pci", &bdf], 0, &["-> vfio-pci"])?;
+        let after = list_json().and_then(|d| listed(&d, "pci", &bdf));
+        let back = expect_bind(&["--bind", "virtio-pci", &bdf], 0, &["-> virtio-pci"]);
+        let after = after?;
+        back?;
+        if after["facts"]["driver"] != "vfio-pci" {
+            return Err(fail(format!("{bdf} after bind.sh: {after}")));
+        }
+        println!(
+            "# list after bind.sh: {bdf}: usable {}, {}",
+            after["usable"],
+            after["reason"].as_str().unwrap_or("no reason given")
+        );
+        Ok(())
+    })
+}

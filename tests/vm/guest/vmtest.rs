@@ -174,6 +174,10 @@ const TESTS: &[Test] = &[
         "udev_rules_give_group_vsock",
         operator_tests::udev_rules_give_group_vsock,
     ),
+    default(
+        "cli_list_sees_real_devices",
+        operator_tests::cli_list_sees_real_devices,
+    ),
     by_name(
         "vhost_vsock_wrong_checksum_must_fail",
         vhost_vsock_tests::vhost_vsock_wrong_checksum_must_fail,

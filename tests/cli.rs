@@ -256,6 +256,7 @@ fn fake_tree() -> tempfile::TempDir {
         ("0000:04:00.0", "0x1012", Some("virtio-pci")),
         ("0000:05:00.0", "0x1041", Some("virtio-pci")),
         ("0000:06:00.0", "0x1053", None),
+        ("0000:07:00.0", "0x1053", Some("vfio-pci")),
     ] {
         put(pci.join(bdf).join("vendor"), "0x1af4\n");
         put(pci.join(bdf).join("device"), &format!("{id}\n"));
@@ -271,6 +272,14 @@ fn fake_tree() -> tempfile::TempDir {
     .unwrap();
     put(dev.join("vfio/7"), "");
     put(dev.join("vfio/vfio"), "");
+    // 0000:07:00.0: on vfio-pci in VFIO's no-IOMMU mode (group 8 has only a noiommu-8 node).
+    mk(&sys.join("kernel/iommu_groups/8"));
+    symlink(
+        "../../../kernel/iommu_groups/8",
+        pci.join("0000:07:00.0/iommu_group"),
+    )
+    .unwrap();
+    put(dev.join("vfio/noiommu-8"), "");
     t
 }
 
@@ -299,7 +308,7 @@ fn list_on_a_fake_tree() {
     assert_eq!(vdpa0["facts"]["driver"], "vhost_vdpa");
     let node = t.path().join("dev/vhost-vdpa-0");
     assert_eq!(vdpa0["spec"], format!("vhost-vdpa:{}", node.display()));
-    assert!(vdpa0["usable"] == true || reason("vdpa0").contains("backend is not built"));
+    assert_eq!(vdpa0["usable"], true, "{vdpa0}");
     assert_eq!(by_name("vdpa1")["usable"], false);
     assert!(reason("vdpa1").contains("not a vsock device"));
     assert!(by_name("vdpa1")["facts"]["device_id"]
@@ -310,7 +319,15 @@ fn list_on_a_fake_tree() {
     let p3 = by_name("0000:03:00.0");
     assert_eq!(p3["facts"]["driver"], "vfio-pci");
     assert_eq!(p3["facts"]["iommu_group"], "7");
-    assert!(p3["usable"] == true || reason("0000:03:00.0").contains("backend is not built"));
+    assert_eq!(p3["usable"], true, "{p3}");
+    assert_eq!(p3["spec"], "vfio:0000:03:00.0");
+    let p7 = by_name("0000:07:00.0");
+    assert_eq!(p7["spec"], "vfio:0000:07:00.0,noiommu", "{p7}");
+    assert!(p7["facts"]["iommu"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("no DMA isolation"));
+    assert_eq!(p7["usable"], true, "{p7}");
     assert!(reason("0000:04:00.0").contains("bound to virtio-pci"));
     assert!(reason("0000:04:00.0").contains("tools/bind.sh --bind vfio-pci 0000:04:00.0"));
     assert!(reason("0000:06:00.0").contains("no driver bound"));

@@ -625,19 +625,29 @@ pub(crate) fn cli_list_sees_real_devices() -> TestResult {
                     "list --json has no vdpa device with {node}: {devs:?}"
                 ))
             })?;
+        if vdpa["usable"] != false
+            || vdpa["reason"] != "not a vsock device"
+            || vdpa["facts"]["device_id"] != "1 (net)"
+        {
+            return Err(fail(format!(
+                "the vdpa_sim_net device is not refused: {vdpa}"
+            )));
+        }
         println!("# list: vdpa-list: {vdpa}");
         expect_bind(&["--bind", "vfio-pci", &bdf], 0, &["-> vfio-pci"])?;
         let after = list_json().and_then(|d| listed(&d, "pci", &bdf));
         let back = expect_bind(&["--bind", "virtio-pci", &bdf], 0, &["-> virtio-pci"]);
         let after = after?;
         back?;
-        if after["facts"]["driver"] != "vfio-pci" {
+        if after["facts"]["driver"] != "vfio-pci"
+            || after["usable"] != true
+            || after["spec"] != format!("vfio:{bdf},noiommu")
+        {
             return Err(fail(format!("{bdf} after bind.sh: {after}")));
         }
         println!(
-            "# list after bind.sh: {bdf}: usable {}, {}",
-            after["usable"],
-            after["reason"].as_str().unwrap_or("no reason given")
+            "# list after bind.sh: {bdf}: usable, spec {}",
+            after["spec"]
         );
         Ok(())
     })

@@ -379,6 +379,13 @@ fn inspect_sim_json() {
     assert_eq!(v["queues"][0]["name"], "rx");
     assert!(v["queues"][0]["max_size"].as_u64().unwrap() > 0);
     assert_eq!(v["driver_up"], true);
+    assert!(
+        v["details"]["host"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("echo on port 7"),
+        "{v:#}"
+    );
     let text = run(&["inspect", "sim"]);
     assert!(String::from_utf8_lossy(&text.stdout).contains("negotiated:"));
 }

@@ -647,6 +647,20 @@ impl VsockDevice for SimDevice {
         self.cfg.queue_max
     }
 
+    fn details(&self) -> Vec<(&'static str, String)> {
+        vec![
+            (
+                "backend",
+                "in-process simulated virtio-vsock (a device thread on virtio-queue's Queue)"
+                    .into(),
+            ),
+            (
+                "host",
+                "CID 2: echo on port 7, SEQPACKET echo on 8, discard on 9".into(),
+            ),
+        ]
+    }
+
     fn dma_options(&self) -> DmaOptions {
         DmaOptions {
             iova: IovaBase::Fixed(0x1_0000_0000),

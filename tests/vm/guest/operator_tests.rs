@@ -29,6 +29,8 @@ const CLOSED_PORT: u32 = 7001;
 const CLIENTS: usize = 100;
 const CLIENT_BYTES: usize = 1 << 20;
 const UDS: &str = "/tmp/serve.sock";
+/// `serve --listen-port`: peer connections to this port of ours go to `UDS_<port>`.
+const FORWARD_PORT: u32 = 7100;
 const SERVE_LOG: &str = "/tmp/serve.log";
 const STEP: Duration = Duration::from_secs(60);
 
@@ -116,7 +118,8 @@ fn kernel_echo_server(n: usize) -> io::Result<thread::JoinHandle<io::Result<()>>
 
 /// `vdpa-vsock serve` on the kernel's vhost-vsock: 100 Unix-socket clients each echo 1 MiB
 /// through it intact while bad clients (garbage, a refused port, closing mid-handshake) come and
-/// go; then SIGTERM with a connection open ends it within a second, exit 0, socket removed, and the
+/// go; a kernel connection to our `--listen-port` reaches the program on `UDS_<port>`; then
+/// SIGTERM with a connection open ends it within a second, exit 0, socket removed, and the
 /// CID is free again.
 pub(crate) fn serve_vhost_vsock_100_clients() -> TestResult {
     if !Path::new(VHOST_VSOCK_PATH).exists() {
@@ -129,6 +132,7 @@ pub(crate) fn serve_vhost_vsock_100_clients() -> TestResult {
     let mut daemon = Daemon(
         Command::new("/bin/vdpa-vsock")
             .args(["serve", "--device", "vhost-vsock,cid=4", "--uds", UDS])
+            .args(["--listen-port", &FORWARD_PORT.to_string()])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -191,6 +195,10 @@ pub(crate) fn serve_vhost_vsock_100_clients() -> TestResult {
     // Still serving after the bad clients.
     echo_client(1000, 4096).map_err(|e| fail(format!("after the bad clients: {e}")))?;
 
+    // The other direction: the kernel connects to our CID 4, port FORWARD_PORT; serve forwards
+    // the connection to the program listening on UDS_<port>, which echoes.
+    forward_round_trip().map_err(|e| fail(format!("peer -> {UDS}_{FORWARD_PORT}: {e}")))?;
+
     // SIGTERM with one connection open.
     let (mut open, reply) = hello(format!("CONNECT {ECHO_PORT}\n").as_bytes())?;
     if !reply.starts_with("OK ") {
@@ -244,6 +252,47 @@ pub(crate) fn serve_vhost_vsock_100_clients() -> TestResult {
     };
     VsockDriver::open_with(&spec, DriverConfig::default())
         .map_err(|e| fail(format!("reopening {spec} after serve: {e}")))?;
+    Ok(())
+}
+
+/// A kernel AF_VSOCK client connects to 4:FORWARD_PORT; a Unix listener at `UDS_<port>` (where
+/// `serve --listen-port` forwards) echoes 256 KiB back; the checksums must match.
+fn forward_round_trip() -> io::Result<()> {
+    let path = format!("{UDS}_{FORWARD_PORT}");
+    let _ = fs::remove_file(&path);
+    let listener = std::os::unix::net::UnixListener::bind(&path)?;
+    let echo = thread::spawn(move || -> io::Result<()> {
+        let (s, _) = listener.accept()?;
+        s.set_read_timeout(Some(STEP))?;
+        let mut w = s.try_clone()?;
+        let mut r = s;
+        io::copy(&mut r, &mut w)?;
+        w.shutdown(std::net::Shutdown::Write)
+    });
+    let s = super::vsock_connect(4, FORWARD_PORT)?;
+    s.set_read_timeout(Some(STEP))?;
+    s.set_write_timeout(Some(STEP))?;
+    let len = 256 << 10;
+    let mut w = s.try_clone()?;
+    let writer = thread::spawn(move || -> io::Result<u64> {
+        let sum = send_pattern(&mut w, 77, len)?;
+        w.shutdown(std::net::Shutdown::Write)?;
+        Ok(sum)
+    });
+    let mut r = s;
+    let got = recv_checksum(&mut r, len)?;
+    let sent = writer
+        .join()
+        .map_err(|_| io::Error::other("writer panicked"))??;
+    echo.join()
+        .map_err(|_| io::Error::other("echo panicked"))??;
+    let _ = fs::remove_file(&path);
+    if got != sent {
+        return Err(io::Error::other(format!(
+            "echo checksum {got:#x}, sent {sent:#x}"
+        )));
+    }
+    println!("# serve --listen-port {FORWARD_PORT}: kernel -> 4:{FORWARD_PORT} -> {UDS}_{FORWARD_PORT}, {len} bytes echoed intact");
     Ok(())
 }
 
@@ -651,4 +700,54 @@ pub(crate) fn cli_list_sees_real_devices() -> TestResult {
         );
         Ok(())
     })
+}
+
+/// `vdpa-vsock inspect vhost-vsock,cid=4 --json` on the guest's /dev/vhost-vsock: VERSION_1
+/// negotiated, two queues, the backend's details, the driver brought up with CID 4.
+pub(crate) fn cli_inspect_vhost_vsock() -> TestResult {
+    let out = Command::new("/bin/vdpa-vsock")
+        .args(["inspect", "vhost-vsock,cid=4", "--json"])
+        .stdin(Stdio::null())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(fail(format!(
+            "inspect: {}: {text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| fail(format!("not JSON ({e}): {text}")))?;
+    let negotiated: Vec<&str> = v["negotiated"]["names"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|n| n.as_str()).collect())
+        .unwrap_or_default();
+    let checks = [
+        ("VERSION_1 negotiated", negotiated.contains(&"VERSION_1")),
+        ("guest_cid 4", v["guest_cid"] == 4),
+        ("2 queues", v["num_queues"] == 2),
+        (
+            "rx queue sized",
+            v["queues"][0]["max_size"].as_u64().unwrap_or(0) > 0,
+        ),
+        (
+            "backend detail",
+            v["details"]["backend"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("vhost-vsock"),
+        ),
+        ("driver up", v["driver_up"] == true),
+    ];
+    if let Some((what, _)) = checks.iter().find(|(_, ok)| !ok) {
+        return Err(fail(format!("inspect --json: no {what}: {v}")));
+    }
+    println!(
+        "# inspect vhost-vsock: negotiated {} ({}), {} queues",
+        v["negotiated"]["bits"],
+        negotiated.join(" "),
+        v["num_queues"]
+    );
+    Ok(())
 }

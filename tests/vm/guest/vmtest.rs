@@ -178,6 +178,10 @@ const TESTS: &[Test] = &[
         "cli_list_sees_real_devices",
         operator_tests::cli_list_sees_real_devices,
     ),
+    default(
+        "cli_inspect_vhost_vsock",
+        operator_tests::cli_inspect_vhost_vsock,
+    ),
     by_name(
         "vhost_vsock_wrong_checksum_must_fail",
         vhost_vsock_tests::vhost_vsock_wrong_checksum_must_fail,

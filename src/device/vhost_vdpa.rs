@@ -726,11 +726,7 @@ impl VsockDevice for VhostVdpaDevice {
         let mut out = vec![
             (
                 "device id",
-                format!(
-                    "{} ({})",
-                    self.device_id,
-                    device_type_name(self.device_id)
-                ),
+                format!("{} ({})", self.device_id, device_type_name(self.device_id)),
             ),
             (
                 "backend features",
@@ -757,7 +753,9 @@ impl VsockDevice for VhostVdpaDevice {
         ));
         // The whole config space, at most one page of it; 8 bytes (guest_cid) when the size is
         // unknown.
-        let len = config_size.map_or(8, |n| n.min(PAGE_SIZE as u32)) as usize;
+        let len = config_size.map_or(8, |n| {
+            usize::try_from(n).map_or(PAGE_SIZE, |n| n.min(PAGE_SIZE))
+        });
         let mut cfg = vec![0u8; len];
         out.push((
             "config",

@@ -11,6 +11,16 @@
 //! - `vdpa_vsock_echo_1mib`: our driver over vhost-vdpa on `vdpasim_vsock` (tests/vm/vdpa_sim_vsock)
 //!   connects to the echo port of its host side and 1 MiB comes back intact; after shutdown a second
 //!   connection echoes; a port without a listener is refused.
+//! - `vdpa_vsock_echo_16mib`: 16 MiB full duplex, FNV-1a of what was sent against what came back.
+//! - `vdpa_vsock_half_close`: write, shutdown(Write), every echoed byte then EOF, then a write
+//!   fails; the device holds unechoed bytes when our SHUTDOWN arrives (it must still send them).
+//! - `vdpa_vsock_50_connections`: 50 connections at once, 64 KiB each from its own thread; then
+//!   the device's 128-entry table is filled and the next connect is refused.
+//! - `vdpa_vsock_cid_change`: guest_cid 3 -> 5 through vdpa_sim_vsock's module parameter, which
+//!   fires the config interrupt: the driver's CID follows within 2 s, the open connection is
+//!   reset, a new connection works (guest_cid is put back to 3 afterwards).
+//! - `vdpa_inspect_cli`: `/bin/vdpa-vsock inspect vhost-vdpa:...` (text and `--json`) on
+//!   vdpasim_vsock; on vdpa_sim_net it fails naming device id 1 (net).
 
 use std::io::{self, Read, Write};
 use std::path::Path;
@@ -342,7 +352,7 @@ pub(crate) fn vdpa_vsock_echo_1mib() -> TestResult {
             "# 1 MiB echoed intact in {:.2} s",
             start.elapsed().as_secs_f64()
         );
-        // SHUTDOWN is answered with RST: the connection closes and a new one works.
+        // SHUTDOWN with both bits is answered with RST: the connection closes, a new one works.
         s.shutdown(std::net::Shutdown::Both)?;
         drop(s);
         let mut s2 = drv

@@ -72,7 +72,7 @@ struct pending_rst {
 struct vdpasim_vsock {
 	struct vdpasim vdpasim;
 	struct list_head node;	/* in vsock_devs, for the guest_cid parameter */
-	u64 guest_cid;		/* under vdpasim.mutex */
+	u64 guest_cid;		/* written under vdpasim.mutex (WRITE_ONCE); get_config reads it without */
 	u8 *pkt;	/* HDR_LEN + HOST_BUF_ALLOC scratch */
 	struct vconn conns[MAX_CONNS];
 	struct pending_rst rsts[MAX_PENDING_RST];
@@ -433,12 +433,12 @@ out:
 	mutex_unlock(&vdpasim->mutex);
 }
 
-/* Called by vdpa_sim with vdpasim->mutex held (VHOST_VDPA_GET_CONFIG). */
+/* Called by vdpa_sim without vdpasim->mutex (VHOST_VDPA_GET_CONFIG): READ_ONCE. */
 static void vdpasim_vsock_get_config(struct vdpasim *vdpasim, void *config)
 {
 	struct virtio_vsock_config *c = config;
 
-	c->guest_cid = cpu_to_le64(sim_to_vsock(vdpasim)->guest_cid);
+	c->guest_cid = cpu_to_le64(READ_ONCE(sim_to_vsock(vdpasim)->guest_cid));
 }
 
 static void vdpasim_vsock_free(struct vdpasim *vdpasim)
@@ -474,7 +474,7 @@ static int guest_cid_set(const char *val, const struct kernel_param *kp)
 		mutex_lock(&v->vdpasim.mutex);
 		changed = v->guest_cid != cid;
 		if (changed) {
-			v->guest_cid = cid;
+			WRITE_ONCE(v->guest_cid, cid);
 			free_all_conns(v);
 		}
 		mutex_unlock(&v->vdpasim.mutex);

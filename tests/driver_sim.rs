@@ -474,3 +474,27 @@ fn guest_cid_change_resets_connections_and_moves_the_cid() {
     accepted.read_exact(&mut one).unwrap();
     assert_eq!(&one, b"x");
 }
+
+/// A device that changes guest_cid to something no guest may have (2 is the host) is broken:
+/// the driver stops with an error that says so, instead of taking the CID.
+#[test]
+fn guest_cid_change_to_a_reserved_cid_stops_the_driver() {
+    let d = sim();
+    let host = d.sim_host().unwrap().clone();
+    host.set_guest_cid(2).unwrap();
+    let start = Instant::now();
+    let err = loop {
+        match d.connect(VsockAddr::new(2, ECHO_PORT)) {
+            Err(e) if e.to_string().contains("not a guest CID") => break e,
+            r => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(2),
+                    "no clear error 2 s after guest_cid became 2: {r:?}"
+                );
+                thread::sleep(Duration::from_millis(5));
+            }
+        }
+    };
+    assert!(err.to_string().contains("from 3 to 2"), "{err}");
+    assert_eq!(d.local_cid(), 3);
+}

@@ -42,7 +42,7 @@ command -v cargo >/dev/null || die "cargo is needed to build the guest test prog
 # (a) host packages
 # ---------------------------------------------------------------------------------------------
 HOST_PACKAGES=(busybox-static cpio kmod xz-utils bc iproute2 socat ca-certificates
-    make gcc flex bison libelf-dev)
+    make gcc flex bison libelf-dev patch)
 
 apt_updated=0
 apt_update_once() {
@@ -140,9 +140,11 @@ setup_kernel() {
 # Out-of-tree modules Debian does not ship: vringh + vdpa_sim + vdpa_sim_net, and vfio rebuilt with
 # CONFIG_VFIO_NOIOMMU (its symbol CRCs match Debian's, so the stock vfio-pci loads on top). They
 # go to lib/modules/$KREL/updates/, which depmod prefers over the stock vfio.ko.xz.
-# The stamp names the vdpa_sim_vsock source too, so editing it rebuilds the modules.
+# vdpa_sim gets vdpa_sim_vsock/vdpa_sim-config-cb.patch first (it keeps the config callback, so
+# vdpa_sim_vsock can raise the config interrupt). The stamp hashes every file of vdpa_sim_vsock/
+# (the module source and the patch), so editing either rebuilds the modules.
 modules_stamp() {
-    echo "modules-$KREL-vsock-$(sha1sum "$HERE/vdpa_sim_vsock/vdpa_sim_vsock.c" | cut -c1-12)"
+    echo "modules-$KREL-vsock-$(cat "$HERE"/vdpa_sim_vsock/* | sha1sum | cut -c1-12)"
 }
 
 build_modules() {
@@ -162,6 +164,8 @@ build_modules() {
     b=$KDIR/build
     rm -rf "$b"
     mkdir -p "$b/vdpa_sim" "$b/vfio"
+    patch -s -d "$src" -p1 <"$HERE/vdpa_sim_vsock/vdpa_sim-config-cb.patch" ||
+        die "vdpa_sim-config-cb.patch does not apply to linux-source $KPKGVER"
     cp "$src"/drivers/vdpa/vdpa_sim/*.[ch] "$src/drivers/vhost/vringh.c" "$b/vdpa_sim/"
     # Our virtio-vsock test device (tests/vm/vdpa_sim_vsock), built beside vdpa_sim (vdpa_sim.h).
     cp "$HERE/vdpa_sim_vsock/vdpa_sim_vsock.c" "$b/vdpa_sim/"

@@ -107,6 +107,14 @@ const TESTS: &[Test] = &[
     ),
     default("vdpa_refuses_non_vsock", vdpa_tests::vdpa_refuses_non_vsock),
     default("vdpa_vsock_echo_1mib", vdpa_tests::vdpa_vsock_echo_1mib),
+    default("vdpa_vsock_echo_16mib", vdpa_tests::vdpa_vsock_echo_16mib),
+    default("vdpa_vsock_half_close", vdpa_tests::vdpa_vsock_half_close),
+    default(
+        "vdpa_vsock_50_connections",
+        vdpa_tests::vdpa_vsock_50_connections,
+    ),
+    default("vdpa_vsock_cid_change", vdpa_tests::vdpa_vsock_cid_change),
+    default("vdpa_inspect_cli", vdpa_tests::vdpa_inspect_cli),
     default("vfio_driver_echo", vfio_vsock::vfio_driver_echo),
     default("vfio_driver_intx", vfio_vsock::vfio_driver_intx),
     default(

@@ -498,3 +498,26 @@ fn guest_cid_change_to_a_reserved_cid_stops_the_driver() {
     assert!(err.to_string().contains("from 3 to 2"), "{err}");
     assert_eq!(d.local_cid(), 3);
 }
+
+/// A device whose config says a CID no guest may have is refused at bring-up, with the reason.
+#[test]
+fn reserved_guest_cid_at_bring_up_is_refused() {
+    for cid in [0, 1, 2, u64::from(u32::MAX), 1 << 32] {
+        let err = VsockDriver::open_sim(
+            SimConfig {
+                guest_cid: cid,
+                ..SimConfig::default()
+            },
+            DriverConfig::default(),
+        )
+        .expect_err("a reserved guest_cid must be refused");
+        let msg = format!(
+            "{err}: {}",
+            std::error::Error::source(&err)
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+        );
+        assert!(msg.contains(&format!("guest_cid is {cid}")), "{msg}");
+        assert!(msg.contains("not a guest CID"), "{msg}");
+    }
+}

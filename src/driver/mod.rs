@@ -615,6 +615,12 @@ impl VsockDriver {
         let negotiated = dev.negotiate(want).map_err(&e)?;
         let event_idx = negotiated & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let cid = dev.guest_cid().map_err(&e)?;
+        if !valid_guest_cid(cid) {
+            return Err(e(DeviceError::Failed(format!(
+                "the device's guest_cid is {cid}, which is not a guest CID (expected 3..=4294967294: \
+                 0 and 1 are reserved, 2 is the host, 4294967295 is VMADDR_CID_ANY)"
+            ))));
+        }
 
         let size = config
             .queue_size

@@ -437,24 +437,8 @@ pub(crate) fn bind_sh_rebinds_vdpa_device() -> TestResult {
             return Err(fail(format!("{name}: not on vhost_vdpa after --bind")));
         }
         // The node comes back (its number may differ if another was taken meanwhile).
-        let start = Instant::now();
-        let back = loop {
-            let found = fs::read_dir(&dir).ok().and_then(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .find(|n| n.starts_with("vhost-vdpa-"))
-            });
-            match found {
-                Some(n) if Path::new("/dev").join(&n).exists() => break n,
-                _ if start.elapsed() > Duration::from_secs(5) => {
-                    return Err(fail(format!(
-                        "no /dev/vhost-vdpa-N for {name} after --bind"
-                    )))
-                }
-                _ => thread::sleep(Duration::from_millis(20)),
-            }
-        };
-        println!("# {name}: {node} gone after --unbind, /dev/{back} back after --bind");
+        let back = super::vdpa_tests::wait_vhost_vdpa_node(name)?;
+        println!("# {name}: {node} gone after --unbind, {back} back after --bind");
         expect_bind(
             &["--bind", "vhost_vdpa", "bad/name"],
             2,

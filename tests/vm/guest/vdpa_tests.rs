@@ -40,6 +40,30 @@ const BUF: usize = 2048;
 const BUF_U32: u32 = 2048;
 const QSIZE: u16 = 256;
 
+/// Waits up to 5 s for vDPA device `name`'s `/dev/vhost-vdpa-N` node (present once the device is
+/// bound to vhost_vdpa and devtmpfs made the node); returns its path.
+pub(crate) fn wait_vhost_vdpa_node(name: &str) -> Result<String, super::NotPassed> {
+    let dir = format!("/sys/bus/vdpa/devices/{name}");
+    let start = Instant::now();
+    loop {
+        let found = fs::read_dir(&dir).ok().and_then(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .find(|n| n.starts_with("vhost-vdpa-"))
+        });
+        if let Some(n) = found {
+            let node = format!("/dev/{n}");
+            if Path::new(&node).exists() {
+                return Ok(node);
+            }
+        }
+        if start.elapsed() > Duration::from_secs(5) {
+            return Err(fail(format!("no /dev/vhost-vdpa-N for {name} within 5 s")));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Adds vDPA device `name` on `mgmtdev`, runs `f` with its `/dev/vhost-vdpa-N`, deletes it.
 pub(crate) fn with_vdpa_dev(
     mgmtdev: &str,
@@ -48,25 +72,7 @@ pub(crate) fn with_vdpa_dev(
 ) -> TestResult {
     run_cmd("vdpa", &["dev", "add", "mgmtdev", mgmtdev, "name", name])?;
     let result = (|| {
-        let dir = format!("/sys/bus/vdpa/devices/{name}");
-        let start = Instant::now();
-        let node = loop {
-            let found = fs::read_dir(&dir).ok().and_then(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .find(|n| n.starts_with("vhost-vdpa-"))
-            });
-            if let Some(n) = found {
-                let node = format!("/dev/{n}");
-                if Path::new(&node).exists() {
-                    break node;
-                }
-            }
-            if start.elapsed() > Duration::from_secs(5) {
-                return Err(fail(format!("no /dev/vhost-vdpa-N for {name} within 5 s")));
-            }
-            thread::sleep(Duration::from_millis(20));
-        };
+        let node = wait_vhost_vdpa_node(name)?;
         println!("# {name}: {node}");
         f(&node)
     })();

@@ -130,8 +130,15 @@ fn expect(out: &Output, code: i32, stderr_has: &str) {
 
 #[test]
 fn shellcheck_clean() {
-    let helper = concat!(env!("CARGO_MANIFEST_DIR"), "/udev/vdpa-vsock-vfio-group");
-    match Command::new("shellcheck").args([SCRIPT, helper]).output() {
+    let helpers = [
+        concat!(env!("CARGO_MANIFEST_DIR"), "/udev/vdpa-vsock-vfio-group"),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/udev/vdpa-vsock-vdpa-node"),
+    ];
+    match Command::new("shellcheck")
+        .arg(SCRIPT)
+        .args(helpers)
+        .output()
+    {
         Ok(out) => assert!(out.status.success(), "{}", text(&out.stdout)),
         Err(e) => {
             eprintln!("skipped: shellcheck not installed ({e}); apt-get install -y shellcheck")
@@ -470,4 +477,62 @@ fn udev_vfio_group_helper() {
     std::fs::remove_file(&net).unwrap();
     symlink("../../drivers/vfio-pci", &net).unwrap();
     assert_eq!(run("13"), Some(1));
+}
+
+#[test]
+fn udev_vdpa_node_helper() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    const HELPER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/udev/vdpa-vsock-vdpa-node");
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "skipped: creating the character device node needs root (mknod); CI runs as root"
+        );
+        return;
+    }
+    let f = Fake::new();
+    std::fs::create_dir_all(f.sys("bus/vdpa/devices/vdpa0/vhost-vdpa-3")).unwrap();
+    std::fs::create_dir_all(f.sys("bus/vdpa/devices/vdpa1")).unwrap(); // not on vhost_vdpa
+    let dev = tempfile::tempdir().unwrap();
+    let node = dev.path().join("vhost-vdpa-3");
+    let other = dev.path().join("vhost-vdpa-4");
+    for n in [&node, &other] {
+        nix::sys::stat::mknod(
+            n,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            nix::sys::stat::makedev(1, 3),
+        )
+        .unwrap();
+    }
+    let run = |arg: &str| {
+        Command::new("sh")
+            .arg(HELPER)
+            .arg(arg)
+            .env("SYSFS_ROOT", f.dir.path())
+            .env("DEV_ROOT", dev.path())
+            .env("VSOCK_GROUP", "nogroup")
+            .status()
+            .unwrap()
+            .code()
+    };
+    let meta = |p: &Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.gid(), m.permissions().mode() & 0o777)
+    };
+    assert_eq!(run("vdpa1"), Some(1), "no vhost-vdpa node under vdpa1");
+    assert_eq!(run("../vdpa0"), Some(1), "a path is not a device name");
+    assert_eq!(run(""), Some(1));
+    assert_eq!(meta(&node), (0, 0o600), "nothing changed yet");
+    assert_eq!(run("vdpa0"), Some(0));
+    assert_eq!(
+        meta(&node),
+        (65534, 0o660),
+        "vdpa0's node: group nogroup, 0660"
+    );
+    assert_eq!(
+        meta(&other),
+        (0, 0o600),
+        "another device's node is left alone"
+    );
 }

@@ -431,3 +431,93 @@ fn auto_without_devices_says_what_it_tried() {
     assert!(msg.contains("--device sim"), "{msg}");
     assert_eq!(std::io::Error::from(e).kind(), ErrorKind::NotFound);
 }
+
+/// The sim's config interrupt: a new guest_cid reaches the driver through `config_fd`, resets the
+/// open connection (an error, not a hang) and new connections use the new CID.
+#[test]
+fn guest_cid_change_resets_connections_and_moves_the_cid() {
+    let d = sim();
+    let host = d.sim_host().unwrap().clone();
+    assert_eq!(d.local_cid(), 3);
+    let mut old = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap();
+    old.write_all(b"before").unwrap();
+    let mut buf = [0u8; 6];
+    old.read_exact(&mut buf).unwrap();
+    old.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+
+    host.set_guest_cid(7).unwrap();
+    let start = Instant::now();
+    while d.local_cid() != 7 {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "the driver still has CID {} after 2 s",
+            d.local_cid()
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    let e = old.read(&mut buf).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}");
+    assert!(old.write_all(b"after").is_err());
+
+    let mut new = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap();
+    new.write_all(b"after").unwrap();
+    let mut b5 = [0u8; 5];
+    new.read_exact(&mut b5).unwrap();
+    assert_eq!(&b5, b"after");
+    // The host reaches the driver at its new CID.
+    let l = d.listen(5000).unwrap();
+    let mut from_host = host.connect(5000).unwrap();
+    let (mut accepted, peer) = l.accept().unwrap();
+    assert_eq!(peer.cid, 2);
+    from_host.write_all(b"x").unwrap();
+    let mut one = [0u8; 1];
+    accepted.read_exact(&mut one).unwrap();
+    assert_eq!(&one, b"x");
+}
+
+/// A device that changes guest_cid to something no guest may have (2 is the host) is broken:
+/// the driver stops with an error that says so, instead of taking the CID.
+#[test]
+fn guest_cid_change_to_a_reserved_cid_stops_the_driver() {
+    let d = sim();
+    let host = d.sim_host().unwrap().clone();
+    host.set_guest_cid(2).unwrap();
+    let start = Instant::now();
+    let err = loop {
+        match d.connect(VsockAddr::new(2, ECHO_PORT)) {
+            Err(e) if e.to_string().contains("not a guest CID") => break e,
+            r => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(2),
+                    "no clear error 2 s after guest_cid became 2: {r:?}"
+                );
+                thread::sleep(Duration::from_millis(5));
+            }
+        }
+    };
+    assert!(err.to_string().contains("from 3 to 2"), "{err}");
+    assert_eq!(d.local_cid(), 3);
+}
+
+/// A device whose config says a CID no guest may have is refused at bring-up, with the reason.
+#[test]
+fn reserved_guest_cid_at_bring_up_is_refused() {
+    for cid in [0, 1, 2, u64::from(u32::MAX), 1 << 32] {
+        let err = VsockDriver::open_sim(
+            SimConfig {
+                guest_cid: cid,
+                ..SimConfig::default()
+            },
+            DriverConfig::default(),
+        )
+        .expect_err("a reserved guest_cid must be refused");
+        let msg = format!(
+            "{err}: {}",
+            std::error::Error::source(&err)
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+        );
+        assert!(msg.contains(&format!("guest_cid is {cid}")), "{msg}");
+        assert!(msg.contains("not a guest CID"), "{msg}");
+    }
+}

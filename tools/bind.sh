@@ -137,18 +137,32 @@ in_use() {
             return 0
         fi
     done
-    # An open VFIO group (only checkable on the real sysfs, with fuser).
-    if [[ $SYSFS_ROOT == /sys && $(driver_of "$dir") == vfio-pci ]] && command -v fuser >/dev/null; then
+    # An open VFIO group (only checkable on the real sysfs).
+    if [[ $SYSFS_ROOT == /sys && $(driver_of "$dir") == vfio-pci ]]; then
         local group
         group=$(readlink -- "$dir/iommu_group" 2>/dev/null) || group=
         group=${group##*/}
         for node in "/dev/vfio/$group" "/dev/vfio/noiommu-$group"; do
-            if [[ -n $group && -e $node ]] && fuser -s "$node" 2>/dev/null; then
+            if [[ -n $group && -e $node ]] && node_open "$node"; then
                 echo "$node is open by a process"
                 return 0
             fi
         done
     fi
+    return 1
+}
+
+# node_open PATH: true when a process has PATH open. fuser when installed (psmisc), else a scan
+# of /proc/*/fd (minimal systems and initramfs have no fuser).
+node_open() {
+    if command -v fuser >/dev/null; then
+        fuser -s "$1" 2>/dev/null
+        return
+    fi
+    local fd
+    for fd in /proc/[0-9]*/fd/*; do
+        [[ $(readlink -- "$fd" 2>/dev/null) == "$1" ]] && return 0
+    done
     return 1
 }
 

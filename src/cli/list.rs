@@ -258,14 +258,24 @@ pub(crate) fn pci_candidate(roots: &Roots, bdf: &str, dir: &Path, device: u32) -
     if let Some(g) = &group {
         facts.push(("iommu_group", g.clone()));
     }
+    // A group without an IOMMU behind it (VFIO's no-IOMMU mode) has only a noiommu-N node; our
+    // spec must then say `,noiommu` explicitly.
+    let mut noiommu = false;
     let problem = match driver.as_deref() {
         Some("vfio-pci") => {
             let node = group.as_ref().map(|g| {
                 let plain = roots.dev("vfio").join(g);
-                if plain.exists() {
-                    plain
+                let unsafe_node = roots.dev("vfio").join(format!("noiommu-{g}"));
+                if !plain.exists() && unsafe_node.exists() {
+                    noiommu = true;
+                    facts.push((
+                        "iommu",
+                        "none: VFIO no-IOMMU mode, no DMA isolation (the spec needs ,noiommu)"
+                            .into(),
+                    ));
+                    unsafe_node
                 } else {
-                    roots.dev("vfio").join(format!("noiommu-{g}"))
+                    plain
                 }
             });
             match node {
@@ -278,7 +288,7 @@ pub(crate) fn pci_candidate(roots: &Roots, bdf: &str, dir: &Path, device: u32) -
                             backend_problem(
                                 &DeviceSpec::Vfio {
                                     bdf: bdf.to_string(),
-                                    noiommu: false,
+                                    noiommu,
                                 },
                                 "vfio",
                             )
@@ -296,7 +306,10 @@ pub(crate) fn pci_candidate(roots: &Roots, bdf: &str, dir: &Path, device: u32) -
     Candidate {
         kind: "pci",
         name: bdf.to_string(),
-        spec: Some(format!("vfio:{bdf}")),
+        spec: Some(format!(
+            "vfio:{bdf}{}",
+            if noiommu { ",noiommu" } else { "" }
+        )),
         problem,
         facts,
     }

@@ -7,6 +7,7 @@ pub(crate) mod list;
 pub(crate) mod serve;
 
 use std::io;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Result};
@@ -106,11 +107,36 @@ pub(crate) fn preflight(spec: &DeviceSpec, roots: &Roots) -> Result<()> {
             return Ok(());
         }
     };
-    if std::fs::symlink_metadata(&node).is_err() {
-        return Err(anyhow!(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("device node {} does not exist", node.display())
-        )));
+    match std::fs::metadata(&node) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(anyhow!(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("device node {} does not exist", node.display())
+            )));
+        }
+        Err(e) => {
+            return Err(anyhow!(io::Error::new(
+                e.kind(),
+                format!("cannot look at device node {}: {e}", node.display())
+            )));
+        }
+        Ok(m) if !m.file_type().is_char_device() => {
+            let what = if m.is_dir() {
+                "a directory"
+            } else if m.is_file() {
+                "a regular file"
+            } else {
+                "not a device"
+            };
+            return Err(anyhow!(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is {what}, not a character device: expected a node such as /dev/vhost-vdpa-0 or /dev/vhost-vsock",
+                    node.display()
+                )
+            )));
+        }
+        Ok(_) => {}
     }
     if let Some(p) = node_problem(&node) {
         return Err(anyhow!(io::Error::new(io::ErrorKind::PermissionDenied, p)));
@@ -136,7 +162,13 @@ pub(crate) fn hint(err: &anyhow::Error) -> Option<&'static str> {
             );
         }
         if let Some(e) = cause.downcast_ref::<io::Error>() {
+            if e.raw_os_error() == Some(libc::ENOTTY) {
+                return Some("that node is not a vhost device of this kind (vhost-vdpa: /dev/vhost-vdpa-N, vhost-vsock: /dev/vhost-vsock); `vdpa-vsock list` shows them");
+            }
             match e.kind() {
+                io::ErrorKind::InvalidInput => {
+                    return Some("`vdpa-vsock list` shows the device nodes this machine has")
+                }
                 io::ErrorKind::NotFound => {
                     return Some("`vdpa-vsock list` shows the devices this machine has")
                 }

@@ -15,6 +15,9 @@
 //! 4. [`VsockDevice::activate`] (DRIVER_OK). Then [`VsockDevice::kick`] after adding buffers and
 //!    wait on [`VsockDevice::call_fd`] for used buffers.
 //! 5. [`VsockDevice::reset`] stops the device; the rings may then be reclaimed.
+//!
+//! When [`VsockDevice::config_fd`] fires, the device's configuration changed: the driver re-reads
+//! `guest_cid` (a new CID resets every connection, as the event queue's TRANSPORT_RESET would).
 
 use std::fmt;
 use std::str::FromStr;
@@ -175,6 +178,13 @@ pub trait VsockDevice: Send + fmt::Debug {
 
     /// Stop the device; afterwards it does not touch the rings or the DMA region.
     fn reset(&mut self) -> Result<(), DeviceError>;
+
+    /// The eventfd the device signals when its configuration changed (the config interrupt,
+    /// virtio 1.2 section 2.5.1): the driver then re-reads [`VsockDevice::guest_cid`]. `None`
+    /// (the default) when the backend has no config interrupt.
+    fn config_fd(&self) -> Option<&EventFd> {
+        None
+    }
 
     /// Backend-specific facts for `vdpa-vsock inspect`, as (name, value) pairs in display order:
     /// device id, status, IOVA range, PCI capabilities, MSI-X vectors, raw config, ...

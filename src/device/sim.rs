@@ -17,8 +17,10 @@
 //!
 //! Programs and tests reach the host side through [`SimHost`]: listen on a port and accept, or
 //! connect to the driver. A test-only [`Hostile`] mode makes the device write bogus used entries.
+//! [`SimHost::set_guest_cid`] changes the config's `guest_cid` at run time and raises the config
+//! interrupt ([`VsockDevice::config_fd`]), as a migration to another CID would.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -145,7 +147,8 @@ struct ServiceConn {
 /// The host side's transport: the device half of the rings, plus the built-in services.
 struct SimTransport {
     rings: Arc<Mutex<Option<SimRings>>>,
-    guest_cid: u64,
+    /// The config's `guest_cid` (changed by [`SimHost::set_guest_cid`]).
+    guest_cid: Arc<AtomicU64>,
     max_payload: u32,
     busy_poll: bool,
     waker: EventFd,
@@ -423,7 +426,7 @@ impl Transport for SimTransport {
         moved |= r.device_tx(
             ep,
             now,
-            self.guest_cid,
+            self.guest_cid.load(Ordering::Acquire),
             self.max_payload,
             &mut self.scratch,
             &mut stats,
@@ -463,7 +466,9 @@ impl Transport for SimTransport {
 pub struct SimHost {
     core: Arc<Core>,
     stats: Arc<Mutex<SimStats>>,
-    guest_cid: u64,
+    guest_cid: Arc<AtomicU64>,
+    /// The device's config interrupt (a dup of the driver's [`VsockDevice::config_fd`]).
+    config: Arc<EventFd>,
 }
 
 impl SimHost {
@@ -479,12 +484,30 @@ impl SimHost {
 
     /// Connect from the host to the driver's `port`.
     pub fn connect(&self, port: u32) -> std::io::Result<VsockStream> {
-        VsockStream::connect_on(&self.core, VsockAddr::new(self.guest_cid, port), None)
+        VsockStream::connect_on(&self.core, VsockAddr::new(self.guest_cid(), port), None)
     }
 
     /// Connect a SEQPACKET socket from the host to the driver's `port`.
     pub fn connect_seqpacket(&self, port: u32) -> std::io::Result<VsockSeqPacket> {
-        VsockSeqPacket::connect_on(&self.core, VsockAddr::new(self.guest_cid, port), None)
+        VsockSeqPacket::connect_on(&self.core, VsockAddr::new(self.guest_cid(), port), None)
+    }
+
+    /// The config's `guest_cid` now.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid.load(Ordering::Acquire)
+    }
+
+    /// Change the config's `guest_cid`, as a migration would: the host's connections belonged to
+    /// the old CID and end (as after a transport reset), then the config interrupt fires so the
+    /// driver re-reads the CID.
+    pub fn set_guest_cid(&self, cid: u64) -> std::io::Result<()> {
+        {
+            let mut st = self.core.lock();
+            self.guest_cid.store(cid, Ordering::Release);
+            st.ep.handle_transport_reset(Instant::now(), None);
+            Core::route_events(&mut st);
+        }
+        self.config.write(1)
     }
 
     /// The device's counters.
@@ -506,6 +529,8 @@ pub struct SimDevice {
     mem: Option<GuestMemoryMmap<()>>,
     kick: [EventFd; 2],
     call: [EventFd; 2],
+    /// The config interrupt ([`SimHost::set_guest_cid`] signals it).
+    config: EventFd,
     rings: Arc<Mutex<Option<SimRings>>>,
     host: SimHost,
     waker: EventFd,
@@ -551,9 +576,11 @@ impl SimDevice {
         let rings = Arc::new(Mutex::new(None));
         let stats = Arc::new(Mutex::new(SimStats::default()));
         let waker = eventfd();
+        let guest_cid = Arc::new(AtomicU64::new(cfg.guest_cid));
+        let config = eventfd();
         let transport = SimTransport {
             rings: rings.clone(),
-            guest_cid: cfg.guest_cid,
+            guest_cid: guest_cid.clone(),
             max_payload: cfg.max_payload,
             busy_poll: cfg.busy_poll,
             waker: waker
@@ -570,8 +597,14 @@ impl SimDevice {
             host: SimHost {
                 core,
                 stats,
-                guest_cid: cfg.guest_cid,
+                guest_cid,
+                config: Arc::new(
+                    config
+                        .try_clone()
+                        .unwrap_or_else(|e| panic!("dup eventfd: {e}")),
+                ),
             },
+            config,
             cfg,
             negotiated: 0,
             layouts: [None, None],
@@ -636,7 +669,7 @@ impl VsockDevice for SimDevice {
     }
 
     fn guest_cid(&self) -> Result<u64, DeviceError> {
-        Ok(self.cfg.guest_cid)
+        Ok(self.host.guest_cid())
     }
 
     fn num_queues(&self) -> u16 {
@@ -645,6 +678,20 @@ impl VsockDevice for SimDevice {
 
     fn max_queue_size(&self, _index: u16) -> u16 {
         self.cfg.queue_max
+    }
+
+    fn details(&self) -> Vec<(&'static str, String)> {
+        vec![
+            (
+                "backend",
+                "in-process simulated virtio-vsock (a device thread on virtio-queue's Queue)"
+                    .into(),
+            ),
+            (
+                "host",
+                "CID 2: echo on port 7, SEQPACKET echo on 8, discard on 9".into(),
+            ),
+        ]
     }
 
     fn dma_options(&self) -> DmaOptions {
@@ -707,6 +754,7 @@ impl VsockDevice for SimDevice {
             waker: dup(&self.waker)?,
             stop: dup(&stop)?,
             signals: vec![dup(&self.kick[0])?, dup(&self.kick[1])?],
+            config: None,
             max_sleep: Some(if self.cfg.busy_poll {
                 Duration::ZERO
             } else {
@@ -736,6 +784,10 @@ impl VsockDevice for SimDevice {
         self.call
             .get(usize::from(index))
             .ok_or(DeviceError::NoSuchQueue { index, count: 2 })
+    }
+
+    fn config_fd(&self) -> Option<&EventFd> {
+        Some(&self.config)
     }
 
     fn reset(&mut self) -> Result<(), DeviceError> {

@@ -4,7 +4,10 @@
 //!
 //! Bring-up (see `linux/vhost.h`, `drivers/vhost/vdpa.c`):
 //! SET_OWNER; VDPA_GET_DEVICE_ID (19 for vsock, or what [`VhostVdpaDevice::open_raw`] was told);
-//! GET/SET_BACKEND_FEATURES (IOTLB_MSG_V2 required, IOTLB_BATCH when offered); status reset (0),
+//! GET/SET_BACKEND_FEATURES (IOTLB_MSG_V2 required, IOTLB_BATCH when offered);
+//! VDPA_SET_CONFIG_CALL (an eventfd for the config interrupt, wired before the config is first
+//! read so no `guest_cid` change can slip between; a kernel without it only costs the
+//! notification, see [`VsockDevice::config_fd`]); status reset (0),
 //! ACKNOWLEDGE, DRIVER; GET_FEATURES / SET_FEATURES / FEATURES_OK (re-read and checked);
 //! VDPA_GET_CONFIG (`guest_cid`); VDPA_GET_IOVA_RANGE (where the DMA region goes);
 //! VDPA_GET_VRING_NUM; v2 IOTLB UPDATE messages written to the fd for the DMA region (between
@@ -131,6 +134,10 @@ pub trait VdpaSys: Send + fmt::Debug {
     fn set_status(&self, status: u8) -> io::Result<()>;
     /// VHOST_VDPA_GET_CONFIG of `buf.len()` bytes at `offset`.
     fn get_config(&self, offset: u32, buf: &mut [u8]) -> io::Result<()>;
+    /// VHOST_VDPA_GET_CONFIG_SIZE.
+    fn get_config_size(&self) -> io::Result<u32>;
+    /// VHOST_VDPA_SET_CONFIG_CALL: the eventfd signalled on a config change.
+    fn set_config_call(&self, fd: RawFd) -> io::Result<()>;
     /// VHOST_VDPA_GET_IOVA_RANGE: (first, last), inclusive.
     fn get_iova_range(&self) -> io::Result<(u64, u64)>;
     /// VHOST_VDPA_GET_VRING_NUM.
@@ -253,6 +260,14 @@ impl VdpaSys for KernelVdpa {
         buf.copy_from_slice(&raw[8..]);
         Ok(())
     }
+    fn get_config_size(&self) -> io::Result<u32> {
+        self.get_u32(vb::VHOST_VDPA_GET_CONFIG_SIZE())
+    }
+    fn set_config_call(&self, fd: RawFd) -> io::Result<()> {
+        let fd: libc::c_int = fd;
+        // SAFETY: VHOST_VDPA_SET_CONFIG_CALL reads one int (an eventfd, or -1 to unbind).
+        rc(unsafe { ioctl_with_ref(&self.file, vb::VHOST_VDPA_SET_CONFIG_CALL(), &fd) })
+    }
     fn get_iova_range(&self) -> io::Result<(u64, u64)> {
         let mut r = [0u64; 2]; // struct vhost_vdpa_iova_range { __u64 first; __u64 last; }
                                // SAFETY: the ioctl writes 16 bytes into `r`.
@@ -332,6 +347,8 @@ pub struct VhostVdpaDevice {
     queues: Vec<Option<QueueFds>>,
     /// (iova, size) of mapped ranges, invalidated on reset/drop.
     mapped: Vec<(u64, u64)>,
+    /// The config interrupt's eventfd, when VHOST_VDPA_SET_CONFIG_CALL took it.
+    config_call: Option<EventFd>,
 }
 
 fn io_err(op: &'static str) -> impl Fn(io::Error) -> DeviceError {
@@ -380,6 +397,17 @@ impl VhostVdpaDevice {
         let backend_features = offered_backend & (BACKEND_F_IOTLB_MSG_V2 | BACKEND_F_IOTLB_BATCH);
         sys.set_backend_features(backend_features)
             .map_err(io_err("VHOST_SET_BACKEND_FEATURES"))?;
+        // The config interrupt before the first config read: a change after it is signalled.
+        let config_call = EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+        let config_call = match sys.set_config_call(config_call.as_raw_fd()) {
+            Ok(()) => Some(config_call),
+            Err(e) => {
+                log::warn!(
+                    "{path}: VHOST_VDPA_SET_CONFIG_CALL failed ({e}): a guest_cid change will go unnoticed"
+                );
+                None
+            }
+        };
         let iova_range = sys
             .get_iova_range()
             .map_err(io_err("VHOST_VDPA_GET_IOVA_RANGE"))?;
@@ -407,6 +435,7 @@ impl VhostVdpaDevice {
             num_queues,
             queues: (0..num_queues).map(|_| None).collect(),
             mapped: Vec::new(),
+            config_call,
         };
         dev.set_status(0)?;
         dev.add_status(status::ACKNOWLEDGE)?;
@@ -687,6 +716,109 @@ impl VsockDevice for VhostVdpaDevice {
         self.negotiated = None;
         r.and(u)
     }
+
+    fn config_fd(&self) -> Option<&EventFd> {
+        self.config_call.as_ref()
+    }
+
+    fn details(&self) -> Vec<(&'static str, String)> {
+        let failed = |e: io::Error| format!("unreadable: {e}");
+        let mut out = vec![
+            (
+                "device id",
+                format!("{} ({})", self.device_id, device_type_name(self.device_id)),
+            ),
+            (
+                "backend features",
+                format!(
+                    "{:#x} ({})",
+                    self.backend_features,
+                    backend_feature_names(self.backend_features)
+                ),
+            ),
+            (
+                "status",
+                self.sys
+                    .get_status()
+                    .map_or_else(failed, super::status_names),
+            ),
+        ];
+        let config_size = self.sys.get_config_size();
+        out.push((
+            "config size",
+            match &config_size {
+                Ok(n) => format!("{n} bytes"),
+                Err(e) => format!("unreadable: {e}"),
+            },
+        ));
+        // The whole config space, at most one page of it; 8 bytes (guest_cid) when the size is
+        // unknown.
+        let len = config_size.map_or(8, |n| {
+            usize::try_from(n).map_or(PAGE_SIZE, |n| n.min(PAGE_SIZE))
+        });
+        let mut cfg = vec![0u8; len];
+        out.push((
+            "config",
+            match self.sys.get_config(0, &mut cfg) {
+                Ok(()) => {
+                    let hex: Vec<String> = cfg.iter().map(|b| format!("{b:02x}")).collect();
+                    match cfg.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+                        Some(cid) if self.device_id == VIRTIO_ID_VSOCK => {
+                            format!("{} (guest_cid {})", hex.join(" "), u64::from_le_bytes(cid))
+                        }
+                        _ => hex.join(" "),
+                    }
+                }
+                Err(e) => format!("unreadable: {e}"),
+            },
+        ));
+        let (first, last) = self.iova_range;
+        out.push(("iova range", format!("{first:#x}..={last:#x}")));
+        out.push((
+            "vrings",
+            format!(
+                "{} used, device reports {}, max size {} (VDPA_GET_VRING_NUM)",
+                self.num_queues,
+                self.sys
+                    .get_vqs_count()
+                    .map_or_else(failed, |n| n.to_string()),
+                self.max_vring
+            ),
+        ));
+        out.push((
+            "config irq",
+            if self.config_call.is_some() {
+                "eventfd registered (VHOST_VDPA_SET_CONFIG_CALL)".to_string()
+            } else {
+                "not available".to_string()
+            },
+        ));
+        out
+    }
+}
+
+/// The names of the vhost backend feature bits in `bits` (linux/vhost_types.h).
+pub fn backend_feature_names(bits: u64) -> String {
+    const NAMES: &[(u64, &str)] = &[
+        (vb::VHOST_BACKEND_F_IOTLB_MSG_V2, "IOTLB_MSG_V2"),
+        (vb::VHOST_BACKEND_F_IOTLB_BATCH, "IOTLB_BATCH"),
+        (vb::VHOST_BACKEND_F_IOTLB_ASID, "IOTLB_ASID"),
+        (vb::VHOST_BACKEND_F_SUSPEND, "SUSPEND"),
+    ];
+    let names: Vec<String> = (0..64)
+        .filter(|b| bits & (1u64 << b) != 0)
+        .map(|b| {
+            NAMES
+                .iter()
+                .find(|(bit, _)| *bit == b)
+                .map_or_else(|| format!("bit {b}"), |(_, n)| (*n).to_string())
+        })
+        .collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(" ")
+    }
 }
 
 impl Drop for VhostVdpaDevice {
@@ -720,6 +852,8 @@ mod tests {
         features: u64,
         status: u8,
         reject_features_ok: bool,
+        /// VHOST_VDPA_SET_CONFIG_CALL answers ENOTTY (an old kernel).
+        no_config_call: bool,
         msgs: Vec<[u8; VHOST_MSG_V2_SIZE]>,
     }
 
@@ -733,6 +867,7 @@ mod tests {
                     features,
                     status: 0,
                     reject_features_ok: false,
+                    no_config_call: false,
                     msgs: Vec::new(),
                 })),
             }
@@ -785,7 +920,19 @@ mod tests {
         }
         fn get_config(&self, offset: u32, buf: &mut [u8]) -> io::Result<()> {
             assert_eq!(offset, 0);
+            self.push(format!("get_config {}", buf.len()));
             buf.copy_from_slice(&42u64.to_le_bytes()[..buf.len()]);
+            Ok(())
+        }
+        fn get_config_size(&self) -> io::Result<u32> {
+            Ok(8)
+        }
+        fn set_config_call(&self, fd: RawFd) -> io::Result<()> {
+            if self.state.lock().unwrap().no_config_call {
+                return Err(io::Error::from_raw_os_error(libc::ENOTTY));
+            }
+            assert!(fd >= 0);
+            self.push("set_config_call".into());
             Ok(())
         }
         fn get_iova_range(&self) -> io::Result<(u64, u64)> {
@@ -904,10 +1051,15 @@ mod tests {
         d.activate().unwrap();
         d.kick(1).unwrap();
         d.reset().unwrap();
-        let calls = f.calls();
+        let calls: Vec<String> = f
+            .calls()
+            .into_iter()
+            .filter(|c| !c.starts_with("get_config"))
+            .collect();
         let expect_prefix = [
             "set_owner",
             "set_backend_features 0x6",
+            "set_config_call",
             "set_status 0x0",
             "set_status 0x1",
             "set_status 0x3",
@@ -950,6 +1102,81 @@ mod tests {
         assert_eq!(upd[32], VHOST_ACCESS_RW);
         let inv = &st.msgs[4];
         assert_eq!(u64::from_ne_bytes(inv[8..16].try_into().unwrap()), 0x2000);
+    }
+
+    #[test]
+    fn config_call_is_wired_before_the_config_is_read() {
+        let f = Fake::new(19, BACKEND_F_IOTLB_MSG_V2, VSOCK_FEATURES);
+        let mut d = VhostVdpaDevice::with_sys(Box::new(f.clone()), "/x", 19).unwrap();
+        assert!(d.config_fd().is_some());
+        d.negotiate(0).unwrap();
+        assert_eq!(d.guest_cid().unwrap(), 42);
+        let calls = f.calls();
+        let at = |name: &str| {
+            calls
+                .iter()
+                .position(|c| c.starts_with(name))
+                .unwrap_or_else(|| panic!("no {name} in {calls:#?}"))
+        };
+        // After SET_OWNER and the backend features (vhost-vdpa wants an owner), before the status
+        // handshake and before guest_cid is first read: no change can slip between.
+        assert!(at("set_owner") < at("set_config_call"));
+        assert!(at("set_backend_features") < at("set_config_call"));
+        assert!(at("set_config_call") < at("set_status"));
+        assert!(at("set_config_call") < at("get_config"));
+        assert_eq!(calls.iter().filter(|c| *c == "set_config_call").count(), 1);
+    }
+
+    #[test]
+    fn no_config_call_on_an_old_kernel_is_not_fatal() {
+        let f = Fake::new(19, BACKEND_F_IOTLB_MSG_V2, VSOCK_FEATURES);
+        f.state.lock().unwrap().no_config_call = true;
+        let d = VhostVdpaDevice::with_sys(Box::new(f), "/x", 19).unwrap();
+        assert!(d.config_fd().is_none());
+        let details = d.details();
+        let irq = &details.iter().find(|(k, _)| *k == "config irq").unwrap().1;
+        assert_eq!(irq, "not available");
+    }
+
+    #[test]
+    fn details_name_id_features_status_config_and_queues() {
+        let f = Fake::new(19, 0b110, VSOCK_FEATURES);
+        let mut d = VhostVdpaDevice::with_sys(Box::new(f), "/x", 19).unwrap();
+        d.negotiate(0).unwrap();
+        let details = d.details();
+        let get = |k: &str| {
+            details
+                .iter()
+                .find(|(n, _)| *n == k)
+                .unwrap_or_else(|| panic!("no {k} in {details:?}"))
+                .1
+                .clone()
+        };
+        assert_eq!(get("device id"), "19 (vsock)");
+        assert_eq!(get("backend features"), "0x6 (IOTLB_MSG_V2 IOTLB_BATCH)");
+        assert_eq!(get("status"), "0xb (ACKNOWLEDGE DRIVER FEATURES_OK)");
+        assert_eq!(get("config size"), "8 bytes");
+        assert_eq!(get("config"), "2a 00 00 00 00 00 00 00 (guest_cid 42)");
+        assert_eq!(get("iova range"), "0x1001..=0xffffffffffffffff");
+        assert_eq!(
+            get("vrings"),
+            "3 used, device reports 2, max size 256 (VDPA_GET_VRING_NUM)"
+        );
+        assert_eq!(
+            get("config irq"),
+            "eventfd registered (VHOST_VDPA_SET_CONFIG_CALL)"
+        );
+        let names: Vec<_> = details.iter().map(|(k, _)| *k).collect();
+        assert_eq!(names[..3], ["device id", "backend features", "status"]);
+    }
+
+    #[test]
+    fn backend_feature_names_decode_known_and_unknown_bits() {
+        assert_eq!(backend_feature_names(0), "none");
+        assert_eq!(
+            backend_feature_names(BACKEND_F_IOTLB_MSG_V2 | (1 << 40)),
+            "IOTLB_MSG_V2 bit 40"
+        );
     }
 
     #[test]

@@ -368,6 +368,36 @@ impl VsockDevice for VhostVsockDevice {
         MAX_QUEUE_SIZE
     }
 
+    fn details(&self) -> Vec<(&'static str, String)> {
+        let state = if self.running {
+            "running"
+        } else if self.mapped {
+            "memory table and CID set"
+        } else if self.negotiated.is_some() {
+            "features set"
+        } else if self.sys.is_some() {
+            "owned"
+        } else {
+            "closed"
+        };
+        vec![
+            (
+                "backend",
+                "the kernel's vhost-vsock (no device status or config space; rx and tx queues, no event queue)".into(),
+            ),
+            (
+                "vhost features",
+                format!(
+                    "{:#x} (the ones beyond the virtio bits are vhost's own, not negotiated)",
+                    self.offered
+                ),
+            ),
+            ("our CID", format!("{} (given as cid=N)", self.cid)),
+            ("state", state.into()),
+            ("DMA", "identity-mapped: IOVA = our virtual address (VHOST_SET_MEM_TABLE)".into()),
+        ]
+    }
+
     fn dma_options(&self) -> DmaOptions {
         DmaOptions {
             iova: IovaBase::Identity,

@@ -12,6 +12,9 @@
 //! 4. asks the protocol core for packets to send and builds each in a free TX buffer through the
 //!    same `VsockPacket` type's setters, then kicks the device if it wants a notification.
 //!
+//! A config interrupt ([`VsockDevice::config_fd`]) makes the loop re-read `guest_cid`; a new CID
+//! resets every connection (as the event queue's TRANSPORT_RESET does) and becomes ours.
+//!
 //! In busy-poll mode the device is asked not to interrupt; callers that block spin on the rings
 //! themselves and the loop thread only wakes every millisecond for timers and unattended traffic.
 
@@ -279,6 +282,12 @@ impl DriverTransport {
     }
 }
 
+/// Whether `cid` may be a guest's CID: 0, 1 and 2 are the hypervisor, local and host, and
+/// `u32::MAX` is `VMADDR_CID_ANY`; the upper 32 bits are reserved (virtio 1.2 section 5.10.4).
+fn valid_guest_cid(cid: u64) -> bool {
+    (3..u64::from(u32::MAX)).contains(&cid)
+}
+
 /// A port in `range` that differs from run to run (clock and process id; not for security).
 fn random_port(range: &std::ops::RangeInclusive<u32>) -> u32 {
     let nanos = std::time::SystemTime::now()
@@ -330,6 +339,27 @@ impl Transport for DriverTransport {
         let _ = self.waker.write(1);
     }
 
+    fn config_changed(&mut self, ep: &mut Endpoint, now: Instant) -> Result<(), String> {
+        let name = self.dev.name();
+        let cid = self
+            .dev
+            .guest_cid()
+            .map_err(|e| format!("{name}: re-reading guest_cid after a config interrupt: {e}"))?;
+        let old = ep.local_cid();
+        if cid == old {
+            log::debug!("{name}: config interrupt, guest_cid still {cid}");
+            return Ok(());
+        }
+        if !valid_guest_cid(cid) {
+            return Err(format!(
+                "{name}: the device changed guest_cid from {old} to {cid}, which is not a guest CID (expected 3..=4294967294)"
+            ));
+        }
+        log::warn!("{name}: guest_cid changed from {old} to {cid}: every connection is reset");
+        ep.handle_transport_reset(now, Some(cid));
+        Ok(())
+    }
+
     fn shutdown(&mut self) {
         if let Err(e) = self.dev.reset() {
             log::warn!("{}: reset failed: {e}", self.dev.name());
@@ -354,6 +384,8 @@ pub(crate) struct LoopFds {
     pub(crate) waker: EventFd,
     pub(crate) stop: EventFd,
     pub(crate) signals: Vec<EventFd>,
+    /// The device's config interrupt: read here, then the transport's `config_changed` runs.
+    pub(crate) config: Option<EventFd>,
     /// Longest sleep (busy-poll mode: 1 ms).
     pub(crate) max_sleep: Option<Duration>,
 }
@@ -377,7 +409,11 @@ pub(crate) fn run_loop(core: Arc<Core>, fds: LoopFds) {
     let all: Vec<&EventFd> = std::iter::once(&fds.stop)
         .chain(std::iter::once(&fds.waker))
         .chain(fds.signals.iter())
+        .chain(fds.config.iter())
         .collect();
+    // Its index in `all`, when present (it is last).
+    let config_index = fds.config.as_ref().map(|_| all.len() - 1);
+    let mut config_pending = false;
     for (i, fd) in all.iter().enumerate() {
         if let Err(e) = epoll.ctl(
             ControlOperation::Add,
@@ -397,6 +433,9 @@ pub(crate) fn run_loop(core: Arc<Core>, fds: LoopFds) {
         let (timeout, more) = {
             let mut st = core.lock();
             let now = Instant::now();
+            if std::mem::take(&mut config_pending) {
+                Core::config_changed_locked(&mut st, now);
+            }
             // Pump until nothing moves, so one wake-up drains a whole burst; after
             // MAX_PUMP_ROUNDS let user threads at the lock, then come straight back: work
             // left over may never be signalled again (its eventfd was already consumed).
@@ -445,6 +484,7 @@ pub(crate) fn run_loop(core: Arc<Core>, fds: LoopFds) {
                     if let Some(fd) = all.get(i) {
                         let _ = fd.read();
                     }
+                    config_pending |= Some(i) == config_index;
                 }
                 Err(_) => {}
             }
@@ -458,7 +498,6 @@ pub struct VsockDriver {
     core: Arc<Core>,
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
-    local_cid: u64,
     sim: Option<SimHost>,
     device_name: String,
 }
@@ -576,6 +615,12 @@ impl VsockDriver {
         let negotiated = dev.negotiate(want).map_err(&e)?;
         let event_idx = negotiated & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let cid = dev.guest_cid().map_err(&e)?;
+        if !valid_guest_cid(cid) {
+            return Err(e(DeviceError::Failed(format!(
+                "the device's guest_cid is {cid}, which is not a guest CID (expected 3..=4294967294: \
+                 0 and 1 are reserved, 2 is the host, 4294967295 is VMADDR_CID_ANY)"
+            ))));
+        }
 
         let size = config
             .queue_size
@@ -632,10 +677,15 @@ impl VsockDriver {
                 .try_clone()
                 .map_err(io_err("dup"))?,
         ];
+        let config_irq = match dev.config_fd() {
+            Some(fd) => Some(fd.try_clone().map_err(io_err("dup"))?),
+            None => None,
+        };
         let fds = LoopFds {
             waker: waker.try_clone().map_err(io_err("dup"))?,
             stop: stop.try_clone().map_err(io_err("dup"))?,
             signals,
+            config: config_irq,
             max_sleep: config.busy_poll.then_some(Duration::from_millis(1)),
         };
         let mut pc = config.proto.clone();
@@ -674,15 +724,15 @@ impl VsockDriver {
             core,
             stop,
             thread: Some(thread),
-            local_cid: cid,
             sim,
             device_name: name.clone(),
         })
     }
 
-    /// Our CID (the device's `guest_cid`).
+    /// Our CID: the device's `guest_cid`, as last read (at bring-up, and after each config
+    /// interrupt).
     pub fn local_cid(&self) -> u64 {
-        self.local_cid
+        self.core.lock().ep.local_cid()
     }
 
     /// The device's name.

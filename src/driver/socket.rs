@@ -64,6 +64,11 @@ pub(crate) trait Transport: Send {
     fn wake(&self);
     /// Stop the device: it must not touch the rings afterwards.
     fn shutdown(&mut self);
+    /// The device raised its config interrupt: re-read what the configuration decides (the
+    /// driver's CID). An error means the device is dead, as for [`Transport::pump`].
+    fn config_changed(&mut self, _ep: &mut Endpoint, _now: Instant) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// The endpoint's state as callers see it.
@@ -140,6 +145,20 @@ impl Core {
         };
         Core::route_events(st);
         moved
+    }
+
+    /// Let the transport handle a config interrupt, then route the events (resets) it caused.
+    pub(crate) fn config_changed_locked(st: &mut CoreState, now: Instant) {
+        if st.dead.is_some() {
+            return;
+        }
+        let CoreState { ep, transport, .. } = st;
+        if let Err(reason) = transport.config_changed(ep, now) {
+            st.transport.shutdown();
+            Core::kill_locked(st, reason);
+            return;
+        }
+        Core::route_events(st);
     }
 
     /// Drain the endpoint's events to the waiters.

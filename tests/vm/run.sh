@@ -50,7 +50,7 @@ command -v cargo >/dev/null || die "cargo is needed to build the guest test prog
 # (a) host packages
 # ---------------------------------------------------------------------------------------------
 HOST_PACKAGES=(busybox-static cpio kmod xz-utils bc iproute2 socat ca-certificates
-    make gcc flex bison libelf-dev python3)
+    make gcc flex bison libelf-dev patch python3)
 
 apt_updated=0
 apt_update_once() {
@@ -148,9 +148,11 @@ setup_kernel() {
 # Out-of-tree modules Debian does not ship: vringh + vdpa_sim + vdpa_sim_net, and vfio rebuilt with
 # CONFIG_VFIO_NOIOMMU (its symbol CRCs match Debian's, so the stock vfio-pci loads on top). They
 # go to lib/modules/$KREL/updates/, which depmod prefers over the stock vfio.ko.xz.
-# The stamp names the vdpa_sim_vsock source too, so editing it rebuilds the modules.
+# vdpa_sim gets vdpa_sim_vsock/vdpa_sim-config-cb.patch first (it keeps the config callback, so
+# vdpa_sim_vsock can raise the config interrupt). The stamp hashes every file of vdpa_sim_vsock/
+# (the module source and the patch), so editing either rebuilds the modules.
 modules_stamp() {
-    echo "modules-$KREL-vsock-$(sha1sum "$HERE/vdpa_sim_vsock/vdpa_sim_vsock.c" | cut -c1-12)"
+    echo "modules-$KREL-vsock-$(cat "$HERE"/vdpa_sim_vsock/* | sha1sum | cut -c1-12)"
 }
 
 build_modules() {
@@ -170,6 +172,8 @@ build_modules() {
     b=$KDIR/build
     rm -rf "$b"
     mkdir -p "$b/vdpa_sim" "$b/vfio"
+    patch -s -d "$src" -p1 <"$HERE/vdpa_sim_vsock/vdpa_sim-config-cb.patch" ||
+        die "vdpa_sim-config-cb.patch does not apply to linux-source $KPKGVER"
     cp "$src"/drivers/vdpa/vdpa_sim/*.[ch] "$src/drivers/vhost/vringh.c" "$b/vdpa_sim/"
     # Our virtio-vsock test device (tests/vm/vdpa_sim_vsock), built beside vdpa_sim (vdpa_sim.h).
     cp "$HERE/vdpa_sim_vsock/vdpa_sim_vsock.c" "$b/vdpa_sim/"
@@ -205,6 +209,22 @@ setup_vhost_device_vsock() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# Debian's udev (systemd-udevd and udevadm are one binary), unpacked, to apply udev/ in the guest
+# ---------------------------------------------------------------------------------------------
+setup_udev() {
+    UDEVADM=$CACHE/udev/root/bin/udevadm
+    [[ -x $UDEVADM ]] && return 0
+    apt_update_once
+    log "apt-get download udev"
+    rm -rf "$CACHE/udev"
+    mkdir -p "$CACHE/udev/root"
+    (cd "$CACHE/udev" && apt-get download -qq -o APT::Sandbox::User=root udev)
+    dpkg -x "$CACHE"/udev/udev_*.deb "$CACHE/udev/root"
+    rm -f "$CACHE"/udev/udev_*.deb
+    [[ -x $UDEVADM ]] || die "no udevadm in Debian's udev package"
+}
+
+# ---------------------------------------------------------------------------------------------
 # (b) the guest test program, a static glibc binary
 # ---------------------------------------------------------------------------------------------
 build_vmtest() {
@@ -231,7 +251,7 @@ build_initramfs() {
     rm -rf "$ir"
     mkdir -p "$ir"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,modules}
     cp /bin/busybox "$ir/bin/busybox"
-    for m in sh mount mkdir cat echo ls insmod sleep poweroff dmesg grep uname tr sed readlink printf modprobe; do
+    for m in sh mount mkdir cat echo ls insmod sleep poweroff dmesg grep uname tr sed readlink printf modprobe chgrp chmod; do
         ln -s busybox "$ir/bin/$m"
     done
     # Dependencies first; a module named twice (shared dependency) is loaded once.
@@ -250,14 +270,27 @@ build_initramfs() {
     done < <(for m in "${GUEST_MODULES[@]}"; do
         modprobe -d "$KROOT" -S "$KREL" --show-depends "$m" | grep '^insmod '
     done)
-    # iproute2's vdpa tool and its shared libraries (and bash's, for tools/bind.sh).
+    # iproute2's vdpa tool and its shared libraries (and those of bash, for tools/bind.sh, and of
+    # udevadm, for the udev/ rules).
     cp /usr/sbin/vdpa "$ir/usr/sbin/vdpa"
     local lib
-    for lib in $(ldd /usr/sbin/vdpa /bin/bash | grep -o '/[^ ]*' | grep -v ':$' | sort -u); do
+    if ldd /usr/sbin/vdpa /bin/bash "$UDEVADM" | grep -q 'not found'; then
+        die "shared libraries missing: $(ldd /usr/sbin/vdpa /bin/bash "$UDEVADM" | grep 'not found' | tr -s ' \t\n' ' ')"
+    fi
+    for lib in $(ldd /usr/sbin/vdpa /bin/bash "$UDEVADM" | grep -o '/[^ ]*' | grep -v ':$' | sort -u); do
         mkdir -p "$ir$(dirname "$lib")"
         cp -L "$lib" "$ir$lib"
     done
     cp "$VMTEST" "$ir/bin/vmtest"
+    # udev with only our rules, installed as udev/README.md says; group vsock as gid 990.
+    cp "$UDEVADM" "$ir/bin/udevadm"
+    ln -s udevadm "$ir/bin/systemd-udevd"
+    mkdir -p "$ir/etc/udev/rules.d" "$ir/lib/udev" "$ir/usr/lib" "$ir/run"
+    cp "$ROOT/udev/70-vdpa-vsock.rules" "$ir/etc/udev/rules.d/"
+    install -m 0755 "$ROOT/udev/vdpa-vsock-vfio-group" "$ROOT/udev/vdpa-vsock-vdpa-node" "$ir/lib/udev/"
+    ln -s ../../lib/udev "$ir/usr/lib/udev"
+    printf 'root:x:0:0:root:/:/bin/sh\n' >"$ir/etc/passwd"
+    printf 'root:x:0:\nvsock:x:990:\n' >"$ir/etc/group"
     # The CLI, for the tests of `inspect`, `serve` and friends as an operator runs them.
     cp "$CLI" "$ir/bin/vdpa-vsock"
     # tools/bind.sh as operators run it: under bash (with its libraries), busybox for the rest.
@@ -507,6 +540,7 @@ main() {
     setup_kernel
     build_modules
     setup_vhost_device_vsock
+    setup_udev
     tests=$(IFS=,; echo "$*")
     boot "${tests:-default}"
     # QEMU's TCG occasionally crashes the guest kernel while it patches its own code at boot

@@ -80,7 +80,7 @@ fn block(seed: u64, k: usize, out: &mut [u8]) {
 }
 
 /// Writes `len` bytes of `block(seed, ..)` data; returns their checksum.
-fn send_pattern(w: &mut impl Write, seed: u64, len: usize) -> io::Result<u64> {
+pub(crate) fn send_pattern(w: &mut impl Write, seed: u64, len: usize) -> io::Result<u64> {
     let mut buf = vec![0u8; 64 << 10];
     let mut sum = Fnv::new();
     let mut sent = 0;
@@ -97,7 +97,7 @@ fn send_pattern(w: &mut impl Write, seed: u64, len: usize) -> io::Result<u64> {
 }
 
 /// Reads exactly `len` bytes; returns their checksum.
-fn recv_checksum(r: &mut impl Read, len: usize) -> io::Result<u64> {
+pub(crate) fn recv_checksum(r: &mut impl Read, len: usize) -> io::Result<u64> {
     let mut buf = vec![0u8; 64 << 10];
     let mut sum = Fnv::new();
     let mut got = 0;
@@ -122,12 +122,12 @@ fn recv_checksum(r: &mut impl Read, len: usize) -> io::Result<u64> {
 }
 
 /// A kernel AF_VSOCK stream listener on VMADDR_CID_ANY:`port`.
-fn kernel_listen(port: u32) -> io::Result<OwnedFd> {
+pub(crate) fn kernel_listen(port: u32) -> io::Result<OwnedFd> {
     kernel_listen_ty(port, libc::SOCK_STREAM)
 }
 
 /// Accepts one connection within `TIMEOUT`; returns it and the peer's CID.
-fn kernel_accept(listener: &OwnedFd) -> io::Result<(UnixStream, u32)> {
+pub(crate) fn kernel_accept(listener: &OwnedFd) -> io::Result<(UnixStream, u32)> {
     let mut pfd = libc::pollfd {
         fd: listener.as_raw_fd(),
         events: libc::POLLIN,

@@ -33,6 +33,8 @@ use vhost::vhost_kern::vhost_binding::{
 };
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref};
 
+/// The CLI's `serve` and tools/bind.sh, run as an operator would.
+mod operator_tests;
 /// Our driver on `/dev/vhost-vdpa-N` (vdpa_sim_net, and the vdpasim_vsock test device).
 #[path = "vdpa_tests.rs"]
 mod vdpa_tests;
@@ -105,6 +107,14 @@ const TESTS: &[Test] = &[
     ),
     default("vdpa_refuses_non_vsock", vdpa_tests::vdpa_refuses_non_vsock),
     default("vdpa_vsock_echo_1mib", vdpa_tests::vdpa_vsock_echo_1mib),
+    default("vdpa_vsock_echo_16mib", vdpa_tests::vdpa_vsock_echo_16mib),
+    default("vdpa_vsock_half_close", vdpa_tests::vdpa_vsock_half_close),
+    default(
+        "vdpa_vsock_50_connections",
+        vdpa_tests::vdpa_vsock_50_connections,
+    ),
+    default("vdpa_vsock_cid_change", vdpa_tests::vdpa_vsock_cid_change),
+    default("vdpa_inspect_cli", vdpa_tests::vdpa_inspect_cli),
     default("vfio_driver_echo", vfio_vsock::vfio_driver_echo),
     default("vfio_driver_intx", vfio_vsock::vfio_driver_intx),
     default(
@@ -166,6 +176,30 @@ const TESTS: &[Test] = &[
     default(
         "vhost_vsock_throughput_vs_loopback",
         vhost_vsock_tests::vhost_vsock_throughput_vs_loopback,
+    ),
+    default(
+        "serve_vhost_vsock_100_clients",
+        operator_tests::serve_vhost_vsock_100_clients,
+    ),
+    default(
+        "bind_sh_rebinds_vsock_function",
+        operator_tests::bind_sh_rebinds_vsock_function,
+    ),
+    default(
+        "bind_sh_rebinds_vdpa_device",
+        operator_tests::bind_sh_rebinds_vdpa_device,
+    ),
+    default(
+        "udev_rules_give_group_vsock",
+        operator_tests::udev_rules_give_group_vsock,
+    ),
+    default(
+        "cli_list_sees_real_devices",
+        operator_tests::cli_list_sees_real_devices,
+    ),
+    default(
+        "cli_inspect_vhost_vsock",
+        operator_tests::cli_inspect_vhost_vsock,
     ),
     by_name(
         "vhost_vsock_wrong_checksum_must_fail",

@@ -3,13 +3,31 @@
  * vdpa_sim_vsock: a virtio-vsock (device id 19) test device on the vdpa_sim framework, modelled on
  * drivers/vdpa/vdpa_sim/vdpa_sim_net.c. Built out of tree by tests/vm/run.sh next to vdpa_sim.
  *
- * Management device "vdpasim_vsock"; config guest_cid = 3; queues 0 rx, 1 tx, 2 event (unused).
- * The host side (CID 2) lives in the work function: it accepts stream connections on port 1234
- * and echoes RW payload; REQUEST -> RESPONSE (RST for other ports), SHUTDOWN -> RST,
- * CREDIT_REQUEST -> CREDIT_UPDATE; credit per virtio 1.2 section 5.10.6.3 (buf_alloc/fwd_cnt).
+ * Management device "vdpasim_vsock"; config guest_cid (3 unless the module parameter says
+ * otherwise); queues 0 rx, 1 tx, 2 event (unused).
+ * The host side (CID 2) lives in the work function: it accepts up to MAX_CONNS stream connections
+ * on port 1234 and echoes RW payload; REQUEST -> RESPONSE (RST for other ports, and when all
+ * MAX_CONNS are in use), CREDIT_REQUEST -> CREDIT_UPDATE; credit per virtio 1.2 section 5.10.6.3
+ * (buf_alloc/fwd_cnt). SHUTDOWN as Linux's net/vmw_vsock/virtio_transport_common.c does it:
+ * - SEND only (the guest half-closed): every byte received before is still echoed; then the host
+ *   finishes too, sending SHUTDOWN(RCV|SEND), and waits for the guest's RST (a guest SHUTDOWN
+ *   with both bits is answered with RST, as Linux does when the peer closed both ways).
+ * - both bits (the guest closed): nothing more is echoed; RST, and the connection is gone.
+ * - RCV only: what was buffered for the guest is dropped (it will not read it).
+ *
+ * guest_cid change at run time (a config interrupt): writing
+ * /sys/module/vdpa_sim_vsock/parameters/guest_cid changes guest_cid of every device, drops the
+ * host side's connections (they belonged to the old CID; the driver resets its own) and fires the
+ * config callback the driver registered (VHOST_VDPA_SET_CONFIG_CALL). Stock vdpa_sim ignores
+ * set_config_cb; tests/vm/run.sh patches it (vdpa_sim-config-cb.patch) to store the callback and
+ * export vdpasim_config_changed().
  */
 
 #include <linux/init.h>
+#include <linux/list.h>
+#include <linux/moduleparam.h>
+#include <linux/mutex.h>
+#include <linux/string.h>
 #include <linux/module.h>
 #include <linux/device.h>
 #include <linux/kernel.h>
@@ -22,11 +40,12 @@
 #include "vdpa_sim.h"
 
 #define VDPASIM_VSOCK_VQ_NUM 3
-#define GUEST_CID 3
+#define DEFAULT_GUEST_CID 3
 #define HOST_CID 2
 #define ECHO_PORT 1234
 #define HOST_BUF_ALLOC (64 * 1024)
-#define MAX_CONNS 16
+/* Enough for the 50-connection VM test with room to spare; REQUEST beyond it gets RST. */
+#define MAX_CONNS 128
 #define MAX_PENDING_RST 16
 #define HDR_LEN sizeof(struct virtio_vsock_hdr)
 
@@ -39,6 +58,9 @@ struct vconn {
 	u32 tx_cnt;	/* bytes we sent to the guest */
 	u32 fwd_cnt;	/* bytes of ours consumed (echoed back) */
 	bool need_response, need_credit_update, need_rst;
+	bool peer_no_more_tx;	/* the guest sent SHUTDOWN with SEND: it sends nothing more */
+	bool peer_no_more_rx;	/* the guest sent SHUTDOWN with RCV: it reads nothing more */
+	bool shut_sent;		/* our SHUTDOWN(RCV|SEND) went out: waiting for the guest's RST */
 	u8 *buf;	/* ring of HOST_BUF_ALLOC bytes */
 	u32 head, len;
 };
@@ -49,11 +71,18 @@ struct pending_rst {
 
 struct vdpasim_vsock {
 	struct vdpasim vdpasim;
+	struct list_head node;	/* in vsock_devs, for the guest_cid parameter */
+	u64 guest_cid;		/* written under vdpasim.mutex (WRITE_ONCE); get_config reads it without */
 	u8 *pkt;	/* HDR_LEN + HOST_BUF_ALLOC scratch */
 	struct vconn conns[MAX_CONNS];
 	struct pending_rst rsts[MAX_PENDING_RST];
 	int nrst;
 };
+
+/* Every device, so that a guest_cid change reaches them all. */
+static LIST_HEAD(vsock_devs);
+static DEFINE_MUTEX(vsock_devs_lock);
+static u64 guest_cid_param = DEFAULT_GUEST_CID;	/* under vsock_devs_lock */
 
 static struct vdpasim_vsock *sim_to_vsock(struct vdpasim *vdpasim)
 {
@@ -88,6 +117,16 @@ static void free_conn(struct vconn *c)
 	memset(c, 0, sizeof(*c));
 }
 
+static void free_all_conns(struct vdpasim_vsock *v)
+{
+	int i;
+
+	for (i = 0; i < MAX_CONNS; i++)
+		if (v->conns[i].used)
+			free_conn(&v->conns[i]);
+	v->nrst = 0;
+}
+
 static void queue_rst(struct vdpasim_vsock *v, u32 host_port, u32 guest_port)
 {
 	if (v->nrst < MAX_PENDING_RST) {
@@ -95,6 +134,28 @@ static void queue_rst(struct vdpasim_vsock *v, u32 host_port, u32 guest_port)
 		v->rsts[v->nrst].dst_port = guest_port;
 		v->nrst++;
 	}
+}
+
+/* Appends len bytes (len <= HOST_BUF_ALLOC - c->len, checked by the caller) to the ring. */
+static void ring_put(struct vconn *c, const u8 *data, u32 len)
+{
+	u32 tail = (c->head + c->len) % HOST_BUF_ALLOC;
+	u32 first = min_t(u32, len, HOST_BUF_ALLOC - tail);
+
+	memcpy(c->buf + tail, data, first);
+	memcpy(c->buf, data + first, len - first);
+	c->len += len;
+}
+
+/* Takes len bytes (len <= c->len) from the ring into out. */
+static void ring_take(struct vconn *c, u8 *out, u32 len)
+{
+	u32 first = min_t(u32, len, HOST_BUF_ALLOC - c->head);
+
+	memcpy(out, c->buf + c->head, first);
+	memcpy(out + first, c->buf, len - first);
+	c->head = (c->head + len) % HOST_BUF_ALLOC;
+	c->len -= len;
 }
 
 /* One packet from the guest (tx queue); replies are queued on the connection or in rsts[]. */
@@ -106,7 +167,7 @@ static void handle_tx_pkt(struct vdpasim_vsock *v, struct virtio_vsock_hdr *h, u
 	int i;
 
 	if (le16_to_cpu(h->type) != VIRTIO_VSOCK_TYPE_STREAM ||
-	    le64_to_cpu(h->dst_cid) != HOST_CID || le64_to_cpu(h->src_cid) != GUEST_CID) {
+	    le64_to_cpu(h->dst_cid) != HOST_CID || le64_to_cpu(h->src_cid) != v->guest_cid) {
 		if (op != VIRTIO_VSOCK_OP_RST)
 			queue_rst(v, dport, sport);
 		return;
@@ -125,6 +186,8 @@ static void handle_tx_pkt(struct vdpasim_vsock *v, struct virtio_vsock_hdr *h, u
 		for (i = 0; i < MAX_CONNS && v->conns[i].used; i++)
 			;
 		if (i == MAX_CONNS) {
+			pr_warn_ratelimited("vdpa_sim_vsock: all %d connections in use: RST to port %u\n",
+					    MAX_CONNS, sport);
 			queue_rst(v, dport, sport);
 			return;
 		}
@@ -146,21 +209,42 @@ static void handle_tx_pkt(struct vdpasim_vsock *v, struct virtio_vsock_hdr *h, u
 			queue_rst(v, dport, sport);
 			return;
 		}
-		if (len > HOST_BUF_ALLOC - c->len) {
-			/* The guest broke our credit: reset the connection. */
+		if (len > HOST_BUF_ALLOC - c->len || c->peer_no_more_tx) {
+			/* The guest broke our credit, or sent after SHUTDOWN(SEND): reset. */
 			c->need_rst = true;
 			return;
 		}
-		for (i = 0; i < len; i++)
-			c->buf[(c->head + c->len + i) % HOST_BUF_ALLOC] = data[i];
-		c->len += len;
+		if (c->peer_no_more_rx) {
+			/* Nobody reads the echo: the bytes are consumed here. */
+			c->fwd_cnt += len;
+			c->need_credit_update = true;
+			return;
+		}
+		ring_put(c, data, len);
 		return;
-	case VIRTIO_VSOCK_OP_SHUTDOWN:
-		if (c)
-			c->need_rst = true;
-		else
+	case VIRTIO_VSOCK_OP_SHUTDOWN: {
+		u32 flags = le32_to_cpu(h->flags);
+
+		if (!c) {
 			queue_rst(v, dport, sport);
+			return;
+		}
+		if (flags & VIRTIO_VSOCK_SHUTDOWN_RCV) {
+			/* The guest reads nothing more: what we hold for it is consumed unsent. */
+			c->peer_no_more_rx = true;
+			c->fwd_cnt += c->len;
+			c->head = 0;
+			c->len = 0;
+		}
+		if (flags & VIRTIO_VSOCK_SHUTDOWN_SEND)
+			c->peer_no_more_tx = true;
+		/* Both directions closed by the guest (in one SHUTDOWN or two): RST, as Linux does
+		 * when the peer's shutdown is complete and no data is left to deliver.
+		 */
+		if (c->peer_no_more_rx && c->peer_no_more_tx)
+			c->need_rst = true;
 		return;
+	}
 	case VIRTIO_VSOCK_OP_CREDIT_REQUEST:
 		if (c)
 			c->need_credit_update = true;
@@ -190,14 +274,14 @@ static size_t iov_space(struct vringh_kiov *iov)
 }
 
 /* Sends one packet to the guest; false when no rx buffer is available. */
-static bool send_pkt(struct vdpasim *vdpasim, u16 op, u32 sport, u32 dport, struct vconn *c,
-		     u32 want_data, u32 *sent)
+static bool send_pkt(struct vdpasim *vdpasim, u16 op, u32 flags, u32 sport, u32 dport,
+		     struct vconn *c, u32 want_data, u32 *sent)
 {
 	struct vdpasim_vsock *v = sim_to_vsock(vdpasim);
 	struct vdpasim_virtqueue *rxq = &vdpasim->vqs[0];
 	struct virtio_vsock_hdr *h = (struct virtio_vsock_hdr *)v->pkt;
 	size_t room;
-	u32 n = 0, i;
+	u32 n = 0;
 	int err;
 
 	err = vringh_getdesc_iotlb(&rxq->vring, NULL, &rxq->in_iov, &rxq->head, GFP_ATOMIC);
@@ -209,22 +293,20 @@ static bool send_pkt(struct vdpasim *vdpasim, u16 op, u32 sport, u32 dport, stru
 		return true;
 	}
 	if (want_data) {
-		n = min_t(u32, want_data, room - HDR_LEN);
-		for (i = 0; i < n; i++)
-			v->pkt[HDR_LEN + i] = c->buf[(c->head + i) % HOST_BUF_ALLOC];
-		c->head = (c->head + n) % HOST_BUF_ALLOC;
-		c->len -= n;
+		n = min_t(u32, want_data, min_t(size_t, room - HDR_LEN, HOST_BUF_ALLOC));
+		ring_take(c, v->pkt + HDR_LEN, n);
 		c->fwd_cnt += n;
 		c->tx_cnt += n;
 	}
 	memset(h, 0, HDR_LEN);
 	h->src_cid = cpu_to_le64(HOST_CID);
-	h->dst_cid = cpu_to_le64(GUEST_CID);
+	h->dst_cid = cpu_to_le64(v->guest_cid);
 	h->src_port = cpu_to_le32(sport);
 	h->dst_port = cpu_to_le32(dport);
 	h->len = cpu_to_le32(n);
 	h->type = cpu_to_le16(VIRTIO_VSOCK_TYPE_STREAM);
 	h->op = cpu_to_le16(op);
+	h->flags = cpu_to_le32(flags);
 	h->buf_alloc = cpu_to_le32(c ? HOST_BUF_ALLOC : 0);
 	h->fwd_cnt = cpu_to_le32(c ? c->fwd_cnt : 0);
 	err = vringh_iov_push_iotlb(&rxq->vring, &rxq->in_iov, v->pkt, HDR_LEN + n);
@@ -244,7 +326,8 @@ static bool pump_rx(struct vdpasim *vdpasim, bool *starved)
 	while (v->nrst > 0) {
 		struct pending_rst *r = &v->rsts[v->nrst - 1];
 
-		if (!send_pkt(vdpasim, VIRTIO_VSOCK_OP_RST, r->src_port, r->dst_port, NULL, 0, NULL))
+		if (!send_pkt(vdpasim, VIRTIO_VSOCK_OP_RST, 0, r->src_port, r->dst_port, NULL, 0,
+			      NULL))
 			goto starved;
 		v->nrst--;
 		progress = true;
@@ -256,15 +339,15 @@ static bool pump_rx(struct vdpasim *vdpasim, bool *starved)
 		if (!c->used)
 			continue;
 		if (c->need_rst) {
-			if (!send_pkt(vdpasim, VIRTIO_VSOCK_OP_RST, c->host_port, c->guest_port, NULL,
-				      0, NULL))
+			if (!send_pkt(vdpasim, VIRTIO_VSOCK_OP_RST, 0, c->host_port, c->guest_port,
+				      NULL, 0, NULL))
 				goto starved;
 			free_conn(c);
 			progress = true;
 			continue;
 		}
 		if (c->need_response) {
-			if (!send_pkt(vdpasim, VIRTIO_VSOCK_OP_RESPONSE, c->host_port,
+			if (!send_pkt(vdpasim, VIRTIO_VSOCK_OP_RESPONSE, 0, c->host_port,
 				      c->guest_port, c, 0, NULL))
 				goto starved;
 			c->need_response = false;
@@ -274,17 +357,26 @@ static bool pump_rx(struct vdpasim *vdpasim, bool *starved)
 			credit = c->peer_buf_alloc - (c->tx_cnt - c->peer_fwd_cnt);
 			if (credit == 0 || credit > c->peer_buf_alloc)
 				break;
-			if (!send_pkt(vdpasim, VIRTIO_VSOCK_OP_RW, c->host_port, c->guest_port, c,
+			if (!send_pkt(vdpasim, VIRTIO_VSOCK_OP_RW, 0, c->host_port, c->guest_port, c,
 				      min(c->len, credit), &sent))
 				goto starved;
 			c->need_credit_update = false; /* the RW header carries our credit */
 			progress = true;
 		}
 		if (c->need_credit_update) {
-			if (!send_pkt(vdpasim, VIRTIO_VSOCK_OP_CREDIT_UPDATE, c->host_port,
+			if (!send_pkt(vdpasim, VIRTIO_VSOCK_OP_CREDIT_UPDATE, 0, c->host_port,
 				      c->guest_port, c, 0, NULL))
 				goto starved;
 			c->need_credit_update = false;
+			progress = true;
+		}
+		/* Half-closed by the guest and everything echoed: the host finishes as well. */
+		if (c->peer_no_more_tx && c->len == 0 && !c->shut_sent) {
+			if (!send_pkt(vdpasim, VIRTIO_VSOCK_OP_SHUTDOWN,
+				      VIRTIO_VSOCK_SHUTDOWN_RCV | VIRTIO_VSOCK_SHUTDOWN_SEND,
+				      c->host_port, c->guest_port, c, 0, NULL))
+				goto starved;
+			c->shut_sent = true;
 			progress = true;
 		}
 	}
@@ -299,15 +391,12 @@ static void vdpasim_vsock_work(struct vdpasim *vdpasim)
 	struct vdpasim_vsock *v = sim_to_vsock(vdpasim);
 	struct vdpasim_virtqueue *txq = &vdpasim->vqs[1];
 	struct vdpasim_virtqueue *rxq = &vdpasim->vqs[0];
-	int rounds = 0, i, err;
+	int rounds = 0, err;
 	ssize_t read;
 
 	mutex_lock(&vdpasim->mutex);
 	if (!vdpasim->running || !(vdpasim->status & VIRTIO_CONFIG_S_DRIVER_OK)) {
-		for (i = 0; i < MAX_CONNS; i++)
-			if (v->conns[i].used)
-				free_conn(&v->conns[i]);
-		v->nrst = 0;
+		free_all_conns(v);
 		goto out;
 	}
 	if (!txq->ready || !rxq->ready)
@@ -344,23 +433,74 @@ out:
 	mutex_unlock(&vdpasim->mutex);
 }
 
+/* Called by vdpa_sim without vdpasim->mutex (VHOST_VDPA_GET_CONFIG): READ_ONCE. */
 static void vdpasim_vsock_get_config(struct vdpasim *vdpasim, void *config)
 {
 	struct virtio_vsock_config *c = config;
 
-	c->guest_cid = cpu_to_le64(GUEST_CID);
+	c->guest_cid = cpu_to_le64(READ_ONCE(sim_to_vsock(vdpasim)->guest_cid));
 }
 
 static void vdpasim_vsock_free(struct vdpasim *vdpasim)
 {
 	struct vdpasim_vsock *v = sim_to_vsock(vdpasim);
-	int i;
 
-	for (i = 0; i < MAX_CONNS; i++)
-		if (v->conns[i].used)
-			free_conn(&v->conns[i]);
+	free_all_conns(v);
 	kvfree(v->pkt);
 }
+
+/*
+ * guest_cid parameter: a new CID for every device, as a migration would bring. The host side's
+ * connections belonged to the old CID: they are dropped without a word (the driver resets its
+ * own when it sees the new CID). Then the config interrupt fires.
+ */
+static int guest_cid_set(const char *val, const struct kernel_param *kp)
+{
+	struct vdpasim_vsock *v;
+	u64 cid;
+	int ret;
+
+	ret = kstrtou64(val, 0, &cid);
+	if (ret)
+		return ret;
+	/* 0, 1 and 2 are reserved (hypervisor, local, host); 2^32 - 1 is VMADDR_CID_ANY. */
+	if (cid <= HOST_CID || cid >= U32_MAX)
+		return -EINVAL;
+	mutex_lock(&vsock_devs_lock);
+	guest_cid_param = cid;
+	list_for_each_entry(v, &vsock_devs, node) {
+		bool changed;
+
+		mutex_lock(&v->vdpasim.mutex);
+		changed = v->guest_cid != cid;
+		if (changed) {
+			WRITE_ONCE(v->guest_cid, cid);
+			free_all_conns(v);
+		}
+		mutex_unlock(&v->vdpasim.mutex);
+		if (changed)
+			vdpasim_config_changed(&v->vdpasim);
+	}
+	mutex_unlock(&vsock_devs_lock);
+	return 0;
+}
+
+static int guest_cid_get(char *buf, const struct kernel_param *kp)
+{
+	u64 cid;
+
+	mutex_lock(&vsock_devs_lock);
+	cid = guest_cid_param;
+	mutex_unlock(&vsock_devs_lock);
+	return sysfs_emit(buf, "%llu\n", cid);
+}
+
+static const struct kernel_param_ops guest_cid_ops = {
+	.set = guest_cid_set,
+	.get = guest_cid_get,
+};
+module_param_cb(guest_cid, &guest_cid_ops, NULL, 0644);
+MODULE_PARM_DESC(guest_cid, "guest_cid of every vdpasim_vsock device (default 3); writing it changes the CID of existing devices and fires their config interrupt");
 
 static void vdpasim_vsock_mgmtdev_release(struct device *dev)
 {
@@ -397,15 +537,25 @@ static int vdpasim_vsock_dev_add(struct vdpa_mgmt_dev *mdev, const char *name,
 		return PTR_ERR(simdev);
 
 	v = sim_to_vsock(simdev);
+	INIT_LIST_HEAD(&v->node);
 	v->pkt = kvmalloc(HDR_LEN + HOST_BUF_ALLOC, GFP_KERNEL);
 	if (!v->pkt) {
 		ret = -ENOMEM;
 		goto reg_err;
 	}
+	mutex_lock(&vsock_devs_lock);
+	v->guest_cid = guest_cid_param;
+	list_add(&v->node, &vsock_devs);
+	mutex_unlock(&vsock_devs_lock);
 	ret = _vdpa_register_device(&simdev->vdpa, VDPASIM_VSOCK_VQ_NUM);
 	if (ret)
-		goto reg_err;
+		goto list_err;
 	return 0;
+
+list_err:
+	mutex_lock(&vsock_devs_lock);
+	list_del(&v->node);
+	mutex_unlock(&vsock_devs_lock);
 
 reg_err:
 	put_device(&simdev->vdpa.dev);
@@ -415,7 +565,11 @@ reg_err:
 static void vdpasim_vsock_dev_del(struct vdpa_mgmt_dev *mdev, struct vdpa_device *dev)
 {
 	struct vdpasim *simdev = container_of(dev, struct vdpasim, vdpa);
+	struct vdpasim_vsock *v = sim_to_vsock(simdev);
 
+	mutex_lock(&vsock_devs_lock);
+	list_del(&v->node);
+	mutex_unlock(&vsock_devs_lock);
 	_vdpa_unregister_device(&simdev->vdpa);
 }
 

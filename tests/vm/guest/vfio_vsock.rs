@@ -647,16 +647,17 @@ pub(super) fn vfio_inspect_cli() -> TestResult {
         if ok {
             return Err(fail("inspect without ,noiommu succeeded"));
         }
-        if !(all.contains("no-IOMMU") && all.contains(",noiommu") && all.contains("DMA")) {
-            return Err(fail(format!("error does not explain the risk: {all}")));
+        // The open error itself (not only the sysfs summary) must say why and how to consent.
+        let refusal = all
+            .lines()
+            .find(|l| l.contains("Refusing without explicit consent"))
+            .ok_or_else(|| fail(format!("no refusal in the output: {all}")))?;
+        if !(refusal.contains("can DMA to any physical memory")
+            && refusal.contains(&format!("vfio:{bdf},noiommu")))
+        {
+            return Err(fail(format!("error does not explain the risk: {refusal}")));
         }
-        println!(
-            "# without ,noiommu: {}",
-            all.lines()
-                .find(|l| l.contains("no-IOMMU"))
-                .unwrap_or("")
-                .trim()
-        );
+        println!("# without ,noiommu: {}", refusal.trim());
         Ok(())
     })
 }

@@ -19,8 +19,9 @@
 //! Why not the `vfio-ioctls` crate: 0.10 is compatible with our vm-memory 0.18 / vmm-sys-util
 //! 0.15 (and builds without KVM), but its `VfioContainer` only accepts the type1 IOMMU models
 //! (`check_extension` / `set_iommu` reject anything else), so it cannot open a no-IOMMU group,
-//! the only mode our QEMU harness has. The dozen ioctls needed are declared below with
-//! vmm-sys-util's macros and numbers from `linux/vfio.h`.
+//! the only mode our QEMU harness has. Its structures and constants are rust-vmm's
+//! `vfio-bindings` (the crate `vfio-ioctls` builds on); the dozen ioctl numbers are declared
+//! below with vmm-sys-util's macros, as `vfio-ioctls` does privately.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -47,86 +48,44 @@ pub const TYPE1_IOVA_BASE: u64 = 0x1_0000_0000;
 const VIRTIO_VSOCK_PCI_ID: u16 = 0x1053;
 const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
 const VIRTIO_F_ACCESS_PLATFORM: u64 = 33;
-/// The VFIO ioctls and structures we use (`linux/vfio.h`).
+/// The VFIO ioctls we use. Structures and constants come from rust-vmm's `vfio-bindings`
+/// (`linux/vfio.h`); it has no ioctl numbers (`vfio-ioctls` keeps its own private), so those are
+/// declared here with vmm-sys-util's macros from the header's `VFIO_TYPE`/`VFIO_BASE`.
 mod sys {
     #![allow(non_upper_case_globals, unreachable_pub)]
     use vmm_sys_util::ioctl_io_nr;
 
-    const VFIO_TYPE: u32 = b';' as u32;
-    const VFIO_BASE: u32 = 100;
-    pub const VFIO_API_VERSION: i32 = 0;
-    pub const VFIO_TYPE1v2_IOMMU: u64 = 3;
-    pub const VFIO_NOIOMMU_IOMMU: u64 = 8;
-    pub const VFIO_GROUP_FLAGS_VIABLE: u32 = 1;
-    pub const VFIO_DEVICE_FLAGS_PCI: u32 = 1 << 1;
-    pub const VFIO_REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
-    pub const VFIO_REGION_INFO_FLAG_CAPS: u32 = 1 << 3;
-    pub const VFIO_REGION_INFO_CAP_SPARSE_MMAP: u16 = 1;
-    pub const VFIO_PCI_CONFIG_REGION_INDEX: u32 = 7;
-    pub const VFIO_PCI_INTX_IRQ_INDEX: u32 = 0;
-    pub const VFIO_PCI_MSIX_IRQ_INDEX: u32 = 2;
-    pub const VFIO_IRQ_SET_DATA_NONE: u32 = 1;
-    pub const VFIO_IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
-    pub const VFIO_IRQ_SET_ACTION_UNMASK: u32 = 1 << 4;
-    pub const VFIO_IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
-    pub const VFIO_DMA_MAP_FLAG_READ: u32 = 1;
-    pub const VFIO_DMA_MAP_FLAG_WRITE: u32 = 2;
+    pub use vfio_bindings::bindings::vfio::{
+        vfio_device_info, vfio_group_status, vfio_iommu_type1_dma_map, vfio_iommu_type1_dma_unmap,
+        vfio_irq_info, vfio_region_info, VFIO_API_VERSION, VFIO_DEVICE_FLAGS_PCI,
+        VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_GROUP_FLAGS_VIABLE,
+        VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_EVENTFD,
+        VFIO_IRQ_SET_DATA_NONE, VFIO_NOIOMMU_IOMMU, VFIO_PCI_CONFIG_REGION_INDEX,
+        VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_REGION_INFO_CAP_SPARSE_MMAP,
+        VFIO_REGION_INFO_FLAG_CAPS, VFIO_REGION_INFO_FLAG_MMAP, VFIO_TYPE1v2_IOMMU,
+    };
+    use vfio_bindings::bindings::vfio::{VFIO_BASE, VFIO_TYPE};
 
-    ioctl_io_nr!(VFIO_GET_API_VERSION, VFIO_TYPE, VFIO_BASE);
-    ioctl_io_nr!(VFIO_CHECK_EXTENSION, VFIO_TYPE, VFIO_BASE + 1);
-    ioctl_io_nr!(VFIO_SET_IOMMU, VFIO_TYPE, VFIO_BASE + 2);
-    ioctl_io_nr!(VFIO_GROUP_GET_STATUS, VFIO_TYPE, VFIO_BASE + 3);
-    ioctl_io_nr!(VFIO_GROUP_SET_CONTAINER, VFIO_TYPE, VFIO_BASE + 4);
-    ioctl_io_nr!(VFIO_GROUP_GET_DEVICE_FD, VFIO_TYPE, VFIO_BASE + 6);
-    ioctl_io_nr!(VFIO_DEVICE_GET_INFO, VFIO_TYPE, VFIO_BASE + 7);
-    ioctl_io_nr!(VFIO_DEVICE_GET_REGION_INFO, VFIO_TYPE, VFIO_BASE + 8);
-    ioctl_io_nr!(VFIO_DEVICE_GET_IRQ_INFO, VFIO_TYPE, VFIO_BASE + 9);
-    ioctl_io_nr!(VFIO_DEVICE_SET_IRQS, VFIO_TYPE, VFIO_BASE + 10);
-    ioctl_io_nr!(VFIO_IOMMU_MAP_DMA, VFIO_TYPE, VFIO_BASE + 13);
-    ioctl_io_nr!(VFIO_IOMMU_UNMAP_DMA, VFIO_TYPE, VFIO_BASE + 14);
+    const TYPE: u32 = VFIO_TYPE as u32;
 
+    ioctl_io_nr!(VFIO_GET_API_VERSION, TYPE, VFIO_BASE);
+    ioctl_io_nr!(VFIO_CHECK_EXTENSION, TYPE, VFIO_BASE + 1);
+    ioctl_io_nr!(VFIO_SET_IOMMU, TYPE, VFIO_BASE + 2);
+    ioctl_io_nr!(VFIO_GROUP_GET_STATUS, TYPE, VFIO_BASE + 3);
+    ioctl_io_nr!(VFIO_GROUP_SET_CONTAINER, TYPE, VFIO_BASE + 4);
+    ioctl_io_nr!(VFIO_GROUP_GET_DEVICE_FD, TYPE, VFIO_BASE + 6);
+    ioctl_io_nr!(VFIO_DEVICE_GET_INFO, TYPE, VFIO_BASE + 7);
+    ioctl_io_nr!(VFIO_DEVICE_GET_REGION_INFO, TYPE, VFIO_BASE + 8);
+    ioctl_io_nr!(VFIO_DEVICE_GET_IRQ_INFO, TYPE, VFIO_BASE + 9);
+    ioctl_io_nr!(VFIO_DEVICE_SET_IRQS, TYPE, VFIO_BASE + 10);
+    ioctl_io_nr!(VFIO_IOMMU_MAP_DMA, TYPE, VFIO_BASE + 13);
+    ioctl_io_nr!(VFIO_IOMMU_UNMAP_DMA, TYPE, VFIO_BASE + 14);
+
+    /// `struct vfio_irq_set` (whose `data` is a flexible array in the bindings) with room for
+    /// up to 8 eventfds, laid out as the kernel reads it.
     #[repr(C)]
     #[derive(Default)]
-    pub struct vfio_group_status {
-        pub argsz: u32,
-        pub flags: u32,
-    }
-
-    #[repr(C)]
-    #[derive(Default)]
-    pub struct vfio_device_info {
-        pub argsz: u32,
-        pub flags: u32,
-        pub num_regions: u32,
-        pub num_irqs: u32,
-        pub cap_offset: u32,
-        pub pad: u32,
-    }
-
-    #[repr(C)]
-    #[derive(Default, Clone, Copy)]
-    pub struct vfio_region_info {
-        pub argsz: u32,
-        pub flags: u32,
-        pub index: u32,
-        pub cap_offset: u32,
-        pub size: u64,
-        pub offset: u64,
-    }
-
-    #[repr(C)]
-    #[derive(Default)]
-    pub struct vfio_irq_info {
-        pub argsz: u32,
-        pub flags: u32,
-        pub index: u32,
-        pub count: u32,
-    }
-
-    /// `struct vfio_irq_set` followed by up to 8 eventfds.
-    #[repr(C)]
-    #[derive(Default)]
-    pub struct vfio_irq_set {
+    pub struct IrqSet {
         pub argsz: u32,
         pub flags: u32,
         pub index: u32,
@@ -135,24 +94,11 @@ mod sys {
         pub data: [i32; 8],
     }
 
-    #[repr(C)]
-    #[derive(Default)]
-    pub struct vfio_iommu_type1_dma_map {
-        pub argsz: u32,
-        pub flags: u32,
-        pub vaddr: u64,
-        pub iova: u64,
-        pub size: u64,
-    }
-
-    #[repr(C)]
-    #[derive(Default)]
-    pub struct vfio_iommu_type1_dma_unmap {
-        pub argsz: u32,
-        pub flags: u32,
-        pub iova: u64,
-        pub size: u64,
-    }
+    // The header of `IrqSet` is exactly `vfio_irq_set`'s fixed part.
+    const _: () = assert!(
+        std::mem::size_of::<vfio_bindings::bindings::vfio::vfio_irq_set>()
+            == std::mem::offset_of!(IrqSet, data)
+    );
 }
 
 /// The only unsafe MMIO code: one mmap'd BAR window and bounds-checked volatile accesses.
@@ -344,7 +290,7 @@ fn sparse_areas(buf: &[u8], first: usize) -> Option<Vec<(u64, u64)>> {
         if off == 0 {
             break;
         }
-        if u16_at(off)? == sys::VFIO_REGION_INFO_CAP_SPARSE_MMAP {
+        if u32::from(u16_at(off)?) == sys::VFIO_REGION_INFO_CAP_SPARSE_MMAP {
             let n = u32_at(off + 8)? as usize;
             return (0..n.min(64))
                 .map(|i| Some((u64_at(off + 16 + 16 * i)?, u64_at(off + 24 + 16 * i)?)))
@@ -572,14 +518,14 @@ impl VfioPciDevice {
         let container = rw("/dev/vfio/vfio")?;
         // SAFETY: GET_API_VERSION takes no argument.
         let v = unsafe { vmm_sys_util::ioctl::ioctl(&container, sys::VFIO_GET_API_VERSION()) };
-        if v != sys::VFIO_API_VERSION {
+        if i64::from(v) != i64::from(sys::VFIO_API_VERSION) {
             return Err(failed(format!("VFIO API version {v}, expected 0")));
         }
-        let iommu = if noiommu {
+        let iommu = u64::from(if noiommu {
             sys::VFIO_NOIOMMU_IOMMU
         } else {
             sys::VFIO_TYPE1v2_IOMMU
-        };
+        });
         // SAFETY: CHECK_EXTENSION takes an integer argument and writes nothing.
         let ok = unsafe {
             vmm_sys_util::ioctl::ioctl_with_val(&container, sys::VFIO_CHECK_EXTENSION(), iommu)
@@ -775,8 +721,8 @@ fn set_irqs_on(device: &File, index: u32, flags: u32, fds: &[i32]) -> Result<(),
         let fds = &fds[..fds.len().min(8)];
         #[allow(clippy::cast_possible_truncation)]
         let n = fds.len() as u32; // <= 8
-        let mut set = sys::vfio_irq_set {
-            argsz: 20 + 4 * n,
+        let mut set = sys::IrqSet {
+            argsz: argsz::<vfio_bindings::bindings::vfio::vfio_irq_set>() + 4 * n,
             flags,
             index,
             start: 0,
@@ -1031,6 +977,7 @@ impl VsockDevice for VfioPciDevice {
                 flags: 0,
                 iova,
                 size,
+                ..Default::default()
             };
             // SAFETY: UNMAP_DMA reads one `vfio_iommu_type1_dma_unmap` (and writes back the
             // size unmapped into it; it is exclusively ours for the call).

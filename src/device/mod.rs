@@ -194,6 +194,25 @@ pub trait VsockDevice: Send + fmt::Debug {
     }
 }
 
+/// Device status bits (virtio 1.2 section 2.1), as the `u8` the status register holds; values from
+/// virtio-bindings.
+#[allow(clippy::cast_possible_truncation)] // every VIRTIO_CONFIG_S_* value fits in the status byte
+pub mod status {
+    use virtio_bindings::virtio_config as c;
+    /// The guest noticed the device.
+    pub const ACKNOWLEDGE: u8 = c::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8;
+    /// The guest knows how to drive it.
+    pub const DRIVER: u8 = c::VIRTIO_CONFIG_S_DRIVER as u8;
+    /// The driver is ready.
+    pub const DRIVER_OK: u8 = c::VIRTIO_CONFIG_S_DRIVER_OK as u8;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u8 = c::VIRTIO_CONFIG_S_FEATURES_OK as u8;
+    /// The device hit an error it cannot recover from without a reset.
+    pub const NEEDS_RESET: u8 = c::VIRTIO_CONFIG_S_NEEDS_RESET as u8;
+    /// Something went wrong in the driver.
+    pub const FAILED: u8 = c::VIRTIO_CONFIG_S_FAILED as u8;
+}
+
 /// A device status byte with its bits named (virtio 1.2 section 2.1), for `inspect` and errors:
 /// `0xf (ACKNOWLEDGE DRIVER FEATURES_OK DRIVER_OK)`.
 pub fn status_names(status: u8) -> String {

@@ -40,28 +40,17 @@ use crate::dma::{DmaOptions, DmaRegion, IovaBase, PAGE_SIZE};
 use crate::virtq::QueueLayout;
 
 /// virtio device id of a vsock device.
-pub const VIRTIO_ID_VSOCK: u32 = 19;
+pub const VIRTIO_ID_VSOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 /// virtio device id of a network device.
-pub const VIRTIO_ID_NET: u32 = 1;
+pub const VIRTIO_ID_NET: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 
 /// Device status bits (virtio 1.2 section 2.1).
-pub mod status {
-    /// The guest noticed the device.
-    pub const ACKNOWLEDGE: u8 = 1;
-    /// The guest knows how to drive it.
-    pub const DRIVER: u8 = 2;
-    /// The driver is ready.
-    pub const DRIVER_OK: u8 = 4;
-    /// Feature negotiation is complete.
-    pub const FEATURES_OK: u8 = 8;
-    /// Something went wrong in the driver.
-    pub const FAILED: u8 = 128;
-}
+pub use super::status;
 
 /// `VIRTIO_F_VERSION_1`.
-pub const F_VERSION_1: u64 = 32;
+pub const F_VERSION_1: u64 = virtio_bindings::virtio_config::VIRTIO_F_VERSION_1 as u64;
 /// `VIRTIO_F_ACCESS_PLATFORM`.
-pub const F_ACCESS_PLATFORM: u64 = 33;
+pub const F_ACCESS_PLATFORM: u64 = virtio_bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM as u64;
 
 /// Backend feature bit: v2 IOTLB messages (`VHOST_BACKEND_F_IOTLB_MSG_V2`).
 pub const BACKEND_F_IOTLB_MSG_V2: u64 = 1 << vb::VHOST_BACKEND_F_IOTLB_MSG_V2;
@@ -70,10 +59,14 @@ pub const BACKEND_F_IOTLB_BATCH: u64 = 1 << vb::VHOST_BACKEND_F_IOTLB_BATCH;
 
 /// Size of `struct vhost_msg_v2` (linux/vhost_types.h): `__u32 type; __u32 asid;` then a
 /// 64-byte union whose `struct vhost_iotlb_msg` is `__u64 iova, size, uaddr; __u8 perm, type;`.
-pub const VHOST_MSG_V2_SIZE: usize = 72;
+pub const VHOST_MSG_V2_SIZE: usize = std::mem::size_of::<vb::vhost_msg_v2>();
+const _: () = assert!(
+    VHOST_MSG_V2_SIZE == 72,
+    "the kernel's struct vhost_msg_v2 is 72 bytes"
+);
 
 /// `VHOST_ACCESS_RW` (linux/vhost_types.h).
-pub const VHOST_ACCESS_RW: u8 = 3;
+pub const VHOST_ACCESS_RW: u8 = vb::VHOST_ACCESS_RW;
 
 /// Encodes one v2 IOTLB message (`struct vhost_msg_v2` with `type = VHOST_IOTLB_MSG_V2`).
 pub fn encode_iotlb_v2(

@@ -62,17 +62,9 @@ const FEATURES: &[(u64, &str)] = &[
     ),
 ];
 
-/// The names of the bits set in `bits`; unknown bits as `bit N`.
+/// The names of the feature bits set in `bits`; unknown bits as `bit N`.
 pub(crate) fn feature_names(bits: u64) -> Vec<String> {
-    (0..64)
-        .filter(|b| bits & (1u64 << b) != 0)
-        .map(|b| {
-            FEATURES
-                .iter()
-                .find(|(bit, _)| *bit == b)
-                .map_or_else(|| format!("bit {b}"), |(_, n)| (*n).to_string())
-        })
-        .collect()
+    vdpa_vsock::device::bit_names(bits, FEATURES)
 }
 
 fn features_json(bits: u64) -> Value {

@@ -213,6 +213,20 @@ pub mod status {
     pub const FAILED: u8 = c::VIRTIO_CONFIG_S_FAILED as u8;
 }
 
+/// The names of the bits set in `bits`, lowest first, from `table` (bit number, name); a bit the
+/// table does not know reads `bit N`.
+pub fn bit_names(bits: u64, table: &[(u64, &str)]) -> Vec<String> {
+    (0..64)
+        .filter(|b| bits & (1u64 << b) != 0)
+        .map(|b| {
+            table
+                .iter()
+                .find(|(bit, _)| *bit == b)
+                .map_or_else(|| format!("bit {b}"), |(_, n)| (*n).to_string())
+        })
+        .collect()
+}
+
 /// A device status byte with its bits named (virtio 1.2 section 2.1), for `inspect` and errors:
 /// `0xf (ACKNOWLEDGE DRIVER FEATURES_OK DRIVER_OK)`.
 pub fn status_names(status: u8) -> String {

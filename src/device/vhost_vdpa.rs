@@ -798,15 +798,7 @@ pub fn backend_feature_names(bits: u64) -> String {
         (vb::VHOST_BACKEND_F_IOTLB_ASID, "IOTLB_ASID"),
         (vb::VHOST_BACKEND_F_SUSPEND, "SUSPEND"),
     ];
-    let names: Vec<String> = (0..64)
-        .filter(|b| bits & (1u64 << b) != 0)
-        .map(|b| {
-            NAMES
-                .iter()
-                .find(|(bit, _)| *bit == b)
-                .map_or_else(|| format!("bit {b}"), |(_, n)| (*n).to_string())
-        })
-        .collect();
+    let names = super::bit_names(bits, NAMES);
     if names.is_empty() {
         "none".into()
     } else {

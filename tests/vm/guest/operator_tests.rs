@@ -18,7 +18,7 @@ use vdpa_vsock::device::{DeviceSpec, VHOST_VSOCK_PATH};
 use vdpa_vsock::driver::{DriverConfig, VsockDriver};
 
 use super::vhost_vsock_tests::{kernel_accept, kernel_listen, recv_checksum, send_pattern};
-use super::{fail, find_pci, pci_driver, rebind_virtio_pci, skip, wait_for_path, TestResult};
+use super::{fail, pci_driver, rebind_virtio_pci, skip, wait_for_path, TestResult};
 
 /// The kernel AF_VSOCK echo service `serve`'s clients reach (our driver is CID 4 on vhost-vsock,
 /// the guest kernel is its host, CID 2).
@@ -336,11 +336,7 @@ fn expect_bind(args: &[&str], code: i32, needles: &[&str]) -> Result<String, sup
 /// virtio-vsock function to vfio-pci (our driver then runs on it), a refusal while our driver has
 /// the VFIO group open, unbind, and back to virtio-pci, where the kernel's vsock works again.
 pub(crate) fn bind_sh_rebinds_vsock_function() -> TestResult {
-    let dev = find_pci("0x1af4", "0x1053")?.ok_or_else(|| fail("no 1af4:1053 PCI function"))?;
-    let bdf = dev
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let (dev, bdf) = super::vsock_function()?;
     if pci_driver(&dev).as_deref() != Some("virtio-pci") {
         return Err(fail(format!("{bdf} does not start on virtio-pci")));
     }
@@ -562,11 +558,7 @@ pub(crate) fn udev_rules_give_group_vsock() -> TestResult {
             expect_vsock_group(Path::new(node))
         })?;
         // The virtio-vsock function handed to vfio-pci with bind.sh: the helper accepts its group.
-        let dev = find_pci("0x1af4", "0x1053")?.ok_or_else(|| fail("no 1af4:1053 PCI function"))?;
-        let bdf = dev
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let (dev, bdf) = super::vsock_function()?;
         let bound = (|| {
             expect_bind(&["--bind", "vfio-pci", &bdf], 0, &["-> vfio-pci"])?;
             let group = fs::read_link(dev.join("iommu_group"))?;
@@ -633,11 +625,7 @@ fn listed(
 /// as not usable with the bind.sh command to run, usable once bind.sh moved it to vfio-pci; a vDPA
 /// device with its node; /dev/vhost-vsock usable.
 pub(crate) fn cli_list_sees_real_devices() -> TestResult {
-    let dev = find_pci("0x1af4", "0x1053")?.ok_or_else(|| fail("no 1af4:1053 PCI function"))?;
-    let bdf = dev
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let (_, bdf) = super::vsock_function()?;
     super::vdpa_tests::with_vdpa_dev("vdpasim_net", "vdpa-list", |node| {
         let devs = list_json()?;
         let pci = listed(&devs, "pci", &bdf)?;

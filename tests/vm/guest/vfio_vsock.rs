@@ -41,11 +41,7 @@ fn config() -> DriverConfig {
 
 /// Binds the vsock function to vfio-pci, runs `body(bdf)`, rebinds it to virtio-pci.
 fn with_vfio_bound(body: impl FnOnce(&str) -> TestResult) -> TestResult {
-    let dev = find_pci("0x1af4", "0x1053")?.ok_or_else(|| fail("no 1af4:1053 PCI function"))?;
-    let bdf = dev
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let (dev, bdf) = super::vsock_function()?;
     let result = (|| {
         if pci_driver(&dev).is_some() {
             write_sysfs(dev.join("driver/unbind"), &bdf)?;

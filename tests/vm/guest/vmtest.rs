@@ -349,11 +349,7 @@ fn vdpa_sim_net_device() -> TestResult {
 
 /// The guest's virtio-vsock PCI function (1af4:1053) moves to vfio-pci in noiommu mode and back.
 fn vfio_noiommu_rebind() -> TestResult {
-    let dev = find_pci("0x1af4", "0x1053")?.ok_or_else(|| fail("no 1af4:1053 PCI function"))?;
-    let bdf = dev
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let (dev, bdf) = vsock_function()?;
     let before = pci_driver(&dev);
     if before.as_deref() != Some("virtio-pci") {
         return Err(fail(format!(
@@ -402,6 +398,16 @@ fn rebind_virtio_pci(dev: &Path, bdf: &str) -> TestResult {
         )));
     }
     Ok(())
+}
+
+/// The guest's virtio-vsock PCI function (1af4:1053): its sysfs directory and its address.
+fn vsock_function() -> Result<(PathBuf, String), NotPassed> {
+    let dev = find_pci("0x1af4", "0x1053")?.ok_or_else(|| fail("no 1af4:1053 PCI function"))?;
+    let bdf = dev
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| fail(format!("{} has no file name", dev.display())))?;
+    Ok((dev, bdf))
 }
 
 fn find_pci(vendor: &str, device: &str) -> io::Result<Option<PathBuf>> {

@@ -60,6 +60,26 @@ const FEATURES: &[(u64, &str)] = &[
         virtio_bindings::virtio_config::VIRTIO_F_NOTIFICATION_DATA as u64,
         "NOTIFICATION_DATA",
     ),
+    (
+        virtio_bindings::virtio_config::VIRTIO_F_NOTIFY_ON_EMPTY as u64,
+        "NOTIFY_ON_EMPTY",
+    ),
+    (
+        virtio_bindings::virtio_config::VIRTIO_F_ANY_LAYOUT as u64,
+        "ANY_LAYOUT",
+    ),
+    (
+        virtio_bindings::virtio_config::VIRTIO_F_NOTIF_CONFIG_DATA as u64,
+        "NOTIF_CONFIG_DATA",
+    ),
+    (
+        virtio_bindings::virtio_config::VIRTIO_F_RING_RESET as u64,
+        "RING_RESET",
+    ),
+    (
+        virtio_bindings::virtio_config::VIRTIO_F_ADMIN_VQ as u64,
+        "ADMIN_VQ",
+    ),
 ];
 
 /// The names of the feature bits set in `bits`; unknown bits as `bit N`.
@@ -232,5 +252,24 @@ pub(crate) fn run(args: &InspectArgs, roots: &Roots) -> Result<()> {
             }
             Err(e.context(format!("opening device {}", args.device)))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::feature_names;
+
+    #[test]
+    fn feature_names_cover_what_real_devices_offer() {
+        // What vdpasim_vsock offers (vdpa_sim adds ANY_LAYOUT), and an unknown bit.
+        assert_eq!(
+            feature_names(0x3_0800_0000 | (1 << 50)),
+            ["ANY_LAYOUT", "VERSION_1", "ACCESS_PLATFORM", "bit 50"]
+        );
+        // Debian 6.12's vhost-vsock, virtio bits only.
+        assert_eq!(
+            feature_names(0x1_2000_0002),
+            ["SEQPACKET", "EVENT_IDX", "VERSION_1"]
+        );
     }
 }

@@ -14,6 +14,7 @@ use vdpa_vsock::packet::{
     VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_VSOCK_F_NO_IMPLIED_STREAM, VIRTIO_VSOCK_F_SEQPACKET, VIRTIO_VSOCK_F_STREAM,
 };
+use virtio_bindings::{virtio_config as vc, virtio_ring as vr};
 
 use super::list::{self, Candidate};
 use super::{preflight, Roots};
@@ -33,53 +34,20 @@ const FEATURES: &[(u64, &str)] = &[
     (VIRTIO_VSOCK_F_STREAM, "STREAM"),
     (VIRTIO_VSOCK_F_SEQPACKET, "SEQPACKET"),
     (VIRTIO_VSOCK_F_NO_IMPLIED_STREAM, "NO_IMPLIED_STREAM"),
-    (
-        virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC as u64,
-        "INDIRECT_DESC",
-    ),
+    (vr::VIRTIO_RING_F_INDIRECT_DESC as u64, "INDIRECT_DESC"),
     (VIRTIO_RING_F_EVENT_IDX, "EVENT_IDX"),
     (VIRTIO_F_VERSION_1, "VERSION_1"),
     (VIRTIO_F_ACCESS_PLATFORM, "ACCESS_PLATFORM"),
-    (
-        virtio_bindings::virtio_config::VIRTIO_F_RING_PACKED as u64,
-        "RING_PACKED",
-    ),
-    (
-        virtio_bindings::virtio_config::VIRTIO_F_IN_ORDER as u64,
-        "IN_ORDER",
-    ),
-    (
-        virtio_bindings::virtio_config::VIRTIO_F_ORDER_PLATFORM as u64,
-        "ORDER_PLATFORM",
-    ),
-    (
-        virtio_bindings::virtio_config::VIRTIO_F_SR_IOV as u64,
-        "SR_IOV",
-    ),
-    (
-        virtio_bindings::virtio_config::VIRTIO_F_NOTIFICATION_DATA as u64,
-        "NOTIFICATION_DATA",
-    ),
-    (
-        virtio_bindings::virtio_config::VIRTIO_F_NOTIFY_ON_EMPTY as u64,
-        "NOTIFY_ON_EMPTY",
-    ),
-    (
-        virtio_bindings::virtio_config::VIRTIO_F_ANY_LAYOUT as u64,
-        "ANY_LAYOUT",
-    ),
-    (
-        virtio_bindings::virtio_config::VIRTIO_F_NOTIF_CONFIG_DATA as u64,
-        "NOTIF_CONFIG_DATA",
-    ),
-    (
-        virtio_bindings::virtio_config::VIRTIO_F_RING_RESET as u64,
-        "RING_RESET",
-    ),
-    (
-        virtio_bindings::virtio_config::VIRTIO_F_ADMIN_VQ as u64,
-        "ADMIN_VQ",
-    ),
+    (vc::VIRTIO_F_RING_PACKED as u64, "RING_PACKED"),
+    (vc::VIRTIO_F_IN_ORDER as u64, "IN_ORDER"),
+    (vc::VIRTIO_F_ORDER_PLATFORM as u64, "ORDER_PLATFORM"),
+    (vc::VIRTIO_F_SR_IOV as u64, "SR_IOV"),
+    (vc::VIRTIO_F_NOTIFICATION_DATA as u64, "NOTIFICATION_DATA"),
+    (vc::VIRTIO_F_NOTIFY_ON_EMPTY as u64, "NOTIFY_ON_EMPTY"),
+    (vc::VIRTIO_F_ANY_LAYOUT as u64, "ANY_LAYOUT"),
+    (vc::VIRTIO_F_NOTIF_CONFIG_DATA as u64, "NOTIF_CONFIG_DATA"),
+    (vc::VIRTIO_F_RING_RESET as u64, "RING_RESET"),
+    (vc::VIRTIO_F_ADMIN_VQ as u64, "ADMIN_VQ"),
 ];
 
 /// The names of the feature bits set in `bits`; unknown bits as `bit N`.

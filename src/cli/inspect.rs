@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
 use vdpa_vsock::device::{DeviceSpec, VsockDevice, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
-use vdpa_vsock::driver::{DriverConfig, VsockDriver};
+use vdpa_vsock::driver::{wanted_features, DriverConfig, VsockDriver};
 use vdpa_vsock::packet::{
     VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_VSOCK_F_NO_IMPLIED_STREAM, VIRTIO_VSOCK_F_SEQPACKET, VIRTIO_VSOCK_F_STREAM,
@@ -68,13 +68,8 @@ fn inspect_device(
     json_out: bool,
 ) -> Result<()> {
     let offered = dev.offered_features();
-    // The same choice `VsockDriver::from_device` makes: VERSION_1, and EVENT_IDX, SEQPACKET and
-    // ACCESS_PLATFORM whenever offered.
-    let want = (1 << VIRTIO_F_VERSION_1)
-        | (offered
-            & ((1 << VIRTIO_RING_F_EVENT_IDX)
-                | (1 << VIRTIO_VSOCK_F_SEQPACKET)
-                | (1 << VIRTIO_F_ACCESS_PLATFORM)));
+    // The driver's own choice; the backend adds ACCESS_PLATFORM when offered.
+    let want = wanted_features(offered);
     let negotiated = dev.negotiate(want);
     let cid = dev.guest_cid();
     let nq = dev.num_queues();

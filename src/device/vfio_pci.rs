@@ -47,7 +47,7 @@ pub const TYPE1_IOVA_BASE: u64 = 0x1_0000_0000;
 /// virtio-pci device ID of virtio-vsock (0x1040 + 19).
 const VIRTIO_VSOCK_PCI_ID: u16 = 0x1053;
 const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
-const VIRTIO_F_ACCESS_PLATFORM: u64 = 33;
+use crate::packet::VIRTIO_F_ACCESS_PLATFORM;
 /// The VFIO ioctls we use. Structures and constants come from rust-vmm's `vfio-bindings`
 /// (`linux/vfio.h`); it has no ioctl numbers (`vfio-ioctls` keeps its own private), so those are
 /// declared here with vmm-sys-util's macros from the header's `VFIO_TYPE`/`VFIO_BASE`.

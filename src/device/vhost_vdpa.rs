@@ -48,9 +48,9 @@ pub const VIRTIO_ID_NET: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 pub use super::status;
 
 /// `VIRTIO_F_VERSION_1`.
-pub const F_VERSION_1: u64 = virtio_bindings::virtio_config::VIRTIO_F_VERSION_1 as u64;
+pub const F_VERSION_1: u64 = crate::packet::VIRTIO_F_VERSION_1;
 /// `VIRTIO_F_ACCESS_PLATFORM`.
-pub const F_ACCESS_PLATFORM: u64 = virtio_bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM as u64;
+pub const F_ACCESS_PLATFORM: u64 = crate::packet::VIRTIO_F_ACCESS_PLATFORM;
 
 /// Backend feature bit: v2 IOTLB messages (`VHOST_BACKEND_F_IOTLB_MSG_V2`).
 pub const BACKEND_F_IOTLB_MSG_V2: u64 = 1 << vb::VHOST_BACKEND_F_IOTLB_MSG_V2;

@@ -282,6 +282,14 @@ impl DriverTransport {
     }
 }
 
+/// The features the driver asks a device for, given what it `offered`: VERSION_1 (required), and
+/// EVENT_IDX and SEQPACKET whenever offered (the SEQPACKET outcome decides whether seqpacket
+/// sockets exist). Backends add what only they care about (ACCESS_PLATFORM).
+pub fn wanted_features(offered: u64) -> u64 {
+    (1 << VIRTIO_F_VERSION_1)
+        | (offered & ((1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_VSOCK_F_SEQPACKET)))
+}
+
 /// Whether `cid` may be a guest's CID: 0, 1 and 2 are the hypervisor, local and host, and
 /// `u32::MAX` is `VMADDR_CID_ANY`; the upper 32 bits are reserved (virtio 1.2 section 5.10.4).
 fn valid_guest_cid(cid: u64) -> bool {
@@ -608,11 +616,7 @@ impl VsockDriver {
                 offered,
             }));
         }
-        let mut want = 1 << VIRTIO_F_VERSION_1;
-        want |= offered & (1 << VIRTIO_RING_F_EVENT_IDX);
-        // SEQPACKET whenever the device offers it; `pc.seqpacket` below follows the outcome.
-        want |= offered & (1 << VIRTIO_VSOCK_F_SEQPACKET);
-        let negotiated = dev.negotiate(want).map_err(&e)?;
+        let negotiated = dev.negotiate(wanted_features(offered)).map_err(&e)?;
         let event_idx = negotiated & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let cid = dev.guest_cid().map_err(&e)?;
         if !valid_guest_cid(cid) {

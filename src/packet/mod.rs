@@ -48,18 +48,21 @@ pub const PKT_HEADER_SIZE: usize = 44;
 /// [`PKT_HEADER_SIZE`] as a descriptor length.
 const PKT_HEADER_LEN: u32 = 44;
 
-/// Feature bit: stream sockets (`VIRTIO_VSOCK_F_STREAM`, virtio 1.2 5.10.3).
+/// Feature bit: stream sockets (`VIRTIO_VSOCK_F_STREAM`, virtio 1.2 5.10.3). The vsock bits are
+/// not in virtio-bindings; the transport bits below come from it.
 pub const VIRTIO_VSOCK_F_STREAM: u64 = 0;
 /// Feature bit: seqpacket sockets (`VIRTIO_VSOCK_F_SEQPACKET`).
 pub const VIRTIO_VSOCK_F_SEQPACKET: u64 = 1;
 /// Feature bit: stream support is not implied when STREAM is not offered (`VIRTIO_VSOCK_F_NO_IMPLIED_STREAM`).
 pub const VIRTIO_VSOCK_F_NO_IMPLIED_STREAM: u64 = 2;
 /// Feature bit: the device notifies with the used/avail event index (`VIRTIO_RING_F_EVENT_IDX`).
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 29;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 =
+    virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX as u64;
 /// Feature bit: virtio 1.0 or later (`VIRTIO_F_VERSION_1`).
-pub const VIRTIO_F_VERSION_1: u64 = 32;
+pub const VIRTIO_F_VERSION_1: u64 = virtio_bindings::virtio_config::VIRTIO_F_VERSION_1 as u64;
 /// Feature bit: the device accesses memory through an IOMMU (`VIRTIO_F_ACCESS_PLATFORM`).
-pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 33;
+pub const VIRTIO_F_ACCESS_PLATFORM: u64 =
+    virtio_bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM as u64;
 
 /// Shutdown flag: the sender will receive no more data (`VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE`).
 pub const VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE: u32 = 1;

@@ -158,7 +158,7 @@ fn wait_discarded(driver: &VsockDriver, total: u64) -> Result<()> {
 
 pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
     if args.device != DeviceSpec::Sim {
-        bail!("bench measures the sim device only for now (found --device {}); hardware backends are not built yet", args.device);
+        bail!("bench measures the in-process sim device only (found --device {}); for hardware backends, tests/vm/run.sh prints throughput comparisons (e.g. vhost_vsock_throughput_vs_loopback)", args.device);
     }
     if args.write_size == 0 || args.msg_size == 0 || args.bytes == 0 || args.round_trips == 0 {
         bail!("--bytes, --write-size, --round-trips and --msg-size must be positive");

@@ -10,9 +10,8 @@ use std::path::Path;
 use anyhow::Result;
 use clap::Args;
 use serde_json::{json, Map, Value};
-use vdpa_vsock::device::DeviceSpec;
 
-use super::{backend_built, node_problem, Roots};
+use super::{node_problem, Roots};
 
 /// Options of `vdpa-vsock list`.
 #[derive(Debug, Args)]
@@ -136,10 +135,6 @@ fn vdpa_tool_facts(name: &str) -> Vec<(&'static str, String)> {
     facts
 }
 
-fn backend_problem(spec: &DeviceSpec, kind: &str) -> Option<String> {
-    (!backend_built(spec)).then(|| format!("the {kind} backend is not built yet in this version"))
-}
-
 /// Every vDPA device.
 pub(crate) fn vdpa_devices(roots: &Roots) -> Vec<Candidate> {
     let base = roots.sys("bus/vdpa/devices");
@@ -194,14 +189,7 @@ pub(crate) fn vdpa_devices(roots: &Roots) -> Vec<Candidate> {
                 driver.as_deref().unwrap_or("no driver")
             ))
         } else if let Some(n) = &node {
-            node_problem(n).or_else(|| {
-                backend_problem(
-                    &DeviceSpec::VhostVdpa {
-                        path: n.display().to_string(),
-                    },
-                    "vhost-vdpa",
-                )
-            })
+            node_problem(n)
         } else {
             Some("bound to vhost_vdpa but has no vhost-vdpa-N child".into())
         };
@@ -282,17 +270,7 @@ pub(crate) fn pci_candidate(roots: &Roots, bdf: &str, dir: &Path, device: u32) -
                 None => Some("bound to vfio-pci but has no iommu_group".into()),
                 Some(n) => {
                     facts.push(("node", n.display().to_string()));
-                    node_problem(&roots.dev("vfio/vfio"))
-                        .or_else(|| node_problem(&n))
-                        .or_else(|| {
-                            backend_problem(
-                                &DeviceSpec::Vfio {
-                                    bdf: bdf.to_string(),
-                                    noiommu,
-                                },
-                                "vfio",
-                            )
-                        })
+                    node_problem(&roots.dev("vfio/vfio")).or_else(|| node_problem(&n))
                 }
             }
         }
@@ -318,11 +296,7 @@ pub(crate) fn pci_candidate(roots: &Roots, bdf: &str, dir: &Path, device: u32) -
 /// The kernel's vhost-vsock node.
 pub(crate) fn vhost_vsock(roots: &Roots) -> Candidate {
     let node = roots.dev("vhost-vsock");
-    let spec = DeviceSpec::VhostVsock {
-        path: node.display().to_string(),
-        cid: 3,
-    };
-    let problem = node_problem(&node).or_else(|| backend_problem(&spec, "vhost-vsock"));
+    let problem = node_problem(&node);
     Candidate {
         kind: "vhost-vsock",
         name: node.display().to_string(),

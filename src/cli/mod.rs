@@ -12,8 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Result};
 use nix::unistd::AccessFlags;
-use vdpa_vsock::device::{DeviceError, DeviceSpec};
-use vdpa_vsock::driver::DriverError;
+use vdpa_vsock::device::DeviceSpec;
 
 /// Where the kernel's sysfs and device nodes are. `/sys` and `/dev` unless overridden by
 /// `--sysfs-root`/`--dev-root` or the `SYSFS_ROOT`/`DEV_ROOT` environment variables (tests).
@@ -66,28 +65,6 @@ pub(crate) fn node_problem(path: &Path) -> Option<String> {
             path.display()
         )),
     }
-}
-
-/// Whether this build has a backend for `spec`'s kind: asks the backend to open a node that
-/// cannot exist, which a built backend refuses with "not found" and a missing one with
-/// `NotImplemented`. No real device is touched.
-pub(crate) fn backend_built(spec: &DeviceSpec) -> bool {
-    let probe = match spec {
-        DeviceSpec::Sim => return true,
-        DeviceSpec::VhostVdpa { .. } => DeviceSpec::VhostVdpa {
-            path: "/nonexistent/vdpa-vsock-probe".into(),
-        },
-        DeviceSpec::Vfio { .. } => DeviceSpec::Vfio {
-            bdf: "ffff:ff:1f.7".into(),
-            noiommu: false,
-        },
-        DeviceSpec::VhostVsock { cid, .. } => DeviceSpec::VhostVsock {
-            path: "/nonexistent/vdpa-vsock-probe".into(),
-            cid: *cid,
-        },
-        DeviceSpec::Auto => return true,
-    };
-    !matches!(probe.open(), Err(DeviceError::NotImplemented(_)))
 }
 
 /// Check what can be checked before opening `spec`, so a new user gets "no such node" rather
@@ -147,20 +124,6 @@ pub(crate) fn preflight(spec: &DeviceSpec, roots: &Roots) -> Result<()> {
 /// A one-line hint for the errors a new user meets, found anywhere in the error's chain.
 pub(crate) fn hint(err: &anyhow::Error) -> Option<&'static str> {
     for cause in err.chain() {
-        if let Some(DeviceError::NotImplemented(_)) = cause.downcast_ref::<DeviceError>() {
-            return Some(
-                "this build drives only --device sim so far; `vdpa-vsock list` shows what is there",
-            );
-        }
-        if let Some(DriverError::Device {
-            source: DeviceError::NotImplemented(_),
-            ..
-        }) = cause.downcast_ref::<DriverError>()
-        {
-            return Some(
-                "this build drives only --device sim so far; `vdpa-vsock list` shows what is there",
-            );
-        }
         if let Some(e) = cause.downcast_ref::<io::Error>() {
             if e.raw_os_error() == Some(libc::ENOTTY) {
                 return Some("that node is not a vhost device of this kind (vhost-vdpa: /dev/vhost-vdpa-N, vhost-vsock: /dev/vhost-vsock); `vdpa-vsock list` shows them");

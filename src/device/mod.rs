@@ -52,9 +52,6 @@ pub enum DeviceError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The backend exists in the design but is not built yet.
-    #[error("the {0} backend is not implemented yet in this version")]
-    NotImplemented(&'static str),
     /// The device lacks a feature the driver needs.
     #[error(
         "device does not offer required feature {name} (bit {bit}); offered features {offered:#x}"
@@ -605,7 +602,7 @@ mod tests {
 
     #[test]
     fn vhost_vsock_is_built() {
-        // Either it opens (a real node) or it fails with an OS error, never "not implemented".
+        // A missing node fails with the OS error and the modprobe hint.
         let spec = ok("vhost-vsock:/nonexistent/vhost-vsock,cid=4");
         let e = spec.open().unwrap_err();
         assert!(matches!(e, DeviceError::Hinted { .. }), "{e:?}");

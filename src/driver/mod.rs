@@ -126,10 +126,6 @@ impl From<DriverError> for io::Error {
                 source: DeviceError::InvalidSpec { .. },
                 ..
             } => io::ErrorKind::InvalidInput,
-            DriverError::Device {
-                source: DeviceError::NotImplemented(_),
-                ..
-            } => io::ErrorKind::Unsupported,
             DriverError::InvalidConfig(_) => io::ErrorKind::InvalidInput,
             DriverError::NoDevice { .. } => io::ErrorKind::NotFound,
             _ => io::ErrorKind::Other,

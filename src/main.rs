@@ -156,6 +156,8 @@ fn main() -> ExitCode {
     };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // Whoever read our output stopped reading (`| head`): nothing to report.
+        Err(e) if e.downcast_ref::<cli::StdoutClosed>().is_some() => ExitCode::SUCCESS,
         Err(e) => {
             match cli::hint(&e) {
                 Some(h) => eprintln!("vdpa-vsock: error: {e:#} (hint: {h})"),

@@ -211,6 +211,39 @@ fn connection_refused_has_a_hint() {
     expect_error(&out, 1, &["connecting to 2:1234", "sim host serves 7"]);
 }
 
+/// `vdpa-vsock list | head -1` and the like: the reader is gone before we write. Every printing
+/// subcommand stops quietly with status 0 (no panic, no error line), as a Unix tool would.
+#[test]
+fn stdout_closed_by_the_reader_is_quiet() {
+    for args in [
+        &["list"][..],
+        &["list", "--json"],
+        &["inspect", "sim"],
+        &["inspect", "sim", "--json"],
+    ] {
+        let (read_end, write_end) = nix::unistd::pipe().expect("pipe");
+        drop(read_end);
+        let out = cmd()
+            .args(args)
+            .stdout(Stdio::from(write_end))
+            .stderr(Stdio::piped())
+            .output()
+            .expect("running vdpa-vsock");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: stderr:\n{stderr}");
+        assert!(stderr.is_empty(), "{args:?}: stderr:\n{stderr}");
+    }
+    // A device that fails to open still fails, closed pipe or not.
+    let (read_end, write_end) = nix::unistd::pipe().expect("pipe");
+    drop(read_end);
+    let out = cmd()
+        .args(["inspect", "vhost-vdpa:/nonexistent/vhost-vdpa-9"])
+        .stdout(Stdio::from(write_end))
+        .output()
+        .expect("running vdpa-vsock");
+    expect_error(&out, 1, &["/nonexistent/vhost-vdpa-9"]);
+}
+
 #[test]
 fn list_json_parses() {
     let out = run(&["list", "--json"]);

@@ -300,33 +300,44 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
                 )
             })
             .collect();
-        println!("[{}]", items.join(","));
+        outln!("[{}]", items.join(","))?;
     } else {
-        println!(
+        outln!(
             "bytes={} write_size={} round_trips={} msg_size={}",
-            bytes, ws, n, args.msg_size
-        );
-        println!(
+            bytes,
+            ws,
+            n,
+            args.msg_size
+        )?;
+        outln!(
             "{:<22} {:<26} {:>14} {:<14} {:>12}",
-            "workload", "transport", "value", "unit", "x socketpair"
-        );
+            "workload",
+            "transport",
+            "value",
+            "unit",
+            "x socketpair"
+        )?;
         for r in &rows {
             let ratio =
                 baseline(r.workload).map_or(String::from("-"), |b| format!("{:.2}x", r.value / b));
-            println!(
+            outln!(
                 "{:<22} {:<26} {:>14.2} {:<14} {:>12}",
-                r.workload, r.transport, r.value, r.unit, ratio
-            );
+                r.workload,
+                r.transport,
+                r.value,
+                r.unit,
+                ratio
+            )?;
         }
         let memcpy = rows
             .iter()
             .find(|r| r.transport == "memcpy")
             .map(|r| r.value);
         if let (Some(ours), Some(m)) = (rows.first().map(|r| r.value), memcpy) {
-            println!(
+            outln!(
                 "vdpa-vsock one-way = {:.0}% of memcpy bandwidth",
                 100.0 * ours / m
-            );
+            )?;
         }
     }
     Ok(())

@@ -90,66 +90,70 @@ fn inspect_device(
     }
     drop(dev);
     let up = VsockDriver::open_with(spec, driver_config(spec)).map(|d| d.local_cid());
-    if json_out {
-        let mut v = json!({
-            "device": spec.to_string(),
-            "name": name,
-            "offered": features_json(offered),
-            "negotiated": negotiated.as_ref().map_or_else(|e| json!({ "error": e.to_string() }), |n| features_json(*n)),
-            "guest_cid": cid.as_ref().map_or_else(|e| json!({ "error": e.to_string() }), |c| json!(c)),
-            "num_queues": nq,
-            "queues": queues,
-            "details": details.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
-            "driver_up": up.is_ok(),
-        });
-        if let Some(c) = sysfs {
-            v["sysfs"] = c.to_json();
-        }
-        if let Err(e) = &up {
-            v["driver_error"] = json!(format!("{e:#}"));
-        }
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        println!("device:      {spec} ({name})");
-        if let Some(c) = sysfs {
-            c.print();
-        }
-        println!(
-            "offered:     {offered:#x} {}",
-            feature_names(offered).join(" ")
-        );
-        match &negotiated {
-            Ok(n) => println!("negotiated:  {n:#x} {}", feature_names(*n).join(" ")),
-            Err(e) => println!("negotiated:  failed: {e}"),
-        }
-        match &cid {
-            Ok(c) => println!("guest_cid:   {c}"),
-            Err(e) => println!("guest_cid:   unreadable: {e}"),
-        }
-        println!("queues:      {nq}");
-        for q in &queues {
-            println!(
-                "  {:<6} max size {}, driver uses {}",
-                q["name"].as_str().unwrap_or("?"),
-                q["max_size"],
-                q["driver_size"]
-            );
-        }
-        for (k, v) in &details {
-            println!("{:<12} {v}", format!("{k}:"));
-        }
-        println!(
-            "driver:      {}",
-            match &up {
-                Ok(c) => format!("brought up, local CID {c}"),
-                Err(e) => format!("failed: {e}"),
+    // Printing stops at a closed stdout, but the device's own failures still decide the exit.
+    let printed = (|| -> Result<()> {
+        if json_out {
+            let mut v = json!({
+                "device": spec.to_string(),
+                "name": name,
+                "offered": features_json(offered),
+                "negotiated": negotiated.as_ref().map_or_else(|e| json!({ "error": e.to_string() }), |n| features_json(*n)),
+                "guest_cid": cid.as_ref().map_or_else(|e| json!({ "error": e.to_string() }), |c| json!(c)),
+                "num_queues": nq,
+                "queues": queues,
+                "details": details.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+                "driver_up": up.is_ok(),
+            });
+            if let Some(c) = sysfs {
+                v["sysfs"] = c.to_json();
             }
-        );
-    }
+            if let Err(e) = &up {
+                v["driver_error"] = json!(format!("{e:#}"));
+            }
+            outln!("{}", serde_json::to_string_pretty(&v)?)?;
+        } else {
+            outln!("device:      {spec} ({name})")?;
+            if let Some(c) = sysfs {
+                c.print()?;
+            }
+            outln!(
+                "offered:     {offered:#x} {}",
+                feature_names(offered).join(" ")
+            )?;
+            match &negotiated {
+                Ok(n) => outln!("negotiated:  {n:#x} {}", feature_names(*n).join(" "))?,
+                Err(e) => outln!("negotiated:  failed: {e}")?,
+            }
+            match &cid {
+                Ok(c) => outln!("guest_cid:   {c}")?,
+                Err(e) => outln!("guest_cid:   unreadable: {e}")?,
+            }
+            outln!("queues:      {nq}")?;
+            for q in &queues {
+                outln!(
+                    "  {:<6} max size {}, driver uses {}",
+                    q["name"].as_str().unwrap_or("?"),
+                    q["max_size"],
+                    q["driver_size"]
+                )?;
+            }
+            for (k, v) in &details {
+                outln!("{:<12} {v}", format!("{k}:"))?;
+            }
+            outln!(
+                "driver:      {}",
+                match &up {
+                    Ok(c) => format!("brought up, local CID {c}"),
+                    Err(e) => format!("failed: {e}"),
+                }
+            )?;
+        }
+        Ok(())
+    })();
     negotiated.with_context(|| format!("negotiating features with {spec}"))?;
     cid.with_context(|| format!("reading guest_cid of {spec}"))?;
     up.with_context(|| format!("bringing the driver up on {spec}"))?;
-    Ok(())
+    printed
 }
 
 /// The driver settings `inspect` brings the driver up with: the defaults, except for VFIO in
@@ -195,24 +199,28 @@ pub(crate) fn run(args: &InspectArgs, roots: &Roots) -> Result<()> {
     match opened {
         Ok(dev) => inspect_device(&args.device, dev, found.as_ref(), args.json),
         Err(e) => {
-            if args.json {
-                let v = json!({
-                    "device": args.device.to_string(),
-                    "sysfs": found.as_ref().map(Candidate::to_json),
-                    "open": format!("cannot open: {e:#}"),
-                });
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                println!("device:  {}", args.device);
-                match &found {
-                    Some(c) => c.print(),
-                    None => println!(
-                        "sysfs:   nothing known about it under {}",
-                        roots.sys.display()
-                    ),
+            // A closed stdout does not hide the open error: it is returned either way.
+            let _ = (|| -> Result<()> {
+                if args.json {
+                    let v = json!({
+                        "device": args.device.to_string(),
+                        "sysfs": found.as_ref().map(Candidate::to_json),
+                        "open": format!("cannot open: {e:#}"),
+                    });
+                    outln!("{}", serde_json::to_string_pretty(&v)?)?;
+                } else {
+                    outln!("device:  {}", args.device)?;
+                    match &found {
+                        Some(c) => c.print()?,
+                        None => outln!(
+                            "sysfs:   nothing known about it under {}",
+                            roots.sys.display()
+                        )?,
+                    }
+                    outln!("open:    cannot open: {e:#}")?;
                 }
-                println!("open:    cannot open: {e:#}");
-            }
+                Ok(())
+            })();
             Err(e.context(format!("opening device {}", args.device)))
         }
     }

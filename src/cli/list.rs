@@ -64,20 +64,21 @@ impl Candidate {
     }
 
     /// The text form: a heading line and indented facts.
-    pub(crate) fn print(&self) {
+    pub(crate) fn print(&self) -> Result<()> {
         let status = match &self.problem {
             None => "usable".to_string(),
             Some(p) => format!("not usable: {p}"),
         };
-        println!(
+        outln!(
             "{:<12} {:<28} {}",
             self.kind,
             self.spec.as_deref().unwrap_or(&self.name),
             status
-        );
+        )?;
         for (k, v) in &self.facts {
-            println!("{:<12}   {k}: {v}", "");
+            outln!("{:<12}   {k}: {v}", "")?;
         }
+        Ok(())
     }
 }
 
@@ -332,10 +333,10 @@ pub(crate) fn run(args: &ListArgs, roots: &Roots) -> Result<()> {
     all.push(sim());
     if args.json {
         let v = json!({ "devices": all.iter().map(Candidate::to_json).collect::<Vec<_>>() });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?)?;
     } else {
         for c in &all {
-            c.print();
+            c.print()?;
         }
     }
     Ok(())

@@ -1,6 +1,17 @@
 //! Subcommand implementations of the CLI, and what they share: where sysfs and `/dev` are (so the
 //! operator commands can be tested on a fake tree), the pre-flight check of a device spec, and
 //! the hint printed under an error.
+
+/// `println!` that returns an error instead of panicking when stdout is gone
+/// (`vdpa-vsock list | head -1`): a closed pipe becomes [`StdoutClosed`], on which `main` exits
+/// quietly, like a Unix tool killed by SIGPIPE (the process ignores SIGPIPE, as Rust sets it up).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err($crate::cli::stdout_error)
+    }};
+}
+
 pub(crate) mod bench;
 pub(crate) mod inspect;
 pub(crate) mod list;
@@ -13,6 +24,27 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, Result};
 use nix::unistd::AccessFlags;
 use vdpa_vsock::device::DeviceSpec;
+
+/// Our standard output was closed by its reader (a pipe into `head`, say): not worth a message.
+#[derive(Debug)]
+pub(crate) struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// What a failed write to stdout becomes: [`StdoutClosed`] for a closed pipe, else the error.
+pub(crate) fn stdout_error(e: io::Error) -> anyhow::Error {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        anyhow::Error::new(StdoutClosed)
+    } else {
+        anyhow::Error::new(e).context("writing to standard output")
+    }
+}
 
 /// Where the kernel's sysfs and device nodes are. `/sys` and `/dev` unless overridden by
 /// `--sysfs-root`/`--dev-root` or the `SYSFS_ROOT`/`DEV_ROOT` environment variables (tests).

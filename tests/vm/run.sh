@@ -71,7 +71,7 @@ candidate() {
 apt_install_missing() {
     local missing=() p
     for p in "$@"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+        [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) == *"ok installed" ]] || missing+=("$p")
     done
     [[ ${#missing[@]} -gt 0 ]] || return 0
     apt_update_once
@@ -118,7 +118,8 @@ resolve_kernel() {
         KPKGVER=$(candidate linux-image-6.12-amd64)
     fi
     [[ -n $KPKGVER ]] || die "apt knows no linux-image-6.12-amd64 (bookworm-security or backports needed)"
-    meta=$(apt-cache show "linux-image-6.12-amd64=$KPKGVER" | sed -n 's/^Depends: //p' | head -n 1)
+    # sed quits at the first match itself: `| head -n 1` could kill it with SIGPIPE (pipefail).
+    meta=$(apt-cache show "linux-image-6.12-amd64=$KPKGVER" | sed -n '/^Depends: /{s///p;q}')
     # "linux-image-6.12.117+deb12-amd64 (= 6.12.117-1~deb12u1)" -> 6.12.117+deb12
     KABI=$(sed -n 's/.*linux-image-\(6\.12\.[0-9]*+[a-z0-9]*\)-amd64.*/\1/p' <<<"$meta")
     [[ -n $KABI ]] || die "cannot read the kernel ABI name from: $meta"
@@ -273,14 +274,15 @@ build_initramfs() {
     # iproute2's vdpa tool and its shared libraries (and those of bash, for tools/bind.sh, and of
     # udevadm, for the udev/ rules).
     cp /usr/sbin/vdpa "$ir/usr/sbin/vdpa"
-    local lib
-    if ldd /usr/sbin/vdpa /bin/bash "$UDEVADM" | grep -q 'not found'; then
-        die "shared libraries missing: $(ldd /usr/sbin/vdpa /bin/bash "$UDEVADM" | grep 'not found' | tr -s ' \t\n' ' ')"
+    local lib libs
+    libs=$(ldd /usr/sbin/vdpa /bin/bash "$UDEVADM")
+    if grep -q 'not found' <<<"$libs"; then
+        die "shared libraries missing: $(grep 'not found' <<<"$libs" | tr -s ' \t\n' ' ')"
     fi
-    for lib in $(ldd /usr/sbin/vdpa /bin/bash "$UDEVADM" | grep -o '/[^ ]*' | grep -v ':$' | sort -u); do
+    while read -r lib; do
         mkdir -p "$ir$(dirname "$lib")"
         cp -L "$lib" "$ir$lib"
-    done
+    done < <(grep -o '/[^ ]*' <<<"$libs" | grep -v ':$' | sort -u)
     cp "$VMTEST" "$ir/bin/vmtest"
     # udev with only our rules, installed as udev/README.md says; group vsock as gid 990.
     cp "$UDEVADM" "$ir/bin/udevadm"
@@ -531,8 +533,12 @@ main() {
         "$VMTEST" --list
         return 0
     fi
+    # The list is read whole first: `vmtest --list | grep -q` let grep exit at the first match,
+    # and vmtest then died of the closed pipe (pipefail), a race that failed CI once.
+    local known
+    known=$("$VMTEST" --list)
     for t in "$@"; do
-        "$VMTEST" --list | grep -qx -- "$t" || die "unknown test '$t' (see: tests/vm/run.sh --list)"
+        grep -qx -- "$t" <<<"$known" || die "unknown test '$t' (see: tests/vm/run.sh --list)"
     done
     apt_install_missing "${HOST_PACKAGES[@]}"
     setup_qemu

@@ -586,9 +586,9 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("--list") => {
-            for t in TESTS {
-                println!("{}", t.name);
-            }
+            // One write, and no panic if the reader left early (`vmtest --list | grep -q`).
+            let names: String = TESTS.iter().map(|t| format!("{}\n", t.name)).collect();
+            let _ = std::io::stdout().lock().write_all(names.as_bytes());
             return ExitCode::SUCCESS;
         }
         Some("--exit") => {

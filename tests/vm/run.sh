@@ -118,8 +118,10 @@ resolve_kernel() {
         KPKGVER=$(candidate linux-image-6.12-amd64)
     fi
     [[ -n $KPKGVER ]] || die "apt knows no linux-image-6.12-amd64 (bookworm-security or backports needed)"
-    # sed quits at the first match itself: `| head -n 1` could kill it with SIGPIPE (pipefail).
-    meta=$(apt-cache show "linux-image-6.12-amd64=$KPKGVER" | sed -n '/^Depends: /{s///p;q}')
+    # Captured first: a reader that quits early (`| head -n 1`) can kill the writer with SIGPIPE,
+    # which pipefail turns into a failure.
+    meta=$(apt-cache show "linux-image-6.12-amd64=$KPKGVER")
+    meta=$(sed -n '/^Depends: /{s///p;q}' <<<"$meta")
     # "linux-image-6.12.117+deb12-amd64 (= 6.12.117-1~deb12u1)" -> 6.12.117+deb12
     KABI=$(sed -n 's/.*linux-image-\(6\.12\.[0-9]*+[a-z0-9]*\)-amd64.*/\1/p' <<<"$meta")
     [[ -n $KABI ]] || die "cannot read the kernel ABI name from: $meta"

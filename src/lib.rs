@@ -16,6 +16,7 @@
 
 #![deny(missing_docs)]
 
+mod copy;
 pub mod device;
 pub mod dma;
 pub mod driver;

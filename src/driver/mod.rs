@@ -542,7 +542,7 @@ impl VsockDriver {
     }
 
     /// `auto`: the first vsock vDPA device, then a virtio-vsock function bound to vfio-pci, then
-    /// the kernel's vhost-vsock with the first free CID from [`AUTO_FIRST_CID`].
+    /// the kernel's vhost-vsock with the first free CID from [`crate::device::AUTO_FIRST_CID`].
     fn open_auto(config: DriverConfig) -> Result<Self, DriverError> {
         let mut tried = Vec::new();
         for spec in crate::device::auto_candidates() {

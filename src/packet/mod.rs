@@ -503,6 +503,16 @@ struct Desc {
 }
 
 #[inline]
+/// The piece size for copying `n` payload bytes between `dst` and `src`: all at once, or
+/// [`crate::copy::CHUNK`] when the two addresses alias modulo 4 KiB (see [`crate::copy`]).
+fn piece_len(n: usize, dst: *const u8, src: *const u8) -> usize {
+    if n > crate::copy::CHUNK && crate::copy::aliases(dst, src) {
+        crate::copy::CHUNK
+    } else {
+        n.max(1)
+    }
+}
+
 fn next_desc<T>(chain: &mut DescriptorChain<T>) -> Option<Desc>
 where
     T: Deref,
@@ -571,8 +581,13 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                 break;
             }
             let n = s.len().min(buf.len() - done);
-            s.read_slice(&mut buf[done..done + n], 0)
-                .map_err(Error::InvalidVolatileAccess)?;
+            let dst = &mut buf[done..done + n];
+            let piece = piece_len(n, dst.as_ptr(), s.ptr_guard().as_ptr());
+            for off in (0..n).step_by(piece) {
+                let end = n.min(off + piece);
+                s.read_slice(&mut dst[off..end], off)
+                    .map_err(Error::InvalidVolatileAccess)?;
+            }
             done += n;
         }
         Ok(done)
@@ -587,8 +602,13 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                 break;
             }
             let n = s.len().min(buf.len() - done);
-            s.write_slice(&buf[done..done + n], 0)
-                .map_err(Error::InvalidVolatileAccess)?;
+            let src = &buf[done..done + n];
+            let piece = piece_len(n, s.ptr_guard().as_ptr(), src.as_ptr());
+            for off in (0..n).step_by(piece) {
+                let end = n.min(off + piece);
+                s.write_slice(&src[off..end], off)
+                    .map_err(Error::InvalidVolatileAccess)?;
+            }
             done += n;
         }
         Ok(done)

@@ -291,7 +291,7 @@ impl Conn {
                     (n, flags)
                 }
             };
-            take_front(&mut self.tx_buf, &mut payload[..n]);
+            crate::copy::take_front(&mut self.tx_buf, &mut payload[..n]);
             // n <= limit, which came from a u32.
             let n32 = u32::try_from(n).unwrap_or(u32::MAX);
             self.credit.on_tx(n32);
@@ -311,15 +311,4 @@ impl Conn {
         }
         None
     }
-}
-
-/// Move the first `out.len()` bytes of `q` into `out` (the caller checked `q` holds that many),
-/// with at most two `memcpy`s instead of a byte-at-a-time drain.
-pub(crate) fn take_front(q: &mut std::collections::VecDeque<u8>, out: &mut [u8]) {
-    let n = out.len();
-    let (a, b) = q.as_slices();
-    let from_a = a.len().min(n);
-    out[..from_a].copy_from_slice(&a[..from_a]);
-    out[from_a..].copy_from_slice(&b[..n - from_a]);
-    q.drain(..n);
 }

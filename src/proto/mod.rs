@@ -518,7 +518,7 @@ impl Endpoint {
             conn.writable_wanted = !data.is_empty();
             return Ok(0);
         }
-        conn.tx_buf.extend(&data[..n]);
+        crate::copy::extend_deque(&mut conn.tx_buf, &data[..n]);
         self.schedule(c);
         Ok(n)
     }
@@ -568,7 +568,7 @@ impl Endpoint {
         )?;
         if !conn.rx_buf.is_empty() && !buf.is_empty() {
             let n = conn.rx_buf.len().min(buf.len());
-            conn::take_front(&mut conn.rx_buf, &mut buf[..n]);
+            crate::copy::take_front(&mut conn.rx_buf, &mut buf[..n]);
             Self::consumed(conn, n);
             self.schedule(c);
             return Ok(n);
@@ -608,7 +608,7 @@ impl Endpoint {
             conn.writable_wanted = true;
             return Err(ProtoError::WouldBlock);
         }
-        conn.tx_buf.extend(msg);
+        crate::copy::extend_deque(&mut conn.tx_buf, msg);
         conn.tx_msgs.push_back((msg.len(), eor));
         self.schedule(c);
         Ok(())
@@ -632,7 +632,7 @@ impl Endpoint {
         )?;
         if let Some((len, eor)) = conn.rx_msgs.pop_front() {
             let copied = len.min(buf.len());
-            conn::take_front(&mut conn.rx_buf, &mut buf[..copied]);
+            crate::copy::take_front(&mut conn.rx_buf, &mut buf[..copied]);
             conn.rx_buf.drain(..len - copied);
             Self::consumed(conn, len);
             self.schedule(c);
@@ -1284,7 +1284,7 @@ impl Endpoint {
             Self::consumed(conn, payload.len());
             return;
         }
-        conn.rx_buf.extend(payload);
+        crate::copy::extend_deque(&mut conn.rx_buf, payload);
         let mut readable = !payload.is_empty();
         if conn.ty == SocketType::SeqPacket {
             conn.rx_partial += payload.len();

@@ -244,6 +244,56 @@ fn stdout_closed_by_the_reader_is_quiet() {
     expect_error(&out, 1, &["/nonexistent/vhost-vdpa-9"]);
 }
 
+/// A short bench run: every row is there, measured (no speed is asserted: that is the bench's
+/// job, not a test's), and a bad `--buffer-offset` is a usage error.
+#[test]
+fn bench_json_has_every_row() {
+    let out = run(&[
+        "bench",
+        "--bytes",
+        "1048576",
+        "--round-trips",
+        "50",
+        "--buffer-offset",
+        "16",
+        "--json",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Value = serde_json::from_slice(&out.stdout).expect("bench --json is JSON");
+    let rows = rows.as_array().expect("an array of rows");
+    let names: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["workload"].as_str().unwrap(),
+                r["transport"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    for t in [
+        "vdpa-vsock sim",
+        "unix socketpair",
+        "tcp loopback",
+        "memcpy",
+    ] {
+        assert!(
+            names.contains(&("one-way 64KiB writes", t)),
+            "{t}: {names:?}"
+        );
+    }
+    assert_eq!(rows.len(), 8, "{names:?}");
+    for r in rows {
+        assert!(r["value"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    let out = run(&["bench", "--buffer-offset", "4096"]);
+    expect_error(&out, 2, &["--buffer-offset", "4096"]);
+}
+
 #[test]
 fn list_json_parses() {
     let out = run(&["list", "--json"]);

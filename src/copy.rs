@@ -7,9 +7,10 @@
 //! modulo 4 KiB (4K aliasing): a 64 KiB copy measured 12 Gbit/s instead of 280. Our buffers make
 //! that likely, not rare: a page-aligned user buffer copied into a `VecDeque` that the allocator
 //! placed 16 bytes into a page hits it on every write, and the bench's one-way throughput over
-//! `sim` read 7 to 11 Gbit/s instead of 20 to 25. Copies below the `rep movsb` threshold use vector loops,
-//! which do not care, so the copies here go in [`CHUNK`]-byte pieces when the distance is in that
-//! window, and in one piece otherwise. `vdpa-vsock bench --buffer-offset N` shows the effect.
+//! `sim` read 7 to 11 Gbit/s instead of 20 to 25. Copies below the `rep movsb` threshold use
+//! vector loops, which do not care, so the copies here go in [`CHUNK`]-byte pieces when the
+//! distance is in that window, and in one piece otherwise ([`piece_len`] is the rule).
+//! `vdpa-vsock bench --buffer-offset N` shows the effect.
 //!
 //! Used by every copy of payload bytes: into and out of the protocol buffers, and between
 //! buffers and DMA memory.
@@ -22,9 +23,20 @@ pub(crate) const CHUNK: usize = 1024;
 
 /// Whether a forward copy from `src` to `dst` falls in the slow window: `dst` 1..=63 bytes above
 /// `src` modulo 4 KiB.
-pub(crate) fn aliases(dst: *const u8, src: *const u8) -> bool {
+fn aliases(dst: *const u8, src: *const u8) -> bool {
     let gap = (dst as usize).wrapping_sub(src as usize) & 4095;
     (1..64).contains(&gap)
+}
+
+/// The piece size for copying `n` bytes from `src` to `dst`: all at once (`n`, at least 1), or
+/// [`CHUNK`] when the addresses alias. For copies that cannot use [`copy_bytes`], such as those
+/// into and out of DMA memory.
+pub(crate) fn piece_len(n: usize, dst: *const u8, src: *const u8) -> usize {
+    if n > CHUNK && aliases(dst, src) {
+        CHUNK
+    } else {
+        n.max(1)
+    }
 }
 
 /// `dst.copy_from_slice(src)`, in pieces when the addresses alias (see the module docs).
@@ -33,12 +45,9 @@ pub(crate) fn aliases(dst: *const u8, src: *const u8) -> bool {
 /// If the lengths differ, like `copy_from_slice`.
 pub(crate) fn copy_bytes(dst: &mut [u8], src: &[u8]) {
     assert_eq!(dst.len(), src.len(), "copy_bytes: length mismatch");
-    if src.len() > CHUNK && aliases(dst.as_ptr(), src.as_ptr()) {
-        for (d, s) in dst.chunks_mut(CHUNK).zip(src.chunks(CHUNK)) {
-            d.copy_from_slice(s);
-        }
-    } else {
-        dst.copy_from_slice(src);
+    let piece = piece_len(src.len(), dst.as_ptr(), src.as_ptr());
+    for (d, s) in dst.chunks_mut(piece).zip(src.chunks(piece)) {
+        d.copy_from_slice(s);
     }
 }
 

@@ -503,16 +503,6 @@ struct Desc {
 }
 
 #[inline]
-/// The piece size for copying `n` payload bytes between `dst` and `src`: all at once, or
-/// [`crate::copy::CHUNK`] when the two addresses alias modulo 4 KiB (see [`crate::copy`]).
-fn piece_len(n: usize, dst: *const u8, src: *const u8) -> usize {
-    if n > crate::copy::CHUNK && crate::copy::aliases(dst, src) {
-        crate::copy::CHUNK
-    } else {
-        n.max(1)
-    }
-}
-
 fn next_desc<T>(chain: &mut DescriptorChain<T>) -> Option<Desc>
 where
     T: Deref,
@@ -582,7 +572,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
             }
             let n = s.len().min(buf.len() - done);
             let dst = &mut buf[done..done + n];
-            let piece = piece_len(n, dst.as_ptr(), s.ptr_guard().as_ptr());
+            let piece = crate::copy::piece_len(n, dst.as_ptr(), s.ptr_guard().as_ptr());
             for off in (0..n).step_by(piece) {
                 let end = n.min(off + piece);
                 s.read_slice(&mut dst[off..end], off)
@@ -603,7 +593,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
             }
             let n = s.len().min(buf.len() - done);
             let src = &buf[done..done + n];
-            let piece = piece_len(n, s.ptr_guard().as_ptr(), src.as_ptr());
+            let piece = crate::copy::piece_len(n, s.ptr_guard().as_ptr(), src.as_ptr());
             for off in (0..n).step_by(piece) {
                 let end = n.min(off + piece);
                 s.write_slice(&src[off..end], off)

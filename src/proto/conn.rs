@@ -5,6 +5,7 @@ use std::fmt;
 use std::time::Instant;
 
 use super::credit::Credit;
+use super::storage::{RxBuf, Storage, TxBuf};
 use super::{ConnId, ListenerId, ProtoError};
 use crate::packet::{Header, Op, SeqFlags, ShutdownFlags, SocketType};
 
@@ -61,9 +62,8 @@ pub(crate) struct Pending {
     pub(crate) credit_reply: bool,
 }
 
-/// A connection's full state.
-#[derive(Debug)]
-pub(crate) struct Conn {
+/// A connection's full state (its payload lives in `S`'s queues).
+pub(crate) struct Conn<S: Storage> {
     pub(crate) id: ConnId,
     pub(crate) ty: SocketType,
     pub(crate) local_port: u32,
@@ -77,11 +77,13 @@ pub(crate) struct Conn {
     /// Registered in the endpoint's key table (still on the wire).
     pub(crate) in_table: bool,
     pub(crate) credit: Credit,
-    pub(crate) tx_buf: VecDeque<u8>,
-    /// SEQPACKET: messages in `tx_buf`, as (bytes not yet sent, EOR).
+    /// Bytes written and not yet sent.
+    pub(crate) tx: S::Tx,
+    /// SEQPACKET: messages in `tx`, as (bytes not yet sent, EOR).
     pub(crate) tx_msgs: VecDeque<(usize, bool)>,
-    pub(crate) rx_buf: VecDeque<u8>,
-    /// SEQPACKET: complete messages in `rx_buf`, as (length, EOR).
+    /// Bytes received and not yet read.
+    pub(crate) rx: S::Rx,
+    /// SEQPACKET: complete messages in `rx`, as (length, EOR).
     pub(crate) rx_msgs: VecDeque<(usize, bool)>,
     /// SEQPACKET: bytes of the message being reassembled (after the complete ones).
     pub(crate) rx_partial: usize,
@@ -104,9 +106,25 @@ pub(crate) struct Conn {
     pub(crate) queued: bool,
 }
 
-impl Conn {
+impl<S: Storage> fmt::Debug for Conn<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Conn")
+            .field("id", &self.id)
+            .field("ty", &self.ty)
+            .field("local_port", &self.local_port)
+            .field("peer", &(self.peer_cid, self.peer_port))
+            .field("state", &self.state)
+            .field("credit", &self.credit)
+            .field("tx_len", &self.tx.len())
+            .field("rx_len", &self.rx.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Storage> Conn<S> {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
+        storage: &mut S,
         id: ConnId,
         ty: SocketType,
         local_port: u32,
@@ -126,9 +144,9 @@ impl Conn {
             listener: None,
             in_table: false,
             credit: Credit::new(buf_alloc),
-            tx_buf: VecDeque::new(),
+            tx: storage.new_tx(),
             tx_msgs: VecDeque::new(),
-            rx_buf: VecDeque::new(),
+            rx: storage.new_rx(),
             rx_msgs: VecDeque::new(),
             rx_partial: 0,
             local_shutdown: ShutdownFlags::default(),
@@ -172,7 +190,7 @@ impl Conn {
 
     /// Bytes the user may still queue with `send`.
     pub(crate) fn tx_space(&self, send_buffer: usize) -> usize {
-        send_buffer.saturating_sub(self.tx_buf.len())
+        send_buffer.saturating_sub(self.tx.len())
     }
 
     /// Can an RW packet go out now (given a non-empty payload buffer)?
@@ -181,7 +199,7 @@ impl Conn {
             return false;
         }
         match self.ty {
-            SocketType::Stream => !self.tx_buf.is_empty() && self.credit.peer_credit() > 0,
+            SocketType::Stream => !self.tx.is_empty() && self.credit.peer_credit() > 0,
             SocketType::SeqPacket => match self.tx_msgs.front() {
                 Some(&(0, _)) => true,
                 Some(_) => self.credit.peer_credit() > 0,
@@ -193,7 +211,7 @@ impl Conn {
     /// Data waits but the peer gave us no credit, and we have not asked yet.
     fn credit_request_due(&self) -> bool {
         self.tx_open()
-            && !self.tx_buf.is_empty()
+            && !self.tx.is_empty()
             && self.credit.peer_credit() == 0
             && !self.credit.credit_request_sent
     }
@@ -208,7 +226,7 @@ impl Conn {
             return None;
         }
         let mut want = self.local_shutdown;
-        if !self.tx_buf.is_empty() && self.tx_open() {
+        if !self.tx.is_empty() && self.tx_open() {
             want.send = false;
         }
         let bits = want.bits() | self.shutdown_sent;
@@ -252,13 +270,14 @@ impl Conn {
         self.header(local_cid, Op::Rst, 0, 0)
     }
 
-    /// Produce the next packet, copying RW payload into `payload`. Order: handshake, data,
-    /// credit request, shutdown, then a bare credit update.
+    /// Produce the next packet; an RW packet's payload is the first `header.len` bytes of
+    /// `self.tx` (at most `room`, never more than one contiguous piece), which the caller moves
+    /// out. Order: handshake, data, credit request, shutdown, then a bare credit update.
     pub(crate) fn next_packet(
         &mut self,
         local_cid: u64,
         max_payload: u32,
-        payload: &mut [u8],
+        room: usize,
     ) -> Option<Header> {
         if !self.in_table {
             return None;
@@ -272,11 +291,11 @@ impl Conn {
             return Some(self.header(local_cid, Op::Response, 0, 0));
         }
         let empty_msg = matches!(self.tx_msgs.front(), Some(&(0, _)));
-        if self.data_ready() && (!payload.is_empty() || empty_msg) {
-            let room = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+        if self.data_ready() && (room > 0 || empty_msg) {
+            let room = u32::try_from(room.min(self.tx.contiguous())).unwrap_or(u32::MAX);
             let limit = self.credit.peer_credit().min(max_payload).min(room) as usize;
             let (n, flags) = match self.ty {
-                SocketType::Stream => (self.tx_buf.len().min(limit), 0),
+                SocketType::Stream => (self.tx.len().min(limit), 0),
                 SocketType::SeqPacket => {
                     let front = self.tx_msgs.front_mut()?;
                     let n = front.0.min(limit);
@@ -291,7 +310,6 @@ impl Conn {
                     (n, flags)
                 }
             };
-            crate::copy::take_front(&mut self.tx_buf, &mut payload[..n]);
             // n <= limit, which came from a u32.
             let n32 = u32::try_from(n).unwrap_or(u32::MAX);
             self.credit.on_tx(n32);

@@ -85,6 +85,7 @@
 
 mod conn;
 pub mod credit;
+pub mod storage;
 
 #[cfg(test)]
 mod tests;
@@ -97,6 +98,7 @@ use std::time::{Duration, Instant};
 use conn::Conn;
 pub use conn::ConnState;
 use credit::CreditViolation;
+pub use storage::{HeapBuf, HeapStorage, RxBuf, Storage, TxBuf};
 
 use crate::packet::{Header, Op, SeqFlags, ShutdownFlags, SocketType};
 
@@ -318,11 +320,12 @@ struct Listener {
 /// `(local port, peer CID, peer port)`.
 type Key = (u32, u64, u32);
 
-/// The protocol engine for one vsock device (one local CID).
-#[derive(Debug)]
-pub struct Endpoint {
+/// The protocol engine for one vsock device (one local CID). Payload bytes live in the queues
+/// of `S` ([`storage`]); the engine only counts them.
+pub struct Endpoint<S: Storage = HeapStorage> {
     config: Config,
-    conns: HashMap<ConnId, Conn>,
+    storage: S,
+    conns: HashMap<ConnId, Conn<S>>,
     keys: HashMap<Key, ConnId>,
     listeners: HashMap<ListenerId, Listener>,
     listener_ports: HashMap<u32, ListenerId>,
@@ -363,9 +366,45 @@ fn refcount_sub(map: &mut HashMap<u32, usize>, port: u32) {
     }
 }
 
-impl Endpoint {
-    /// A new endpoint. `max_payload` is raised to 1 if zero.
-    pub fn new(mut config: Config) -> Self {
+impl<S: Storage> fmt::Debug for Endpoint<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("config", &self.config)
+            .field("connections", &self.conns.len())
+            .field("listeners", &self.listeners.len())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Endpoint<HeapStorage> {
+    /// A new endpoint whose payload lives on the heap. `max_payload` is raised to 1 if zero.
+    pub fn new(config: Config) -> Self {
+        Endpoint::with_storage(config, HeapStorage)
+    }
+
+    /// Process one received packet whose payload (`hdr.len` bytes) is `payload`.
+    pub fn handle_packet(&mut self, now: Instant, hdr: &Header, payload: &[u8]) {
+        self.handle_packet_with(now, hdr, payload.len(), |rx| rx.push(payload));
+    }
+
+    /// The next packet to send, with up to `payload.len()` bytes of RW data copied into
+    /// `payload` (`header.len` is the count). Control packets have `len` 0. Call until `None`.
+    #[must_use]
+    pub fn poll_transmit(&mut self, now: Instant, payload: &mut [u8]) -> Option<Header> {
+        self.poll_transmit_with(now, payload.len(), |h, tx| {
+            if let Some(tx) = tx {
+                tx.take_into(&mut payload[..h.len as usize]);
+            }
+            *h
+        })
+    }
+}
+
+impl<S: Storage> Endpoint<S> {
+    /// A new endpoint whose connections keep their payload in `storage`'s queues.
+    /// `max_payload` is raised to 1 if zero.
+    pub fn with_storage(mut config: Config, storage: S) -> Self {
         config.max_payload = config.max_payload.max(1);
         let next_ephemeral = config
             .ephemeral_first
@@ -373,6 +412,7 @@ impl Endpoint {
             .unwrap_or(*config.ephemeral_ports.start());
         Endpoint {
             config,
+            storage,
             conns: HashMap::new(),
             keys: HashMap::new(),
             listeners: HashMap::new(),
@@ -428,6 +468,7 @@ impl Endpoint {
         };
         let id = self.new_conn_id();
         let mut conn = Conn::new(
+            &mut self.storage,
             id,
             ty,
             port,
@@ -518,7 +559,12 @@ impl Endpoint {
             conn.writable_wanted = !data.is_empty();
             return Ok(0);
         }
-        crate::copy::extend_deque(&mut conn.tx_buf, &data[..n]);
+        let n = conn.tx.append(&data[..n]);
+        if n == 0 {
+            // The storage is exhausted: space frees as sent packets complete.
+            conn.writable_wanted = true;
+            return Ok(0);
+        }
         self.schedule(c);
         Ok(n)
     }
@@ -530,7 +576,7 @@ impl Endpoint {
         c: ConnId,
         ty: SocketType,
         misuse: &'static str,
-    ) -> Result<&mut Conn, ProtoError> {
+    ) -> Result<&mut Conn<S>, ProtoError> {
         let conn = self
             .conns
             .get_mut(&c)
@@ -548,7 +594,7 @@ impl Endpoint {
         c: ConnId,
         ty: SocketType,
         misuse: &'static str,
-    ) -> Result<&mut Conn, ProtoError> {
+    ) -> Result<&mut Conn<S>, ProtoError> {
         let conn = self.conn_of_type(c, ty, misuse)?;
         conn.readable_notified = false;
         if conn.state == ConnState::Connecting {
@@ -566,14 +612,14 @@ impl Endpoint {
             SocketType::Stream,
             "recv on a seqpacket socket; use recv_msg",
         )?;
-        if !conn.rx_buf.is_empty() && !buf.is_empty() {
-            let n = conn.rx_buf.len().min(buf.len());
-            crate::copy::take_front(&mut conn.rx_buf, &mut buf[..n]);
+        if !conn.rx.is_empty() && !buf.is_empty() {
+            let n = conn.rx.len().min(buf.len());
+            conn.rx.read(&mut buf[..n]);
             Self::consumed(conn, n);
             self.schedule(c);
             return Ok(n);
         }
-        if !conn.rx_buf.is_empty() {
+        if !conn.rx.is_empty() {
             return Ok(0);
         }
         Self::rx_end(conn).map(|()| 0)
@@ -604,11 +650,12 @@ impl Endpoint {
                 max,
             });
         }
-        if conn.tx_space(send_buffer) < msg.len() {
+        if conn.tx_space(send_buffer) < msg.len() || !conn.tx.try_reserve(msg.len()) {
             conn.writable_wanted = true;
             return Err(ProtoError::WouldBlock);
         }
-        crate::copy::extend_deque(&mut conn.tx_buf, msg);
+        let n = conn.tx.append(msg);
+        debug_assert_eq!(n, msg.len(), "the storage took less than it reserved");
         conn.tx_msgs.push_back((msg.len(), eor));
         self.schedule(c);
         Ok(())
@@ -632,8 +679,8 @@ impl Endpoint {
         )?;
         if let Some((len, eor)) = conn.rx_msgs.pop_front() {
             let copied = len.min(buf.len());
-            crate::copy::take_front(&mut conn.rx_buf, &mut buf[..copied]);
-            conn.rx_buf.drain(..len - copied);
+            conn.rx.read(&mut buf[..copied]);
+            conn.rx.discard(len - copied);
             Self::consumed(conn, len);
             self.schedule(c);
             return Ok((copied, len, eor));
@@ -664,8 +711,8 @@ impl Endpoint {
         conn.local_shutdown.receive |= how.receive;
         conn.local_shutdown.send |= how.send;
         if how.receive {
-            let n = conn.rx_buf.len();
-            conn.rx_buf.clear();
+            let n = conn.rx.len();
+            conn.rx.clear();
             conn.rx_msgs.clear();
             conn.rx_partial = 0;
             Self::consumed(conn, n);
@@ -694,13 +741,13 @@ impl Endpoint {
                     receive: true,
                     send: true,
                 };
-                let n = conn.rx_buf.len();
-                conn.rx_buf.clear();
+                let n = conn.rx.len();
+                conn.rx.clear();
                 conn.rx_msgs.clear();
                 conn.rx_partial = 0;
                 Self::consumed(conn, n);
                 if conn.peer_shutdown.receive {
-                    conn.tx_buf.clear();
+                    conn.tx.clear();
                     conn.tx_msgs.clear();
                 }
                 conn.deadline = Some(now + self.config.close_timeout);
@@ -725,7 +772,7 @@ impl Endpoint {
 
     /// Bytes buffered for reading (for seqpacket, of all complete and partial messages).
     pub fn readable_bytes(&self, c: ConnId) -> usize {
-        self.conns.get(&c).map_or(0, |conn| conn.rx_buf.len())
+        self.conns.get(&c).map_or(0, |conn| conn.rx.len())
     }
 
     /// Room in the send buffer, or 0 if the connection cannot send.
@@ -752,8 +799,17 @@ impl Endpoint {
 
     // ----- network side -----
 
-    /// Process one received packet. `payload` is the packet's data (`hdr.len` bytes).
-    pub fn handle_packet(&mut self, now: Instant, hdr: &Header, payload: &[u8]) {
+    /// Process one received packet whose payload is `payload_len` bytes. When the payload is
+    /// to be kept for the reader, `keep` is called once with the connection's receive queue and
+    /// must append exactly `payload_len` bytes to it; otherwise (the packet is dropped, or the
+    /// data discarded because nobody will read it) `keep` is not called.
+    pub fn handle_packet_with(
+        &mut self,
+        now: Instant,
+        hdr: &Header,
+        payload_len: usize,
+        keep: impl FnOnce(&mut S::Rx),
+    ) {
         let _ = now;
         self.stats.packets_in += 1;
         if hdr.dst_cid != self.config.local_cid {
@@ -764,7 +820,7 @@ impl Endpoint {
             self.stats.dropped_invalid += 1;
             return;
         };
-        if payload.len() != hdr.len as usize || (op != Op::Rw && hdr.len != 0) {
+        if payload_len != hdr.len as usize || (op != Op::Rw && hdr.len != 0) {
             self.stats.dropped_invalid += 1;
             return;
         }
@@ -797,7 +853,7 @@ impl Endpoint {
                 self.events.push_back(Event::Connected(id));
             }
             (ConnState::Connecting, _) => self.stats.dropped_invalid += 1,
-            (_, Op::Rw) => self.on_rw(id, hdr, payload),
+            (_, Op::Rw) => self.on_rw(id, hdr, keep),
             (_, Op::Shutdown) => self.on_peer_shutdown(id, hdr.flags),
             (_, Op::CreditUpdate) => self.stats.credit_updates_in += 1,
             (_, Op::CreditRequest) => {
@@ -886,17 +942,25 @@ impl Endpoint {
 
     // ----- outputs -----
 
-    /// The next packet to send, with up to `payload.len()` bytes of RW data copied into
-    /// `payload` (`header.len` is the count). Control packets have `len` 0. Call until `None`.
-    #[must_use]
-    pub fn poll_transmit(&mut self, now: Instant, payload: &mut [u8]) -> Option<Header> {
+    /// The next packet to send, handed to `emit`, whose result is returned; `None` when there
+    /// is nothing to send. An RW packet carries at most `room` bytes, and `emit` gets the
+    /// connection's send queue (`Some`) when `header.len > 0`: it must move exactly the first
+    /// `header.len` bytes out of it (onto the wire). Control packets have `len` 0. Call until
+    /// `None`.
+    pub fn poll_transmit_with<R>(
+        &mut self,
+        now: Instant,
+        room: usize,
+        emit: impl FnOnce(&Header, Option<&mut S::Tx>) -> R,
+    ) -> Option<R> {
         let _ = now;
         if let Some(h) = self
             .control
             .pop_front()
             .or_else(|| self.unknown_rst.pop_front())
         {
-            return Some(self.count_out(h));
+            let h = self.count_out(h);
+            return Some(emit(&h, None));
         }
         let mut budget = self.ready.len();
         while budget > 0 {
@@ -905,7 +969,7 @@ impl Endpoint {
             let Some(conn) = self.conns.get_mut(&id) else {
                 continue;
             };
-            let Some(h) = conn.next_packet(self.config.local_cid, self.config.max_payload, payload)
+            let Some(h) = conn.next_packet(self.config.local_cid, self.config.max_payload, room)
             else {
                 conn.queued = conn.wants_transmit();
                 if conn.queued {
@@ -922,12 +986,29 @@ impl Endpoint {
                 conn.writable_wanted = false;
                 self.events.push_back(Event::Writable(id));
             }
+            let r = if h.len > 0 {
+                let before = conn.tx.len();
+                let r = emit(&h, Some(&mut conn.tx));
+                let taken = before - conn.tx.len();
+                if taken != h.len as usize {
+                    // The owner broke the contract; the accounting would drift from the bytes.
+                    log::error!(
+                        "{id}: poll_transmit_with's emit moved {taken} bytes, expected {}",
+                        h.len
+                    );
+                    debug_assert_eq!(taken, h.len as usize, "emit moved the wrong byte count");
+                }
+                r
+            } else {
+                emit(&h, None)
+            };
             if conn.wants_transmit() {
                 self.ready.push_back(id);
             } else {
                 conn.queued = false;
             }
-            return Some(self.count_out(h));
+            self.count_out(h);
+            return Some(r);
         }
         None
     }
@@ -959,22 +1040,22 @@ impl Endpoint {
             if buffered > conn.credit.buf_alloc as usize {
                 return Err(format!("{id}: {buffered} bytes buffered > buf_alloc"));
             }
-            if buffered != conn.rx_buf.len() {
+            if buffered != conn.rx.len() {
                 return Err(format!(
                     "{id}: credit says {buffered} buffered, rx buffer holds {}",
-                    conn.rx_buf.len()
+                    conn.rx.len()
                 ));
             }
-            if conn.tx_buf.len() > self.config.send_buffer {
+            if conn.tx.len() > self.config.send_buffer {
                 return Err(format!("{id}: send buffer over its limit"));
             }
             if conn.ty == SocketType::SeqPacket {
                 let msgs: usize = conn.rx_msgs.iter().map(|m| m.0).sum();
-                if msgs + conn.rx_partial != conn.rx_buf.len() {
+                if msgs + conn.rx_partial != conn.rx.len() {
                     return Err(format!("{id}: seqpacket rx bookkeeping"));
                 }
                 let pending: usize = conn.tx_msgs.iter().map(|m| m.0).sum();
-                if pending != conn.tx_buf.len() {
+                if pending != conn.tx.len() {
                     return Err(format!("{id}: seqpacket tx bookkeeping"));
                 }
             }
@@ -1016,7 +1097,7 @@ impl Endpoint {
         Ok(())
     }
 
-    fn check_sendable(conn: &Conn) -> Result<(), ProtoError> {
+    fn check_sendable(conn: &Conn<S>) -> Result<(), ProtoError> {
         match conn.state {
             ConnState::Connecting => Err(ProtoError::NotConnected),
             ConnState::Closed => Err(conn.error.clone().unwrap_or(ProtoError::BrokenPipe)),
@@ -1029,7 +1110,7 @@ impl Endpoint {
     }
 
     /// The answer to a read on an empty buffer.
-    fn rx_end(conn: &Conn) -> Result<(), ProtoError> {
+    fn rx_end(conn: &Conn<S>) -> Result<(), ProtoError> {
         if conn.rx_done() || conn.state == ConnState::Closing {
             return Ok(());
         }
@@ -1043,7 +1124,7 @@ impl Endpoint {
     }
 
     /// The reader consumed `n` bytes: advance `fwd_cnt`, maybe owe a credit update.
-    fn consumed(conn: &mut Conn, n: usize) {
+    fn consumed(conn: &mut Conn<S>, n: usize) {
         // n never exceeds buffered bytes, which never exceed buf_alloc (a u32).
         conn.credit
             .on_consumed(u32::try_from(n).unwrap_or(u32::MAX));
@@ -1084,7 +1165,7 @@ impl Endpoint {
         Err(exhausted)
     }
 
-    fn insert_conn(&mut self, mut conn: Conn) {
+    fn insert_conn(&mut self, mut conn: Conn<S>) {
         let id = conn.id;
         conn.in_table = true;
         self.keys
@@ -1133,7 +1214,7 @@ impl Endpoint {
         if let Some(conn) = self.conns.get_mut(&id) {
             conn.state = ConnState::Closed;
             conn.error = Some(err);
-            conn.tx_buf.clear();
+            conn.tx.clear();
             conn.tx_msgs.clear();
         }
     }
@@ -1199,6 +1280,7 @@ impl Endpoint {
     fn accept_request(&mut self, l: ListenerId, hdr: &Header, ty: SocketType) {
         let id = self.new_conn_id();
         let mut conn = Conn::new(
+            &mut self.storage,
             id,
             ty,
             hdr.dst_port,
@@ -1266,7 +1348,7 @@ impl Endpoint {
         }
     }
 
-    fn on_rw(&mut self, id: ConnId, hdr: &Header, payload: &[u8]) {
+    fn on_rw(&mut self, id: ConnId, hdr: &Header, keep: impl FnOnce(&mut S::Rx)) {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
@@ -1281,13 +1363,22 @@ impl Endpoint {
         if discard {
             // Nobody will read it: consume at once so credit keeps flowing.
             self.stats.rx_discarded += u64::from(hdr.len);
-            Self::consumed(conn, payload.len());
+            Self::consumed(conn, hdr.len as usize);
             return;
         }
-        crate::copy::extend_deque(&mut conn.rx_buf, payload);
-        let mut readable = !payload.is_empty();
+        let len = hdr.len as usize;
+        if len > 0 {
+            let before = conn.rx.len();
+            keep(&mut conn.rx);
+            let kept = conn.rx.len() - before;
+            if kept != len {
+                log::error!("{id}: handle_packet_with's keep added {kept} bytes, expected {len}");
+                debug_assert_eq!(kept, len, "keep added the wrong byte count");
+            }
+        }
+        let mut readable = len > 0;
         if conn.ty == SocketType::SeqPacket {
-            conn.rx_partial += payload.len();
+            conn.rx_partial += len;
             let flags = SeqFlags::from_bits(hdr.flags);
             readable = flags.eom;
             if flags.eom {
@@ -1327,7 +1418,7 @@ impl Endpoint {
         conn.peer_shutdown.send |= f.send;
         if conn.peer_shutdown.receive {
             // The peer will not read: drop what we had queued.
-            conn.tx_buf.clear();
+            conn.tx.clear();
             conn.tx_msgs.clear();
         }
         conn.refresh_peer_state();

@@ -1,0 +1,148 @@
+//! Where a connection's payload bytes live.
+//!
+//! The protocol core does the accounting (credit, what goes out next, message boundaries,
+//! shutdown and reset ordering) and never copies a payload byte itself: each connection holds a
+//! send queue ([`TxBuf`]) and a receive queue ([`RxBuf`]) of a [`Storage`] the owner of the
+//! endpoint chooses. The driver's runtime keeps payload in DMA memory (written once by `send`,
+//! read once by `recv`, and put on the rings where it lies); [`HeapStorage`] keeps it in
+//! `VecDeque`s, for peers that have no DMA memory of their own (the simulated device's host
+//! side, tests, fuzzing).
+//!
+//! The core calls these methods, and only these: [`TxBuf::append`] / [`TxBuf::try_reserve`] from
+//! `send` and `send_msg`, [`RxBuf::read`] / [`RxBuf::discard`] from `recv` and `recv_msg`, and
+//! `clear` when nobody will read or send the bytes any more. Bytes enter an [`RxBuf`] and leave a
+//! [`TxBuf`] through the owner's own code, in the callbacks of
+//! [`Endpoint::handle_packet_with`](super::Endpoint::handle_packet_with) and
+//! [`Endpoint::poll_transmit_with`](super::Endpoint::poll_transmit_with), which name exactly how
+//! many bytes to move; the core checks afterwards that `len()` moved by that much.
+
+use std::collections::VecDeque;
+
+/// A connection's send queue: bytes the user wrote that have not been put on the wire.
+pub trait TxBuf {
+    /// Bytes queued.
+    fn len(&self) -> usize;
+    /// Whether nothing is queued.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The most bytes from the front that lie in one contiguous piece of storage: one packet's
+    /// payload never spans two pieces (so it is one descriptor on the ring). At least 1 when
+    /// anything is queued.
+    fn contiguous(&self) -> usize;
+    /// Make sure `n` more bytes can be appended in full (all-or-nothing SEQPACKET messages).
+    /// `false`: not now (storage exhausted); nothing changed.
+    fn try_reserve(&mut self, n: usize) -> bool;
+    /// Copy as much of `data` as storage allows to the back; returns the count (0 when storage
+    /// is exhausted).
+    fn append(&mut self, data: &[u8]) -> usize;
+    /// Drop everything queued (the peer will not read it).
+    fn clear(&mut self);
+}
+
+/// A connection's receive queue: payload received and not yet read.
+pub trait RxBuf {
+    /// Bytes queued.
+    fn len(&self) -> usize;
+    /// Whether nothing is queued.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Copy the first `buf.len()` bytes into `buf` and drop them (the core never asks for more
+    /// than `len()`).
+    fn read(&mut self, buf: &mut [u8]);
+    /// Drop the first `n` bytes unread (the core never asks for more than `len()`).
+    fn discard(&mut self, n: usize);
+    /// Drop everything (nobody will read it).
+    fn clear(&mut self);
+}
+
+/// Makes the queues of each new connection.
+pub trait Storage {
+    /// The send queue type.
+    type Tx: TxBuf;
+    /// The receive queue type.
+    type Rx: RxBuf;
+    /// A new, empty send queue.
+    fn new_tx(&mut self) -> Self::Tx;
+    /// A new, empty receive queue.
+    fn new_rx(&mut self) -> Self::Rx;
+}
+
+/// Payload in heap memory: a `VecDeque<u8>` per queue.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HeapStorage;
+
+impl Storage for HeapStorage {
+    type Tx = HeapBuf;
+    type Rx = HeapBuf;
+    fn new_tx(&mut self) -> HeapBuf {
+        HeapBuf::default()
+    }
+    fn new_rx(&mut self) -> HeapBuf {
+        HeapBuf::default()
+    }
+}
+
+/// One heap queue of bytes (both directions use the same type).
+#[derive(Debug, Default)]
+pub struct HeapBuf(VecDeque<u8>);
+
+impl HeapBuf {
+    /// Append `data` (the receive side's way in).
+    pub fn push(&mut self, data: &[u8]) {
+        crate::copy::extend_deque(&mut self.0, data);
+    }
+
+    /// Move the first `out.len()` bytes into `out` (the send side's way out).
+    ///
+    /// # Panics
+    /// If fewer bytes are queued.
+    pub fn take_into(&mut self, out: &mut [u8]) {
+        assert!(
+            out.len() <= self.0.len(),
+            "HeapBuf::take_into: not enough bytes"
+        );
+        crate::copy::take_front(&mut self.0, out);
+    }
+
+    /// The queued bytes, in order, as (at most) two slices.
+    pub fn as_slices(&self) -> (&[u8], &[u8]) {
+        self.0.as_slices()
+    }
+}
+
+impl TxBuf for HeapBuf {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn contiguous(&self) -> usize {
+        self.0.len()
+    }
+    fn try_reserve(&mut self, n: usize) -> bool {
+        self.0.reserve(n);
+        true
+    }
+    fn append(&mut self, data: &[u8]) -> usize {
+        self.push(data);
+        data.len()
+    }
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+impl RxBuf for HeapBuf {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn read(&mut self, buf: &mut [u8]) {
+        self.take_into(buf);
+    }
+    fn discard(&mut self, n: usize) {
+        self.0.drain(..n.min(self.0.len()));
+    }
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}

@@ -338,6 +338,24 @@ impl DmaRegion {
     /// Allocates `size` bytes aligned (as an IOVA) to `align`, a power of two. Returns the IOVA.
     /// Memory is never freed individually; a fresh mapping is zero-filled.
     pub fn alloc(&self, size: usize, align: usize) -> Result<GuestAddress, DmaError> {
+        self.alloc_within(size, align, None)
+    }
+
+    /// Like [`alloc`](Self::alloc), and the block does not cross a multiple of `boundary` (a
+    /// power of two; a block larger than `boundary` starts on one). Buffers that must not
+    /// straddle two huge pages use [`HUGE_PAGE_SIZE`]: with IOVA = physical address, two huge
+    /// pages need not be contiguous.
+    pub fn alloc_within(
+        &self,
+        size: usize,
+        align: usize,
+        boundary: Option<usize>,
+    ) -> Result<GuestAddress, DmaError> {
+        if let Some(b) = boundary {
+            if b == 0 || !b.is_power_of_two() {
+                return Err(DmaError::InvalidAlignment(b));
+            }
+        }
         if align == 0 || !align.is_power_of_two() {
             return Err(DmaError::InvalidAlignment(align));
         }
@@ -359,9 +377,21 @@ impl DmaRegion {
             .checked_add(*next as u64)
             .and_then(|a| a.checked_add(align - 1))
             .map(|a| a & !(align - 1));
-        let Some(start_iova) = start_iova else {
+        let Some(mut start_iova) = start_iova else {
             return Err(exhausted);
         };
+        if let Some(b) = boundary.map(|b| b as u64) {
+            let last = start_iova.checked_add(size as u64 - 1).ok_or(DmaError::Exhausted {
+                requested: size,
+                align: align as usize,
+                available,
+            })?;
+            if start_iova / b != last / b {
+                // Start on the next boundary instead (a multiple of `align` too when
+                // `align <= b`; a larger alignment already is one).
+                start_iova = (start_iova / b + 1) * b;
+            }
+        }
         let Ok(start) = usize::try_from(start_iova - self.iova_base) else {
             return Err(exhausted);
         };

@@ -1013,6 +1013,18 @@ impl<S: Storage> Endpoint<S> {
         None
     }
 
+    /// Storage space came back (packets the device had completed) after an append found the
+    /// storage exhausted: every connection waiting to write gets [`Event::Writable`]. O(number
+    /// of connections); the owner calls it only when an append had failed.
+    pub fn storage_freed(&mut self) {
+        for conn in self.conns.values_mut() {
+            if conn.writable_wanted && Self::check_sendable(conn).is_ok() {
+                conn.writable_wanted = false;
+                self.events.push_back(Event::Writable(conn.id));
+            }
+        }
+    }
+
     /// When `handle_timeout` should next be called.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {

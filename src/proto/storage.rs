@@ -89,6 +89,16 @@ impl Storage for HeapStorage {
 pub struct HeapBuf(VecDeque<u8>);
 
 impl HeapBuf {
+    /// Bytes queued.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Append `data` (the receive side's way in).
     pub fn push(&mut self, data: &[u8]) {
         crate::copy::extend_deque(&mut self.0, data);
@@ -109,6 +119,42 @@ impl HeapBuf {
     /// The queued bytes, in order, as (at most) two slices.
     pub fn as_slices(&self) -> (&[u8], &[u8]) {
         self.0.as_slices()
+    }
+
+    /// Append `len` bytes that `fill` writes in place: it gets (offset into the new bytes,
+    /// piece) once, or twice where the deque wraps. For copying straight from memory the
+    /// caller cannot borrow as a slice (a device's buffers).
+    pub fn push_with(&mut self, len: usize, mut fill: impl FnMut(usize, &mut [u8])) {
+        let old = self.0.len();
+        self.0.resize(old + len, 0);
+        let (a, b) = self.0.as_mut_slices();
+        if old >= a.len() {
+            fill(0, &mut b[old - a.len()..]);
+        } else {
+            fill(0, &mut a[old..]);
+            let done = a.len() - old;
+            if done < len {
+                fill(done, &mut b[..len - done]);
+            }
+        }
+    }
+
+    /// Hand the first `n` bytes to `f` (once, or twice where the deque wraps, with their offset)
+    /// and drop them: the send side's way out to memory the caller cannot borrow as a slice.
+    ///
+    /// # Panics
+    /// If fewer than `n` bytes are queued.
+    pub fn take_with(&mut self, n: usize, mut f: impl FnMut(usize, &[u8])) {
+        assert!(n <= self.0.len(), "HeapBuf::take_with: not enough bytes");
+        let (a, b) = self.0.as_slices();
+        let from_a = a.len().min(n);
+        if from_a > 0 {
+            f(0, &a[..from_a]);
+        }
+        if n > from_a {
+            f(from_a, &b[..n - from_a]);
+        }
+        self.0.drain(..n);
     }
 }
 
@@ -144,5 +190,36 @@ impl RxBuf for HeapBuf {
     }
     fn clear(&mut self) {
         self.0.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heap_push_with_and_take_with_keep_order_across_the_wrap() {
+        let mut q = HeapBuf::default();
+        // Move the deque's head so that later pushes wrap.
+        q.push(&[0; 10]);
+        RxBuf::discard(&mut q, 10);
+        let mut want = Vec::new();
+        for round in 0..50u8 {
+            let len = 1 + usize::from(round) * 7;
+            q.push_with(len, |off, piece| {
+                for (i, b) in piece.iter_mut().enumerate() {
+                    *b = round.wrapping_add((off + i) as u8);
+                }
+            });
+            want.extend((0..len).map(|i| round.wrapping_add(i as u8)));
+            let n = len / 2;
+            let mut got = Vec::new();
+            q.take_with(n, |off, piece| {
+                assert_eq!(off, got.len());
+                got.extend_from_slice(piece);
+            });
+            assert_eq!(got, want.drain(..n).collect::<Vec<_>>());
+        }
+        assert_eq!(q.len(), want.len());
     }
 }

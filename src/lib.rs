@@ -23,4 +23,5 @@ pub mod driver;
 pub mod packet;
 pub mod pagemap;
 pub mod proto;
+mod runtime;
 pub mod virtq;

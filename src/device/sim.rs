@@ -31,15 +31,13 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{DeviceError, VsockDevice, RX_QUEUE, TX_QUEUE};
 use crate::dma::{DmaOptions, DmaRegion, IovaBase};
-use crate::driver::socket::{Core, Transport};
-use crate::driver::{
-    run_loop, LoopFds, VsockAddr, VsockListener, VsockSeqPacket, VsockStream, HDR_LEN,
-};
+use crate::driver::{VsockAddr, VsockListener, VsockSeqPacket, VsockStream};
 use crate::packet::{
-    SocketType, VsockPacket, PKT_HEADER_SIZE, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_VSOCK_F_SEQPACKET, VMADDR_CID_HOST,
+    SocketType, VsockPacket, PKT_HEADER_LEN, PKT_HEADER_SIZE, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_VSOCK_F_SEQPACKET, VMADDR_CID_HOST,
 };
 use crate::proto::{self, ConnId, ConnState, Endpoint, ListenerId, ProtoError};
+use crate::runtime::{run_loop, Core, LoopFds, Transport};
 use crate::virtq::QueueLayout;
 
 /// Host port of the built-in stream echo service.
@@ -336,7 +334,7 @@ impl SimRings {
             pkt.set_header(&hdr);
             pkt.write_data(&scratch[..hdr.len as usize])
                 .map_err(|e| e.to_string())?;
-            let used_len = HDR_LEN + hdr.len;
+            let used_len = PKT_HEADER_LEN + hdr.len;
             let capacity = u32::try_from(PKT_HEADER_SIZE + pkt.data_len()).unwrap_or(u32::MAX);
             drop(pkt);
             match self.hostile.take() {

@@ -328,6 +328,12 @@ fn hostile_device_breaks_cleanly(h: Hostile) {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ConnectionAborted, "{h:?}: {e}");
     assert!(e.to_string().contains("rx queue"), "{h:?}: {e}");
+    // What the queue found survives as the cause, not only as text.
+    let cause = std::error::Error::source(&e).map(|c| c.to_string());
+    assert!(
+        cause.as_deref().is_some_and(|c| c.contains("virtqueue")),
+        "{h:?}: {e}: cause {cause:?}"
+    );
     assert!(t0.elapsed() < Duration::from_secs(5));
     // And the driver stays dead, with the same clear error.
     let e = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap_err();

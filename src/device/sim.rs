@@ -37,7 +37,7 @@ use crate::packet::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_VSOCK_F_SEQPACKET, VMADDR_CID_HOST,
 };
 use crate::proto::{self, ConnId, ConnState, Endpoint, ListenerId, ProtoError};
-use crate::runtime::{run_loop, Core, LoopFds, Transport};
+use crate::runtime::{run_loop, Core, LoopFds, Transport, TransportError};
 use crate::virtq::QueueLayout;
 
 /// Host port of the built-in stream echo service.
@@ -250,6 +250,18 @@ impl SimTransport {
     }
 }
 
+/// An `add_used` failure on the device half of `queue`, as a transport error.
+fn add_used_err(
+    queue: &'static str,
+    head: u16,
+) -> impl FnOnce(virtio_queue::Error) -> TransportError {
+    move |source| TransportError::DeviceSideQueue {
+        queue,
+        head,
+        source,
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -264,7 +276,7 @@ impl SimRings {
         max_payload: u32,
         scratch: &mut [u8],
         stats: &mut SimStats,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, TransportError> {
         let mut used_any = false;
         while let Some(mut chain) = self.tx.pop_descriptor_chain(&self.mem) {
             let head = chain.head_index();
@@ -275,9 +287,12 @@ impl SimRings {
                         log::warn!("sim: dropping packet with bad addressing: {hdr}");
                         stats.protocol_violations += 1;
                     } else {
-                        let n = pkt
-                            .read_data(&mut scratch[..hdr.len as usize])
-                            .map_err(|e| e.to_string())?;
+                        let n =
+                            pkt.read_data(&mut scratch[..hdr.len as usize])
+                                .map_err(|source| TransportError::Packet {
+                                    what: "sim: reading a tx payload",
+                                    source,
+                                })?;
                         ep.handle_packet(now, &hdr, &scratch[..n]);
                         stats.tx_packets += 1;
                     }
@@ -289,7 +304,7 @@ impl SimRings {
             }
             self.tx
                 .add_used(&self.mem, head, 0)
-                .map_err(|e| format!("sim tx add_used: {e}"))?;
+                .map_err(add_used_err("tx", head))?;
             used_any = true;
         }
         if used_any && self.tx.needs_notification(&self.mem).unwrap_or(true) {
@@ -306,7 +321,7 @@ impl SimRings {
         max_payload: u32,
         scratch: &mut [u8],
         stats: &mut SimStats,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, TransportError> {
         let mut used_any = false;
         self.rx_starved = true;
         while let Some(mut chain) = self.rx.pop_descriptor_chain(&self.mem) {
@@ -319,7 +334,7 @@ impl SimRings {
                     stats.protocol_violations += 1;
                     self.rx
                         .add_used(&self.mem, head, 0)
-                        .map_err(|e| format!("sim rx add_used: {e}"))?;
+                        .map_err(add_used_err("rx", head))?;
                     used_any = true;
                     continue;
                 }
@@ -333,7 +348,10 @@ impl SimRings {
             };
             pkt.set_header(&hdr);
             pkt.write_data(&scratch[..hdr.len as usize])
-                .map_err(|e| e.to_string())?;
+                .map_err(|source| TransportError::Packet {
+                    what: "sim: writing an rx payload",
+                    source,
+                })?;
             let used_len = PKT_HEADER_LEN + hdr.len;
             let capacity = u32::try_from(PKT_HEADER_SIZE + pkt.data_len()).unwrap_or(u32::MAX);
             drop(pkt);
@@ -341,7 +359,7 @@ impl SimRings {
                 None => self
                     .rx
                     .add_used(&self.mem, head, used_len)
-                    .map_err(|e| format!("sim rx add_used: {e}"))?,
+                    .map_err(add_used_err("rx", head))?,
                 Some(h) => self.misbehave(h, head, used_len, capacity)?,
             }
             stats.rx_packets += 1;
@@ -360,7 +378,7 @@ impl SimRings {
         head: u16,
         used_len: u32,
         capacity: u32,
-    ) -> Result<(), String> {
+    ) -> Result<(), TransportError> {
         log::warn!("sim: hostile mode: {h:?}");
         let size = self.rx.size();
         let used = GuestAddress(self.rx.used_ring());
@@ -375,13 +393,22 @@ impl SimRings {
                     let elem = GuestAddress(used.0 + 4 + 8 * slot);
                     mem.write_obj(Le32::from(id), elem)
                         .and_then(|()| mem.write_obj(Le32::from(len), GuestAddress(elem.0 + 4)))
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|source| TransportError::DeviceSideMemory {
+                            what: "hostile mode: writing a used element",
+                            addr: elem.0,
+                            source,
+                        })?;
                 }
                 let new_idx = next.wrapping_add(step);
-                mem.store(new_idx, GuestAddress(used.0 + 2), Ordering::Release)
-                    .map_err(|e| e.to_string())?;
+                let idx_addr = GuestAddress(used.0 + 2);
+                mem.store(new_idx, idx_addr, Ordering::Release)
+                    .map_err(|source| TransportError::DeviceSideMemory {
+                        what: "hostile mode: publishing the used index",
+                        addr: idx_addr.0,
+                        source,
+                    })?;
                 q.set_next_used(new_idx);
-                Ok::<(), String>(())
+                Ok::<(), TransportError>(())
             };
         let head = u32::from(head);
         match h {
@@ -409,7 +436,7 @@ impl SimRings {
 }
 
 impl Transport for SimTransport {
-    fn pump(&mut self, ep: &mut Endpoint, now: Instant) -> Result<bool, String> {
+    fn pump(&mut self, ep: &mut Endpoint, now: Instant) -> Result<bool, TransportError> {
         let mut moved = self.run_services(ep, now);
         let rings = self.rings.clone();
         let mut guard = lock(&rings);

@@ -21,7 +21,9 @@ use crate::packet::{
     PKT_HEADER_LEN, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_VSOCK_F_SEQPACKET,
 };
 use crate::proto::{self, Endpoint};
-use crate::runtime::{run_loop, valid_guest_cid, Core, DeviceRings, DriverTransport, LoopFds};
+use crate::runtime::{
+    error_chain, run_loop, valid_guest_cid, Core, DeviceRings, DriverTransport, Ended, LoopFds,
+};
 use crate::virtq::{BufferDesc, SplitQueue};
 
 pub(crate) mod socket;
@@ -133,18 +135,6 @@ fn random_port(range: &std::ops::RangeInclusive<u32>) -> u32 {
     let seed = nanos ^ std::process::id().rotate_left(16);
     let span = range.end().saturating_sub(*range.start()).saturating_add(1);
     range.start() + seed % span.max(1)
-}
-
-/// An error and its causes, `: `-separated.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
 }
 
 /// A running driver: one device, its event loop, and the sockets on it.
@@ -421,7 +411,7 @@ impl VsockDriver {
 
     /// Reset the device now (as on an unrecoverable error): every stream ends with an error.
     pub fn reset_device(&self, reason: &str) {
-        self.core.kill(format!("device reset: {reason}"));
+        self.core.kill(Ended::Reset(reason.to_string()));
     }
 }
 
@@ -431,6 +421,6 @@ impl Drop for VsockDriver {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        self.core.close_all("driver closed".into());
+        self.core.close_all("driver closed");
     }
 }

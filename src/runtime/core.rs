@@ -17,6 +17,7 @@ use std::net::Shutdown;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::error::{error_chain, Ended, TransportError};
 use crate::packet::{ShutdownFlags, SocketType};
 use crate::proto::{ConnId, Endpoint, Event, ListenerId, ProtoError};
 
@@ -24,14 +25,14 @@ use crate::proto::{ConnId, Endpoint, Event, ListenerId, ProtoError};
 pub(crate) trait Transport: Send {
     /// Move packets both ways once, without blocking. Returns whether anything moved.
     /// An error means the device is dead: the core ends every connection with it.
-    fn pump(&mut self, ep: &mut Endpoint, now: Instant) -> Result<bool, String>;
+    fn pump(&mut self, ep: &mut Endpoint, now: Instant) -> Result<bool, TransportError>;
     /// Wake the thread that runs this transport (new data to send, a timer changed).
     fn wake(&self);
     /// Stop the device: it must not touch the rings afterwards.
     fn shutdown(&mut self);
     /// The device raised its config interrupt: re-read what the configuration decides (the
     /// driver's CID). An error means the device is dead, as for [`Transport::pump`].
-    fn config_changed(&mut self, _ep: &mut Endpoint, _now: Instant) -> Result<(), String> {
+    fn config_changed(&mut self, _ep: &mut Endpoint, _now: Instant) -> Result<(), TransportError> {
         Ok(())
     }
 }
@@ -40,8 +41,9 @@ pub(crate) trait Transport: Send {
 pub(crate) struct CoreState {
     pub(crate) ep: Endpoint,
     transport: Box<dyn Transport>,
-    /// Set when the device died or was reset: every blocked call ends with this.
-    pub(crate) dead: Option<String>,
+    /// Set when the device died or was reset: every blocked call ends with this (shared, as the
+    /// inner error of each call's `io::Error`).
+    pub(crate) dead: Option<Arc<Ended>>,
     conn_wait: HashMap<ConnId, Arc<Condvar>>,
     listen_wait: HashMap<ListenerId, Arc<Condvar>>,
     /// Connections whose connect attempt ended: Ok, or the error.
@@ -102,9 +104,9 @@ impl Core {
         let CoreState { ep, transport, .. } = st;
         let moved = match transport.pump(ep, now) {
             Ok(m) => m,
-            Err(reason) => {
+            Err(e) => {
                 st.transport.shutdown();
-                Core::kill_locked(st, reason);
+                Core::kill_locked(st, e.into());
                 return true;
             }
         };
@@ -118,9 +120,9 @@ impl Core {
             return;
         }
         let CoreState { ep, transport, .. } = st;
-        if let Err(reason) = transport.config_changed(ep, now) {
+        if let Err(e) = transport.config_changed(ep, now) {
             st.transport.shutdown();
-            Core::kill_locked(st, reason);
+            Core::kill_locked(st, e.into());
             return;
         }
         Core::route_events(st);
@@ -162,37 +164,37 @@ impl Core {
         }
     }
 
-    /// The device is gone: every blocked and future call fails with `reason`.
-    pub(crate) fn kill_locked(st: &mut CoreState, reason: String) {
-        log::error!("device failed: {reason}");
-        Core::end_locked(st, reason);
+    /// The device is gone: every blocked and future call fails with `why`.
+    fn kill_locked(st: &mut CoreState, why: Ended) {
+        log::error!("{}", error_chain(&why));
+        Core::end_locked(st, why);
     }
 
-    /// Every blocked and future call fails with `reason` (no failure is logged).
-    fn end_locked(st: &mut CoreState, reason: String) {
-        st.dead = Some(reason);
+    /// Every blocked and future call fails with `why` (no failure is logged).
+    fn end_locked(st: &mut CoreState, why: Ended) {
+        st.dead = Some(Arc::new(why));
         for cv in st.conn_wait.values().chain(st.listen_wait.values()) {
             cv.notify_all();
         }
     }
 
     /// Mark the core dead from outside and stop the device (device reset, driver shutdown).
-    pub(crate) fn kill(&self, reason: String) {
+    pub(crate) fn kill(&self, why: Ended) {
         let mut st = self.lock();
         st.transport.shutdown();
         if st.dead.is_none() {
-            Core::kill_locked(&mut st, reason);
+            Core::kill_locked(&mut st, why);
         }
     }
 
     /// An orderly close by the owner: like [`Core::kill`], but nothing failed, so nothing is
     /// logged as an error.
-    pub(crate) fn close_all(&self, reason: String) {
+    pub(crate) fn close_all(&self, why: &'static str) {
         let mut st = self.lock();
         st.transport.shutdown();
         if st.dead.is_none() {
-            log::debug!("closing: {reason}");
-            Core::end_locked(&mut st, reason);
+            log::debug!("closing: {why}");
+            Core::end_locked(&mut st, Ended::Closed(why));
         }
     }
 
@@ -209,12 +211,7 @@ impl Core {
             if let Some(r) = ready(&mut st) {
                 return r;
             }
-            if let Some(reason) = &st.dead {
-                return Err(io::Error::new(
-                    io::ErrorKind::ConnectionAborted,
-                    format!("vsock device failed: {reason}"),
-                ));
-            }
+            Core::check_dead(&st)?;
             let now = Instant::now();
             if deadline.is_some_and(|d| now >= d) {
                 return Err(io::Error::new(
@@ -255,9 +252,9 @@ impl Core {
 
     fn check_dead(st: &CoreState) -> io::Result<()> {
         match &st.dead {
-            Some(reason) => Err(io::Error::new(
+            Some(why) => Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
-                format!("vsock device failed: {reason}"),
+                Arc::clone(why),
             )),
             None => Ok(()),
         }

@@ -15,6 +15,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::core::Core;
+use super::error::TransportError;
 
 /// What a loop thread waits on besides its waker and stop eventfds.
 pub(crate) struct LoopFds {
@@ -39,7 +40,13 @@ pub(crate) fn run_loop(core: Arc<Core>, fds: LoopFds) {
     let epoll = match Epoll::new() {
         Ok(e) => e,
         Err(e) => {
-            core.kill(format!("epoll_create failed: {e}"));
+            core.kill(
+                TransportError::EventLoop {
+                    op: "epoll_create",
+                    source: e,
+                }
+                .into(),
+            );
             return;
         }
     };
@@ -57,7 +64,13 @@ pub(crate) fn run_loop(core: Arc<Core>, fds: LoopFds) {
             std::os::unix::io::AsRawFd::as_raw_fd(*fd),
             EpollEvent::new(EventSet::IN, i as u64),
         ) {
-            core.kill(format!("epoll_ctl failed: {e}"));
+            core.kill(
+                TransportError::EventLoop {
+                    op: "epoll_ctl",
+                    source: e,
+                }
+                .into(),
+            );
             return;
         }
     }
@@ -110,7 +123,13 @@ pub(crate) fn run_loop(core: Arc<Core>, fds: LoopFds) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
             Err(e) => {
-                core.kill(format!("epoll_wait failed: {e}"));
+                core.kill(
+                    TransportError::EventLoop {
+                        op: "epoll_wait",
+                        source: e,
+                    }
+                    .into(),
+                );
                 return;
             }
         };

@@ -21,11 +21,12 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::core::Transport;
+use super::error::TransportError;
 use crate::device::{VsockDevice, RX_QUEUE, TX_QUEUE};
 use crate::dma::DmaRegion;
-use crate::packet::{VsockPacket, PKT_HEADER_LEN, PKT_HEADER_SIZE};
+use crate::packet::{Error as PacketError, VsockPacket, PKT_HEADER_LEN, PKT_HEADER_SIZE};
 use crate::proto::Endpoint;
-use crate::virtq::{BufferDesc, SplitQueue};
+use crate::virtq::{BufferDesc, QueueError, SplitQueue};
 
 /// Counters of the driver's data path.
 #[derive(Debug, Default, Clone, Copy)]
@@ -113,26 +114,34 @@ impl DriverTransport {
         }
     }
 
-    fn reap_tx(&mut self) -> Result<bool, String> {
+    fn reap_tx(&mut self) -> Result<bool, TransportError> {
         let mut moved = false;
-        while let Some(u) = self.tx.pop_used().map_err(|e| format!("tx queue: {e}"))? {
+        while let Some(u) = self
+            .tx
+            .pop_used()
+            .map_err(queue_err("tx", "reaping used buffers"))?
+        {
             self.tx_free.push(u.token);
             moved = true;
         }
         Ok(moved)
     }
 
-    fn receive(&mut self, ep: &mut Endpoint, now: Instant) -> Result<bool, String> {
+    fn receive(&mut self, ep: &mut Endpoint, now: Instant) -> Result<bool, TransportError> {
         // Take the whole batch first, so a device that reports one buffer twice is caught
         // before the buffer is reposted under the same id.
         let mut batch = std::mem::take(&mut self.rx_batch);
-        while let Some(u) = self.rx.pop_used().map_err(|e| format!("rx queue: {e}"))? {
+        while let Some(u) = self
+            .rx
+            .pop_used()
+            .map_err(queue_err("rx", "reaping used buffers"))?
+        {
             batch.push(u);
         }
         let moved = !batch.is_empty();
         let mem = self.dma.memory();
         for u in batch.drain(..) {
-            let addr = token_addr(&self.rx_buf, u.token)?;
+            let addr = token_addr("rx", &self.rx_buf, u.token)?;
             match VsockPacket::<()>::from_used_rx_buffer(mem, addr, self.rx_buf_size, u.len) {
                 Ok(pkt) => {
                     // One volatile copy out of DMA memory: the device is untrusted and could
@@ -164,38 +173,41 @@ impl DriverTransport {
                     }],
                     u.token,
                 )
-                .map_err(|e| format!("rx repost: {e}"))?;
+                .map_err(queue_err("rx", "reposting a buffer"))?;
         }
         self.rx_batch = batch;
         if moved
             && self
                 .rx
                 .kick_prepare()
-                .map_err(|e| format!("rx queue: {e}"))?
+                .map_err(queue_err("rx", "deciding whether to kick"))?
         {
             self.dev
                 .kick(RX_QUEUE)
-                .map_err(|e| format!("rx kick: {e}"))?;
+                .map_err(|source| TransportError::Kick {
+                    queue: "rx",
+                    source,
+                })?;
             self.stats.kicks += 1;
         }
         Ok(moved)
     }
 
-    fn transmit(&mut self, ep: &mut Endpoint, now: Instant) -> Result<bool, String> {
+    fn transmit(&mut self, ep: &mut Endpoint, now: Instant) -> Result<bool, TransportError> {
         let mut sent = false;
         let room = (self.tx_buf_size as usize) - PKT_HEADER_SIZE;
         while let Some(token) = self.tx_free.pop() {
-            let addr = token_addr(&self.tx_buf, token)?;
+            let addr = token_addr("tx", &self.tx_buf, token)?;
             let Some(hdr) = ep.poll_transmit(now, &mut self.scratch[..room]) else {
                 self.tx_free.push(token);
                 break;
             };
             let mut pkt =
                 VsockPacket::<()>::from_tx_buffer(self.dma.memory(), addr, self.tx_buf_size)
-                    .map_err(|e| format!("tx buffer: {e}"))?;
+                    .map_err(packet_err("tx buffer: laying out a packet"))?;
             pkt.set_header(&hdr);
             pkt.write_data(&self.scratch[..hdr.len as usize])
-                .map_err(|e| format!("tx buffer: {e}"))?;
+                .map_err(packet_err("tx buffer: writing the payload"))?;
             self.tx
                 .add(
                     &[BufferDesc {
@@ -205,7 +217,7 @@ impl DriverTransport {
                     }],
                     token,
                 )
-                .map_err(|e| format!("tx queue: {e}"))?;
+                .map_err(queue_err("tx", "posting a packet"))?;
             self.stats.tx_packets += 1;
             sent = true;
         }
@@ -213,11 +225,14 @@ impl DriverTransport {
             && self
                 .tx
                 .kick_prepare()
-                .map_err(|e| format!("tx queue: {e}"))?
+                .map_err(queue_err("tx", "deciding whether to kick"))?
         {
             self.dev
                 .kick(TX_QUEUE)
-                .map_err(|e| format!("tx kick: {e}"))?;
+                .map_err(|source| TransportError::Kick {
+                    queue: "tx",
+                    source,
+                })?;
             self.stats.kicks += 1;
         }
         Ok(sent)
@@ -230,16 +245,34 @@ pub(crate) fn valid_guest_cid(cid: u64) -> bool {
     (3..u64::from(u32::MAX)).contains(&cid)
 }
 
-/// The buffer behind a token (tokens are indexes we handed to the queue ourselves).
-fn token_addr(bufs: &[GuestAddress], token: u64) -> Result<GuestAddress, String> {
+/// The buffer behind a token `queue` returned (tokens are indexes we handed to it ourselves).
+fn token_addr(
+    queue: &'static str,
+    bufs: &[GuestAddress],
+    token: u64,
+) -> Result<GuestAddress, TransportError> {
     usize::try_from(token)
         .ok()
         .and_then(|i| bufs.get(i).copied())
-        .ok_or_else(|| format!("queue returned unknown token {token}"))
+        .ok_or(TransportError::UnknownToken {
+            queue,
+            token,
+            count: bufs.len(),
+        })
+}
+
+/// A queue error while doing `op` on `queue`, as a transport error.
+fn queue_err(queue: &'static str, op: &'static str) -> impl FnOnce(QueueError) -> TransportError {
+    move |source| TransportError::Queue { queue, op, source }
+}
+
+/// A packet error while doing `what`, as a transport error.
+fn packet_err(what: &'static str) -> impl FnOnce(PacketError) -> TransportError {
+    move |source| TransportError::Packet { what, source }
 }
 
 impl Transport for DriverTransport {
-    fn pump(&mut self, ep: &mut Endpoint, now: Instant) -> Result<bool, String> {
+    fn pump(&mut self, ep: &mut Endpoint, now: Instant) -> Result<bool, TransportError> {
         let mut moved = self.reap_tx()?;
         moved |= self.receive(ep, now)?;
         if ep.poll_timeout().is_some_and(|t| t <= now) {
@@ -248,8 +281,14 @@ impl Transport for DriverTransport {
         moved |= self.transmit(ep, now)?;
         if !self.busy_poll {
             // Re-arm interrupts; a `false` means used buffers slipped in meanwhile.
-            let rx_quiet = self.rx.enable_cb().map_err(|e| format!("rx queue: {e}"))?;
-            let tx_quiet = self.tx.enable_cb().map_err(|e| format!("tx queue: {e}"))?;
+            let rx_quiet = self
+                .rx
+                .enable_cb()
+                .map_err(queue_err("rx", "re-arming interrupts"))?;
+            let tx_quiet = self
+                .tx
+                .enable_cb()
+                .map_err(queue_err("tx", "re-arming interrupts"))?;
             moved |= !(rx_quiet && tx_quiet);
         }
         Ok(moved)
@@ -259,21 +298,26 @@ impl Transport for DriverTransport {
         let _ = self.waker.write(1);
     }
 
-    fn config_changed(&mut self, ep: &mut Endpoint, now: Instant) -> Result<(), String> {
+    fn config_changed(&mut self, ep: &mut Endpoint, now: Instant) -> Result<(), TransportError> {
         let name = self.dev.name();
         let cid = self
             .dev
             .guest_cid()
-            .map_err(|e| format!("{name}: re-reading guest_cid after a config interrupt: {e}"))?;
+            .map_err(|source| TransportError::ConfigRead {
+                device: name.clone(),
+                source,
+            })?;
         let old = ep.local_cid();
         if cid == old {
             log::debug!("{name}: config interrupt, guest_cid still {cid}");
             return Ok(());
         }
         if !valid_guest_cid(cid) {
-            return Err(format!(
-                "{name}: the device changed guest_cid from {old} to {cid}, which is not a guest CID (expected 3..=4294967294)"
-            ));
+            return Err(TransportError::InvalidGuestCid {
+                device: name,
+                old,
+                new: cid,
+            });
         }
         log::warn!("{name}: guest_cid changed from {old} to {cid}: every connection is reset");
         ep.handle_transport_reset(now, Some(cid));

@@ -6,6 +6,10 @@
 //! [`VsockDriver::from_device`] negotiates features, checks the device's `guest_cid`, lays out
 //! the DMA region, sets up and fills the rings, then starts the runtime's event loop over the
 //! driver's transport (`src/runtime/`, crate-internal, says what one round of it does).
+//!
+//! Opening by device spec (`VsockDriver::open`, `open_with`) and on the simulated device
+//! (`VsockDriver::open_sim`) is one layer up, in `src/open.rs`: it is the one place that knows
+//! every backend, the simulated one included.
 
 use std::io;
 use std::sync::Arc;
@@ -14,15 +18,14 @@ use std::time::Duration;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::sim::{SimConfig, SimDevice, SimHost};
-use crate::device::{DeviceError, DeviceSpec, VsockDevice, RX_QUEUE, TX_QUEUE};
+use crate::device::{DeviceError, VsockDevice, RX_QUEUE, TX_QUEUE};
 use crate::dma::DmaRegion;
 use crate::packet::{
     PKT_HEADER_LEN, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_VSOCK_F_SEQPACKET,
 };
 use crate::proto::{self, Endpoint};
 use crate::runtime::{
-    error_chain, run_loop, valid_guest_cid, Core, DeviceRings, DriverTransport, Ended, LoopFds,
+    run_loop, valid_guest_cid, Core, DeviceRings, DriverTransport, Ended, LoopFds,
 };
 use crate::virtq::{BufferDesc, SplitQueue};
 
@@ -143,11 +146,11 @@ pub struct VsockDriver {
     core: Arc<Core>,
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
-    sim: Option<SimHost>,
     device_name: String,
 }
 
-fn dev_err(name: &str) -> impl Fn(DeviceError) -> DriverError + '_ {
+/// A device error of device `name`, as a driver error.
+pub(crate) fn dev_err(name: &str) -> impl Fn(DeviceError) -> DriverError + '_ {
     move |source| DriverError::Device {
         name: name.to_string(),
         source,
@@ -159,72 +162,10 @@ fn io_err(op: &'static str) -> impl Fn(io::Error) -> DriverError {
 }
 
 impl VsockDriver {
-    /// Open the device named by `spec` with default settings.
-    pub fn open(spec: &DeviceSpec) -> Result<Self, DriverError> {
-        VsockDriver::open_with(spec, DriverConfig::default())
-    }
-
-    /// Open the device named by `spec`.
-    pub fn open_with(spec: &DeviceSpec, config: DriverConfig) -> Result<Self, DriverError> {
-        if *spec == DeviceSpec::Sim {
-            return VsockDriver::open_sim(
-                SimConfig {
-                    busy_poll: config.busy_poll,
-                    ..SimConfig::default()
-                },
-                config,
-            );
-        }
-        if *spec == DeviceSpec::Auto {
-            return VsockDriver::open_auto(config);
-        }
-        let dev = spec.open().map_err(dev_err(&spec.to_string()))?;
-        VsockDriver::from_device(dev, config, None)
-    }
-
-    /// `auto`: the first vsock vDPA device, then a virtio-vsock function bound to vfio-pci, then
-    /// the kernel's vhost-vsock with the first free CID from [`crate::device::AUTO_FIRST_CID`].
-    fn open_auto(config: DriverConfig) -> Result<Self, DriverError> {
-        let mut tried = Vec::new();
-        for spec in crate::device::auto_candidates() {
-            let is_vhost_vsock = matches!(spec, DeviceSpec::VhostVsock { .. });
-            let r = spec
-                .open()
-                .map_err(dev_err(&spec.to_string()))
-                .and_then(|dev| VsockDriver::from_device(dev, config.clone(), None));
-            match r {
-                Ok(d) => {
-                    log::info!("auto: using {spec}");
-                    return Ok(d);
-                }
-                Err(e) => {
-                    let in_use = matches!(&e, DriverError::Device { source, .. }
-                        if source.os_error().and_then(io::Error::raw_os_error) == Some(libc::EADDRINUSE));
-                    log::debug!("auto: {spec}: {e}");
-                    tried.push(format!("{spec}: {}", error_chain(&e)));
-                    // A CID in use: the next candidate is the next CID. Any other vhost-vsock
-                    // failure would repeat for every CID.
-                    if is_vhost_vsock && !in_use {
-                        break;
-                    }
-                }
-            }
-        }
-        Err(DriverError::NoDevice { tried })
-    }
-
-    /// Open an in-process simulated device with the given settings.
-    pub fn open_sim(sim: SimConfig, config: DriverConfig) -> Result<Self, DriverError> {
-        let dev = SimDevice::new(sim);
-        let host = dev.host();
-        VsockDriver::from_device(Box::new(dev), config, Some(host))
-    }
-
     /// Bring up `dev` and start the event loop.
     pub fn from_device(
         mut dev: Box<dyn VsockDevice>,
         config: DriverConfig,
-        sim: Option<SimHost>,
     ) -> Result<Self, DriverError> {
         for (what, v) in [
             ("rx_buf_size", config.rx_buf_size),
@@ -358,7 +299,6 @@ impl VsockDriver {
             core,
             stop,
             thread: Some(thread),
-            sim,
             device_name: name.clone(),
         })
     }
@@ -372,11 +312,6 @@ impl VsockDriver {
     /// The device's name.
     pub fn device_name(&self) -> &str {
         &self.device_name
-    }
-
-    /// The host side of the simulated device, when the device is `sim`.
-    pub fn sim_host(&self) -> Option<&SimHost> {
-        self.sim.as_ref()
     }
 
     /// Connect a stream to `addr` (the connect timeout of the protocol config applies).

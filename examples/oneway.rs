@@ -2,11 +2,10 @@
 #![allow(clippy::cast_possible_truncation)] // Test sizes and counters are small and known.
 use std::io::Write;
 use std::time::Instant;
-use vdpa_vsock::device::sim::DISCARD_PORT;
-use vdpa_vsock::device::DeviceSpec;
-use vdpa_vsock::driver::{VsockAddr, VsockDriver};
+use vdpa_vsock::driver::{DriverConfig, VsockAddr, VsockDriver};
+use vdpa_vsock::sim::{SimConfig, DISCARD_PORT};
 fn main() {
-    let d = VsockDriver::open(&DeviceSpec::Sim).unwrap();
+    let (d, host) = VsockDriver::open_sim(SimConfig::default(), DriverConfig::default()).unwrap();
     let mut s = d.connect(VsockAddr::new(2, DISCARD_PORT)).unwrap();
     let buf = vec![1u8; 65536];
     let total: u64 = 1 << 30;
@@ -14,7 +13,7 @@ fn main() {
     for _ in 0..total / 65536 {
         s.write_all(&buf).unwrap();
     }
-    while d.sim_host().unwrap().stats().discarded_bytes < total {
+    while host.stats().discarded_bytes < total {
         std::thread::yield_now();
     }
     let dt = t0.elapsed();

@@ -2,11 +2,11 @@
 #![allow(clippy::cast_possible_truncation)] // Test sizes and counters are small and known.
 use std::io::{Read, Write};
 use std::time::Instant;
-use vdpa_vsock::device::sim::{SimConfig, ECHO_PORT};
 use vdpa_vsock::driver::{DriverConfig, VsockAddr, VsockDriver};
+use vdpa_vsock::sim::{SimConfig, ECHO_PORT};
 fn main() {
     let busy = std::env::args().any(|a| a == "busy");
-    let d = VsockDriver::open_sim(
+    let (d, _host) = VsockDriver::open_sim(
         SimConfig {
             busy_poll: busy,
             ..SimConfig::default()

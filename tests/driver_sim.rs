@@ -7,15 +7,20 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vdpa_vsock::device::sim::{Hostile, SimConfig, DISCARD_PORT, ECHO_PORT, SEQPACKET_ECHO_PORT};
 use vdpa_vsock::device::DeviceSpec;
 use vdpa_vsock::driver::{DriverConfig, VsockAddr, VsockDriver};
+use vdpa_vsock::sim::{Hostile, SimConfig, SimHost, DISCARD_PORT, ECHO_PORT, SEQPACKET_ECHO_PORT};
 
 /// Longest a blocking call may wait in these tests before the test fails.
 const STALL: Duration = Duration::from_secs(60);
 
 fn sim() -> VsockDriver {
     VsockDriver::open(&DeviceSpec::Sim).expect("open sim")
+}
+
+/// The sim with the handle on its host side (CID 2).
+fn sim_with_host() -> (VsockDriver, SimHost) {
+    VsockDriver::open_sim(SimConfig::default(), DriverConfig::default()).expect("open sim")
 }
 
 /// FNV-1a, enough to tell streams apart.
@@ -60,10 +65,9 @@ fn connect_to_closed_port_is_refused() {
 
 #[test]
 fn host_connects_to_our_listener() {
-    let d = sim();
+    let (d, host) = sim_with_host();
     let l = d.listen(5000).unwrap();
     assert_eq!(d.listen(5000).unwrap_err().kind(), ErrorKind::AddrInUse);
-    let host = d.sim_host().unwrap().clone();
     let t = thread::spawn(move || {
         let mut s = host.connect(5000).unwrap();
         s.write_all(b"from the host").unwrap();
@@ -99,7 +103,8 @@ fn half_close_then_read_eof_and_write_broken_pipe() {
 fn many_concurrent_connections_checksummed() {
     const CONNS: usize = 1000;
     const BYTES: usize = 1 << 20;
-    let d = Arc::new(sim());
+    let (d, host) = sim_with_host();
+    let d = Arc::new(d);
     let mut streams = Vec::new();
     for _ in 0..CONNS {
         let mut s = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap();
@@ -146,15 +151,13 @@ fn many_concurrent_connections_checksummed() {
             "a stream came back altered"
         );
     }
-    let host = d.sim_host().unwrap();
     assert_eq!(host.stats().protocol_violations, 0);
     assert_eq!(host.proto_stats().credit_violations, 0);
 }
 
 #[test]
 fn slow_reader_never_sees_credit_overrun() {
-    let d = sim();
-    let host = d.sim_host().unwrap().clone();
+    let (d, host) = sim_with_host();
     let l = host.listen(6000).unwrap();
     let writer = {
         let mut s = d.connect(VsockAddr::new(2, 6000)).unwrap();
@@ -194,7 +197,7 @@ fn seqpacket_boundaries_preserved() {
         c.send_buffer = 2 << 20;
         c
     };
-    let d = VsockDriver::open_sim(
+    let (d, _host) = VsockDriver::open_sim(
         SimConfig {
             host: big(Default::default()),
             ..SimConfig::default()
@@ -277,9 +280,8 @@ fn device_reset_mid_transfer_ends_every_stream() {
 
 #[test]
 fn listener_accepts_under_load() {
-    let d = sim();
+    let (d, host) = sim_with_host();
     let l = d.listen(7000).unwrap();
-    let host = d.sim_host().unwrap().clone();
     // Background load on the same device.
     let mut load = d.connect(VsockAddr::new(2, DISCARD_PORT)).unwrap();
     let loader = thread::spawn(move || {
@@ -313,7 +315,7 @@ fn listener_accepts_under_load() {
 
 #[track_caller]
 fn hostile_device_breaks_cleanly(h: Hostile) {
-    let d = VsockDriver::open_sim(
+    let (d, _host) = VsockDriver::open_sim(
         SimConfig {
             hostile: Some(h),
             ..SimConfig::default()
@@ -328,6 +330,12 @@ fn hostile_device_breaks_cleanly(h: Hostile) {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ConnectionAborted, "{h:?}: {e}");
     assert!(e.to_string().contains("rx queue"), "{h:?}: {e}");
+    // What the queue found survives as the cause, not only as text.
+    let cause = std::error::Error::source(&e).map(|c| c.to_string());
+    assert!(
+        cause.as_deref().is_some_and(|c| c.contains("virtqueue")),
+        "{h:?}: {e}: cause {cause:?}"
+    );
     assert!(t0.elapsed() < Duration::from_secs(5));
     // And the driver stays dead, with the same clear error.
     let e = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap_err();
@@ -356,7 +364,7 @@ fn hostile_used_idx_jump() {
 
 #[test]
 fn busy_poll_mode_echoes() {
-    let d = VsockDriver::open_sim(
+    let (d, _host) = VsockDriver::open_sim(
         SimConfig {
             busy_poll: true,
             ..SimConfig::default()
@@ -436,8 +444,7 @@ fn auto_without_devices_says_what_it_tried() {
 /// open connection (an error, not a hang) and new connections use the new CID.
 #[test]
 fn guest_cid_change_resets_connections_and_moves_the_cid() {
-    let d = sim();
-    let host = d.sim_host().unwrap().clone();
+    let (d, host) = sim_with_host();
     assert_eq!(d.local_cid(), 3);
     let mut old = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap();
     old.write_all(b"before").unwrap();
@@ -479,8 +486,7 @@ fn guest_cid_change_resets_connections_and_moves_the_cid() {
 /// the driver stops with an error that says so, instead of taking the CID.
 #[test]
 fn guest_cid_change_to_a_reserved_cid_stops_the_driver() {
-    let d = sim();
-    let host = d.sim_host().unwrap().clone();
+    let (d, host) = sim_with_host();
     host.set_guest_cid(2).unwrap();
     let start = Instant::now();
     let err = loop {

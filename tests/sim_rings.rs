@@ -5,12 +5,12 @@
 
 use std::time::{Duration, Instant};
 
-use vdpa_vsock::device::sim::{SimConfig, SimDevice, ECHO_PORT};
 use vdpa_vsock::device::{VsockDevice, RX_QUEUE, TX_QUEUE};
 use vdpa_vsock::dma::DmaRegion;
 use vdpa_vsock::packet::{
     Header, Op, SocketType, VsockPacket, PKT_HEADER_SIZE, VIRTIO_F_VERSION_1, VMADDR_CID_HOST,
 };
+use vdpa_vsock::sim::{SimConfig, SimDevice, ECHO_PORT};
 use vdpa_vsock::virtq::{BufferDesc, SplitQueue};
 use vm_memory::GuestAddress;
 

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use vdpa_vsock::device::sim::{SimConfig, DISCARD_PORT, ECHO_PORT};
 use vdpa_vsock::device::DeviceSpec;
 use vdpa_vsock::driver::{DriverConfig, VsockAddr, VsockDriver};
+use vdpa_vsock::sim::{SimConfig, SimHost, DISCARD_PORT, ECHO_PORT};
 
 /// Options of `vdpa-vsock bench`.
 #[derive(Debug, Args)]
@@ -166,7 +166,7 @@ fn echo_thread<S: Read + Write + Send + 'static>(mut s: S) {
     });
 }
 
-fn open_sim(busy_poll: bool, base: &DriverConfig) -> Result<VsockDriver> {
+fn open_sim(busy_poll: bool, base: &DriverConfig) -> Result<(VsockDriver, SimHost)> {
     let cfg = DriverConfig {
         busy_poll,
         ..base.clone()
@@ -181,8 +181,7 @@ fn open_sim(busy_poll: bool, base: &DriverConfig) -> Result<VsockDriver> {
     .context("opening the sim device")
 }
 
-fn wait_discarded(driver: &VsockDriver, total: u64) -> Result<()> {
-    let host = driver.sim_host().context("not a sim device")?;
+fn wait_discarded(host: &SimHost, total: u64) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     while host.stats().discarded_bytes < total {
         if Instant::now() > deadline {
@@ -209,11 +208,11 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
     let shape = (bytes, ws, usize::from(args.buffer_offset));
 
     progress(1, steps, "one-way: vdpa-vsock (sim, eventfd)");
-    let driver = open_sim(false, &base)?;
+    let (driver, host) = open_sim(false, &base)?;
     let s = driver
         .connect(VsockAddr::new(2, DISCARD_PORT))
         .context("connect to discard port")?;
-    let d = one_way(s, shape, || wait_discarded(&driver, bytes))?;
+    let d = one_way(s, shape, || wait_discarded(&host, bytes))?;
     rows.push(Row {
         workload: "one-way 64KiB writes",
         transport: "vdpa-vsock sim",
@@ -288,7 +287,7 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
     drop(driver);
 
     progress(6, steps, "ping-pong: vdpa-vsock (sim, busy-poll)");
-    let busy = open_sim(true, &base)?;
+    let (busy, _host) = open_sim(true, &base)?;
     let mut s = busy.connect(VsockAddr::new(2, ECHO_PORT))?;
     let d = ping_pong(&mut s, n, args.msg_size)?;
     rows.push(Row {

@@ -8,12 +8,13 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
-use vdpa_vsock::device::{DeviceSpec, VsockDevice, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
+use vdpa_vsock::device::{DeviceError, DeviceSpec, VsockDevice, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
 use vdpa_vsock::driver::{wanted_features, DriverConfig, VsockDriver};
 use vdpa_vsock::packet::{
     VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_VSOCK_F_NO_IMPLIED_STREAM, VIRTIO_VSOCK_F_SEQPACKET, VIRTIO_VSOCK_F_STREAM,
 };
+use vdpa_vsock::sim::{SimConfig, SimDevice};
 use virtio_bindings::{virtio_config as vc, virtio_ring as vr};
 
 use super::list::{self, Candidate};
@@ -188,6 +189,15 @@ fn candidate_for(spec: &DeviceSpec, roots: &Roots) -> Option<Candidate> {
     }
 }
 
+/// The bare device `spec` names: the device layer opens hardware backends; the simulated device
+/// sits above it, so it is built here.
+fn open_device(spec: &DeviceSpec) -> Result<Box<dyn VsockDevice>, DeviceError> {
+    match spec {
+        DeviceSpec::Sim => Ok(Box::new(SimDevice::new(SimConfig::default()))),
+        _ => spec.open(),
+    }
+}
+
 /// Run `vdpa-vsock inspect`.
 pub(crate) fn run(args: &InspectArgs, roots: &Roots) -> Result<()> {
     if args.device == DeviceSpec::Auto {
@@ -195,7 +205,7 @@ pub(crate) fn run(args: &InspectArgs, roots: &Roots) -> Result<()> {
     }
     let found = candidate_for(&args.device, roots);
     let opened = preflight(&args.device, roots)
-        .and_then(|()| args.device.open().map_err(anyhow::Error::from));
+        .and_then(|()| open_device(&args.device).map_err(anyhow::Error::from));
     match opened {
         Ok(dev) => inspect_device(&args.device, dev, found.as_ref(), args.json),
         Err(e) => {

@@ -33,8 +33,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use vdpa_vsock::device::DeviceSpec;
-use vdpa_vsock::driver::{VsockAddr, VsockDriver, VsockListener, VsockStream};
+use vdpa_vsock::driver::{DriverConfig, VsockAddr, VsockDriver, VsockListener, VsockStream};
 use vdpa_vsock::packet::VMADDR_CID_HOST;
+use vdpa_vsock::sim::{SimConfig, SimHost};
 
 use super::{preflight, Roots};
 
@@ -72,6 +73,8 @@ pub(crate) struct ServeArgs {
 /// What every connection thread shares.
 struct Shared {
     driver: VsockDriver,
+    /// The host side of the device, when it is `sim`.
+    sim_host: Option<SimHost>,
     stop: AtomicBool,
     active: AtomicUsize,
     max_conns: usize,
@@ -263,8 +266,8 @@ fn client(shared: &Shared, mut uds: UnixStream, side: Side) {
         Side::SimHost => {
             let addr = VsockAddr::new(shared.driver.local_cid(), port);
             let host = shared
-                .driver
-                .sim_host()
+                .sim_host
+                .as_ref()
                 .ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "not a sim device"));
             (addr, host.and_then(|h| h.connect(port)))
         }
@@ -378,8 +381,13 @@ fn bind_uds(path: &Path) -> Result<UnixListener> {
 /// Run `vdpa-vsock serve` until SIGTERM or SIGINT.
 pub(crate) fn run(args: &ServeArgs, roots: &Roots) -> Result<()> {
     preflight(&args.device, roots)?;
-    let driver = VsockDriver::open(&args.device)
-        .with_context(|| format!("opening device {}", args.device))?;
+    let (driver, sim_host) = if args.device == DeviceSpec::Sim {
+        VsockDriver::open_sim(SimConfig::default(), DriverConfig::default())
+            .map(|(driver, host)| (driver, Some(host)))
+    } else {
+        VsockDriver::open(&args.device).map(|driver| (driver, None))
+    }
+    .with_context(|| format!("opening device {}", args.device))?;
     // Listen on the vsock ports first: a taken port fails before any file is created.
     let mut listeners = Vec::new();
     for &p in &args.listen_ports {
@@ -417,6 +425,7 @@ pub(crate) fn run(args: &ServeArgs, roots: &Roots) -> Result<()> {
     sockets.push((uds, args.uds.clone(), Side::Driver));
     let shared = Arc::new(Shared {
         driver,
+        sim_host,
         stop: AtomicBool::new(false),
         active: AtomicUsize::new(0),
         max_conns: args.max_conns as usize,

@@ -2,10 +2,12 @@
 
 //! Devices: the one small trait every backend implements, and the device spec strings.
 //!
-//! A backend is whatever sits behind the rings (virtio 1.2 section 5.10): the in-process
-//! simulated device ([`sim`]), the kernel's vhost-vsock ([`vhost_vsock`]), and later a
-//! vhost-vdpa device or a virtio-pci function bound to VFIO. The device layer never interprets a vsock header; it only
-//! negotiates, maps memory, wires queues and moves notifications.
+//! A backend is whatever sits behind the rings (virtio 1.2 section 5.10): a vhost-vdpa device
+//! ([`vhost_vdpa`]), a virtio-pci function bound to VFIO ([`vfio_pci`]), or the kernel's
+//! vhost-vsock ([`vhost_vsock`]). The device layer never interprets a vsock header; it only
+//! negotiates, maps memory, wires queues and moves notifications. It imports nothing above it:
+//! the in-process simulated device implements [`VsockDevice`] too, but lives one layer up (in
+//! `vdpa_vsock::sim`, on the runtime), so [`DeviceSpec::open`] does not build it.
 //!
 //! Bring-up order, as the driver performs it:
 //! 1. [`VsockDevice::offered_features`], then [`VsockDevice::negotiate`] (FEATURES_OK).
@@ -28,7 +30,6 @@ use crate::dma::{DmaOptions, DmaRegion};
 use crate::virtq::QueueLayout;
 
 pub mod pci;
-pub mod sim;
 pub mod vfio_pci;
 pub mod vhost_vdpa;
 pub mod vhost_vsock;
@@ -109,6 +110,16 @@ pub enum DeviceError {
     /// The DMA region could not be set up.
     #[error("DMA memory")]
     Dma(#[from] crate::dma::DmaError),
+    /// [`DeviceSpec::open`] was given `sim`: the simulated device sits above the device layer.
+    #[error(
+        "DeviceSpec::open opens vhost-vdpa, vfio and vhost-vsock devices, found `{spec}`: {how}"
+    )]
+    NotADeviceNode {
+        /// The spec as given.
+        spec: &'static str,
+        /// How to open it instead.
+        how: &'static str,
+    },
 }
 
 impl DeviceError {
@@ -468,10 +479,16 @@ impl fmt::Display for DeviceSpec {
 }
 
 impl DeviceSpec {
-    /// Open the device this spec names.
+    /// Open the device this spec names: a vhost-vdpa, vfio or vhost-vsock device. `sim` is an
+    /// error ([`DeviceError::NotADeviceNode`]): open it with `VsockDriver::open` or
+    /// `VsockDriver::open_sim`, or build a `vdpa_vsock::sim::SimDevice`.
     pub fn open(&self) -> Result<Box<dyn VsockDevice>, DeviceError> {
         match self {
-            DeviceSpec::Sim => Ok(Box::new(sim::SimDevice::new(sim::SimConfig::default()))),
+            DeviceSpec::Sim => Err(DeviceError::NotADeviceNode {
+                spec: "sim",
+                how: "the simulated device lives above the device layer; open it with \
+                      VsockDriver::open or VsockDriver::open_sim, or build a sim::SimDevice",
+            }),
             DeviceSpec::VhostVdpa { path } => {
                 Ok(Box::new(vhost_vdpa::VhostVdpaDevice::open(path)?))
             }
@@ -607,5 +624,16 @@ mod tests {
         let e = spec.open().unwrap_err();
         assert!(matches!(e, DeviceError::Hinted { .. }), "{e:?}");
         assert!(e.to_string().contains("modprobe vhost_vsock"), "{e}");
+    }
+
+    #[test]
+    fn sim_is_not_opened_by_the_device_layer() {
+        // The simulated device sits above this layer: asking here names where to go instead.
+        let e = DeviceSpec::Sim.open().unwrap_err();
+        assert!(
+            matches!(e, DeviceError::NotADeviceNode { spec: "sim", .. }),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("VsockDriver::open_sim"), "{e}");
     }
 }

@@ -1,24 +1,19 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! The socket API over a protocol [`Endpoint`]: `VsockStream`, `VsockListener`, `VsockSeqPacket`.
+//! The socket API: `VsockStream`, `VsockListener`, `VsockSeqPacket` and `VsockAddr`.
 //!
-//! A [`Core`] is one endpoint behind a mutex, plus what blocked callers wait on. Whoever moves
-//! packets for that endpoint (the driver's event loop, or the simulated device's host side) is a
-//! [`Transport`]: after every user call the core wakes it, and after every batch it processes the
-//! core routes the endpoint's events to the waiting callers (one condition variable per
-//! connection, so 1,000 connections do not wake each other).
-//!
-//! In busy-poll mode nobody sleeps: a blocked caller runs the transport itself in a spin loop
-//! (run-to-completion, as DPDK does), which removes the thread hand-offs from the latency path.
+//! Each socket is a thin handle on a runtime [`Core`] (one protocol endpoint and its waiters,
+//! see [`crate::runtime`]) plus the connection or listener id it names; blocking, timeouts and
+//! the mapping of protocol errors to `std::io` live in the core.
 
-use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::packet::{ShutdownFlags, SocketType};
-use crate::proto::{ConnId, Endpoint, Event, ListenerId, ProtoError};
+use crate::packet::SocketType;
+use crate::proto::{ConnId, ListenerId, ProtoError};
+use crate::runtime::{to_io, Core};
 
 /// A vsock address: context id and port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -53,500 +48,6 @@ impl std::str::FromStr for VsockAddr {
             port: p.parse().map_err(|_| format!("bad port {p:?} in {s:?}"))?,
         })
     }
-}
-
-/// Whoever moves packets between an endpoint and a device.
-pub(crate) trait Transport: Send {
-    /// Move packets both ways once, without blocking. Returns whether anything moved.
-    /// An error means the device is dead: the core ends every connection with it.
-    fn pump(&mut self, ep: &mut Endpoint, now: Instant) -> Result<bool, String>;
-    /// Wake the thread that runs this transport (new data to send, a timer changed).
-    fn wake(&self);
-    /// Stop the device: it must not touch the rings afterwards.
-    fn shutdown(&mut self);
-    /// The device raised its config interrupt: re-read what the configuration decides (the
-    /// driver's CID). An error means the device is dead, as for [`Transport::pump`].
-    fn config_changed(&mut self, _ep: &mut Endpoint, _now: Instant) -> Result<(), String> {
-        Ok(())
-    }
-}
-
-/// The endpoint's state as callers see it.
-pub(crate) struct CoreState {
-    pub(crate) ep: Endpoint,
-    transport: Box<dyn Transport>,
-    /// Set when the device died or was reset: every blocked call ends with this.
-    pub(crate) dead: Option<String>,
-    conn_wait: HashMap<ConnId, Arc<Condvar>>,
-    listen_wait: HashMap<ListenerId, Arc<Condvar>>,
-    /// Connections whose connect attempt ended: Ok, or the error.
-    connect_result: HashMap<ConnId, Result<(), ProtoError>>,
-    /// Connections reset by the peer (reads drain first, then ConnectionReset).
-    reset: HashMap<ConnId, ()>,
-}
-
-impl std::fmt::Debug for CoreState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CoreState")
-            .field("ep", &self.ep)
-            .field("dead", &self.dead)
-            .finish_non_exhaustive()
-    }
-}
-
-/// One endpoint and its waiters. Shared by every socket of a driver (or of the sim's host side).
-#[derive(Debug)]
-pub(crate) struct Core {
-    pub(crate) state: Mutex<CoreState>,
-    /// Spin (run the transport in the caller) instead of sleeping.
-    busy_poll: bool,
-}
-
-/// How long a sleeping caller waits before re-checking by itself (a safety net only: every
-/// state change notifies).
-const WAIT_SLICE: Duration = Duration::from_millis(100);
-
-impl Core {
-    pub(crate) fn new(ep: Endpoint, transport: Box<dyn Transport>, busy_poll: bool) -> Arc<Core> {
-        Arc::new(Core {
-            state: Mutex::new(CoreState {
-                ep,
-                transport,
-                dead: None,
-                conn_wait: HashMap::new(),
-                listen_wait: HashMap::new(),
-                connect_result: HashMap::new(),
-                reset: HashMap::new(),
-            }),
-            busy_poll,
-        })
-    }
-
-    pub(crate) fn lock(&self) -> MutexGuard<'_, CoreState> {
-        // A panic while holding the lock leaves the endpoint in an unknown state; we still hand it
-        // out (the protocol core keeps its invariants per call) rather than poisoning every socket.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Run the transport once and route the resulting events (called by the loop thread, and by
-    /// callers in busy-poll mode).
-    pub(crate) fn pump_locked(st: &mut CoreState, now: Instant) -> bool {
-        if st.dead.is_some() {
-            return false;
-        }
-        let CoreState { ep, transport, .. } = st;
-        let moved = match transport.pump(ep, now) {
-            Ok(m) => m,
-            Err(reason) => {
-                st.transport.shutdown();
-                Core::kill_locked(st, reason);
-                return true;
-            }
-        };
-        Core::route_events(st);
-        moved
-    }
-
-    /// Let the transport handle a config interrupt, then route the events (resets) it caused.
-    pub(crate) fn config_changed_locked(st: &mut CoreState, now: Instant) {
-        if st.dead.is_some() {
-            return;
-        }
-        let CoreState { ep, transport, .. } = st;
-        if let Err(reason) = transport.config_changed(ep, now) {
-            st.transport.shutdown();
-            Core::kill_locked(st, reason);
-            return;
-        }
-        Core::route_events(st);
-    }
-
-    /// Drain the endpoint's events to the waiters.
-    pub(crate) fn route_events(st: &mut CoreState) {
-        while let Some(ev) = st.ep.poll_event() {
-            match ev {
-                Event::Connected(c) => {
-                    st.connect_result.insert(c, Ok(()));
-                    notify(&st.conn_wait, c);
-                }
-                Event::ConnectFailed(c, e) => {
-                    st.connect_result.insert(c, Err(e));
-                    notify(&st.conn_wait, c);
-                }
-                Event::Incoming(l) => {
-                    if let Some(cv) = st.listen_wait.get(&l) {
-                        cv.notify_all();
-                    }
-                }
-                Event::Reset(c) => {
-                    st.reset.insert(c, ());
-                    st.connect_result
-                        .entry(c)
-                        .or_insert(Err(ProtoError::ConnectionReset));
-                    notify(&st.conn_wait, c);
-                }
-                Event::Closed(c) => {
-                    st.reset.remove(&c);
-                    st.connect_result.remove(&c);
-                    notify(&st.conn_wait, c);
-                }
-                Event::Readable(c) | Event::Writable(c) | Event::PeerShutdown(c, _) => {
-                    notify(&st.conn_wait, c);
-                }
-            }
-        }
-    }
-
-    /// The device is gone: every blocked and future call fails with `reason`.
-    pub(crate) fn kill_locked(st: &mut CoreState, reason: String) {
-        log::error!("device failed: {reason}");
-        Core::end_locked(st, reason);
-    }
-
-    /// Every blocked and future call fails with `reason` (no failure is logged).
-    fn end_locked(st: &mut CoreState, reason: String) {
-        st.dead = Some(reason);
-        for cv in st.conn_wait.values().chain(st.listen_wait.values()) {
-            cv.notify_all();
-        }
-    }
-
-    /// Mark the core dead from outside and stop the device (device reset, driver shutdown).
-    pub(crate) fn kill(&self, reason: String) {
-        let mut st = self.lock();
-        st.transport.shutdown();
-        if st.dead.is_none() {
-            Core::kill_locked(&mut st, reason);
-        }
-    }
-
-    /// An orderly close by the owner: like [`Core::kill`], but nothing failed, so nothing is
-    /// logged as an error.
-    pub(crate) fn close_all(&self, reason: String) {
-        let mut st = self.lock();
-        st.transport.shutdown();
-        if st.dead.is_none() {
-            log::debug!("closing: {reason}");
-            Core::end_locked(&mut st, reason);
-        }
-    }
-
-    /// Block until `ready` says yes (returns its value), the deadline passes, or the device dies.
-    /// `cv` is the condition variable the awaited state change notifies.
-    fn wait_until<'a, T>(
-        self: &'a Arc<Self>,
-        mut st: MutexGuard<'a, CoreState>,
-        cv: &Arc<Condvar>,
-        deadline: Option<Instant>,
-        mut ready: impl FnMut(&mut CoreState) -> Option<io::Result<T>>,
-    ) -> io::Result<T> {
-        loop {
-            if let Some(r) = ready(&mut st) {
-                return r;
-            }
-            if let Some(reason) = &st.dead {
-                return Err(io::Error::new(
-                    io::ErrorKind::ConnectionAborted,
-                    format!("vsock device failed: {reason}"),
-                ));
-            }
-            let now = Instant::now();
-            if deadline.is_some_and(|d| now >= d) {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "vsock operation timed out",
-                ));
-            }
-            if self.busy_poll {
-                // Run-to-completion: move packets ourselves, then let others at the lock.
-                Core::pump_locked(&mut st, now);
-                drop(st);
-                std::hint::spin_loop();
-                st = self.lock();
-                continue;
-            }
-            let slice = deadline.map_or(WAIT_SLICE, |d| {
-                d.saturating_duration_since(now).min(WAIT_SLICE)
-            });
-            st = cv
-                .wait_timeout(st, slice)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-    }
-
-    fn conn_cv(st: &mut CoreState, c: ConnId) -> Arc<Condvar> {
-        st.conn_wait.entry(c).or_default().clone()
-    }
-
-    /// After a user call changed what the endpoint wants to send: let the transport run.
-    fn kick(&self, st: &mut CoreState) {
-        if self.busy_poll {
-            Core::pump_locked(st, Instant::now());
-        } else {
-            st.transport.wake();
-        }
-    }
-
-    fn check_dead(st: &CoreState) -> io::Result<()> {
-        match &st.dead {
-            Some(reason) => Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                format!("vsock device failed: {reason}"),
-            )),
-            None => Ok(()),
-        }
-    }
-
-    /// Open a connection and wait for the handshake.
-    pub(crate) fn connect(
-        self: &Arc<Self>,
-        addr: VsockAddr,
-        ty: SocketType,
-        timeout: Option<Duration>,
-    ) -> io::Result<ConnId> {
-        let mut st = self.lock();
-        Core::check_dead(&st)?;
-        let now = Instant::now();
-        let c = st
-            .ep
-            .connect(now, addr.cid, addr.port, None, ty)
-            .map_err(to_io)?;
-        let cv = Core::conn_cv(&mut st, c);
-        self.kick(&mut st);
-        let deadline = timeout.map(|t| now + t);
-        let r = self.wait_until(st, &cv, deadline, |st| {
-            st.connect_result.remove(&c).map(|r| r.map_err(to_io))
-        });
-        if r.is_err() {
-            let mut st = self.lock();
-            st.ep.abort(Instant::now(), c);
-            st.conn_wait.remove(&c);
-            st.reset.remove(&c);
-            self.kick(&mut st);
-        }
-        r.map(|()| c)
-    }
-
-    pub(crate) fn listen(
-        self: &Arc<Self>,
-        port: u32,
-        backlog: usize,
-        ty: SocketType,
-    ) -> io::Result<ListenerId> {
-        let mut st = self.lock();
-        Core::check_dead(&st)?;
-        let l = st.ep.listen(port, backlog, ty).map_err(to_io)?;
-        st.listen_wait.insert(l, Arc::new(Condvar::new()));
-        Ok(l)
-    }
-
-    pub(crate) fn accept(
-        self: &Arc<Self>,
-        l: ListenerId,
-        deadline: Option<Instant>,
-    ) -> io::Result<ConnId> {
-        let mut st = self.lock();
-        let cv = st.listen_wait.entry(l).or_default().clone();
-        self.wait_until(st, &cv, deadline, |st| {
-            st.ep.accept(l).map(|c| {
-                st.conn_wait.entry(c).or_default();
-                Ok(c)
-            })
-        })
-    }
-
-    pub(crate) fn unlisten(&self, l: ListenerId) {
-        let mut st = self.lock();
-        st.ep.unlisten(Instant::now(), l);
-        st.listen_wait.remove(&l);
-        self.kick(&mut st);
-    }
-
-    /// Blocking read: waits for data, EOF (Ok(0)) or an error.
-    pub(crate) fn read(
-        self: &Arc<Self>,
-        c: ConnId,
-        buf: &mut [u8],
-        deadline: Option<Instant>,
-    ) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        let mut st = self.lock();
-        let cv = Core::conn_cv(&mut st, c);
-        let this = self.clone();
-        self.wait_until(st, &cv, deadline, |st| {
-            match st.ep.recv(Instant::now(), c, buf) {
-                Ok(n) => {
-                    if n > 0 {
-                        // Freed receive space may owe the peer a credit update.
-                        this.kick(st);
-                    }
-                    Some(Ok(n))
-                }
-                Err(e) => Core::read_error(st, c, e),
-            }
-        })
-    }
-
-    /// Blocking write of the whole buffer (returns once all of it is queued in the endpoint).
-    pub(crate) fn write(
-        self: &Arc<Self>,
-        c: ConnId,
-        mut data: &[u8],
-        deadline: Option<Instant>,
-    ) -> io::Result<usize> {
-        let total = data.len();
-        let mut st = self.lock();
-        let cv = Core::conn_cv(&mut st, c);
-        let this = self.clone();
-        self.wait_until(st, &cv, deadline, |st| {
-            if st.reset.contains_key(&c) {
-                return Some(Err(to_io(ProtoError::ConnectionReset)));
-            }
-            match st.ep.send(Instant::now(), c, data) {
-                Ok(n) => {
-                    if n > 0 {
-                        this.kick(st);
-                    }
-                    data = &data[n..];
-                    if data.is_empty() {
-                        Some(Ok(total))
-                    } else {
-                        None
-                    }
-                }
-                Err(ProtoError::WouldBlock) => None,
-                Err(e) => Some(Err(to_io(e))),
-            }
-        })
-    }
-
-    /// Blocking send of one SEQPACKET message.
-    pub(crate) fn send_msg(
-        self: &Arc<Self>,
-        c: ConnId,
-        msg: &[u8],
-        eor: bool,
-        deadline: Option<Instant>,
-    ) -> io::Result<usize> {
-        let mut st = self.lock();
-        let cv = Core::conn_cv(&mut st, c);
-        let this = self.clone();
-        self.wait_until(st, &cv, deadline, |st| {
-            if st.reset.contains_key(&c) {
-                return Some(Err(to_io(ProtoError::ConnectionReset)));
-            }
-            match st.ep.send_msg(Instant::now(), c, msg, eor) {
-                Ok(()) => {
-                    this.kick(st);
-                    Some(Ok(msg.len()))
-                }
-                Err(ProtoError::WouldBlock) => None,
-                Err(e) => Some(Err(to_io(e))),
-            }
-        })
-    }
-
-    /// Blocking receive of one SEQPACKET message: (bytes copied, full message length, EOR).
-    pub(crate) fn recv_msg(
-        self: &Arc<Self>,
-        c: ConnId,
-        buf: &mut [u8],
-        deadline: Option<Instant>,
-    ) -> io::Result<(usize, usize, bool)> {
-        let mut st = self.lock();
-        let cv = Core::conn_cv(&mut st, c);
-        let this = self.clone();
-        self.wait_until(st, &cv, deadline, |st| {
-            match st.ep.recv_msg(Instant::now(), c, buf) {
-                Ok(r) => {
-                    this.kick(st);
-                    Some(Ok(r))
-                }
-                Err(e) => Core::read_error(st, c, e),
-            }
-        })
-    }
-
-    /// What a blocked read does with a receive error: nothing buffered (`WouldBlock`) means
-    /// wait, unless the peer reset the connection; anything else ends the read.
-    fn read_error<T>(st: &CoreState, c: ConnId, e: ProtoError) -> Option<io::Result<T>> {
-        match e {
-            ProtoError::WouldBlock if !st.reset.contains_key(&c) => None,
-            ProtoError::WouldBlock => Some(Err(to_io(ProtoError::ConnectionReset))),
-            e => Some(Err(to_io(e))),
-        }
-    }
-
-    pub(crate) fn shutdown(&self, c: ConnId, how: Shutdown) -> io::Result<()> {
-        let mut st = self.lock();
-        Core::check_dead(&st)?;
-        let flags = match how {
-            Shutdown::Read => ShutdownFlags {
-                receive: true,
-                send: false,
-            },
-            Shutdown::Write => ShutdownFlags {
-                receive: false,
-                send: true,
-            },
-            Shutdown::Both => ShutdownFlags {
-                receive: true,
-                send: true,
-            },
-        };
-        st.ep.shutdown(Instant::now(), c, flags).map_err(to_io)?;
-        self.kick(&mut st);
-        Ok(())
-    }
-
-    pub(crate) fn close(&self, c: ConnId) {
-        let mut st = self.lock();
-        st.ep.close(Instant::now(), c);
-        st.conn_wait.remove(&c);
-        st.reset.remove(&c);
-        st.connect_result.remove(&c);
-        self.kick(&mut st);
-    }
-
-    pub(crate) fn addrs(&self, c: ConnId) -> (Option<VsockAddr>, Option<VsockAddr>) {
-        let st = self.lock();
-        let local = st
-            .ep
-            .local_port(c)
-            .map(|p| VsockAddr::new(st.ep.local_cid(), p));
-        let peer = st
-            .ep
-            .peer_addr(c)
-            .map(|(cid, port)| VsockAddr::new(cid, port));
-        (local, peer)
-    }
-}
-
-fn notify(map: &HashMap<ConnId, Arc<Condvar>>, c: ConnId) {
-    if let Some(cv) = map.get(&c) {
-        cv.notify_all();
-    }
-}
-
-/// Map protocol errors to what an AF_VSOCK user expects from `std::io`.
-pub(crate) fn to_io(e: ProtoError) -> io::Error {
-    use io::ErrorKind as K;
-    let kind = match &e {
-        ProtoError::ConnectionRefused => K::ConnectionRefused,
-        ProtoError::ConnectionReset => K::ConnectionReset,
-        ProtoError::TimedOut => K::TimedOut,
-        ProtoError::AddrInUse { .. } => K::AddrInUse,
-        ProtoError::PortsExhausted { .. } => K::AddrNotAvailable,
-        ProtoError::NotConnected | ProtoError::UnknownConnection => K::NotConnected,
-        ProtoError::BrokenPipe => K::BrokenPipe,
-        ProtoError::WouldBlock => K::WouldBlock,
-        ProtoError::InvalidInput(_) | ProtoError::MessageTooLarge { .. } => K::InvalidInput,
-        _ => K::Other,
-    };
-    io::Error::new(kind, e)
 }
 
 /// Per-socket blocking-call timeouts.
@@ -597,23 +98,23 @@ impl VsockStream {
         addr: VsockAddr,
         timeout: Option<Duration>,
     ) -> io::Result<Self> {
-        let id = core.connect(addr, SocketType::Stream, timeout)?;
+        let id = core.connect(addr.cid, addr.port, SocketType::Stream, timeout)?;
         Ok(VsockStream::from_conn(core.clone(), id))
     }
 
     /// Our address (local CID, local port).
     pub fn local_addr(&self) -> io::Result<VsockAddr> {
         self.core
-            .addrs(self.conn.id)
-            .0
+            .local_addr(self.conn.id)
+            .map(|(cid, port)| VsockAddr::new(cid, port))
             .ok_or_else(|| to_io(ProtoError::NotConnected))
     }
 
     /// The peer's address.
     pub fn peer_addr(&self) -> io::Result<VsockAddr> {
         self.core
-            .addrs(self.conn.id)
-            .1
+            .peer_addr(self.conn.id)
+            .map(|(cid, port)| VsockAddr::new(cid, port))
             .ok_or_else(|| to_io(ProtoError::NotConnected))
     }
 
@@ -753,7 +254,7 @@ impl VsockSeqPacket {
         addr: VsockAddr,
         timeout: Option<Duration>,
     ) -> io::Result<Self> {
-        let id = core.connect(addr, SocketType::SeqPacket, timeout)?;
+        let id = core.connect(addr.cid, addr.port, SocketType::SeqPacket, timeout)?;
         Ok(VsockSeqPacket {
             inner: VsockStream::from_conn(core.clone(), id),
         })

@@ -45,8 +45,9 @@ mod tests;
 
 /// The size of the `virtio_vsock_hdr` structure on the wire.
 pub const PKT_HEADER_SIZE: usize = 44;
-/// [`PKT_HEADER_SIZE`] as a descriptor length.
-const PKT_HEADER_LEN: u32 = 44;
+/// [`PKT_HEADER_SIZE`] as a descriptor length (the rings' lengths are `u32`).
+#[allow(clippy::cast_possible_truncation)] // 44 fits in a u32.
+pub(crate) const PKT_HEADER_LEN: u32 = PKT_HEADER_SIZE as u32;
 
 /// Feature bit: stream sockets (`VIRTIO_VSOCK_F_STREAM`, virtio 1.2 5.10.3). The vsock bits are
 /// not in virtio-bindings; the transport bits below come from it.

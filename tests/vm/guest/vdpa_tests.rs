@@ -327,8 +327,7 @@ pub(crate) fn vdpa_vsock_echo_1mib() -> TestResult {
     with_vdpa_dev("vdpasim_vsock", "vdpav0", |node| {
         use vdpa_vsock::driver::{DriverConfig, VsockAddr, VsockDriver};
         let dev = VhostVdpaDevice::open(node).map_err(e)?;
-        let drv =
-            VsockDriver::from_device(Box::new(dev), DriverConfig::default(), None).map_err(e)?;
+        let drv = VsockDriver::from_device(Box::new(dev), DriverConfig::default()).map_err(e)?;
         println!(
             "# driver up on {}, cid {}",
             drv.device_name(),
@@ -422,8 +421,7 @@ fn with_vsock_driver(
     with_vdpa_dev("vdpasim_vsock", name, |node| {
         use vdpa_vsock::driver::{DriverConfig, VsockDriver};
         let dev = VhostVdpaDevice::open(node).map_err(e)?;
-        let drv =
-            VsockDriver::from_device(Box::new(dev), DriverConfig::default(), None).map_err(e)?;
+        let drv = VsockDriver::from_device(Box::new(dev), DriverConfig::default()).map_err(e)?;
         f(&drv, node)
     })
 }

@@ -78,7 +78,7 @@ fn open_driver_with(bdf: &str, hide: u64, cfg: DriverConfig) -> Result<VsockDriv
     if dev.msix_vectors() == 0 {
         return Err(fail("MSI-X not in use"));
     }
-    VsockDriver::from_device(Box::new(dev), cfg, None)
+    VsockDriver::from_device(Box::new(dev), cfg)
         .map_err(|e| fail(format!("driver over {bdf}: {e} ({e:?})")))
 }
 
@@ -303,7 +303,7 @@ pub(super) fn vfio_driver_intx() -> TestResult {
             return Err(fail("MSI-X in use although INTx was forced"));
         }
         println!("# {bdf}: INTx forced, 0 MSI-X vectors in use");
-        let drv = VsockDriver::from_device(Box::new(dev), config(), None)
+        let drv = VsockDriver::from_device(Box::new(dev), config())
             .map_err(|e| fail(format!("driver over {bdf}: {e}")))?;
         echo_lockstep(&drv, 4 << 20)
     })
@@ -691,7 +691,7 @@ pub(super) fn vfio_type1_iommu() -> TestResult {
         for (k, v) in dev.details() {
             println!("# type1: {k}: {v}");
         }
-        let drv = VsockDriver::from_device(Box::new(dev), config(), None)
+        let drv = VsockDriver::from_device(Box::new(dev), config())
             .map_err(|e| fail(format!("driver over {bdf} (type1, identity IOVA): {e:#}")))?;
         echo_lockstep(&drv, 1 << 20)?;
         drop(drv);
@@ -699,7 +699,7 @@ pub(super) fn vfio_type1_iommu() -> TestResult {
         // guest physical addresses. Reported, not asserted.
         let dev = VfioPciDevice::open(bdf, false)
             .map_err(|e| fail(format!("reopen {bdf} in type1 mode: {e}")))?;
-        match VsockDriver::from_device(Box::new(dev), config(), None) {
+        match VsockDriver::from_device(Box::new(dev), config()) {
             Ok(drv) => {
                 let addr = VsockAddr::new(u64::from(VMADDR_CID_HOST), HOST_ECHO_PORT);
                 match drv.connect_timeout(addr, Duration::from_secs(3)) {

@@ -1,0 +1,149 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The event loop: one thread per [`Core`] that sleeps on eventfds and pumps the core's
+//! transport. The driver runs one over its device's used-buffer interrupts and config interrupt;
+//! the simulated device runs one over the driver's kicks.
+//!
+//! In busy-poll mode the device is asked not to interrupt; callers that block spin on the rings
+//! themselves and the loop thread only wakes every millisecond for timers and unattended traffic.
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::core::Core;
+use super::error::TransportError;
+
+/// What a loop thread waits on besides its waker and stop eventfds.
+pub(crate) struct LoopFds {
+    pub(crate) waker: EventFd,
+    pub(crate) stop: EventFd,
+    pub(crate) signals: Vec<EventFd>,
+    /// The device's config interrupt: read here, then the transport's `config_changed` runs.
+    pub(crate) config: Option<EventFd>,
+    /// Longest sleep (busy-poll mode: 1 ms).
+    pub(crate) max_sleep: Option<Duration>,
+}
+
+/// Transport rounds per hold of the core's lock in the event loop.
+const MAX_PUMP_ROUNDS: u32 = 64;
+
+/// In spin mode, rounds between two looks at the eventfds.
+const SPIN_ROUNDS_PER_POLL: u32 = 256;
+
+/// Run `core`'s transport until `stop` is signalled: the event loop of the driver and of the
+/// simulated device alike.
+pub(crate) fn run_loop(core: Arc<Core>, fds: LoopFds) {
+    let epoll = match Epoll::new() {
+        Ok(e) => e,
+        Err(e) => {
+            core.kill(
+                TransportError::EventLoop {
+                    op: "epoll_create",
+                    source: e,
+                }
+                .into(),
+            );
+            return;
+        }
+    };
+    let all: Vec<&EventFd> = std::iter::once(&fds.stop)
+        .chain(std::iter::once(&fds.waker))
+        .chain(fds.signals.iter())
+        .chain(fds.config.iter())
+        .collect();
+    // Its index in `all`, when present (it is last).
+    let config_index = fds.config.as_ref().map(|_| all.len() - 1);
+    let mut config_pending = false;
+    for (i, fd) in all.iter().enumerate() {
+        if let Err(e) = epoll.ctl(
+            ControlOperation::Add,
+            std::os::unix::io::AsRawFd::as_raw_fd(*fd),
+            EpollEvent::new(EventSet::IN, i as u64),
+        ) {
+            core.kill(
+                TransportError::EventLoop {
+                    op: "epoll_ctl",
+                    source: e,
+                }
+                .into(),
+            );
+            return;
+        }
+    }
+    let mut events = vec![EpollEvent::default(); all.len()];
+    // A zero sleep means "spin": look at the eventfds (for the stop signal) only now and then,
+    // since an epoll_wait per round costs more than the round itself.
+    let spinning = fds.max_sleep == Some(Duration::ZERO);
+    let mut spins = 0u32;
+    loop {
+        let (timeout, more) = {
+            let mut st = core.lock();
+            let now = Instant::now();
+            if std::mem::take(&mut config_pending) {
+                Core::config_changed_locked(&mut st, now);
+            }
+            // Pump until nothing moves, so one wake-up drains a whole burst; after
+            // MAX_PUMP_ROUNDS let user threads at the lock, then come straight back: work
+            // left over may never be signalled again (its eventfd was already consumed).
+            let mut more = true;
+            for _ in 0..MAX_PUMP_ROUNDS {
+                more = Core::pump_locked(&mut st, now);
+                if !more {
+                    break;
+                }
+            }
+            if st.dead.is_some() {
+                return;
+            }
+            (st.ep.poll_timeout(), more)
+        };
+        if spinning && !more {
+            spins = spins.wrapping_add(1);
+            if spins % SPIN_ROUNDS_PER_POLL != 0 {
+                std::hint::spin_loop();
+                continue;
+            }
+        }
+        let now = Instant::now();
+        let mut sleep = timeout.map(|t| t.saturating_duration_since(now));
+        if let Some(max) = fds.max_sleep {
+            sleep = Some(sleep.map_or(max, |s| s.min(max)));
+        }
+        let ms = if more {
+            // Only look for the stop signal; the work left over is ours to finish.
+            0
+        } else {
+            sleep.map_or(-1, |d| i32::try_from(d.as_millis()).unwrap_or(i32::MAX))
+        };
+        let n = match epoll.wait(ms, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+            Err(e) => {
+                core.kill(
+                    TransportError::EventLoop {
+                        op: "epoll_wait",
+                        source: e,
+                    }
+                    .into(),
+                );
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            match usize::try_from(ev.data()) {
+                Ok(0) => return,
+                Ok(i) => {
+                    if let Some(fd) = all.get(i) {
+                        let _ = fd.read();
+                    }
+                    config_pending |= Some(i) == config_index;
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}

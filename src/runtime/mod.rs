@@ -1,0 +1,30 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The runtime: what joins a device, its rings, the packet parser and the protocol core, and
+//! what the sockets stand on. Read virtio 1.2 section 5.10 and the [`crate::proto`] primer first.
+//!
+//! It owns:
+//! - [`Core`] (`core.rs`): one protocol endpoint behind a mutex, the per-connection condition
+//!   variables blocked callers wait on, the routing of the endpoint's events to them, and the
+//!   [`Transport`] trait: whoever moves packets between that endpoint and a device;
+//! - [`run_loop`] (`event_loop.rs`): the event-loop thread that sleeps on eventfds (used-buffer
+//!   interrupts or kicks, the waker, the config interrupt) and pumps a core's transport;
+//! - [`DriverTransport`] (`transport.rs`): the driver's transport, the TX/RX buffers and rings of
+//!   one device, parsed with `VsockPacket` and fed to the endpoint;
+//! - [`TransportError`] and [`Ended`] (`error.rs`): why a transport failed, and why a core
+//!   stopped (what blocked calls then fail with).
+//!
+//! Layering: the runtime uses `device`, `dma`, `virtq`, `packet` and `proto`; the sockets
+//! (`driver`) and the simulated device's host side (`sim`) use the runtime; nothing here knows
+//! either of them. Everything is crate-internal: the public API is the sockets'.
+
+mod core;
+mod error;
+mod event_loop;
+mod transport;
+
+pub(crate) use self::core::{to_io, Core, Transport};
+pub(crate) use self::error::{error_chain, Ended, TransportError};
+pub(crate) use self::event_loop::{run_loop, LoopFds};
+pub use self::transport::DriverStats;
+pub(crate) use self::transport::{valid_guest_cid, DeviceRings, DriverTransport};

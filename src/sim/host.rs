@@ -1,0 +1,304 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The host half of the simulated device: CID 2 as a runtime core whose transport is the device
+//! half of the rings ([`SimTransport`]), the built-in services, and [`SimHost`], the handle
+//! programs and tests use to reach it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use virtio_queue::QueueT;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::rings::SimRings;
+use super::{lock, SimConfig, SimStats, DISCARD_PORT, ECHO_PORT, SEQPACKET_ECHO_PORT, SERVICE_BUF};
+use crate::driver::{VsockAddr, VsockListener, VsockSeqPacket, VsockStream};
+use crate::packet::{SocketType, VMADDR_CID_HOST};
+use crate::proto::{self, ConnId, ConnState, Endpoint, ListenerId, ProtoError};
+use crate::runtime::{Core, Transport, TransportError};
+
+/// Receive/send rounds per service connection per pump.
+const SERVICE_ROUNDS: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Service {
+    Echo,
+    SeqEcho,
+    Discard,
+}
+
+struct ServiceConn {
+    conn: ConnId,
+    kind: Service,
+    pending: Vec<u8>,
+    pending_eor: bool,
+}
+
+/// The host side's transport: the device half of the rings, plus the built-in services.
+struct SimTransport {
+    rings: Arc<Mutex<Option<SimRings>>>,
+    /// The config's `guest_cid` (changed by [`SimHost::set_guest_cid`]).
+    guest_cid: Arc<AtomicU64>,
+    max_payload: u32,
+    busy_poll: bool,
+    waker: EventFd,
+    listeners: Vec<(ListenerId, Service)>,
+    services: Vec<ServiceConn>,
+    /// Payload staging between the rings and the endpoint (one packet).
+    scratch: Vec<u8>,
+    /// The services' receive buffer (one whole SEQPACKET message).
+    service_buf: Vec<u8>,
+    stats: Arc<Mutex<SimStats>>,
+}
+
+impl SimTransport {
+    fn run_services(&mut self, ep: &mut Endpoint, now: Instant) -> bool {
+        let mut moved = false;
+        for &(l, kind) in &self.listeners {
+            while let Some(conn) = ep.accept(l) {
+                self.services.push(ServiceConn {
+                    conn,
+                    kind,
+                    pending: Vec::new(),
+                    pending_eor: false,
+                });
+            }
+        }
+        let mut stats = lock(&self.stats);
+        let buf = &mut self.service_buf;
+        self.services.retain_mut(|s| {
+            // Bounded, so one busy connection cannot hold the device thread.
+            for _ in 0..SERVICE_ROUNDS {
+                // Flush what an echo could not send last time before reading more.
+                if !s.pending.is_empty() {
+                    let r = match s.kind {
+                        Service::SeqEcho => ep
+                            .send_msg(now, s.conn, &s.pending, s.pending_eor)
+                            .map(|()| s.pending.len()),
+                        _ => ep.send(now, s.conn, &s.pending),
+                    };
+                    match r {
+                        Ok(n) => {
+                            stats.echoed_bytes += n as u64;
+                            s.pending.drain(..n);
+                            moved |= n > 0;
+                            if !s.pending.is_empty() {
+                                return true;
+                            }
+                        }
+                        Err(ProtoError::WouldBlock) => return true,
+                        Err(_) => {
+                            ep.abort(now, s.conn);
+                            return false;
+                        }
+                    }
+                }
+                let r = match s.kind {
+                    Service::SeqEcho => ep.recv_msg(now, s.conn, buf).map(|(n, full, eor)| {
+                        s.pending_eor = eor;
+                        // recv_msg says (0, 0) both for an empty message and at the end of
+                        // the stream; the connection's state tells them apart.
+                        let ended = matches!(
+                            ep.state(s.conn),
+                            None | Some(ConnState::Closed | ConnState::Closing)
+                                | Some(ConnState::PeerClosed {
+                                    no_more_rx: true,
+                                    ..
+                                })
+                        );
+                        (n, full == 0 && !ended)
+                    }),
+                    _ => ep.recv(now, s.conn, buf).map(|n| (n, false)),
+                };
+                match r {
+                    Ok((0, false)) => {
+                        // EOF: close our side too.
+                        ep.close(now, s.conn);
+                        return false;
+                    }
+                    Ok((n, _)) => {
+                        moved = true;
+                        match s.kind {
+                            Service::Discard => stats.discarded_bytes += n as u64,
+                            Service::Echo | Service::SeqEcho => {
+                                s.pending.extend_from_slice(&buf[..n]);
+                                if s.kind == Service::SeqEcho && n == 0 {
+                                    // Empty message: send it directly.
+                                    let _ = ep.send_msg(now, s.conn, &[], s.pending_eor);
+                                }
+                            }
+                        }
+                    }
+                    Err(ProtoError::WouldBlock) => return true,
+                    Err(_) => {
+                        ep.close(now, s.conn);
+                        return false;
+                    }
+                }
+            }
+            true
+        });
+        moved
+    }
+}
+
+impl Transport for SimTransport {
+    fn pump(&mut self, ep: &mut Endpoint, now: Instant) -> Result<bool, TransportError> {
+        let mut moved = self.run_services(ep, now);
+        let rings = self.rings.clone();
+        let mut guard = lock(&rings);
+        let Some(r) = guard.as_mut() else {
+            // Not activated (or reset): only the services and timers run.
+            if ep.poll_timeout().is_some_and(|t| t <= now) {
+                ep.handle_timeout(now);
+            }
+            return Ok(moved);
+        };
+        let mut stats = *lock(&self.stats);
+        moved |= r.device_tx(
+            ep,
+            now,
+            self.guest_cid.load(Ordering::Acquire),
+            self.max_payload,
+            &mut self.scratch,
+            &mut stats,
+        )?;
+        if ep.poll_timeout().is_some_and(|t| t <= now) {
+            ep.handle_timeout(now);
+        }
+        drop(guard);
+        *lock(&self.stats) = stats;
+        moved |= self.run_services(ep, now);
+        let mut guard = lock(&rings);
+        if let Some(r) = guard.as_mut() {
+            let mut stats = *lock(&self.stats);
+            moved |= r.device_rx(ep, now, self.max_payload, &mut self.scratch, &mut stats)?;
+            *lock(&self.stats) = stats;
+            if !self.busy_poll {
+                // Re-arm kicks; `true` means buffers arrived meanwhile: go round again.
+                let more_tx = r.tx.enable_notification(&r.mem).unwrap_or(false);
+                let more_rx = r.rx.enable_notification(&r.mem).unwrap_or(false);
+                moved |= more_tx || (more_rx && r.rx_starved);
+            }
+        }
+        Ok(moved)
+    }
+
+    fn wake(&self) {
+        let _ = self.waker.write(1);
+    }
+
+    fn shutdown(&mut self) {
+        *lock(&self.rings) = None;
+    }
+}
+
+/// The host side (CID 2) of a simulated device: listen, accept, connect, counters.
+#[derive(Debug, Clone)]
+pub struct SimHost {
+    /// The host endpoint and its transport (the device thread pumps it).
+    pub(super) core: Arc<Core>,
+    stats: Arc<Mutex<SimStats>>,
+    guest_cid: Arc<AtomicU64>,
+    /// The device's config interrupt (a dup of the driver's [`VsockDevice::config_fd`]).
+    config: Arc<EventFd>,
+}
+
+impl SimHost {
+    /// The host side of a new device with settings `cfg`: CID 2 with the built-in services
+    /// listening, its transport on `rings` (empty until the device is activated). `waker` wakes
+    /// the device thread; `config` is the device's config interrupt.
+    pub(super) fn start(
+        cfg: &SimConfig,
+        rings: Arc<Mutex<Option<SimRings>>>,
+        waker: EventFd,
+        config: EventFd,
+    ) -> SimHost {
+        let mut host_cfg = cfg.host.clone();
+        host_cfg.local_cid = VMADDR_CID_HOST;
+        host_cfg.seqpacket = cfg.seqpacket;
+        let mut ep = Endpoint::new(host_cfg);
+        let mut listeners = Vec::new();
+        for (port, ty, kind) in [
+            (ECHO_PORT, SocketType::Stream, Service::Echo),
+            (DISCARD_PORT, SocketType::Stream, Service::Discard),
+            (SEQPACKET_ECHO_PORT, SocketType::SeqPacket, Service::SeqEcho),
+        ] {
+            if ty == SocketType::SeqPacket && !cfg.seqpacket {
+                continue;
+            }
+            if let Ok(l) = ep.listen(port, 1024, ty) {
+                listeners.push((l, kind));
+            }
+        }
+        let stats = Arc::new(Mutex::new(SimStats::default()));
+        let guest_cid = Arc::new(AtomicU64::new(cfg.guest_cid));
+        let transport = SimTransport {
+            rings,
+            guest_cid: guest_cid.clone(),
+            max_payload: cfg.max_payload,
+            busy_poll: cfg.busy_poll,
+            waker,
+            listeners,
+            services: Vec::new(),
+            scratch: vec![0; cfg.max_payload as usize],
+            service_buf: vec![0; SERVICE_BUF],
+            stats: stats.clone(),
+        };
+        SimHost {
+            core: Core::new(ep, Box::new(transport), false),
+            stats,
+            guest_cid,
+            config: Arc::new(config),
+        }
+    }
+
+    /// Listen for streams from the driver on host port `port`.
+    pub fn listen(&self, port: u32) -> std::io::Result<VsockListener> {
+        VsockListener::bind_on(&self.core, port, SocketType::Stream)
+    }
+
+    /// Listen for SEQPACKET connections from the driver on host port `port`.
+    pub fn listen_seqpacket(&self, port: u32) -> std::io::Result<VsockListener> {
+        VsockListener::bind_on(&self.core, port, SocketType::SeqPacket)
+    }
+
+    /// Connect from the host to the driver's `port`.
+    pub fn connect(&self, port: u32) -> std::io::Result<VsockStream> {
+        VsockStream::connect_on(&self.core, VsockAddr::new(self.guest_cid(), port), None)
+    }
+
+    /// Connect a SEQPACKET socket from the host to the driver's `port`.
+    pub fn connect_seqpacket(&self, port: u32) -> std::io::Result<VsockSeqPacket> {
+        VsockSeqPacket::connect_on(&self.core, VsockAddr::new(self.guest_cid(), port), None)
+    }
+
+    /// The config's `guest_cid` now.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid.load(Ordering::Acquire)
+    }
+
+    /// Change the config's `guest_cid`, as a migration would: the host's connections belonged to
+    /// the old CID and end (as after a transport reset), then the config interrupt fires so the
+    /// driver re-reads the CID.
+    pub fn set_guest_cid(&self, cid: u64) -> std::io::Result<()> {
+        {
+            let mut st = self.core.lock();
+            self.guest_cid.store(cid, Ordering::Release);
+            st.ep.handle_transport_reset(Instant::now(), None);
+            Core::route_events(&mut st);
+        }
+        self.config.write(1)
+    }
+
+    /// The device's counters.
+    pub fn stats(&self) -> SimStats {
+        *lock(&self.stats)
+    }
+
+    /// The host endpoint's protocol counters (credit violations by the driver among them).
+    pub fn proto_stats(&self) -> proto::Stats {
+        self.core.lock().ep.stats()
+    }
+}

@@ -1,0 +1,230 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The device half of the simulated device's rings: the driver's TX chains consumed and its RX
+//! buffers filled through virtio-queue's device-side `Queue`, every chain parsed with
+//! `VsockPacket` as a vhost-user device would, and the hostile test mode's bogus used entries.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, Le32};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Hostile, SimStats};
+use crate::packet::{VsockPacket, PKT_HEADER_LEN, PKT_HEADER_SIZE, VMADDR_CID_HOST};
+use crate::proto::Endpoint;
+use crate::runtime::TransportError;
+
+/// Device-side state while the device runs.
+pub(super) struct SimRings {
+    pub(super) mem: GuestMemoryMmap<()>,
+    pub(super) rx: Queue,
+    pub(super) tx: Queue,
+    call: [EventFd; 2],
+    hostile: Option<Hostile>,
+    /// The last `device_rx` ran out of RX buffers (it may still have packets to deliver).
+    pub(super) rx_starved: bool,
+}
+
+impl SimRings {
+    /// The device half of `rx` and `tx` over `mem`; `call` are the used-buffer interrupts
+    /// (rx, tx), `hostile` the one bogus thing to do on the first RX delivery.
+    pub(super) fn new(
+        mem: GuestMemoryMmap<()>,
+        rx: Queue,
+        tx: Queue,
+        call: [EventFd; 2],
+        hostile: Option<Hostile>,
+    ) -> Self {
+        SimRings {
+            mem,
+            rx,
+            tx,
+            call,
+            hostile,
+            rx_starved: false,
+        }
+    }
+}
+
+/// An `add_used` failure on the device half of `queue`, as a transport error.
+fn add_used_err(
+    queue: &'static str,
+    head: u16,
+) -> impl FnOnce(virtio_queue::Error) -> TransportError {
+    move |source| TransportError::DeviceSideQueue {
+        queue,
+        head,
+        source,
+    }
+}
+
+impl SimRings {
+    /// Consume the driver's TX chains into the host endpoint.
+    pub(super) fn device_tx(
+        &mut self,
+        ep: &mut Endpoint,
+        now: Instant,
+        guest_cid: u64,
+        max_payload: u32,
+        scratch: &mut [u8],
+        stats: &mut SimStats,
+    ) -> Result<bool, TransportError> {
+        let mut used_any = false;
+        while let Some(mut chain) = self.tx.pop_descriptor_chain(&self.mem) {
+            let head = chain.head_index();
+            match VsockPacket::from_tx_virtq_chain(&self.mem, &mut chain, max_payload) {
+                Ok(pkt) => {
+                    let hdr = pkt.header();
+                    if hdr.src_cid != guest_cid || hdr.dst_cid != VMADDR_CID_HOST {
+                        log::warn!("sim: dropping packet with bad addressing: {hdr}");
+                        stats.protocol_violations += 1;
+                    } else {
+                        let n =
+                            pkt.read_data(&mut scratch[..hdr.len as usize])
+                                .map_err(|source| TransportError::Packet {
+                                    what: "sim: reading a tx payload",
+                                    source,
+                                })?;
+                        ep.handle_packet(now, &hdr, &scratch[..n]);
+                        stats.tx_packets += 1;
+                    }
+                }
+                Err(e) => {
+                    log::warn!("sim: malformed tx chain from the driver: {e}");
+                    stats.protocol_violations += 1;
+                }
+            }
+            self.tx
+                .add_used(&self.mem, head, 0)
+                .map_err(add_used_err("tx", head))?;
+            used_any = true;
+        }
+        if used_any && self.tx.needs_notification(&self.mem).unwrap_or(true) {
+            let _ = self.call[1].write(1);
+        }
+        Ok(used_any)
+    }
+
+    /// Deliver the host endpoint's packets into the driver's RX buffers.
+    pub(super) fn device_rx(
+        &mut self,
+        ep: &mut Endpoint,
+        now: Instant,
+        max_payload: u32,
+        scratch: &mut [u8],
+        stats: &mut SimStats,
+    ) -> Result<bool, TransportError> {
+        let mut used_any = false;
+        self.rx_starved = true;
+        while let Some(mut chain) = self.rx.pop_descriptor_chain(&self.mem) {
+            let head = chain.head_index();
+            let mut pkt = match VsockPacket::from_rx_virtq_chain(&self.mem, &mut chain, max_payload)
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    log::warn!("sim: malformed rx chain from the driver: {e}");
+                    stats.protocol_violations += 1;
+                    self.rx
+                        .add_used(&self.mem, head, 0)
+                        .map_err(add_used_err("rx", head))?;
+                    used_any = true;
+                    continue;
+                }
+            };
+            let room = pkt.data_len().min(max_payload as usize);
+            let Some(hdr) = ep.poll_transmit(now, &mut scratch[..room]) else {
+                // Nothing to send: give the chain back to the avail ring for later.
+                self.rx.go_to_previous_position();
+                self.rx_starved = false;
+                break;
+            };
+            pkt.set_header(&hdr);
+            pkt.write_data(&scratch[..hdr.len as usize])
+                .map_err(|source| TransportError::Packet {
+                    what: "sim: writing an rx payload",
+                    source,
+                })?;
+            let used_len = PKT_HEADER_LEN + hdr.len;
+            let capacity = u32::try_from(PKT_HEADER_SIZE + pkt.data_len()).unwrap_or(u32::MAX);
+            drop(pkt);
+            match self.hostile.take() {
+                None => self
+                    .rx
+                    .add_used(&self.mem, head, used_len)
+                    .map_err(add_used_err("rx", head))?,
+                Some(h) => self.misbehave(h, head, used_len, capacity)?,
+            }
+            stats.rx_packets += 1;
+            used_any = true;
+        }
+        if used_any && self.rx.needs_notification(&self.mem).unwrap_or(true) {
+            let _ = self.call[0].write(1);
+        }
+        Ok(used_any)
+    }
+
+    /// Write one bogus used entry into the RX used ring (the hostile test mode).
+    fn misbehave(
+        &mut self,
+        h: Hostile,
+        head: u16,
+        used_len: u32,
+        capacity: u32,
+    ) -> Result<(), TransportError> {
+        log::warn!("sim: hostile mode: {h:?}");
+        let size = self.rx.size();
+        let used = GuestAddress(self.rx.used_ring());
+        // Write `elems` after the device's used index, then publish them with one index store
+        // of `next + step` (a correct device would use step == elems.len()).
+        let write_raw =
+            |q: &mut Queue, mem: &GuestMemoryMmap<()>, elems: &[(u32, u32)], step: u16| {
+                let next = q.next_used();
+                for (i, &(id, len)) in (0u16..).zip(elems) {
+                    let slot = u64::from(next.wrapping_add(i) % size);
+                    // struct virtq_used_elem { le32 id; le32 len; } (virtio 1.2 2.7.8)
+                    let elem = GuestAddress(used.0 + 4 + 8 * slot);
+                    mem.write_obj(Le32::from(id), elem)
+                        .and_then(|()| mem.write_obj(Le32::from(len), GuestAddress(elem.0 + 4)))
+                        .map_err(|source| TransportError::DeviceSideMemory {
+                            what: "hostile mode: writing a used element",
+                            addr: elem.0,
+                            source,
+                        })?;
+                }
+                let new_idx = next.wrapping_add(step);
+                let idx_addr = GuestAddress(used.0 + 2);
+                mem.store(new_idx, idx_addr, Ordering::Release)
+                    .map_err(|source| TransportError::DeviceSideMemory {
+                        what: "hostile mode: publishing the used index",
+                        addr: idx_addr.0,
+                        source,
+                    })?;
+                q.set_next_used(new_idx);
+                Ok::<(), TransportError>(())
+            };
+        let head = u32::from(head);
+        match h {
+            Hostile::BogusUsedId => write_raw(
+                &mut self.rx,
+                &self.mem,
+                &[(u32::from(size) + 3, used_len)],
+                1,
+            )?,
+            Hostile::LenBeyondBuffer => {
+                write_raw(&mut self.rx, &self.mem, &[(head, capacity + 4096)], 1)?
+            }
+            Hostile::DuplicateUsed => write_raw(
+                &mut self.rx,
+                &self.mem,
+                &[(head, used_len), (head, used_len)],
+                2,
+            )?,
+            Hostile::UsedIdxJump => {
+                write_raw(&mut self.rx, &self.mem, &[(head, used_len)], size + 2)?
+            }
+        }
+        Ok(())
+    }
+}

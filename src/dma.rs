@@ -381,11 +381,9 @@ impl DmaRegion {
             return Err(exhausted);
         };
         if let Some(b) = boundary.map(|b| b as u64) {
-            let last = start_iova.checked_add(size as u64 - 1).ok_or(DmaError::Exhausted {
-                requested: size,
-                align: align as usize,
-                available,
-            })?;
+            let Some(last) = start_iova.checked_add(size as u64 - 1) else {
+                return Err(exhausted);
+            };
             if start_iova / b != last / b {
                 // Start on the next boundary instead (a multiple of `align` too when
                 // `align <= b`; a larger alignment already is one).

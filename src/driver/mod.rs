@@ -20,14 +20,17 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{DeviceError, VsockDevice, RX_QUEUE, TX_QUEUE};
 use crate::dma::DmaRegion;
+use crate::dma::HUGE_PAGE_SIZE;
+use crate::packet::PKT_HEADER_SIZE;
 use crate::packet::{
     PKT_HEADER_LEN, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_VSOCK_F_SEQPACKET,
 };
 use crate::proto::{self, Endpoint};
 use crate::runtime::{
-    run_loop, valid_guest_cid, Core, DeviceRings, DriverTransport, Ended, LoopFds,
+    refill_rx, run_loop, valid_guest_cid, Core, DeviceRings, DmaStorage, DriverTransport, Ended,
+    LoopFds, RtStorage, RxPool, TxPool, TX_CHUNK, TX_HDR_SLOT,
 };
-use crate::virtq::{BufferDesc, SplitQueue};
+use crate::virtq::SplitQueue;
 
 pub(crate) mod socket;
 
@@ -46,8 +49,15 @@ pub struct DriverConfig {
     pub queue_size: u16,
     /// Bytes per posted RX buffer, header included.
     pub rx_buf_size: u32,
-    /// Bytes per TX buffer, header included.
+    /// Largest TX packet, header included (the payload is also capped at one 64 KiB chunk of
+    /// the TX pool).
     pub tx_buf_size: u32,
+    /// Bytes of DMA memory for payload written and not yet returned by the device, shared by
+    /// every connection (each is bounded by `proto.send_buffer`); rounded down to 64 KiB chunks.
+    pub tx_pool_size: usize,
+    /// RX buffers in the pool that refills the ring (0: twice `queue_size`). Buffers beyond the
+    /// ring hold received payload that readers have not read yet.
+    pub rx_pool_buffers: usize,
     /// Protocol settings (the local CID is taken from the device).
     pub proto: proto::Config,
 }
@@ -59,6 +69,8 @@ impl Default for DriverConfig {
             queue_size: 256,
             rx_buf_size: 64 * 1024 + PKT_HEADER_LEN,
             tx_buf_size: 64 * 1024 + PKT_HEADER_LEN,
+            tx_pool_size: 16 << 20,
+            rx_pool_buffers: 0,
             proto: proto::Config::default(),
         }
     }
@@ -147,6 +159,7 @@ pub struct VsockDriver {
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
     device_name: String,
+    interrupts: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A device error of device `name`, as a driver error.
@@ -208,12 +221,30 @@ impl VsockDriver {
             .queue_size
             .min(dev.max_queue_size(RX_QUEUE))
             .min(dev.max_queue_size(TX_QUEUE));
+        let ring = usize::from(size);
+        let rx_count = match config.rx_pool_buffers {
+            0 => 2 * ring,
+            n => n,
+        };
+        if rx_count < ring {
+            return Err(DriverError::InvalidConfig(format!(
+                "rx_pool_buffers must fill the ring: expected at least {ring}, found {rx_count}"
+            )));
+        }
+        let rx_size = config.rx_buf_size as usize;
+        let tx_chunks = (config.tx_pool_size / TX_CHUNK).max(1);
         let mut dma_opts = dev.dma_options();
         let ring_bytes = 2 * (64 * 1024) as usize;
-        let need = usize::from(size) * (config.rx_buf_size as usize + config.tx_buf_size as usize)
-            + ring_bytes
+        let rx_bytes = rx_count * rx_size;
+        // An RX buffer never crosses a huge page: at most one buffer's worth is skipped per page.
+        let rx_slack = (rx_bytes / HUGE_PAGE_SIZE + 2) * rx_size;
+        let need = ring_bytes
+            + ring * TX_HDR_SLOT
+            + (tx_chunks + 1) * TX_CHUNK
+            + rx_bytes
+            + rx_slack
             + 64 * 1024;
-        dma_opts.size = dma_opts.size.max(need.next_multiple_of(2 << 20));
+        dma_opts.size = dma_opts.size.max(need.next_multiple_of(HUGE_PAGE_SIZE));
         let dma = Arc::new(DmaRegion::new(&dma_opts)?);
         dev.map_dma(&dma).map_err(&e)?;
         let mut rx = SplitQueue::new(&dma, size, event_idx)?;
@@ -221,23 +252,16 @@ impl VsockDriver {
         dev.setup_queue(RX_QUEUE, &rx.layout()).map_err(&e)?;
         dev.setup_queue(TX_QUEUE, &tx.layout()).map_err(&e)?;
 
-        let mut rx_buf = Vec::with_capacity(size.into());
-        for token in 0..u64::from(size) {
-            let addr = dma.alloc(config.rx_buf_size as usize, 64)?;
-            rx.add(
-                &[BufferDesc {
-                    addr,
-                    len: config.rx_buf_size,
-                    writable: true,
-                }],
-                token,
-            )?;
-            rx_buf.push(addr);
-        }
-        let mut tx_buf = Vec::with_capacity(size.into());
-        for _ in 0..size {
-            tx_buf.push(dma.alloc(config.tx_buf_size as usize, 64)?);
-        }
+        let storage = DmaStorage {
+            tx_pool: TxPool::new(&dma, tx_chunks * TX_CHUNK)?,
+            rx_pool: RxPool::new(&dma, rx_count, config.rx_buf_size, ring)?,
+            counters: Arc::default(),
+        };
+        let mut rx_posted = (0..rx_count).map(|_| None).collect::<Vec<_>>();
+        refill_rx(&mut rx, &storage, &mut rx_posted)?;
+        let tx_hdr = (0..ring)
+            .map(|_| dma.alloc(TX_HDR_SLOT, TX_HDR_SLOT))
+            .collect::<Result<Vec<_>, _>>()?;
         if config.busy_poll {
             rx.disable_cb();
             tx.disable_cb();
@@ -263,10 +287,12 @@ impl VsockDriver {
             Some(fd) => Some(fd.try_clone().map_err(io_err("dup"))?),
             None => None,
         };
+        let interrupts = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let fds = LoopFds {
             waker: waker.try_clone().map_err(io_err("dup"))?,
             stop: stop.try_clone().map_err(io_err("dup"))?,
             signals,
+            interrupts: interrupts.clone(),
             config: config_irq,
             max_sleep: config.busy_poll.then_some(Duration::from_millis(1)),
         };
@@ -276,17 +302,19 @@ impl VsockDriver {
             pc.ephemeral_first = Some(random_port(&pc.ephemeral_ports));
         }
         pc.seqpacket = negotiated & (1 << VIRTIO_VSOCK_F_SEQPACKET) != 0;
+        let max_tx_payload = (config.tx_buf_size as usize - PKT_HEADER_SIZE).min(TX_CHUNK);
+        let endpoint = Endpoint::with_storage(pc, RtStorage::Dma(storage.clone()));
         let rings = DeviceRings {
             dma,
             rx,
             tx,
-            rx_buf,
-            tx_buf,
-            rx_buf_size: config.rx_buf_size,
-            tx_buf_size: config.tx_buf_size,
+            storage,
+            rx_posted,
+            tx_hdr,
+            max_tx_payload,
         };
         let transport = DriverTransport::new(dev, rings, waker, config.busy_poll);
-        let core = Core::new(Endpoint::new(pc), Box::new(transport), config.busy_poll);
+        let core = Core::new(endpoint, Box::new(transport), config.busy_poll);
         let loop_core = core.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vsock-{name}"))
@@ -300,6 +328,7 @@ impl VsockDriver {
             stop,
             thread: Some(thread),
             device_name: name.clone(),
+            interrupts,
         })
     }
 
@@ -337,6 +366,15 @@ impl VsockDriver {
     /// Listen for SEQPACKET connections on `port`.
     pub fn listen_seqpacket(&self, port: u32) -> io::Result<VsockListener> {
         VsockListener::bind_on(&self.core, port, crate::packet::SocketType::SeqPacket)
+    }
+
+    /// Data-path counters: packets, kicks, interrupts, payload bytes copied per direction, and
+    /// the RX and TX pools' occupancy.
+    pub fn stats(&self) -> DriverStats {
+        let st = self.core.lock();
+        let mut stats = st.transport_stats().unwrap_or_default();
+        stats.interrupts = self.interrupts.load(std::sync::atomic::Ordering::Relaxed);
+        stats
     }
 
     /// Protocol counters.

@@ -625,6 +625,28 @@ impl<S: Storage> Endpoint<S> {
         Self::rx_end(conn).map(|()| 0)
     }
 
+    /// Consume up to `max` buffered stream bytes without reading them (a sink's way to read):
+    /// the same results as [`Endpoint::recv`] into a buffer of `max` bytes, and no byte copied.
+    pub fn discard(&mut self, now: Instant, c: ConnId, max: usize) -> Result<usize, ProtoError> {
+        let _ = now;
+        let conn = self.conn_to_read(
+            c,
+            SocketType::Stream,
+            "discard on a seqpacket socket; use recv_msg",
+        )?;
+        if !conn.rx.is_empty() && max > 0 {
+            let n = conn.rx.len().min(max);
+            conn.rx.discard(n);
+            Self::consumed(conn, n);
+            self.schedule(c);
+            return Ok(n);
+        }
+        if !conn.rx.is_empty() {
+            return Ok(0);
+        }
+        Self::rx_end(conn).map(|()| 0)
+    }
+
     /// Queue one seqpacket message (split into packets of at most `max_payload`, the last one
     /// flagged `EOM`, and `EOR` if `eor`). All or nothing: `Err(WouldBlock)` if the send buffer
     /// lacks room.

@@ -194,6 +194,7 @@ impl RxBuf for HeapBuf {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)] // Byte patterns: wrapping to u8 is the point.
 mod tests {
     use super::*;
 

@@ -18,28 +18,41 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::error::{error_chain, Ended, TransportError};
+use super::storage::RtStorage;
+use super::transport::DriverStats;
 use crate::packet::{ShutdownFlags, SocketType};
 use crate::proto::{ConnId, Endpoint, Event, ListenerId, ProtoError};
+
+/// The endpoint of a core: payload in DMA memory (a driver) or on the heap (the sim's host).
+pub(crate) type RtEndpoint = Endpoint<RtStorage>;
 
 /// Whoever moves packets between an endpoint and a device.
 pub(crate) trait Transport: Send {
     /// Move packets both ways once, without blocking. Returns whether anything moved.
     /// An error means the device is dead: the core ends every connection with it.
-    fn pump(&mut self, ep: &mut Endpoint, now: Instant) -> Result<bool, TransportError>;
+    fn pump(&mut self, ep: &mut RtEndpoint, now: Instant) -> Result<bool, TransportError>;
     /// Wake the thread that runs this transport (new data to send, a timer changed).
     fn wake(&self);
     /// Stop the device: it must not touch the rings afterwards.
     fn shutdown(&mut self);
     /// The device raised its config interrupt: re-read what the configuration decides (the
     /// driver's CID). An error means the device is dead, as for [`Transport::pump`].
-    fn config_changed(&mut self, _ep: &mut Endpoint, _now: Instant) -> Result<(), TransportError> {
+    fn config_changed(
+        &mut self,
+        _ep: &mut RtEndpoint,
+        _now: Instant,
+    ) -> Result<(), TransportError> {
         Ok(())
+    }
+    /// The driver's data-path counters (a driver's transport only).
+    fn driver_stats(&self) -> Option<DriverStats> {
+        None
     }
 }
 
 /// The endpoint's state as callers see it.
 pub(crate) struct CoreState {
-    pub(crate) ep: Endpoint,
+    pub(crate) ep: RtEndpoint,
     transport: Box<dyn Transport>,
     /// Set when the device died or was reset: every blocked call ends with this (shared, as the
     /// inner error of each call's `io::Error`).
@@ -50,6 +63,13 @@ pub(crate) struct CoreState {
     connect_result: HashMap<ConnId, Result<(), ProtoError>>,
     /// Connections reset by the peer (reads drain first, then ConnectionReset).
     reset: HashMap<ConnId, ()>,
+}
+
+impl CoreState {
+    /// The transport's data-path counters, when it is a driver's.
+    pub(crate) fn transport_stats(&self) -> Option<DriverStats> {
+        self.transport.driver_stats()
+    }
 }
 
 impl std::fmt::Debug for CoreState {
@@ -74,7 +94,7 @@ pub(crate) struct Core {
 const WAIT_SLICE: Duration = Duration::from_millis(100);
 
 impl Core {
-    pub(crate) fn new(ep: Endpoint, transport: Box<dyn Transport>, busy_poll: bool) -> Arc<Core> {
+    pub(crate) fn new(ep: RtEndpoint, transport: Box<dyn Transport>, busy_poll: bool) -> Arc<Core> {
         Arc::new(Core {
             state: Mutex::new(CoreState {
                 ep,

@@ -100,6 +100,16 @@ pub(crate) enum TransportError {
         #[source]
         source: virtio_queue::Error,
     },
+    /// The protocol core handed out an RW packet whose payload the send queue could not give
+    /// as one piece (a bug: the core bounds every packet by `TxBuf::contiguous`).
+    #[error("tx: an RW packet of {len} bytes came without its payload segment")]
+    MissingPayload {
+        /// The header's `len`.
+        len: u32,
+    },
+    /// A copy into the driver's own DMA memory failed (a bug: every address is ours).
+    #[error("DMA copy")]
+    Copy(#[from] super::storage::CopyError),
     /// The device side (the simulated device's) could not write the driver's memory.
     #[error("device side: {what} at {addr:#x} failed")]
     DeviceSideMemory {

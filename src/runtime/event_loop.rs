@@ -11,7 +11,9 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
 use vmm_sys_util::eventfd::EventFd;
 
 use super::core::Core;
@@ -22,6 +24,9 @@ pub(crate) struct LoopFds {
     pub(crate) waker: EventFd,
     pub(crate) stop: EventFd,
     pub(crate) signals: Vec<EventFd>,
+    /// Counts the wake-ups by `signals` (the device's used-buffer interrupts, or the driver's
+    /// kicks on the sim's side).
+    pub(crate) interrupts: Arc<AtomicU64>,
     /// The device's config interrupt: read here, then the transport's `config_changed` runs.
     pub(crate) config: Option<EventFd>,
     /// Longest sleep (busy-poll mode: 1 ms).
@@ -139,6 +144,9 @@ pub(crate) fn run_loop(core: Arc<Core>, fds: LoopFds) {
                 Ok(i) => {
                     if let Some(fd) = all.get(i) {
                         let _ = fd.read();
+                    }
+                    if (2..2 + fds.signals.len()).contains(&i) {
+                        fds.interrupts.fetch_add(1, Ordering::Relaxed);
                     }
                     config_pending |= Some(i) == config_index;
                 }

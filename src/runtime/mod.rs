@@ -21,10 +21,14 @@
 mod core;
 mod error;
 mod event_loop;
+mod storage;
 mod transport;
 
-pub(crate) use self::core::{to_io, Core, Transport};
+pub(crate) use self::core::{to_io, Core, RtEndpoint, Transport};
 pub(crate) use self::error::{error_chain, Ended, TransportError};
 pub(crate) use self::event_loop::{run_loop, LoopFds};
+pub(crate) use self::storage::{DmaStorage, RtStorage, RxPool, TxPool, TX_CHUNK};
 pub use self::transport::DriverStats;
-pub(crate) use self::transport::{valid_guest_cid, DeviceRings, DriverTransport};
+pub(crate) use self::transport::{
+    refill_rx, valid_guest_cid, DeviceRings, DriverTransport, TX_HDR_SLOT,
+};

@@ -1,18 +1,16 @@
-// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-
-//! The driver's transport: the rings and buffers of one device, joined to the protocol core.
+//! The driver's transport: a device's rings, fed from and into DMA storage.
 //!
 //! Each [`Transport::pump`]:
-//! 1. reaps TX completions (the buffers return to the free pool);
-//! 2. turns every used RX buffer into a [`VsockPacket`] (bounded by the used length the device
-//!    reported), feeds header and payload to the protocol core and reposts the buffer;
+//! 1. reaps TX completions: each returned descriptor chain drops its [`TxSeg`], which gives the
+//!    payload's chunk back to the pool once nothing else holds it;
+//! 2. turns every used RX buffer into a [`VsockPacket`] (the header read once into a private
+//!    copy, bounded by the used length the device reported) and hands its payload, where it
+//!    lies, to the protocol core: kept, the buffer joins its connection's receive queue;
+//!    dropped, it goes straight back to the pool. The ring is then refilled from the pool;
 //! 3. fires due timers;
-//! 4. asks the protocol core for packets to send and builds each in a free TX buffer through the
-//!    same `VsockPacket` type's setters, then kicks the device if it wants a notification.
-//!
-//! A config interrupt ([`VsockDevice::config_fd`]) makes the loop call
-//! [`Transport::config_changed`], which re-reads `guest_cid`; a new CID resets every connection
-//! (as the event queue's TRANSPORT_RESET does) and becomes ours.
+//! 4. asks the protocol core for packets: each is a header in this token's header slot plus,
+//!    for RW, one descriptor over the payload's chunk (no copy), and the device is kicked once
+//!    for the batch if it wants a notification.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,16 +18,16 @@ use std::time::Instant;
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::core::Transport;
+use super::core::{RtEndpoint, Transport};
 use super::error::TransportError;
+use super::storage::{write_header, DmaStorage, RxBufHandle, TxSeg};
 use crate::device::{VsockDevice, RX_QUEUE, TX_QUEUE};
 use crate::dma::DmaRegion;
-use crate::packet::{Error as PacketError, VsockPacket, PKT_HEADER_LEN, PKT_HEADER_SIZE};
-use crate::proto::Endpoint;
-use crate::virtq::{BufferDesc, QueueError, SplitQueue};
+use crate::packet::{VsockPacket, PKT_HEADER_LEN, PKT_HEADER_SIZE};
+use crate::virtq::{BufferDesc, QueueError, SplitQueue, UsedElem};
 
-/// Counters of the driver's data path.
-#[derive(Debug, Default, Clone, Copy)]
+/// Counters of the driver's data path ([`VsockDriver::stats`](crate::driver::VsockDriver::stats)).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DriverStats {
     /// RX buffers the device returned that failed validation (dropped).
     pub bad_rx_packets: u64,
@@ -37,45 +35,97 @@ pub struct DriverStats {
     pub rx_packets: u64,
     /// Packets sent.
     pub tx_packets: u64,
-    /// Device notifications sent.
+    /// Device notifications sent (kicks).
     pub kicks: u64,
+    /// Device notifications received (used-buffer interrupts the loop thread woke for).
+    pub interrupts: u64,
+    /// Payload bytes the driver copied from callers into DMA memory (once per byte sent).
+    pub tx_payload_bytes_copied: u64,
+    /// Payload bytes the driver copied into callers' buffers (once per byte read).
+    pub rx_payload_bytes_copied: u64,
+    /// Payload bytes copied out of RX buffers before being read (small payloads merged into a
+    /// heap tail, and connections holding more than their share of the pool): these bytes are
+    /// copied twice on the driver side.
+    pub rx_payload_bytes_copied_out: u64,
+    /// RX buffers in the pool (the ring holds at most `queue_size` of them).
+    pub rx_buffers: u64,
+    /// RX buffers holding received payload not yet read (off the ring).
+    pub rx_buffers_held: u64,
+    /// TX chunks in the pool.
+    pub tx_chunks: u64,
+    /// TX chunks holding payload (queued, or on the ring).
+    pub tx_chunks_in_use: u64,
 }
+
+/// Bytes per TX header slot (a header is 44; slots stay cache-line aligned).
+pub(crate) const TX_HDR_SLOT: usize = 64;
 
 /// The rings and buffers of one device, as the driver's transport.
 pub(crate) struct DriverTransport {
-    dev: Box<dyn VsockDevice>,
-    dma: Arc<DmaRegion>,
-    rx: SplitQueue,
-    tx: SplitQueue,
-    rx_buf: Vec<GuestAddress>,
-    tx_buf: Vec<GuestAddress>,
-    tx_free: Vec<u64>,
-    rx_batch: Vec<crate::virtq::UsedElem>,
-    /// Payload staging between DMA buffers and the protocol core (one packet).
-    scratch: Vec<u8>,
-    rx_buf_size: u32,
-    tx_buf_size: u32,
-    waker: EventFd,
-    busy_poll: bool,
-    stats: DriverStats,
+    pub(crate) dev: Box<dyn VsockDevice>,
+    pub(crate) dma: Arc<DmaRegion>,
+    pub(crate) rx: SplitQueue,
+    pub(crate) tx: SplitQueue,
+    pub(crate) storage: DmaStorage,
+    /// RX buffers on the ring, by pool index (the token).
+    pub(crate) rx_posted: Vec<Option<RxBufHandle>>,
+    pub(crate) rx_batch: Vec<UsedElem>,
+    /// One header slot per TX token.
+    pub(crate) tx_hdr: Vec<GuestAddress>,
+    /// The payload each in-flight TX chain points at, by token.
+    pub(crate) tx_inflight: Vec<Option<TxSeg>>,
+    pub(crate) tx_free: Vec<usize>,
+    /// Largest RW payload of one packet.
+    pub(crate) max_tx_payload: usize,
+    pub(crate) waker: EventFd,
+    pub(crate) busy_poll: bool,
+    pub(crate) stats: DriverStats,
 }
 
-/// What bring-up hands the transport: the device's rings and the buffers on them.
+/// What bring-up hands the transport: the device's rings, the storage behind them and the RX
+/// buffers already posted.
 pub(crate) struct DeviceRings {
     /// The DMA region every ring and buffer lives in.
     pub(crate) dma: Arc<DmaRegion>,
-    /// The receive queue, every RX buffer posted on it.
+    /// The receive queue, full of pool buffers.
     pub(crate) rx: SplitQueue,
     /// The transmit queue, empty.
     pub(crate) tx: SplitQueue,
-    /// The RX buffer behind each token.
-    pub(crate) rx_buf: Vec<GuestAddress>,
-    /// The TX buffer behind each token (all free).
-    pub(crate) tx_buf: Vec<GuestAddress>,
-    /// Bytes per RX buffer, header included.
-    pub(crate) rx_buf_size: u32,
-    /// Bytes per TX buffer, header included.
-    pub(crate) tx_buf_size: u32,
+    /// The pools (shared with the endpoint's storage).
+    pub(crate) storage: DmaStorage,
+    /// The RX buffers on the ring, by pool index.
+    pub(crate) rx_posted: Vec<Option<RxBufHandle>>,
+    /// One header slot per TX token.
+    pub(crate) tx_hdr: Vec<GuestAddress>,
+    /// Largest RW payload of one TX packet.
+    pub(crate) max_tx_payload: usize,
+}
+
+/// Post free buffers of `storage`'s RX pool on `rx` until the ring or the pool is empty,
+/// recording each in `posted` (by pool index). Returns whether any was posted.
+pub(crate) fn refill_rx(
+    rx: &mut SplitQueue,
+    storage: &DmaStorage,
+    posted: &mut [Option<RxBufHandle>],
+) -> Result<bool, QueueError> {
+    let mut added = false;
+    while rx.num_free() > 0 {
+        let Some(buf) = storage.rx_pool.alloc() else {
+            break;
+        };
+        let index = buf.index();
+        rx.add(
+            &[BufferDesc {
+                addr: buf.addr(),
+                len: storage.rx_pool.buf_size(),
+                writable: true,
+            }],
+            u64::from(index),
+        )?;
+        posted[index as usize] = Some(buf);
+        added = true;
+    }
+    Ok(added)
 }
 
 impl DriverTransport {
@@ -90,97 +140,131 @@ impl DriverTransport {
             dma,
             rx,
             tx,
-            rx_buf,
-            tx_buf,
-            rx_buf_size,
-            tx_buf_size,
+            storage,
+            rx_posted,
+            tx_hdr,
+            max_tx_payload,
         } = rings;
-        let tx_free = (0..tx_buf.len() as u64).collect();
+        let slots = tx_hdr.len();
         DriverTransport {
             dev,
             dma,
-            rx_batch: Vec::with_capacity(rx_buf.len()),
+            rx_batch: Vec::with_capacity(usize::from(rx.size())),
             rx,
             tx,
-            rx_buf,
-            tx_buf,
-            tx_free,
-            scratch: vec![0; rx_buf_size.max(tx_buf_size) as usize],
-            rx_buf_size,
-            tx_buf_size,
+            storage,
+            rx_posted,
+            tx_inflight: (0..slots).map(|_| None).collect(),
+            tx_free: (0..slots).rev().collect(),
+            tx_hdr,
+            max_tx_payload,
             waker,
             busy_poll,
             stats: DriverStats::default(),
         }
     }
 
-    fn reap_tx(&mut self) -> Result<bool, TransportError> {
+    /// The counters, with the pools' gauges.
+    pub(crate) fn stats(&self) -> DriverStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.storage.counters;
+        let on_ring = self.rx_posted.iter().filter(|b| b.is_some()).count();
+        DriverStats {
+            tx_payload_bytes_copied: c.tx_copied.load(Relaxed),
+            rx_payload_bytes_copied: c.rx_copied.load(Relaxed),
+            rx_payload_bytes_copied_out: c.rx_copied_out.load(Relaxed),
+            rx_buffers: self.storage.rx_pool.capacity() as u64,
+            rx_buffers_held: self.storage.rx_pool.held().saturating_sub(on_ring) as u64,
+            tx_chunks: self.storage.tx_pool.capacity() as u64,
+            tx_chunks_in_use: self.storage.tx_pool.in_use() as u64,
+            ..self.stats
+        }
+    }
+
+    fn reap_tx(&mut self, ep: &mut RtEndpoint) -> Result<bool, TransportError> {
         let mut moved = false;
-        while let Some(u) = self
-            .tx
-            .pop_used()
-            .map_err(queue_err("tx", "reaping used buffers"))?
-        {
-            self.tx_free.push(u.token);
+        while let Some(u) = self.tx.pop_used().map_err(|source| TransportError::Queue {
+            queue: "tx",
+            op: "reaping used buffers",
+            source,
+        })? {
+            let count = self.tx_inflight.len();
+            let slot = usize::try_from(u.token).ok().filter(|&i| i < count).ok_or(
+                TransportError::UnknownToken {
+                    queue: "tx",
+                    token: u.token,
+                    count,
+                },
+            )?;
+            // Dropping the segment releases the payload's chunk.
+            self.tx_inflight[slot] = None;
+            self.tx_free.push(slot);
             moved = true;
+        }
+        if moved && self.storage.tx_pool.take_exhausted() {
+            // A writer found the pool empty: chunks came back, let it try again.
+            ep.storage_freed();
         }
         Ok(moved)
     }
 
-    fn receive(&mut self, ep: &mut Endpoint, now: Instant) -> Result<bool, TransportError> {
-        // Take the whole batch first, so a device that reports one buffer twice is caught
-        // before the buffer is reposted under the same id.
+    fn receive(&mut self, ep: &mut RtEndpoint, now: Instant) -> Result<bool, TransportError> {
+        // Take the whole batch first: the queue has checked each id against what is in flight.
         let mut batch = std::mem::take(&mut self.rx_batch);
-        while let Some(u) = self
-            .rx
-            .pop_used()
-            .map_err(queue_err("rx", "reaping used buffers"))?
-        {
+        while let Some(u) = self.rx.pop_used().map_err(|source| TransportError::Queue {
+            queue: "rx",
+            op: "reaping used buffers",
+            source,
+        })? {
             batch.push(u);
         }
         let moved = !batch.is_empty();
         let mem = self.dma.memory();
+        let capacity = self.storage.rx_pool.buf_size();
         for u in batch.drain(..) {
-            let addr = token_addr("rx", &self.rx_buf, u.token)?;
-            match VsockPacket::<()>::from_used_rx_buffer(mem, addr, self.rx_buf_size, u.len) {
+            let count = self.rx_posted.len();
+            let buf = usize::try_from(u.token)
+                .ok()
+                .and_then(|i| self.rx_posted.get_mut(i))
+                .and_then(Option::take)
+                .ok_or(TransportError::UnknownToken {
+                    queue: "rx",
+                    token: u.token,
+                    count,
+                })?;
+            match VsockPacket::<()>::from_used_rx_buffer(mem, buf.addr(), capacity, u.len) {
                 Ok(pkt) => {
-                    // One volatile copy out of DMA memory: the device is untrusted and could
-                    // still write there, so no plain `&[u8]` may alias it.
+                    // The parser checked len against the used length; the payload follows the
+                    // header in this buffer and stays there.
                     let hdr = pkt.header();
-                    let payload = &mut self.scratch[..hdr.len as usize];
-                    match pkt.read_data(payload) {
-                        Ok(n) => {
-                            ep.handle_packet(now, &hdr, &payload[..n]);
-                            self.stats.rx_packets += 1;
+                    drop(pkt);
+                    let len = hdr.len as usize;
+                    ep.handle_packet_with(now, &hdr, len, |rx| {
+                        if let Some(rx) = rx.as_dma() {
+                            rx.push(buf, PKT_HEADER_SIZE, len);
                         }
-                        Err(e) => {
-                            log::warn!("rx payload unreadable: {e}");
-                            self.stats.bad_rx_packets += 1;
-                        }
-                    }
+                    });
+                    self.stats.rx_packets += 1;
                 }
                 Err(e) => {
+                    // Dropping `buf` returns it to the pool.
                     log::warn!("dropping malformed rx packet from the device: {e}");
                     self.stats.bad_rx_packets += 1;
                 }
             }
-            self.rx
-                .add(
-                    &[BufferDesc {
-                        addr,
-                        len: self.rx_buf_size,
-                        writable: true,
-                    }],
-                    u.token,
-                )
-                .map_err(queue_err("rx", "reposting a buffer"))?;
         }
         self.rx_batch = batch;
-        if moved
+        let refilled = refill_rx(&mut self.rx, &self.storage, &mut self.rx_posted)
+            .map_err(queue_err("rx", "posting a buffer"))?;
+        if refilled
             && self
                 .rx
                 .kick_prepare()
-                .map_err(queue_err("rx", "deciding whether to kick"))?
+                .map_err(|source| TransportError::Queue {
+                    queue: "rx",
+                    op: "preparing a notification",
+                    source,
+                })?
         {
             self.dev
                 .kick(RX_QUEUE)
@@ -193,31 +277,55 @@ impl DriverTransport {
         Ok(moved)
     }
 
-    fn transmit(&mut self, ep: &mut Endpoint, now: Instant) -> Result<bool, TransportError> {
+    fn transmit(&mut self, ep: &mut RtEndpoint, now: Instant) -> Result<bool, TransportError> {
         let mut sent = false;
-        let room = (self.tx_buf_size as usize) - PKT_HEADER_SIZE;
-        while let Some(token) = self.tx_free.pop() {
-            let addr = token_addr("tx", &self.tx_buf, token)?;
-            let Some(hdr) = ep.poll_transmit(now, &mut self.scratch[..room]) else {
-                self.tx_free.push(token);
+        let mem = self.dma.memory();
+        // An RW packet needs two descriptors (header, payload).
+        while self.tx.num_free() >= 2 {
+            let Some(slot) = self.tx_free.pop() else {
                 break;
             };
-            let mut pkt =
-                VsockPacket::<()>::from_tx_buffer(self.dma.memory(), addr, self.tx_buf_size)
-                    .map_err(packet_err("tx buffer: laying out a packet"))?;
-            pkt.set_header(&hdr);
-            pkt.write_data(&self.scratch[..hdr.len as usize])
-                .map_err(packet_err("tx buffer: writing the payload"))?;
-            self.tx
-                .add(
-                    &[BufferDesc {
-                        addr,
-                        len: PKT_HEADER_LEN + hdr.len,
-                        writable: false,
-                    }],
+            let Some((hdr, seg)) = ep.poll_transmit_with(now, self.max_tx_payload, |h, q| {
+                let seg = q
+                    .and_then(|q| q.as_dma())
+                    .and_then(|q| q.take_segment(h.len as usize));
+                (*h, seg)
+            }) else {
+                self.tx_free.push(slot);
+                break;
+            };
+            // The token is the header slot's index.
+            let token = slot as u64;
+            let hdr_addr = self.tx_hdr[slot];
+            write_header(mem, hdr_addr, &hdr.to_bytes())?;
+            let head = BufferDesc {
+                addr: hdr_addr,
+                len: PKT_HEADER_LEN,
+                writable: false,
+            };
+            let r = match &seg {
+                Some(s) => self.tx.add(
+                    &[
+                        head,
+                        BufferDesc {
+                            addr: s.addr,
+                            len: s.len,
+                            writable: false,
+                        },
+                    ],
                     token,
-                )
-                .map_err(queue_err("tx", "posting a packet"))?;
+                ),
+                None if hdr.len > 0 => {
+                    return Err(TransportError::MissingPayload { len: hdr.len });
+                }
+                None => self.tx.add(&[head], token),
+            };
+            r.map_err(|source| TransportError::Queue {
+                queue: "tx",
+                op: "posting a packet",
+                source,
+            })?;
+            self.tx_inflight[slot] = seg;
             self.stats.tx_packets += 1;
             sent = true;
         }
@@ -225,7 +333,11 @@ impl DriverTransport {
             && self
                 .tx
                 .kick_prepare()
-                .map_err(queue_err("tx", "deciding whether to kick"))?
+                .map_err(|source| TransportError::Queue {
+                    queue: "tx",
+                    op: "preparing a notification",
+                    source,
+                })?
         {
             self.dev
                 .kick(TX_QUEUE)
@@ -245,35 +357,14 @@ pub(crate) fn valid_guest_cid(cid: u64) -> bool {
     (3..u64::from(u32::MAX)).contains(&cid)
 }
 
-/// The buffer behind a token `queue` returned (tokens are indexes we handed to it ourselves).
-fn token_addr(
-    queue: &'static str,
-    bufs: &[GuestAddress],
-    token: u64,
-) -> Result<GuestAddress, TransportError> {
-    usize::try_from(token)
-        .ok()
-        .and_then(|i| bufs.get(i).copied())
-        .ok_or(TransportError::UnknownToken {
-            queue,
-            token,
-            count: bufs.len(),
-        })
-}
-
 /// A queue error while doing `op` on `queue`, as a transport error.
 fn queue_err(queue: &'static str, op: &'static str) -> impl FnOnce(QueueError) -> TransportError {
     move |source| TransportError::Queue { queue, op, source }
 }
 
-/// A packet error while doing `what`, as a transport error.
-fn packet_err(what: &'static str) -> impl FnOnce(PacketError) -> TransportError {
-    move |source| TransportError::Packet { what, source }
-}
-
 impl Transport for DriverTransport {
-    fn pump(&mut self, ep: &mut Endpoint, now: Instant) -> Result<bool, TransportError> {
-        let mut moved = self.reap_tx()?;
+    fn pump(&mut self, ep: &mut RtEndpoint, now: Instant) -> Result<bool, TransportError> {
+        let mut moved = self.reap_tx(ep)?;
         moved |= self.receive(ep, now)?;
         if ep.poll_timeout().is_some_and(|t| t <= now) {
             ep.handle_timeout(now);
@@ -298,7 +389,7 @@ impl Transport for DriverTransport {
         let _ = self.waker.write(1);
     }
 
-    fn config_changed(&mut self, ep: &mut Endpoint, now: Instant) -> Result<(), TransportError> {
+    fn config_changed(&mut self, ep: &mut RtEndpoint, now: Instant) -> Result<(), TransportError> {
         let name = self.dev.name();
         let cid = self
             .dev
@@ -328,9 +419,17 @@ impl Transport for DriverTransport {
         if let Err(e) = self.dev.reset() {
             log::warn!("{}: reset failed: {e}", self.dev.name());
         }
-        // The device no longer owns any buffer: reclaim them (nothing is in flight now).
+        // The device no longer owns any buffer: reclaim them (nothing is in flight now), and
+        // give their memory back to the pools.
         self.rx.reset();
         self.tx.reset();
+        self.rx_posted.iter_mut().for_each(|b| *b = None);
+        self.tx_inflight.iter_mut().for_each(|s| *s = None);
+        self.tx_free = (0..self.tx_hdr.len()).rev().collect();
+    }
+
+    fn driver_stats(&self) -> Option<DriverStats> {
+        Some(self.stats())
     }
 }
 

@@ -216,6 +216,7 @@ impl VsockDevice for SimDevice {
             waker: dup(&self.waker)?,
             stop: dup(&stop)?,
             signals: vec![dup(&self.kick[0])?, dup(&self.kick[1])?],
+            interrupts: Arc::default(),
             config: None,
             max_sleep: Some(if self.cfg.busy_poll {
                 Duration::ZERO

@@ -17,6 +17,7 @@ use crate::driver::{VsockAddr, VsockListener, VsockSeqPacket, VsockStream};
 use crate::packet::{SocketType, VMADDR_CID_HOST};
 use crate::proto::{self, ConnId, ConnState, Endpoint, ListenerId, ProtoError};
 use crate::runtime::{Core, Transport, TransportError};
+use crate::runtime::{RtEndpoint, RtStorage};
 
 /// Receive/send rounds per service connection per pump.
 const SERVICE_ROUNDS: usize = 64;
@@ -45,15 +46,13 @@ struct SimTransport {
     waker: EventFd,
     listeners: Vec<(ListenerId, Service)>,
     services: Vec<ServiceConn>,
-    /// Payload staging between the rings and the endpoint (one packet).
-    scratch: Vec<u8>,
     /// The services' receive buffer (one whole SEQPACKET message).
     service_buf: Vec<u8>,
     stats: Arc<Mutex<SimStats>>,
 }
 
 impl SimTransport {
-    fn run_services(&mut self, ep: &mut Endpoint, now: Instant) -> bool {
+    fn run_services(&mut self, ep: &mut RtEndpoint, now: Instant) -> bool {
         let mut moved = false;
         for &(l, kind) in &self.listeners {
             while let Some(conn) = ep.accept(l) {
@@ -109,7 +108,9 @@ impl SimTransport {
                         );
                         (n, full == 0 && !ended)
                     }),
-                    _ => ep.recv(now, s.conn, buf).map(|n| (n, false)),
+                    // The sink consumes in place: nothing is copied.
+                    Service::Discard => ep.discard(now, s.conn, usize::MAX).map(|n| (n, false)),
+                    Service::Echo => ep.recv(now, s.conn, buf).map(|n| (n, false)),
                 };
                 match r {
                     Ok((0, false)) => {
@@ -144,7 +145,7 @@ impl SimTransport {
 }
 
 impl Transport for SimTransport {
-    fn pump(&mut self, ep: &mut Endpoint, now: Instant) -> Result<bool, TransportError> {
+    fn pump(&mut self, ep: &mut RtEndpoint, now: Instant) -> Result<bool, TransportError> {
         let mut moved = self.run_services(ep, now);
         let rings = self.rings.clone();
         let mut guard = lock(&rings);
@@ -161,7 +162,6 @@ impl Transport for SimTransport {
             now,
             self.guest_cid.load(Ordering::Acquire),
             self.max_payload,
-            &mut self.scratch,
             &mut stats,
         )?;
         if ep.poll_timeout().is_some_and(|t| t <= now) {
@@ -173,7 +173,7 @@ impl Transport for SimTransport {
         let mut guard = lock(&rings);
         if let Some(r) = guard.as_mut() {
             let mut stats = *lock(&self.stats);
-            moved |= r.device_rx(ep, now, self.max_payload, &mut self.scratch, &mut stats)?;
+            moved |= r.device_rx(ep, now, self.max_payload, &mut stats)?;
             *lock(&self.stats) = stats;
             if !self.busy_poll {
                 // Re-arm kicks; `true` means buffers arrived meanwhile: go round again.
@@ -218,7 +218,7 @@ impl SimHost {
         let mut host_cfg = cfg.host.clone();
         host_cfg.local_cid = VMADDR_CID_HOST;
         host_cfg.seqpacket = cfg.seqpacket;
-        let mut ep = Endpoint::new(host_cfg);
+        let mut ep = Endpoint::with_storage(host_cfg, RtStorage::Heap);
         let mut listeners = Vec::new();
         for (port, ty, kind) in [
             (ECHO_PORT, SocketType::Stream, Service::Echo),
@@ -242,7 +242,6 @@ impl SimHost {
             waker,
             listeners,
             services: Vec::new(),
-            scratch: vec![0; cfg.max_payload as usize],
             service_buf: vec![0; SERVICE_BUF],
             stats: stats.clone(),
         };

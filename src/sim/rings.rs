@@ -12,9 +12,66 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, Le32};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Hostile, SimStats};
-use crate::packet::{VsockPacket, PKT_HEADER_LEN, PKT_HEADER_SIZE, VMADDR_CID_HOST};
-use crate::proto::Endpoint;
-use crate::runtime::TransportError;
+use crate::packet::{
+    Error as PacketError, VsockPacket, PKT_HEADER_LEN, PKT_HEADER_SIZE, VMADDR_CID_HOST,
+};
+use crate::runtime::{RtEndpoint, TransportError};
+
+/// Copy `dst.len()` payload bytes of `pkt`, from byte `offset` of its payload, into `dst`.
+fn read_payload_at(
+    pkt: &VsockPacket<'_, ()>,
+    mut offset: usize,
+    dst: &mut [u8],
+) -> Result<(), PacketError> {
+    let mut done = 0;
+    for s in pkt.data_slices() {
+        if done == dst.len() {
+            break;
+        }
+        if offset >= s.len() {
+            offset -= s.len();
+            continue;
+        }
+        let n = (s.len() - offset).min(dst.len() - done);
+        let out = &mut dst[done..done + n];
+        let piece = crate::copy::piece_len(n, out.as_ptr(), s.ptr_guard().as_ptr());
+        for (i, part) in out.chunks_mut(piece).enumerate() {
+            s.read_slice(part, offset + i * piece)
+                .map_err(PacketError::InvalidVolatileAccess)?;
+        }
+        done += n;
+        offset = 0;
+    }
+    Ok(())
+}
+
+/// Copy `src` into `pkt`'s payload buffer from byte `offset` of the payload.
+fn write_payload_at(
+    pkt: &VsockPacket<'_, ()>,
+    mut offset: usize,
+    src: &[u8],
+) -> Result<(), PacketError> {
+    let mut done = 0;
+    for s in pkt.data_slices() {
+        if done == src.len() {
+            break;
+        }
+        if offset >= s.len() {
+            offset -= s.len();
+            continue;
+        }
+        let n = (s.len() - offset).min(src.len() - done);
+        let part = &src[done..done + n];
+        let piece = crate::copy::piece_len(n, s.ptr_guard().as_ptr(), part.as_ptr());
+        for (i, p) in part.chunks(piece).enumerate() {
+            s.write_slice(p, offset + i * piece)
+                .map_err(PacketError::InvalidVolatileAccess)?;
+        }
+        done += n;
+        offset = 0;
+    }
+    Ok(())
+}
 
 /// Device-side state while the device runs.
 pub(super) struct SimRings {
@@ -64,11 +121,10 @@ impl SimRings {
     /// Consume the driver's TX chains into the host endpoint.
     pub(super) fn device_tx(
         &mut self,
-        ep: &mut Endpoint,
+        ep: &mut RtEndpoint,
         now: Instant,
         guest_cid: u64,
         max_payload: u32,
-        scratch: &mut [u8],
         stats: &mut SimStats,
     ) -> Result<bool, TransportError> {
         let mut used_any = false;
@@ -81,13 +137,24 @@ impl SimRings {
                         log::warn!("sim: dropping packet with bad addressing: {hdr}");
                         stats.protocol_violations += 1;
                     } else {
-                        let n =
-                            pkt.read_data(&mut scratch[..hdr.len as usize])
-                                .map_err(|source| TransportError::Packet {
-                                    what: "sim: reading a tx payload",
-                                    source,
-                                })?;
-                        ep.handle_packet(now, &hdr, &scratch[..n]);
+                        // Straight from the driver's buffer into the host's queue: one copy.
+                        let mut failed = None;
+                        let len = (hdr.len as usize).min(pkt.data_len());
+                        ep.handle_packet_with(now, &hdr, len, |rx| {
+                            if let Some(q) = rx.as_heap() {
+                                q.push_with(len, |off, piece| {
+                                    if let Err(e) = read_payload_at(&pkt, off, piece) {
+                                        failed = Some(e);
+                                    }
+                                });
+                            }
+                        });
+                        if let Some(source) = failed {
+                            return Err(TransportError::Packet {
+                                what: "sim: reading a tx payload",
+                                source,
+                            });
+                        }
                         stats.tx_packets += 1;
                     }
                 }
@@ -110,10 +177,9 @@ impl SimRings {
     /// Deliver the host endpoint's packets into the driver's RX buffers.
     pub(super) fn device_rx(
         &mut self,
-        ep: &mut Endpoint,
+        ep: &mut RtEndpoint,
         now: Instant,
         max_payload: u32,
-        scratch: &mut [u8],
         stats: &mut SimStats,
     ) -> Result<bool, TransportError> {
         let mut used_any = false;
@@ -134,18 +200,31 @@ impl SimRings {
                 }
             };
             let room = pkt.data_len().min(max_payload as usize);
-            let Some(hdr) = ep.poll_transmit(now, &mut scratch[..room]) else {
+            // Straight from the host's queue into the driver's buffer: one copy.
+            let mut failed = None;
+            let sent = ep.poll_transmit_with(now, room, |h, q| {
+                if let Some(q) = q.and_then(|q| q.as_heap()) {
+                    q.take_with(h.len as usize, |off, piece| {
+                        if let Err(e) = write_payload_at(&pkt, off, piece) {
+                            failed = Some(e);
+                        }
+                    });
+                }
+                *h
+            });
+            let Some(hdr) = sent else {
                 // Nothing to send: give the chain back to the avail ring for later.
                 self.rx.go_to_previous_position();
                 self.rx_starved = false;
                 break;
             };
-            pkt.set_header(&hdr);
-            pkt.write_data(&scratch[..hdr.len as usize])
-                .map_err(|source| TransportError::Packet {
+            if let Some(source) = failed {
+                return Err(TransportError::Packet {
                     what: "sim: writing an rx payload",
                     source,
-                })?;
+                });
+            }
+            pkt.set_header(&hdr);
             let used_len = PKT_HEADER_LEN + hdr.len;
             let capacity = u32::try_from(PKT_HEADER_SIZE + pkt.data_len()).unwrap_or(u32::MAX);
             drop(pkt);

@@ -294,6 +294,30 @@ fn bench_json_has_every_row() {
     expect_error(&out, 2, &["--buffer-offset", "4096"]);
 }
 
+/// With stderr a pipe (as in CI and logs) the progress display is hidden: no `\r`, no escape
+/// codes, nothing at all on stderr.
+#[test]
+fn bench_stderr_is_quiet_without_a_terminal() {
+    let out = run(&["bench", "--bytes", "1048576", "--round-trips", "100"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.stderr.contains(&0x1b) && !out.stderr.contains(&b'\r'),
+        "progress codes on stderr: {:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "stderr: {:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ping-pong"));
+}
+
 #[test]
 fn list_json_parses() {
     let out = run(&["list", "--json"]);

@@ -16,6 +16,10 @@ use vdpa_vsock::device::sim::{SimConfig, DISCARD_PORT, ECHO_PORT};
 use vdpa_vsock::device::DeviceSpec;
 use vdpa_vsock::driver::{DriverConfig, VsockAddr, VsockDriver};
 
+mod progress;
+
+use progress::{Step, Steps, Unit};
+
 /// Options of `vdpa-vsock bench`.
 #[derive(Debug, Args)]
 pub(crate) struct BenchArgs {
@@ -53,11 +57,6 @@ struct Row {
 
 fn gbits(bytes: u64, d: Duration) -> f64 {
     bytes as f64 * 8.0 / d.as_secs_f64() / 1e9
-}
-
-fn progress(step: usize, total: usize, what: &str) {
-    eprint!("\r\x1b[2K[{step}/{total}] {what}...");
-    let _ = std::io::stderr().flush();
 }
 
 /// A page-aligned buffer of `len` bytes filled with `fill`, as a window into a larger `Vec`.
@@ -98,6 +97,7 @@ impl PageBuf {
 fn one_way<W: Write + Send + 'static>(
     mut w: W,
     (bytes, write_size, offset): (u64, usize, usize),
+    step: &Step,
     wait_done: impl FnOnce() -> Result<()>,
 ) -> Result<Duration> {
     let page_buf = PageBuf::at_offset(write_size, 0xa5, offset);
@@ -107,6 +107,7 @@ fn one_way<W: Write + Send + 'static>(
     while left > 0 {
         let n = usize::try_from(left).map_or(write_size, |l| l.min(write_size));
         w.write_all(&buf[..n]).context("writing")?;
+        step.inc(n as u64);
         left -= n as u64;
     }
     wait_done()?;
@@ -140,13 +141,16 @@ fn join_reader(h: std::thread::JoinHandle<std::io::Result<u64>>, bytes: u64) -> 
     Ok(())
 }
 
-fn ping_pong<S: Read + Write>(s: &mut S, n: u32, size: usize) -> Result<Duration> {
+fn ping_pong<S: Read + Write>(s: &mut S, n: u32, size: usize, step: &Step) -> Result<Duration> {
     let msg = vec![0x5au8; size];
     let mut back = vec![0u8; size];
     let t0 = Instant::now();
-    for _ in 0..n {
+    for i in 0..n {
         s.write_all(&msg)?;
         s.read_exact(&mut back)?;
+        if i % 256 == 255 {
+            step.inc(256);
+        }
     }
     let d = t0.elapsed();
     if back != msg {
@@ -203,17 +207,17 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
     if args.write_size == 0 || args.msg_size == 0 || args.bytes == 0 || args.round_trips == 0 {
         bail!("--bytes, --write-size, --round-trips and --msg-size must be positive");
     }
-    let steps = 9;
+    let mut steps = Steps::new(8);
     let mut rows = Vec::new();
     let (bytes, ws) = (args.bytes, args.write_size);
     let shape = (bytes, ws, usize::from(args.buffer_offset));
 
-    progress(1, steps, "one-way: vdpa-vsock (sim, eventfd)");
+    let mut step = steps.start("one-way: vdpa-vsock (sim, eventfd)", Unit::Bytes(bytes));
     let driver = open_sim(false, &base)?;
     let s = driver
         .connect(VsockAddr::new(2, DISCARD_PORT))
         .context("connect to discard port")?;
-    let d = one_way(s, shape, || wait_discarded(&driver, bytes))?;
+    let d = one_way(s, shape, &step, || wait_discarded(&driver, bytes))?;
     rows.push(Row {
         workload: "one-way 64KiB writes",
         transport: "vdpa-vsock sim",
@@ -221,10 +225,10 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
         unit: "Gbit/s",
     });
 
-    progress(2, steps, "one-way: unix socketpair");
+    step = steps.start("one-way: unix socketpair", Unit::Bytes(bytes));
     let (a, b) = UnixStream::pair()?;
     let r = reader_thread(b, bytes);
-    let d = one_way(a, shape, || join_reader(r, bytes))?;
+    let d = one_way(a, shape, &step, || join_reader(r, bytes))?;
     rows.push(Row {
         workload: "one-way 64KiB writes",
         transport: "unix socketpair",
@@ -232,12 +236,12 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
         unit: "Gbit/s",
     });
 
-    progress(3, steps, "one-way: tcp loopback");
+    step = steps.start("one-way: tcp loopback", Unit::Bytes(bytes));
     let l = TcpListener::bind("127.0.0.1:0")?;
     let a = TcpStream::connect(l.local_addr()?)?;
     let (b, _) = l.accept()?;
     let r = reader_thread(b, bytes);
-    let d = one_way(a, shape, || join_reader(r, bytes))?;
+    let d = one_way(a, shape, &step, || join_reader(r, bytes))?;
     rows.push(Row {
         workload: "one-way 64KiB writes",
         transport: "tcp loopback",
@@ -245,7 +249,7 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
         unit: "Gbit/s",
     });
 
-    progress(4, steps, "one-way: memcpy (limit)");
+    step = steps.start("one-way: memcpy (limit)", Unit::Bytes(bytes));
     // The same bytes copied once: from the writer's 64 KiB buffer into a 256 KiB ring, the
     // footprint of a socket buffer (a 16 MiB ring would measure DRAM, not the copy). Both are
     // page-aligned (see PageBuf): with heap luck this row once read 21 Gbit/s instead of ~300.
@@ -264,6 +268,7 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
         dst[off..off + n].copy_from_slice(&src[..n]);
         std::hint::black_box(&mut *dst);
         off += n;
+        step.inc(n as u64);
         left -= n as u64;
     }
     rows.push(Row {
@@ -275,9 +280,12 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
 
     let n = args.round_trips;
     let rt = |d: Duration| f64::from(n) / d.as_secs_f64();
-    progress(5, steps, "ping-pong: vdpa-vsock (sim, eventfd)");
+    step = steps.start(
+        "ping-pong: vdpa-vsock (sim, eventfd)",
+        Unit::Ops(u64::from(args.round_trips)),
+    );
     let mut s = driver.connect(VsockAddr::new(2, ECHO_PORT))?;
-    let d = ping_pong(&mut s, n, args.msg_size)?;
+    let d = ping_pong(&mut s, n, args.msg_size, &step)?;
     rows.push(Row {
         workload: "ping-pong 64B",
         transport: "vdpa-vsock sim eventfd",
@@ -287,10 +295,13 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
     drop(s);
     drop(driver);
 
-    progress(6, steps, "ping-pong: vdpa-vsock (sim, busy-poll)");
+    step = steps.start(
+        "ping-pong: vdpa-vsock (sim, busy-poll)",
+        Unit::Ops(u64::from(args.round_trips)),
+    );
     let busy = open_sim(true, &base)?;
     let mut s = busy.connect(VsockAddr::new(2, ECHO_PORT))?;
-    let d = ping_pong(&mut s, n, args.msg_size)?;
+    let d = ping_pong(&mut s, n, args.msg_size, &step)?;
     rows.push(Row {
         workload: "ping-pong 64B",
         transport: "vdpa-vsock sim busy-poll",
@@ -300,10 +311,13 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
     drop(s);
     drop(busy);
 
-    progress(7, steps, "ping-pong: unix socketpair");
+    step = steps.start(
+        "ping-pong: unix socketpair",
+        Unit::Ops(u64::from(args.round_trips)),
+    );
     let (mut a, b) = UnixStream::pair()?;
     echo_thread(b);
-    let d = ping_pong(&mut a, n, args.msg_size)?;
+    let d = ping_pong(&mut a, n, args.msg_size, &step)?;
     rows.push(Row {
         workload: "ping-pong 64B",
         transport: "unix socketpair",
@@ -311,22 +325,24 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
         unit: "round trips/s",
     });
 
-    progress(8, steps, "ping-pong: tcp loopback");
+    step = steps.start(
+        "ping-pong: tcp loopback",
+        Unit::Ops(u64::from(args.round_trips)),
+    );
     let l = TcpListener::bind("127.0.0.1:0")?;
     let mut a = TcpStream::connect(l.local_addr()?)?;
     a.set_nodelay(true)?;
     let (b, _) = l.accept()?;
     b.set_nodelay(true)?;
     echo_thread(b);
-    let d = ping_pong(&mut a, n, args.msg_size)?;
+    let d = ping_pong(&mut a, n, args.msg_size, &step)?;
     rows.push(Row {
         workload: "ping-pong 64B",
         transport: "tcp loopback",
         value: rt(d),
         unit: "round trips/s",
     });
-    progress(9, steps, "done");
-    eprintln!();
+    drop(step);
 
     let baseline = |w: &str| {
         rows.iter()

@@ -1,43 +1,84 @@
 //! `vdpa-vsock bench`: the data path measured side by side with the yardsticks, in one run.
 //!
-//! Workloads: one-way throughput with 64 KiB writes (into the sim host's discard service), and
-//! 64-byte ping-pong round trips (against its echo service), in eventfd and busy-poll mode; the
-//! same workloads over a Unix socketpair and TCP loopback, and a memcpy of the same bytes as the
-//! upper limit of any copying transport.
+//! Workloads, on the sim device or a real one (`--device SPEC --peer CID:PORT[,ECHO_PORT]`):
+//! one-way throughput with 64 KiB writes into a sink, on one connection and on `--parallel`
+//! connections at once (one writer thread each); 64-byte ping-pong round trips against an echo
+//! service, in eventfd and busy-poll mode; and, for each N of `--scale`, the mean cost of a
+//! connect+close and of a 1-byte round trip while N other streams are open. The same one-way
+//! and ping-pong workloads run over a Unix socketpair and TCP loopback, and a memcpy of the
+//! same bytes is the upper limit of any copying transport.
+//!
+//! Files: `peer` (the `--peer` flag), `sim` (everything sim-specific), `work` (the workloads),
+//! `report` (table and JSON), `progress` (the progress display).
 
-use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
-use vdpa_vsock::device::sim::{SimConfig, DISCARD_PORT, ECHO_PORT};
 use vdpa_vsock::device::DeviceSpec;
-use vdpa_vsock::driver::{DriverConfig, VsockAddr, VsockDriver};
+use vdpa_vsock::driver::{DriverConfig, VsockDriver};
+use vdpa_vsock::proto;
 
+mod peer;
 mod progress;
+mod report;
+mod sim;
+mod work;
 
-use progress::{Step, Steps, Unit};
+use peer::{device_kind, Peer};
+use progress::{Steps, Unit};
+use report::Row;
+use work::Shape;
+
+const PEER_HELP: &str = "\
+Real devices: --peer CID:PORT[,ECHO_PORT] names the programs at the peer.
+  CID:PORT   a sink: it reads and discards everything, and closes its end after our EOF. The
+             one-way rows write all bytes, shut down their write half, and stop the clock when
+             they read the sink's EOF.
+  ECHO_PORT  an echo service at the same CID: it writes back every byte, and closes when we
+             close. Without it the ping-pong and scale rows of vdpa-vsock are skipped.
+  For example, at the peer (CID 2):
+    socat -u VSOCK-LISTEN:1234,fork OPEN:/dev/null   (sink)
+    socat VSOCK-LISTEN:1235,fork EXEC:cat            (echo)
+  then: vdpa-vsock bench --device vhost-vsock,cid=4 --peer 2:1234,1235
+On sim the peer is the sim host's discard (2:9) and echo (2:7) services.";
 
 /// Options of `vdpa-vsock bench`.
 #[derive(Debug, Args)]
+#[command(after_help = PEER_HELP)]
 pub(crate) struct BenchArgs {
-    /// Device to measure (only `sim` can be measured without hardware).
+    /// Device to measure: sim (default), vhost-vdpa:PATH, vfio:BDF[,noiommu],
+    /// vhost-vsock[:PATH],cid=N or auto. Devices other than sim need --peer.
     #[arg(long, default_value = "sim")]
     device: DeviceSpec,
-    /// Bytes to send in the one-way throughput test.
-    #[arg(long, default_value_t = 1 << 30)]
+    /// Sink (and echo service) at the peer, CID:PORT[,ECHO_PORT], e.g. 2:1234,1235 (see below).
+    /// Default on sim: 2:9,7, the sim host's discard and echo services.
+    #[arg(long, value_name = "CID:PORT[,ECHO_PORT]")]
+    peer: Option<Peer>,
+    /// Bytes to send in the one-way throughput tests (single and parallel alike).
+    #[arg(long, default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(1..))]
     bytes: u64,
-    /// Size of each write in the throughput test.
-    #[arg(long, default_value_t = 64 * 1024)]
+    /// Size of each write in the throughput tests.
+    #[arg(long, default_value_t = 64 * 1024, value_parser = positive)]
     write_size: usize,
+    /// Connections of the parallel one-way test (one writer thread each, --bytes split evenly).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    parallel: u16,
     /// Round trips in the ping-pong test.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..))]
     round_trips: u32,
     /// Message size of the ping-pong test.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = positive)]
     msg_size: usize,
+    /// Idle streams held open to the echo service while connect+close and 1-byte round trips
+    /// are timed, one run per value (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "100,10000", value_parser = clap::value_parser!(u16).range(0..=MAX_SCALE))]
+    scale: Vec<u16>,
+    /// Connect+close pairs, and 1-byte round trips, timed in each scale run.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    scale_ops: u32,
     /// Where the writer's buffer starts, in bytes past a page boundary (0 to 4095), for every
     /// transport alike. Copy speed depends on it (4K aliasing); 0 is the common page-aligned case.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..4096))]
@@ -47,359 +88,259 @@ pub(crate) struct BenchArgs {
     json: bool,
 }
 
-/// One measured line.
-struct Row {
-    workload: &'static str,
-    transport: &'static str,
-    value: f64,
-    unit: &'static str,
+/// Most idle streams of a scale run: the driver's ephemeral ports (49152..=65535) must also
+/// hold the other connections of the run.
+const MAX_SCALE: i64 = 15_000;
+
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("expected a positive number, found 0".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("expected a positive number, found {s:?} ({e})")),
+    }
+}
+
+/// A usage error found after parsing: reported as `main` reports clap's (one line, exit 2).
+/// Called before anything is opened, so exiting here skips no cleanup.
+fn usage_error(msg: &str) -> ! {
+    eprintln!("vdpa-vsock: error: {msg} (hint: see `vdpa-vsock bench --help`)");
+    std::process::exit(2)
 }
 
 fn gbits(bytes: u64, d: Duration) -> f64 {
     bytes as f64 * 8.0 / d.as_secs_f64() / 1e9
 }
 
-/// A page-aligned buffer of `len` bytes filled with `fill`, as a window into a larger `Vec`.
-///
-/// Where a buffer starts relative to a 4 KiB page changes copy speed a lot: a copy whose
-/// destination sits just above its source modulo 4096 (4K aliasing) ran at 16 Gbit/s here
-/// against 300 Gbit/s otherwise. Heap addresses differ from run to run, so every buffer the
-/// bench copies from or into is page-aligned, which makes the rows repeatable.
-struct PageBuf {
-    vec: Vec<u8>,
-    start: usize,
-    len: usize,
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
 }
 
-impl PageBuf {
-    const PAGE: usize = 4096;
-
-    fn new(len: usize, fill: u8) -> PageBuf {
-        Self::at_offset(len, fill, 0)
+/// Open the device under test, with the settings of this run.
+fn open(spec: &DeviceSpec, cfg: DriverConfig) -> Result<VsockDriver> {
+    if *spec == DeviceSpec::Sim {
+        return sim::open(cfg);
     }
-
-    /// `offset` bytes past a page boundary (`offset` < 4096).
-    fn at_offset(len: usize, fill: u8, offset: usize) -> PageBuf {
-        let vec = vec![fill; len + 2 * Self::PAGE];
-        let start = vec.as_ptr().align_offset(Self::PAGE) + offset % Self::PAGE;
-        PageBuf { vec, start, len }
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        &self.vec[self.start..self.start + self.len]
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.vec[self.start..self.start + self.len]
-    }
-}
-
-fn one_way<W: Write + Send + 'static>(
-    mut w: W,
-    (bytes, write_size, offset): (u64, usize, usize),
-    step: &Step,
-    wait_done: impl FnOnce() -> Result<()>,
-) -> Result<Duration> {
-    let page_buf = PageBuf::at_offset(write_size, 0xa5, offset);
-    let buf = page_buf.as_slice();
-    let t0 = Instant::now();
-    let mut left = bytes;
-    while left > 0 {
-        let n = usize::try_from(left).map_or(write_size, |l| l.min(write_size));
-        w.write_all(&buf[..n]).context("writing")?;
-        step.inc(n as u64);
-        left -= n as u64;
-    }
-    wait_done()?;
-    Ok(t0.elapsed())
-}
-
-fn reader_thread<R: Read + Send + 'static>(
-    mut r: R,
-    bytes: u64,
-) -> std::thread::JoinHandle<std::io::Result<u64>> {
-    std::thread::spawn(move || {
-        let mut page_buf = PageBuf::new(256 * 1024, 0);
-        let buf = page_buf.as_mut_slice();
-        let mut got = 0u64;
-        while got < bytes {
-            let n = r.read(buf)?;
-            if n == 0 {
-                break;
-            }
-            got += n as u64;
-        }
-        Ok(got)
-    })
-}
-
-fn join_reader(h: std::thread::JoinHandle<std::io::Result<u64>>, bytes: u64) -> Result<()> {
-    let got = h.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
-    if got != bytes {
-        bail!("reader got {got} bytes, expected {bytes}");
-    }
-    Ok(())
-}
-
-fn ping_pong<S: Read + Write>(s: &mut S, n: u32, size: usize, step: &Step) -> Result<Duration> {
-    let msg = vec![0x5au8; size];
-    let mut back = vec![0u8; size];
-    let t0 = Instant::now();
-    for i in 0..n {
-        s.write_all(&msg)?;
-        s.read_exact(&mut back)?;
-        if i % 256 == 255 {
-            step.inc(256);
-        }
-    }
-    let d = t0.elapsed();
-    if back != msg {
-        bail!("echo returned different bytes");
-    }
-    Ok(d)
-}
-
-fn echo_thread<S: Read + Write + Send + 'static>(mut s: S) {
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 * 1024];
-        while let Ok(n) = s.read(&mut buf) {
-            if n == 0 || s.write_all(&buf[..n]).is_err() {
-                break;
-            }
-        }
-    });
-}
-
-fn open_sim(busy_poll: bool, base: &DriverConfig) -> Result<VsockDriver> {
-    let cfg = DriverConfig {
-        busy_poll,
-        ..base.clone()
-    };
-    VsockDriver::open_sim(
-        SimConfig {
-            busy_poll,
-            ..SimConfig::default()
-        },
-        cfg,
-    )
-    .context("opening the sim device")
-}
-
-fn wait_discarded(driver: &VsockDriver, total: u64) -> Result<()> {
-    let host = driver.sim_host().context("not a sim device")?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while host.stats().discarded_bytes < total {
-        if Instant::now() > deadline {
-            bail!(
-                "sim discarded only {} of {total} bytes",
-                host.stats().discarded_bytes
-            );
-        }
-        std::thread::yield_now();
-    }
-    Ok(())
+    VsockDriver::open_with(spec, cfg).with_context(|| format!("opening device {spec}"))
 }
 
 pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
-    if args.device != DeviceSpec::Sim {
-        bail!("bench measures the in-process sim device only (found --device {}); for hardware backends, tests/vm/run.sh prints throughput comparisons (e.g. vhost_vsock_throughput_vs_loopback)", args.device);
+    let spec = &args.device;
+    let peer = match (args.peer, spec) {
+        (Some(p), _) => p,
+        (None, DeviceSpec::Sim) => sim::PEER,
+        (None, _) => usage_error(&format!(
+            "--device {spec} needs --peer CID:PORT[,ECHO_PORT]: a sink (and an echo service) at the peer to measure against"
+        )),
+    };
+    if *spec != DeviceSpec::Sim {
+        super::preflight(spec, &super::Roots::new(None, None))?;
     }
-    if args.write_size == 0 || args.msg_size == 0 || args.bytes == 0 || args.round_trips == 0 {
-        bail!("--bytes, --write-size, --round-trips and --msg-size must be positive");
-    }
-    let mut steps = Steps::new(8);
+    let ours = format!("vdpa-vsock {}", device_kind(spec));
+    let parallel = usize::from(args.parallel);
+    let scale: Vec<usize> = if peer.echo.is_some() {
+        args.scale.iter().copied().map(usize::from).collect()
+    } else {
+        Vec::new()
+    };
+    // The scale runs hold N streams plus the ones they time (closed ones linger until the peer
+    // answers); the protocol's default table of 1,024 would refuse N = 10,000.
+    let most = scale.iter().max().copied().unwrap_or(0);
+    let max_connections = proto::DEFAULT_MAX_CONNECTIONS
+        .max(most + parallel + args.scale_ops as usize + 64)
+        .max(base.proto.max_connections);
+    let cfg = DriverConfig {
+        busy_poll: false,
+        proto: proto::Config {
+            max_connections,
+            ..base.proto.clone()
+        },
+        ..base
+    };
+    let echo_steps = if peer.echo.is_some() {
+        2 + scale.len()
+    } else {
+        0
+    };
+    let mut steps = Steps::new(7 + echo_steps);
     let mut rows = Vec::new();
-    let (bytes, ws) = (args.bytes, args.write_size);
-    let shape = (bytes, ws, usize::from(args.buffer_offset));
+    let mut scale_rows = Vec::new();
+    let shape = Shape {
+        bytes: args.bytes,
+        write_size: args.write_size,
+        offset: usize::from(args.buffer_offset),
+    };
+    let one_way = "one-way 64KiB writes";
+    let ping = "ping-pong 64B";
 
-    let mut step = steps.start("one-way: vdpa-vsock (sim, eventfd)", Unit::Bytes(bytes));
-    let driver = open_sim(false, &base)?;
-    let s = driver
-        .connect(VsockAddr::new(2, DISCARD_PORT))
-        .context("connect to discard port")?;
-    let d = one_way(s, shape, &step, || wait_discarded(&driver, bytes))?;
-    rows.push(Row {
-        workload: "one-way 64KiB writes",
-        transport: "vdpa-vsock sim",
-        value: gbits(bytes, d),
-        unit: "Gbit/s",
-    });
-
-    step = steps.start("one-way: unix socketpair", Unit::Bytes(bytes));
-    let (a, b) = UnixStream::pair()?;
-    let r = reader_thread(b, bytes);
-    let d = one_way(a, shape, &step, || join_reader(r, bytes))?;
-    rows.push(Row {
-        workload: "one-way 64KiB writes",
-        transport: "unix socketpair",
-        value: gbits(bytes, d),
-        unit: "Gbit/s",
-    });
-
-    step = steps.start("one-way: tcp loopback", Unit::Bytes(bytes));
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let a = TcpStream::connect(l.local_addr()?)?;
-    let (b, _) = l.accept()?;
-    let r = reader_thread(b, bytes);
-    let d = one_way(a, shape, &step, || join_reader(r, bytes))?;
-    rows.push(Row {
-        workload: "one-way 64KiB writes",
-        transport: "tcp loopback",
-        value: gbits(bytes, d),
-        unit: "Gbit/s",
-    });
-
-    step = steps.start("one-way: memcpy (limit)", Unit::Bytes(bytes));
-    // The same bytes copied once: from the writer's 64 KiB buffer into a 256 KiB ring, the
-    // footprint of a socket buffer (a 16 MiB ring would measure DRAM, not the copy). Both are
-    // page-aligned (see PageBuf): with heap luck this row once read 21 Gbit/s instead of ~300.
-    let src_buf = PageBuf::new(ws, 0x11);
-    let src = src_buf.as_slice();
-    let mut dst_buf = PageBuf::new((256 * 1024).max(ws), 0);
-    let dst = dst_buf.as_mut_slice();
-    let t0 = Instant::now();
-    let mut left = bytes;
-    let mut off = 0usize;
-    while left > 0 {
-        let n = usize::try_from(left).map_or(ws, |l| l.min(ws));
-        if off + n > dst.len() {
-            off = 0;
-        }
-        dst[off..off + n].copy_from_slice(&src[..n]);
-        std::hint::black_box(&mut *dst);
-        off += n;
-        step.inc(n as u64);
-        left -= n as u64;
+    let driver = open(spec, cfg.clone())?;
+    if let Some(echo) = peer.echo {
+        // A wrong echo port fails now, not after the one-way rows.
+        drop(work::connect(&driver, echo, "echo service")?);
     }
-    rows.push(Row {
-        workload: "one-way 64KiB writes",
-        transport: "memcpy",
-        value: gbits(bytes, t0.elapsed()),
-        unit: "Gbit/s",
-    });
+    let consumed = || sim::discarded(&driver, peer.sink);
+    {
+        let step = steps.start(&format!("one-way: {ours}"), Unit::Bytes(shape.bytes));
+        let d = work::one_way_vsock(&driver, peer.sink, shape, &step, consumed)?;
+        rows.push(Row::new(one_way, &ours, gbits(shape.bytes, d), "Gbit/s"));
+    }
+    {
+        let what = format!("one-way: {ours}, {parallel} connections");
+        let step = steps.start(&what, Unit::Bytes(shape.bytes));
+        let (sent, d) =
+            work::one_way_parallel(&driver, peer.sink, parallel, shape, &step, consumed)?;
+        let workload = format!("{one_way}, {parallel} conns");
+        let row = Row::new(workload, &ours, gbits(sent, d), "Gbit/s");
+        rows.push(row.with("connections", parallel as u64));
+    }
+    rows.extend(one_way_yardsticks(&mut steps, shape)?);
 
     let n = args.round_trips;
     let rt = |d: Duration| f64::from(n) / d.as_secs_f64();
-    step = steps.start(
-        "ping-pong: vdpa-vsock (sim, eventfd)",
-        Unit::Ops(u64::from(args.round_trips)),
-    );
-    let mut s = driver.connect(VsockAddr::new(2, ECHO_PORT))?;
-    let d = ping_pong(&mut s, n, args.msg_size, &step)?;
-    rows.push(Row {
-        workload: "ping-pong 64B",
-        transport: "vdpa-vsock sim eventfd",
-        value: rt(d),
-        unit: "round trips/s",
-    });
-    drop(s);
-    drop(driver);
-
-    step = steps.start(
-        "ping-pong: vdpa-vsock (sim, busy-poll)",
-        Unit::Ops(u64::from(args.round_trips)),
-    );
-    let busy = open_sim(true, &base)?;
-    let mut s = busy.connect(VsockAddr::new(2, ECHO_PORT))?;
-    let d = ping_pong(&mut s, n, args.msg_size, &step)?;
-    rows.push(Row {
-        workload: "ping-pong 64B",
-        transport: "vdpa-vsock sim busy-poll",
-        value: rt(d),
-        unit: "round trips/s",
-    });
-    drop(s);
-    drop(busy);
-
-    step = steps.start(
-        "ping-pong: unix socketpair",
-        Unit::Ops(u64::from(args.round_trips)),
-    );
-    let (mut a, b) = UnixStream::pair()?;
-    echo_thread(b);
-    let d = ping_pong(&mut a, n, args.msg_size, &step)?;
-    rows.push(Row {
-        workload: "ping-pong 64B",
-        transport: "unix socketpair",
-        value: rt(d),
-        unit: "round trips/s",
-    });
-
-    step = steps.start(
-        "ping-pong: tcp loopback",
-        Unit::Ops(u64::from(args.round_trips)),
-    );
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let mut a = TcpStream::connect(l.local_addr()?)?;
-    a.set_nodelay(true)?;
-    let (b, _) = l.accept()?;
-    b.set_nodelay(true)?;
-    echo_thread(b);
-    let d = ping_pong(&mut a, n, args.msg_size, &step)?;
-    rows.push(Row {
-        workload: "ping-pong 64B",
-        transport: "tcp loopback",
-        value: rt(d),
-        unit: "round trips/s",
-    });
-    drop(step);
-
-    let baseline = |w: &str| {
-        rows.iter()
-            .find(|r| r.workload == w && r.transport == "unix socketpair")
-            .map(|r| r.value)
-    };
-    if args.json {
-        let items: Vec<String> = rows
-            .iter()
-            .map(|r| {
-                let ratio = baseline(r.workload).map_or(0.0, |b| r.value / b);
-                format!(
-                    "{{\"workload\":\"{}\",\"transport\":\"{}\",\"value\":{:.4},\"unit\":\"{}\",\"vs_socketpair\":{:.3}}}",
-                    r.workload, r.transport, r.value, r.unit, ratio
-                )
-            })
-            .collect();
-        outln!("[{}]", items.join(","))?;
+    if let Some(echo) = peer.echo {
+        {
+            let step = steps.start(&format!("ping-pong: {ours}, eventfd"), ops(n));
+            let mut s = work::connect(&driver, echo, "echo service")?;
+            let d = work::ping_pong(&mut s, n, args.msg_size, &step)?;
+            let transport = format!("{ours} eventfd");
+            rows.push(Row::new(ping, transport, rt(d), "round trips/s"));
+        }
+        for &open in &scale {
+            let step = steps.start(&format!("scale: {open} open"), ops(args.scale_ops));
+            let r = work::scale(&driver, echo, open, args.scale_ops, &step)?;
+            scale_rows.extend(scale_rows_of(&r, &ours, args.scale_ops));
+        }
+        drop(driver);
+        let step = steps.start(&format!("ping-pong: {ours}, busy-poll"), ops(n));
+        let busy = open(
+            spec,
+            DriverConfig {
+                busy_poll: true,
+                ..cfg
+            },
+        )?;
+        let mut s = work::connect(&busy, echo, "echo service")?;
+        let d = work::ping_pong(&mut s, n, args.msg_size, &step)?;
+        rows.push(Row::new(
+            ping,
+            format!("{ours} busy-poll"),
+            rt(d),
+            "round trips/s",
+        ));
     } else {
-        outln!(
-            "bytes={} write_size={} buffer_offset={} round_trips={} msg_size={}",
-            bytes,
-            ws,
-            args.buffer_offset,
-            n,
-            args.msg_size
-        )?;
-        outln!(
-            "{:<22} {:<26} {:>14} {:<14} {:>12}",
-            "workload",
-            "transport",
-            "value",
-            "unit",
-            "x socketpair"
-        )?;
-        for r in &rows {
-            let ratio =
-                baseline(r.workload).map_or(String::from("-"), |b| format!("{:.2}x", r.value / b));
-            outln!(
-                "{:<22} {:<26} {:>14.2} {:<14} {:>12}",
-                r.workload,
-                r.transport,
-                r.value,
-                r.unit,
-                ratio
-            )?;
-        }
-        let memcpy = rows
-            .iter()
-            .find(|r| r.transport == "memcpy")
-            .map(|r| r.value);
-        if let (Some(ours), Some(m)) = (rows.first().map(|r| r.value), memcpy) {
-            outln!(
-                "vdpa-vsock one-way = {:.0}% of memcpy bandwidth",
-                100.0 * ours / m
-            )?;
-        }
+        drop(driver);
     }
-    Ok(())
+    rows.extend(ping_pong_yardsticks(&mut steps, n, args.msg_size)?);
+    rows.extend(scale_rows);
+
+    if args.json {
+        return report::json(&rows, &spec.to_string());
+    }
+    let scale_list: Vec<String> = scale.iter().map(ToString::to_string).collect();
+    let header = format!(
+        "device={spec} peer={peer} bytes={} write_size={} buffer_offset={} parallel={parallel} round_trips={n} msg_size={} scale={} scale_ops={}",
+        shape.bytes,
+        shape.write_size,
+        args.buffer_offset,
+        args.msg_size,
+        if scale_list.is_empty() { "-".into() } else { scale_list.join(",") },
+        args.scale_ops,
+    );
+    let mut notes = Vec::new();
+    let memcpy = rows.iter().find(|r| r.transport == "memcpy");
+    if let (Some(first), Some(m)) = (rows.first(), memcpy) {
+        notes.push(format!(
+            "vdpa-vsock one-way = {:.0}% of memcpy bandwidth",
+            100.0 * first.value / m.value
+        ));
+    }
+    if peer.echo.is_none() {
+        notes.push(format!(
+            "no echo port in --peer {peer}: the ping-pong and scale rows of vdpa-vsock were skipped (give --peer CID:PORT,ECHO_PORT)"
+        ));
+    }
+    report::table(&rows, &header, &notes)
+}
+
+fn ops(n: u32) -> Unit {
+    Unit::Ops(n.into())
+}
+
+/// The two rows of one scale run, in microseconds per operation.
+fn scale_rows_of(r: &work::Scale, ours: &str, ops: u32) -> [Row; 2] {
+    let open = r.open as u64;
+    [
+        Row::new(
+            format!("connect+close, {} open", r.open),
+            ours,
+            micros(r.connect_close),
+            "us/op",
+        ),
+        Row::new(
+            format!("echo 1B rtt, {} open", r.open),
+            ours,
+            micros(r.round_trip),
+            "us/op",
+        ),
+    ]
+    .map(|row| row.with("open_streams", open).with("ops", ops.into()))
+}
+
+/// One-way over a Unix socketpair, TCP loopback, and memcpy.
+fn one_way_yardsticks(steps: &mut Steps, shape: Shape) -> Result<Vec<Row>> {
+    let one_way = "one-way 64KiB writes";
+    let bytes = shape.bytes;
+    let mut rows = Vec::new();
+    {
+        let step = steps.start("one-way: unix socketpair", Unit::Bytes(bytes));
+        let (a, b) = UnixStream::pair()?;
+        let r = work::reader_thread(b, bytes);
+        let d = work::one_way(a, shape, &step, || work::join_reader(r, bytes))?;
+        rows.push(Row::new(
+            one_way,
+            "unix socketpair",
+            gbits(bytes, d),
+            "Gbit/s",
+        ));
+    }
+    {
+        let step = steps.start("one-way: tcp loopback", Unit::Bytes(bytes));
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let a = TcpStream::connect(l.local_addr()?)?;
+        let (b, _) = l.accept()?;
+        let r = work::reader_thread(b, bytes);
+        let d = work::one_way(a, shape, &step, || work::join_reader(r, bytes))?;
+        rows.push(Row::new(one_way, "tcp loopback", gbits(bytes, d), "Gbit/s"));
+    }
+    {
+        let step = steps.start("one-way: memcpy (limit)", Unit::Bytes(bytes));
+        let d = work::memcpy(shape, &step);
+        rows.push(Row::new(one_way, "memcpy", gbits(bytes, d), "Gbit/s"));
+    }
+    Ok(rows)
+}
+
+/// Ping-pong over a Unix socketpair and TCP loopback (with TCP_NODELAY).
+fn ping_pong_yardsticks(steps: &mut Steps, n: u32, size: usize) -> Result<Vec<Row>> {
+    let ping = "ping-pong 64B";
+    let rt = |d: Duration| f64::from(n) / d.as_secs_f64();
+    let mut rows = Vec::new();
+    {
+        let step = steps.start("ping-pong: unix socketpair", ops(n));
+        let (mut a, b) = UnixStream::pair()?;
+        work::echo_thread(b);
+        let d = work::ping_pong(&mut a, n, size, &step)?;
+        rows.push(Row::new(ping, "unix socketpair", rt(d), "round trips/s"));
+    }
+    {
+        let step = steps.start("ping-pong: tcp loopback", ops(n));
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let mut a = TcpStream::connect(l.local_addr()?)?;
+        a.set_nodelay(true)?;
+        let (b, _) = l.accept()?;
+        b.set_nodelay(true)?;
+        work::echo_thread(b);
+        let d = work::ping_pong(&mut a, n, size, &step)?;
+        rows.push(Row::new(ping, "tcp loopback", rt(d), "round trips/s"));
+    }
+    Ok(rows)
 }

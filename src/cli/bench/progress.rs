@@ -66,6 +66,13 @@ impl Step {
     pub(super) fn inc(&self, n: u64) {
         self.0.inc(n);
     }
+
+    /// Count from zero again, to `len`, under a new message (a step with phases: open, measure).
+    pub(super) fn phase(&self, what: String, len: u64) {
+        self.0.set_message(what);
+        self.0.set_length(len);
+        self.0.set_position(0);
+    }
 }
 
 impl Drop for Step {

@@ -164,6 +164,7 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
     let mut steps = Steps::new(7 + echo_steps);
     let mut rows = Vec::new();
     let mut scale_rows = Vec::new();
+    let mut notes = Vec::new();
     let shape = Shape {
         bytes: args.bytes,
         write_size: args.write_size,
@@ -192,7 +193,7 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
         let row = Row::new(workload, &ours, gbits(sent, d), "Gbit/s");
         rows.push(row.with("connections", parallel as u64));
     }
-    rows.extend(one_way_yardsticks(&mut steps, shape)?);
+    rows.extend(one_way_yardsticks(&mut steps, shape, &mut notes)?);
 
     let n = args.round_trips;
     let rt = |d: Duration| f64::from(n) / d.as_secs_f64();
@@ -229,11 +230,37 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
     } else {
         drop(driver);
     }
-    rows.extend(ping_pong_yardsticks(&mut steps, n, args.msg_size)?);
+    rows.extend(ping_pong_yardsticks(
+        &mut steps,
+        n,
+        args.msg_size,
+        &mut notes,
+    )?);
     rows.extend(scale_rows);
 
+    // Both TCP rows fail alike where `lo` is down: say it once.
+    notes.dedup();
+    if peer.echo.is_none() {
+        notes.push(format!(
+            "no echo port in --peer {peer}: the ping-pong and scale rows of vdpa-vsock were skipped (give --peer CID:PORT,ECHO_PORT)"
+        ));
+    }
     if args.json {
+        // Notes are not rows: on stderr, as warnings, so stdout stays one JSON value.
+        for n in &notes {
+            log::warn!("{n}");
+        }
         return report::json(&rows, &spec.to_string());
+    }
+    let memcpy = rows.iter().find(|r| r.transport == "memcpy");
+    if let (Some(first), Some(m)) = (rows.first(), memcpy) {
+        notes.insert(
+            0,
+            format!(
+                "vdpa-vsock one-way = {:.0}% of memcpy bandwidth",
+                100.0 * first.value / m.value
+            ),
+        );
     }
     let scale_list: Vec<String> = scale.iter().map(ToString::to_string).collect();
     let header = format!(
@@ -245,19 +272,6 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
         if scale_list.is_empty() { "-".into() } else { scale_list.join(",") },
         args.scale_ops,
     );
-    let mut notes = Vec::new();
-    let memcpy = rows.iter().find(|r| r.transport == "memcpy");
-    if let (Some(first), Some(m)) = (rows.first(), memcpy) {
-        notes.push(format!(
-            "vdpa-vsock one-way = {:.0}% of memcpy bandwidth",
-            100.0 * first.value / m.value
-        ));
-    }
-    if peer.echo.is_none() {
-        notes.push(format!(
-            "no echo port in --peer {peer}: the ping-pong and scale rows of vdpa-vsock were skipped (give --peer CID:PORT,ECHO_PORT)"
-        ));
-    }
     report::table(&rows, &header, &notes)
 }
 
@@ -285,8 +299,28 @@ fn scale_rows_of(r: &work::Scale, ours: &str, ops: u32) -> [Row; 2] {
     .map(|row| row.with("open_streams", open).with("ops", ops.into()))
 }
 
+/// A connected TCP pair on 127.0.0.1 (absent where `lo` is down, as in a bare initramfs).
+fn tcp_pair() -> Result<(TcpStream, TcpStream)> {
+    let pair = || -> std::io::Result<(TcpStream, TcpStream)> {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let a = TcpStream::connect(l.local_addr()?)?;
+        let (b, _) = l.accept()?;
+        Ok((a, b))
+    };
+    pair().context("TCP loopback on 127.0.0.1")
+}
+
+/// The note for a TCP row that could not run: the other rows are still worth having.
+fn skipped_tcp(e: &anyhow::Error) -> String {
+    format!("tcp loopback rows skipped: {e:#}")
+}
+
 /// One-way over a Unix socketpair, TCP loopback, and memcpy.
-fn one_way_yardsticks(steps: &mut Steps, shape: Shape) -> Result<Vec<Row>> {
+fn one_way_yardsticks(
+    steps: &mut Steps,
+    shape: Shape,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Row>> {
     let one_way = "one-way 64KiB writes";
     let bytes = shape.bytes;
     let mut rows = Vec::new();
@@ -304,12 +338,14 @@ fn one_way_yardsticks(steps: &mut Steps, shape: Shape) -> Result<Vec<Row>> {
     }
     {
         let step = steps.start("one-way: tcp loopback", Unit::Bytes(bytes));
-        let l = TcpListener::bind("127.0.0.1:0")?;
-        let a = TcpStream::connect(l.local_addr()?)?;
-        let (b, _) = l.accept()?;
-        let r = work::reader_thread(b, bytes);
-        let d = work::one_way(a, shape, &step, || work::join_reader(r, bytes))?;
-        rows.push(Row::new(one_way, "tcp loopback", gbits(bytes, d), "Gbit/s"));
+        match tcp_pair() {
+            Ok((a, b)) => {
+                let r = work::reader_thread(b, bytes);
+                let d = work::one_way(a, shape, &step, || work::join_reader(r, bytes))?;
+                rows.push(Row::new(one_way, "tcp loopback", gbits(bytes, d), "Gbit/s"));
+            }
+            Err(e) => notes.push(skipped_tcp(&e)),
+        }
     }
     {
         let step = steps.start("one-way: memcpy (limit)", Unit::Bytes(bytes));
@@ -320,7 +356,12 @@ fn one_way_yardsticks(steps: &mut Steps, shape: Shape) -> Result<Vec<Row>> {
 }
 
 /// Ping-pong over a Unix socketpair and TCP loopback (with TCP_NODELAY).
-fn ping_pong_yardsticks(steps: &mut Steps, n: u32, size: usize) -> Result<Vec<Row>> {
+fn ping_pong_yardsticks(
+    steps: &mut Steps,
+    n: u32,
+    size: usize,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Row>> {
     let ping = "ping-pong 64B";
     let rt = |d: Duration| f64::from(n) / d.as_secs_f64();
     let mut rows = Vec::new();
@@ -333,14 +374,16 @@ fn ping_pong_yardsticks(steps: &mut Steps, n: u32, size: usize) -> Result<Vec<Ro
     }
     {
         let step = steps.start("ping-pong: tcp loopback", ops(n));
-        let l = TcpListener::bind("127.0.0.1:0")?;
-        let mut a = TcpStream::connect(l.local_addr()?)?;
-        a.set_nodelay(true)?;
-        let (b, _) = l.accept()?;
-        b.set_nodelay(true)?;
-        work::echo_thread(b);
-        let d = work::ping_pong(&mut a, n, size, &step)?;
-        rows.push(Row::new(ping, "tcp loopback", rt(d), "round trips/s"));
+        match tcp_pair() {
+            Ok((mut a, b)) => {
+                a.set_nodelay(true)?;
+                b.set_nodelay(true)?;
+                work::echo_thread(b);
+                let d = work::ping_pong(&mut a, n, size, &step)?;
+                rows.push(Row::new(ping, "tcp loopback", rt(d), "round trips/s"));
+            }
+            Err(e) => notes.push(skipped_tcp(&e)),
+        }
     }
     Ok(rows)
 }

@@ -77,7 +77,7 @@ pub(super) fn json(rows: &[Row], device: &str) -> Result<()> {
 pub(super) fn table(rows: &[Row], header: &str, notes: &[String]) -> Result<()> {
     outln!("{header}")?;
     outln!(
-        "{:<30} {:<28} {:>14} {:<14} {:>12}",
+        "{:<30} {:<34} {:>12} {:<14} {:>12}",
         "workload",
         "transport",
         "value",
@@ -88,7 +88,7 @@ pub(super) fn table(rows: &[Row], header: &str, notes: &[String]) -> Result<()> 
         let ratio = baseline(rows, &r.workload)
             .map_or(String::from("-"), |b| format!("{:.2}x", r.value / b));
         outln!(
-            "{:<30} {:<28} {:>14.2} {:<14} {:>12}",
+            "{:<30} {:<34} {:>12.2} {:<14} {:>12}",
             r.workload,
             r.transport,
             r.value,

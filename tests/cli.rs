@@ -256,6 +256,10 @@ fn bench_json_has_every_row() {
         "50",
         "--buffer-offset",
         "16",
+        "--scale",
+        "10,30",
+        "--scale-ops",
+        "20",
         "--json",
     ]);
     assert_eq!(
@@ -286,12 +290,117 @@ fn bench_json_has_every_row() {
             "{t}: {names:?}"
         );
     }
-    assert_eq!(rows.len(), 8, "{names:?}");
+    for t in [
+        "vdpa-vsock sim eventfd",
+        "vdpa-vsock sim busy-poll",
+        "unix socketpair",
+        "tcp loopback",
+    ] {
+        assert!(names.contains(&("ping-pong 64B", t)), "{t}: {names:?}");
+    }
+    // 8 rows as before, the 16-connection row, and two rows per --scale value.
+    assert_eq!(rows.len(), 8 + 1 + 2 * 2, "{names:?}");
     for r in rows {
         assert!(r["value"].as_f64().unwrap() > 0.0, "{r}");
+        for field in ["unit", "vs_socketpair", "device"] {
+            assert!(!r[field].is_null(), "{field} missing: {r}");
+        }
+    }
+    let find = |w: &str| {
+        rows.iter()
+            .find(|r| r["workload"] == w)
+            .unwrap_or_else(|| panic!("no row {w:?}: {names:?}"))
+    };
+    assert_eq!(find("one-way 64KiB writes, 16 conns")["connections"], 16);
+    for n in [10, 30] {
+        for w in [
+            format!("connect+close, {n} open"),
+            format!("echo 1B rtt, {n} open"),
+        ] {
+            let r = find(&w);
+            assert_eq!(r["open_streams"], n, "{r}");
+            assert_eq!(r["ops"], 20, "{r}");
+            assert_eq!(r["unit"], "us/op", "{r}");
+        }
     }
     let out = run(&["bench", "--buffer-offset", "4096"]);
     expect_error(&out, 2, &["--buffer-offset", "4096"]);
+}
+
+/// `--peer`: a malformed value and a real device without one are usage errors; a peer that
+/// refuses is a runtime error naming the address that refused.
+#[test]
+fn bench_peer_errors() {
+    for (bad, why) in [
+        ("2x9", "expected CID:PORT"),
+        ("2:9,x", "bad echo port"),
+        ("2:9,9", "different ports"),
+    ] {
+        let out = run(&["bench", "--peer", bad]);
+        expect_error(&out, 2, &["--peer", "CID:PORT[,ECHO_PORT]", why]);
+    }
+    let out = run(&["bench", "--device", "vhost-vsock:/nonexistent,cid=4"]);
+    expect_error(&out, 2, &["needs --peer"]);
+    let small = ["--bytes", "65536", "--round-trips", "10", "--scale", "1"];
+    let out = run(&[&["bench", "--peer", "2:4242"][..], &small].concat());
+    expect_error(&out, 1, &["sink at 2:4242", "refused"]);
+    let out = run(&[&["bench", "--peer", "2:9,4243"][..], &small].concat());
+    expect_error(&out, 1, &["echo service at 2:4243", "refused"]);
+}
+
+/// Without an echo port only the one-way rows of vdpa-vsock run, and the table says so.
+#[test]
+fn bench_sink_only_peer() {
+    let out = run(&[
+        "bench",
+        "--peer",
+        "2:9",
+        "--bytes",
+        "1048576",
+        "--round-trips",
+        "10",
+        "--parallel",
+        "3",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("one-way 64KiB writes, 3 conns"), "{stdout}");
+    assert!(!stdout.contains("vdpa-vsock sim eventfd"), "{stdout}");
+    assert!(stdout.contains("ping-pong and scale rows of vdpa-vsock were skipped"));
+}
+
+/// With stderr a pipe (as in CI and logs) the progress display is hidden: no `\r`, no escape
+/// codes, nothing at all on stderr.
+#[test]
+fn bench_stderr_is_quiet_without_a_terminal() {
+    let out = run(&[
+        "bench",
+        "--bytes",
+        "1048576",
+        "--round-trips",
+        "100",
+        "--scale",
+        "10",
+        "--scale-ops",
+        "20",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.stderr.contains(&0x1b) && !out.stderr.contains(&b'\r'),
+        "progress codes on stderr: {:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "stderr: {:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ping-pong"));
 }
 
 #[test]

@@ -10,6 +10,8 @@
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -715,5 +717,165 @@ pub(super) fn vhost_vsock_auto() -> TestResult {
             String::from_utf8_lossy(&got)
         )));
     }
+    Ok(())
+}
+
+/// A kernel AF_VSOCK service on `port` until `stop`: every accepted connection gets its own
+/// thread running `handle`. Woken for the stop by a connection of our own over vsock_loopback.
+fn kernel_service(
+    port: u32,
+    stop: Arc<AtomicBool>,
+    handle: fn(UnixStream) -> io::Result<()>,
+) -> io::Result<thread::JoinHandle<()>> {
+    let listener = kernel_listen(port)?;
+    Ok(thread::spawn(move || loop {
+        match kernel_accept(&listener) {
+            Ok(_) if stop.load(Ordering::Acquire) => break,
+            Ok((s, _)) => {
+                // Idle streams of the scale rows stay quiet for as long as the run takes.
+                let _ = s.set_read_timeout(None);
+                thread::spawn(move || handle(s));
+            }
+            Err(e) if e.kind() == io::ErrorKind::TimedOut && !stop.load(Ordering::Acquire) => {}
+            Err(e) => {
+                if !stop.load(Ordering::Acquire) {
+                    println!("# kernel service on port {port}: {e}");
+                }
+                break;
+            }
+        }
+    }))
+}
+
+/// The sink `bench --peer` expects: read and discard to EOF, then close.
+fn kernel_discard(mut s: UnixStream) -> io::Result<()> {
+    io::copy(&mut s, &mut io::sink())?;
+    Ok(())
+}
+
+/// The echo `bench --peer` expects: every byte back, until EOF.
+fn kernel_echo(s: UnixStream) -> io::Result<()> {
+    let mut w = s.try_clone()?;
+    let mut r = s;
+    io::copy(&mut r, &mut w)?;
+    Ok(())
+}
+
+/// The value of the row `workload`, `transport` in `bench`'s table.
+fn bench_value(table: &str, workload: &str, transport: &str) -> Option<f64> {
+    table.lines().find_map(|l| {
+        let rest = l.strip_prefix(workload)?.trim_start();
+        let rest = rest.strip_prefix(transport)?;
+        if !rest.starts_with(' ') {
+            return None;
+        }
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// `vdpa-vsock bench --device vhost-vsock,cid=4 --peer 2:5010,5011`, the CLI as a user runs it,
+/// against a kernel AF_VSOCK sink and echo in this guest (the host end of vhost-vsock): exit 0,
+/// and every vdpa-vsock row (one-way, 16 connections, ping-pong both modes, scale) positive.
+pub(super) fn vhost_vsock_bench_cli() -> TestResult {
+    const SINK_PORT: u32 = 5010;
+    const ECHO_PORT: u32 = 5011;
+    const CLI: &str = "/bin/vdpa-vsock";
+    const RUN_TIMEOUT: Duration = Duration::from_secs(240);
+    if !std::path::Path::new(VHOST_VSOCK_PATH).exists() {
+        return Err(skip(format!("{VHOST_VSOCK_PATH} is absent")));
+    }
+    if !std::path::Path::new(CLI).exists() {
+        return Err(skip(format!("{CLI} is absent")));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let services = [
+        (
+            SINK_PORT,
+            kernel_service(SINK_PORT, stop.clone(), kernel_discard)?,
+        ),
+        (
+            ECHO_PORT,
+            kernel_service(ECHO_PORT, stop.clone(), kernel_echo)?,
+        ),
+    ];
+    let peer = format!("{HOST_CID}:{SINK_PORT},{ECHO_PORT}");
+    let child = std::process::Command::new(CLI)
+        .args(["bench", "--device", &format!("vhost-vsock,cid={OUR_CID}")])
+        .args([
+            "--peer",
+            &peer,
+            "--bytes",
+            "8388608",
+            "--round-trips",
+            "200",
+        ])
+        .args(["--scale", "10,50", "--scale-ops", "50"])
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let t0 = Instant::now();
+    let out = rx.recv_timeout(RUN_TIMEOUT);
+    if out.is_err() {
+        // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+    stop.store(true, Ordering::Release);
+    for (port, service) in services {
+        // Wake the accept; the service sees `stop` and ends (and its listener closes).
+        let _ = super::vsock_connect(libc::VMADDR_CID_LOCAL, port);
+        let _ = service.join();
+    }
+    let out = out.map_err(|_| {
+        fail(format!(
+            "bench did not finish within {} s",
+            RUN_TIMEOUT.as_secs()
+        ))
+    })??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for l in stdout.lines() {
+        println!("# bench: {l}");
+    }
+    if !out.status.success() {
+        return Err(fail(format!(
+            "bench exited with {}: {}",
+            out.status,
+            stderr.trim()
+        )));
+    }
+    let ours = "vdpa-vsock vhost-vsock";
+    let mut missing = Vec::new();
+    for (workload, transport) in [
+        ("one-way 64KiB writes", ours.to_string()),
+        ("one-way 64KiB writes, 16 conns", ours.to_string()),
+        ("ping-pong 64B", format!("{ours} eventfd")),
+        ("ping-pong 64B", format!("{ours} busy-poll")),
+        ("connect+close, 10 open", ours.to_string()),
+        ("echo 1B rtt, 10 open", ours.to_string()),
+        ("connect+close, 50 open", ours.to_string()),
+        ("echo 1B rtt, 50 open", ours.to_string()),
+    ] {
+        match bench_value(&stdout, workload, &transport) {
+            Some(v) if v > 0.0 => {}
+            other => missing.push(format!("{workload} / {transport}: {other:?}")),
+        }
+    }
+    if !missing.is_empty() {
+        return Err(fail(format!(
+            "rows missing or not positive: {}",
+            missing.join("; ")
+        )));
+    }
+    println!(
+        "# bench on vhost-vsock took {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -178,6 +178,10 @@ const TESTS: &[Test] = &[
         vhost_vsock_tests::vhost_vsock_throughput_vs_loopback,
     ),
     default(
+        "vhost_vsock_bench_cli",
+        vhost_vsock_tests::vhost_vsock_bench_cli,
+    ),
+    default(
         "serve_vhost_vsock_100_clients",
         operator_tests::serve_vhost_vsock_100_clients,
     ),

@@ -1,0 +1,394 @@
+//! `vdpa-vsock bench`: the data path measured side by side with the yardsticks, in one run.
+//!
+//! Workloads, on the sim device or a real one (`--device SPEC --peer CID:PORT[,ECHO_PORT]`):
+//! one-way throughput with 64 KiB writes into a sink, on one connection and on `--parallel`
+//! connections at once (one writer thread each); 64-byte ping-pong round trips against an echo
+//! service, in eventfd and busy-poll mode; and, for each N of `--scale`, the mean cost of a
+//! connect+close and of a 1-byte round trip while N other streams are open. The same one-way
+//! and ping-pong workloads run over a Unix socketpair and TCP loopback, and a memcpy of the
+//! same bytes is the upper limit of any copying transport.
+//!
+//! Files: `peer` (the `--peer` flag), `sim` (everything sim-specific), `work` (the workloads),
+//! `report` (table and JSON), `progress` (the progress display).
+
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use vdpa_vsock::device::DeviceSpec;
+use vdpa_vsock::driver::{DriverConfig, VsockDriver};
+use vdpa_vsock::proto;
+use vdpa_vsock::sim::SimHost;
+
+mod peer;
+mod progress;
+mod report;
+mod sim;
+mod work;
+
+use peer::{device_kind, Peer};
+use progress::{Steps, Unit};
+use report::Row;
+use work::Shape;
+
+const PEER_HELP: &str = "\
+Real devices: --peer CID:PORT[,ECHO_PORT] names the programs at the peer.
+  CID:PORT   a sink: it reads and discards everything, and closes its end after our EOF. The
+             one-way rows write all bytes, shut down their write half, and stop the clock when
+             they read the sink's EOF.
+  ECHO_PORT  an echo service at the same CID: it writes back every byte, and closes when we
+             close. Without it the ping-pong and scale rows of vdpa-vsock are skipped.
+  For example, at the peer (CID 2):
+    socat -u VSOCK-LISTEN:1234,fork OPEN:/dev/null   (sink)
+    socat VSOCK-LISTEN:1235,fork EXEC:cat            (echo)
+  then: vdpa-vsock bench --device vhost-vsock,cid=4 --peer 2:1234,1235
+On sim the peer is the sim host's discard (2:9) and echo (2:7) services.";
+
+/// Options of `vdpa-vsock bench`.
+#[derive(Debug, Args)]
+#[command(after_help = PEER_HELP)]
+pub(crate) struct BenchArgs {
+    /// Device to measure: sim (default), vhost-vdpa:PATH, vfio:BDF[,noiommu],
+    /// vhost-vsock[:PATH],cid=N or auto. Devices other than sim need --peer.
+    #[arg(long, default_value = "sim")]
+    device: DeviceSpec,
+    /// Sink (and echo service) at the peer, CID:PORT[,ECHO_PORT], e.g. 2:1234,1235 (see below).
+    /// Default on sim: 2:9,7, the sim host's discard and echo services.
+    #[arg(long, value_name = "CID:PORT[,ECHO_PORT]")]
+    peer: Option<Peer>,
+    /// Bytes to send in the one-way throughput tests (single and parallel alike).
+    #[arg(long, default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(1..))]
+    bytes: u64,
+    /// Size of each write in the throughput tests.
+    #[arg(long, default_value_t = 64 * 1024, value_parser = positive)]
+    write_size: usize,
+    /// Connections of the parallel one-way test (one writer thread each, --bytes split evenly).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    parallel: u16,
+    /// Round trips in the ping-pong test.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..))]
+    round_trips: u32,
+    /// Message size of the ping-pong test.
+    #[arg(long, default_value_t = 64, value_parser = positive)]
+    msg_size: usize,
+    /// Idle streams held open to the echo service while connect+close and 1-byte round trips
+    /// are timed, one run per value (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "100,10000", value_parser = clap::value_parser!(u16).range(0..=MAX_SCALE))]
+    scale: Vec<u16>,
+    /// Connect+close pairs, and 1-byte round trips, timed in each scale run.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    scale_ops: u32,
+    /// Where the writer's buffer starts, in bytes past a page boundary (0 to 4095), for every
+    /// transport alike. Copy speed depends on it (4K aliasing); 0 is the common page-aligned case.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..4096))]
+    buffer_offset: u16,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Most idle streams of a scale run: the driver's ephemeral ports (49152..=65535) must also
+/// hold the other connections of the run.
+const MAX_SCALE: i64 = 15_000;
+
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("expected a positive number, found 0".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("expected a positive number, found {s:?} ({e})")),
+    }
+}
+
+/// A usage error found after parsing: reported as `main` reports clap's (one line, exit 2).
+/// Called before anything is opened, so exiting here skips no cleanup.
+fn usage_error(msg: &str) -> ! {
+    eprintln!("vdpa-vsock: error: {msg} (hint: see `vdpa-vsock bench --help`)");
+    std::process::exit(2)
+}
+
+fn gbits(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 * 8.0 / d.as_secs_f64() / 1e9
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// Open the device under test, with the settings of this run.
+/// Open the device under test, with the settings of this run (and the sim's host side, for
+/// its counters).
+fn open(spec: &DeviceSpec, cfg: DriverConfig) -> Result<(VsockDriver, Option<SimHost>)> {
+    if *spec == DeviceSpec::Sim {
+        return sim::open(cfg).map(|(d, h)| (d, Some(h)));
+    }
+    let driver =
+        VsockDriver::open_with(spec, cfg).with_context(|| format!("opening device {spec}"))?;
+    Ok((driver, None))
+}
+
+pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
+    let spec = &args.device;
+    let peer = match (args.peer, spec) {
+        (Some(p), _) => p,
+        (None, DeviceSpec::Sim) => sim::PEER,
+        (None, _) => usage_error(&format!(
+            "--device {spec} needs --peer CID:PORT[,ECHO_PORT]: a sink (and an echo service) at the peer to measure against"
+        )),
+    };
+    if *spec != DeviceSpec::Sim {
+        super::preflight(spec, &super::Roots::new(None, None))?;
+    }
+    let ours = format!("vdpa-vsock {}", device_kind(spec));
+    let parallel = usize::from(args.parallel);
+    let scale: Vec<usize> = if peer.echo.is_some() {
+        args.scale.iter().copied().map(usize::from).collect()
+    } else {
+        Vec::new()
+    };
+    // The scale runs hold N streams plus the ones they time (closed ones linger until the peer
+    // answers); the protocol's default table of 1,024 would refuse N = 10,000.
+    let most = scale.iter().max().copied().unwrap_or(0);
+    let max_connections = proto::DEFAULT_MAX_CONNECTIONS
+        .max(most + parallel + args.scale_ops as usize + 64)
+        .max(base.proto.max_connections);
+    let cfg = DriverConfig {
+        busy_poll: false,
+        proto: proto::Config {
+            max_connections,
+            ..base.proto.clone()
+        },
+        ..base
+    };
+    let echo_steps = if peer.echo.is_some() {
+        2 + scale.len()
+    } else {
+        0
+    };
+    let mut steps = Steps::new(7 + echo_steps);
+    let mut rows = Vec::new();
+    let mut scale_rows = Vec::new();
+    let mut notes = Vec::new();
+    let shape = Shape {
+        bytes: args.bytes,
+        write_size: args.write_size,
+        offset: usize::from(args.buffer_offset),
+    };
+    let one_way = "one-way 64KiB writes";
+    let ping = "ping-pong 64B";
+
+    let (driver, host) = open(spec, cfg.clone())?;
+    if let Some(echo) = peer.echo {
+        // A wrong echo port fails now, not after the one-way rows.
+        drop(work::connect(&driver, echo, "echo service")?);
+    }
+    let consumed = || sim::discarded(host.as_ref(), peer.sink);
+    {
+        let step = steps.start(&format!("one-way: {ours}"), Unit::Bytes(shape.bytes));
+        let d = work::one_way_vsock(&driver, peer.sink, shape, &step, consumed)?;
+        rows.push(Row::new(one_way, &ours, gbits(shape.bytes, d), "Gbit/s"));
+    }
+    {
+        let what = format!("one-way: {ours}, {parallel} connections");
+        let step = steps.start(&what, Unit::Bytes(shape.bytes));
+        let (sent, d) =
+            work::one_way_parallel(&driver, peer.sink, parallel, shape, &step, consumed)?;
+        let workload = format!("{one_way}, {parallel} conns");
+        let row = Row::new(workload, &ours, gbits(sent, d), "Gbit/s");
+        rows.push(row.with("connections", parallel as u64));
+    }
+    rows.extend(one_way_yardsticks(&mut steps, shape, &mut notes)?);
+
+    let n = args.round_trips;
+    let rt = |d: Duration| f64::from(n) / d.as_secs_f64();
+    if let Some(echo) = peer.echo {
+        {
+            let step = steps.start(&format!("ping-pong: {ours}, eventfd"), ops(n));
+            let mut s = work::connect(&driver, echo, "echo service")?;
+            let d = work::ping_pong(&mut s, n, args.msg_size, &step)?;
+            let transport = format!("{ours} eventfd");
+            rows.push(Row::new(ping, transport, rt(d), "round trips/s"));
+        }
+        for &open in &scale {
+            let step = steps.start(&format!("scale: {open} open"), ops(args.scale_ops));
+            let r = work::scale(&driver, echo, open, args.scale_ops, &step)?;
+            scale_rows.extend(scale_rows_of(&r, &ours, args.scale_ops));
+        }
+        drop(driver);
+        let step = steps.start(&format!("ping-pong: {ours}, busy-poll"), ops(n));
+        let (busy, _host) = open(
+            spec,
+            DriverConfig {
+                busy_poll: true,
+                ..cfg
+            },
+        )?;
+        let mut s = work::connect(&busy, echo, "echo service")?;
+        let d = work::ping_pong(&mut s, n, args.msg_size, &step)?;
+        rows.push(Row::new(
+            ping,
+            format!("{ours} busy-poll"),
+            rt(d),
+            "round trips/s",
+        ));
+    } else {
+        drop(driver);
+    }
+    rows.extend(ping_pong_yardsticks(
+        &mut steps,
+        n,
+        args.msg_size,
+        &mut notes,
+    )?);
+    rows.extend(scale_rows);
+
+    // Both TCP rows fail alike where `lo` is down: say it once.
+    notes.dedup();
+    if peer.echo.is_none() {
+        notes.push(format!(
+            "no echo port in --peer {peer}: the ping-pong and scale rows of vdpa-vsock were skipped (give --peer CID:PORT,ECHO_PORT)"
+        ));
+    }
+    if args.json {
+        // Notes are not rows: on stderr, as warnings, so stdout stays one JSON value.
+        for n in &notes {
+            log::warn!("{n}");
+        }
+        return report::json(&rows, &spec.to_string());
+    }
+    let memcpy = rows.iter().find(|r| r.transport == "memcpy");
+    if let (Some(first), Some(m)) = (rows.first(), memcpy) {
+        notes.insert(
+            0,
+            format!(
+                "vdpa-vsock one-way = {:.0}% of memcpy bandwidth",
+                100.0 * first.value / m.value
+            ),
+        );
+    }
+    let scale_list: Vec<String> = scale.iter().map(ToString::to_string).collect();
+    let header = format!(
+        "device={spec} peer={peer} bytes={} write_size={} buffer_offset={} parallel={parallel} round_trips={n} msg_size={} scale={} scale_ops={}",
+        shape.bytes,
+        shape.write_size,
+        args.buffer_offset,
+        args.msg_size,
+        if scale_list.is_empty() { "-".into() } else { scale_list.join(",") },
+        args.scale_ops,
+    );
+    report::table(&rows, &header, &notes)
+}
+
+fn ops(n: u32) -> Unit {
+    Unit::Ops(n.into())
+}
+
+/// The two rows of one scale run, in microseconds per operation.
+fn scale_rows_of(r: &work::Scale, ours: &str, ops: u32) -> [Row; 2] {
+    let open = r.open as u64;
+    [
+        Row::new(
+            format!("connect+close, {} open", r.open),
+            ours,
+            micros(r.connect_close),
+            "us/op",
+        ),
+        Row::new(
+            format!("echo 1B rtt, {} open", r.open),
+            ours,
+            micros(r.round_trip),
+            "us/op",
+        ),
+    ]
+    .map(|row| row.with("open_streams", open).with("ops", ops.into()))
+}
+
+/// A connected TCP pair on 127.0.0.1 (absent where `lo` is down, as in a bare initramfs).
+fn tcp_pair() -> Result<(TcpStream, TcpStream)> {
+    let pair = || -> std::io::Result<(TcpStream, TcpStream)> {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let a = TcpStream::connect(l.local_addr()?)?;
+        let (b, _) = l.accept()?;
+        Ok((a, b))
+    };
+    pair().context("TCP loopback on 127.0.0.1")
+}
+
+/// The note for a TCP row that could not run: the other rows are still worth having.
+fn skipped_tcp(e: &anyhow::Error) -> String {
+    format!("tcp loopback rows skipped: {e:#}")
+}
+
+/// One-way over a Unix socketpair, TCP loopback, and memcpy.
+fn one_way_yardsticks(
+    steps: &mut Steps,
+    shape: Shape,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Row>> {
+    let one_way = "one-way 64KiB writes";
+    let bytes = shape.bytes;
+    let mut rows = Vec::new();
+    {
+        let step = steps.start("one-way: unix socketpair", Unit::Bytes(bytes));
+        let (a, b) = UnixStream::pair()?;
+        let r = work::reader_thread(b, bytes);
+        let d = work::one_way(a, shape, &step, || work::join_reader(r, bytes))?;
+        rows.push(Row::new(
+            one_way,
+            "unix socketpair",
+            gbits(bytes, d),
+            "Gbit/s",
+        ));
+    }
+    {
+        let step = steps.start("one-way: tcp loopback", Unit::Bytes(bytes));
+        match tcp_pair() {
+            Ok((a, b)) => {
+                let r = work::reader_thread(b, bytes);
+                let d = work::one_way(a, shape, &step, || work::join_reader(r, bytes))?;
+                rows.push(Row::new(one_way, "tcp loopback", gbits(bytes, d), "Gbit/s"));
+            }
+            Err(e) => notes.push(skipped_tcp(&e)),
+        }
+    }
+    {
+        let step = steps.start("one-way: memcpy (limit)", Unit::Bytes(bytes));
+        let d = work::memcpy(shape, &step);
+        rows.push(Row::new(one_way, "memcpy", gbits(bytes, d), "Gbit/s"));
+    }
+    Ok(rows)
+}
+
+/// Ping-pong over a Unix socketpair and TCP loopback (with TCP_NODELAY).
+fn ping_pong_yardsticks(
+    steps: &mut Steps,
+    n: u32,
+    size: usize,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Row>> {
+    let ping = "ping-pong 64B";
+    let rt = |d: Duration| f64::from(n) / d.as_secs_f64();
+    let mut rows = Vec::new();
+    {
+        let step = steps.start("ping-pong: unix socketpair", ops(n));
+        let (mut a, b) = UnixStream::pair()?;
+        work::echo_thread(b);
+        let d = work::ping_pong(&mut a, n, size, &step)?;
+        rows.push(Row::new(ping, "unix socketpair", rt(d), "round trips/s"));
+    }
+    {
+        let step = steps.start("ping-pong: tcp loopback", ops(n));
+        match tcp_pair() {
+            Ok((mut a, b)) => {
+                a.set_nodelay(true)?;
+                b.set_nodelay(true)?;
+                work::echo_thread(b);
+                let d = work::ping_pong(&mut a, n, size, &step)?;
+                rows.push(Row::new(ping, "tcp loopback", rt(d), "round trips/s"));
+            }
+            Err(e) => notes.push(skipped_tcp(&e)),
+        }
+    }
+    Ok(rows)
+}

@@ -89,6 +89,9 @@ pub(crate) struct Core {
     busy_poll: bool,
 }
 
+/// Transport rounds a user call runs itself after queueing data (see [`Core::kick`]).
+const CALLER_PUMP_ROUNDS: u32 = 2;
+
 /// How long a sleeping caller waits before re-checking by itself (a safety net only: every
 /// state change notifies).
 const WAIT_SLICE: Duration = Duration::from_millis(100);
@@ -261,11 +264,20 @@ impl Core {
         st.conn_wait.entry(c).or_default().clone()
     }
 
-    /// After a user call changed what the endpoint wants to send: let the transport run.
+    /// After a user call changed what the endpoint wants to send: send it from this thread
+    /// (run-to-completion: the packets are posted and the device kicked here, with no hand-off
+    /// to the loop thread). A pump that moved something runs again, since its completions or
+    /// replies may have arrived meanwhile; work still left after [`CALLER_PUMP_ROUNDS`] is the
+    /// loop thread's (woken here, as interrupts that came while we held the rings may have
+    /// been consumed by us).
     fn kick(&self, st: &mut CoreState) {
-        if self.busy_poll {
-            Core::pump_locked(st, Instant::now());
-        } else {
+        let now = Instant::now();
+        for _ in 0..CALLER_PUMP_ROUNDS {
+            if !Core::pump_locked(st, now) {
+                return;
+            }
+        }
+        if !self.busy_poll {
             st.transport.wake();
         }
     }

@@ -16,7 +16,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::core::Core;
+use super::core::{spin_pause, Core, SpinBudget};
 use super::error::TransportError;
 
 /// What a loop thread waits on besides its waker and stop eventfds.
@@ -84,6 +84,11 @@ pub(crate) fn run_loop(core: Arc<Core>, fds: LoopFds) {
     // since an epoll_wait per round costs more than the round itself.
     let spinning = fds.max_sleep == Some(Duration::ZERO);
     let mut spins = 0u32;
+    // Spinning: since when nothing moved, and whether we are asleep (out of SPIN_BUDGET, with
+    // notifications on) rather than spinning.
+    let mut idle_since = Instant::now();
+    let mut asleep = false;
+    let mut budget = SpinBudget::default();
     loop {
         let (timeout, more) = {
             let mut st = core.lock();
@@ -104,18 +109,39 @@ pub(crate) fn run_loop(core: Arc<Core>, fds: LoopFds) {
             if st.dead.is_some() {
                 return;
             }
+            if spinning && asleep {
+                // Woken: spin again.
+                Core::sleeper_out(&mut st);
+                asleep = false;
+                idle_since = now;
+            }
+            if spinning && more {
+                if now > idle_since {
+                    // Work came while we spun.
+                    budget.hit();
+                }
+                idle_since = now;
+            }
+            if spinning && !more && now.saturating_duration_since(idle_since) >= budget.get() {
+                budget.miss();
+                // Idle for the whole budget: sleep on the kicks instead of taking a core from
+                // whoever has work; one more pump catches what came before they were on.
+                Core::sleeper_in(&mut st);
+                asleep = true;
+                more = Core::pump_locked(&mut st, now);
+            }
             (st.ep.poll_timeout(), more)
         };
-        if spinning && !more {
+        if spinning && !more && !asleep {
             spins = spins.wrapping_add(1);
             if spins % SPIN_ROUNDS_PER_POLL != 0 {
-                std::hint::spin_loop();
+                spin_pause(idle_since.elapsed());
                 continue;
             }
         }
         let now = Instant::now();
         let mut sleep = timeout.map(|t| t.saturating_duration_since(now));
-        if let Some(max) = fds.max_sleep {
+        if let Some(max) = fds.max_sleep.filter(|_| !asleep) {
             sleep = Some(sleep.map_or(max, |s| s.min(max)));
         }
         let ms = if more {

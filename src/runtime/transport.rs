@@ -78,7 +78,8 @@ pub(crate) struct DriverTransport {
     /// Largest RW payload of one packet.
     pub(crate) max_tx_payload: usize,
     pub(crate) waker: EventFd,
-    pub(crate) busy_poll: bool,
+    /// The device is asked not to interrupt (busy-poll, while someone spins).
+    pub(crate) polling: bool,
     pub(crate) stats: DriverStats,
 }
 
@@ -159,7 +160,7 @@ impl DriverTransport {
             tx_hdr,
             max_tx_payload,
             waker,
-            busy_poll,
+            polling: busy_poll,
             stats: DriverStats::default(),
         }
     }
@@ -370,7 +371,7 @@ impl Transport for DriverTransport {
             ep.handle_timeout(now);
         }
         moved |= self.transmit(ep, now)?;
-        if !self.busy_poll {
+        if !self.polling {
             // Re-arm interrupts; a `false` means used buffers slipped in meanwhile.
             let rx_quiet = self
                 .rx
@@ -426,6 +427,18 @@ impl Transport for DriverTransport {
         self.rx_posted.iter_mut().for_each(|b| *b = None);
         self.tx_inflight.iter_mut().for_each(|s| *s = None);
         self.tx_free = (0..self.tx_hdr.len()).rev().collect();
+    }
+
+    fn set_polling(&mut self, polling: bool) {
+        self.polling = polling;
+        if polling {
+            self.rx.disable_cb();
+            self.tx.disable_cb();
+        } else {
+            // What is already used is picked up by the caller's next pump.
+            let _ = self.rx.enable_cb();
+            let _ = self.tx.enable_cb();
+        }
     }
 
     fn driver_stats(&self) -> Option<DriverStats> {

@@ -42,7 +42,8 @@ struct SimTransport {
     /// The config's `guest_cid` (changed by [`SimHost::set_guest_cid`]).
     guest_cid: Arc<AtomicU64>,
     max_payload: u32,
-    busy_poll: bool,
+    /// The driver is asked not to kick (the device thread spins on the avail rings).
+    polling: bool,
     waker: EventFd,
     listeners: Vec<(ListenerId, Service)>,
     services: Vec<ServiceConn>,
@@ -175,7 +176,7 @@ impl Transport for SimTransport {
             let mut stats = *lock(&self.stats);
             moved |= r.device_rx(ep, now, self.max_payload, &mut stats)?;
             *lock(&self.stats) = stats;
-            if !self.busy_poll {
+            if !self.polling {
                 // Re-arm kicks; `true` means buffers arrived meanwhile: go round again.
                 let more_tx = r.tx.enable_notification(&r.mem).unwrap_or(false);
                 let more_rx = r.rx.enable_notification(&r.mem).unwrap_or(false);
@@ -191,6 +192,20 @@ impl Transport for SimTransport {
 
     fn shutdown(&mut self) {
         *lock(&self.rings) = None;
+    }
+
+    fn set_polling(&mut self, polling: bool) {
+        self.polling = polling;
+        if let Some(r) = lock(&self.rings).as_mut() {
+            // What is already available is picked up by the next pump.
+            if polling {
+                let _ = r.tx.disable_notification(&r.mem);
+                let _ = r.rx.disable_notification(&r.mem);
+            } else {
+                let _ = r.tx.enable_notification(&r.mem);
+                let _ = r.rx.enable_notification(&r.mem);
+            }
+        }
     }
 }
 
@@ -238,7 +253,7 @@ impl SimHost {
             rings,
             guest_cid: guest_cid.clone(),
             max_payload: cfg.max_payload,
-            busy_poll: cfg.busy_poll,
+            polling: cfg.busy_poll,
             waker,
             listeners,
             services: Vec::new(),

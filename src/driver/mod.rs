@@ -20,7 +20,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{DeviceError, VsockDevice, RX_QUEUE, TX_QUEUE};
 use crate::dma::DmaRegion;
-use crate::dma::HUGE_PAGE_SIZE;
+use crate::dma::{IovaBase, HUGE_PAGE_SIZE};
 use crate::packet::PKT_HEADER_SIZE;
 use crate::packet::{
     PKT_HEADER_LEN, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_VSOCK_F_SEQPACKET,
@@ -53,10 +53,13 @@ pub struct DriverConfig {
     /// the TX pool).
     pub tx_buf_size: u32,
     /// Bytes of DMA memory for payload written and not yet returned by the device, shared by
-    /// every connection (each is bounded by `proto.send_buffer`); rounded down to 64 KiB chunks.
+    /// every connection (each is bounded by `proto.send_buffer`), in 64 KiB chunks. 0: as much
+    /// as a full TX ring of the largest packets carries (`queue_size` x the largest payload).
     pub tx_pool_size: usize,
-    /// RX buffers in the pool that refills the ring (0: twice `queue_size`). Buffers beyond the
-    /// ring hold received payload that readers have not read yet.
+    /// RX buffers in the pool that refills the ring. Buffers beyond the ring hold received
+    /// payload that readers have not read yet. 0: twice `queue_size`, or, where the DMA region
+    /// must be one physically contiguous huge page (VFIO no-IOMMU), as many as fit in it (at
+    /// least `queue_size`).
     pub rx_pool_buffers: usize,
     /// Protocol settings (the local CID is taken from the device).
     pub proto: proto::Config,
@@ -69,7 +72,7 @@ impl Default for DriverConfig {
             queue_size: 256,
             rx_buf_size: 64 * 1024 + PKT_HEADER_LEN,
             tx_buf_size: 64 * 1024 + PKT_HEADER_LEN,
-            tx_pool_size: 16 << 20,
+            tx_pool_size: 0,
             rx_pool_buffers: 0,
             proto: proto::Config::default(),
         }
@@ -222,7 +225,22 @@ impl VsockDriver {
             .min(dev.max_queue_size(RX_QUEUE))
             .min(dev.max_queue_size(TX_QUEUE));
         let ring = usize::from(size);
+        let mut dma_opts = dev.dma_options();
+        let max_tx_payload = (config.tx_buf_size as usize - PKT_HEADER_SIZE).min(TX_CHUNK);
+        let tx_chunks = match config.tx_pool_size {
+            0 => (ring * max_tx_payload).div_ceil(TX_CHUNK),
+            n => n / TX_CHUNK,
+        }
+        .max(1);
+        let ring_bytes = 2 * (64 * 1024) as usize;
+        // Everything but the RX pool (the TX pool may need a chunk of alignment padding).
+        let fixed = ring_bytes + ring * TX_HDR_SLOT + (tx_chunks + 1) * TX_CHUNK + 64 * 1024;
+        let rx_size = config.rx_buf_size as usize;
         let rx_count = match config.rx_pool_buffers {
+            // Physically contiguous memory is one huge page: fill what is left of it.
+            0 if dma_opts.iova == IovaBase::Physical => {
+                (dma_opts.size.saturating_sub(fixed) / rx_size).clamp(ring, 2 * ring)
+            }
             0 => 2 * ring,
             n => n,
         };
@@ -231,19 +249,11 @@ impl VsockDriver {
                 "rx_pool_buffers must fill the ring: expected at least {ring}, found {rx_count}"
             )));
         }
-        let rx_size = config.rx_buf_size as usize;
-        let tx_chunks = (config.tx_pool_size / TX_CHUNK).max(1);
-        let mut dma_opts = dev.dma_options();
-        let ring_bytes = 2 * (64 * 1024) as usize;
         let rx_bytes = rx_count * rx_size;
-        // An RX buffer never crosses a huge page: at most one buffer's worth is skipped per page.
-        let rx_slack = (rx_bytes / HUGE_PAGE_SIZE + 2) * rx_size;
-        let need = ring_bytes
-            + ring * TX_HDR_SLOT
-            + (tx_chunks + 1) * TX_CHUNK
-            + rx_bytes
-            + rx_slack
-            + 64 * 1024;
+        // An RX buffer never crosses a huge page: at most one buffer's worth is skipped at each
+        // page boundary inside the region.
+        let rx_slack = (fixed + rx_bytes) / HUGE_PAGE_SIZE * rx_size;
+        let need = fixed + rx_bytes + rx_slack;
         dma_opts.size = dma_opts.size.max(need.next_multiple_of(HUGE_PAGE_SIZE));
         let dma = Arc::new(DmaRegion::new(&dma_opts)?);
         dev.map_dma(&dma).map_err(&e)?;
@@ -302,7 +312,6 @@ impl VsockDriver {
             pc.ephemeral_first = Some(random_port(&pc.ephemeral_ports));
         }
         pc.seqpacket = negotiated & (1 << VIRTIO_VSOCK_F_SEQPACKET) != 0;
-        let max_tx_payload = (config.tx_buf_size as usize - PKT_HEADER_SIZE).min(TX_CHUNK);
         let endpoint = Endpoint::with_storage(pc, RtStorage::Dma(storage.clone()));
         let rings = DeviceRings {
             dma,

@@ -374,7 +374,10 @@ pub(crate) fn bind_sh_rebinds_vsock_function() -> TestResult {
             bdf: bdf.clone(),
             noiommu: true,
         };
+        // 128-entry queues of 4 KiB payloads: rings, TX pool and RX pool fit one 2 MiB huge
+        // page, which is physically contiguous (no-IOMMU IOVAs are physical addresses).
         let config = DriverConfig {
+            queue_size: 128,
             rx_buf_size: 4096 + 44,
             tx_buf_size: 4096 + 44,
             ..DriverConfig::default()

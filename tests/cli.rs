@@ -571,6 +571,19 @@ fn inspect_sim_json() {
     assert_eq!(v["queues"][0]["name"], "rx");
     assert!(v["queues"][0]["max_size"].as_u64().unwrap() > 0);
     assert_eq!(v["driver_up"], true);
+    // The driver's pools as it came up: the ring full of RX buffers from a larger pool, and
+    // nothing held or copied yet.
+    let stats = &v["driver_stats"];
+    let on_ring = stats["rx_buffers_on_ring"].as_u64().unwrap();
+    assert_eq!(
+        on_ring,
+        v["queues"][0]["driver_size"].as_u64().unwrap(),
+        "{v:#}"
+    );
+    assert!(stats["rx_buffers"].as_u64().unwrap() > on_ring, "{v:#}");
+    assert_eq!(stats["rx_buffers_held"], 0, "{v:#}");
+    assert!(stats["tx_chunks"].as_u64().unwrap() > 0, "{v:#}");
+    assert_eq!(stats["tx_payload_bytes_copied"], 0, "{v:#}");
     assert!(
         v["details"]["host"]
             .as_str()

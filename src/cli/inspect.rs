@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
 use vdpa_vsock::device::{DeviceError, DeviceSpec, VsockDevice, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
-use vdpa_vsock::driver::{wanted_features, DriverConfig, VsockDriver};
+use vdpa_vsock::driver::{wanted_features, DriverConfig, DriverStats, VsockDriver};
 use vdpa_vsock::packet::{
     VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_VSOCK_F_NO_IMPLIED_STREAM, VIRTIO_VSOCK_F_SEQPACKET, VIRTIO_VSOCK_F_STREAM,
@@ -90,7 +90,7 @@ fn inspect_device(
         log::warn!("resetting {name} after probing: {e}");
     }
     drop(dev);
-    let up = VsockDriver::open_with(spec, driver_config(spec)).map(|d| d.local_cid());
+    let up = VsockDriver::open_with(spec, driver_config(spec)).map(|d| (d.local_cid(), d.stats()));
     // Printing stops at a closed stdout, but the device's own failures still decide the exit.
     let printed = (|| -> Result<()> {
         if json_out {
@@ -108,8 +108,9 @@ fn inspect_device(
             if let Some(c) = sysfs {
                 v["sysfs"] = c.to_json();
             }
-            if let Err(e) = &up {
-                v["driver_error"] = json!(format!("{e:#}"));
+            match &up {
+                Ok((_, s)) => v["driver_stats"] = stats_json(s),
+                Err(e) => v["driver_error"] = json!(format!("{e:#}")),
             }
             outln!("{}", serde_json::to_string_pretty(&v)?)?;
         } else {
@@ -144,10 +145,18 @@ fn inspect_device(
             outln!(
                 "driver:      {}",
                 match &up {
-                    Ok(c) => format!("brought up, local CID {c}"),
+                    Ok((c, _)) => format!("brought up, local CID {c}"),
                     Err(e) => format!("failed: {e}"),
                 }
             )?;
+            if let Ok((_, s)) = &up {
+                outln!(
+                    "pools:       RX {} buffers ({} on the ring), TX {} chunks of 64 KiB",
+                    s.rx_buffers,
+                    s.rx_buffers_on_ring,
+                    s.tx_chunks
+                )?;
+            }
         }
         Ok(())
     })();
@@ -155,6 +164,25 @@ fn inspect_device(
     cid.with_context(|| format!("reading guest_cid of {spec}"))?;
     up.with_context(|| format!("bringing the driver up on {spec}"))?;
     printed
+}
+
+/// The driver's counters as JSON (field names as in `DriverStats`).
+pub(crate) fn stats_json(s: &DriverStats) -> Value {
+    json!({
+        "bad_rx_packets": s.bad_rx_packets,
+        "rx_packets": s.rx_packets,
+        "tx_packets": s.tx_packets,
+        "kicks": s.kicks,
+        "interrupts": s.interrupts,
+        "tx_payload_bytes_copied": s.tx_payload_bytes_copied,
+        "rx_payload_bytes_copied": s.rx_payload_bytes_copied,
+        "rx_payload_bytes_copied_out": s.rx_payload_bytes_copied_out,
+        "rx_buffers": s.rx_buffers,
+        "rx_buffers_on_ring": s.rx_buffers_on_ring,
+        "rx_buffers_held": s.rx_buffers_held,
+        "tx_chunks": s.tx_chunks,
+        "tx_chunks_in_use": s.tx_chunks_in_use,
+    })
 }
 
 /// The driver settings `inspect` brings the driver up with: the defaults, except for VFIO in

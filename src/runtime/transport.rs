@@ -49,6 +49,8 @@ pub struct DriverStats {
     pub rx_payload_bytes_copied_out: u64,
     /// RX buffers in the pool (the ring holds at most `queue_size` of them).
     pub rx_buffers: u64,
+    /// RX buffers posted on the ring.
+    pub rx_buffers_on_ring: u64,
     /// RX buffers holding received payload not yet read (off the ring).
     pub rx_buffers_held: u64,
     /// TX chunks in the pool.
@@ -175,6 +177,7 @@ impl DriverTransport {
             rx_payload_bytes_copied: c.rx_copied.load(Relaxed),
             rx_payload_bytes_copied_out: c.rx_copied_out.load(Relaxed),
             rx_buffers: self.storage.rx_pool.capacity() as u64,
+            rx_buffers_on_ring: on_ring as u64,
             rx_buffers_held: self.storage.rx_pool.held().saturating_sub(on_ring) as u64,
             tx_chunks: self.storage.tx_pool.capacity() as u64,
             tx_chunks_in_use: self.storage.tx_pool.in_use() as u64,

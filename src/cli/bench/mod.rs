@@ -186,8 +186,23 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
     let consumed = || sim::discarded(host.as_ref(), peer.sink);
     {
         let step = steps.start(&format!("one-way: {ours}"), Unit::Bytes(shape.bytes));
+        let before = driver.stats();
         let d = work::one_way_vsock(&driver, peer.sink, shape, &step, consumed)?;
-        rows.push(Row::new(one_way, &ours, gbits(shape.bytes, d), "Gbit/s"));
+        let s = driver.stats();
+        let copied = s.tx_payload_bytes_copied - before.tx_payload_bytes_copied;
+        let packets = s.tx_packets - before.tx_packets;
+        let kicks = s.kicks - before.kicks;
+        notes.push(format!(
+            "{ours} one-way: the driver copied {:.2} bytes per payload byte sent, {packets} packets, {kicks} kicks, {} interrupts",
+            copied as f64 / shape.bytes as f64,
+            s.interrupts - before.interrupts
+        ));
+        let row = Row::new(one_way, &ours, gbits(shape.bytes, d), "Gbit/s")
+            .with("tx_payload_bytes_copied", copied)
+            .with("tx_packets", packets)
+            .with("kicks", kicks)
+            .with("interrupts", s.interrupts - before.interrupts);
+        rows.push(row);
     }
     {
         let what = format!("one-way: {ours}, {parallel} connections");

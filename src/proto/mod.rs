@@ -546,27 +546,11 @@ impl<S: Storage> Endpoint<S> {
     /// Copy as much of `data` as fits into the send buffer (stream sockets). `Ok(0)` means the
     /// buffer is full: wait for [`Event::Writable`].
     pub fn send(&mut self, now: Instant, c: ConnId, data: &[u8]) -> Result<usize, ProtoError> {
-        let _ = now;
-        let send_buffer = self.config.send_buffer;
-        let conn = self.conn_of_type(
-            c,
-            SocketType::Stream,
-            "send on a seqpacket socket; use send_msg",
-        )?;
-        Self::check_sendable(conn)?;
-        let n = conn.tx_space(send_buffer).min(data.len());
-        if n == 0 {
-            conn.writable_wanted = !data.is_empty();
-            return Ok(0);
-        }
-        let n = conn.tx.append(&data[..n]);
-        if n == 0 {
-            // The storage is exhausted: space frees as sent packets complete.
-            conn.writable_wanted = true;
-            return Ok(0);
-        }
-        self.schedule(c);
-        Ok(n)
+        // Storage may take less than the room (exhausted): then space frees as sent packets
+        // complete.
+        self.send_with(now, c, data.len(), |tx, room| {
+            tx.append(&data[..room]);
+        })
     }
 
     /// The connection `c`, which a call for socket type `ty` is about to use (`misuse` says why
@@ -623,6 +607,73 @@ impl<S: Storage> Endpoint<S> {
             return Ok(0);
         }
         Self::rx_end(conn).map(|()| 0)
+    }
+
+    /// Queue stream data in place: `fill` gets the send queue and the room (at most `max`
+    /// bytes, within the send buffer) and appends up to that many bytes its own way (the
+    /// zero-copy path: the caller writes straight into the queue's storage); returns how many
+    /// it appended. `Ok(0)` with `max > 0` means no room: wait for [`Event::Writable`].
+    pub fn send_with(
+        &mut self,
+        now: Instant,
+        c: ConnId,
+        max: usize,
+        fill: impl FnOnce(&mut S::Tx, usize),
+    ) -> Result<usize, ProtoError> {
+        let _ = now;
+        let send_buffer = self.config.send_buffer;
+        let conn = self.conn_of_type(
+            c,
+            SocketType::Stream,
+            "send on a seqpacket socket; use send_msg",
+        )?;
+        Self::check_sendable(conn)?;
+        let room = conn.tx_space(send_buffer).min(max);
+        if room == 0 {
+            conn.writable_wanted = max > 0;
+            return Ok(0);
+        }
+        let before = conn.tx.len();
+        fill(&mut conn.tx, room);
+        let added = conn.tx.len().saturating_sub(before);
+        if added > room {
+            // The owner broke the contract; the send buffer's bound no longer holds.
+            log::error!("{c}: send_with's fill added {added} bytes, room was {room}");
+            debug_assert!(added <= room, "fill added more than the room");
+        }
+        if added == 0 {
+            conn.writable_wanted = true;
+            return Ok(0);
+        }
+        self.schedule(c);
+        Ok(added)
+    }
+
+    /// Read stream data in place: when data is buffered, `take` gets the receive queue and
+    /// removes what it consumed its own way (the zero-copy path); returns `Some` of its result
+    /// and the bytes it consumed. `Ok(None)` at end of stream; `Err(WouldBlock)` when nothing
+    /// is buffered yet.
+    pub fn recv_with<R>(
+        &mut self,
+        now: Instant,
+        c: ConnId,
+        take: impl FnOnce(&mut S::Rx) -> R,
+    ) -> Result<Option<(R, usize)>, ProtoError> {
+        let _ = now;
+        let conn = self.conn_to_read(
+            c,
+            SocketType::Stream,
+            "recv on a seqpacket socket; use recv_msg",
+        )?;
+        if !conn.rx.is_empty() {
+            let before = conn.rx.len();
+            let r = take(&mut conn.rx);
+            let n = before.saturating_sub(conn.rx.len());
+            Self::consumed(conn, n);
+            self.schedule(c);
+            return Ok(Some((r, n)));
+        }
+        Self::rx_end(conn).map(|()| None)
     }
 
     /// Consume up to `max` buffered stream bytes without reading them (a sink's way to read):

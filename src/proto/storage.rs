@@ -139,6 +139,35 @@ impl HeapBuf {
         }
     }
 
+    /// Zero-copy append: `f` gets up to `room` zeroed bytes at the back (one or two pieces,
+    /// in order), fills them and returns how many bytes (from the first piece on) to keep.
+    pub fn fill_with(&mut self, room: usize, f: impl FnOnce(Vec<&mut [u8]>) -> usize) -> usize {
+        let old = self.0.len();
+        self.0.resize(old + room, 0);
+        let (a, b) = self.0.as_mut_slices();
+        let pieces = if old >= a.len() {
+            vec![&mut b[old - a.len()..]]
+        } else {
+            let n = room.min(b.len());
+            vec![&mut a[old..], &mut b[..n]]
+        };
+        let pieces: Vec<&mut [u8]> = pieces.into_iter().filter(|p| !p.is_empty()).collect();
+        let kept = f(pieces).min(room);
+        self.0.truncate(old + kept);
+        kept
+    }
+
+    /// Zero-copy read: `f` gets the queued bytes (one or two pieces, in order) and returns how
+    /// many (from the first piece on) it consumed; those are dropped. Returns that count.
+    pub fn take_in_place(&mut self, f: impl FnOnce(Vec<&mut [u8]>) -> usize) -> usize {
+        let len = self.0.len();
+        let (a, b) = self.0.as_mut_slices();
+        let pieces: Vec<&mut [u8]> = [a, b].into_iter().filter(|p| !p.is_empty()).collect();
+        let n = f(pieces).min(len);
+        self.0.drain(..n);
+        n
+    }
+
     /// Hand the first `n` bytes to `f` (once, or twice where the deque wraps, with their offset)
     /// and drop them: the send side's way out to memory the caller cannot borrow as a slice.
     ///

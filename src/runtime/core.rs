@@ -22,6 +22,7 @@ use super::storage::RtStorage;
 use super::transport::DriverStats;
 use crate::packet::{ShutdownFlags, SocketType};
 use crate::proto::{ConnId, Endpoint, Event, ListenerId, ProtoError};
+use vm_memory::VolatileSlice;
 
 /// The endpoint of a core: payload in DMA memory (a driver) or on the heap (the sim's host).
 pub(crate) type RtEndpoint = Endpoint<RtStorage>;
@@ -519,6 +520,160 @@ impl Core {
                 }
                 Err(ProtoError::WouldBlock) => None,
                 Err(e) => Some(Err(to_io(e))),
+            }
+        })
+    }
+
+    /// Blocking vectored read: waits for data (or EOF, or an error) like [`Core::read`], then
+    /// fills the buffers in order under one hold of the lock.
+    pub(crate) fn read_vectored(
+        self: &Arc<Self>,
+        c: ConnId,
+        bufs: &mut [io::IoSliceMut<'_>],
+        deadline: Option<Instant>,
+    ) -> io::Result<usize> {
+        if bufs.iter().all(|b| b.is_empty()) {
+            return Ok(0);
+        }
+        let mut st = self.lock();
+        let cv = Core::conn_cv(&mut st, c);
+        let this = self.clone();
+        self.wait_until(st, &cv, deadline, |st| {
+            let now = Instant::now();
+            let mut total = 0;
+            for buf in bufs.iter_mut().filter(|b| !b.is_empty()) {
+                match st.ep.recv(now, c, buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        total += n;
+                        if n < buf.len() {
+                            break;
+                        }
+                    }
+                    Err(_) if total > 0 => break,
+                    Err(e) => return Core::read_error(st, c, e),
+                }
+            }
+            if total > 0 {
+                this.kick(st);
+            }
+            Some(Ok(total))
+        })
+    }
+
+    /// Blocking vectored write of every buffer (returns once all of it is queued), with one
+    /// transport round per wait instead of one per buffer.
+    pub(crate) fn write_vectored(
+        self: &Arc<Self>,
+        c: ConnId,
+        bufs: &[io::IoSlice<'_>],
+        deadline: Option<Instant>,
+    ) -> io::Result<usize> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let (mut i, mut off) = (0, 0);
+        let mut st = self.lock();
+        let cv = Core::conn_cv(&mut st, c);
+        let this = self.clone();
+        self.wait_until(st, &cv, deadline, |st| {
+            if st.reset.contains_key(&c) {
+                return Some(Err(to_io(ProtoError::ConnectionReset)));
+            }
+            let now = Instant::now();
+            let mut sent = false;
+            let r = loop {
+                let Some(buf) = bufs.get(i) else {
+                    break Some(Ok(total));
+                };
+                if off == buf.len() {
+                    (i, off) = (i + 1, 0);
+                    continue;
+                }
+                match st.ep.send(now, c, &buf[off..]) {
+                    Ok(0) | Err(ProtoError::WouldBlock) => break None,
+                    Ok(n) => {
+                        off += n;
+                        sent = true;
+                    }
+                    Err(e) => break Some(Err(to_io(e))),
+                }
+            };
+            if sent {
+                this.kick(st);
+            }
+            r
+        })
+    }
+
+    /// Blocking zero-copy write: waits for room in the send buffer, then `fill` writes up to
+    /// `max` bytes straight into the connection's send storage (DMA memory on a driver) and
+    /// says how many; they are queued. Runs `fill` under the core's lock, once.
+    pub(crate) fn send_with(
+        self: &Arc<Self>,
+        c: ConnId,
+        max: usize,
+        deadline: Option<Instant>,
+        fill: impl FnOnce(&[VolatileSlice<'_, ()>]) -> usize,
+    ) -> io::Result<usize> {
+        if max == 0 {
+            return Ok(0);
+        }
+        let mut fill = Some(fill);
+        let mut st = self.lock();
+        let cv = Core::conn_cv(&mut st, c);
+        let this = self.clone();
+        self.wait_until(st, &cv, deadline, |st| {
+            if st.reset.contains_key(&c) {
+                return Some(Err(to_io(ProtoError::ConnectionReset)));
+            }
+            let r = st.ep.send_with(Instant::now(), c, max, |tx, room| {
+                if let Some(f) = fill.take() {
+                    // The pool is empty: keep `fill` for when chunks come back.
+                    fill = tx.fill_with(room, f).err();
+                }
+            });
+            match r {
+                // No room in the send buffer, or no DMA memory in the pool: `fill` waits.
+                Ok(0) if fill.is_some() => None,
+                Ok(n) => {
+                    if n > 0 {
+                        this.kick(st);
+                    }
+                    Some(Ok(n))
+                }
+                Err(ProtoError::WouldBlock) => None,
+                Err(e) => Some(Err(to_io(e))),
+            }
+        })
+    }
+
+    /// Blocking zero-copy read: waits for data, then `take` sees the received payload where it
+    /// lies (DMA memory on a driver) and says how many bytes it consumed. `Ok(0)` at end of
+    /// stream, without calling `take`. Runs `take` under the core's lock, once.
+    pub(crate) fn recv_with(
+        self: &Arc<Self>,
+        c: ConnId,
+        deadline: Option<Instant>,
+        take: impl FnOnce(&[VolatileSlice<'_, ()>]) -> usize,
+    ) -> io::Result<usize> {
+        let mut take = Some(take);
+        let mut st = self.lock();
+        let cv = Core::conn_cv(&mut st, c);
+        let this = self.clone();
+        self.wait_until(st, &cv, deadline, |st| {
+            let r = st.ep.recv_with(Instant::now(), c, |rx| {
+                if let Some(f) = take.take() {
+                    rx.with_slices(f);
+                }
+            });
+            match r {
+                Ok(Some(((), n))) => {
+                    if n > 0 {
+                        this.kick(st);
+                    }
+                    Some(Ok(n))
+                }
+                Ok(None) => Some(Ok(0)),
+                Err(e) => Core::read_error(st, c, e),
             }
         })
     }

@@ -245,6 +245,77 @@ impl DmaTx {
     }
 }
 
+impl DmaTx {
+    /// Zero-copy append: `f` gets up to `room` bytes of free DMA memory at the back of the
+    /// queue, as slices in order (fewer when the pool is short), writes into them and returns
+    /// how many bytes (from the first slice on) it filled; those join the queue. Returns that
+    /// count, or `f` back, uncalled, when the pool has no memory at all.
+    pub(crate) fn fill_with<F>(&mut self, room: usize, f: F) -> Result<usize, F>
+    where
+        F: FnOnce(&[VolatileSlice<'_, ()>]) -> usize,
+    {
+        // Chunks enough for `room` (as many as the pool gives).
+        let mut have = self.tail_room();
+        let mut added = 0;
+        while have < room {
+            let Some(c) = self.pool.alloc() else {
+                break;
+            };
+            self.chunks.push_back((c, 0, 0));
+            added += 1;
+            have += TX_CHUNK;
+        }
+        let room = room.min(have);
+        if room == 0 {
+            return Err(f);
+        }
+        let mut slices = Vec::new();
+        let mut left = room;
+        for (chunk, _, end) in self.chunks.iter().filter(|&&(_, _, end)| end < TX_CHUNK) {
+            if left == 0 {
+                break;
+            }
+            let n = (TX_CHUNK - end).min(left);
+            match dma_slice(&self.pool.mem, chunk.addr(*end), n) {
+                Ok(s) => slices.push(s),
+                Err(e) => {
+                    log::error!("TX chunk out of the DMA region: {e}");
+                    break;
+                }
+            }
+            left -= n;
+        }
+        let offered: usize = slices.iter().map(|s| s.len()).sum();
+        let filled = f(&slices).min(offered);
+        drop(slices);
+        // Commit in order.
+        let mut left = filled;
+        for (_, _, end) in self
+            .chunks
+            .iter_mut()
+            .filter(|&&mut (_, _, end)| end < TX_CHUNK)
+        {
+            if left == 0 {
+                break;
+            }
+            let n = (TX_CHUNK - *end).min(left);
+            *end += n;
+            left -= n;
+        }
+        self.len += filled;
+        // Give back the chunks taken for this call that stayed empty.
+        for _ in 0..added {
+            match self.chunks.back() {
+                Some(&(_, 0, 0)) => {
+                    self.chunks.pop_back();
+                }
+                _ => break,
+            }
+        }
+        Ok(filled)
+    }
+}
+
 impl TxBuf for DmaTx {
     fn len(&self) -> usize {
         self.len
@@ -490,6 +561,39 @@ impl DmaRx {
         drop(buf);
     }
 
+    /// Zero-copy read: `f` gets the queued payload as slices in order (DMA memory where the
+    /// device wrote it, or heap tails) and returns how many bytes (from the first slice on) it
+    /// consumed; those leave the queue (their buffers return to the pool). Returns that count.
+    pub(crate) fn with_slices(
+        &mut self,
+        f: impl FnOnce(&[VolatileSlice<'_, ()>]) -> usize,
+    ) -> usize {
+        let mem = &self.pool.mem;
+        let mut slices = Vec::with_capacity(self.segs.len());
+        for seg in self.segs.iter_mut() {
+            match seg {
+                RxSeg::Dma { buf, offset, len } => {
+                    let addr = GuestAddress(buf.addr().0 + *offset as u64);
+                    match dma_slice(mem, addr, *len) {
+                        Ok(s) => slices.push(s),
+                        Err(e) => {
+                            log::error!("RX buffer out of the DMA region: {e}");
+                            break;
+                        }
+                    }
+                }
+                RxSeg::Heap { data, start } => {
+                    slices.push(VolatileSlice::from(&mut data[*start..]))
+                }
+            }
+        }
+        let offered: usize = slices.iter().map(|s| s.len()).sum();
+        let n = f(&slices).min(offered);
+        drop(slices);
+        self.discard(n);
+        n
+    }
+
     /// Segments queued (tests).
     #[cfg(test)]
     fn segments(&self) -> usize {
@@ -652,7 +756,40 @@ impl RtTx {
     }
 }
 
+impl RtTx {
+    /// Zero-copy append of up to `room` bytes (see [`DmaTx::fill_with`]); the heap queue
+    /// offers zeroed room at its back.
+    pub(crate) fn fill_with<F>(&mut self, room: usize, f: F) -> Result<usize, F>
+    where
+        F: FnOnce(&[VolatileSlice<'_, ()>]) -> usize,
+    {
+        match self {
+            RtTx::Dma(q) => q.fill_with(room, f),
+            RtTx::Heap(q) => Ok(q.fill_with(room, |pieces| {
+                let slices: Vec<VolatileSlice<'_, ()>> =
+                    pieces.into_iter().map(VolatileSlice::from).collect();
+                f(&slices)
+            })),
+        }
+    }
+}
+
 impl RtRx {
+    /// Zero-copy read of the queued payload (see [`DmaRx::with_slices`]).
+    pub(crate) fn with_slices(
+        &mut self,
+        f: impl FnOnce(&[VolatileSlice<'_, ()>]) -> usize,
+    ) -> usize {
+        match self {
+            RtRx::Dma(q) => q.with_slices(f),
+            RtRx::Heap(q) => q.take_in_place(|pieces| {
+                let slices: Vec<VolatileSlice<'_, ()>> =
+                    pieces.into_iter().map(VolatileSlice::from).collect();
+                f(&slices)
+            }),
+        }
+    }
+
     /// The DMA queue (a driver's connection).
     pub(crate) fn as_dma(&mut self) -> Option<&mut DmaRx> {
         match self {

@@ -117,8 +117,6 @@ pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(8);
 /// 1023; we walk the range with a cursor from its start instead (no randomness in a sans-IO
 /// core), which also delays reuse of a recently closed port.
 pub const DEFAULT_EPHEMERAL_PORTS: RangeInclusive<u32> = 49152..=65535;
-/// Default limit of connections in the table (including closed ones not yet released).
-pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// At most this many `RST`s for unknown connections wait to be sent; more are dropped (and
 /// counted in [`Stats::rst_dropped`]) so a flood cannot grow memory.
 pub const MAX_PENDING_UNKNOWN_RST: usize = 256;
@@ -146,7 +144,10 @@ pub struct Config {
     /// `ephemeral_ports` starts at its beginning. Drivers randomise it, as Linux does, so that a
     /// process reopening a device does not reuse the ports a previous one left half-closed.
     pub ephemeral_first: Option<u32>,
-    /// Most connections in the table at once.
+    /// Most connections in the table at once (including closed ones not yet released); more
+    /// `connect`s fail with [`ProtoError::TooManyConnections`] and more `REQUEST`s get `RST`.
+    /// The default, `usize::MAX`, is no limit but memory, as in Linux; every per-operation cost
+    /// of the endpoint is independent of the number of connections (O(1) or O(log n)).
     pub max_connections: usize,
 }
 
@@ -162,7 +163,7 @@ impl Default for Config {
             seqpacket: false,
             ephemeral_ports: DEFAULT_EPHEMERAL_PORTS,
             ephemeral_first: None,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections: usize::MAX,
         }
     }
 }

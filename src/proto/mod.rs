@@ -90,7 +90,7 @@ pub mod storage;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
@@ -321,6 +321,60 @@ struct Listener {
 /// `(local port, peer CID, peer port)`.
 type Key = (u32, u64, u32);
 
+/// The connections' deadlines (connect and close timeouts) in time order, so that
+/// [`Endpoint::poll_timeout`] reads the first one and [`Endpoint::handle_timeout`] visits only
+/// the expired ones, however many connections there are. `Conn::deadline` is the table (one
+/// `Option<Instant>` per connection) and this is its index: [`Timers::set`] is the only place
+/// either changes, so they cannot disagree.
+#[derive(Debug, Default)]
+struct Timers {
+    /// `(deadline, connection)`; a connection is in here at most once, with its `deadline`.
+    by_time: BTreeSet<(Instant, ConnId)>,
+}
+
+impl Timers {
+    /// Arm (`Some`) or clear (`None`) the deadline of `conn`, in the connection and the index.
+    fn set<S: Storage>(&mut self, conn: &mut Conn<S>, deadline: Option<Instant>) {
+        if conn.deadline == deadline {
+            return;
+        }
+        if let Some(old) = conn.deadline {
+            self.by_time.remove(&(old, conn.id));
+        }
+        if let Some(new) = deadline {
+            self.by_time.insert((new, conn.id));
+        }
+        conn.deadline = deadline;
+    }
+
+    /// The earliest deadline.
+    fn next(&self) -> Option<Instant> {
+        self.by_time.first().map(|&(at, _)| at)
+    }
+
+    /// The connection whose deadline is the earliest, if it is not after `now`.
+    fn first_expired(&self, now: Instant) -> Option<ConnId> {
+        self.by_time
+            .first()
+            .filter(|&&(at, _)| at <= now)
+            .map(|&(_, id)| id)
+    }
+
+    /// Drop the earliest entry (one whose connection is gone).
+    fn discard_first(&mut self) {
+        self.by_time.pop_first();
+    }
+
+    /// Is `(at, id)` in the index (for the invariant check)?
+    fn contains(&self, at: Instant, id: ConnId) -> bool {
+        self.by_time.contains(&(at, id))
+    }
+
+    fn len(&self) -> usize {
+        self.by_time.len()
+    }
+}
+
 /// The protocol engine for one vsock device (one local CID). Payload bytes live in the queues
 /// of `S` ([`storage`]); the engine only counts them.
 pub struct Endpoint<S: Storage = HeapStorage> {
@@ -339,6 +393,8 @@ pub struct Endpoint<S: Storage = HeapStorage> {
     next_ephemeral: u32,
     /// Connections that may have packets to send, round robin.
     ready: VecDeque<ConnId>,
+    /// Every connection's deadline, ordered: the index of `Conn::deadline`.
+    timers: Timers,
     /// `RST`s for our own connections taken off the wire, sent first.
     control: VecDeque<Header>,
     /// `RST`s answering packets for unknown connections (bounded).
@@ -424,6 +480,7 @@ impl<S: Storage> Endpoint<S> {
             next_listener: 0,
             next_ephemeral,
             ready: VecDeque::new(),
+            timers: Timers::default(),
             control: VecDeque::new(),
             unknown_rst: VecDeque::new(),
             events: VecDeque::new(),
@@ -480,7 +537,8 @@ impl<S: Storage> Endpoint<S> {
         );
         conn.bound = true;
         conn.pending.request = true;
-        conn.deadline = Some(now + self.config.connect_timeout);
+        self.timers
+            .set(&mut conn, Some(now + self.config.connect_timeout));
         self.insert_conn(conn);
         self.schedule(id);
         Ok(id)
@@ -773,7 +831,7 @@ impl<S: Storage> Endpoint<S> {
                     conn.tx.clear();
                     conn.tx_msgs.clear();
                 }
-                conn.deadline = Some(now + self.config.close_timeout);
+                self.timers.set(conn, Some(now + self.config.close_timeout));
                 self.schedule(c);
             }
         }
@@ -872,7 +930,7 @@ impl<S: Storage> Endpoint<S> {
             (ConnState::Connecting, Op::Response) => {
                 conn.credit.on_handshake(hdr.buf_alloc, hdr.fwd_cnt);
                 conn.state = ConnState::Connected;
-                conn.deadline = None;
+                self.timers.set(conn, None);
                 self.events.push_back(Event::Connected(id));
             }
             (ConnState::Connecting, _) => self.stats.dropped_invalid += 1,
@@ -891,18 +949,16 @@ impl<S: Storage> Endpoint<S> {
     }
 
     /// Fire expired timers (connect and close deadlines). Calling it again is harmless.
+    /// Only the expired timers are touched, earliest first (ties in `ConnId` order).
     pub fn handle_timeout(&mut self, now: Instant) {
-        let expired: Vec<ConnId> = self
-            .conns
-            .values()
-            .filter(|c| c.deadline.is_some_and(|d| d <= now))
-            .map(|c| c.id)
-            .collect();
-        for id in expired {
+        while let Some(id) = self.timers.first_expired(now) {
             let Some(conn) = self.conns.get_mut(&id) else {
+                // Unreachable: a released connection's deadline left the index with it.
+                debug_assert!(false, "{id}: timer of a released connection");
+                self.timers.discard_first();
                 continue;
             };
-            conn.deadline = None;
+            self.timers.set(conn, None);
             match conn.state {
                 ConnState::Connecting => {
                     self.stats.connect_timeouts += 1;
@@ -1051,7 +1107,7 @@ impl<S: Storage> Endpoint<S> {
     /// When `handle_timeout` should next be called.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.conns.values().filter_map(|c| c.deadline).min()
+        self.timers.next()
     }
 
     /// The next event for the user.
@@ -1098,9 +1154,22 @@ impl<S: Storage> Endpoint<S> {
             if conn.in_table != (self.keys.get(&key) == Some(&id)) {
                 return Err(format!("{id}: key table disagrees"));
             }
+            if conn
+                .deadline
+                .is_some_and(|at| !self.timers.contains(at, id))
+            {
+                return Err(format!("{id}: deadline missing from the timer index"));
+            }
         }
         if self.keys.len() > self.conns.len() {
             return Err("more keys than connections".into());
+        }
+        let armed = self.conns.values().filter(|c| c.deadline.is_some()).count();
+        if self.timers.len() != armed {
+            return Err(format!(
+                "timer index holds {} entries, {armed} connections have a deadline",
+                self.timers.len()
+            ));
         }
         Ok(())
     }
@@ -1221,7 +1290,7 @@ impl<S: Storage> Endpoint<S> {
             return;
         }
         conn.in_table = false;
-        conn.deadline = None;
+        self.timers.set(conn, None);
         conn.pending = conn::Pending::default();
         let (port, bound) = (conn.local_port, conn.bound);
         self.keys.remove(&(port, conn.peer_cid, conn.peer_port));
@@ -1257,7 +1326,8 @@ impl<S: Storage> Endpoint<S> {
     /// Forget the connection; `notify` emits [`Event::Closed`].
     fn release(&mut self, id: ConnId, notify: bool) {
         self.unlink(id);
-        if let Some(conn) = self.conns.remove(&id) {
+        if let Some(mut conn) = self.conns.remove(&id) {
+            self.timers.set(&mut conn, None);
             if let Some(l) = conn.listener {
                 if let Some(listener) = self.listeners.get_mut(&l) {
                     listener.queue.retain(|&c| c != id);

@@ -314,8 +314,9 @@ struct Listener {
     port: u32,
     ty: SocketType,
     backlog: usize,
-    /// Established connections not yet accepted.
-    queue: VecDeque<ConnId>,
+    /// Established connections not yet accepted, oldest first (`ConnId`s only grow, so their
+    /// order is the order of arrival); a set, so that one leaving early costs O(log n).
+    queue: BTreeSet<ConnId>,
 }
 
 /// `(local port, peer CID, peer port)`.
@@ -569,7 +570,7 @@ impl<S: Storage> Endpoint<S> {
                 port,
                 ty,
                 backlog,
-                queue: VecDeque::new(),
+                queue: BTreeSet::new(),
             },
         );
         self.listener_ports.insert(port, id);
@@ -595,7 +596,7 @@ impl<S: Storage> Endpoint<S> {
     /// The next established connection waiting on `l`. Data may already be buffered on it
     /// (no [`Event::Readable`] is sent for connections not yet accepted): try `recv` at once.
     pub fn accept(&mut self, l: ListenerId) -> Option<ConnId> {
-        let id = self.listeners.get_mut(&l)?.queue.pop_front()?;
+        let id = self.listeners.get_mut(&l)?.queue.pop_first()?;
         if let Some(conn) = self.conns.get_mut(&id) {
             conn.listener = None;
         }
@@ -1330,7 +1331,7 @@ impl<S: Storage> Endpoint<S> {
             self.timers.set(&mut conn, None);
             if let Some(l) = conn.listener {
                 if let Some(listener) = self.listeners.get_mut(&l) {
-                    listener.queue.retain(|&c| c != id);
+                    listener.queue.remove(&id);
                 }
             }
             if notify && conn.listener.is_none() {
@@ -1399,7 +1400,7 @@ impl<S: Storage> Endpoint<S> {
         conn.listener = Some(l);
         self.insert_conn(conn);
         if let Some(listener) = self.listeners.get_mut(&l) {
-            listener.queue.push_back(id);
+            listener.queue.insert(id);
         }
         self.events.push_back(Event::Incoming(l));
         self.schedule(id);

@@ -1251,3 +1251,30 @@ fn poll_timeout_follows_close_abort_and_connected() {
     assert_eq!(p.a.stats().connect_timeouts + p.a.stats().close_timeouts, 0);
     p.check();
 }
+
+#[test]
+fn accept_queue_is_fifo_and_drops_a_reset_connection() {
+    let mut p = Pair::new();
+    let now = p.now;
+    let l = p.b.listen(PORT, 16, SocketType::Stream).unwrap();
+    let ca: Vec<ConnId> = (0..3)
+        .map(|_| {
+            p.a.connect(now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+                .unwrap()
+        })
+        .collect();
+    p.shuttle();
+    p.a.abort(now, ca[1]); // its RST takes it out of B's accept queue
+    p.shuttle();
+    let first = p.b.accept(l).unwrap();
+    let third = p.b.accept(l).unwrap();
+    assert_eq!(p.b.accept(l), None);
+    assert_eq!(
+        p.b.peer_addr(first).unwrap().1,
+        p.a.local_port(ca[0]).unwrap()
+    );
+    assert_eq!(
+        p.b.peer_addr(third).unwrap().1,
+        p.a.local_port(ca[2]).unwrap()
+    );
+}

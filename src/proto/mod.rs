@@ -1058,14 +1058,6 @@ impl<S: Storage> Endpoint<S> {
                 }
                 continue;
             };
-            if conn.writable_wanted
-                && h.len > 0
-                && conn.tx_space(self.config.send_buffer) > 0
-                && conn.tx_open()
-            {
-                conn.writable_wanted = false;
-                self.events.push_back(Event::Writable(id));
-            }
             let r = if h.len > 0 {
                 let before = conn.tx.len();
                 let r = emit(&h, Some(&mut conn.tx));
@@ -1082,6 +1074,16 @@ impl<S: Storage> Endpoint<S> {
             } else {
                 emit(&h, None)
             };
+            // After the payload left: a full buffer has room only now (checked before, a
+            // buffer that one packet empties would never say Writable).
+            if conn.writable_wanted
+                && h.len > 0
+                && conn.tx_space(self.config.send_buffer) > 0
+                && conn.tx_open()
+            {
+                conn.writable_wanted = false;
+                self.events.push_back(Event::Writable(id));
+            }
             if conn.wants_transmit() {
                 self.ready.push_back(id);
             } else {

@@ -1278,3 +1278,19 @@ fn accept_queue_is_fifo_and_drops_a_reset_connection() {
         p.a.local_port(ca[2]).unwrap()
     );
 }
+
+#[test]
+fn writable_when_one_packet_empties_a_full_send_buffer() {
+    let a_cfg = Config {
+        send_buffer: 1000,
+        ..cfg(GUEST_CID)
+    };
+    let mut p = Pair::with(a_cfg, cfg(VMADDR_CID_HOST));
+    let (ca, _cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    assert_eq!(p.a.send(now, ca, &pattern(0, 1000)), Ok(1000));
+    assert_eq!(p.a.send(now, ca, b"more"), Ok(0)); // full: Writable is owed
+    let out = p.pump(Side::A, true);
+    assert_eq!(out.iter().map(|h| h.len).collect::<Vec<_>>(), vec![1000]);
+    assert_eq!(p.events(Side::A), vec![Event::Writable(ca)]);
+}

@@ -30,7 +30,9 @@
 //!    when [`Endpoint::poll_timeout`]'s deadline passed, [`Endpoint::handle_transport_reset`],
 //!    and the user calls (`connect`, `send`, `recv`, `close`, ...);
 //! 2. [`Endpoint::poll_transmit`] until it returns `None`, putting each packet on the TX queue;
-//! 3. [`Endpoint::poll_event`] until it returns `None`;
+//! 3. [`Endpoint::poll_event`] until it returns `None` (and [`Endpoint::poll_ready`], the
+//!    connections those events name, for an owner that asked for it with
+//!    [`Endpoint::track_ready`]);
 //! 4. [`Endpoint::poll_timeout`] to arm the next wake-up.
 //!
 //! ```
@@ -322,6 +324,33 @@ struct Listener {
 /// `(local port, peer CID, peer port)`.
 type Key = (u32, u64, u32);
 
+/// The events for the user and, when asked for ([`Endpoint::track_ready`]), the connections
+/// they name, for a second consumer that only wants to know which connections to look at.
+#[derive(Debug, Default)]
+struct Events {
+    queue: VecDeque<Event>,
+    /// `Some` once [`Endpoint::track_ready`] was called.
+    ready: Option<VecDeque<ConnId>>,
+}
+
+impl Events {
+    fn push(&mut self, ev: Event) {
+        if let Some(ready) = &mut self.ready {
+            match ev {
+                Event::Connected(c)
+                | Event::ConnectFailed(c, _)
+                | Event::Readable(c)
+                | Event::Writable(c)
+                | Event::PeerShutdown(c, _)
+                | Event::Reset(c)
+                | Event::Closed(c) => ready.push_back(c),
+                Event::Incoming(_) => {}
+            }
+        }
+        self.queue.push_back(ev);
+    }
+}
+
 /// The connections' deadlines (connect and close timeouts) in time order, so that
 /// [`Endpoint::poll_timeout`] reads the first one and [`Endpoint::handle_timeout`] visits only
 /// the expired ones, however many connections there are. `Conn::deadline` is the table (one
@@ -400,7 +429,7 @@ pub struct Endpoint<S: Storage = HeapStorage> {
     control: VecDeque<Header>,
     /// `RST`s answering packets for unknown connections (bounded).
     unknown_rst: VecDeque<Header>,
-    events: VecDeque<Event>,
+    events: Events,
     stats: Stats,
 }
 
@@ -484,7 +513,7 @@ impl<S: Storage> Endpoint<S> {
             timers: Timers::default(),
             control: VecDeque::new(),
             unknown_rst: VecDeque::new(),
-            events: VecDeque::new(),
+            events: Events::default(),
             stats: Stats::default(),
         }
     }
@@ -932,7 +961,7 @@ impl<S: Storage> Endpoint<S> {
                 conn.credit.on_handshake(hdr.buf_alloc, hdr.fwd_cnt);
                 conn.state = ConnState::Connected;
                 self.timers.set(conn, None);
-                self.events.push_back(Event::Connected(id));
+                self.events.push(Event::Connected(id));
             }
             (ConnState::Connecting, _) => self.stats.dropped_invalid += 1,
             (_, Op::Rw) => self.on_rw(id, hdr, keep),
@@ -966,7 +995,7 @@ impl<S: Storage> Endpoint<S> {
                     self.send_rst_and_unlink(id);
                     self.fail(id, ProtoError::TimedOut);
                     self.events
-                        .push_back(Event::ConnectFailed(id, ProtoError::TimedOut));
+                        .push(Event::ConnectFailed(id, ProtoError::TimedOut));
                 }
                 ConnState::Closing => {
                     self.stats.close_timeouts += 1;
@@ -1009,12 +1038,12 @@ impl<S: Storage> Endpoint<S> {
                     self.unlink(id);
                     self.fail(id, ProtoError::ConnectionReset);
                     self.events
-                        .push_back(Event::ConnectFailed(id, ProtoError::ConnectionReset));
+                        .push(Event::ConnectFailed(id, ProtoError::ConnectionReset));
                 }
                 _ => {
                     self.unlink(id);
                     self.fail(id, ProtoError::ConnectionReset);
-                    self.events.push_back(Event::Reset(id));
+                    self.events.push(Event::Reset(id));
                 }
             }
         }
@@ -1082,7 +1111,7 @@ impl<S: Storage> Endpoint<S> {
                 && conn.tx_open()
             {
                 conn.writable_wanted = false;
-                self.events.push_back(Event::Writable(id));
+                self.events.push(Event::Writable(id));
             }
             if conn.wants_transmit() {
                 self.ready.push_back(id);
@@ -1102,7 +1131,7 @@ impl<S: Storage> Endpoint<S> {
         for conn in self.conns.values_mut() {
             if conn.writable_wanted && Self::check_sendable(conn).is_ok() {
                 conn.writable_wanted = false;
-                self.events.push_back(Event::Writable(conn.id));
+                self.events.push(Event::Writable(conn.id));
             }
         }
     }
@@ -1116,7 +1145,25 @@ impl<S: Storage> Endpoint<S> {
     /// The next event for the user.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        self.events.queue.pop_front()
+    }
+
+    /// From now on, also queue the connection of every event (all but [`Event::Incoming`]) for
+    /// [`Endpoint::poll_ready`]: for an owner that serves many connections and wants to visit
+    /// only those with something to do, while another consumer (the runtime's waiters) drains
+    /// [`Endpoint::poll_event`]. Whoever calls it must drain `poll_ready`: the queue only grows.
+    pub fn track_ready(&mut self) {
+        self.events.ready.get_or_insert_with(VecDeque::new);
+    }
+
+    /// The next connection that had an event since it was last returned, in event order (one
+    /// connection may come more than once; a released one comes with its [`Event::Closed`]).
+    /// `None` when there is none, or [`Endpoint::track_ready`] was never called. Events are
+    /// edge-triggered: a connection that a call found idle (`recv` saw `WouldBlock`, `send`
+    /// took nothing) comes again only when that changes.
+    #[must_use]
+    pub fn poll_ready(&mut self) -> Option<ConnId> {
+        self.events.ready.as_mut()?.pop_front()
     }
 
     /// Counters.
@@ -1337,7 +1384,7 @@ impl<S: Storage> Endpoint<S> {
                 }
             }
             if notify && conn.listener.is_none() {
-                self.events.push_back(Event::Closed(id));
+                self.events.push(Event::Closed(id));
             }
         }
     }
@@ -1404,7 +1451,7 @@ impl<S: Storage> Endpoint<S> {
         if let Some(listener) = self.listeners.get_mut(&l) {
             listener.queue.insert(id);
         }
-        self.events.push_back(Event::Incoming(l));
+        self.events.push(Event::Incoming(l));
         self.schedule(id);
     }
 
@@ -1441,7 +1488,7 @@ impl<S: Storage> Endpoint<S> {
             (ConnState::Connecting, _) => {
                 self.fail(id, ProtoError::ConnectionRefused);
                 self.events
-                    .push_back(Event::ConnectFailed(id, ProtoError::ConnectionRefused));
+                    .push(Event::ConnectFailed(id, ProtoError::ConnectionRefused));
             }
             _ => {
                 self.fail(id, ProtoError::ConnectionReset);
@@ -1451,7 +1498,7 @@ impl<S: Storage> Endpoint<S> {
                         conn.error = None;
                     }
                 }
-                self.events.push_back(Event::Reset(id));
+                self.events.push(Event::Reset(id));
             }
         }
     }
@@ -1496,7 +1543,7 @@ impl<S: Storage> Endpoint<S> {
         }
         if readable && !conn.readable_notified && conn.listener.is_none() {
             conn.readable_notified = true;
-            self.events.push_back(Event::Readable(id));
+            self.events.push(Event::Readable(id));
         }
     }
 
@@ -1512,7 +1559,7 @@ impl<S: Storage> Endpoint<S> {
             (ConnState::Closing, _) => self.release(id, true),
             _ => {
                 self.fail(id, ProtoError::ConnectionReset);
-                self.events.push_back(Event::Reset(id));
+                self.events.push(Event::Reset(id));
             }
         }
     }
@@ -1554,7 +1601,7 @@ impl<S: Storage> Endpoint<S> {
             }
         }
         if listener.is_none() && state != ConnState::Closing && (f.receive || f.send) {
-            self.events.push_back(Event::PeerShutdown(id, all));
+            self.events.push(Event::PeerShutdown(id, all));
         }
     }
 }

@@ -1294,3 +1294,25 @@ fn writable_when_one_packet_empties_a_full_send_buffer() {
     assert_eq!(out.iter().map(|h| h.len).collect::<Vec<_>>(), vec![1000]);
     assert_eq!(p.events(Side::A), vec![Event::Writable(ca)]);
 }
+
+#[test]
+fn poll_ready_names_the_connections_of_events() {
+    let mut p = Pair::new();
+    assert_eq!(p.b.poll_ready(), None); // not tracked: nothing queues
+    p.b.track_ready();
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    assert_eq!(p.b.poll_ready(), None); // Incoming names a listener, not a connection
+    let now = p.now;
+    p.a.send(now, ca, b"ping").unwrap();
+    p.shuttle();
+    assert_eq!(p.events(Side::B), vec![Event::Readable(cb)]);
+    assert_eq!(p.b.poll_ready(), Some(cb));
+    assert_eq!(p.b.poll_ready(), None);
+    p.a.abort(now, ca);
+    p.shuttle();
+    p.b.close(now, cb);
+    assert_eq!(p.events(Side::B), vec![Event::Reset(cb), Event::Closed(cb)]);
+    assert_eq!(p.b.poll_ready(), Some(cb));
+    assert_eq!(p.b.poll_ready(), Some(cb));
+    assert_eq!(p.b.poll_ready(), None);
+}

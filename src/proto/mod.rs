@@ -92,7 +92,7 @@ pub mod storage;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
@@ -421,6 +421,11 @@ pub struct Endpoint<S: Storage = HeapStorage> {
     next_conn: u64,
     next_listener: u64,
     next_ephemeral: u32,
+    /// The ephemeral ports no connection and no listener uses, as runs `start -> end`
+    /// (inclusive, disjoint, never adjacent), so that `alloc_ephemeral` finds the next free
+    /// port in O(log n) however many are taken. [`Endpoint::sync_free_port`] keeps it in step
+    /// with `port_refs` and `listener_ports`.
+    free_ports: BTreeMap<u32, u32>,
     /// Connections that may have packets to send, round robin.
     ready: VecDeque<ConnId>,
     /// Every connection's deadline, ordered: the index of `Conn::deadline`.
@@ -497,6 +502,15 @@ impl<S: Storage> Endpoint<S> {
             .ephemeral_first
             .filter(|p| config.ephemeral_ports.contains(p))
             .unwrap_or(*config.ephemeral_ports.start());
+        let (start, end) = (
+            *config.ephemeral_ports.start(),
+            *config.ephemeral_ports.end(),
+        );
+        let free_ports = if start <= end {
+            BTreeMap::from([(start, end)])
+        } else {
+            BTreeMap::new()
+        };
         Endpoint {
             config,
             storage,
@@ -509,6 +523,7 @@ impl<S: Storage> Endpoint<S> {
             next_conn: 0,
             next_listener: 0,
             next_ephemeral,
+            free_ports,
             ready: VecDeque::new(),
             timers: Timers::default(),
             control: VecDeque::new(),
@@ -603,6 +618,7 @@ impl<S: Storage> Endpoint<S> {
             },
         );
         self.listener_ports.insert(port, id);
+        self.sync_free_port(port);
         Ok(id)
     }
 
@@ -613,6 +629,7 @@ impl<S: Storage> Endpoint<S> {
             return;
         };
         self.listener_ports.remove(&listener.port);
+        self.sync_free_port(listener.port);
         for id in listener.queue {
             if let Some(conn) = self.conns.get_mut(&id) {
                 conn.listener = None;
@@ -1214,6 +1231,24 @@ impl<S: Storage> Endpoint<S> {
         if self.keys.len() > self.conns.len() {
             return Err("more keys than connections".into());
         }
+        let mut prev_end: Option<u32> = None;
+        for (&s, &e) in &self.free_ports {
+            if s > e || prev_end.is_some_and(|p| p.checked_add(1).is_none_or(|n| n >= s)) {
+                return Err(format!("free port runs overlap or touch at {s}..={e}"));
+            }
+            prev_end = Some(e);
+        }
+        let in_free = |p: u32| {
+            self.free_ports
+                .range(..=p)
+                .next_back()
+                .is_some_and(|(_, &e)| e >= p)
+        };
+        for &p in self.port_refs.keys().chain(self.listener_ports.keys()) {
+            if in_free(p) {
+                return Err(format!("port {p} is in use and free"));
+            }
+        }
         let armed = self.conns.values().filter(|c| c.deadline.is_some()).count();
         if self.timers.len() != armed {
             return Err(format!(
@@ -1293,30 +1328,74 @@ impl<S: Storage> Endpoint<S> {
         id
     }
 
+    /// The next free ephemeral port at or after the cursor, wrapping (the walk Linux's cursor
+    /// makes, without visiting the ports in use).
     fn alloc_ephemeral(&mut self) -> Result<u32, ProtoError> {
         let (start, end) = (
             *self.config.ephemeral_ports.start(),
             *self.config.ephemeral_ports.end(),
         );
-        let exhausted = ProtoError::PortsExhausted { start, end };
-        if start > end {
-            return Err(exhausted);
+        let cursor = self.next_ephemeral.clamp(start, end);
+        let candidate = match self.free_ports.range(..=cursor).next_back() {
+            Some((_, &run_end)) if run_end >= cursor => Some(cursor),
+            _ => self
+                .free_ports
+                .range(cursor..)
+                .next()
+                .or_else(|| self.free_ports.iter().next())
+                .map(|(&run_start, _)| run_start),
+        };
+        let port = candidate.ok_or(ProtoError::PortsExhausted { start, end })?;
+        self.next_ephemeral = if port >= end { start } else { port + 1 };
+        Ok(port)
+    }
+
+    /// `port`'s use changed (a connection or listener came or went): put it in or take it out of
+    /// the free ephemeral runs. Idempotent; ports outside the ephemeral range are ignored.
+    fn sync_free_port(&mut self, port: u32) {
+        if !self.config.ephemeral_ports.contains(&port) {
+            return;
         }
-        let span = u64::from(end - start) + 1;
-        // A sequential walk meets a free port within (ports in use + 1) steps.
-        let used = (self.port_refs.len() + self.listener_ports.len()) as u64;
-        let mut port = self.next_ephemeral.clamp(start, end);
-        for _ in 0..span.min(used + 1) {
-            let candidate = port;
-            port = if port == end { start } else { port + 1 };
-            if !self.port_refs.contains_key(&candidate)
-                && !self.listener_ports.contains_key(&candidate)
-            {
-                self.next_ephemeral = port;
-                return Ok(candidate);
+        let used = self.port_refs.contains_key(&port) || self.listener_ports.contains_key(&port);
+        let run = self
+            .free_ports
+            .range(..=port)
+            .next_back()
+            .map(|(&s, &e)| (s, e))
+            .filter(|&(_, e)| e >= port);
+        match (used, run) {
+            (true, Some((s, e))) => {
+                // Split the run around `port`.
+                self.free_ports.remove(&s);
+                if s < port {
+                    self.free_ports.insert(s, port - 1);
+                }
+                if port < e {
+                    self.free_ports.insert(port + 1, e);
+                }
             }
+            (false, None) => {
+                // A run of its own, merged with the runs just below and just above.
+                let mut run = (port, port);
+                if let Some(above) = port.checked_add(1) {
+                    if let Some(e) = self.free_ports.remove(&above) {
+                        run.1 = e;
+                    }
+                }
+                if let Some(below) = port.checked_sub(1) {
+                    if let Some((&s, _)) = self
+                        .free_ports
+                        .range(..=below)
+                        .next_back()
+                        .filter(|(_, &e)| e == below)
+                    {
+                        run.0 = s;
+                    }
+                }
+                self.free_ports.insert(run.0, run.1);
+            }
+            _ => {}
         }
-        Err(exhausted)
     }
 
     fn insert_conn(&mut self, mut conn: Conn<S>) {
@@ -1328,6 +1407,7 @@ impl<S: Storage> Endpoint<S> {
         if conn.bound {
             refcount_add(&mut self.bound_refs, conn.local_port);
         }
+        self.sync_free_port(conn.local_port);
         self.conns.insert(id, conn);
     }
 
@@ -1348,6 +1428,7 @@ impl<S: Storage> Endpoint<S> {
         if bound {
             refcount_sub(&mut self.bound_refs, port);
         }
+        self.sync_free_port(port);
     }
 
     /// Queue an `RST` for a connection still on the wire, then unlink it.

@@ -1316,3 +1316,43 @@ fn poll_ready_names_the_connections_of_events() {
     assert_eq!(p.b.poll_ready(), Some(cb));
     assert_eq!(p.b.poll_ready(), None);
 }
+
+#[test]
+fn ephemeral_ports_follow_the_cursor_walk_under_churn() {
+    let (start, end) = (50_000u32, 50_063u32);
+    let mut a = Endpoint::new(Config {
+        ephemeral_ports: start..=end,
+        ..cfg(GUEST_CID)
+    });
+    // The reference: walk from the cursor over the ports in use, wrapping.
+    let mut used: HashMap<u32, ConnId> = HashMap::new();
+    let mut cursor = start;
+    let mut x = 12_345u64;
+    let t = Instant::now();
+    for step in 0..5_000 {
+        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        if (x >> 33) % 3 != 0 || used.is_empty() {
+            let expect = (0..=end - start)
+                .map(|i| start + (cursor - start + i) % (end - start + 1))
+                .find(|p| !used.contains_key(p));
+            match a.connect(t, VMADDR_CID_HOST, PORT, None, SocketType::Stream) {
+                Ok(c) => {
+                    let p = a.local_port(c).unwrap();
+                    assert_eq!(Some(p), expect, "step {step}");
+                    used.insert(p, c);
+                    cursor = if p == end { start } else { p + 1 };
+                }
+                Err(e) => {
+                    assert_eq!(expect, None, "step {step}: {e}");
+                    assert_eq!(e, ProtoError::PortsExhausted { start, end });
+                }
+            }
+        } else {
+            let mut ports: Vec<u32> = used.keys().copied().collect();
+            ports.sort_unstable();
+            let p = ports[usize::try_from(x >> 40).unwrap() % ports.len()];
+            a.abort(t, used.remove(&p).unwrap());
+        }
+        a.check_invariants().unwrap();
+    }
+}

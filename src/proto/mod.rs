@@ -30,7 +30,9 @@
 //!    when [`Endpoint::poll_timeout`]'s deadline passed, [`Endpoint::handle_transport_reset`],
 //!    and the user calls (`connect`, `send`, `recv`, `close`, ...);
 //! 2. [`Endpoint::poll_transmit`] until it returns `None`, putting each packet on the TX queue;
-//! 3. [`Endpoint::poll_event`] until it returns `None`;
+//! 3. [`Endpoint::poll_event`] until it returns `None` (and [`Endpoint::poll_ready`], the
+//!    connections those events name, for an owner that asked for it with
+//!    [`Endpoint::track_ready`]);
 //! 4. [`Endpoint::poll_timeout`] to arm the next wake-up.
 //!
 //! ```
@@ -90,7 +92,7 @@ pub mod storage;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
@@ -117,8 +119,6 @@ pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(8);
 /// 1023; we walk the range with a cursor from its start instead (no randomness in a sans-IO
 /// core), which also delays reuse of a recently closed port.
 pub const DEFAULT_EPHEMERAL_PORTS: RangeInclusive<u32> = 49152..=65535;
-/// Default limit of connections in the table (including closed ones not yet released).
-pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// At most this many `RST`s for unknown connections wait to be sent; more are dropped (and
 /// counted in [`Stats::rst_dropped`]) so a flood cannot grow memory.
 pub const MAX_PENDING_UNKNOWN_RST: usize = 256;
@@ -146,7 +146,10 @@ pub struct Config {
     /// `ephemeral_ports` starts at its beginning. Drivers randomise it, as Linux does, so that a
     /// process reopening a device does not reuse the ports a previous one left half-closed.
     pub ephemeral_first: Option<u32>,
-    /// Most connections in the table at once.
+    /// Most connections in the table at once (including closed ones not yet released); more
+    /// `connect`s fail with [`ProtoError::TooManyConnections`] and more `REQUEST`s get `RST`.
+    /// The default, `usize::MAX`, is no limit but memory, as in Linux; every per-operation cost
+    /// of the endpoint is independent of the number of connections (O(1) or O(log n)).
     pub max_connections: usize,
 }
 
@@ -162,7 +165,7 @@ impl Default for Config {
             seqpacket: false,
             ephemeral_ports: DEFAULT_EPHEMERAL_PORTS,
             ephemeral_first: None,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections: usize::MAX,
         }
     }
 }
@@ -313,12 +316,94 @@ struct Listener {
     port: u32,
     ty: SocketType,
     backlog: usize,
-    /// Established connections not yet accepted.
-    queue: VecDeque<ConnId>,
+    /// Established connections not yet accepted, oldest first (`ConnId`s only grow, so their
+    /// order is the order of arrival); a set, so that one leaving early costs O(log n).
+    queue: BTreeSet<ConnId>,
 }
 
 /// `(local port, peer CID, peer port)`.
 type Key = (u32, u64, u32);
+
+/// The events for the user and, when asked for ([`Endpoint::track_ready`]), the connections
+/// they name, for a second consumer that only wants to know which connections to look at.
+#[derive(Debug, Default)]
+struct Events {
+    queue: VecDeque<Event>,
+    /// `Some` once [`Endpoint::track_ready`] was called.
+    ready: Option<VecDeque<ConnId>>,
+}
+
+impl Events {
+    fn push(&mut self, ev: Event) {
+        if let Some(ready) = &mut self.ready {
+            match ev {
+                Event::Connected(c)
+                | Event::ConnectFailed(c, _)
+                | Event::Readable(c)
+                | Event::Writable(c)
+                | Event::PeerShutdown(c, _)
+                | Event::Reset(c)
+                | Event::Closed(c) => ready.push_back(c),
+                Event::Incoming(_) => {}
+            }
+        }
+        self.queue.push_back(ev);
+    }
+}
+
+/// The connections' deadlines (connect and close timeouts) in time order, so that
+/// [`Endpoint::poll_timeout`] reads the first one and [`Endpoint::handle_timeout`] visits only
+/// the expired ones, however many connections there are. `Conn::deadline` is the table (one
+/// `Option<Instant>` per connection) and this is its index: [`Timers::set`] is the only place
+/// either changes, so they cannot disagree.
+#[derive(Debug, Default)]
+struct Timers {
+    /// `(deadline, connection)`; a connection is in here at most once, with its `deadline`.
+    by_time: BTreeSet<(Instant, ConnId)>,
+}
+
+impl Timers {
+    /// Arm (`Some`) or clear (`None`) the deadline of `conn`, in the connection and the index.
+    fn set<S: Storage>(&mut self, conn: &mut Conn<S>, deadline: Option<Instant>) {
+        if conn.deadline == deadline {
+            return;
+        }
+        if let Some(old) = conn.deadline {
+            self.by_time.remove(&(old, conn.id));
+        }
+        if let Some(new) = deadline {
+            self.by_time.insert((new, conn.id));
+        }
+        conn.deadline = deadline;
+    }
+
+    /// The earliest deadline.
+    fn next(&self) -> Option<Instant> {
+        self.by_time.first().map(|&(at, _)| at)
+    }
+
+    /// The connection whose deadline is the earliest, if it is not after `now`.
+    fn first_expired(&self, now: Instant) -> Option<ConnId> {
+        self.by_time
+            .first()
+            .filter(|&&(at, _)| at <= now)
+            .map(|&(_, id)| id)
+    }
+
+    /// Drop the earliest entry (one whose connection is gone).
+    fn discard_first(&mut self) {
+        self.by_time.pop_first();
+    }
+
+    /// Is `(at, id)` in the index (for the invariant check)?
+    fn contains(&self, at: Instant, id: ConnId) -> bool {
+        self.by_time.contains(&(at, id))
+    }
+
+    fn len(&self) -> usize {
+        self.by_time.len()
+    }
+}
 
 /// The protocol engine for one vsock device (one local CID). Payload bytes live in the queues
 /// of `S` ([`storage`]); the engine only counts them.
@@ -336,13 +421,20 @@ pub struct Endpoint<S: Storage = HeapStorage> {
     next_conn: u64,
     next_listener: u64,
     next_ephemeral: u32,
+    /// The ephemeral ports no connection and no listener uses, as runs `start -> end`
+    /// (inclusive, disjoint, never adjacent), so that `alloc_ephemeral` finds the next free
+    /// port in O(log n) however many are taken. [`Endpoint::sync_free_port`] keeps it in step
+    /// with `port_refs` and `listener_ports`.
+    free_ports: BTreeMap<u32, u32>,
     /// Connections that may have packets to send, round robin.
     ready: VecDeque<ConnId>,
+    /// Every connection's deadline, ordered: the index of `Conn::deadline`.
+    timers: Timers,
     /// `RST`s for our own connections taken off the wire, sent first.
     control: VecDeque<Header>,
     /// `RST`s answering packets for unknown connections (bounded).
     unknown_rst: VecDeque<Header>,
-    events: VecDeque<Event>,
+    events: Events,
     stats: Stats,
 }
 
@@ -410,6 +502,15 @@ impl<S: Storage> Endpoint<S> {
             .ephemeral_first
             .filter(|p| config.ephemeral_ports.contains(p))
             .unwrap_or(*config.ephemeral_ports.start());
+        let (start, end) = (
+            *config.ephemeral_ports.start(),
+            *config.ephemeral_ports.end(),
+        );
+        let free_ports = if start <= end {
+            BTreeMap::from([(start, end)])
+        } else {
+            BTreeMap::new()
+        };
         Endpoint {
             config,
             storage,
@@ -422,10 +523,12 @@ impl<S: Storage> Endpoint<S> {
             next_conn: 0,
             next_listener: 0,
             next_ephemeral,
+            free_ports,
             ready: VecDeque::new(),
+            timers: Timers::default(),
             control: VecDeque::new(),
             unknown_rst: VecDeque::new(),
-            events: VecDeque::new(),
+            events: Events::default(),
             stats: Stats::default(),
         }
     }
@@ -479,7 +582,8 @@ impl<S: Storage> Endpoint<S> {
         );
         conn.bound = true;
         conn.pending.request = true;
-        conn.deadline = Some(now + self.config.connect_timeout);
+        self.timers
+            .set(&mut conn, Some(now + self.config.connect_timeout));
         self.insert_conn(conn);
         self.schedule(id);
         Ok(id)
@@ -510,10 +614,11 @@ impl<S: Storage> Endpoint<S> {
                 port,
                 ty,
                 backlog,
-                queue: VecDeque::new(),
+                queue: BTreeSet::new(),
             },
         );
         self.listener_ports.insert(port, id);
+        self.sync_free_port(port);
         Ok(id)
     }
 
@@ -524,6 +629,7 @@ impl<S: Storage> Endpoint<S> {
             return;
         };
         self.listener_ports.remove(&listener.port);
+        self.sync_free_port(listener.port);
         for id in listener.queue {
             if let Some(conn) = self.conns.get_mut(&id) {
                 conn.listener = None;
@@ -536,7 +642,7 @@ impl<S: Storage> Endpoint<S> {
     /// The next established connection waiting on `l`. Data may already be buffered on it
     /// (no [`Event::Readable`] is sent for connections not yet accepted): try `recv` at once.
     pub fn accept(&mut self, l: ListenerId) -> Option<ConnId> {
-        let id = self.listeners.get_mut(&l)?.queue.pop_front()?;
+        let id = self.listeners.get_mut(&l)?.queue.pop_first()?;
         if let Some(conn) = self.conns.get_mut(&id) {
             conn.listener = None;
         }
@@ -823,7 +929,7 @@ impl<S: Storage> Endpoint<S> {
                     conn.tx.clear();
                     conn.tx_msgs.clear();
                 }
-                conn.deadline = Some(now + self.config.close_timeout);
+                self.timers.set(conn, Some(now + self.config.close_timeout));
                 self.schedule(c);
             }
         }
@@ -922,8 +1028,8 @@ impl<S: Storage> Endpoint<S> {
             (ConnState::Connecting, Op::Response) => {
                 conn.credit.on_handshake(hdr.buf_alloc, hdr.fwd_cnt);
                 conn.state = ConnState::Connected;
-                conn.deadline = None;
-                self.events.push_back(Event::Connected(id));
+                self.timers.set(conn, None);
+                self.events.push(Event::Connected(id));
             }
             (ConnState::Connecting, _) => self.stats.dropped_invalid += 1,
             (_, Op::Rw) => self.on_rw(id, hdr, keep),
@@ -941,25 +1047,23 @@ impl<S: Storage> Endpoint<S> {
     }
 
     /// Fire expired timers (connect and close deadlines). Calling it again is harmless.
+    /// Only the expired timers are touched, earliest first (ties in `ConnId` order).
     pub fn handle_timeout(&mut self, now: Instant) {
-        let expired: Vec<ConnId> = self
-            .conns
-            .values()
-            .filter(|c| c.deadline.is_some_and(|d| d <= now))
-            .map(|c| c.id)
-            .collect();
-        for id in expired {
+        while let Some(id) = self.timers.first_expired(now) {
             let Some(conn) = self.conns.get_mut(&id) else {
+                // Unreachable: a released connection's deadline left the index with it.
+                debug_assert!(false, "{id}: timer of a released connection");
+                self.timers.discard_first();
                 continue;
             };
-            conn.deadline = None;
+            self.timers.set(conn, None);
             match conn.state {
                 ConnState::Connecting => {
                     self.stats.connect_timeouts += 1;
                     self.send_rst_and_unlink(id);
                     self.fail(id, ProtoError::TimedOut);
                     self.events
-                        .push_back(Event::ConnectFailed(id, ProtoError::TimedOut));
+                        .push(Event::ConnectFailed(id, ProtoError::TimedOut));
                 }
                 ConnState::Closing => {
                     self.stats.close_timeouts += 1;
@@ -1002,12 +1106,12 @@ impl<S: Storage> Endpoint<S> {
                     self.unlink(id);
                     self.fail(id, ProtoError::ConnectionReset);
                     self.events
-                        .push_back(Event::ConnectFailed(id, ProtoError::ConnectionReset));
+                        .push(Event::ConnectFailed(id, ProtoError::ConnectionReset));
                 }
                 _ => {
                     self.unlink(id);
                     self.fail(id, ProtoError::ConnectionReset);
-                    self.events.push_back(Event::Reset(id));
+                    self.events.push(Event::Reset(id));
                 }
             }
         }
@@ -1051,14 +1155,6 @@ impl<S: Storage> Endpoint<S> {
                 }
                 continue;
             };
-            if conn.writable_wanted
-                && h.len > 0
-                && conn.tx_space(self.config.send_buffer) > 0
-                && conn.tx_open()
-            {
-                conn.writable_wanted = false;
-                self.events.push_back(Event::Writable(id));
-            }
             let r = if h.len > 0 {
                 let before = conn.tx.len();
                 let r = emit(&h, Some(&mut conn.tx));
@@ -1075,6 +1171,16 @@ impl<S: Storage> Endpoint<S> {
             } else {
                 emit(&h, None)
             };
+            // After the payload left: a full buffer has room only now (checked before, a
+            // buffer that one packet empties would never say Writable).
+            if conn.writable_wanted
+                && h.len > 0
+                && conn.tx_space(self.config.send_buffer) > 0
+                && conn.tx_open()
+            {
+                conn.writable_wanted = false;
+                self.events.push(Event::Writable(id));
+            }
             if conn.wants_transmit() {
                 self.ready.push_back(id);
             } else {
@@ -1093,7 +1199,7 @@ impl<S: Storage> Endpoint<S> {
         for conn in self.conns.values_mut() {
             if conn.writable_wanted && Self::check_sendable(conn).is_ok() {
                 conn.writable_wanted = false;
-                self.events.push_back(Event::Writable(conn.id));
+                self.events.push(Event::Writable(conn.id));
             }
         }
     }
@@ -1101,13 +1207,31 @@ impl<S: Storage> Endpoint<S> {
     /// When `handle_timeout` should next be called.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.conns.values().filter_map(|c| c.deadline).min()
+        self.timers.next()
     }
 
     /// The next event for the user.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        self.events.queue.pop_front()
+    }
+
+    /// From now on, also queue the connection of every event (all but [`Event::Incoming`]) for
+    /// [`Endpoint::poll_ready`]: for an owner that serves many connections and wants to visit
+    /// only those with something to do, while another consumer (the runtime's waiters) drains
+    /// [`Endpoint::poll_event`]. Whoever calls it must drain `poll_ready`: the queue only grows.
+    pub fn track_ready(&mut self) {
+        self.events.ready.get_or_insert_with(VecDeque::new);
+    }
+
+    /// The next connection that had an event since it was last returned, in event order (one
+    /// connection may come more than once; a released one comes with its [`Event::Closed`]).
+    /// `None` when there is none, or [`Endpoint::track_ready`] was never called. Events are
+    /// edge-triggered: a connection that a call found idle (`recv` saw `WouldBlock`, `send`
+    /// took nothing) comes again only when that changes.
+    #[must_use]
+    pub fn poll_ready(&mut self) -> Option<ConnId> {
+        self.events.ready.as_mut()?.pop_front()
     }
 
     /// Counters.
@@ -1148,9 +1272,40 @@ impl<S: Storage> Endpoint<S> {
             if conn.in_table != (self.keys.get(&key) == Some(&id)) {
                 return Err(format!("{id}: key table disagrees"));
             }
+            if conn
+                .deadline
+                .is_some_and(|at| !self.timers.contains(at, id))
+            {
+                return Err(format!("{id}: deadline missing from the timer index"));
+            }
         }
         if self.keys.len() > self.conns.len() {
             return Err("more keys than connections".into());
+        }
+        let mut prev_end: Option<u32> = None;
+        for (&s, &e) in &self.free_ports {
+            if s > e || prev_end.is_some_and(|p| p.checked_add(1).is_none_or(|n| n >= s)) {
+                return Err(format!("free port runs overlap or touch at {s}..={e}"));
+            }
+            prev_end = Some(e);
+        }
+        let in_free = |p: u32| {
+            self.free_ports
+                .range(..=p)
+                .next_back()
+                .is_some_and(|(_, &e)| e >= p)
+        };
+        for &p in self.port_refs.keys().chain(self.listener_ports.keys()) {
+            if in_free(p) {
+                return Err(format!("port {p} is in use and free"));
+            }
+        }
+        let armed = self.conns.values().filter(|c| c.deadline.is_some()).count();
+        if self.timers.len() != armed {
+            return Err(format!(
+                "timer index holds {} entries, {armed} connections have a deadline",
+                self.timers.len()
+            ));
         }
         Ok(())
     }
@@ -1224,30 +1379,74 @@ impl<S: Storage> Endpoint<S> {
         id
     }
 
+    /// The next free ephemeral port at or after the cursor, wrapping (the walk Linux's cursor
+    /// makes, without visiting the ports in use).
     fn alloc_ephemeral(&mut self) -> Result<u32, ProtoError> {
         let (start, end) = (
             *self.config.ephemeral_ports.start(),
             *self.config.ephemeral_ports.end(),
         );
-        let exhausted = ProtoError::PortsExhausted { start, end };
-        if start > end {
-            return Err(exhausted);
+        let cursor = self.next_ephemeral.clamp(start, end);
+        let candidate = match self.free_ports.range(..=cursor).next_back() {
+            Some((_, &run_end)) if run_end >= cursor => Some(cursor),
+            _ => self
+                .free_ports
+                .range(cursor..)
+                .next()
+                .or_else(|| self.free_ports.iter().next())
+                .map(|(&run_start, _)| run_start),
+        };
+        let port = candidate.ok_or(ProtoError::PortsExhausted { start, end })?;
+        self.next_ephemeral = if port >= end { start } else { port + 1 };
+        Ok(port)
+    }
+
+    /// `port`'s use changed (a connection or listener came or went): put it in or take it out of
+    /// the free ephemeral runs. Idempotent; ports outside the ephemeral range are ignored.
+    fn sync_free_port(&mut self, port: u32) {
+        if !self.config.ephemeral_ports.contains(&port) {
+            return;
         }
-        let span = u64::from(end - start) + 1;
-        // A sequential walk meets a free port within (ports in use + 1) steps.
-        let used = (self.port_refs.len() + self.listener_ports.len()) as u64;
-        let mut port = self.next_ephemeral.clamp(start, end);
-        for _ in 0..span.min(used + 1) {
-            let candidate = port;
-            port = if port == end { start } else { port + 1 };
-            if !self.port_refs.contains_key(&candidate)
-                && !self.listener_ports.contains_key(&candidate)
-            {
-                self.next_ephemeral = port;
-                return Ok(candidate);
+        let used = self.port_refs.contains_key(&port) || self.listener_ports.contains_key(&port);
+        let run = self
+            .free_ports
+            .range(..=port)
+            .next_back()
+            .map(|(&s, &e)| (s, e))
+            .filter(|&(_, e)| e >= port);
+        match (used, run) {
+            (true, Some((s, e))) => {
+                // Split the run around `port`.
+                self.free_ports.remove(&s);
+                if s < port {
+                    self.free_ports.insert(s, port - 1);
+                }
+                if port < e {
+                    self.free_ports.insert(port + 1, e);
+                }
             }
+            (false, None) => {
+                // A run of its own, merged with the runs just below and just above.
+                let mut run = (port, port);
+                if let Some(above) = port.checked_add(1) {
+                    if let Some(e) = self.free_ports.remove(&above) {
+                        run.1 = e;
+                    }
+                }
+                if let Some(below) = port.checked_sub(1) {
+                    if let Some((&s, _)) = self
+                        .free_ports
+                        .range(..=below)
+                        .next_back()
+                        .filter(|(_, &e)| e == below)
+                    {
+                        run.0 = s;
+                    }
+                }
+                self.free_ports.insert(run.0, run.1);
+            }
+            _ => {}
         }
-        Err(exhausted)
     }
 
     fn insert_conn(&mut self, mut conn: Conn<S>) {
@@ -1259,6 +1458,7 @@ impl<S: Storage> Endpoint<S> {
         if conn.bound {
             refcount_add(&mut self.bound_refs, conn.local_port);
         }
+        self.sync_free_port(conn.local_port);
         self.conns.insert(id, conn);
     }
 
@@ -1271,7 +1471,7 @@ impl<S: Storage> Endpoint<S> {
             return;
         }
         conn.in_table = false;
-        conn.deadline = None;
+        self.timers.set(conn, None);
         conn.pending = conn::Pending::default();
         let (port, bound) = (conn.local_port, conn.bound);
         self.keys.remove(&(port, conn.peer_cid, conn.peer_port));
@@ -1279,6 +1479,7 @@ impl<S: Storage> Endpoint<S> {
         if bound {
             refcount_sub(&mut self.bound_refs, port);
         }
+        self.sync_free_port(port);
     }
 
     /// Queue an `RST` for a connection still on the wire, then unlink it.
@@ -1307,14 +1508,15 @@ impl<S: Storage> Endpoint<S> {
     /// Forget the connection; `notify` emits [`Event::Closed`].
     fn release(&mut self, id: ConnId, notify: bool) {
         self.unlink(id);
-        if let Some(conn) = self.conns.remove(&id) {
+        if let Some(mut conn) = self.conns.remove(&id) {
+            self.timers.set(&mut conn, None);
             if let Some(l) = conn.listener {
                 if let Some(listener) = self.listeners.get_mut(&l) {
-                    listener.queue.retain(|&c| c != id);
+                    listener.queue.remove(&id);
                 }
             }
             if notify && conn.listener.is_none() {
-                self.events.push_back(Event::Closed(id));
+                self.events.push(Event::Closed(id));
             }
         }
     }
@@ -1379,9 +1581,9 @@ impl<S: Storage> Endpoint<S> {
         conn.listener = Some(l);
         self.insert_conn(conn);
         if let Some(listener) = self.listeners.get_mut(&l) {
-            listener.queue.push_back(id);
+            listener.queue.insert(id);
         }
-        self.events.push_back(Event::Incoming(l));
+        self.events.push(Event::Incoming(l));
         self.schedule(id);
     }
 
@@ -1418,7 +1620,7 @@ impl<S: Storage> Endpoint<S> {
             (ConnState::Connecting, _) => {
                 self.fail(id, ProtoError::ConnectionRefused);
                 self.events
-                    .push_back(Event::ConnectFailed(id, ProtoError::ConnectionRefused));
+                    .push(Event::ConnectFailed(id, ProtoError::ConnectionRefused));
             }
             _ => {
                 self.fail(id, ProtoError::ConnectionReset);
@@ -1428,7 +1630,7 @@ impl<S: Storage> Endpoint<S> {
                         conn.error = None;
                     }
                 }
-                self.events.push_back(Event::Reset(id));
+                self.events.push(Event::Reset(id));
             }
         }
     }
@@ -1473,7 +1675,7 @@ impl<S: Storage> Endpoint<S> {
         }
         if readable && !conn.readable_notified && conn.listener.is_none() {
             conn.readable_notified = true;
-            self.events.push_back(Event::Readable(id));
+            self.events.push(Event::Readable(id));
         }
     }
 
@@ -1489,7 +1691,7 @@ impl<S: Storage> Endpoint<S> {
             (ConnState::Closing, _) => self.release(id, true),
             _ => {
                 self.fail(id, ProtoError::ConnectionReset);
-                self.events.push_back(Event::Reset(id));
+                self.events.push(Event::Reset(id));
             }
         }
     }
@@ -1531,7 +1733,7 @@ impl<S: Storage> Endpoint<S> {
             }
         }
         if listener.is_none() && state != ConnState::Closing && (f.receive || f.send) {
-            self.events.push_back(Event::PeerShutdown(id, all));
+            self.events.push(Event::PeerShutdown(id, all));
         }
     }
 }

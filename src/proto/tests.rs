@@ -1110,3 +1110,249 @@ fn ephemeral_first_starts_the_search_and_wraps() {
         .unwrap();
     assert_eq!(q.local_port(c), Some(50000));
 }
+
+// ----- timers at scale -----
+
+#[test]
+fn timers_fire_in_order_exactly_once_with_many_connections() {
+    const N: u64 = 10_000;
+    let mut a = Endpoint::new(cfg(GUEST_CID));
+    let t0 = Instant::now();
+    // Deadlines in an order unrelated to the ConnIds: connection i connects at t0 + perm(i) ms.
+    let perm = |i: u64| (i * 7_919) % N;
+    let mut deadline = HashMap::new();
+    for i in 0..N {
+        let at = t0 + Duration::from_millis(perm(i));
+        let c = a
+            .connect(at, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+            .unwrap();
+        deadline.insert(c, at + DEFAULT_CONNECT_TIMEOUT);
+    }
+    let mut buf = [0u8; 64];
+    while a.poll_transmit(t0, &mut buf).is_some() {} // every REQUEST is lost
+                                                     // A tenth is closed or aborted before its deadline: they must never time out.
+    let mut gone = Vec::new();
+    for (k, (&c, _)) in deadline.iter().enumerate().filter(|(k, _)| k % 10 == 0) {
+        if k % 20 == 0 {
+            a.close(t0, c);
+        } else {
+            a.abort(t0, c);
+        }
+        gone.push(c);
+    }
+    for c in &gone {
+        deadline.remove(c);
+    }
+    assert!(std::iter::from_fn(|| a.poll_event()).all(|e| matches!(e, Event::Closed(_))));
+    a.check_invariants().unwrap();
+
+    let mut fired = Vec::new();
+    let mut last = t0;
+    // Several instants, some of them repeated (idempotent) and one before any deadline.
+    for ms in [
+        0, 1_999, 2_000, 2_000, 4_321, 4_321, 7_000, 11_999, 12_000, 12_000,
+    ] {
+        let now = t0 + Duration::from_millis(ms);
+        a.handle_timeout(now);
+        let mut batch = Vec::new();
+        while let Some(ev) = a.poll_event() {
+            match ev {
+                Event::ConnectFailed(c, ProtoError::TimedOut) => batch.push(c),
+                other => panic!("unexpected event {other:?}"),
+            }
+        }
+        for &c in &batch {
+            let d = deadline[&c];
+            assert!(d <= now, "{c} fired at {now:?} before its deadline {d:?}");
+            assert!(
+                d > last || fired.is_empty(),
+                "{c} should have fired earlier"
+            );
+        }
+        fired.extend(batch);
+        // What is left is exactly what has not expired yet.
+        let next = deadline
+            .iter()
+            .filter(|(c, _)| !fired.contains(c))
+            .map(|(_, &d)| d)
+            .min();
+        assert_eq!(a.poll_timeout(), next);
+        a.check_invariants().unwrap();
+        last = now;
+    }
+    assert_eq!(fired.len(), deadline.len(), "every deadline fires");
+    let mut unique = fired.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), fired.len(), "a deadline fired twice");
+    // In deadline order (ties in ConnId order).
+    let keys: Vec<(Instant, ConnId)> = fired.iter().map(|&c| (deadline[&c], c)).collect();
+    assert!(keys.windows(2).all(|w| w[0] < w[1]), "fired out of order");
+    assert_eq!(a.stats().connect_timeouts, deadline.len() as u64);
+    assert_eq!(a.poll_timeout(), None);
+    // One RST for each timed-out connect (plus one per aborted/closed one, sent before).
+    let mut rst = 0u64;
+    while let Some(h) = a.poll_transmit(t0, &mut buf) {
+        assert_eq!(h.op, Op::Rst as u16);
+        rst += 1;
+    }
+    assert_eq!(rst, N);
+}
+
+#[test]
+fn poll_timeout_follows_close_abort_and_connected() {
+    let mut p = Pair::new();
+    let t0 = p.now;
+    let l = p.b.listen(PORT, 16, SocketType::Stream).unwrap();
+    let connect = |p: &mut Pair, at: Instant| {
+        p.a.connect(at, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+            .unwrap()
+    };
+    let c1 = connect(&mut p, t0);
+    let c2 = connect(&mut p, t0 + Duration::from_millis(10));
+    let c3 = connect(&mut p, t0 + Duration::from_millis(20));
+    let c4 = connect(&mut p, t0 + Duration::from_millis(30));
+    assert_eq!(p.a.poll_timeout(), Some(t0 + DEFAULT_CONNECT_TIMEOUT));
+    // abort removes the earliest deadline.
+    p.a.abort(t0, c1);
+    let at = |ms| Some(t0 + Duration::from_millis(ms) + DEFAULT_CONNECT_TIMEOUT);
+    assert_eq!(p.a.poll_timeout(), at(10));
+    // close while connecting removes it too.
+    p.a.close(t0, c2);
+    assert_eq!(p.a.poll_timeout(), at(20));
+    // The handshake completing (RESPONSE) removes the connect deadlines.
+    p.shuttle();
+    let ev = p.events(Side::A);
+    assert!(ev.contains(&Event::Connected(c3)) && ev.contains(&Event::Connected(c4)));
+    assert_eq!(p.a.poll_timeout(), None);
+    let c5 = p.b.accept(l).unwrap(); // c3's peer
+    let _c6 = p.b.accept(l).unwrap();
+    // A refused connect (the peer's RST) removes its deadline.
+    let c7 =
+        p.a.connect(t0, VMADDR_CID_HOST, PORT + 1, None, SocketType::Stream)
+            .unwrap();
+    assert_eq!(p.a.poll_timeout(), Some(t0 + DEFAULT_CONNECT_TIMEOUT));
+    p.shuttle();
+    assert_eq!(
+        p.events(Side::A),
+        vec![Event::ConnectFailed(c7, ProtoError::ConnectionRefused)]
+    );
+    assert_eq!(p.a.poll_timeout(), None);
+    // close of an established connection arms the linger; the peer's answer disarms it.
+    let t1 = t0 + Duration::from_secs(1);
+    p.now = t1;
+    p.a.close(t1, c3);
+    assert_eq!(p.a.poll_timeout(), Some(t1 + DEFAULT_CLOSE_TIMEOUT));
+    p.pump(Side::A, true); // SHUTDOWN reaches B, which answers RST
+    p.b.close(t1, c5);
+    p.shuttle();
+    assert!(p.events(Side::A).contains(&Event::Closed(c3)));
+    assert_eq!(p.a.poll_timeout(), None);
+    assert_eq!(p.a.stats().connect_timeouts + p.a.stats().close_timeouts, 0);
+    p.check();
+}
+
+#[test]
+fn accept_queue_is_fifo_and_drops_a_reset_connection() {
+    let mut p = Pair::new();
+    let now = p.now;
+    let l = p.b.listen(PORT, 16, SocketType::Stream).unwrap();
+    let ca: Vec<ConnId> = (0..3)
+        .map(|_| {
+            p.a.connect(now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+                .unwrap()
+        })
+        .collect();
+    p.shuttle();
+    p.a.abort(now, ca[1]); // its RST takes it out of B's accept queue
+    p.shuttle();
+    let first = p.b.accept(l).unwrap();
+    let third = p.b.accept(l).unwrap();
+    assert_eq!(p.b.accept(l), None);
+    assert_eq!(
+        p.b.peer_addr(first).unwrap().1,
+        p.a.local_port(ca[0]).unwrap()
+    );
+    assert_eq!(
+        p.b.peer_addr(third).unwrap().1,
+        p.a.local_port(ca[2]).unwrap()
+    );
+}
+
+#[test]
+fn writable_when_one_packet_empties_a_full_send_buffer() {
+    let a_cfg = Config {
+        send_buffer: 1000,
+        ..cfg(GUEST_CID)
+    };
+    let mut p = Pair::with(a_cfg, cfg(VMADDR_CID_HOST));
+    let (ca, _cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    assert_eq!(p.a.send(now, ca, &pattern(0, 1000)), Ok(1000));
+    assert_eq!(p.a.send(now, ca, b"more"), Ok(0)); // full: Writable is owed
+    let out = p.pump(Side::A, true);
+    assert_eq!(out.iter().map(|h| h.len).collect::<Vec<_>>(), vec![1000]);
+    assert_eq!(p.events(Side::A), vec![Event::Writable(ca)]);
+}
+
+#[test]
+fn poll_ready_names_the_connections_of_events() {
+    let mut p = Pair::new();
+    assert_eq!(p.b.poll_ready(), None); // not tracked: nothing queues
+    p.b.track_ready();
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    assert_eq!(p.b.poll_ready(), None); // Incoming names a listener, not a connection
+    let now = p.now;
+    p.a.send(now, ca, b"ping").unwrap();
+    p.shuttle();
+    assert_eq!(p.events(Side::B), vec![Event::Readable(cb)]);
+    assert_eq!(p.b.poll_ready(), Some(cb));
+    assert_eq!(p.b.poll_ready(), None);
+    p.a.abort(now, ca);
+    p.shuttle();
+    p.b.close(now, cb);
+    assert_eq!(p.events(Side::B), vec![Event::Reset(cb), Event::Closed(cb)]);
+    assert_eq!(p.b.poll_ready(), Some(cb));
+    assert_eq!(p.b.poll_ready(), Some(cb));
+    assert_eq!(p.b.poll_ready(), None);
+}
+
+#[test]
+fn ephemeral_ports_follow_the_cursor_walk_under_churn() {
+    let (start, end) = (50_000u32, 50_063u32);
+    let mut a = Endpoint::new(Config {
+        ephemeral_ports: start..=end,
+        ..cfg(GUEST_CID)
+    });
+    // The reference: walk from the cursor over the ports in use, wrapping.
+    let mut used: HashMap<u32, ConnId> = HashMap::new();
+    let mut cursor = start;
+    let mut x = 12_345u64;
+    let t = Instant::now();
+    for step in 0..5_000 {
+        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        if (x >> 33) % 3 != 0 || used.is_empty() {
+            let expect = (0..=end - start)
+                .map(|i| start + (cursor - start + i) % (end - start + 1))
+                .find(|p| !used.contains_key(p));
+            match a.connect(t, VMADDR_CID_HOST, PORT, None, SocketType::Stream) {
+                Ok(c) => {
+                    let p = a.local_port(c).unwrap();
+                    assert_eq!(Some(p), expect, "step {step}");
+                    used.insert(p, c);
+                    cursor = if p == end { start } else { p + 1 };
+                }
+                Err(e) => {
+                    assert_eq!(expect, None, "step {step}: {e}");
+                    assert_eq!(e, ProtoError::PortsExhausted { start, end });
+                }
+            }
+        } else {
+            let mut ports: Vec<u32> = used.keys().copied().collect();
+            ports.sort_unstable();
+            let p = ports[usize::try_from(x >> 40).unwrap() % ports.len()];
+            a.abort(t, used.remove(&p).unwrap());
+        }
+        a.check_invariants().unwrap();
+    }
+}

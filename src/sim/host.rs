@@ -4,6 +4,7 @@
 //! half of the rings ([`SimTransport`]), the built-in services, and [`SimHost`], the handle
 //! programs and tests use to reach it.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -34,6 +35,19 @@ struct ServiceConn {
     kind: Service,
     pending: Vec<u8>,
     pending_eor: bool,
+    /// In [`SimTransport::todo`].
+    queued: bool,
+}
+
+/// What a service connection waits for after its turn.
+enum Turn {
+    /// An event: `recv` saw `WouldBlock`, or `send` took nothing (the endpoint will say
+    /// `Readable` or `Writable`, or the connection ends).
+    Idle,
+    /// Nothing: it used up its rounds with work left, so it goes round again.
+    Busy,
+    /// It is closed and forgotten.
+    Done,
 }
 
 /// The host side's transport: the device half of the rings, plus the built-in services.
@@ -46,102 +60,153 @@ struct SimTransport {
     polling: bool,
     waker: EventFd,
     listeners: Vec<(ListenerId, Service)>,
-    services: Vec<ServiceConn>,
+    services: HashMap<ConnId, ServiceConn>,
+    /// The service connections that have something to do, each once: newly accepted, named by
+    /// an event ([`Endpoint::poll_ready`]), or busy at the end of their last turn. Only these
+    /// are visited, so a pump costs what the active connections need, not what the idle ones
+    /// number.
+    todo: VecDeque<ConnId>,
     /// The services' receive buffer (one whole SEQPACKET message).
     service_buf: Vec<u8>,
     stats: Arc<Mutex<SimStats>>,
 }
 
 impl SimTransport {
-    fn run_services(&mut self, ep: &mut RtEndpoint, now: Instant) -> bool {
-        let mut moved = false;
-        for &(l, kind) in &self.listeners {
-            while let Some(conn) = ep.accept(l) {
-                self.services.push(ServiceConn {
-                    conn,
-                    kind,
-                    pending: Vec::new(),
-                    pending_eor: false,
-                });
+    /// Queue `c` for a turn, unless it is not a service connection or already queued.
+    fn enqueue(&mut self, c: ConnId) {
+        if let Some(s) = self.services.get_mut(&c) {
+            if !s.queued {
+                s.queued = true;
+                self.todo.push_back(c);
             }
         }
+    }
+
+    fn run_services(&mut self, ep: &mut RtEndpoint, now: Instant) -> bool {
+        for i in 0..self.listeners.len() {
+            let (l, kind) = self.listeners[i];
+            while let Some(conn) = ep.accept(l) {
+                // Data may already be buffered (no event for it): its first turn is now.
+                self.services.insert(
+                    conn,
+                    ServiceConn {
+                        conn,
+                        kind,
+                        pending: Vec::new(),
+                        pending_eor: false,
+                        queued: false,
+                    },
+                );
+                self.enqueue(conn);
+            }
+        }
+        while let Some(c) = ep.poll_ready() {
+            self.enqueue(c);
+        }
+        let mut moved = false;
         let mut stats = lock(&self.stats);
-        let buf = &mut self.service_buf;
-        self.services.retain_mut(|s| {
-            // Bounded, so one busy connection cannot hold the device thread.
-            for _ in 0..SERVICE_ROUNDS {
-                // Flush what an echo could not send last time before reading more.
-                if !s.pending.is_empty() {
-                    let r = match s.kind {
-                        Service::SeqEcho => ep
-                            .send_msg(now, s.conn, &s.pending, s.pending_eor)
-                            .map(|()| s.pending.len()),
-                        _ => ep.send(now, s.conn, &s.pending),
-                    };
-                    match r {
-                        Ok(n) => {
-                            stats.echoed_bytes += n as u64;
-                            s.pending.drain(..n);
-                            moved |= n > 0;
-                            if !s.pending.is_empty() {
-                                return true;
-                            }
-                        }
-                        Err(ProtoError::WouldBlock) => return true,
-                        Err(_) => {
-                            ep.abort(now, s.conn);
-                            return false;
-                        }
-                    }
+        // One turn each for those queued now; a busy one goes to the back for the next pump.
+        for _ in 0..self.todo.len() {
+            let Some(c) = self.todo.pop_front() else {
+                break;
+            };
+            let Some(s) = self.services.get_mut(&c) else {
+                continue;
+            };
+            s.queued = false;
+            match Self::turn(s, ep, now, &mut self.service_buf, &mut stats, &mut moved) {
+                Turn::Idle => {}
+                Turn::Busy => {
+                    s.queued = true;
+                    self.todo.push_back(c);
                 }
+                Turn::Done => {
+                    self.services.remove(&c);
+                }
+            }
+        }
+        moved
+    }
+
+    /// Serve one connection for at most [`SERVICE_ROUNDS`] receive/send rounds (bounded, so one
+    /// busy connection cannot hold the device thread).
+    fn turn(
+        s: &mut ServiceConn,
+        ep: &mut RtEndpoint,
+        now: Instant,
+        buf: &mut [u8],
+        stats: &mut SimStats,
+        moved: &mut bool,
+    ) -> Turn {
+        for _ in 0..SERVICE_ROUNDS {
+            // Flush what an echo could not send last time before reading more; until `send`
+            // takes nothing (then the endpoint owes us `Writable`).
+            while !s.pending.is_empty() {
                 let r = match s.kind {
-                    Service::SeqEcho => ep.recv_msg(now, s.conn, buf).map(|(n, full, eor)| {
-                        s.pending_eor = eor;
-                        // recv_msg says (0, 0) both for an empty message and at the end of
-                        // the stream; the connection's state tells them apart.
-                        let ended = matches!(
-                            ep.state(s.conn),
-                            None | Some(ConnState::Closed | ConnState::Closing)
-                                | Some(ConnState::PeerClosed {
-                                    no_more_rx: true,
-                                    ..
-                                })
-                        );
-                        (n, full == 0 && !ended)
-                    }),
-                    // The sink consumes in place: nothing is copied.
-                    Service::Discard => ep.discard(now, s.conn, usize::MAX).map(|n| (n, false)),
-                    Service::Echo => ep.recv(now, s.conn, buf).map(|n| (n, false)),
+                    Service::SeqEcho => ep
+                        .send_msg(now, s.conn, &s.pending, s.pending_eor)
+                        .map(|()| s.pending.len()),
+                    _ => ep.send(now, s.conn, &s.pending),
                 };
                 match r {
-                    Ok((0, false)) => {
-                        // EOF: close our side too.
-                        ep.close(now, s.conn);
-                        return false;
+                    Ok(0) | Err(ProtoError::WouldBlock) => return Turn::Idle,
+                    Ok(n) => {
+                        stats.echoed_bytes += n as u64;
+                        s.pending.drain(..n);
+                        *moved = true;
                     }
-                    Ok((n, _)) => {
-                        moved = true;
-                        match s.kind {
-                            Service::Discard => stats.discarded_bytes += n as u64,
-                            Service::Echo | Service::SeqEcho => {
-                                s.pending.extend_from_slice(&buf[..n]);
-                                if s.kind == Service::SeqEcho && n == 0 {
-                                    // Empty message: send it directly.
-                                    let _ = ep.send_msg(now, s.conn, &[], s.pending_eor);
-                                }
-                            }
-                        }
-                    }
-                    Err(ProtoError::WouldBlock) => return true,
                     Err(_) => {
-                        ep.close(now, s.conn);
-                        return false;
+                        ep.abort(now, s.conn);
+                        return Turn::Done;
                     }
                 }
             }
-            true
-        });
-        moved
+            let r = match s.kind {
+                Service::SeqEcho => ep.recv_msg(now, s.conn, buf).map(|(n, full, eor)| {
+                    s.pending_eor = eor;
+                    // recv_msg says (0, 0) both for an empty message and at the end of
+                    // the stream; the connection's state tells them apart.
+                    let ended = matches!(
+                        ep.state(s.conn),
+                        None | Some(ConnState::Closed | ConnState::Closing)
+                            | Some(ConnState::PeerClosed {
+                                no_more_rx: true,
+                                ..
+                            })
+                    );
+                    (n, full == 0 && !ended)
+                }),
+                // The sink consumes in place: nothing is copied.
+                Service::Discard => ep.discard(now, s.conn, usize::MAX).map(|n| (n, false)),
+                Service::Echo => ep.recv(now, s.conn, buf).map(|n| (n, false)),
+            };
+            match r {
+                Ok((0, false)) => {
+                    // EOF: close our side too.
+                    ep.close(now, s.conn);
+                    return Turn::Done;
+                }
+                Ok((n, _)) => {
+                    *moved = true;
+                    match s.kind {
+                        Service::Discard => stats.discarded_bytes += n as u64,
+                        Service::Echo | Service::SeqEcho => {
+                            s.pending.extend_from_slice(&buf[..n]);
+                            if s.kind == Service::SeqEcho && n == 0 {
+                                // Empty message: send it directly.
+                                let _ = ep.send_msg(now, s.conn, &[], s.pending_eor);
+                            }
+                        }
+                    }
+                }
+                Err(ProtoError::WouldBlock) => return Turn::Idle,
+                Err(_) => {
+                    ep.close(now, s.conn);
+                    return Turn::Done;
+                }
+            }
+        }
+        Turn::Busy
     }
 }
 
@@ -234,6 +299,8 @@ impl SimHost {
         host_cfg.local_cid = VMADDR_CID_HOST;
         host_cfg.seqpacket = cfg.seqpacket;
         let mut ep = Endpoint::with_storage(host_cfg, RtStorage::Heap);
+        // The services visit only the connections that had an event (see `SimTransport::todo`).
+        ep.track_ready();
         let mut listeners = Vec::new();
         for (port, ty, kind) in [
             (ECHO_PORT, SocketType::Stream, Service::Echo),
@@ -256,7 +323,8 @@ impl SimHost {
             polling: cfg.busy_poll,
             waker,
             listeners,
-            services: Vec::new(),
+            services: HashMap::new(),
+            todo: VecDeque::new(),
             service_buf: vec![0; SERVICE_BUF],
             stats: stats.clone(),
         };

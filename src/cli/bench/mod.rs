@@ -301,9 +301,9 @@ fn ops(n: u32) -> Unit {
 }
 
 /// The two rows of one scale run, in microseconds per operation.
-fn scale_rows_of(r: &work::Scale, ours: &str, ops: u32) -> [Row; 2] {
+fn scale_rows_of(r: &work::Scale, ours: &str, ops: u32) -> Vec<Row> {
     let open = r.open as u64;
-    [
+    let mut rows: Vec<Row> = [
         Row::new(
             format!("connect+close, {} open", r.open),
             ours,
@@ -318,6 +318,19 @@ fn scale_rows_of(r: &work::Scale, ours: &str, ops: u32) -> [Row; 2] {
         ),
     ]
     .map(|row| row.with("open_streams", open).with("ops", ops.into()))
+    .into();
+    if let Some(bytes) = r.rss_per_stream {
+        rows.push(
+            Row::new(
+                format!("memory per idle stream, {} open", r.open),
+                ours,
+                bytes as f64,
+                "bytes RSS",
+            )
+            .with("open_streams", open),
+        );
+    }
+    rows
 }
 
 /// A connected TCP pair on 127.0.0.1 (absent where `lo` is down, as in a bare initramfs).

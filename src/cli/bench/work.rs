@@ -218,6 +218,9 @@ pub(super) struct Scale {
     pub(super) connect_close: Duration,
     /// Mean time of a 1-byte echo round trip on one more stream.
     pub(super) round_trip: Duration,
+    /// Resident memory the idle streams added, per stream (driver, and on sim its host side
+    /// too; the DMA pools are allocated up front and not in it). `None` without /proc.
+    pub(super) rss_per_stream: Option<u64>,
 }
 
 /// Open `open` idle streams to the echo service, then measure `ops` connect+close pairs and
@@ -231,12 +234,17 @@ pub(super) fn scale(
 ) -> Result<Scale> {
     step.phase(format!("opening {open} idle streams"), open as u64);
     let mut idle = Vec::with_capacity(open);
+    let rss_before = rss_bytes();
     for i in 0..open {
         let s = connect(driver, echo, "echo service")
             .with_context(|| format!("opening idle stream {} of {open}", i + 1))?;
         idle.push(s);
         step.inc(1);
     }
+    let rss_per_stream = match (rss_before, rss_bytes()) {
+        (Some(b), Some(a)) if open > 0 => Some(a.saturating_sub(b) / open as u64),
+        _ => None,
+    };
 
     step.phase(format!("connect+close, {open} open"), ops.into());
     let t0 = Instant::now();
@@ -258,7 +266,16 @@ pub(super) fn scale(
         open,
         connect_close,
         round_trip,
+        rss_per_stream,
     })
+}
+
+/// This process's resident set size, from `VmRSS` in `/proc/self/status`.
+fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 // ---------------------------------------------------------------------------------------------

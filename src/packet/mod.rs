@@ -36,8 +36,8 @@ use std::ops::Deref;
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::{BitmapSlice, WithBitmapSlice};
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions, VolatileMemoryError,
-    VolatileSlice,
+    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions, VolatileMemory,
+    VolatileMemoryError, VolatileSlice,
 };
 
 #[cfg(test)]
@@ -466,6 +466,92 @@ where
     }
 }
 
+/// The first host fragment of `[addr, addr + count)`: the whole range when one mapping holds it,
+/// a shorter front part when it does not, `None` when `addr` itself cannot be resolved. For the
+/// fast paths, which fall back to [`get_single_slice`] (and its exact verdict) when it does not
+/// cover what they need.
+#[inline(always)]
+fn first_fragment<'a, M: GuestMemory, B: BitmapSlice>(
+    mem: &'a M,
+    addr: GuestAddress,
+    count: usize,
+    access: Permissions,
+) -> Option<VolatileSlice<'a, B>>
+where
+    M::Bitmap: WithBitmapSlice<'a, S = B>,
+{
+    mem.get_slices(addr, count, access).ok()?.next()?.ok()
+}
+
+/// Resolve a head descriptor that holds the whole header: the header's slice and, when the head
+/// has no next descriptor (so the payload, if any, follows the header in it), what follows the
+/// header in the same host fragment. One guest-memory lookup serves both; when it does not cover
+/// the header, the header alone is looked up again, as 0.12 does, for its exact verdict.
+#[inline(always)]
+fn head_slices<'a, M: GuestMemory, B: BitmapSlice>(
+    mem: &'a M,
+    head: &Desc,
+    access: Permissions,
+) -> Result<(VolatileSlice<'a, B>, Option<VolatileSlice<'a, B>>)>
+where
+    M::Bitmap: WithBitmapSlice<'a, S = B>,
+{
+    if !head.has_next && head.len > PKT_HEADER_LEN {
+        if let Some(frag) = first_fragment(mem, head.addr, head.len as usize, access) {
+            if let Ok((header, after)) = frag.split_at(PKT_HEADER_SIZE) {
+                return Ok((header, Some(after)));
+            }
+        }
+    }
+    Ok((
+        get_single_slice(mem, head.addr, PKT_HEADER_SIZE, access)?,
+        None,
+    ))
+}
+
+/// The first `count` bytes of `after` (the rest of an already resolved host fragment) when it
+/// holds them; otherwise `[addr, addr + count)` looked up in `mem`. `count` must be non-zero.
+#[inline(always)]
+fn front_or_lookup<'a, M: GuestMemory, B: BitmapSlice>(
+    after: Option<VolatileSlice<'a, B>>,
+    mem: &'a M,
+    addr: GuestAddress,
+    count: usize,
+    access: Permissions,
+) -> Result<VolatileSlice<'a, B>>
+where
+    M::Bitmap: WithBitmapSlice<'a, S = B>,
+{
+    match after {
+        Some(after) if after.len() >= count => after
+            .subslice(0, count)
+            .map_err(Error::InvalidVolatileAccess),
+        _ => get_single_slice(mem, addr, count, access),
+    }
+}
+
+/// Read the header at the start of `slice` (at least [`PKT_HEADER_SIZE`] bytes) into a private
+/// copy, every byte exactly once: five 8-byte and one 4-byte volatile loads, where a
+/// `read_slice` of a runtime length goes through a `memcpy` call.
+#[inline(always)]
+fn read_header<B: BitmapSlice>(slice: &VolatileSlice<'_, B>) -> Result<Header> {
+    let words: [u64; 5] = slice
+        .get_ref::<[u64; 5]>(0)
+        .map_err(Error::InvalidVolatileAccess)?
+        .load();
+    let tail: u32 = slice
+        .get_ref::<u32>(40)
+        .map_err(Error::InvalidVolatileAccess)?
+        .load();
+    // Native-endian bytes are the bytes as they were in memory; `from_bytes` decodes them.
+    let mut raw = [0u8; PKT_HEADER_SIZE];
+    for (bytes, word) in raw.chunks_exact_mut(8).zip(words) {
+        bytes.copy_from_slice(&word.to_ne_bytes());
+    }
+    raw[40..].copy_from_slice(&tail.to_ne_bytes());
+    Ok(Header::from_bytes(&raw))
+}
+
 /// Which buffers a chain must hold.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Direction {
@@ -517,13 +603,68 @@ where
 }
 
 /// Where the header ended: the descriptor that held its last byte and how much of it is left.
-struct HeaderEnd {
+struct HeaderEnd<'a, B> {
     /// Index of that descriptor in the chain.
     index: usize,
     /// The descriptor.
     desc: Desc,
     /// Bytes of it the header used.
     used: u32,
+    /// What follows the header in the same host fragment, when the parser resolved the
+    /// descriptor beyond the header (a head without a next descriptor): possibly shorter than
+    /// the descriptor's remaining bytes.
+    after: Option<VolatileSlice<'a, B>>,
+}
+
+/// A header as [`VsockPacket::parse_header`] found it: its fragments and its private copy.
+struct HeaderParts<'a, B> {
+    /// The first (usually only) fragment.
+    slice: VolatileSlice<'a, B>,
+    /// Further fragments of a split header.
+    rest: Vec<VolatileSlice<'a, B>>,
+    /// The private copy (zeroed for RX).
+    header: Header,
+}
+
+impl<'a, B: BitmapSlice> HeaderParts<'a, B> {
+    /// The packet, assembled once from its parts (no partly built packet is moved around).
+    #[inline(always)]
+    fn into_packet(self, data: Fragments<'a, B>) -> VsockPacket<'a, B> {
+        VsockPacket {
+            header_slice: self.slice,
+            header_rest: self.rest,
+            header: self.header,
+            data_slice: data.first,
+            data_rest: data.rest,
+        }
+    }
+}
+
+/// Fragments in chain order, the first apart so that the common one-fragment case allocates
+/// nothing.
+struct Fragments<'a, B> {
+    first: Option<VolatileSlice<'a, B>>,
+    rest: Vec<VolatileSlice<'a, B>>,
+}
+
+impl<B> Default for Fragments<'_, B> {
+    fn default() -> Self {
+        Fragments {
+            first: None,
+            rest: Vec::new(),
+        }
+    }
+}
+
+impl<'a, B> Fragments<'a, B> {
+    #[inline(always)]
+    fn push(&mut self, slice: VolatileSlice<'a, B>) {
+        if self.first.is_none() {
+            self.first = Some(slice);
+        } else {
+            self.rest.push(slice);
+        }
+    }
 }
 
 impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
@@ -768,15 +909,15 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         self.set_flags(self.flags() | flag)
     }
 
-    /// Gather the header from the front of the chain. Returns the packet with its header
-    /// fragments and private copy (zeroed for RX, which is not read) but no payload yet, and
-    /// where the header ended.
+    /// Gather the header from the front of the chain: its fragments and private copy (zeroed
+    /// for RX, which is not read), and where it ended. The packet itself is assembled once, by
+    /// the caller, when the payload is known too.
     #[inline(always)]
     fn parse_header<M, T>(
         mem: &'a M,
         chain: &mut DescriptorChain<T>,
         dir: Direction,
-    ) -> Result<(Self, HeaderEnd)>
+    ) -> Result<(HeaderParts<'a, B>, HeaderEnd<'a, B>)>
     where
         M: GuestMemory,
         M::Bitmap: WithBitmapSlice<'a, S = B>,
@@ -790,31 +931,25 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
 
         // Fast path: the whole header in the head descriptor (every layout 0.12 accepts).
         if head.len as usize >= PKT_HEADER_SIZE {
-            let slice = get_single_slice(mem, head.addr, PKT_HEADER_SIZE, dir.access())?;
+            let (slice, after) = head_slices(mem, &head, dir.access())?;
             // TX: read the header once, from the slice (no second address translation).
             let header = if dir == Direction::Tx {
-                let mut raw = [0u8; PKT_HEADER_SIZE];
-                slice
-                    .read_slice(&mut raw, 0)
-                    .map_err(Error::InvalidVolatileAccess)?;
-                Header::from_bytes(&raw)
+                read_header(&slice)?
             } else {
                 Header::default()
+            };
+            let parts = HeaderParts {
+                slice,
+                rest: Vec::new(),
+                header,
             };
             let end = HeaderEnd {
                 index: 0,
                 desc: head,
                 used: PKT_HEADER_LEN,
+                after,
             };
-            // Built in place, with no payload yet: the caller adds it.
-            let pkt = VsockPacket {
-                header_slice: slice,
-                header_rest: Vec::new(),
-                header,
-                data_slice: None,
-                data_rest: Vec::new(),
-            };
-            return Ok((pkt, end));
+            return Ok((parts, end));
         }
         Self::parse_split_header(mem, chain, dir, head)
     }
@@ -826,7 +961,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         chain: &mut DescriptorChain<T>,
         dir: Direction,
         head: Desc,
-    ) -> Result<(Self, HeaderEnd)>
+    ) -> Result<(HeaderParts<'a, B>, HeaderEnd<'a, B>)>
     where
         M: GuestMemory,
         M::Bitmap: WithBitmapSlice<'a, S = B>,
@@ -841,8 +976,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         }
         let mut raw = [0u8; PKT_HEADER_SIZE];
         let mut got = 0usize;
-        let mut first: Option<VolatileSlice<'a, B>> = None;
-        let mut rest = Vec::new();
+        let mut frags = Fragments::default();
         let mut desc = head;
         let mut index = 0;
         loop {
@@ -855,11 +989,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                         .map_err(Error::InvalidVolatileAccess)?;
                 }
                 got += take;
-                if first.is_none() {
-                    first = Some(slice);
-                } else {
-                    rest.push(slice);
-                }
+                frags.push(slice);
             }
             if got == PKT_HEADER_SIZE {
                 let end = HeaderEnd {
@@ -867,16 +997,18 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                     desc,
                     // `take` is at most PKT_HEADER_SIZE here.
                     used: u32::try_from(take).unwrap_or(PKT_HEADER_LEN),
+                    after: None,
                 };
-                let first = first.ok_or(Error::DescriptorChainTooShort("no header fragment"))?;
-                let pkt = VsockPacket {
-                    header_slice: first,
-                    header_rest: rest,
+                let slice = frags
+                    .first
+                    .ok_or(Error::DescriptorChainTooShort("no header fragment"))?;
+                let parts = HeaderParts {
+                    slice,
+                    rest: frags.rest,
+                    // RX headers are not read: `raw` stayed zeroed.
                     header: Header::from_bytes(&raw),
-                    data_slice: None,
-                    data_rest: Vec::new(),
                 };
-                return Ok((pkt, end));
+                return Ok((parts, end));
             }
             desc = match next_desc(chain) {
                 Some(d) => d,
@@ -949,18 +1081,19 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         T: Deref,
         T::Target: GuestMemory,
     {
-        let (mut pkt, end) = Self::parse_header(mem, desc_chain, Direction::Tx)?;
+        let (parts, end) = Self::parse_header(mem, desc_chain, Direction::Tx)?;
+        let want = parts.header.len;
         // A header-only packet: anything after the header is ignored.
-        if pkt.is_empty() {
-            return Ok(pkt);
+        if want == 0 {
+            return Ok(parts.into_packet(Fragments::default()));
         }
-        if pkt.len() > max_data_size {
+        if want > max_data_size {
             return Err(Error::InvalidHeaderLen {
-                len: pkt.len(),
+                len: want,
                 max: max_data_size,
             });
         }
-        let want = pkt.len();
+        let mut data = Fragments::default();
         let mut need = want as usize;
         // The 0.12 rule: a head holding the whole header and followed by another descriptor
         // leaves the payload to the next descriptor.
@@ -981,7 +1114,14 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                     found: u64::from(end.desc.len),
                 },
             )?;
-            pkt.push_data(get_single_slice(mem, addr, take, Permissions::Read)?);
+            // A one-descriptor packet: the head's lookup already resolved the payload.
+            data.push(front_or_lookup(
+                end.after,
+                mem,
+                addr,
+                take,
+                Permissions::Read,
+            )?);
             need -= take;
         }
         let mut index = end.index;
@@ -1016,11 +1156,11 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
             }
             let take = (desc.len as usize).min(need);
             if take > 0 {
-                pkt.push_data(get_single_slice(mem, desc.addr, take, Permissions::Read)?);
+                data.push(get_single_slice(mem, desc.addr, take, Permissions::Read)?);
                 need -= take;
             }
         }
-        Ok(pkt)
+        Ok(parts.into_packet(data))
     }
 
     /// Create the packet wrapper from an RX chain (device view: the buffers are device-writable).
@@ -1065,7 +1205,8 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         T::Target: GuestMemory,
     {
         // The RX header is not read: the copy stays zeroed (as 0.12) until the setters fill it.
-        let (mut pkt, end) = Self::parse_header(mem, desc_chain, Direction::Rx)?;
+        let (parts, end) = Self::parse_header(mem, desc_chain, Direction::Rx)?;
+        let mut data = Fragments::default();
         let leftover = end.desc.len - end.used;
         let skip_leftover = end.index == 0 && end.desc.has_next;
         let mut total: u64 = 0;
@@ -1084,7 +1225,9 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                     found: u64::from(end.desc.len),
                 },
             )?;
-            pkt.push_data(get_single_slice(
+            // A one-descriptor packet: the head's lookup already resolved the payload buffer.
+            data.push(front_or_lookup(
+                end.after,
                 mem,
                 addr,
                 leftover as usize,
@@ -1098,7 +1241,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                     "expected room for a payload after the header, found none",
                 ));
             }
-            return Ok(pkt);
+            return Ok(parts.into_packet(data));
         }
         let mut index = end.index;
         let mut seen_data_desc = false;
@@ -1116,7 +1259,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                 });
             }
             if desc.len > 0 {
-                pkt.push_data(get_single_slice(
+                data.push(get_single_slice(
                     mem,
                     desc.addr,
                     desc.len as usize,
@@ -1132,16 +1275,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                 "expected a payload descriptor after the header, found the chain's end",
             ));
         }
-        Ok(pkt)
-    }
-
-    #[inline]
-    fn push_data(&mut self, slice: VolatileSlice<'a, B>) {
-        if self.data_slice.is_none() {
-            self.data_slice = Some(slice);
-        } else {
-            self.data_rest.push(slice);
-        }
+        Ok(parts.into_packet(data))
     }
 
     /// Driver view of a used RX buffer: the device wrote a packet into the buffer at `addr`

@@ -311,7 +311,11 @@ impl SeqFlags {
 /// This is the private copy a [`VsockPacket`] keeps, and what the protocol core consumes and
 /// produces. `type_` and `op` stay raw `u16`s so that unknown values survive a round trip; use
 /// [`Header::op_typed`] and [`Header::socket_type`] for the typed view.
+///
+/// The fields are laid out in wire order (`repr(C)`, no padding before `fwd_cnt`), so that on a
+/// little-endian host decoding and encoding are plain copies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[repr(C)]
 pub struct Header {
     /// Source context id.
     pub src_cid: u64,
@@ -434,7 +438,7 @@ pub struct VsockPacket<'a, B: BitmapSlice> {
 
 /// Get a single slice for `[addr, addr + count)`, or `FragmentedMemory` when the range spans
 /// host fragments. `count` must be non-zero.
-#[inline(always)]
+#[inline]
 fn get_single_slice<'a, M: GuestMemory, B: BitmapSlice>(
     mem: &'a M,
     addr: GuestAddress,
@@ -470,7 +474,7 @@ where
 /// a shorter front part when it does not, `None` when `addr` itself cannot be resolved. For the
 /// fast paths, which fall back to [`get_single_slice`] (and its exact verdict) when it does not
 /// cover what they need.
-#[inline(always)]
+#[inline]
 fn first_fragment<'a, M: GuestMemory, B: BitmapSlice>(
     mem: &'a M,
     addr: GuestAddress,
@@ -579,6 +583,20 @@ impl Direction {
     }
 }
 
+/// `DescriptorChainTooShort`: a TX payload but no descriptor holding it.
+const NO_PAYLOAD_DESC: &str = "expected a descriptor holding the packet payload after the header";
+/// `DescriptorChainTooShort`: an RX chain with no room after the header.
+const NO_RX_ROOM: &str = "expected room for a payload after the header, found none";
+
+/// A TX header's `len` must not exceed the negotiated maximum.
+#[inline(always)]
+fn check_tx_len(len: u32, max: u32) -> Result<()> {
+    if len > max {
+        return Err(Error::InvalidHeaderLen { len, max });
+    }
+    Ok(())
+}
+
 /// A descriptor as the parser needs it.
 #[derive(Clone, Copy)]
 struct Desc {
@@ -602,21 +620,19 @@ where
     })
 }
 
-/// Where the header ended: the descriptor that held its last byte and how much of it is left.
-struct HeaderEnd<'a, B> {
+/// Where a split header ended: the descriptor that held its last byte and how much of it is
+/// left.
+struct HeaderEnd {
     /// Index of that descriptor in the chain.
     index: usize,
     /// The descriptor.
     desc: Desc,
     /// Bytes of it the header used.
     used: u32,
-    /// What follows the header in the same host fragment, when the parser resolved the
-    /// descriptor beyond the header (a head without a next descriptor): possibly shorter than
-    /// the descriptor's remaining bytes.
-    after: Option<VolatileSlice<'a, B>>,
 }
 
-/// A header as [`VsockPacket::parse_header`] found it: its fragments and its private copy.
+/// A split header as [`VsockPacket::parse_split_header`] found it: its fragments and its
+/// private copy.
 struct HeaderParts<'a, B> {
     /// The first (usually only) fragment.
     slice: VolatileSlice<'a, B>,
@@ -627,16 +643,10 @@ struct HeaderParts<'a, B> {
 }
 
 impl<'a, B: BitmapSlice> HeaderParts<'a, B> {
-    /// The packet, assembled once from its parts (no partly built packet is moved around).
+    /// The packet, from its parts.
     #[inline(always)]
     fn into_packet(self, data: Fragments<'a, B>) -> VsockPacket<'a, B> {
-        VsockPacket {
-            header_slice: self.slice,
-            header_rest: self.rest,
-            header: self.header,
-            data_slice: data.first,
-            data_rest: data.rest,
-        }
+        VsockPacket::assemble(self.slice, self.rest, self.header, data)
     }
 }
 
@@ -909,18 +919,10 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         self.set_flags(self.flags() | flag)
     }
 
-    /// Gather the header from the front of the chain: its fragments and private copy (zeroed
-    /// for RX, which is not read), and where it ended. The packet itself is assembled once, by
-    /// the caller, when the payload is known too.
+    /// Pop the head descriptor and check its direction.
     #[inline(always)]
-    fn parse_header<M, T>(
-        mem: &'a M,
-        chain: &mut DescriptorChain<T>,
-        dir: Direction,
-    ) -> Result<(HeaderParts<'a, B>, HeaderEnd<'a, B>)>
+    fn pop_head<T>(chain: &mut DescriptorChain<T>, dir: Direction) -> Result<Desc>
     where
-        M: GuestMemory,
-        M::Bitmap: WithBitmapSlice<'a, S = B>,
         T: Deref,
         T::Target: GuestMemory,
     {
@@ -928,40 +930,34 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
             "expected a head descriptor holding the packet header, found an empty chain",
         ))?;
         dir.check(head.write_only, 0)?;
-
-        // Fast path: the whole header in the head descriptor (every layout 0.12 accepts).
-        if head.len as usize >= PKT_HEADER_SIZE {
-            let (slice, after) = head_slices(mem, &head, dir.access())?;
-            // TX: read the header once, from the slice (no second address translation).
-            let header = if dir == Direction::Tx {
-                read_header(&slice)?
-            } else {
-                Header::default()
-            };
-            let parts = HeaderParts {
-                slice,
-                rest: Vec::new(),
-                header,
-            };
-            let end = HeaderEnd {
-                index: 0,
-                desc: head,
-                used: PKT_HEADER_LEN,
-                after,
-            };
-            return Ok((parts, end));
-        }
-        Self::parse_split_header(mem, chain, dir, head)
+        Ok(head)
     }
 
-    /// The slow path of [`Self::parse_header`]: the head is shorter than a header (beyond 0.12).
-    #[inline(never)]
+    /// The packet, assembled once from its parts (no partly built packet is moved around).
+    #[inline(always)]
+    fn assemble(
+        header_slice: VolatileSlice<'a, B>,
+        header_rest: Vec<VolatileSlice<'a, B>>,
+        header: Header,
+        data: Fragments<'a, B>,
+    ) -> Self {
+        VsockPacket {
+            header_slice,
+            header_rest,
+            header,
+            data_slice: data.first,
+            data_rest: data.rest,
+        }
+    }
+
+    /// Gather a header split over descriptors (the head is shorter than a header; beyond 0.12):
+    /// its fragments and private copy (zeroed for RX, which is not read), and where it ended.
     fn parse_split_header<M, T>(
         mem: &'a M,
         chain: &mut DescriptorChain<T>,
         dir: Direction,
         head: Desc,
-    ) -> Result<(HeaderParts<'a, B>, HeaderEnd<'a, B>)>
+    ) -> Result<(HeaderParts<'a, B>, HeaderEnd)>
     where
         M: GuestMemory,
         M::Bitmap: WithBitmapSlice<'a, S = B>,
@@ -997,7 +993,6 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                     desc,
                     // `take` is at most PKT_HEADER_SIZE here.
                     used: u32::try_from(take).unwrap_or(PKT_HEADER_LEN),
-                    after: None,
                 };
                 let slice = frags
                     .first
@@ -1081,31 +1076,77 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         T: Deref,
         T::Target: GuestMemory,
     {
-        let (parts, end) = Self::parse_header(mem, desc_chain, Direction::Tx)?;
-        let want = parts.header.len;
-        // A header-only packet: anything after the header is ignored.
-        if want == 0 {
-            return Ok(parts.into_packet(Fragments::default()));
+        let head = Self::pop_head(desc_chain, Direction::Tx)?;
+        if (head.len as usize) < PKT_HEADER_SIZE {
+            return Self::tx_split_header(mem, desc_chain, max_data_size, head);
         }
-        if want > max_data_size {
-            return Err(Error::InvalidHeaderLen {
-                len: want,
-                max: max_data_size,
-            });
-        }
+        // The whole header in the head descriptor: every layout 0.12 accepts.
+        let (header_slice, after) = head_slices(mem, &head, Permissions::Read)?;
+        // Read the header once, from the slice (no second address translation).
+        let header = read_header(&header_slice)?;
+        let want = header.len;
         let mut data = Fragments::default();
+        // A header-only packet: anything after the header is ignored.
+        if want > 0 {
+            check_tx_len(want, max_data_size)?;
+            if head.has_next {
+                // The 0.12 rule: a head holding the whole header and followed by another
+                // descriptor leaves the payload to the next descriptor (the head's remaining
+                // bytes are padding).
+                Self::tx_payload(mem, desc_chain, &mut data, want, want as usize, 0, true)?;
+            } else {
+                // One descriptor (Linux 6.2 and later): the payload follows the header. Refuse
+                // a head too short for it before touching memory (0.12 answers "chain too
+                // short" here whatever the buffer's address).
+                if head.len - PKT_HEADER_LEN < want {
+                    return Err(Error::DescriptorChainTooShort(NO_PAYLOAD_DESC));
+                }
+                let addr = head.addr.checked_add(PKT_HEADER_SIZE as u64).ok_or(
+                    Error::DescriptorLengthTooSmall {
+                        expected: PKT_HEADER_SIZE as u64 + u64::from(want),
+                        found: u64::from(head.len),
+                    },
+                )?;
+                // The head's lookup already resolved the payload, in the common case.
+                data.push(front_or_lookup(
+                    after,
+                    mem,
+                    addr,
+                    want as usize,
+                    Permissions::Read,
+                )?);
+            }
+        }
+        Ok(Self::assemble(header_slice, Vec::new(), header, data))
+    }
+
+    /// [`Self::from_tx_virtq_chain`] for a header split over descriptors (beyond 0.12): the
+    /// payload starts right after the header's last byte.
+    #[inline(never)]
+    fn tx_split_header<M, T>(
+        mem: &'a M,
+        desc_chain: &mut DescriptorChain<T>,
+        max_data_size: u32,
+        head: Desc,
+    ) -> Result<Self>
+    where
+        M: GuestMemory,
+        M::Bitmap: WithBitmapSlice<'a, S = B>,
+        T: Deref,
+        T::Target: GuestMemory,
+    {
+        let (parts, end) = Self::parse_split_header(mem, desc_chain, Direction::Tx, head)?;
+        let want = parts.header.len;
+        let mut data = Fragments::default();
+        if want == 0 {
+            return Ok(parts.into_packet(data));
+        }
+        check_tx_len(want, max_data_size)?;
         let mut need = want as usize;
-        // The 0.12 rule: a head holding the whole header and followed by another descriptor
-        // leaves the payload to the next descriptor.
         let leftover = end.desc.len - end.used;
-        let skip_leftover = end.index == 0 && end.desc.has_next;
-        if !skip_leftover && leftover > 0 {
-            // Nothing follows and the rest cannot hold the payload: refuse before touching
-            // memory (0.12 answers "chain too short" here whatever the buffer's address).
+        if leftover > 0 {
             if !end.desc.has_next && (leftover as usize) < need {
-                return Err(Error::DescriptorChainTooShort(
-                    "expected a descriptor holding the packet payload after the header",
-                ));
+                return Err(Error::DescriptorChainTooShort(NO_PAYLOAD_DESC));
             }
             let take = (leftover as usize).min(need);
             let addr = end.desc.addr.checked_add(u64::from(end.used)).ok_or(
@@ -1114,26 +1155,46 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                     found: u64::from(end.desc.len),
                 },
             )?;
-            // A one-descriptor packet: the head's lookup already resolved the payload.
-            data.push(front_or_lookup(
-                end.after,
-                mem,
-                addr,
-                take,
-                Permissions::Read,
-            )?);
+            data.push(get_single_slice(mem, addr, take, Permissions::Read)?);
             need -= take;
         }
-        let mut index = end.index;
+        Self::tx_payload(
+            mem,
+            desc_chain,
+            &mut data,
+            want,
+            need,
+            end.index,
+            end.desc.has_next,
+        )?;
+        Ok(parts.into_packet(data))
+    }
+
+    /// The last `need` bytes of a TX payload of `want` bytes, from the descriptors after the
+    /// one at `index` (which has a next descriptor if `has_next`). Descriptors after the
+    /// payload are ignored.
+    #[inline(always)]
+    fn tx_payload<M, T>(
+        mem: &'a M,
+        desc_chain: &mut DescriptorChain<T>,
+        data: &mut Fragments<'a, B>,
+        want: u32,
+        mut need: usize,
+        mut index: usize,
+        mut has_next: bool,
+    ) -> Result<()>
+    where
+        M: GuestMemory,
+        M::Bitmap: WithBitmapSlice<'a, S = B>,
+        T: Deref,
+        T::Target: GuestMemory,
+    {
         let mut data_descs = 0usize;
-        let mut has_next = end.desc.has_next;
         while need > 0 {
             let desc = match (has_next, next_desc(desc_chain)) {
                 (true, Some(d)) => d,
                 _ if data_descs == 0 => {
-                    return Err(Error::DescriptorChainTooShort(
-                        "expected a descriptor holding the packet payload after the header",
-                    ))
+                    return Err(Error::DescriptorChainTooShort(NO_PAYLOAD_DESC))
                 }
                 _ => {
                     return Err(Error::DescriptorLengthTooSmall {
@@ -1160,7 +1221,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                 need -= take;
             }
         }
-        Ok(parts.into_packet(data))
+        Ok(())
     }
 
     /// Create the packet wrapper from an RX chain (device view: the buffers are device-writable).
@@ -1204,16 +1265,69 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         T: Deref,
         T::Target: GuestMemory,
     {
+        let head = Self::pop_head(desc_chain, Direction::Rx)?;
+        if (head.len as usize) < PKT_HEADER_SIZE {
+            return Self::rx_split_header(mem, desc_chain, max_data_size, head);
+        }
+        // The whole header in the head descriptor: every layout 0.12 accepts.
+        let (header_slice, after) = head_slices(mem, &head, Permissions::Write)?;
+        let mut data = Fragments::default();
+        if head.has_next {
+            // As in 0.12, the head's remaining bytes are padding: the buffer is every
+            // following descriptor.
+            Self::rx_payload(mem, desc_chain, &mut data, max_data_size, 0, 0)?;
+        } else {
+            // One descriptor: the buffer follows the header (0.12 puts no bound on it).
+            let leftover = head.len - PKT_HEADER_LEN;
+            if leftover == 0 {
+                return Err(Error::DescriptorChainTooShort(NO_RX_ROOM));
+            }
+            let addr = head.addr.checked_add(PKT_HEADER_SIZE as u64).ok_or(
+                Error::DescriptorLengthTooSmall {
+                    expected: PKT_HEADER_SIZE as u64,
+                    found: u64::from(head.len),
+                },
+            )?;
+            // The head's lookup already resolved the buffer, in the common case.
+            data.push(front_or_lookup(
+                after,
+                mem,
+                addr,
+                leftover as usize,
+                Permissions::Write,
+            )?);
+        }
         // The RX header is not read: the copy stays zeroed (as 0.12) until the setters fill it.
-        let (parts, end) = Self::parse_header(mem, desc_chain, Direction::Rx)?;
+        Ok(Self::assemble(
+            header_slice,
+            Vec::new(),
+            Header::default(),
+            data,
+        ))
+    }
+
+    /// [`Self::from_rx_virtq_chain`] for a header split over descriptors (beyond 0.12): the
+    /// buffer starts right after the header's last byte.
+    #[inline(never)]
+    fn rx_split_header<M, T>(
+        mem: &'a M,
+        desc_chain: &mut DescriptorChain<T>,
+        max_data_size: u32,
+        head: Desc,
+    ) -> Result<Self>
+    where
+        M: GuestMemory,
+        M::Bitmap: WithBitmapSlice<'a, S = B>,
+        T: Deref,
+        T::Target: GuestMemory,
+    {
+        let (parts, end) = Self::parse_split_header(mem, desc_chain, Direction::Rx, head)?;
         let mut data = Fragments::default();
         let leftover = end.desc.len - end.used;
-        let skip_leftover = end.index == 0 && end.desc.has_next;
         let mut total: u64 = 0;
-        if !skip_leftover && leftover > 0 {
-            // 0.12 puts no bound on a single-descriptor RX buffer; a split header's leftover
-            // counts against the maximum like any other payload descriptor.
-            if end.index > 0 && leftover > max_data_size {
+        if leftover > 0 {
+            // The leftover counts against the maximum like any other payload descriptor.
+            if leftover > max_data_size {
                 return Err(Error::DescriptorLengthTooLong {
                     max: u64::from(max_data_size),
                     found: u64::from(leftover),
@@ -1225,9 +1339,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                     found: u64::from(end.desc.len),
                 },
             )?;
-            // A one-descriptor packet: the head's lookup already resolved the payload buffer.
-            data.push(front_or_lookup(
-                end.after,
+            data.push(get_single_slice(
                 mem,
                 addr,
                 leftover as usize,
@@ -1237,13 +1349,31 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         }
         if !end.desc.has_next {
             if total == 0 {
-                return Err(Error::DescriptorChainTooShort(
-                    "expected room for a payload after the header, found none",
-                ));
+                return Err(Error::DescriptorChainTooShort(NO_RX_ROOM));
             }
             return Ok(parts.into_packet(data));
         }
-        let mut index = end.index;
+        Self::rx_payload(mem, desc_chain, &mut data, max_data_size, total, end.index)?;
+        Ok(parts.into_packet(data))
+    }
+
+    /// The rest of an RX buffer (`total` bytes so far): every descriptor after the one at
+    /// `index`, which has a next descriptor; at most `max_data_size` bytes in all.
+    #[inline(always)]
+    fn rx_payload<M, T>(
+        mem: &'a M,
+        desc_chain: &mut DescriptorChain<T>,
+        data: &mut Fragments<'a, B>,
+        max_data_size: u32,
+        mut total: u64,
+        mut index: usize,
+    ) -> Result<()>
+    where
+        M: GuestMemory,
+        M::Bitmap: WithBitmapSlice<'a, S = B>,
+        T: Deref,
+        T::Target: GuestMemory,
+    {
         let mut seen_data_desc = false;
         while let Some(desc) = next_desc(desc_chain) {
             index += 1;
@@ -1275,7 +1405,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                 "expected a payload descriptor after the header, found the chain's end",
             ));
         }
-        Ok(parts.into_packet(data))
+        Ok(())
     }
 
     /// Driver view of a used RX buffer: the device wrote a packet into the buffer at `addr`

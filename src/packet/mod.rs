@@ -36,8 +36,8 @@ use std::ops::Deref;
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::{BitmapSlice, WithBitmapSlice};
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions, VolatileMemory,
-    VolatileMemoryError, VolatileSlice,
+    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError,
+    GuestMemoryRegion, Permissions, VolatileMemory, VolatileMemoryError, VolatileSlice,
 };
 
 #[cfg(test)]
@@ -470,10 +470,65 @@ where
     }
 }
 
-/// The first host fragment of `[addr, addr + count)`: the whole range when one mapping holds it,
-/// a shorter front part when it does not, `None` when `addr` itself cannot be resolved. For the
-/// fast paths, which fall back to [`get_single_slice`] (and its exact verdict) when it does not
-/// cover what they need.
+/// Guest-memory lookups for the buffers of one chain (or one driver buffer).
+///
+/// When `mem` has no IOMMU in between ([`GuestMemory::physical_memory`]: guest addresses are the
+/// backend's addresses), the region holding the first buffer is resolved once, as one slice
+/// over the whole region, and every buffer inside that region is a bounds-checked sub-slice of
+/// it: the same pointer and length a lookup of its own would give, without the lookup. Any
+/// other buffer (another region, a region seam, an unmapped address, IOMMU-translated memory)
+/// is looked up as 0.12 does, with its exact verdict.
+struct Lookup<'a, M, B> {
+    mem: &'a M,
+    access: Permissions,
+    /// Start of the resolved region and a slice over all of it.
+    region: Option<(GuestAddress, VolatileSlice<'a, B>)>,
+}
+
+impl<'a, M: GuestMemory, B: BitmapSlice> Lookup<'a, M, B>
+where
+    M::Bitmap: WithBitmapSlice<'a, S = B>,
+{
+    /// Resolve the region that holds `addr` (if `mem` is plain physical memory and one does).
+    #[inline(always)]
+    fn new(mem: &'a M, addr: GuestAddress, access: Permissions) -> Self {
+        let region = mem
+            .physical_memory()
+            .and_then(|phys| phys.find_region(addr))
+            .and_then(|r| {
+                let len = usize::try_from(r.len()).ok()?;
+                let whole = first_fragment(mem, r.start_addr(), len, access)?;
+                (whole.len() == len).then_some((r.start_addr(), whole))
+            });
+        Lookup {
+            mem,
+            access,
+            region,
+        }
+    }
+
+    /// The single slice for `[addr, addr + count)` (`count` non-zero), or the error 0.12 gives.
+    #[inline(always)]
+    fn slice(&self, addr: GuestAddress, count: usize) -> Result<VolatileSlice<'a, B>> {
+        if let Some((start, whole)) = &self.region {
+            // `addr - start` and `offset + count` are checked (by `checked_offset_from` and
+            // `subslice`): a buffer not wholly inside the region falls through to the lookup.
+            if let Some(offset) = addr
+                .checked_offset_from(*start)
+                .and_then(|o| usize::try_from(o).ok())
+            {
+                if let Ok(slice) = whole.subslice(offset, count) {
+                    return Ok(slice);
+                }
+            }
+        }
+        get_single_slice(self.mem, addr, count, self.access)
+    }
+}
+
+/// The first host fragment of `[addr, addr + count)` (`count` non-zero): the whole range when
+/// one mapping holds it, a shorter front part when it does not, `None` when `addr` cannot be
+/// resolved.
 #[inline]
 fn first_fragment<'a, M: GuestMemory, B: BitmapSlice>(
     mem: &'a M,
@@ -485,53 +540,6 @@ where
     M::Bitmap: WithBitmapSlice<'a, S = B>,
 {
     mem.get_slices(addr, count, access).ok()?.next()?.ok()
-}
-
-/// Resolve a head descriptor that holds the whole header: the header's slice and, when the head
-/// has no next descriptor (so the payload, if any, follows the header in it), what follows the
-/// header in the same host fragment. One guest-memory lookup serves both; when it does not cover
-/// the header, the header alone is looked up again, as 0.12 does, for its exact verdict.
-#[inline(always)]
-fn head_slices<'a, M: GuestMemory, B: BitmapSlice>(
-    mem: &'a M,
-    head: &Desc,
-    access: Permissions,
-) -> Result<(VolatileSlice<'a, B>, Option<VolatileSlice<'a, B>>)>
-where
-    M::Bitmap: WithBitmapSlice<'a, S = B>,
-{
-    if !head.has_next && head.len > PKT_HEADER_LEN {
-        if let Some(frag) = first_fragment(mem, head.addr, head.len as usize, access) {
-            if let Ok((header, after)) = frag.split_at(PKT_HEADER_SIZE) {
-                return Ok((header, Some(after)));
-            }
-        }
-    }
-    Ok((
-        get_single_slice(mem, head.addr, PKT_HEADER_SIZE, access)?,
-        None,
-    ))
-}
-
-/// The first `count` bytes of `after` (the rest of an already resolved host fragment) when it
-/// holds them; otherwise `[addr, addr + count)` looked up in `mem`. `count` must be non-zero.
-#[inline(always)]
-fn front_or_lookup<'a, M: GuestMemory, B: BitmapSlice>(
-    after: Option<VolatileSlice<'a, B>>,
-    mem: &'a M,
-    addr: GuestAddress,
-    count: usize,
-    access: Permissions,
-) -> Result<VolatileSlice<'a, B>>
-where
-    M::Bitmap: WithBitmapSlice<'a, S = B>,
-{
-    match after {
-        Some(after) if after.len() >= count => after
-            .subslice(0, count)
-            .map_err(Error::InvalidVolatileAccess),
-        _ => get_single_slice(mem, addr, count, access),
-    }
 }
 
 /// Read the header at the start of `slice` (at least [`PKT_HEADER_SIZE`] bytes) into a private
@@ -953,7 +961,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
     /// Gather a header split over descriptors (the head is shorter than a header; beyond 0.12):
     /// its fragments and private copy (zeroed for RX, which is not read), and where it ended.
     fn parse_split_header<M, T>(
-        mem: &'a M,
+        lookup: &Lookup<'a, M, B>,
         chain: &mut DescriptorChain<T>,
         dir: Direction,
         head: Desc,
@@ -978,7 +986,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         loop {
             let take = (desc.len as usize).min(PKT_HEADER_SIZE - got);
             if take > 0 {
-                let slice = get_single_slice(mem, desc.addr, take, dir.access())?;
+                let slice = lookup.slice(desc.addr, take)?;
                 if dir == Direction::Tx {
                     slice
                         .read_slice(&mut raw[got..got + take], 0)
@@ -1077,11 +1085,12 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         T::Target: GuestMemory,
     {
         let head = Self::pop_head(desc_chain, Direction::Tx)?;
+        let lookup = Lookup::new(mem, head.addr, Direction::Tx.access());
         if (head.len as usize) < PKT_HEADER_SIZE {
-            return Self::tx_split_header(mem, desc_chain, max_data_size, head);
+            return Self::tx_split_header(&lookup, desc_chain, max_data_size, head);
         }
         // The whole header in the head descriptor: every layout 0.12 accepts.
-        let (header_slice, after) = head_slices(mem, &head, Permissions::Read)?;
+        let header_slice = lookup.slice(head.addr, PKT_HEADER_SIZE)?;
         // Read the header once, from the slice (no second address translation).
         let header = read_header(&header_slice)?;
         let want = header.len;
@@ -1093,7 +1102,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                 // The 0.12 rule: a head holding the whole header and followed by another
                 // descriptor leaves the payload to the next descriptor (the head's remaining
                 // bytes are padding).
-                Self::tx_payload(mem, desc_chain, &mut data, want, want as usize, 0, true)?;
+                Self::tx_payload(&lookup, desc_chain, &mut data, want, want as usize, 0, true)?;
             } else {
                 // One descriptor (Linux 6.2 and later): the payload follows the header. Refuse
                 // a head too short for it before touching memory (0.12 answers "chain too
@@ -1107,14 +1116,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                         found: u64::from(head.len),
                     },
                 )?;
-                // The head's lookup already resolved the payload, in the common case.
-                data.push(front_or_lookup(
-                    after,
-                    mem,
-                    addr,
-                    want as usize,
-                    Permissions::Read,
-                )?);
+                data.push(lookup.slice(addr, want as usize)?);
             }
         }
         Ok(Self::assemble(header_slice, Vec::new(), header, data))
@@ -1124,7 +1126,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
     /// payload starts right after the header's last byte.
     #[inline(never)]
     fn tx_split_header<M, T>(
-        mem: &'a M,
+        lookup: &Lookup<'a, M, B>,
         desc_chain: &mut DescriptorChain<T>,
         max_data_size: u32,
         head: Desc,
@@ -1135,7 +1137,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         T: Deref,
         T::Target: GuestMemory,
     {
-        let (parts, end) = Self::parse_split_header(mem, desc_chain, Direction::Tx, head)?;
+        let (parts, end) = Self::parse_split_header(lookup, desc_chain, Direction::Tx, head)?;
         let want = parts.header.len;
         let mut data = Fragments::default();
         if want == 0 {
@@ -1155,11 +1157,11 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                     found: u64::from(end.desc.len),
                 },
             )?;
-            data.push(get_single_slice(mem, addr, take, Permissions::Read)?);
+            data.push(lookup.slice(addr, take)?);
             need -= take;
         }
         Self::tx_payload(
-            mem,
+            lookup,
             desc_chain,
             &mut data,
             want,
@@ -1175,7 +1177,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
     /// payload are ignored.
     #[inline(always)]
     fn tx_payload<M, T>(
-        mem: &'a M,
+        lookup: &Lookup<'a, M, B>,
         desc_chain: &mut DescriptorChain<T>,
         data: &mut Fragments<'a, B>,
         want: u32,
@@ -1217,7 +1219,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
             }
             let take = (desc.len as usize).min(need);
             if take > 0 {
-                data.push(get_single_slice(mem, desc.addr, take, Permissions::Read)?);
+                data.push(lookup.slice(desc.addr, take)?);
                 need -= take;
             }
         }
@@ -1266,16 +1268,17 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         T::Target: GuestMemory,
     {
         let head = Self::pop_head(desc_chain, Direction::Rx)?;
+        let lookup = Lookup::new(mem, head.addr, Direction::Rx.access());
         if (head.len as usize) < PKT_HEADER_SIZE {
-            return Self::rx_split_header(mem, desc_chain, max_data_size, head);
+            return Self::rx_split_header(&lookup, desc_chain, max_data_size, head);
         }
         // The whole header in the head descriptor: every layout 0.12 accepts.
-        let (header_slice, after) = head_slices(mem, &head, Permissions::Write)?;
+        let header_slice = lookup.slice(head.addr, PKT_HEADER_SIZE)?;
         let mut data = Fragments::default();
         if head.has_next {
             // As in 0.12, the head's remaining bytes are padding: the buffer is every
             // following descriptor.
-            Self::rx_payload(mem, desc_chain, &mut data, max_data_size, 0, 0)?;
+            Self::rx_payload(&lookup, desc_chain, &mut data, max_data_size, 0, 0)?;
         } else {
             // One descriptor: the buffer follows the header (0.12 puts no bound on it).
             let leftover = head.len - PKT_HEADER_LEN;
@@ -1288,14 +1291,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                     found: u64::from(head.len),
                 },
             )?;
-            // The head's lookup already resolved the buffer, in the common case.
-            data.push(front_or_lookup(
-                after,
-                mem,
-                addr,
-                leftover as usize,
-                Permissions::Write,
-            )?);
+            data.push(lookup.slice(addr, leftover as usize)?);
         }
         // The RX header is not read: the copy stays zeroed (as 0.12) until the setters fill it.
         Ok(Self::assemble(
@@ -1310,7 +1306,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
     /// buffer starts right after the header's last byte.
     #[inline(never)]
     fn rx_split_header<M, T>(
-        mem: &'a M,
+        lookup: &Lookup<'a, M, B>,
         desc_chain: &mut DescriptorChain<T>,
         max_data_size: u32,
         head: Desc,
@@ -1321,7 +1317,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         T: Deref,
         T::Target: GuestMemory,
     {
-        let (parts, end) = Self::parse_split_header(mem, desc_chain, Direction::Rx, head)?;
+        let (parts, end) = Self::parse_split_header(lookup, desc_chain, Direction::Rx, head)?;
         let mut data = Fragments::default();
         let leftover = end.desc.len - end.used;
         let mut total: u64 = 0;
@@ -1339,12 +1335,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                     found: u64::from(end.desc.len),
                 },
             )?;
-            data.push(get_single_slice(
-                mem,
-                addr,
-                leftover as usize,
-                Permissions::Write,
-            )?);
+            data.push(lookup.slice(addr, leftover as usize)?);
             total = u64::from(leftover);
         }
         if !end.desc.has_next {
@@ -1353,7 +1344,14 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
             }
             return Ok(parts.into_packet(data));
         }
-        Self::rx_payload(mem, desc_chain, &mut data, max_data_size, total, end.index)?;
+        Self::rx_payload(
+            lookup,
+            desc_chain,
+            &mut data,
+            max_data_size,
+            total,
+            end.index,
+        )?;
         Ok(parts.into_packet(data))
     }
 
@@ -1361,7 +1359,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
     /// `index`, which has a next descriptor; at most `max_data_size` bytes in all.
     #[inline(always)]
     fn rx_payload<M, T>(
-        mem: &'a M,
+        lookup: &Lookup<'a, M, B>,
         desc_chain: &mut DescriptorChain<T>,
         data: &mut Fragments<'a, B>,
         max_data_size: u32,
@@ -1389,12 +1387,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                 });
             }
             if desc.len > 0 {
-                data.push(get_single_slice(
-                    mem,
-                    desc.addr,
-                    desc.len as usize,
-                    Permissions::Write,
-                )?);
+                data.push(lookup.slice(desc.addr, desc.len as usize)?);
             }
             if !desc.has_next {
                 break;

@@ -470,10 +470,10 @@ where
     }
 }
 
-/// Guest-memory lookups for the buffers of one chain (or one driver buffer).
+/// Guest-memory lookups for the buffers of one chain.
 ///
 /// When `mem` has no IOMMU in between ([`GuestMemory::physical_memory`]: guest addresses are the
-/// backend's addresses), the region holding the first buffer is resolved once, as one slice
+/// backend's addresses), the region holding the head descriptor is resolved once, as one slice
 /// over the whole region, and every buffer inside that region is a bounds-checked sub-slice of
 /// it: the same pointer and length a lookup of its own would give, without the lookup. Any
 /// other buffer (another region, a region seam, an unmapped address, IOMMU-translated memory)
@@ -490,6 +490,7 @@ where
     M::Bitmap: WithBitmapSlice<'a, S = B>,
 {
     /// Resolve the region that holds `addr` (if `mem` is plain physical memory and one does).
+    /// Nothing is refused here: a buffer the region does not hold is looked up later.
     #[inline(always)]
     fn new(mem: &'a M, addr: GuestAddress, access: Permissions) -> Self {
         let region = mem

@@ -36,8 +36,8 @@ use std::ops::Deref;
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::{BitmapSlice, WithBitmapSlice};
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions, VolatileMemoryError,
-    VolatileSlice,
+    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError,
+    GuestMemoryRegion, Permissions, VolatileMemory, VolatileMemoryError, VolatileSlice,
 };
 
 #[cfg(test)]
@@ -312,7 +312,11 @@ impl SeqFlags {
 /// This is the private copy a [`VsockPacket`] keeps, and what the protocol core consumes and
 /// produces. `type_` and `op` stay raw `u16`s so that unknown values survive a round trip; use
 /// [`Header::op_typed`] and [`Header::socket_type`] for the typed view.
+///
+/// The fields are laid out in wire order (`repr(C)`, no padding before `fwd_cnt`), so that on a
+/// little-endian host decoding and encoding are plain copies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[repr(C)]
 pub struct Header {
     /// Source context id.
     pub src_cid: u64,
@@ -435,7 +439,7 @@ pub struct VsockPacket<'a, B: BitmapSlice> {
 
 /// Get a single slice for `[addr, addr + count)`, or `FragmentedMemory` when the range spans
 /// host fragments. `count` must be non-zero.
-#[inline(always)]
+#[inline]
 fn get_single_slice<'a, M: GuestMemory, B: BitmapSlice>(
     mem: &'a M,
     addr: GuestAddress,
@@ -467,6 +471,101 @@ where
     }
 }
 
+/// Guest-memory lookups for the buffers of one chain.
+///
+/// When `mem` has no IOMMU in between ([`GuestMemory::physical_memory`]: guest addresses are the
+/// backend's addresses), the region holding the head descriptor is resolved once, as one slice
+/// over the whole region, and every buffer inside that region is a bounds-checked sub-slice of
+/// it: the same pointer and length a lookup of its own would give, without the lookup. Any
+/// other buffer (another region, a region seam, an unmapped address, IOMMU-translated memory)
+/// is looked up as 0.12 does, with its exact verdict.
+struct Lookup<'a, M, B> {
+    mem: &'a M,
+    access: Permissions,
+    /// Start of the resolved region and a slice over all of it.
+    region: Option<(GuestAddress, VolatileSlice<'a, B>)>,
+}
+
+impl<'a, M: GuestMemory, B: BitmapSlice> Lookup<'a, M, B>
+where
+    M::Bitmap: WithBitmapSlice<'a, S = B>,
+{
+    /// Resolve the region that holds `addr` (if `mem` is plain physical memory and one does).
+    /// Nothing is refused here: a buffer the region does not hold is looked up later.
+    #[inline(always)]
+    fn new(mem: &'a M, addr: GuestAddress, access: Permissions) -> Self {
+        let region = mem
+            .physical_memory()
+            .and_then(|phys| phys.find_region(addr))
+            .and_then(|r| {
+                let len = usize::try_from(r.len()).ok()?;
+                let whole = first_fragment(mem, r.start_addr(), len, access)?;
+                (whole.len() == len).then_some((r.start_addr(), whole))
+            });
+        Lookup {
+            mem,
+            access,
+            region,
+        }
+    }
+
+    /// The single slice for `[addr, addr + count)` (`count` non-zero), or the error 0.12 gives.
+    #[inline(always)]
+    fn slice(&self, addr: GuestAddress, count: usize) -> Result<VolatileSlice<'a, B>> {
+        if let Some((start, whole)) = &self.region {
+            // `addr - start` and `offset + count` are checked (by `checked_offset_from` and
+            // `subslice`): a buffer not wholly inside the region falls through to the lookup.
+            if let Some(offset) = addr
+                .checked_offset_from(*start)
+                .and_then(|o| usize::try_from(o).ok())
+            {
+                if let Ok(slice) = whole.subslice(offset, count) {
+                    return Ok(slice);
+                }
+            }
+        }
+        get_single_slice(self.mem, addr, count, self.access)
+    }
+}
+
+/// The first host fragment of `[addr, addr + count)` (`count` non-zero): the whole range when
+/// one mapping holds it, a shorter front part when it does not, `None` when `addr` cannot be
+/// resolved.
+#[inline]
+fn first_fragment<'a, M: GuestMemory, B: BitmapSlice>(
+    mem: &'a M,
+    addr: GuestAddress,
+    count: usize,
+    access: Permissions,
+) -> Option<VolatileSlice<'a, B>>
+where
+    M::Bitmap: WithBitmapSlice<'a, S = B>,
+{
+    mem.get_slices(addr, count, access).ok()?.next()?.ok()
+}
+
+/// Read the header at the start of `slice` (at least [`PKT_HEADER_SIZE`] bytes) into a private
+/// copy, every byte exactly once: five 8-byte and one 4-byte volatile loads, where a
+/// `read_slice` of a runtime length goes through a `memcpy` call.
+#[inline(always)]
+fn read_header<B: BitmapSlice>(slice: &VolatileSlice<'_, B>) -> Result<Header> {
+    let words: [u64; 5] = slice
+        .get_ref::<[u64; 5]>(0)
+        .map_err(Error::InvalidVolatileAccess)?
+        .load();
+    let tail: u32 = slice
+        .get_ref::<u32>(40)
+        .map_err(Error::InvalidVolatileAccess)?
+        .load();
+    // Native-endian bytes are the bytes as they were in memory; `from_bytes` decodes them.
+    let mut raw = [0u8; PKT_HEADER_SIZE];
+    for (bytes, word) in raw.chunks_exact_mut(8).zip(words) {
+        bytes.copy_from_slice(&word.to_ne_bytes());
+    }
+    raw[40..].copy_from_slice(&tail.to_ne_bytes());
+    Ok(Header::from_bytes(&raw))
+}
+
 /// Which buffers a chain must hold.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Direction {
@@ -494,6 +593,20 @@ impl Direction {
     }
 }
 
+/// `DescriptorChainTooShort`: a TX payload but no descriptor holding it.
+const NO_PAYLOAD_DESC: &str = "expected a descriptor holding the packet payload after the header";
+/// `DescriptorChainTooShort`: an RX chain with no room after the header.
+const NO_RX_ROOM: &str = "expected room for a payload after the header, found none";
+
+/// A TX header's `len` must not exceed the negotiated maximum.
+#[inline(always)]
+fn check_tx_len(len: u32, max: u32) -> Result<()> {
+    if len > max {
+        return Err(Error::InvalidHeaderLen { len, max });
+    }
+    Ok(())
+}
+
 /// A descriptor as the parser needs it.
 #[derive(Clone, Copy)]
 struct Desc {
@@ -517,7 +630,8 @@ where
     })
 }
 
-/// Where the header ended: the descriptor that held its last byte and how much of it is left.
+/// Where a split header ended: the descriptor that held its last byte and how much of it is
+/// left.
 struct HeaderEnd {
     /// Index of that descriptor in the chain.
     index: usize,
@@ -525,6 +639,52 @@ struct HeaderEnd {
     desc: Desc,
     /// Bytes of it the header used.
     used: u32,
+}
+
+/// A split header as [`VsockPacket::parse_split_header`] found it: its fragments and its
+/// private copy.
+struct HeaderParts<'a, B> {
+    /// The first (usually only) fragment.
+    slice: VolatileSlice<'a, B>,
+    /// Further fragments of a split header.
+    rest: Vec<VolatileSlice<'a, B>>,
+    /// The private copy (zeroed for RX).
+    header: Header,
+}
+
+impl<'a, B: BitmapSlice> HeaderParts<'a, B> {
+    /// The packet, from its parts.
+    #[inline(always)]
+    fn into_packet(self, data: Fragments<'a, B>) -> VsockPacket<'a, B> {
+        VsockPacket::assemble(self.slice, self.rest, self.header, data)
+    }
+}
+
+/// Fragments in chain order, the first apart so that the common one-fragment case allocates
+/// nothing.
+struct Fragments<'a, B> {
+    first: Option<VolatileSlice<'a, B>>,
+    rest: Vec<VolatileSlice<'a, B>>,
+}
+
+impl<B> Default for Fragments<'_, B> {
+    fn default() -> Self {
+        Fragments {
+            first: None,
+            rest: Vec::new(),
+        }
+    }
+}
+
+impl<'a, B> Fragments<'a, B> {
+    #[inline(always)]
+    fn push(&mut self, slice: VolatileSlice<'a, B>) {
+        if self.first.is_none() {
+            self.first = Some(slice);
+        } else {
+            self.rest.push(slice);
+        }
+    }
 }
 
 impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
@@ -769,18 +929,10 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         self.set_flags(self.flags() | flag)
     }
 
-    /// Gather the header from the front of the chain. Returns the packet with its header
-    /// fragments and private copy (zeroed for RX, which is not read) but no payload yet, and
-    /// where the header ended.
+    /// Pop the head descriptor and check its direction.
     #[inline(always)]
-    fn parse_header<M, T>(
-        mem: &'a M,
-        chain: &mut DescriptorChain<T>,
-        dir: Direction,
-    ) -> Result<(Self, HeaderEnd)>
+    fn pop_head<T>(chain: &mut DescriptorChain<T>, dir: Direction) -> Result<Desc>
     where
-        M: GuestMemory,
-        M::Bitmap: WithBitmapSlice<'a, S = B>,
         T: Deref,
         T::Target: GuestMemory,
     {
@@ -788,46 +940,34 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
             "expected a head descriptor holding the packet header, found an empty chain",
         ))?;
         dir.check(head.write_only, 0)?;
-
-        // Fast path: the whole header in the head descriptor (every layout 0.12 accepts).
-        if head.len as usize >= PKT_HEADER_SIZE {
-            let slice = get_single_slice(mem, head.addr, PKT_HEADER_SIZE, dir.access())?;
-            // TX: read the header once, from the slice (no second address translation).
-            let header = if dir == Direction::Tx {
-                let mut raw = [0u8; PKT_HEADER_SIZE];
-                slice
-                    .read_slice(&mut raw, 0)
-                    .map_err(Error::InvalidVolatileAccess)?;
-                Header::from_bytes(&raw)
-            } else {
-                Header::default()
-            };
-            let end = HeaderEnd {
-                index: 0,
-                desc: head,
-                used: PKT_HEADER_LEN,
-            };
-            // Built in place, with no payload yet: the caller adds it.
-            let pkt = VsockPacket {
-                header_slice: slice,
-                header_rest: Vec::new(),
-                header,
-                data_slice: None,
-                data_rest: Vec::new(),
-            };
-            return Ok((pkt, end));
-        }
-        Self::parse_split_header(mem, chain, dir, head)
+        Ok(head)
     }
 
-    /// The slow path of [`Self::parse_header`]: the head is shorter than a header (beyond 0.12).
-    #[inline(never)]
+    /// The packet, assembled once from its parts (no partly built packet is moved around).
+    #[inline(always)]
+    fn assemble(
+        header_slice: VolatileSlice<'a, B>,
+        header_rest: Vec<VolatileSlice<'a, B>>,
+        header: Header,
+        data: Fragments<'a, B>,
+    ) -> Self {
+        VsockPacket {
+            header_slice,
+            header_rest,
+            header,
+            data_slice: data.first,
+            data_rest: data.rest,
+        }
+    }
+
+    /// Gather a header split over descriptors (the head is shorter than a header; beyond 0.12):
+    /// its fragments and private copy (zeroed for RX, which is not read), and where it ended.
     fn parse_split_header<M, T>(
-        mem: &'a M,
+        lookup: &Lookup<'a, M, B>,
         chain: &mut DescriptorChain<T>,
         dir: Direction,
         head: Desc,
-    ) -> Result<(Self, HeaderEnd)>
+    ) -> Result<(HeaderParts<'a, B>, HeaderEnd)>
     where
         M: GuestMemory,
         M::Bitmap: WithBitmapSlice<'a, S = B>,
@@ -842,25 +982,20 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         }
         let mut raw = [0u8; PKT_HEADER_SIZE];
         let mut got = 0usize;
-        let mut first: Option<VolatileSlice<'a, B>> = None;
-        let mut rest = Vec::new();
+        let mut frags = Fragments::default();
         let mut desc = head;
         let mut index = 0;
         loop {
             let take = (desc.len as usize).min(PKT_HEADER_SIZE - got);
             if take > 0 {
-                let slice = get_single_slice(mem, desc.addr, take, dir.access())?;
+                let slice = lookup.slice(desc.addr, take)?;
                 if dir == Direction::Tx {
                     slice
                         .read_slice(&mut raw[got..got + take], 0)
                         .map_err(Error::InvalidVolatileAccess)?;
                 }
                 got += take;
-                if first.is_none() {
-                    first = Some(slice);
-                } else {
-                    rest.push(slice);
-                }
+                frags.push(slice);
             }
             if got == PKT_HEADER_SIZE {
                 let end = HeaderEnd {
@@ -869,15 +1004,16 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                     // `take` is at most PKT_HEADER_SIZE here.
                     used: u32::try_from(take).unwrap_or(PKT_HEADER_LEN),
                 };
-                let first = first.ok_or(Error::DescriptorChainTooShort("no header fragment"))?;
-                let pkt = VsockPacket {
-                    header_slice: first,
-                    header_rest: rest,
+                let slice = frags
+                    .first
+                    .ok_or(Error::DescriptorChainTooShort("no header fragment"))?;
+                let parts = HeaderParts {
+                    slice,
+                    rest: frags.rest,
+                    // RX headers are not read: `raw` stayed zeroed.
                     header: Header::from_bytes(&raw),
-                    data_slice: None,
-                    data_rest: Vec::new(),
                 };
-                return Ok((pkt, end));
+                return Ok((parts, end));
             }
             desc = match next_desc(chain) {
                 Some(d) => d,
@@ -950,30 +1086,71 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         T: Deref,
         T::Target: GuestMemory,
     {
-        let (mut pkt, end) = Self::parse_header(mem, desc_chain, Direction::Tx)?;
+        let head = Self::pop_head(desc_chain, Direction::Tx)?;
+        let lookup = Lookup::new(mem, head.addr, Direction::Tx.access());
+        if (head.len as usize) < PKT_HEADER_SIZE {
+            return Self::tx_split_header(&lookup, desc_chain, max_data_size, head);
+        }
+        // The whole header in the head descriptor: every layout 0.12 accepts.
+        let header_slice = lookup.slice(head.addr, PKT_HEADER_SIZE)?;
+        // Read the header once, from the slice (no second address translation).
+        let header = read_header(&header_slice)?;
+        let want = header.len;
+        let mut data = Fragments::default();
         // A header-only packet: anything after the header is ignored.
-        if pkt.is_empty() {
-            return Ok(pkt);
+        if want > 0 {
+            check_tx_len(want, max_data_size)?;
+            if head.has_next {
+                // The 0.12 rule: a head holding the whole header and followed by another
+                // descriptor leaves the payload to the next descriptor (the head's remaining
+                // bytes are padding).
+                Self::tx_payload(&lookup, desc_chain, &mut data, want, want as usize, 0, true)?;
+            } else {
+                // One descriptor (Linux 6.2 and later): the payload follows the header. Refuse
+                // a head too short for it before touching memory (0.12 answers "chain too
+                // short" here whatever the buffer's address).
+                if head.len - PKT_HEADER_LEN < want {
+                    return Err(Error::DescriptorChainTooShort(NO_PAYLOAD_DESC));
+                }
+                let addr = head.addr.checked_add(PKT_HEADER_SIZE as u64).ok_or(
+                    Error::DescriptorLengthTooSmall {
+                        expected: PKT_HEADER_SIZE as u64 + u64::from(want),
+                        found: u64::from(head.len),
+                    },
+                )?;
+                data.push(lookup.slice(addr, want as usize)?);
+            }
         }
-        if pkt.len() > max_data_size {
-            return Err(Error::InvalidHeaderLen {
-                len: pkt.len(),
-                max: max_data_size,
-            });
+        Ok(Self::assemble(header_slice, Vec::new(), header, data))
+    }
+
+    /// [`Self::from_tx_virtq_chain`] for a header split over descriptors (beyond 0.12): the
+    /// payload starts right after the header's last byte.
+    #[inline(never)]
+    fn tx_split_header<M, T>(
+        lookup: &Lookup<'a, M, B>,
+        desc_chain: &mut DescriptorChain<T>,
+        max_data_size: u32,
+        head: Desc,
+    ) -> Result<Self>
+    where
+        M: GuestMemory,
+        M::Bitmap: WithBitmapSlice<'a, S = B>,
+        T: Deref,
+        T::Target: GuestMemory,
+    {
+        let (parts, end) = Self::parse_split_header(lookup, desc_chain, Direction::Tx, head)?;
+        let want = parts.header.len;
+        let mut data = Fragments::default();
+        if want == 0 {
+            return Ok(parts.into_packet(data));
         }
-        let want = pkt.len();
+        check_tx_len(want, max_data_size)?;
         let mut need = want as usize;
-        // The 0.12 rule: a head holding the whole header and followed by another descriptor
-        // leaves the payload to the next descriptor.
         let leftover = end.desc.len - end.used;
-        let skip_leftover = end.index == 0 && end.desc.has_next;
-        if !skip_leftover && leftover > 0 {
-            // Nothing follows and the rest cannot hold the payload: refuse before touching
-            // memory (0.12 answers "chain too short" here whatever the buffer's address).
+        if leftover > 0 {
             if !end.desc.has_next && (leftover as usize) < need {
-                return Err(Error::DescriptorChainTooShort(
-                    "expected a descriptor holding the packet payload after the header",
-                ));
+                return Err(Error::DescriptorChainTooShort(NO_PAYLOAD_DESC));
             }
             let take = (leftover as usize).min(need);
             let addr = end.desc.addr.checked_add(u64::from(end.used)).ok_or(
@@ -982,19 +1159,46 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                     found: u64::from(end.desc.len),
                 },
             )?;
-            pkt.push_data(get_single_slice(mem, addr, take, Permissions::Read)?);
+            data.push(lookup.slice(addr, take)?);
             need -= take;
         }
-        let mut index = end.index;
+        Self::tx_payload(
+            lookup,
+            desc_chain,
+            &mut data,
+            want,
+            need,
+            end.index,
+            end.desc.has_next,
+        )?;
+        Ok(parts.into_packet(data))
+    }
+
+    /// The last `need` bytes of a TX payload of `want` bytes, from the descriptors after the
+    /// one at `index` (which has a next descriptor if `has_next`). Descriptors after the
+    /// payload are ignored.
+    #[inline(always)]
+    fn tx_payload<M, T>(
+        lookup: &Lookup<'a, M, B>,
+        desc_chain: &mut DescriptorChain<T>,
+        data: &mut Fragments<'a, B>,
+        want: u32,
+        mut need: usize,
+        mut index: usize,
+        mut has_next: bool,
+    ) -> Result<()>
+    where
+        M: GuestMemory,
+        M::Bitmap: WithBitmapSlice<'a, S = B>,
+        T: Deref,
+        T::Target: GuestMemory,
+    {
         let mut data_descs = 0usize;
-        let mut has_next = end.desc.has_next;
         while need > 0 {
             let desc = match (has_next, next_desc(desc_chain)) {
                 (true, Some(d)) => d,
                 _ if data_descs == 0 => {
-                    return Err(Error::DescriptorChainTooShort(
-                        "expected a descriptor holding the packet payload after the header",
-                    ))
+                    return Err(Error::DescriptorChainTooShort(NO_PAYLOAD_DESC))
                 }
                 _ => {
                     return Err(Error::DescriptorLengthTooSmall {
@@ -1017,11 +1221,11 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
             }
             let take = (desc.len as usize).min(need);
             if take > 0 {
-                pkt.push_data(get_single_slice(mem, desc.addr, take, Permissions::Read)?);
+                data.push(lookup.slice(desc.addr, take)?);
                 need -= take;
             }
         }
-        Ok(pkt)
+        Ok(())
     }
 
     /// Create the packet wrapper from an RX chain (device view: the buffers are device-writable).
@@ -1065,15 +1269,63 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         T: Deref,
         T::Target: GuestMemory,
     {
+        let head = Self::pop_head(desc_chain, Direction::Rx)?;
+        let lookup = Lookup::new(mem, head.addr, Direction::Rx.access());
+        if (head.len as usize) < PKT_HEADER_SIZE {
+            return Self::rx_split_header(&lookup, desc_chain, max_data_size, head);
+        }
+        // The whole header in the head descriptor: every layout 0.12 accepts.
+        let header_slice = lookup.slice(head.addr, PKT_HEADER_SIZE)?;
+        let mut data = Fragments::default();
+        if head.has_next {
+            // As in 0.12, the head's remaining bytes are padding: the buffer is every
+            // following descriptor.
+            Self::rx_payload(&lookup, desc_chain, &mut data, max_data_size, 0, 0)?;
+        } else {
+            // One descriptor: the buffer follows the header (0.12 puts no bound on it).
+            let leftover = head.len - PKT_HEADER_LEN;
+            if leftover == 0 {
+                return Err(Error::DescriptorChainTooShort(NO_RX_ROOM));
+            }
+            let addr = head.addr.checked_add(PKT_HEADER_SIZE as u64).ok_or(
+                Error::DescriptorLengthTooSmall {
+                    expected: PKT_HEADER_SIZE as u64,
+                    found: u64::from(head.len),
+                },
+            )?;
+            data.push(lookup.slice(addr, leftover as usize)?);
+        }
         // The RX header is not read: the copy stays zeroed (as 0.12) until the setters fill it.
-        let (mut pkt, end) = Self::parse_header(mem, desc_chain, Direction::Rx)?;
+        Ok(Self::assemble(
+            header_slice,
+            Vec::new(),
+            Header::default(),
+            data,
+        ))
+    }
+
+    /// [`Self::from_rx_virtq_chain`] for a header split over descriptors (beyond 0.12): the
+    /// buffer starts right after the header's last byte.
+    #[inline(never)]
+    fn rx_split_header<M, T>(
+        lookup: &Lookup<'a, M, B>,
+        desc_chain: &mut DescriptorChain<T>,
+        max_data_size: u32,
+        head: Desc,
+    ) -> Result<Self>
+    where
+        M: GuestMemory,
+        M::Bitmap: WithBitmapSlice<'a, S = B>,
+        T: Deref,
+        T::Target: GuestMemory,
+    {
+        let (parts, end) = Self::parse_split_header(lookup, desc_chain, Direction::Rx, head)?;
+        let mut data = Fragments::default();
         let leftover = end.desc.len - end.used;
-        let skip_leftover = end.index == 0 && end.desc.has_next;
         let mut total: u64 = 0;
-        if !skip_leftover && leftover > 0 {
-            // 0.12 puts no bound on a single-descriptor RX buffer; a split header's leftover
-            // counts against the maximum like any other payload descriptor.
-            if end.index > 0 && leftover > max_data_size {
+        if leftover > 0 {
+            // The leftover counts against the maximum like any other payload descriptor.
+            if leftover > max_data_size {
                 return Err(Error::DescriptorLengthTooLong {
                     max: u64::from(max_data_size),
                     found: u64::from(leftover),
@@ -1085,23 +1337,43 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                     found: u64::from(end.desc.len),
                 },
             )?;
-            pkt.push_data(get_single_slice(
-                mem,
-                addr,
-                leftover as usize,
-                Permissions::Write,
-            )?);
+            data.push(lookup.slice(addr, leftover as usize)?);
             total = u64::from(leftover);
         }
         if !end.desc.has_next {
             if total == 0 {
-                return Err(Error::DescriptorChainTooShort(
-                    "expected room for a payload after the header, found none",
-                ));
+                return Err(Error::DescriptorChainTooShort(NO_RX_ROOM));
             }
-            return Ok(pkt);
+            return Ok(parts.into_packet(data));
         }
-        let mut index = end.index;
+        Self::rx_payload(
+            lookup,
+            desc_chain,
+            &mut data,
+            max_data_size,
+            total,
+            end.index,
+        )?;
+        Ok(parts.into_packet(data))
+    }
+
+    /// The rest of an RX buffer (`total` bytes so far): every descriptor after the one at
+    /// `index`, which has a next descriptor; at most `max_data_size` bytes in all.
+    #[inline(always)]
+    fn rx_payload<M, T>(
+        lookup: &Lookup<'a, M, B>,
+        desc_chain: &mut DescriptorChain<T>,
+        data: &mut Fragments<'a, B>,
+        max_data_size: u32,
+        mut total: u64,
+        mut index: usize,
+    ) -> Result<()>
+    where
+        M: GuestMemory,
+        M::Bitmap: WithBitmapSlice<'a, S = B>,
+        T: Deref,
+        T::Target: GuestMemory,
+    {
         let mut seen_data_desc = false;
         while let Some(desc) = next_desc(desc_chain) {
             index += 1;
@@ -1117,12 +1389,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                 });
             }
             if desc.len > 0 {
-                pkt.push_data(get_single_slice(
-                    mem,
-                    desc.addr,
-                    desc.len as usize,
-                    Permissions::Write,
-                )?);
+                data.push(lookup.slice(desc.addr, desc.len as usize)?);
             }
             if !desc.has_next {
                 break;
@@ -1133,16 +1400,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                 "expected a payload descriptor after the header, found the chain's end",
             ));
         }
-        Ok(pkt)
-    }
-
-    #[inline]
-    fn push_data(&mut self, slice: VolatileSlice<'a, B>) {
-        if self.data_slice.is_none() {
-            self.data_slice = Some(slice);
-        } else {
-            self.data_rest.push(slice);
-        }
+        Ok(())
     }
 
     /// Driver view of a used RX buffer: the device wrote a packet into the buffer at `addr`

@@ -701,6 +701,130 @@ fn tx_addresses_near_u64_max_are_errors_not_panics() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The region resolved at the head: buffers inside it are sub-slices, the rest are looked up
+// ---------------------------------------------------------------------------------------------
+
+/// Each fragment's host address and length are those a lookup of its own gives.
+#[track_caller]
+fn assert_fragments_at(mem: &Mem, pkt: &VsockPacket<'_, ()>, data: &[(u64, usize)]) {
+    let found: Vec<(*const u8, usize)> = pkt
+        .data_slices()
+        .map(|s| (s.ptr_guard().as_ptr(), s.len()))
+        .collect();
+    let expected: Vec<(*const u8, usize)> = data
+        .iter()
+        .map(|&(addr, n)| (unsafe_free_ptr(mem, addr), n))
+        .collect();
+    assert_eq!(found, expected);
+    assert_eq!(
+        pkt.header_slice().ptr_guard().as_ptr(),
+        unsafe_free_ptr(mem, pkt_head_addr(mem, pkt))
+    );
+}
+
+/// The guest address of the header slice (the memories here start at 0, one region per
+/// `REGION` at most, so the host offset from region 0 maps back).
+fn pkt_head_addr(mem: &Mem, pkt: &VsockPacket<'_, ()>) -> u64 {
+    let p = pkt.header_slice().ptr_guard().as_ptr() as usize;
+    mem.iter()
+        .find_map(|r| {
+            let base = r.get_host_address(MemoryRegionAddress(0)).unwrap() as usize;
+            (p >= base && p < base + r.len() as usize)
+                .then(|| r.start_addr().raw_value() + (p - base) as u64)
+        })
+        .unwrap()
+}
+
+#[test]
+fn tx_data_below_the_header_in_the_same_region() {
+    let mem = mem();
+    mem.write_slice(&hdr(300).to_bytes(), GuestAddress(0x8_0000))
+        .unwrap();
+    let want = payload(300);
+    mem.write_slice(&want, GuestAddress(0x2000)).unwrap();
+    let pkt = tx(
+        &mem,
+        &mut chain(&mem, &[(0x8_0000, HDR, R), (0x2000, 300, R)]),
+    )
+    .unwrap();
+    assert_eq!(data_of(&pkt), want);
+    assert_fragments_at(&mem, &pkt, &[(0x2000, 300)]);
+}
+
+#[test]
+fn tx_buffers_in_other_regions_are_looked_up() {
+    let mem = fragmented_mem();
+    // Header in the first region, payload in the second, then back in the first.
+    mem.write_slice(&hdr(30).to_bytes(), GuestAddress(0x1000))
+        .unwrap();
+    let want = payload(30);
+    write_frags(&mem, &want, &[(REGION + 0x100, 20), (0x3000, 10)]);
+    let pkt = tx(
+        &mem,
+        &mut chain(
+            &mem,
+            &[(0x1000, HDR, R), (REGION + 0x100, 20, R), (0x3000, 10, R)],
+        ),
+    )
+    .unwrap();
+    assert_eq!(data_of(&pkt), want);
+    assert_fragments_at(&mem, &pkt, &[(REGION + 0x100, 20), (0x3000, 10)]);
+}
+
+#[test]
+fn one_desc_payload_starting_at_the_next_region_is_looked_up() {
+    // The head's header fills its region's last bytes; the payload (buffer) is the next
+    // region's first bytes: contiguous guest addresses, another host mapping, as 0.12 takes it.
+    let mem = fragmented_mem();
+    mem.write_slice(&hdr(20).to_bytes(), GuestAddress(REGION - HDR as u64))
+        .unwrap();
+    let want = payload(20);
+    mem.write_slice(&want, GuestAddress(REGION)).unwrap();
+    let pkt = tx(
+        &mem,
+        &mut chain(&mem, &[(REGION - HDR as u64, HDR + 20, R)]),
+    )
+    .unwrap();
+    assert_eq!(data_of(&pkt), want);
+    assert_fragments_at(&mem, &pkt, &[(REGION, 20)]);
+    let pkt = rx(
+        &mem,
+        &mut chain(&mem, &[(REGION - HDR as u64, HDR + 64, W)]),
+    )
+    .unwrap();
+    assert_fragments_at(&mem, &pkt, &[(REGION, 64)]);
+}
+
+#[test]
+fn rx_buffers_across_regions() {
+    let mem = fragmented_mem();
+    let pkt = rx(
+        &mem,
+        &mut chain(
+            &mem,
+            &[
+                (REGION + 0x4000, HDR, W),
+                (0x2000, 100, W),
+                (REGION + 0x100, 200, W),
+            ],
+        ),
+    )
+    .unwrap();
+    assert_fragments_at(&mem, &pkt, &[(0x2000, 100), (REGION + 0x100, 200)]);
+    // A buffer reaching out of the head's region into the next is one buffer over two host
+    // mappings: refused, as 0.12 does.
+    let err = rx(
+        &mem,
+        &mut chain(&mem, &[(0x1000, HDR, W), (REGION - 8, 100, W)]),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::FragmentedMemory { len: 100, .. }),
+        "{err:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // RX: accepted layouts
 // ---------------------------------------------------------------------------------------------
 

@@ -219,7 +219,8 @@ pub(super) struct Scale {
     /// Mean time of a 1-byte echo round trip on one more stream.
     pub(super) round_trip: Duration,
     /// Resident memory the idle streams added, per stream (driver, and on sim its host side
-    /// too; the DMA pools are allocated up front and not in it). `None` without /proc.
+    /// too; the DMA pools are allocated up front and not in it). `None` without /proc, or for
+    /// fewer than [`MEMORY_ROW_MIN`] streams.
     pub(super) rss_per_stream: Option<u64>,
 }
 
@@ -241,8 +242,9 @@ pub(super) fn scale(
         idle.push(s);
         step.inc(1);
     }
+    // Below a thousand streams the allocator's reuse of freed memory is most of the reading.
     let rss_per_stream = match (rss_before, rss_bytes()) {
-        (Some(b), Some(a)) if open > 0 => Some(a.saturating_sub(b) / open as u64),
+        (Some(b), Some(a)) if open >= MEMORY_ROW_MIN => Some(a.saturating_sub(b) / open as u64),
         _ => None,
     };
 
@@ -269,6 +271,9 @@ pub(super) fn scale(
         rss_per_stream,
     })
 }
+
+/// The fewest idle streams a scale step reports a memory row for.
+const MEMORY_ROW_MIN: usize = 1000;
 
 /// This process's resident set size, from `VmRSS` in `/proc/self/status`.
 fn rss_bytes() -> Option<u64> {

@@ -17,6 +17,9 @@
 
 use std::collections::VecDeque;
 
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{VolatileMemoryError, VolatileSlice};
+
 /// Piece size when the addresses alias: below every `rep movsb` threshold glibc picks (2 KiB at
 /// the least).
 pub(crate) const CHUNK: usize = 1024;
@@ -49,6 +52,37 @@ pub(crate) fn copy_bytes(dst: &mut [u8], src: &[u8]) {
     for (d, s) in dst.chunks_mut(piece).zip(src.chunks(piece)) {
         d.copy_from_slice(s);
     }
+}
+
+/// Copy `dst.len()` bytes from `src` at byte `offset` into `dst` (memory another agent may
+/// write, such as a device's buffer, is only read through the volatile slice), in pieces when
+/// the addresses alias.
+pub(crate) fn from_volatile<B: BitmapSlice>(
+    src: &VolatileSlice<'_, B>,
+    offset: usize,
+    dst: &mut [u8],
+) -> Result<(), VolatileMemoryError> {
+    let src = src.subslice(offset, dst.len())?;
+    let piece = piece_len(dst.len(), dst.as_ptr(), src.ptr_guard().as_ptr());
+    for (i, part) in dst.chunks_mut(piece).enumerate() {
+        src.subslice(i * piece, part.len())?.copy_to(part);
+    }
+    Ok(())
+}
+
+/// Copy `src` into `dst` at byte `offset` (through the volatile slice), in pieces when the
+/// addresses alias.
+pub(crate) fn to_volatile<B: BitmapSlice>(
+    dst: &VolatileSlice<'_, B>,
+    offset: usize,
+    src: &[u8],
+) -> Result<(), VolatileMemoryError> {
+    let dst = dst.subslice(offset, src.len())?;
+    let piece = piece_len(src.len(), dst.ptr_guard().as_ptr(), src.as_ptr());
+    for (i, part) in src.chunks(piece).enumerate() {
+        dst.subslice(i * piece, part.len())?.copy_from(part);
+    }
+    Ok(())
 }
 
 /// Append `src` to `q`. Always in pieces: where the deque will put the bytes is not known before
@@ -136,6 +170,26 @@ mod tests {
     }
 
     /// Through wrap-around of the ring: what goes in comes out, in order.
+    #[test]
+    fn volatile_copies_are_exact_at_every_offset_and_distance() {
+        let src = pattern(3 * CHUNK + 77, 9);
+        let mut mem = vec![0u8; 8192 + 3 * CHUNK + 200];
+        for distance in [0usize, 1, 16, 63, 64, 4095] {
+            for offset in [0usize, 1, 100] {
+                mem.fill(0);
+                let slice = VolatileSlice::from(&mut mem[distance..]);
+                to_volatile(&slice, offset, &src).unwrap();
+                let mut back = vec![0u8; src.len()];
+                from_volatile(&slice, offset, &mut back).unwrap();
+                assert_eq!(back, src, "distance {distance}, offset {offset}");
+                assert!(mem[..distance + offset].iter().all(|&b| b == 0));
+            }
+        }
+        let slice = VolatileSlice::from(&mut mem[..10]);
+        assert!(to_volatile(&slice, 5, &[1; 6]).is_err(), "past the end");
+        assert!(from_volatile(&slice, 11, &mut [0; 0]).is_err(), "offset past the end");
+    }
+
     #[test]
     fn deque_round_trip_across_the_wrap() {
         let mut q = VecDeque::with_capacity(8 * 1024);

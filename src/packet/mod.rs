@@ -726,20 +726,26 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
 
     /// Copy the payload into `buf` (at most `buf.len()` bytes); returns the bytes copied.
     pub fn read_data(&self, buf: &mut [u8]) -> Result<usize> {
+        self.read_data_at(0, buf)
+    }
+
+    /// Copy payload bytes from byte `offset` of the payload into `buf` (at most `buf.len()`,
+    /// fewer where the payload ends); returns the bytes copied.
+    pub fn read_data_at(&self, mut offset: usize, buf: &mut [u8]) -> Result<usize> {
         let mut done = 0;
         for s in self.data_slices() {
             if done == buf.len() {
                 break;
             }
-            let n = s.len().min(buf.len() - done);
-            let dst = &mut buf[done..done + n];
-            let piece = crate::copy::piece_len(n, dst.as_ptr(), s.ptr_guard().as_ptr());
-            for off in (0..n).step_by(piece) {
-                let end = n.min(off + piece);
-                s.read_slice(&mut dst[off..end], off)
-                    .map_err(Error::InvalidVolatileAccess)?;
+            if offset >= s.len() {
+                offset -= s.len();
+                continue;
             }
+            let n = (s.len() - offset).min(buf.len() - done);
+            crate::copy::from_volatile(s, offset, &mut buf[done..done + n])
+                .map_err(Error::InvalidVolatileAccess)?;
             done += n;
+            offset = 0;
         }
         Ok(done)
     }
@@ -747,20 +753,26 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
     /// Copy `buf` into the payload buffer from its start; returns the bytes copied (at most the
     /// buffer's capacity). The header's `len` is not changed: call [`VsockPacket::set_len`].
     pub fn write_data(&self, buf: &[u8]) -> Result<usize> {
+        self.write_data_at(0, buf)
+    }
+
+    /// Copy `buf` into the payload buffer from byte `offset` of the payload; returns the bytes
+    /// copied (fewer where the buffer ends). The header's `len` is not changed.
+    pub fn write_data_at(&self, mut offset: usize, buf: &[u8]) -> Result<usize> {
         let mut done = 0;
         for s in self.data_slices() {
             if done == buf.len() {
                 break;
             }
-            let n = s.len().min(buf.len() - done);
-            let src = &buf[done..done + n];
-            let piece = crate::copy::piece_len(n, s.ptr_guard().as_ptr(), src.as_ptr());
-            for off in (0..n).step_by(piece) {
-                let end = n.min(off + piece);
-                s.write_slice(&src[off..end], off)
-                    .map_err(Error::InvalidVolatileAccess)?;
+            if offset >= s.len() {
+                offset -= s.len();
+                continue;
             }
+            let n = (s.len() - offset).min(buf.len() - done);
+            crate::copy::to_volatile(s, offset, &buf[done..done + n])
+                .map_err(Error::InvalidVolatileAccess)?;
             done += n;
+            offset = 0;
         }
         Ok(done)
     }

@@ -311,6 +311,35 @@ fn tx_payload_over_four_descs() {
     assert_eq!(&small[..], &data[..150]);
 }
 
+/// `read_data_at`/`write_data_at` start anywhere in a fragmented payload, cross fragment
+/// boundaries, and stop where the payload ends.
+#[test]
+fn data_at_an_offset_across_fragments() {
+    let mem = mem();
+    let data = payload(1000);
+    mem.write_slice(&hdr(1000).to_bytes(), GuestAddress(0x1000))
+        .unwrap();
+    let frags = [(0x2000, 100), (0x3000, 400), (0x4000, 250), (0x5000, 250)];
+    write_frags(&mem, &data, &frags);
+    let mut descs = vec![(0x1000, HDR, R)];
+    descs.extend(frags.iter().map(|&(a, n)| (a, n as u32, R)));
+    let pkt = tx(&mem, &mut chain(&mem, &descs)).unwrap();
+    for (offset, len) in [(0, 1000), (99, 2), (100, 400), (350, 500), (990, 50), (1000, 5)] {
+        let mut buf = vec![0u8; len];
+        let n = pkt.read_data_at(offset, &mut buf).unwrap();
+        assert_eq!(n, len.min(1000 - offset), "offset {offset}");
+        assert_eq!(&buf[..n], &data[offset..offset + n], "offset {offset}");
+    }
+    let patch = [0xeeu8; 300];
+    assert_eq!(pkt.write_data_at(450, &patch).unwrap(), 300);
+    let mut all = vec![0u8; 1000];
+    assert_eq!(pkt.read_data(&mut all).unwrap(), 1000);
+    assert_eq!(&all[..450], &data[..450]);
+    assert_eq!(&all[450..750], &patch[..]);
+    assert_eq!(&all[750..], &data[750..]);
+    assert_eq!(pkt.write_data_at(900, &patch).unwrap(), 100, "stops at the end");
+}
+
 #[test]
 fn tx_zero_length_descs_are_skipped() {
     let mem = mem();

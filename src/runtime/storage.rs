@@ -66,17 +66,13 @@ impl CopyCounters {
     }
 }
 
-/// Copy `src` into DMA memory at `addr` (in pieces when the addresses alias, see `copy`).
+/// Copy `src` into DMA memory at `addr`.
 fn write_dma(mem: &GuestMemoryMmap<()>, addr: GuestAddress, src: &[u8]) -> Result<(), CopyError> {
-    let slice = dma_slice(mem, addr, src.len())?;
-    let piece = crate::copy::piece_len(src.len(), slice.ptr_guard().as_ptr(), src.as_ptr());
-    for (i, part) in src.chunks(piece).enumerate() {
-        slice.write_slice(part, i * piece).map_err(|_| CopyError {
-            addr: addr.0,
-            len: src.len(),
-        })?;
-    }
-    Ok(())
+    let err = |_| CopyError {
+        addr: addr.0,
+        len: src.len(),
+    };
+    crate::copy::to_volatile(&dma_slice(mem, addr, src.len())?, 0, src).map_err(err)
 }
 
 /// Copy DMA memory at `addr` into `dst`.
@@ -86,14 +82,8 @@ fn read_dma(
     dst: &mut [u8],
 ) -> Result<(), CopyError> {
     let len = dst.len();
-    let slice = dma_slice(mem, addr, len)?;
-    let piece = crate::copy::piece_len(len, dst.as_ptr(), slice.ptr_guard().as_ptr());
-    for (i, part) in dst.chunks_mut(piece).enumerate() {
-        slice
-            .read_slice(part, i * piece)
-            .map_err(|_| CopyError { addr: addr.0, len })?;
-    }
-    Ok(())
+    let err = |_| CopyError { addr: addr.0, len };
+    crate::copy::from_volatile(&dma_slice(mem, addr, len)?, 0, dst).map_err(err)
 }
 
 /// A copy between DMA memory and a buffer failed: the range is not inside one region of the

@@ -12,66 +12,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, Le32};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Hostile, SimStats};
-use crate::packet::{
-    Error as PacketError, VsockPacket, PKT_HEADER_LEN, PKT_HEADER_SIZE, VMADDR_CID_HOST,
-};
+use crate::packet::{VsockPacket, PKT_HEADER_LEN, PKT_HEADER_SIZE, VMADDR_CID_HOST};
 use crate::runtime::{RtEndpoint, TransportError};
-
-/// Copy `dst.len()` payload bytes of `pkt`, from byte `offset` of its payload, into `dst`.
-fn read_payload_at(
-    pkt: &VsockPacket<'_, ()>,
-    mut offset: usize,
-    dst: &mut [u8],
-) -> Result<(), PacketError> {
-    let mut done = 0;
-    for s in pkt.data_slices() {
-        if done == dst.len() {
-            break;
-        }
-        if offset >= s.len() {
-            offset -= s.len();
-            continue;
-        }
-        let n = (s.len() - offset).min(dst.len() - done);
-        let out = &mut dst[done..done + n];
-        let piece = crate::copy::piece_len(n, out.as_ptr(), s.ptr_guard().as_ptr());
-        for (i, part) in out.chunks_mut(piece).enumerate() {
-            s.read_slice(part, offset + i * piece)
-                .map_err(PacketError::InvalidVolatileAccess)?;
-        }
-        done += n;
-        offset = 0;
-    }
-    Ok(())
-}
-
-/// Copy `src` into `pkt`'s payload buffer from byte `offset` of the payload.
-fn write_payload_at(
-    pkt: &VsockPacket<'_, ()>,
-    mut offset: usize,
-    src: &[u8],
-) -> Result<(), PacketError> {
-    let mut done = 0;
-    for s in pkt.data_slices() {
-        if done == src.len() {
-            break;
-        }
-        if offset >= s.len() {
-            offset -= s.len();
-            continue;
-        }
-        let n = (s.len() - offset).min(src.len() - done);
-        let part = &src[done..done + n];
-        let piece = crate::copy::piece_len(n, s.ptr_guard().as_ptr(), part.as_ptr());
-        for (i, p) in part.chunks(piece).enumerate() {
-            s.write_slice(p, offset + i * piece)
-                .map_err(PacketError::InvalidVolatileAccess)?;
-        }
-        done += n;
-        offset = 0;
-    }
-    Ok(())
-}
 
 /// Device-side state while the device runs.
 pub(super) struct SimRings {
@@ -143,7 +85,7 @@ impl SimRings {
                         ep.handle_packet_with(now, &hdr, len, |rx| {
                             if let Some(q) = rx.as_heap() {
                                 q.push_with(len, |off, piece| {
-                                    if let Err(e) = read_payload_at(&pkt, off, piece) {
+                                    if let Err(e) = pkt.read_data_at(off, piece) {
                                         failed = Some(e);
                                     }
                                 });
@@ -205,7 +147,7 @@ impl SimRings {
             let sent = ep.poll_transmit_with(now, room, |h, q| {
                 if let Some(q) = q.and_then(|q| q.as_heap()) {
                     q.take_with(h.len as usize, |off, piece| {
-                        if let Err(e) = write_payload_at(&pkt, off, piece) {
+                        if let Err(e) = pkt.write_data_at(off, piece) {
                             failed = Some(e);
                         }
                     });

@@ -87,13 +87,14 @@
 
 mod conn;
 pub mod credit;
+mod listener;
 pub mod storage;
 mod timers;
 
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
@@ -101,6 +102,7 @@ use std::time::{Duration, Instant};
 use conn::Conn;
 pub use conn::ConnState;
 use credit::CreditViolation;
+use listener::Listener;
 pub use storage::{HeapBuf, HeapStorage, RxBuf, Storage, TxBuf};
 use timers::Timers;
 
@@ -310,17 +312,6 @@ pub struct Stats {
     pub credit_updates_in: u64,
     /// `CREDIT_REQUEST`s received.
     pub credit_requests_in: u64,
-}
-
-/// A listening port.
-#[derive(Debug)]
-struct Listener {
-    port: u32,
-    ty: SocketType,
-    backlog: usize,
-    /// Established connections not yet accepted, oldest first (`ConnId`s only grow, so their
-    /// order is the order of arrival); a set, so that one leaving early costs O(log n).
-    queue: BTreeSet<ConnId>,
 }
 
 /// `(local port, peer CID, peer port)`.
@@ -535,66 +526,6 @@ impl<S: Storage> Endpoint<S> {
         self.insert_conn(conn);
         self.schedule(id);
         Ok(id)
-    }
-
-    /// Listen on `port` for connections of type `ty`; at most `backlog` (≥ 1) established
-    /// connections wait for `accept`, further `REQUEST`s get `RST`.
-    pub fn listen(
-        &mut self,
-        port: u32,
-        backlog: usize,
-        ty: SocketType,
-    ) -> Result<ListenerId, ProtoError> {
-        self.check_type(ty)?;
-        if backlog == 0 {
-            return Err(ProtoError::InvalidInput(
-                "listen backlog must be at least 1",
-            ));
-        }
-        if self.listener_ports.contains_key(&port) || self.bound_refs.contains_key(&port) {
-            return Err(ProtoError::AddrInUse { port });
-        }
-        let id = ListenerId(self.next_listener);
-        self.next_listener += 1;
-        self.listeners.insert(
-            id,
-            Listener {
-                port,
-                ty,
-                backlog,
-                queue: BTreeSet::new(),
-            },
-        );
-        self.listener_ports.insert(port, id);
-        self.sync_free_port(port);
-        Ok(id)
-    }
-
-    /// Stop listening; connections not yet accepted get `RST` and are dropped.
-    pub fn unlisten(&mut self, now: Instant, l: ListenerId) {
-        let _ = now;
-        let Some(listener) = self.listeners.remove(&l) else {
-            return;
-        };
-        self.listener_ports.remove(&listener.port);
-        self.sync_free_port(listener.port);
-        for id in listener.queue {
-            if let Some(conn) = self.conns.get_mut(&id) {
-                conn.listener = None;
-            }
-            self.send_rst_and_unlink(id);
-            self.release(id, false);
-        }
-    }
-
-    /// The next established connection waiting on `l`. Data may already be buffered on it
-    /// (no [`Event::Readable`] is sent for connections not yet accepted): try `recv` at once.
-    pub fn accept(&mut self, l: ListenerId) -> Option<ConnId> {
-        let id = self.listeners.get_mut(&l)?.queue.pop_first()?;
-        if let Some(conn) = self.conns.get_mut(&id) {
-            conn.listener = None;
-        }
-        Some(id)
     }
 
     /// Copy as much of `data` as fits into the send buffer (stream sockets). `Ok(0)` means the
@@ -1510,29 +1441,6 @@ impl<S: Storage> Endpoint<S> {
             log::trace!("{} for unknown connection {}", op_name(hdr), hdr);
         }
         self.queue_unknown_rst(hdr);
-    }
-
-    fn accept_request(&mut self, l: ListenerId, hdr: &Header, ty: SocketType) {
-        let id = self.new_conn_id();
-        let mut conn = Conn::new(
-            &mut self.storage,
-            id,
-            ty,
-            hdr.dst_port,
-            hdr.src_cid,
-            hdr.src_port,
-            ConnState::Connected,
-            self.config.buf_alloc,
-        );
-        conn.credit.on_handshake(hdr.buf_alloc, hdr.fwd_cnt);
-        conn.pending.response = true;
-        conn.listener = Some(l);
-        self.insert_conn(conn);
-        if let Some(listener) = self.listeners.get_mut(&l) {
-            listener.queue.insert(id);
-        }
-        self.events.push(Event::Incoming(l));
-        self.schedule(id);
     }
 
     fn queue_unknown_rst(&mut self, hdr: &Header) {

@@ -2,8 +2,9 @@
 //! fails or is released; and the round robin of connections that may have packets to send.
 
 use super::conn::{self, Conn};
+use super::ports::{refcount_add, refcount_sub};
 use super::storage::{Storage, TxBuf};
-use super::{refcount_add, refcount_sub, ConnId, ConnState, Endpoint, Event, ProtoError};
+use super::{ConnId, ConnState, Endpoint, Event, ProtoError};
 
 impl<S: Storage> Endpoint<S> {
     pub(super) fn new_conn_id(&mut self) -> ConnId {

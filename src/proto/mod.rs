@@ -85,16 +85,18 @@
 //! `devices/virtio/vsock/csm/connection.rs`.
 #![forbid(unsafe_code)]
 
-mod conn;
+// This file: the public types, `Endpoint` and its user side (connect, send, recv, close, ...);
+// the rest of the engine, one concern a file:
+mod conn; // one connection: state, buffers, credit, the packets it owes
 pub mod credit;
-mod input;
-mod invariants;
-mod listener;
-mod output;
-mod ports;
+mod input; // the network side: handle_packet, handle_timeout, handle_transport_reset
+mod invariants; // check_invariants and peer_credit, for tests and fuzzing
+mod listener; // listeners and their accept queues: listen, unlisten, accept
+mod output; // poll_transmit, poll_timeout, poll_event, poll_ready and the event queue
+mod ports; // port refcounts, bound ports, the free ephemeral runs
 pub mod storage;
-mod table;
-mod timers;
+mod table; // the connection table: insert, unlink, fail, release, the transmit round robin
+mod timers; // the deadline index
 
 #[cfg(test)]
 mod tests;

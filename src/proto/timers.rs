@@ -8,10 +8,11 @@ use super::storage::Storage;
 use super::ConnId;
 
 /// The connections' deadlines (connect and close timeouts) in time order, so that
-/// [`Endpoint::poll_timeout`] reads the first one and [`Endpoint::handle_timeout`] visits only
-/// the expired ones, however many connections there are. `Conn::deadline` is the table (one
-/// `Option<Instant>` per connection) and this is its index: [`Timers::set`] is the only place
-/// either changes, so they cannot disagree.
+/// [`Endpoint::poll_timeout`](super::Endpoint::poll_timeout) reads the first one and
+/// [`Endpoint::handle_timeout`](super::Endpoint::handle_timeout) visits only the expired ones,
+/// however many connections there are. `Conn::deadline` is the table (one `Option<Instant>` per
+/// connection) and this is its index: [`Timers::set`] is the only place either changes, so they
+/// cannot disagree.
 #[derive(Debug, Default)]
 pub(super) struct Timers {
     /// `(deadline, connection)`; a connection is in here at most once, with its `deadline`.

@@ -2,7 +2,7 @@
 //! (CID 2). Grouped by phase: handshake, data and credit, close, reset, ports, seqpacket.
 
 use super::*;
-use crate::packet::VMADDR_CID_HOST;
+use crate::packet::{Op, VMADDR_CID_HOST};
 
 const GUEST_CID: u64 = 3;
 const PORT: u32 = 1234;

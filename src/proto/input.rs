@@ -1,0 +1,340 @@
+//! The network side: a received packet (`handle_packet`), an expired deadline
+//! (`handle_timeout`), a transport reset (`handle_transport_reset`), and what each does to the
+//! connection it names.
+
+use std::time::Instant;
+
+use super::credit::CreditViolation;
+use super::storage::{HeapStorage, RxBuf, Storage, TxBuf};
+use super::{ConnId, ConnState, Endpoint, Event, ProtoError, MAX_PENDING_UNKNOWN_RST};
+use crate::packet::{Header, Op, SeqFlags, ShutdownFlags, SocketType};
+
+fn op_name(h: &Header) -> String {
+    match Op::try_from(h.op) {
+        Ok(op) => op.to_string(),
+        Err(_) => format!("op {}", h.op),
+    }
+}
+
+impl Endpoint<HeapStorage> {
+    /// Process one received packet whose payload (`hdr.len` bytes) is `payload`.
+    pub fn handle_packet(&mut self, now: Instant, hdr: &Header, payload: &[u8]) {
+        self.handle_packet_with(now, hdr, payload.len(), |rx| rx.push(payload));
+    }
+}
+
+impl<S: Storage> Endpoint<S> {
+    /// Process one received packet whose payload is `payload_len` bytes. When the payload is
+    /// to be kept for the reader, `keep` is called once with the connection's receive queue and
+    /// must append exactly `payload_len` bytes to it; otherwise (the packet is dropped, or the
+    /// data discarded because nobody will read it) `keep` is not called.
+    pub fn handle_packet_with(
+        &mut self,
+        now: Instant,
+        hdr: &Header,
+        payload_len: usize,
+        keep: impl FnOnce(&mut S::Rx),
+    ) {
+        let _ = now;
+        self.stats.packets_in += 1;
+        if hdr.dst_cid != self.config.local_cid {
+            self.stats.dropped_wrong_cid += 1;
+            return;
+        }
+        let (Ok(op), Ok(ty)) = (Op::try_from(hdr.op), SocketType::try_from(hdr.type_)) else {
+            self.stats.dropped_invalid += 1;
+            return;
+        };
+        if payload_len != hdr.len as usize || (op != Op::Rw && hdr.len != 0) {
+            self.stats.dropped_invalid += 1;
+            return;
+        }
+        if ty == SocketType::SeqPacket && !self.config.seqpacket {
+            self.stats.dropped_invalid += 1;
+            return;
+        }
+        let key = (hdr.dst_port, hdr.src_cid, hdr.src_port);
+        let Some(&id) = self.keys.get(&key) else {
+            self.handle_unknown(hdr, op, ty);
+            return;
+        };
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if conn.ty != ty {
+            self.stats.dropped_invalid += 1;
+            return;
+        }
+        if op == Op::Rst {
+            self.on_peer_rst(id);
+            return;
+        }
+        conn.credit.update_peer(hdr.buf_alloc, hdr.fwd_cnt);
+        match (conn.state, op) {
+            (ConnState::Connecting, Op::Response) => {
+                conn.credit.on_handshake(hdr.buf_alloc, hdr.fwd_cnt);
+                conn.state = ConnState::Connected;
+                self.timers.set(conn, None);
+                self.events.push(Event::Connected(id));
+            }
+            (ConnState::Connecting, _) => self.stats.dropped_invalid += 1,
+            (_, Op::Rw) => self.on_rw(id, hdr, keep),
+            (_, Op::Shutdown) => self.on_peer_shutdown(id, hdr.flags),
+            (_, Op::CreditUpdate) => self.stats.credit_updates_in += 1,
+            (_, Op::CreditRequest) => {
+                self.stats.credit_requests_in += 1;
+                conn.pending.credit_update = true;
+                conn.pending.credit_reply = true;
+            }
+            (_, Op::Request | Op::Response) => self.stats.dropped_invalid += 1,
+            (_, Op::Rst) => unreachable!("handled above"),
+        }
+        self.schedule(id);
+    }
+
+    /// Fire expired timers (connect and close deadlines). Calling it again is harmless.
+    /// Only the expired timers are touched, earliest first (ties in `ConnId` order).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(id) = self.timers.first_expired(now) {
+            let Some(conn) = self.conns.get_mut(&id) else {
+                // Unreachable: a released connection's deadline left the index with it.
+                debug_assert!(false, "{id}: timer of a released connection");
+                self.timers.discard_first();
+                continue;
+            };
+            self.timers.set(conn, None);
+            match conn.state {
+                ConnState::Connecting => {
+                    self.stats.connect_timeouts += 1;
+                    self.send_rst_and_unlink(id);
+                    self.fail(id, ProtoError::TimedOut);
+                    self.events
+                        .push(Event::ConnectFailed(id, ProtoError::TimedOut));
+                }
+                ConnState::Closing => {
+                    self.stats.close_timeouts += 1;
+                    self.send_rst_and_unlink(id);
+                    self.release(id, true);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The transport was reset (event queue `TRANSPORT_RESET`) or our CID changed: every
+    /// connection is reset without sending anything; listeners stay.
+    pub fn handle_transport_reset(&mut self, now: Instant, new_cid: Option<u64>) {
+        let _ = now;
+        if let Some(cid) = new_cid {
+            self.config.local_cid = cid;
+        }
+        self.control.clear();
+        self.unknown_rst.clear();
+        let mut ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        ids.sort();
+        for id in ids {
+            let Some(conn) = self.conns.get(&id) else {
+                continue;
+            };
+            if !conn.in_table {
+                continue;
+            }
+            match (conn.state, conn.listener) {
+                (_, Some(_)) => {
+                    self.unlink(id);
+                    self.release(id, false);
+                }
+                (ConnState::Closing, _) => {
+                    self.unlink(id);
+                    self.release(id, true);
+                }
+                (ConnState::Connecting, _) => {
+                    self.unlink(id);
+                    self.fail(id, ProtoError::ConnectionReset);
+                    self.events
+                        .push(Event::ConnectFailed(id, ProtoError::ConnectionReset));
+                }
+                _ => {
+                    self.unlink(id);
+                    self.fail(id, ProtoError::ConnectionReset);
+                    self.events.push(Event::Reset(id));
+                }
+            }
+        }
+    }
+
+    /// A packet for no connection: `REQUEST` to a listener, or `RST` (never for an `RST`).
+    fn handle_unknown(&mut self, hdr: &Header, op: Op, ty: SocketType) {
+        if op == Op::Rst {
+            return;
+        }
+        if op == Op::Request {
+            if let Some(&l) = self.listener_ports.get(&hdr.dst_port) {
+                let listener = &self.listeners[&l];
+                if listener.ty != ty {
+                    log::debug!("{} for {} listener: refused", ty, listener.ty);
+                } else if listener.queue.len() >= listener.backlog {
+                    self.stats.backlog_full += 1;
+                } else if self.check_room().is_err() {
+                    self.stats.table_full += 1;
+                } else {
+                    self.accept_request(l, hdr, ty);
+                    return;
+                }
+            }
+        } else {
+            log::trace!("{} for unknown connection {}", op_name(hdr), hdr);
+        }
+        self.queue_unknown_rst(hdr);
+    }
+
+    fn queue_unknown_rst(&mut self, hdr: &Header) {
+        if self.unknown_rst.len() >= MAX_PENDING_UNKNOWN_RST {
+            self.stats.rst_dropped += 1;
+            return;
+        }
+        self.stats.rst_unknown += 1;
+        self.unknown_rst.push_back(Header {
+            src_cid: self.config.local_cid,
+            dst_cid: hdr.src_cid,
+            src_port: hdr.dst_port,
+            dst_port: hdr.src_port,
+            len: 0,
+            type_: hdr.type_,
+            op: Op::Rst as u16,
+            flags: 0,
+            buf_alloc: 0,
+            fwd_cnt: 0,
+        });
+    }
+
+    fn on_peer_rst(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get(&id) else {
+            return;
+        };
+        let (state, listener) = (conn.state, conn.listener);
+        let graceful = conn.peer_shutdown.send;
+        self.unlink(id);
+        match (state, listener) {
+            (_, Some(_)) => self.release(id, false),
+            (ConnState::Closing, _) => self.release(id, true),
+            (ConnState::Connecting, _) => {
+                self.fail(id, ProtoError::ConnectionRefused);
+                self.events
+                    .push(Event::ConnectFailed(id, ProtoError::ConnectionRefused));
+            }
+            _ => {
+                self.fail(id, ProtoError::ConnectionReset);
+                if graceful {
+                    // The peer finished sending before it reset: reads end with EOF.
+                    if let Some(conn) = self.conns.get_mut(&id) {
+                        conn.error = None;
+                    }
+                }
+                self.events.push(Event::Reset(id));
+            }
+        }
+    }
+
+    fn on_rw(&mut self, id: ConnId, hdr: &Header, keep: impl FnOnce(&mut S::Rx)) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if let Err(CreditViolation { len, free }) = conn.credit.on_rx(hdr.len) {
+            log::warn!("{id}: peer sent {len} bytes with only {free} bytes of credit: resetting");
+            self.stats.credit_violations += 1;
+            self.reset_conn(id);
+            return;
+        }
+        self.stats.bytes_in += u64::from(hdr.len);
+        let discard = conn.rx_done() || conn.state == ConnState::Closing;
+        if discard {
+            // Nobody will read it: consume at once so credit keeps flowing.
+            self.stats.rx_discarded += u64::from(hdr.len);
+            Self::consumed(conn, hdr.len as usize);
+            return;
+        }
+        let len = hdr.len as usize;
+        if len > 0 {
+            let before = conn.rx.len();
+            keep(&mut conn.rx);
+            let kept = conn.rx.len() - before;
+            if kept != len {
+                log::error!("{id}: handle_packet_with's keep added {kept} bytes, expected {len}");
+                debug_assert_eq!(kept, len, "keep added the wrong byte count");
+            }
+        }
+        let mut readable = len > 0;
+        if conn.ty == SocketType::SeqPacket {
+            conn.rx_partial += len;
+            let flags = SeqFlags::from_bits(hdr.flags);
+            readable = flags.eom;
+            if flags.eom {
+                conn.rx_msgs.push_back((conn.rx_partial, flags.eor));
+                conn.rx_partial = 0;
+            }
+        }
+        if readable && !conn.readable_notified && conn.listener.is_none() {
+            conn.readable_notified = true;
+            self.events.push(Event::Readable(id));
+        }
+    }
+
+    /// Reset a connection on our initiative (protocol violation).
+    fn reset_conn(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get(&id) else {
+            return;
+        };
+        let (state, listener) = (conn.state, conn.listener);
+        self.send_rst_and_unlink(id);
+        match (state, listener) {
+            (_, Some(_)) => self.release(id, false),
+            (ConnState::Closing, _) => self.release(id, true),
+            _ => {
+                self.fail(id, ProtoError::ConnectionReset);
+                self.events.push(Event::Reset(id));
+            }
+        }
+    }
+
+    fn on_peer_shutdown(&mut self, id: ConnId, flags: u32) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let f = ShutdownFlags::from_bits(flags);
+        conn.peer_shutdown.receive |= f.receive;
+        conn.peer_shutdown.send |= f.send;
+        if conn.peer_shutdown.receive {
+            // The peer will not read: drop what we had queued.
+            conn.tx.clear();
+            conn.tx_msgs.clear();
+        }
+        conn.refresh_peer_state();
+        let all = conn.peer_shutdown;
+        let (state, listener) = (conn.state, conn.listener);
+        if all.receive && all.send {
+            // Both directions closed by the peer: answer RST and forget (as Linux does).
+            self.send_rst_and_unlink(id);
+            match (state, listener) {
+                (_, Some(_)) => {
+                    // Not accepted yet: the user can still accept it and read until EOF.
+                    if let Some(conn) = self.conns.get_mut(&id) {
+                        conn.state = ConnState::Closed;
+                    }
+                }
+                (ConnState::Closing, _) => {
+                    self.release(id, true);
+                    return;
+                }
+                _ => {
+                    if let Some(conn) = self.conns.get_mut(&id) {
+                        conn.state = ConnState::Closed;
+                    }
+                }
+            }
+        }
+        if listener.is_none() && state != ConnState::Closing && (f.receive || f.send) {
+            self.events.push(Event::PeerShutdown(id, all));
+        }
+    }
+}

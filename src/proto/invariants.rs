@@ -1,0 +1,85 @@
+//! Checks for tests and fuzzing: the endpoint's internal invariants, and the credit as we see it.
+
+use super::storage::{RxBuf, Storage, TxBuf};
+use super::{ConnId, Endpoint};
+use crate::packet::SocketType;
+
+impl<S: Storage> Endpoint<S> {
+    /// Check internal invariants (for tests and fuzzing): per connection, bytes buffered for
+    /// reading never exceed `buf_alloc` and match the credit counters; the send buffer never
+    /// exceeds `send_buffer`; the tables agree with each other.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for conn in self.conns.values() {
+            let id = conn.id;
+            let buffered = conn.credit.rx_buffered() as usize;
+            if buffered > conn.credit.buf_alloc as usize {
+                return Err(format!("{id}: {buffered} bytes buffered > buf_alloc"));
+            }
+            if buffered != conn.rx.len() {
+                return Err(format!(
+                    "{id}: credit says {buffered} buffered, rx buffer holds {}",
+                    conn.rx.len()
+                ));
+            }
+            if conn.tx.len() > self.config.send_buffer {
+                return Err(format!("{id}: send buffer over its limit"));
+            }
+            if conn.ty == SocketType::SeqPacket {
+                let msgs: usize = conn.rx_msgs.iter().map(|m| m.0).sum();
+                if msgs + conn.rx_partial != conn.rx.len() {
+                    return Err(format!("{id}: seqpacket rx bookkeeping"));
+                }
+                let pending: usize = conn.tx_msgs.iter().map(|m| m.0).sum();
+                if pending != conn.tx.len() {
+                    return Err(format!("{id}: seqpacket tx bookkeeping"));
+                }
+            }
+            let key = (conn.local_port, conn.peer_cid, conn.peer_port);
+            if conn.in_table != (self.keys.get(&key) == Some(&id)) {
+                return Err(format!("{id}: key table disagrees"));
+            }
+            if conn
+                .deadline
+                .is_some_and(|at| !self.timers.contains(at, id))
+            {
+                return Err(format!("{id}: deadline missing from the timer index"));
+            }
+        }
+        if self.keys.len() > self.conns.len() {
+            return Err("more keys than connections".into());
+        }
+        let mut prev_end: Option<u32> = None;
+        for (&s, &e) in &self.free_ports {
+            if s > e || prev_end.is_some_and(|p| p.checked_add(1).is_none_or(|n| n >= s)) {
+                return Err(format!("free port runs overlap or touch at {s}..={e}"));
+            }
+            prev_end = Some(e);
+        }
+        let in_free = |p: u32| {
+            self.free_ports
+                .range(..=p)
+                .next_back()
+                .is_some_and(|(_, &e)| e >= p)
+        };
+        for &p in self.port_refs.keys().chain(self.listener_ports.keys()) {
+            if in_free(p) {
+                return Err(format!("port {p} is in use and free"));
+            }
+        }
+        let armed = self.conns.values().filter(|c| c.deadline.is_some()).count();
+        if self.timers.len() != armed {
+            return Err(format!(
+                "timer index holds {} entries, {armed} connections have a deadline",
+                self.timers.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The peer's credit as we see it, and bytes in flight (for tests and fuzzing).
+    pub fn peer_credit(&self, c: ConnId) -> Option<(u32, u32)> {
+        self.conns
+            .get(&c)
+            .map(|conn| (conn.credit.peer_credit(), conn.credit.in_flight()))
+    }
+}

@@ -1,0 +1,106 @@
+//! Listeners and their accept queues: `listen`, `unlisten`, `accept`, and the `REQUEST` a
+//! listener takes in.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use super::conn::Conn;
+use super::storage::Storage;
+use super::{ConnId, ConnState, Endpoint, Event, ListenerId, ProtoError};
+use crate::packet::{Header, SocketType};
+
+/// A listening port.
+#[derive(Debug)]
+pub(super) struct Listener {
+    port: u32,
+    pub(super) ty: SocketType,
+    pub(super) backlog: usize,
+    /// Established connections not yet accepted, oldest first (`ConnId`s only grow, so their
+    /// order is the order of arrival); a set, so that one leaving early costs O(log n).
+    pub(super) queue: BTreeSet<ConnId>,
+}
+
+impl<S: Storage> Endpoint<S> {
+    /// Listen on `port` for connections of type `ty`; at most `backlog` (≥ 1) established
+    /// connections wait for `accept`, further `REQUEST`s get `RST`.
+    pub fn listen(
+        &mut self,
+        port: u32,
+        backlog: usize,
+        ty: SocketType,
+    ) -> Result<ListenerId, ProtoError> {
+        self.check_type(ty)?;
+        if backlog == 0 {
+            return Err(ProtoError::InvalidInput(
+                "listen backlog must be at least 1",
+            ));
+        }
+        if self.listener_ports.contains_key(&port) || self.bound_refs.contains_key(&port) {
+            return Err(ProtoError::AddrInUse { port });
+        }
+        let id = ListenerId(self.next_listener);
+        self.next_listener += 1;
+        self.listeners.insert(
+            id,
+            Listener {
+                port,
+                ty,
+                backlog,
+                queue: BTreeSet::new(),
+            },
+        );
+        self.listener_ports.insert(port, id);
+        self.sync_free_port(port);
+        Ok(id)
+    }
+
+    /// Stop listening; connections not yet accepted get `RST` and are dropped.
+    pub fn unlisten(&mut self, now: Instant, l: ListenerId) {
+        let _ = now;
+        let Some(listener) = self.listeners.remove(&l) else {
+            return;
+        };
+        self.listener_ports.remove(&listener.port);
+        self.sync_free_port(listener.port);
+        for id in listener.queue {
+            if let Some(conn) = self.conns.get_mut(&id) {
+                conn.listener = None;
+            }
+            self.send_rst_and_unlink(id);
+            self.release(id, false);
+        }
+    }
+
+    /// The next established connection waiting on `l`. Data may already be buffered on it
+    /// (no [`Event::Readable`] is sent for connections not yet accepted): try `recv` at once.
+    pub fn accept(&mut self, l: ListenerId) -> Option<ConnId> {
+        let id = self.listeners.get_mut(&l)?.queue.pop_first()?;
+        if let Some(conn) = self.conns.get_mut(&id) {
+            conn.listener = None;
+        }
+        Some(id)
+    }
+
+    pub(super) fn accept_request(&mut self, l: ListenerId, hdr: &Header, ty: SocketType) {
+        let id = self.new_conn_id();
+        let mut conn = Conn::new(
+            &mut self.storage,
+            id,
+            ty,
+            hdr.dst_port,
+            hdr.src_cid,
+            hdr.src_port,
+            ConnState::Connected,
+            self.config.buf_alloc,
+        );
+        conn.credit.on_handshake(hdr.buf_alloc, hdr.fwd_cnt);
+        conn.pending.response = true;
+        conn.listener = Some(l);
+        self.insert_conn(conn);
+        if let Some(listener) = self.listeners.get_mut(&l) {
+            listener.queue.insert(id);
+        }
+        self.events.push(Event::Incoming(l));
+        self.schedule(id);
+    }
+}

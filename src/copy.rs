@@ -187,7 +187,10 @@ mod tests {
         }
         let slice = VolatileSlice::from(&mut mem[..10]);
         assert!(to_volatile(&slice, 5, &[1; 6]).is_err(), "past the end");
-        assert!(from_volatile(&slice, 11, &mut [0; 0]).is_err(), "offset past the end");
+        assert!(
+            from_volatile(&slice, 11, &mut [0; 0]).is_err(),
+            "offset past the end"
+        );
     }
 
     #[test]

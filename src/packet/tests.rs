@@ -324,7 +324,14 @@ fn data_at_an_offset_across_fragments() {
     let mut descs = vec![(0x1000, HDR, R)];
     descs.extend(frags.iter().map(|&(a, n)| (a, n as u32, R)));
     let pkt = tx(&mem, &mut chain(&mem, &descs)).unwrap();
-    for (offset, len) in [(0, 1000), (99, 2), (100, 400), (350, 500), (990, 50), (1000, 5)] {
+    for (offset, len) in [
+        (0, 1000),
+        (99, 2),
+        (100, 400),
+        (350, 500),
+        (990, 50),
+        (1000, 5),
+    ] {
         let mut buf = vec![0u8; len];
         let n = pkt.read_data_at(offset, &mut buf).unwrap();
         assert_eq!(n, len.min(1000 - offset), "offset {offset}");
@@ -337,7 +344,11 @@ fn data_at_an_offset_across_fragments() {
     assert_eq!(&all[..450], &data[..450]);
     assert_eq!(&all[450..750], &patch[..]);
     assert_eq!(&all[750..], &data[750..]);
-    assert_eq!(pkt.write_data_at(900, &patch).unwrap(), 100, "stops at the end");
+    assert_eq!(
+        pkt.write_data_at(900, &patch).unwrap(),
+        100,
+        "stops at the end"
+    );
 }
 
 #[test]

@@ -18,8 +18,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::error::{error_chain, Ended, TransportError};
+use super::stats::DriverStats;
 use super::storage::RtStorage;
-use super::transport::DriverStats;
 use crate::packet::{ShutdownFlags, SocketType};
 use crate::proto::{ConnId, Endpoint, Event, ListenerId, ProtoError};
 use vm_memory::VolatileSlice;

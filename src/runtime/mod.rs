@@ -11,6 +11,9 @@
 //!   interrupts or kicks, the waker, the config interrupt) and pumps a core's transport;
 //! - [`DriverTransport`] (`transport.rs`): the driver's transport, the TX/RX buffers and rings of
 //!   one device, parsed with `VsockPacket` and fed to the endpoint;
+//! - the payload storage in DMA memory (`storage.rs`): the TX chunk pool, the RX buffer pool,
+//!   and the per-connection queues over them that make the data path one copy each way;
+//! - `DriverStats` (`stats.rs`): the driver's data-path counters;
 //! - [`TransportError`] and [`Ended`] (`error.rs`): why a transport failed, and why a core
 //!   stopped (what blocked calls then fail with).
 //!
@@ -21,14 +24,15 @@
 mod core;
 mod error;
 mod event_loop;
+mod stats;
 mod storage;
 mod transport;
 
 pub(crate) use self::core::{to_io, Core, RtEndpoint, Transport};
 pub(crate) use self::error::{error_chain, Ended, TransportError};
 pub(crate) use self::event_loop::{run_loop, LoopFds};
+pub use self::stats::DriverStats;
 pub(crate) use self::storage::{DmaStorage, RtStorage, RxPool, TxPool, TX_CHUNK};
-pub use self::transport::DriverStats;
 pub(crate) use self::transport::{
     refill_rx, valid_guest_cid, DeviceRings, DriverTransport, TX_HDR_SLOT,
 };

@@ -1,0 +1,37 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The driver's data-path counters: what the transport counts, what the core hands out, and
+//! what `VsockDriver::stats` returns.
+
+/// Counters of the driver's data path ([`VsockDriver::stats`](crate::driver::VsockDriver::stats)).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DriverStats {
+    /// RX buffers the device returned that failed validation (dropped).
+    pub bad_rx_packets: u64,
+    /// Packets received.
+    pub rx_packets: u64,
+    /// Packets sent.
+    pub tx_packets: u64,
+    /// Device notifications sent (kicks).
+    pub kicks: u64,
+    /// Device notifications received (used-buffer interrupts the loop thread woke for).
+    pub interrupts: u64,
+    /// Payload bytes the driver copied from callers into DMA memory (once per byte sent).
+    pub tx_payload_bytes_copied: u64,
+    /// Payload bytes the driver copied into callers' buffers (once per byte read).
+    pub rx_payload_bytes_copied: u64,
+    /// Payload bytes copied out of RX buffers before being read (small payloads merged into a
+    /// heap tail, and connections holding more than their share of the pool): these bytes are
+    /// copied twice on the driver side.
+    pub rx_payload_bytes_copied_out: u64,
+    /// RX buffers in the pool (the ring holds at most `queue_size` of them).
+    pub rx_buffers: u64,
+    /// RX buffers posted on the ring.
+    pub rx_buffers_on_ring: u64,
+    /// RX buffers holding received payload not yet read (off the ring).
+    pub rx_buffers_held: u64,
+    /// TX chunks in the pool.
+    pub tx_chunks: u64,
+    /// TX chunks holding payload (queued, or on the ring).
+    pub tx_chunks_in_use: u64,
+}

@@ -138,7 +138,7 @@ impl SpinBudget {
 /// Within [`SPIN_BUDGET`], a spinner first only spins; past this it yields the core between
 /// rounds, so that the thread it waits for (the peer, the device) can run where there is no
 /// spare core. An idle machine answers a 64-byte ping in about 3 us.
-pub(crate) const SPIN_BEFORE_YIELD: Duration = Duration::from_micros(5);
+pub(crate) const SPIN_BEFORE_YIELD: Duration = Duration::from_micros(20);
 
 /// One round of waiting in a spin loop that started `idle` ago.
 pub(crate) fn spin_pause(idle: Duration) {
@@ -381,14 +381,17 @@ impl Core {
     /// been consumed by us).
     fn kick(&self, st: &mut CoreState) {
         let now = Instant::now();
+        if self.busy_poll {
+            // The caller spins on the rings anyway: one round to post what it queued.
+            Core::pump_locked(st, now);
+            return;
+        }
         for _ in 0..CALLER_PUMP_ROUNDS {
             if !Core::pump_locked(st, now) {
                 return;
             }
         }
-        if !self.busy_poll {
-            st.transport.wake();
-        }
+        st.transport.wake();
     }
 
     fn check_dead(st: &CoreState) -> io::Result<()> {

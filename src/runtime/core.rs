@@ -506,8 +506,8 @@ impl Core {
         let cv = Core::conn_cv(&mut st, c);
         let this = self.clone();
         self.wait_until(st, &cv, deadline, |st| {
-            if st.reset.contains_key(&c) {
-                return Some(Err(to_io(ProtoError::ConnectionReset)));
+            if let Some(e) = Core::reset_error(st, c) {
+                return Some(Err(e));
             }
             match st.ep.send(Instant::now(), c, data) {
                 Ok(n) => {
@@ -578,8 +578,8 @@ impl Core {
         let cv = Core::conn_cv(&mut st, c);
         let this = self.clone();
         self.wait_until(st, &cv, deadline, |st| {
-            if st.reset.contains_key(&c) {
-                return Some(Err(to_io(ProtoError::ConnectionReset)));
+            if let Some(e) = Core::reset_error(st, c) {
+                return Some(Err(e));
             }
             let now = Instant::now();
             let mut sent = false;
@@ -625,8 +625,8 @@ impl Core {
         let cv = Core::conn_cv(&mut st, c);
         let this = self.clone();
         self.wait_until(st, &cv, deadline, |st| {
-            if st.reset.contains_key(&c) {
-                return Some(Err(to_io(ProtoError::ConnectionReset)));
+            if let Some(e) = Core::reset_error(st, c) {
+                return Some(Err(e));
             }
             let r = st.ep.send_with(Instant::now(), c, max, |tx, room| {
                 if let Some(f) = fill.take() {
@@ -693,8 +693,8 @@ impl Core {
         let cv = Core::conn_cv(&mut st, c);
         let this = self.clone();
         self.wait_until(st, &cv, deadline, |st| {
-            if st.reset.contains_key(&c) {
-                return Some(Err(to_io(ProtoError::ConnectionReset)));
+            if let Some(e) = Core::reset_error(st, c) {
+                return Some(Err(e));
             }
             match st.ep.send_msg(Instant::now(), c, msg, eor) {
                 Ok(()) => {
@@ -726,6 +726,14 @@ impl Core {
                 Err(e) => Core::read_error(st, c, e),
             }
         })
+    }
+
+    /// A send on a connection the peer reset fails at once with ConnectionReset (a read
+    /// drains what arrived first, see [`Core::read_error`]).
+    fn reset_error(st: &CoreState, c: ConnId) -> Option<io::Error> {
+        st.reset
+            .contains_key(&c)
+            .then(|| to_io(ProtoError::ConnectionReset))
     }
 
     /// What a blocked read does with a receive error: nothing buffered (`WouldBlock`) means

@@ -155,11 +155,11 @@ impl DriverTransport {
 
     fn reap_tx(&mut self, ep: &mut RtEndpoint) -> Result<bool, TransportError> {
         let mut moved = false;
-        while let Some(u) = self.tx.pop_used().map_err(|source| TransportError::Queue {
-            queue: "tx",
-            op: "reaping used buffers",
-            source,
-        })? {
+        while let Some(u) = self
+            .tx
+            .pop_used()
+            .map_err(queue_err("tx", "reaping used buffers"))?
+        {
             let count = self.tx_inflight.len();
             let slot = usize::try_from(u.token).ok().filter(|&i| i < count).ok_or(
                 TransportError::UnknownToken {
@@ -183,11 +183,11 @@ impl DriverTransport {
     fn receive(&mut self, ep: &mut RtEndpoint, now: Instant) -> Result<bool, TransportError> {
         // Take the whole batch first: the queue has checked each id against what is in flight.
         let mut batch = std::mem::take(&mut self.rx_batch);
-        while let Some(u) = self.rx.pop_used().map_err(|source| TransportError::Queue {
-            queue: "rx",
-            op: "reaping used buffers",
-            source,
-        })? {
+        while let Some(u) = self
+            .rx
+            .pop_used()
+            .map_err(queue_err("rx", "reaping used buffers"))?
+        {
             batch.push(u);
         }
         let moved = !batch.is_empty();
@@ -232,11 +232,7 @@ impl DriverTransport {
             && self
                 .rx
                 .kick_prepare()
-                .map_err(|source| TransportError::Queue {
-                    queue: "rx",
-                    op: "preparing a notification",
-                    source,
-                })?
+                .map_err(queue_err("rx", "preparing a notification"))?
         {
             self.dev
                 .kick(RX_QUEUE)
@@ -292,11 +288,7 @@ impl DriverTransport {
                 }
                 None => self.tx.add(&[head], token),
             };
-            r.map_err(|source| TransportError::Queue {
-                queue: "tx",
-                op: "posting a packet",
-                source,
-            })?;
+            r.map_err(queue_err("tx", "posting a packet"))?;
             self.tx_inflight[slot] = seg;
             self.stats.tx_packets += 1;
             sent = true;
@@ -305,11 +297,7 @@ impl DriverTransport {
             && self
                 .tx
                 .kick_prepare()
-                .map_err(|source| TransportError::Queue {
-                    queue: "tx",
-                    op: "preparing a notification",
-                    source,
-                })?
+                .map_err(queue_err("tx", "preparing a notification"))?
         {
             self.dev
                 .kick(TX_QUEUE)

@@ -518,23 +518,11 @@ impl<S: Storage> Endpoint<S> {
     /// Read buffered stream data (an empty `buf` reads nothing). `Ok(0)` is end of stream (the peer shut down sending, or we
     /// shut down receiving) once the buffer is empty; `Err(WouldBlock)` when empty otherwise.
     pub fn recv(&mut self, now: Instant, c: ConnId, buf: &mut [u8]) -> Result<usize, ProtoError> {
-        let _ = now;
-        let conn = self.conn_to_read(
-            c,
-            SocketType::Stream,
-            "recv on a seqpacket socket; use recv_msg",
-        )?;
-        if !conn.rx.is_empty() && !buf.is_empty() {
-            let n = conn.rx.len().min(buf.len());
-            conn.rx.read(&mut buf[..n]);
-            Self::consumed(conn, n);
-            self.schedule(c);
-            return Ok(n);
-        }
-        if !conn.rx.is_empty() {
-            return Ok(0);
-        }
-        Self::rx_end(conn).map(|()| 0)
+        self.recv_stream(now, c, "recv on a seqpacket socket; use recv_msg", |rx| {
+            let n = rx.len().min(buf.len());
+            rx.read(&mut buf[..n]);
+        })
+        .map(|r| r.map_or(0, |((), n)| n))
     }
 
     /// Queue stream data in place: `fill` gets the send queue and the room (at most `max`
@@ -587,43 +575,47 @@ impl<S: Storage> Endpoint<S> {
         c: ConnId,
         take: impl FnOnce(&mut S::Rx) -> R,
     ) -> Result<Option<(R, usize)>, ProtoError> {
-        let _ = now;
-        let conn = self.conn_to_read(
-            c,
-            SocketType::Stream,
-            "recv on a seqpacket socket; use recv_msg",
-        )?;
-        if !conn.rx.is_empty() {
-            let before = conn.rx.len();
-            let r = take(&mut conn.rx);
-            let n = before.saturating_sub(conn.rx.len());
-            Self::consumed(conn, n);
-            self.schedule(c);
-            return Ok(Some((r, n)));
-        }
-        Self::rx_end(conn).map(|()| None)
+        self.recv_stream(now, c, "recv on a seqpacket socket; use recv_msg", take)
     }
 
     /// Consume up to `max` buffered stream bytes without reading them (a sink's way to read):
     /// the same results as [`Endpoint::recv`] into a buffer of `max` bytes, and no byte copied.
     pub fn discard(&mut self, now: Instant, c: ConnId, max: usize) -> Result<usize, ProtoError> {
-        let _ = now;
-        let conn = self.conn_to_read(
+        self.recv_stream(
+            now,
             c,
-            SocketType::Stream,
             "discard on a seqpacket socket; use recv_msg",
-        )?;
-        if !conn.rx.is_empty() && max > 0 {
-            let n = conn.rx.len().min(max);
-            conn.rx.discard(n);
+            |rx| {
+                rx.discard(rx.len().min(max));
+            },
+        )
+        .map(|r| r.map_or(0, |((), n)| n))
+    }
+
+    /// The one way stream data leaves the receive queue (`recv`, `recv_with`, `discard`): when
+    /// data is buffered, `take` removes what it consumes, which is credited to the peer;
+    /// `Ok(None)` at end of stream, `Err(WouldBlock)` when nothing is buffered yet. `misuse`
+    /// says why a seqpacket socket is refused.
+    fn recv_stream<R>(
+        &mut self,
+        now: Instant,
+        c: ConnId,
+        misuse: &'static str,
+        take: impl FnOnce(&mut S::Rx) -> R,
+    ) -> Result<Option<(R, usize)>, ProtoError> {
+        let _ = now;
+        let conn = self.conn_to_read(c, SocketType::Stream, misuse)?;
+        if conn.rx.is_empty() {
+            return Self::rx_end(conn).map(|()| None);
+        }
+        let before = conn.rx.len();
+        let r = take(&mut conn.rx);
+        let n = before.saturating_sub(conn.rx.len());
+        if n > 0 {
             Self::consumed(conn, n);
             self.schedule(c);
-            return Ok(n);
         }
-        if !conn.rx.is_empty() {
-            return Ok(0);
-        }
-        Self::rx_end(conn).map(|()| 0)
+        Ok(Some((r, n)))
     }
 
     /// Queue one seqpacket message (split into packets of at most `max_payload`, the last one

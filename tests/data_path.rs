@@ -2,6 +2,9 @@
 //! stalled reader beside busy connections, and threads on separate connections at once.
 #![allow(clippy::cast_possible_truncation)] // Test sizes and counters are small and known.
 
+mod common;
+use common::{checksum, pattern};
+
 use std::io::{Read, Write};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -11,27 +14,6 @@ use vdpa_vsock::sim::{SimConfig, SimHost, DISCARD_PORT, ECHO_PORT};
 
 fn open() -> (VsockDriver, SimHost) {
     VsockDriver::open_sim(SimConfig::default(), DriverConfig::default()).expect("open sim")
-}
-
-/// FNV-1a, enough to tell streams apart.
-fn checksum(data: &[u8], mut h: u64) -> u64 {
-    for &b in data {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    h
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// Wait (bounded) until the sim's discard service has seen `total` bytes.

@@ -1,6 +1,9 @@
 //! The socket API over the sim device, end to end through the public API.
 #![allow(clippy::cast_possible_truncation)] // Test sizes and counters are small and known.
 
+mod common;
+use common::{checksum, pattern};
+
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::sync::Arc;
@@ -21,27 +24,6 @@ fn sim() -> VsockDriver {
 /// The sim with the handle on its host side (CID 2).
 fn sim_with_host() -> (VsockDriver, SimHost) {
     VsockDriver::open_sim(SimConfig::default(), DriverConfig::default()).expect("open sim")
-}
-
-/// FNV-1a, enough to tell streams apart.
-fn checksum(data: &[u8], mut h: u64) -> u64 {
-    for &b in data {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    h
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 #[test]

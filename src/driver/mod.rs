@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::device::{DeviceError, VsockDevice, RX_QUEUE, TX_QUEUE};
 use crate::dma::DmaRegion;
 use crate::dma::{IovaBase, HUGE_PAGE_SIZE};
-use crate::packet::PKT_HEADER_SIZE;
+use crate::packet::{SocketType, PKT_HEADER_SIZE};
 use crate::packet::{
     PKT_HEADER_LEN, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_VSOCK_F_SEQPACKET,
 };
@@ -35,6 +35,7 @@ use crate::virtq::SplitQueue;
 pub(crate) mod socket;
 
 pub use crate::runtime::DriverStats;
+pub(crate) use socket::ConnectOpts;
 pub use socket::{VsockAddr, VsockListener, VsockSeqPacket, VsockStream, DEFAULT_BACKLOG};
 
 /// Largest buffer size accepted for RX and TX buffers (header included).
@@ -323,7 +324,8 @@ impl VsockDriver {
             max_tx_payload,
         };
         let transport = DriverTransport::new(dev, rings, waker, config.busy_poll);
-        let core = Core::new(endpoint, Box::new(transport), config.busy_poll);
+        let core = Core::new(endpoint, Box::new(transport), config.busy_poll)
+            .map_err(io_err("readiness descriptor"))?;
         let loop_core = core.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vsock-{name}"))
@@ -352,29 +354,85 @@ impl VsockDriver {
         &self.device_name
     }
 
-    /// Connect a stream to `addr` (the connect timeout of the protocol config applies).
+    /// Connect a stream to `addr` (the connect timeout of the protocol config applies, 2 s
+    /// by default as Linux's).
     pub fn connect(&self, addr: VsockAddr) -> io::Result<VsockStream> {
-        VsockStream::connect_on(&self.core, addr, None)
+        VsockStream::connect_on(&self.core, addr, ConnectOpts::default())
     }
 
-    /// Connect a stream, giving up after `timeout`.
+    /// Connect a stream, giving up after `timeout` (any length, as
+    /// `SO_VM_SOCKETS_CONNECT_TIMEOUT`).
     pub fn connect_timeout(&self, addr: VsockAddr, timeout: Duration) -> io::Result<VsockStream> {
-        VsockStream::connect_on(&self.core, addr, Some(timeout))
+        VsockStream::connect_on(
+            &self.core,
+            addr,
+            ConnectOpts {
+                timeout: Some(timeout),
+                ..ConnectOpts::default()
+            },
+        )
     }
 
-    /// Listen for streams on `port`.
+    /// Start connecting a stream and return at once, as a non-blocking `connect(2)` that
+    /// returns `EINPROGRESS`: the stream is in non-blocking mode, its descriptor turns
+    /// writable once the handshake is done, and [`VsockStream::take_error`] then says whether
+    /// it failed (reads and writes before then fail with `NotConnected`, as Linux's).
+    pub fn connect_nonblocking(&self, addr: VsockAddr) -> io::Result<VsockStream> {
+        VsockStream::connect_on(
+            &self.core,
+            addr,
+            ConnectOpts {
+                nonblocking: true,
+                ..ConnectOpts::default()
+            },
+        )
+    }
+
+    /// Connect a stream from local port `local_port` (as `bind(2)` before `connect(2)`);
+    /// `AddrInUse` when the port is taken.
+    pub fn connect_from(&self, local_port: u32, addr: VsockAddr) -> io::Result<VsockStream> {
+        VsockStream::connect_on(
+            &self.core,
+            addr,
+            ConnectOpts {
+                local_port: Some(local_port),
+                ..ConnectOpts::default()
+            },
+        )
+    }
+
+    /// Listen for streams on `port`, with a backlog of [`DEFAULT_BACKLOG`].
     pub fn listen(&self, port: u32) -> io::Result<VsockListener> {
-        VsockListener::bind_on(&self.core, port, crate::packet::SocketType::Stream)
+        self.listen_with_backlog(port, DEFAULT_BACKLOG)
+    }
+
+    /// Listen for streams on `port`: at most `backlog` (at least 1) established connections
+    /// wait to be accepted; further `REQUEST`s are refused with `RST`.
+    pub fn listen_with_backlog(&self, port: u32, backlog: usize) -> io::Result<VsockListener> {
+        VsockListener::bind_on(&self.core, port, backlog, SocketType::Stream)
     }
 
     /// Connect a SEQPACKET socket (needs VIRTIO_VSOCK_F_SEQPACKET).
     pub fn connect_seqpacket(&self, addr: VsockAddr) -> io::Result<VsockSeqPacket> {
-        VsockSeqPacket::connect_on(&self.core, addr, None)
+        VsockSeqPacket::connect_on(&self.core, addr, ConnectOpts::default())
+    }
+
+    /// Start connecting a SEQPACKET socket and return at once (see
+    /// [`VsockDriver::connect_nonblocking`]).
+    pub fn connect_seqpacket_nonblocking(&self, addr: VsockAddr) -> io::Result<VsockSeqPacket> {
+        VsockSeqPacket::connect_on(
+            &self.core,
+            addr,
+            ConnectOpts {
+                nonblocking: true,
+                ..ConnectOpts::default()
+            },
+        )
     }
 
     /// Listen for SEQPACKET connections on `port`.
     pub fn listen_seqpacket(&self, port: u32) -> io::Result<VsockListener> {
-        VsockListener::bind_on(&self.core, port, crate::packet::SocketType::SeqPacket)
+        VsockListener::bind_on(&self.core, port, DEFAULT_BACKLOG, SocketType::SeqPacket)
     }
 
     /// Data-path counters: packets, kicks, interrupts, payload bytes copied per direction, and

@@ -8,12 +8,14 @@
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use crate::packet::SocketType;
 use crate::proto::{ConnId, ListenerId, ProtoError};
-use crate::runtime::{to_io, Core};
+use crate::runtime::{to_io, Core, UserFd, Wait};
 use vm_memory::VolatileSlice;
 
 /// A vsock address: context id and port.
@@ -62,6 +64,16 @@ struct Timeouts {
 ///
 /// Dropping the last handle (see [`VsockStream::try_clone`]) closes the connection gracefully
 /// (SHUTDOWN, then RST after the linger timeout).
+///
+/// # Non-blocking use and readiness
+/// [`VsockStream::set_nonblocking`] makes every call return `WouldBlock` instead of waiting
+/// (a write then queues what fits and returns that count). The stream's file descriptor
+/// ([`AsFd`]/[`AsRawFd`], made on first use) is for `poll(2)`, epoll, mio or tokio's
+/// `AsyncFd` to wait on: it reports `POLLIN` while data (or end of stream) waits, `POLLOUT`
+/// while a write would queue something, `POLLRDHUP` once the peer shut down sending, `POLLHUP`
+/// when closed both ways and `POLLERR` after a reset, a refused or timed-out connect or the
+/// device's end; level-triggered, nothing to re-arm (see the runtime's `readiness.rs`). Wait on
+/// it, never read or write it.
 #[derive(Debug)]
 pub struct VsockStream {
     core: Arc<Core>,
@@ -69,11 +81,16 @@ pub struct VsockStream {
     timeouts: Timeouts,
 }
 
-/// Closes the connection when the last clone goes.
+/// What the clones of one socket share; closes the connection when the last clone goes.
 #[derive(Debug)]
 struct ConnHandle {
     core: Arc<Core>,
     id: ConnId,
+    /// Calls return `WouldBlock` instead of waiting (shared by clones, as `O_NONBLOCK` is by
+    /// duplicated descriptors).
+    nonblocking: AtomicBool,
+    /// The readiness descriptor, made on first use.
+    fd: OnceLock<UserFd>,
 }
 
 impl Drop for ConnHandle {
@@ -82,25 +99,61 @@ impl Drop for ConnHandle {
     }
 }
 
+impl ConnHandle {
+    fn new(core: &Arc<Core>, id: ConnId, nonblocking: bool) -> ConnHandle {
+        ConnHandle {
+            core: core.clone(),
+            id,
+            nonblocking: AtomicBool::new(nonblocking),
+            fd: OnceLock::new(),
+        }
+    }
+
+    fn nonblocking(&self) -> bool {
+        self.nonblocking.load(Ordering::Relaxed)
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.get_or_init(|| self.core.conn_fd(self.id)).as_fd()
+    }
+}
+
 impl VsockStream {
-    pub(crate) fn from_conn(core: Arc<Core>, id: ConnId) -> Self {
+    fn from_handle(conn: Arc<ConnHandle>) -> Self {
         VsockStream {
-            conn: Arc::new(ConnHandle {
-                core: core.clone(),
-                id,
-            }),
-            core,
+            core: conn.core.clone(),
+            conn,
             timeouts: Timeouts::default(),
         }
     }
 
+    /// Connect (see [`Core::connect`]): blocking, or returning at once with the handshake in
+    /// progress when `nonblocking`.
     pub(crate) fn connect_on(
         core: &Arc<Core>,
         addr: VsockAddr,
-        timeout: Option<Duration>,
+        opts: ConnectOpts,
     ) -> io::Result<Self> {
-        let id = core.connect(addr.cid, addr.port, SocketType::Stream, timeout)?;
-        Ok(VsockStream::from_conn(core.clone(), id))
+        let id = core.connect(
+            (addr.cid, addr.port),
+            opts.local_port,
+            SocketType::Stream,
+            opts.timeout,
+            opts.nonblocking,
+        )?;
+        Ok(VsockStream::from_handle(Arc::new(ConnHandle::new(
+            core,
+            id,
+            opts.nonblocking,
+        ))))
+    }
+
+    fn read_wait(&self) -> Wait {
+        Wait::new(self.conn.nonblocking(), self.timeouts.read)
+    }
+
+    fn write_wait(&self) -> Wait {
+        Wait::new(self.conn.nonblocking(), self.timeouts.write)
     }
 
     /// Our address (local CID, local port).
@@ -142,6 +195,20 @@ impl VsockStream {
         Ok(())
     }
 
+    /// Non-blocking mode on or off, for this stream and its clones (as `O_NONBLOCK`): reads,
+    /// writes, `send_with`/`recv_with` and `peek` return `WouldBlock` instead of waiting, and a
+    /// write queues what fits and returns that count.
+    pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        self.conn.nonblocking.store(nonblocking, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The pending error, taken (as `SO_ERROR`): why a non-blocking connect failed, or the
+    /// device's end. `Ok(None)` when there is none (a connect still in progress included).
+    pub fn take_error(&self) -> io::Result<Option<io::Error>> {
+        Ok(self.core.take_error(self.conn.id))
+    }
+
     /// Another handle to the same connection (for a reader and a writer thread).
     pub fn try_clone(&self) -> io::Result<Self> {
         Ok(VsockStream {
@@ -149,6 +216,29 @@ impl VsockStream {
             conn: self.conn.clone(),
             timeouts: self.timeouts,
         })
+    }
+}
+
+/// How [`VsockStream::connect_on`] connects.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct ConnectOpts {
+    /// The handshake's timeout (the protocol's default when `None`).
+    pub(crate) timeout: Option<Duration>,
+    /// Our port (an ephemeral one when `None`).
+    pub(crate) local_port: Option<u32>,
+    /// Return at once, the handshake in progress.
+    pub(crate) nonblocking: bool,
+}
+
+impl AsFd for VsockStream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.conn.fd()
+    }
+}
+
+impl AsRawFd for VsockStream {
+    fn as_raw_fd(&self) -> RawFd {
+        self.as_fd().as_raw_fd()
     }
 }
 
@@ -186,8 +276,8 @@ impl VsockStream {
         max_len: usize,
         fill: impl FnOnce(&[VolatileSlice<'_>]) -> usize,
     ) -> io::Result<usize> {
-        let deadline = self.timeouts.write.map(|t| Instant::now() + t);
-        self.core.send_with(self.conn.id, max_len, deadline, fill)
+        self.core
+            .send_with(self.conn.id, max_len, self.write_wait(), fill)
     }
 
     /// Zero-copy receive: waits (up to the read timeout) for data, then `take` sees the
@@ -229,69 +319,136 @@ impl VsockStream {
         &mut self,
         take: impl FnOnce(&[VolatileSlice<'_>]) -> usize,
     ) -> io::Result<usize> {
-        let deadline = self.timeouts.read.map(|t| Instant::now() + t);
-        self.core.recv_with(self.conn.id, deadline, take)
+        self.core.recv_with(self.conn.id, self.read_wait(), take)
     }
 }
 
 impl Read for VsockStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let deadline = self.timeouts.read.map(|t| Instant::now() + t);
-        self.core.read(self.conn.id, buf, deadline)
+        (&*self).read(buf)
     }
 
     /// Fills the buffers in order from what has arrived, under one hold of the driver's lock.
     fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
-        let deadline = self.timeouts.read.map(|t| Instant::now() + t);
-        self.core.read_vectored(self.conn.id, bufs, deadline)
+        (&*self).read_vectored(bufs)
+    }
+}
+
+/// Reads through a shared reference, as `&UnixStream` does (a reader and a writer may share
+/// one stream).
+impl Read for &VsockStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.core.read(self.conn.id, buf, self.read_wait())
+    }
+
+    fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        self.core.read_vectored(self.conn.id, bufs, self.read_wait())
     }
 }
 
 impl Write for VsockStream {
     /// Queues the whole buffer (blocking for room, up to the write timeout) and returns its
-    /// length.
+    /// length; in non-blocking mode, or when the timeout passes after part of it was queued,
+    /// returns how much was queued.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let deadline = self.timeouts.write.map(|t| Instant::now() + t);
-        self.core.write(self.conn.id, buf, deadline)
+        (&*self).write(buf)
     }
 
     /// Queues every buffer in order (blocking for room, up to the write timeout), with one
-    /// transport round per wait rather than one per buffer; returns the total length.
+    /// transport round per wait rather than one per buffer; returns the total length (or, as
+    /// `write`, what was queued).
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        let deadline = self.timeouts.write.map(|t| Instant::now() + t);
-        self.core.write_vectored(self.conn.id, bufs, deadline)
+        (&*self).write_vectored(bufs)
     }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes through a shared reference, as `&UnixStream` does.
+impl Write for &VsockStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.core.write(self.conn.id, buf, self.write_wait())
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.core.write_vectored(self.conn.id, bufs, self.write_wait())
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
 }
 
 /// A listening port, like `std::os::unix::net::UnixListener`.
+///
+/// Non-blocking mode and the readiness descriptor work as for [`VsockStream`]: the descriptor
+/// reports `POLLIN` while a connection waits to be accepted (`POLLERR`/`POLLHUP` after the
+/// device's end).
 #[derive(Debug)]
 pub struct VsockListener {
     core: Arc<Core>,
     id: ListenerId,
     port: u32,
     ty: SocketType,
+    nonblocking: AtomicBool,
+    fd: OnceLock<UserFd>,
 }
 
 /// Default listen backlog.
 pub const DEFAULT_BACKLOG: usize = 128;
 
 impl VsockListener {
-    pub(crate) fn bind_on(core: &Arc<Core>, port: u32, ty: SocketType) -> io::Result<Self> {
-        let id = core.listen(port, DEFAULT_BACKLOG, ty)?;
+    pub(crate) fn bind_on(
+        core: &Arc<Core>,
+        port: u32,
+        backlog: usize,
+        ty: SocketType,
+    ) -> io::Result<Self> {
+        let id = core.listen(port, backlog, ty)?;
         Ok(VsockListener {
             core: core.clone(),
             id,
             port,
             ty,
+            nonblocking: AtomicBool::new(false),
+            fd: OnceLock::new(),
         })
     }
 
     /// The port listened on.
     pub fn port(&self) -> u32 {
         self.port
+    }
+
+    /// Our address (local CID, the port listened on).
+    pub fn local_addr(&self) -> io::Result<VsockAddr> {
+        Ok(VsockAddr::new(self.core.local_cid(), self.port))
+    }
+
+    /// Non-blocking mode on or off: `accept` returns `WouldBlock` instead of waiting, and the
+    /// streams it returns start in non-blocking mode too (as `accept4(SOCK_NONBLOCK)`).
+    pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        self.nonblocking.store(nonblocking, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn accept_conn(&self, ty: SocketType, timeout: Option<Duration>) -> io::Result<ConnHandle> {
+        if self.ty != ty {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                match self.ty {
+                    SocketType::Stream => "listener is STREAM: use accept",
+                    SocketType::SeqPacket => "listener is SEQPACKET: use accept_seqpacket",
+                },
+            ));
+        }
+        let nonblocking = self.nonblocking.load(Ordering::Relaxed);
+        let c = self
+            .core
+            .accept(self.id, Wait::new(nonblocking, timeout))?;
+        Ok(ConnHandle::new(&self.core, c, nonblocking))
     }
 
     /// Wait for the next established connection.
@@ -304,25 +461,17 @@ impl VsockListener {
         &self,
         timeout: Option<Duration>,
     ) -> io::Result<(VsockStream, VsockAddr)> {
-        if self.ty != SocketType::Stream {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "listener is SEQPACKET: use accept_seqpacket",
-            ));
-        }
-        let c = self
-            .core
-            .accept(self.id, timeout.map(|t| Instant::now() + t))?;
-        let s = VsockStream::from_conn(self.core.clone(), c);
+        let conn = self.accept_conn(SocketType::Stream, timeout)?;
+        let s = VsockStream::from_handle(Arc::new(conn));
         let peer = s.peer_addr()?;
         Ok((s, peer))
     }
 
     /// Wait for the next SEQPACKET connection (for a listener made with `listen_seqpacket`).
     pub fn accept_seqpacket(&self) -> io::Result<(VsockSeqPacket, VsockAddr)> {
-        let c = self.core.accept(self.id, None)?;
+        let conn = self.accept_conn(SocketType::SeqPacket, None)?;
         let s = VsockSeqPacket {
-            inner: VsockStream::from_conn(self.core.clone(), c),
+            inner: VsockStream::from_handle(Arc::new(conn)),
         };
         let peer = s.inner.peer_addr()?;
         Ok((s, peer))
@@ -334,6 +483,18 @@ impl VsockListener {
     }
 }
 
+impl AsFd for VsockListener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.get_or_init(|| self.core.listener_fd(self.id)).as_fd()
+    }
+}
+
+impl AsRawFd for VsockListener {
+    fn as_raw_fd(&self) -> RawFd {
+        self.as_fd().as_raw_fd()
+    }
+}
+
 impl Drop for VsockListener {
     fn drop(&mut self) {
         self.core.unlisten(self.id);
@@ -341,6 +502,9 @@ impl Drop for VsockListener {
 }
 
 /// A SEQPACKET connection: message boundaries are preserved.
+///
+/// Non-blocking mode and the readiness descriptor work as for [`VsockStream`]; `POLLIN` means
+/// a whole message waits.
 #[derive(Debug)]
 pub struct VsockSeqPacket {
     inner: VsockStream,
@@ -350,25 +514,35 @@ impl VsockSeqPacket {
     pub(crate) fn connect_on(
         core: &Arc<Core>,
         addr: VsockAddr,
-        timeout: Option<Duration>,
+        opts: ConnectOpts,
     ) -> io::Result<Self> {
-        let id = core.connect(addr.cid, addr.port, SocketType::SeqPacket, timeout)?;
+        let id = core.connect(
+            (addr.cid, addr.port),
+            opts.local_port,
+            SocketType::SeqPacket,
+            opts.timeout,
+            opts.nonblocking,
+        )?;
         Ok(VsockSeqPacket {
-            inner: VsockStream::from_conn(core.clone(), id),
+            inner: VsockStream::from_handle(Arc::new(ConnHandle::new(
+                core,
+                id,
+                opts.nonblocking,
+            ))),
         })
     }
 
-    /// Send one message (blocks until there is room for all of it).
+    /// Send one message (blocks until there is room for all of it; `WouldBlock` in
+    /// non-blocking mode).
     pub fn send(&self, msg: &[u8]) -> io::Result<usize> {
         self.send_eor(msg, false)
     }
 
     /// Send one message, marking the end of a record (`MSG_EOR`) when `eor`.
     pub fn send_eor(&self, msg: &[u8], eor: bool) -> io::Result<usize> {
-        let deadline = self.inner.timeouts.write.map(|t| Instant::now() + t);
         self.inner
             .core
-            .send_msg(self.inner.conn.id, msg, eor, deadline)
+            .send_msg(self.inner.conn.id, msg, eor, self.inner.write_wait())
     }
 
     /// Receive one message into `buf`: returns the bytes copied; a longer message is truncated
@@ -379,8 +553,9 @@ impl VsockSeqPacket {
 
     /// Receive one message: (bytes copied, the message's full length, EOR flag).
     pub fn recv_full(&self, buf: &mut [u8]) -> io::Result<(usize, usize, bool)> {
-        let deadline = self.inner.timeouts.read.map(|t| Instant::now() + t);
-        self.inner.core.recv_msg(self.inner.conn.id, buf, deadline)
+        self.inner
+            .core
+            .recv_msg(self.inner.conn.id, buf, self.inner.read_wait())
     }
 
     /// Shut down halves of the connection.
@@ -393,8 +568,40 @@ impl VsockSeqPacket {
         self.inner.peer_addr()
     }
 
+    /// Our address.
+    pub fn local_addr(&self) -> io::Result<VsockAddr> {
+        self.inner.local_addr()
+    }
+
     /// Timeout for blocking receives.
     pub fn set_read_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
         self.inner.set_read_timeout(t)
+    }
+
+    /// Timeout for blocking sends.
+    pub fn set_write_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
+        self.inner.set_write_timeout(t)
+    }
+
+    /// Non-blocking mode on or off (see [`VsockStream::set_nonblocking`]).
+    pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        self.inner.set_nonblocking(nonblocking)
+    }
+
+    /// The pending error, taken (see [`VsockStream::take_error`]).
+    pub fn take_error(&self) -> io::Result<Option<io::Error>> {
+        self.inner.take_error()
+    }
+}
+
+impl AsFd for VsockSeqPacket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.inner.as_fd()
+    }
+}
+
+impl AsRawFd for VsockSeqPacket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.inner.as_raw_fd()
     }
 }

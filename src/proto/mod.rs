@@ -280,6 +280,22 @@ pub enum ProtoError {
     },
 }
 
+/// What a connection is ready for ([`Endpoint::readiness`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Readiness {
+    /// Data (a stream's bytes, or a whole seqpacket message) waits to be read.
+    pub readable: bool,
+    /// Reads will end: the peer sent `SHUTDOWN` with `SEND`, we shut down receiving, or the
+    /// connection closed (reads drain what is buffered, then return 0 or the error).
+    pub read_closed: bool,
+    /// A send would queue at least one byte now.
+    pub writable: bool,
+    /// Nothing more can go either way (closed, reset, or shut down both ways).
+    pub hangup: bool,
+    /// The connection ended in an error (reset, refused, timed out).
+    pub error: bool,
+}
+
 /// Counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -437,6 +453,21 @@ impl<S: Storage> Endpoint<S> {
         local_port: Option<u32>,
         ty: SocketType,
     ) -> Result<ConnId, ProtoError> {
+        let timeout = self.config.connect_timeout;
+        self.connect_with_timeout(now, peer_cid, peer_port, local_port, ty, timeout)
+    }
+
+    /// [`Endpoint::connect`] with a connect timeout of its own instead of
+    /// [`Config::connect_timeout`] (as `SO_VM_SOCKETS_CONNECT_TIMEOUT`, of any length).
+    pub fn connect_with_timeout(
+        &mut self,
+        now: Instant,
+        peer_cid: u64,
+        peer_port: u32,
+        local_port: Option<u32>,
+        ty: SocketType,
+        timeout: Duration,
+    ) -> Result<ConnId, ProtoError> {
         self.check_type(ty)?;
         self.check_room()?;
         let port = match local_port {
@@ -465,7 +496,7 @@ impl<S: Storage> Endpoint<S> {
         conn.bound = true;
         conn.pending.request = true;
         self.timers
-            .set(&mut conn, Some(now + self.config.connect_timeout));
+            .set(&mut conn, now.checked_add(timeout));
         self.insert_conn(conn);
         self.schedule(id);
         Ok(id)
@@ -775,6 +806,41 @@ impl<S: Storage> Endpoint<S> {
                 conn.tx_space(self.config.send_buffer)
             }
             _ => 0,
+        }
+    }
+
+    /// What connection `c` is ready for, as a socket's `poll(2)` mask would say (Linux's
+    /// `vsock_poll`): the runtime shows it on the socket's readiness descriptor. An unknown or
+    /// released `c` is hung up.
+    pub fn readiness(&self, c: ConnId) -> Readiness {
+        let Some(conn) = self.conns.get(&c) else {
+            return Readiness {
+                hangup: true,
+                read_closed: true,
+                ..Readiness::default()
+            };
+        };
+        let connecting = conn.state == ConnState::Connecting;
+        let closed = conn.state == ConnState::Closed;
+        let readable = !connecting
+            && match conn.ty {
+                SocketType::Stream => !conn.rx.is_empty(),
+                SocketType::SeqPacket => !conn.rx_msgs.is_empty(),
+            };
+        // For seqpacket, room for one byte does not promise room for a whole message; it is
+        // what Linux's poll reports too (free space > 0).
+        let writable =
+            Self::check_sendable(conn).is_ok() && conn.tx_space(self.config.send_buffer) > 0;
+        let both_shut = conn.local_shutdown.send && conn.local_shutdown.receive;
+        Readiness {
+            readable,
+            read_closed: !connecting && (conn.rx_done() || closed),
+            writable,
+            hangup: closed
+                || both_shut
+                || (conn.local_shutdown.send && conn.peer_shutdown.send)
+                || conn.state == ConnState::Closing,
+            error: conn.error.is_some(),
         }
     }
 

@@ -18,10 +18,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::error::{error_chain, Ended, TransportError};
+use super::readiness::{ReadyFd, UserFd};
 use super::stats::DriverStats;
 use super::storage::RtStorage;
 use crate::packet::{ShutdownFlags, SocketType};
-use crate::proto::{ConnId, Endpoint, Event, ListenerId, ProtoError};
+use crate::proto::{ConnId, Endpoint, Event, ListenerId, ProtoError, Readiness};
 use vm_memory::VolatileSlice;
 
 /// The endpoint of a core: payload in DMA memory (a driver) or on the heap (the sim's host).
@@ -68,6 +69,10 @@ pub(crate) struct CoreState {
     connect_result: HashMap<ConnId, Result<(), ProtoError>>,
     /// Connections reset by the peer (reads drain first, then ConnectionReset).
     reset: HashMap<ConnId, ()>,
+    /// The readiness descriptors of the connections and listeners that were asked for one
+    /// (`readiness.rs`): kept showing what each is ready for after every call and event.
+    conn_fds: HashMap<ConnId, ReadyFd>,
+    listen_fds: HashMap<ListenerId, ReadyFd>,
     /// Busy-poll threads asleep (out of their spin budget): notifications are on while > 0.
     sleepers: usize,
     /// How long busy-poll callers spin before they sleep.
@@ -96,6 +101,46 @@ pub(crate) struct Core {
     pub(crate) state: Mutex<CoreState>,
     /// Spin (run the transport in the caller) instead of sleeping.
     busy_poll: bool,
+    /// The descriptor a socket hands out when it cannot get one of its own (no descriptor
+    /// left): hung up with an error, so a poller wakes at once and the call it then makes
+    /// tells it what is wrong, rather than waiting forever.
+    failed_fd: UserFd,
+}
+
+/// How long a call may wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// Until it can complete (or the device dies).
+    Forever,
+    /// Until then, and then `TimedOut`.
+    Until(Instant),
+    /// Not at all: `WouldBlock` at once (non-blocking mode).
+    Never,
+}
+
+impl Wait {
+    /// A socket's wait for a call: non-blocking, or its timeout from now.
+    pub(crate) fn new(nonblocking: bool, timeout: Option<Duration>) -> Wait {
+        match (nonblocking, timeout) {
+            (true, _) => Wait::Never,
+            (false, Some(t)) => Wait::Until(Instant::now() + t),
+            (false, None) => Wait::Forever,
+        }
+    }
+
+    fn deadline(self) -> Option<Instant> {
+        match self {
+            Wait::Until(d) => Some(d),
+            _ => None,
+        }
+    }
+}
+
+/// What a call's readiness descriptor belongs to.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    Conn(ConnId),
+    Listener(ListenerId),
 }
 
 /// The longest a busy-poll caller (or a spinning loop thread) spins without progress before it
@@ -157,8 +202,19 @@ const CALLER_PUMP_ROUNDS: u32 = 2;
 const WAIT_SLICE: Duration = Duration::from_millis(100);
 
 impl Core {
-    pub(crate) fn new(ep: RtEndpoint, transport: Box<dyn Transport>, busy_poll: bool) -> Arc<Core> {
-        Arc::new(Core {
+    /// A core; fails only when no file descriptor is left (for the hung-up readiness
+    /// descriptor every core keeps).
+    pub(crate) fn new(
+        ep: RtEndpoint,
+        transport: Box<dyn Transport>,
+        busy_poll: bool,
+    ) -> io::Result<Arc<Core>> {
+        let mut failed = ReadyFd::new()?;
+        failed.show(Readiness {
+            error: true,
+            ..Readiness::default()
+        });
+        Ok(Arc::new(Core {
             state: Mutex::new(CoreState {
                 ep,
                 transport,
@@ -167,11 +223,14 @@ impl Core {
                 listen_wait: HashMap::new(),
                 connect_result: HashMap::new(),
                 reset: HashMap::new(),
+                conn_fds: HashMap::new(),
+                listen_fds: HashMap::new(),
                 sleepers: 0,
                 spin: SpinBudget::default(),
             }),
             busy_poll,
-        })
+            failed_fd: failed.user(),
+        }))
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, CoreState> {
@@ -216,6 +275,16 @@ impl Core {
     /// Drain the endpoint's events to the waiters.
     pub(crate) fn route_events(st: &mut CoreState) {
         while let Some(ev) = st.ep.poll_event() {
+            match &ev {
+                Event::Incoming(l) => Core::show(st, Target::Listener(*l)),
+                Event::Connected(c)
+                | Event::ConnectFailed(c, _)
+                | Event::Readable(c)
+                | Event::Writable(c)
+                | Event::PeerShutdown(c, _)
+                | Event::Reset(c)
+                | Event::Closed(c) => Core::show(st, Target::Conn(*c)),
+            }
             match ev {
                 Event::Connected(c) => {
                     st.connect_result.insert(c, Ok(()));
@@ -261,6 +330,103 @@ impl Core {
         for cv in st.conn_wait.values().chain(st.listen_wait.values()) {
             cv.notify_all();
         }
+        let failed = Readiness {
+            error: true,
+            ..Readiness::default()
+        };
+        for fd in st.conn_fds.values_mut().chain(st.listen_fds.values_mut()) {
+            fd.show(failed);
+        }
+    }
+
+    /// What `t` is ready for now.
+    fn readiness(st: &CoreState, t: Target) -> Readiness {
+        if st.dead.is_some() {
+            return Readiness {
+                error: true,
+                ..Readiness::default()
+            };
+        }
+        match t {
+            Target::Conn(c) => {
+                let mut r = st.ep.readiness(c);
+                r.error |= st.reset.contains_key(&c)
+                    || matches!(st.connect_result.get(&c), Some(Err(_)));
+                r
+            }
+            Target::Listener(l) => Readiness {
+                readable: st.ep.pending_accepts(l) > 0,
+                ..Readiness::default()
+            },
+        }
+    }
+
+    /// Bring `t`'s readiness descriptor (if it has one) up to date.
+    fn show(st: &mut CoreState, t: Target) {
+        if st.conn_fds.is_empty() && st.listen_fds.is_empty() {
+            return;
+        }
+        let r = Core::readiness(st, t);
+        let fd = match t {
+            Target::Conn(c) => st.conn_fds.get_mut(&c),
+            Target::Listener(l) => st.listen_fds.get_mut(&l),
+        };
+        if let Some(fd) = fd {
+            fd.show(r);
+        }
+    }
+
+    /// The readiness descriptor of `t`, made on first use; when none can be made (no
+    /// descriptor left), the core's hung-up one, and the failure is logged.
+    fn fd_of(&self, t: Target) -> UserFd {
+        let mut st = self.lock();
+        let existing = match t {
+            Target::Conn(c) => st.conn_fds.get(&c),
+            Target::Listener(l) => st.listen_fds.get(&l),
+        };
+        if let Some(fd) = existing {
+            return fd.user();
+        }
+        let mut fd = match ReadyFd::new() {
+            Ok(fd) => fd,
+            Err(e) => {
+                log::error!("{t:?}: no readiness descriptor ({e}): handing out a hung-up one");
+                return self.failed_fd.clone();
+            }
+        };
+        fd.show(Core::readiness(&st, t));
+        let user = fd.user();
+        match t {
+            Target::Conn(c) => st.conn_fds.insert(c, fd),
+            Target::Listener(l) => st.listen_fds.insert(l, fd),
+        };
+        user
+    }
+
+    /// Connection `c`'s readiness descriptor (see `readiness.rs`).
+    pub(crate) fn conn_fd(&self, c: ConnId) -> UserFd {
+        self.fd_of(Target::Conn(c))
+    }
+
+    /// Listener `l`'s readiness descriptor: readable while a connection waits to be accepted.
+    pub(crate) fn listener_fd(&self, l: ListenerId) -> UserFd {
+        self.fd_of(Target::Listener(l))
+    }
+
+    /// The pending error of connection `c`, taken (as `SO_ERROR`): a failed connect, a reset,
+    /// or the device's end. A reset stays visible to reads and writes.
+    pub(crate) fn take_error(&self, c: ConnId) -> Option<io::Error> {
+        let mut st = self.lock();
+        if let Err(e) = Core::check_dead(&st) {
+            return Some(e);
+        }
+        match st.connect_result.get(&c) {
+            Some(Err(_)) => match st.connect_result.remove(&c) {
+                Some(Err(e)) => Some(to_io(e)),
+                _ => None,
+            },
+            _ => None,
+        }
     }
 
     /// Mark the core dead from outside and stop the device (device reset, driver shutdown).
@@ -285,17 +451,23 @@ impl Core {
 
     /// Block until `ready` says yes (returns its value), the deadline passes, or the device dies.
     /// `cv` is the condition variable the awaited state change notifies.
+    /// On the way out, `target`'s readiness descriptor is brought up to date. With
+    /// [`Wait::Never`] a call that would wait fails with `WouldBlock` instead (after one round
+    /// of the rings in busy-poll mode, where nobody else moves them).
     fn wait_until<'a, T>(
         self: &'a Arc<Self>,
         mut st: MutexGuard<'a, CoreState>,
         cv: &Arc<Condvar>,
-        deadline: Option<Instant>,
+        wait: Wait,
+        target: Target,
         mut ready: impl FnMut(&mut CoreState) -> Option<io::Result<T>>,
     ) -> io::Result<T> {
+        let deadline = wait.deadline();
         // Busy-poll: spin (moving packets ourselves) while progress is likely, then sleep.
         let mut spin_since = Instant::now();
         let mut asleep = false;
         let mut spun = false;
+        let mut polled = false;
         let result = loop {
             if let Some(r) = ready(&mut st) {
                 if spun && !asleep {
@@ -307,6 +479,14 @@ impl Core {
                 break Err(e);
             }
             let now = Instant::now();
+            if wait == Wait::Never {
+                if self.busy_poll && !polled {
+                    polled = true;
+                    Core::pump_locked(&mut st, now);
+                    continue;
+                }
+                break Err(io::ErrorKind::WouldBlock.into());
+            }
             if deadline.is_some_and(|d| now >= d) {
                 break Err(io::Error::new(
                     io::ErrorKind::TimedOut,
@@ -349,6 +529,7 @@ impl Core {
         if asleep {
             Core::sleeper_out(&mut st);
         }
+        Core::show(&mut st, target);
         result
     }
 
@@ -404,22 +585,34 @@ impl Core {
         }
     }
 
-    /// Open a connection to `cid:port` and wait for the handshake.
+    /// Open a connection to `cid:port` from `local_port` (an ephemeral port when `None`).
+    /// The handshake may take `timeout` (the protocol's connect timeout, 2 s as Linux's, when
+    /// `None`; any length is honoured). Blocking: waits for it. Non-blocking: returns at once;
+    /// the connection's readiness descriptor turns writable once it is established, and
+    /// [`Core::take_error`] tells a failure (as `connect` with `EINPROGRESS`, then `SO_ERROR`).
     pub(crate) fn connect(
         self: &Arc<Self>,
-        cid: u64,
-        port: u32,
+        (cid, port): (u64, u32),
+        local_port: Option<u32>,
         ty: SocketType,
         timeout: Option<Duration>,
+        nonblocking: bool,
     ) -> io::Result<ConnId> {
         let mut st = self.lock();
         Core::check_dead(&st)?;
         let now = Instant::now();
-        let c = st.ep.connect(now, cid, port, None, ty).map_err(to_io)?;
+        let timeout = timeout.unwrap_or(st.ep.config().connect_timeout);
+        let c = st
+            .ep
+            .connect_with_timeout(now, cid, port, local_port, ty, timeout)
+            .map_err(to_io)?;
         let cv = Core::conn_cv(&mut st, c);
         self.kick(&mut st);
-        let deadline = timeout.map(|t| now + t);
-        let r = self.wait_until(st, &cv, deadline, |st| {
+        if nonblocking {
+            return Ok(c);
+        }
+        // The protocol core's timer ends the handshake (TimedOut) after `timeout`.
+        let r = self.wait_until(st, &cv, Wait::Forever, Target::Conn(c), |st| {
             st.connect_result.remove(&c).map(|r| r.map_err(to_io))
         });
         if r.is_err() {
@@ -445,14 +638,10 @@ impl Core {
         Ok(l)
     }
 
-    pub(crate) fn accept(
-        self: &Arc<Self>,
-        l: ListenerId,
-        deadline: Option<Instant>,
-    ) -> io::Result<ConnId> {
+    pub(crate) fn accept(self: &Arc<Self>, l: ListenerId, wait: Wait) -> io::Result<ConnId> {
         let mut st = self.lock();
         let cv = st.listen_wait.entry(l).or_default().clone();
-        self.wait_until(st, &cv, deadline, |st| {
+        self.wait_until(st, &cv, wait, Target::Listener(l), |st| {
             st.ep.accept(l).map(|c| {
                 st.conn_wait.entry(c).or_default();
                 Ok(c)
@@ -464,6 +653,7 @@ impl Core {
         let mut st = self.lock();
         st.ep.unlisten(Instant::now(), l);
         st.listen_wait.remove(&l);
+        st.listen_fds.remove(&l);
         self.kick(&mut st);
     }
 
@@ -472,7 +662,7 @@ impl Core {
         self: &Arc<Self>,
         c: ConnId,
         buf: &mut [u8],
-        deadline: Option<Instant>,
+        wait: Wait,
     ) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
@@ -480,7 +670,7 @@ impl Core {
         let mut st = self.lock();
         let cv = Core::conn_cv(&mut st, c);
         let this = self.clone();
-        self.wait_until(st, &cv, deadline, |st| {
+        self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
             match st.ep.recv(Instant::now(), c, buf) {
                 Ok(n) => {
                     if n > 0 {
@@ -499,13 +689,13 @@ impl Core {
         self: &Arc<Self>,
         c: ConnId,
         mut data: &[u8],
-        deadline: Option<Instant>,
+        wait: Wait,
     ) -> io::Result<usize> {
-        let total = data.len();
+        let mut queued = 0;
         let mut st = self.lock();
         let cv = Core::conn_cv(&mut st, c);
         let this = self.clone();
-        self.wait_until(st, &cv, deadline, |st| {
+        let r = self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
             if let Some(e) = Core::reset_error(st, c) {
                 return Some(Err(e));
             }
@@ -515,16 +705,32 @@ impl Core {
                         this.kick(st);
                     }
                     data = &data[n..];
-                    if data.is_empty() {
-                        Some(Ok(total))
-                    } else {
-                        None
-                    }
+                    queued += n;
+                    (data.is_empty() || (wait == Wait::Never && queued > 0)).then_some(Ok(queued))
                 }
                 Err(ProtoError::WouldBlock) => None,
                 Err(e) => Some(Err(to_io(e))),
             }
-        })
+        });
+        Core::partial(r, queued)
+    }
+
+    /// A write that queued `queued` bytes and then timed out (or would block) returns that
+    /// count, as a socket's write does: an error would hide what was sent, and a retry would
+    /// send it twice.
+    fn partial(r: io::Result<usize>, queued: usize) -> io::Result<usize> {
+        match r {
+            Err(e)
+                if queued > 0
+                    && matches!(
+                        e.kind(),
+                        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+                    ) =>
+            {
+                Ok(queued)
+            }
+            r => r,
+        }
     }
 
     /// Blocking vectored read: waits for data (or EOF, or an error) like [`Core::read`], then
@@ -533,7 +739,7 @@ impl Core {
         self: &Arc<Self>,
         c: ConnId,
         bufs: &mut [io::IoSliceMut<'_>],
-        deadline: Option<Instant>,
+        wait: Wait,
     ) -> io::Result<usize> {
         if bufs.iter().all(|b| b.is_empty()) {
             return Ok(0);
@@ -541,7 +747,7 @@ impl Core {
         let mut st = self.lock();
         let cv = Core::conn_cv(&mut st, c);
         let this = self.clone();
-        self.wait_until(st, &cv, deadline, |st| {
+        self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
             let now = Instant::now();
             let mut total = 0;
             for buf in bufs.iter_mut().filter(|b| !b.is_empty()) {
@@ -570,14 +776,15 @@ impl Core {
         self: &Arc<Self>,
         c: ConnId,
         bufs: &[io::IoSlice<'_>],
-        deadline: Option<Instant>,
+        wait: Wait,
     ) -> io::Result<usize> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         let (mut i, mut off) = (0, 0);
+        let mut queued = 0;
         let mut st = self.lock();
         let cv = Core::conn_cv(&mut st, c);
         let this = self.clone();
-        self.wait_until(st, &cv, deadline, |st| {
+        let r = self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
             if let Some(e) = Core::reset_error(st, c) {
                 return Some(Err(e));
             }
@@ -592,9 +799,12 @@ impl Core {
                     continue;
                 }
                 match st.ep.send(now, c, &buf[off..]) {
-                    Ok(0) | Err(ProtoError::WouldBlock) => break None,
+                    Ok(0) | Err(ProtoError::WouldBlock) => {
+                        break (wait == Wait::Never && queued > 0).then_some(Ok(queued))
+                    }
                     Ok(n) => {
                         off += n;
+                        queued += n;
                         sent = true;
                     }
                     Err(e) => break Some(Err(to_io(e))),
@@ -604,7 +814,8 @@ impl Core {
                 this.kick(st);
             }
             r
-        })
+        });
+        Core::partial(r, queued)
     }
 
     /// Blocking zero-copy write: waits for room in the send buffer, then `fill` writes up to
@@ -614,7 +825,7 @@ impl Core {
         self: &Arc<Self>,
         c: ConnId,
         max: usize,
-        deadline: Option<Instant>,
+        wait: Wait,
         fill: impl FnOnce(&[VolatileSlice<'_, ()>]) -> usize,
     ) -> io::Result<usize> {
         if max == 0 {
@@ -624,7 +835,7 @@ impl Core {
         let mut st = self.lock();
         let cv = Core::conn_cv(&mut st, c);
         let this = self.clone();
-        self.wait_until(st, &cv, deadline, |st| {
+        self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
             if let Some(e) = Core::reset_error(st, c) {
                 return Some(Err(e));
             }
@@ -655,14 +866,14 @@ impl Core {
     pub(crate) fn recv_with(
         self: &Arc<Self>,
         c: ConnId,
-        deadline: Option<Instant>,
+        wait: Wait,
         take: impl FnOnce(&[VolatileSlice<'_, ()>]) -> usize,
     ) -> io::Result<usize> {
         let mut take = Some(take);
         let mut st = self.lock();
         let cv = Core::conn_cv(&mut st, c);
         let this = self.clone();
-        self.wait_until(st, &cv, deadline, |st| {
+        self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
             let r = st.ep.recv_with(Instant::now(), c, |rx| {
                 if let Some(f) = take.take() {
                     rx.with_slices(f);
@@ -687,12 +898,12 @@ impl Core {
         c: ConnId,
         msg: &[u8],
         eor: bool,
-        deadline: Option<Instant>,
+        wait: Wait,
     ) -> io::Result<usize> {
         let mut st = self.lock();
         let cv = Core::conn_cv(&mut st, c);
         let this = self.clone();
-        self.wait_until(st, &cv, deadline, |st| {
+        self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
             if let Some(e) = Core::reset_error(st, c) {
                 return Some(Err(e));
             }
@@ -712,12 +923,12 @@ impl Core {
         self: &Arc<Self>,
         c: ConnId,
         buf: &mut [u8],
-        deadline: Option<Instant>,
+        wait: Wait,
     ) -> io::Result<(usize, usize, bool)> {
         let mut st = self.lock();
         let cv = Core::conn_cv(&mut st, c);
         let this = self.clone();
-        self.wait_until(st, &cv, deadline, |st| {
+        self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
             match st.ep.recv_msg(Instant::now(), c, buf) {
                 Ok(r) => {
                     this.kick(st);
@@ -772,9 +983,15 @@ impl Core {
         let mut st = self.lock();
         st.ep.close(Instant::now(), c);
         st.conn_wait.remove(&c);
+        st.conn_fds.remove(&c);
         st.reset.remove(&c);
         st.connect_result.remove(&c);
         self.kick(&mut st);
+    }
+
+    /// Our CID.
+    pub(crate) fn local_cid(&self) -> u64 {
+        self.lock().ep.local_cid()
     }
 
     /// Our (CID, port) of connection `c`.

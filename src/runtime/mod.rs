@@ -24,11 +24,13 @@
 mod core;
 mod error;
 mod event_loop;
+mod readiness;
 mod stats;
 mod storage;
 mod transport;
 
-pub(crate) use self::core::{to_io, Core, RtEndpoint, Transport};
+pub(crate) use self::core::{to_io, Core, RtEndpoint, Transport, Wait};
+pub(crate) use self::readiness::UserFd;
 pub(crate) use self::error::{error_chain, Ended, TransportError};
 pub(crate) use self::event_loop::{run_loop, LoopFds};
 pub use self::stats::DriverStats;

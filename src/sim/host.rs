@@ -14,7 +14,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::rings::SimRings;
 use super::{lock, SimConfig, SimStats, DISCARD_PORT, ECHO_PORT, SEQPACKET_ECHO_PORT, SERVICE_BUF};
-use crate::driver::{VsockAddr, VsockListener, VsockSeqPacket, VsockStream};
+use crate::driver::{
+    ConnectOpts, VsockAddr, VsockListener, VsockSeqPacket, VsockStream, DEFAULT_BACKLOG,
+};
 use crate::packet::{SocketType, VMADDR_CID_HOST};
 use crate::proto::{self, ConnId, ConnState, Endpoint, ListenerId, ProtoError};
 use crate::runtime::{Core, Transport, TransportError};
@@ -329,7 +331,9 @@ impl SimHost {
             stats: stats.clone(),
         };
         SimHost {
-            core: Core::new(ep, Box::new(transport), false),
+            // As for the device's eventfds: only an exhausted file table makes this fail.
+            core: Core::new(ep, Box::new(transport), false)
+                .unwrap_or_else(|e| panic!("sim host core: {e}")),
             stats,
             guest_cid,
             config: Arc::new(config),
@@ -338,22 +342,30 @@ impl SimHost {
 
     /// Listen for streams from the driver on host port `port`.
     pub fn listen(&self, port: u32) -> std::io::Result<VsockListener> {
-        VsockListener::bind_on(&self.core, port, SocketType::Stream)
+        VsockListener::bind_on(&self.core, port, DEFAULT_BACKLOG, SocketType::Stream)
     }
 
     /// Listen for SEQPACKET connections from the driver on host port `port`.
     pub fn listen_seqpacket(&self, port: u32) -> std::io::Result<VsockListener> {
-        VsockListener::bind_on(&self.core, port, SocketType::SeqPacket)
+        VsockListener::bind_on(&self.core, port, DEFAULT_BACKLOG, SocketType::SeqPacket)
     }
 
     /// Connect from the host to the driver's `port`.
     pub fn connect(&self, port: u32) -> std::io::Result<VsockStream> {
-        VsockStream::connect_on(&self.core, VsockAddr::new(self.guest_cid(), port), None)
+        VsockStream::connect_on(
+            &self.core,
+            VsockAddr::new(self.guest_cid(), port),
+            ConnectOpts::default(),
+        )
     }
 
     /// Connect a SEQPACKET socket from the host to the driver's `port`.
     pub fn connect_seqpacket(&self, port: u32) -> std::io::Result<VsockSeqPacket> {
-        VsockSeqPacket::connect_on(&self.core, VsockAddr::new(self.guest_cid(), port), None)
+        VsockSeqPacket::connect_on(
+            &self.core,
+            VsockAddr::new(self.guest_cid(), port),
+            ConnectOpts::default(),
+        )
     }
 
     /// The config's `guest_cid` now.

@@ -342,7 +342,8 @@ impl Read for &VsockStream {
     }
 
     fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
-        self.core.read_vectored(self.conn.id, bufs, self.read_wait())
+        self.core
+            .read_vectored(self.conn.id, bufs, self.read_wait())
     }
 }
 
@@ -373,7 +374,8 @@ impl Write for &VsockStream {
     }
 
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        self.core.write_vectored(self.conn.id, bufs, self.write_wait())
+        self.core
+            .write_vectored(self.conn.id, bufs, self.write_wait())
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -445,9 +447,7 @@ impl VsockListener {
             ));
         }
         let nonblocking = self.nonblocking.load(Ordering::Relaxed);
-        let c = self
-            .core
-            .accept(self.id, Wait::new(nonblocking, timeout))?;
+        let c = self.core.accept(self.id, Wait::new(nonblocking, timeout))?;
         Ok(ConnHandle::new(&self.core, c, nonblocking))
     }
 
@@ -485,7 +485,9 @@ impl VsockListener {
 
 impl AsFd for VsockListener {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.get_or_init(|| self.core.listener_fd(self.id)).as_fd()
+        self.fd
+            .get_or_init(|| self.core.listener_fd(self.id))
+            .as_fd()
     }
 }
 
@@ -524,11 +526,7 @@ impl VsockSeqPacket {
             opts.nonblocking,
         )?;
         Ok(VsockSeqPacket {
-            inner: VsockStream::from_handle(Arc::new(ConnHandle::new(
-                core,
-                id,
-                opts.nonblocking,
-            ))),
+            inner: VsockStream::from_handle(Arc::new(ConnHandle::new(core, id, opts.nonblocking))),
         })
     }
 

@@ -73,7 +73,9 @@ impl<S: Storage> Endpoint<S> {
 
     /// Connections waiting in `l`'s accept queue (0 for an unknown listener).
     pub fn pending_accepts(&self, l: ListenerId) -> usize {
-        self.listeners.get(&l).map_or(0, |listener| listener.queue.len())
+        self.listeners
+            .get(&l)
+            .map_or(0, |listener| listener.queue.len())
     }
 
     /// The next established connection waiting on `l`. Data may already be buffered on it

@@ -495,8 +495,7 @@ impl<S: Storage> Endpoint<S> {
         );
         conn.bound = true;
         conn.pending.request = true;
-        self.timers
-            .set(&mut conn, now.checked_add(timeout));
+        self.timers.set(&mut conn, now.checked_add(timeout));
         self.insert_conn(conn);
         self.schedule(id);
         Ok(id)

@@ -298,6 +298,93 @@ fn connect_timeout_sends_rst() {
 }
 
 #[test]
+fn connect_with_a_timeout_longer_than_the_default_is_honoured() {
+    let mut p = Pair::new();
+    let t0 = p.now;
+    let long = DEFAULT_CONNECT_TIMEOUT * 5;
+    let ca =
+        p.a.connect_with_timeout(t0, VMADDR_CID_HOST, PORT, None, SocketType::Stream, long)
+            .unwrap();
+    assert_eq!(p.pump(Side::A, false).len(), 1); // the REQUEST is lost
+    assert_eq!(p.a.poll_timeout(), Some(t0 + long));
+    p.advance(DEFAULT_CONNECT_TIMEOUT * 2);
+    assert!(p.events(Side::A).is_empty(), "not cut to the default");
+    assert_eq!(p.a.state(ca), Some(ConnState::Connecting));
+    p.advance(long - DEFAULT_CONNECT_TIMEOUT * 2);
+    assert_eq!(
+        p.events(Side::A),
+        vec![Event::ConnectFailed(ca, ProtoError::TimedOut)]
+    );
+    // A timeout too long for the clock means none: no timer, no panic.
+    let cb =
+        p.a.connect_with_timeout(
+            p.now,
+            VMADDR_CID_HOST,
+            PORT,
+            None,
+            SocketType::Stream,
+            Duration::MAX,
+        )
+        .unwrap();
+    assert_eq!(p.a.state(cb), Some(ConnState::Connecting));
+}
+
+#[test]
+fn readiness_follows_the_connection() {
+    let mut p = Pair::new();
+    let l = p.b.listen(PORT, 4, SocketType::Stream).unwrap();
+    let ca =
+        p.a.connect(p.now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+            .unwrap();
+    let r = p.a.readiness(ca);
+    assert!(
+        !r.readable && !r.writable && !r.hangup && !r.error,
+        "connecting: {r:?}"
+    );
+    p.shuttle();
+    let cb = p.b.accept(l).unwrap();
+    let r = p.a.readiness(ca);
+    assert!(
+        r.writable && !r.readable && !r.read_closed,
+        "connected: {r:?}"
+    );
+    p.b.send(p.now, cb, b"data").unwrap();
+    p.b.shutdown(
+        p.now,
+        cb,
+        ShutdownFlags {
+            receive: false,
+            send: true,
+        },
+    )
+    .unwrap();
+    p.shuttle();
+    let r = p.a.readiness(ca);
+    assert!(
+        r.readable && r.read_closed && !r.hangup,
+        "peer shut down sending: {r:?}"
+    );
+    p.a.shutdown(
+        p.now,
+        ca,
+        ShutdownFlags {
+            receive: false,
+            send: true,
+        },
+    )
+    .unwrap();
+    p.shuttle();
+    let r = p.a.readiness(ca);
+    assert!(r.hangup && !r.error, "both ways shut: {r:?}");
+    let cc =
+        p.a.connect(p.now, VMADDR_CID_HOST, PORT + 1, None, SocketType::Stream)
+            .unwrap();
+    p.shuttle();
+    let r = p.a.readiness(cc);
+    assert!(r.error && r.hangup, "refused: {r:?}");
+}
+
+#[test]
 fn backlog_full_gets_rst() {
     let mut p = Pair::new();
     let l = p.b.listen(PORT, 1, SocketType::Stream).unwrap();

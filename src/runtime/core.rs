@@ -350,8 +350,8 @@ impl Core {
         match t {
             Target::Conn(c) => {
                 let mut r = st.ep.readiness(c);
-                r.error |= st.reset.contains_key(&c)
-                    || matches!(st.connect_result.get(&c), Some(Err(_)));
+                r.error |=
+                    st.reset.contains_key(&c) || matches!(st.connect_result.get(&c), Some(Err(_)));
                 r
             }
             Target::Listener(l) => Readiness {
@@ -976,6 +976,7 @@ impl Core {
         };
         st.ep.shutdown(Instant::now(), c, flags).map_err(to_io)?;
         self.kick(&mut st);
+        Core::show(&mut st, Target::Conn(c));
         Ok(())
     }
 

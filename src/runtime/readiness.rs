@@ -224,7 +224,7 @@ mod tests {
 
     /// `poll(2)` bits, by name.
     struct P;
-        impl P {
+    impl P {
         const POLLIN: i16 = libc::POLLIN;
         const POLLOUT: i16 = libc::POLLOUT;
         const POLLHUP: i16 = libc::POLLHUP;

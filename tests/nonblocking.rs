@@ -319,3 +319,21 @@ fn blocking_write_that_times_out_reports_what_it_queued() {
     let e = s.write(&data).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::TimedOut, "nothing more fits: {e}");
 }
+
+#[test]
+fn peek_sees_data_without_consuming_it() {
+    let (d, _host) = sim_with_host();
+    let mut s = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap();
+    s.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(s.peek(&mut buf).unwrap_err().kind(), ErrorKind::WouldBlock);
+    s.write_all(b"peekaboo").unwrap();
+    wait_for(s.as_raw_fd(), IN);
+    assert_eq!(s.peek(&mut buf[..4]).unwrap(), 4);
+    assert_eq!(&buf[..4], b"peek");
+    assert_eq!(s.peek(&mut buf).unwrap(), 8, "still all there");
+    assert_ne!(now(s.as_raw_fd()) & IN, 0, "peeking leaves it readable");
+    assert_eq!(s.read(&mut buf).unwrap(), 8);
+    assert_eq!(&buf[..8], b"peekaboo");
+    assert_eq!(now(s.as_raw_fd()) & IN, 0);
+}

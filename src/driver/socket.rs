@@ -203,6 +203,12 @@ impl VsockStream {
         Ok(())
     }
 
+    /// Read what has arrived without consuming it (`MSG_PEEK`): waits like `read` (up to the
+    /// read timeout; `WouldBlock` in non-blocking mode); `Ok(0)` at end of stream.
+    pub fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.core.peek(self.conn.id, buf, self.read_wait())
+    }
+
     /// The pending error, taken (as `SO_ERROR`): why a non-blocking connect failed, or the
     /// device's end. `Ok(None)` when there is none (a connect still in progress included).
     pub fn take_error(&self) -> io::Result<Option<io::Error>> {

@@ -555,6 +555,21 @@ impl<S: Storage> Endpoint<S> {
         .map(|r| r.map_or(0, |((), n)| n))
     }
 
+    /// Copy buffered stream data into `buf` and keep it (`MSG_PEEK`): the same results as
+    /// [`Endpoint::recv`], and nothing consumed or credited.
+    pub fn peek(&mut self, c: ConnId, buf: &mut [u8]) -> Result<usize, ProtoError> {
+        let conn = self.conn_of_type(c, SocketType::Stream, "peek on a seqpacket socket")?;
+        if conn.state == ConnState::Connecting {
+            return Err(ProtoError::NotConnected);
+        }
+        if conn.rx.is_empty() {
+            return Self::rx_end(conn).map(|()| 0);
+        }
+        let n = conn.rx.len().min(buf.len());
+        conn.rx.peek(&mut buf[..n]);
+        Ok(n)
+    }
+
     /// Queue stream data in place: `fill` gets the send queue and the room (at most `max`
     /// bytes, within the send buffer) and appends up to that many bytes its own way (the
     /// zero-copy path: the caller writes straight into the queue's storage); returns how many

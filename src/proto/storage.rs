@@ -9,7 +9,8 @@
 //! side, tests, fuzzing).
 //!
 //! The core calls these methods, and only these: [`TxBuf::append`] / [`TxBuf::try_reserve`] from
-//! `send` and `send_msg`, [`RxBuf::read`] / [`RxBuf::discard`] from `recv` and `recv_msg`, and
+//! `send` and `send_msg`, [`RxBuf::read`] / [`RxBuf::discard`] from `recv` and `recv_msg`,
+//! [`RxBuf::peek`] from `peek`, and
 //! `clear` when nobody will read or send the bytes any more. Bytes enter an [`RxBuf`] and leave a
 //! [`TxBuf`] through the owner's own code, in the callbacks of
 //! [`Endpoint::handle_packet_with`](super::Endpoint::handle_packet_with) and
@@ -51,6 +52,9 @@ pub trait RxBuf {
     /// Copy the first `buf.len()` bytes into `buf` and drop them (the core never asks for more
     /// than `len()`).
     fn read(&mut self, buf: &mut [u8]);
+    /// Copy the first `buf.len()` bytes into `buf` and keep them (`MSG_PEEK`; the core never
+    /// asks for more than `len()`).
+    fn peek(&self, buf: &mut [u8]);
     /// Drop the first `n` bytes unread (the core never asks for more than `len()`).
     fn discard(&mut self, n: usize);
     /// Drop everything (nobody will read it).
@@ -213,6 +217,13 @@ impl RxBuf for HeapBuf {
     }
     fn read(&mut self, buf: &mut [u8]) {
         self.take_into(buf);
+    }
+    fn peek(&self, buf: &mut [u8]) {
+        let (a, b) = self.0.as_slices();
+        let n = buf.len().min(a.len());
+        buf[..n].copy_from_slice(&a[..n]);
+        let m = (buf.len() - n).min(b.len());
+        buf[n..n + m].copy_from_slice(&b[..m]);
     }
     fn discard(&mut self, n: usize) {
         self.0.drain(..n.min(self.0.len()));

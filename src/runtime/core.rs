@@ -684,6 +684,27 @@ impl Core {
         })
     }
 
+    /// Blocking peek: waits for data (or EOF, or an error) like [`Core::read`], then copies
+    /// without consuming.
+    pub(crate) fn peek(
+        self: &Arc<Self>,
+        c: ConnId,
+        buf: &mut [u8],
+        wait: Wait,
+    ) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let mut st = self.lock();
+        let cv = Core::conn_cv(&mut st, c);
+        self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
+            match st.ep.peek(c, buf) {
+                Ok(n) => Some(Ok(n)),
+                Err(e) => Core::read_error(st, c, e),
+            }
+        })
+    }
+
     /// Blocking write of the whole buffer (returns once all of it is queued in the endpoint).
     pub(crate) fn write(
         self: &Arc<Self>,

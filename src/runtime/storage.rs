@@ -633,6 +633,29 @@ impl RxBuf for DmaRx {
         CopyCounters::add(&self.counters.rx_copied, copied);
     }
 
+    fn peek(&self, mut buf: &mut [u8]) {
+        for seg in &self.segs {
+            if buf.is_empty() {
+                break;
+            }
+            let n = seg.len().min(buf.len());
+            let (dst, rest) = std::mem::take(&mut buf).split_at_mut(n);
+            match seg {
+                RxSeg::Dma { buf: b, offset, .. } => {
+                    let addr = GuestAddress(b.addr().0 + *offset as u64);
+                    if let Err(e) = read_dma(&self.pool.mem, addr, dst) {
+                        log::error!("RX peek failed: {e}");
+                        dst.fill(0);
+                    }
+                }
+                RxSeg::Heap { data, start } => {
+                    crate::copy::copy_bytes(dst, &data[*start..*start + n]);
+                }
+            }
+            buf = rest;
+        }
+    }
+
     fn discard(&mut self, mut n: usize) {
         while n > 0 {
             let Some(front) = self.segs.front_mut() else {
@@ -845,6 +868,12 @@ impl RxBuf for RtRx {
             RtRx::Heap(q) => q.read(buf),
         }
     }
+    fn peek(&self, buf: &mut [u8]) {
+        match self {
+            RtRx::Dma(q) => q.peek(buf),
+            RtRx::Heap(q) => q.peek(buf),
+        }
+    }
     fn discard(&mut self, n: usize) {
         match self {
             RtRx::Dma(q) => q.discard(n),
@@ -1017,6 +1046,35 @@ mod tests {
         assert_eq!(st.rx_pool.held(), 0, "fully read: back in the pool");
         assert_eq!(st.counters.rx_copied.load(Ordering::Relaxed), 1000);
         assert_eq!(st.counters.rx_copied_out.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn rx_peek_copies_across_segments_and_keeps_everything() {
+        let dma = region(16 << 20);
+        let mut st = storage(&dma, 1, 8);
+        let mut rx = st.new_rx();
+        let big: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        let small = [0xabu8; 10];
+        for (i, part) in [&big[..], &small[..], &big[..]].iter().enumerate() {
+            let buf = st.rx_pool.alloc().unwrap();
+            write_dma(dma.memory(), GuestAddress(buf.addr().0 + 44), part).unwrap();
+            rx.push(buf, 44, part.len());
+            assert_eq!(rx.len(), [1000, 1010, 2010][i]);
+        }
+        let mut want = big.clone();
+        want.extend_from_slice(&small);
+        want.extend_from_slice(&big);
+        let mut out = vec![0; 2010];
+        rx.peek(&mut out);
+        assert_eq!(out, want, "a DMA segment, a heap tail, a DMA segment");
+        assert_eq!(rx.len(), 2010, "nothing consumed");
+        rx.discard(5);
+        let mut out = vec![0; 1200];
+        rx.peek(&mut out);
+        assert_eq!(&out[..], &want[5..1205]);
+        let mut read = vec![0; 2005];
+        rx.read(&mut read);
+        assert_eq!(&read[..], &want[5..], "the reader still gets every byte");
     }
 
     #[test]

@@ -610,6 +610,32 @@ impl<S: Storage> Endpoint<S> {
         Ok(added)
     }
 
+    /// Room for stream data now, at most `max`: for an owner that fills its send storage in
+    /// two steps, setting memory aside here, filling it with no lock held, and queueing it with
+    /// [`Endpoint::send_with`]. `Ok(0)` with `max > 0` means no room: [`Event::Writable`] is
+    /// armed, as after a `send` that found the buffer full.
+    pub fn send_room(&mut self, c: ConnId, max: usize) -> Result<usize, ProtoError> {
+        let send_buffer = self.config.send_buffer;
+        let conn = self.conn_of_type(
+            c,
+            SocketType::Stream,
+            "send on a seqpacket socket; use send_msg",
+        )?;
+        Self::check_sendable(conn)?;
+        let room = conn.tx_space(send_buffer).min(max);
+        if room == 0 {
+            conn.writable_wanted = max > 0;
+        }
+        Ok(room)
+    }
+
+    /// Connection `c`'s send queue, for the owner to set storage aside in (see
+    /// [`Endpoint::send_room`]). The owner must not change its `len()`: bytes join it only
+    /// through [`Endpoint::send`] and [`Endpoint::send_with`], which account for them.
+    pub fn send_queue(&mut self, c: ConnId) -> Option<&mut S::Tx> {
+        self.conns.get_mut(&c).map(|conn| &mut conn.tx)
+    }
+
     /// Read stream data in place: when data is buffered, `take` gets the receive queue and
     /// removes what it consumed its own way (the zero-copy path); returns `Some` of its result
     /// and the bytes it consumed. `Ok(None)` at end of stream; `Err(WouldBlock)` when nothing

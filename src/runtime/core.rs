@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use super::error::{error_chain, Ended, TransportError};
 use super::readiness::{ReadyFd, UserFd};
 use super::stats::DriverStats;
-use super::storage::RtStorage;
+use super::storage::{RtStorage, RtTx};
 use crate::packet::{ShutdownFlags, SocketType};
 use crate::proto::{ConnId, Endpoint, Event, ListenerId, ProtoError, Readiness};
 use vm_memory::VolatileSlice;
@@ -73,6 +73,9 @@ pub(crate) struct CoreState {
     /// (`readiness.rs`): kept showing what each is ready for after every call and event.
     conn_fds: HashMap<ConnId, ReadyFd>,
     listen_fds: HashMap<ListenerId, ReadyFd>,
+    /// Per-connection write locks: a write holds its connection's while it copies with the
+    /// core's lock let go, so that writes to one connection stay in order.
+    writers: HashMap<ConnId, Arc<Mutex<()>>>,
     /// Busy-poll threads asleep (out of their spin budget): notifications are on while > 0.
     sleepers: usize,
     /// How long busy-poll callers spin before they sleep.
@@ -194,6 +197,10 @@ pub(crate) fn spin_pause(idle: Duration) {
     }
 }
 
+/// Reads and writes of at least this many bytes copy payload with the core's lock let go
+/// (smaller ones copy under it: a second round of the lock would cost more than the copy).
+pub(crate) const UNLOCKED_COPY_MIN: usize = 4096;
+
 /// Transport rounds a user call runs itself after queueing data (see [`Core::kick`]).
 const CALLER_PUMP_ROUNDS: u32 = 2;
 
@@ -225,6 +232,7 @@ impl Core {
                 reset: HashMap::new(),
                 conn_fds: HashMap::new(),
                 listen_fds: HashMap::new(),
+                writers: HashMap::new(),
                 sleepers: 0,
                 spin: SpinBudget::default(),
             }),
@@ -456,11 +464,29 @@ impl Core {
     /// of the rings in busy-poll mode, where nobody else moves them).
     fn wait_until<'a, T>(
         self: &'a Arc<Self>,
-        mut st: MutexGuard<'a, CoreState>,
+        st: MutexGuard<'a, CoreState>,
         cv: &Arc<Condvar>,
         wait: Wait,
         target: Target,
         mut ready: impl FnMut(&mut CoreState) -> Option<io::Result<T>>,
+    ) -> io::Result<T> {
+        self.wait_until_guard(st, cv, wait, target, |mut st| {
+            let r = ready(&mut st);
+            (st, r)
+        })
+    }
+
+    /// [`Core::wait_until`] where `ready` gets the lock's guard itself, and may let go of the
+    /// lock for a while (to copy payload with no lock held) before it hands a guard back.
+    fn wait_until_guard<'a, T>(
+        self: &'a Arc<Self>,
+        mut st: MutexGuard<'a, CoreState>,
+        cv: &Arc<Condvar>,
+        wait: Wait,
+        target: Target,
+        mut ready: impl FnMut(
+            MutexGuard<'a, CoreState>,
+        ) -> (MutexGuard<'a, CoreState>, Option<io::Result<T>>),
     ) -> io::Result<T> {
         let deadline = wait.deadline();
         // Busy-poll: spin (moving packets ourselves) while progress is likely, then sleep.
@@ -469,7 +495,9 @@ impl Core {
         let mut spun = false;
         let mut polled = false;
         let result = loop {
-            if let Some(r) = ready(&mut st) {
+            let (guard, r) = ready(st);
+            st = guard;
+            if let Some(r) = r {
                 if spun && !asleep {
                     st.spin.hit();
                 }
@@ -552,6 +580,10 @@ impl Core {
 
     fn conn_cv(st: &mut CoreState, c: ConnId) -> Arc<Condvar> {
         st.conn_wait.entry(c).or_default().clone()
+    }
+
+    fn writer(st: &mut CoreState, c: ConnId) -> Arc<Mutex<()>> {
+        st.writers.entry(c).or_default().clone()
     }
 
     /// After a user call changed what the endpoint wants to send: send it from this thread
@@ -670,17 +702,43 @@ impl Core {
         let mut st = self.lock();
         let cv = Core::conn_cv(&mut st, c);
         let this = self.clone();
-        self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
-            match st.ep.recv(Instant::now(), c, buf) {
+        let unlocked = buf.len() >= UNLOCKED_COPY_MIN;
+        self.wait_until_guard(st, &cv, wait, Target::Conn(c), |mut st| {
+            let now = Instant::now();
+            let r = if unlocked {
+                // Take the payload off the queue (accounted and credited as read), copy it
+                // out with the lock let go, then give its buffers back.
+                match st
+                    .ep
+                    .recv_with(now, c, |rx| rx.as_dma().map(|q| q.lease(buf.len())))
+                {
+                    Ok(Some((Some(lease), n))) => {
+                        drop(st);
+                        lease.copy_to(buf);
+                        drop(lease);
+                        st = this.lock();
+                        Ok(n)
+                    }
+                    // A heap queue: copied under the lock.
+                    Ok(Some((None, _))) => st.ep.recv(now, c, buf),
+                    Ok(None) => Ok(0),
+                    Err(e) => Err(e),
+                }
+            } else {
+                st.ep.recv(now, c, buf)
+            };
+            let r = match r {
                 Ok(n) => {
                     if n > 0 {
-                        // Freed receive space may owe the peer a credit update.
-                        this.kick(st);
+                        // Freed receive space may owe the peer a credit update, and freed
+                        // buffers go back on the ring.
+                        this.kick(&mut st);
                     }
                     Some(Ok(n))
                 }
-                Err(e) => Core::read_error(st, c, e),
-            }
+                Err(e) => Core::read_error(&st, c, e),
+            };
+            (st, r)
         })
     }
 
@@ -706,6 +764,13 @@ impl Core {
     }
 
     /// Blocking write of the whole buffer (returns once all of it is queued in the endpoint).
+    ///
+    /// On a driver's core the copy into DMA memory runs with no lock held: under the core's
+    /// lock the room is found and DMA memory set aside at the back of the send queue
+    /// ([`DmaTx::reserve`]); the caller fills it unlocked, holding only this connection's
+    /// write lock (which keeps its writers in order); then, locked again, the bytes are queued
+    /// and sent. Writes of fewer than [`UNLOCKED_COPY_MIN`] bytes, and the sim host's heap
+    /// queues, copy under the lock: a second lock round would cost more than the copy.
     pub(crate) fn write(
         self: &Arc<Self>,
         c: ConnId,
@@ -715,15 +780,26 @@ impl Core {
         let mut queued = 0;
         let mut st = self.lock();
         let cv = Core::conn_cv(&mut st, c);
+        let writer = Core::writer(&mut st, c);
+        drop(st);
+        let _order = writer.lock().unwrap_or_else(|p| p.into_inner());
+        let st = self.lock();
         let this = self.clone();
-        let r = self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
-            if let Some(e) = Core::reset_error(st, c) {
-                return Some(Err(e));
+        let r = self.wait_until_guard(st, &cv, wait, Target::Conn(c), |mut st| {
+            if let Some(e) = Core::reset_error(&st, c) {
+                return (st, Some(Err(e)));
             }
-            match st.ep.send(Instant::now(), c, data) {
+            let sent = if data.len() >= UNLOCKED_COPY_MIN {
+                let (guard, r) = this.send_unlocked(st, c, data);
+                st = guard;
+                r
+            } else {
+                st.ep.send(Instant::now(), c, data)
+            };
+            let r = match sent {
                 Ok(n) => {
                     if n > 0 {
-                        this.kick(st);
+                        this.kick(&mut st);
                     }
                     data = &data[n..];
                     queued += n;
@@ -731,9 +807,48 @@ impl Core {
                 }
                 Err(ProtoError::WouldBlock) => None,
                 Err(e) => Some(Err(to_io(e))),
-            }
+            };
+            (st, r)
         });
         Core::partial(r, queued)
+    }
+
+    /// Queue what fits of `data` on connection `c`, copying it into DMA memory with the core's
+    /// lock let go meanwhile (see [`Core::write`]); a heap queue is copied into under the lock.
+    fn send_unlocked<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, CoreState>,
+        c: ConnId,
+        data: &[u8],
+    ) -> (MutexGuard<'a, CoreState>, Result<usize, ProtoError>) {
+        let room = match st.ep.send_room(c, data.len()) {
+            Ok(0) => return (st, Ok(0)),
+            Ok(room) => room,
+            Err(e) => return (st, Err(e)),
+        };
+        let reserved = match st.ep.send_queue(c).and_then(RtTx::as_dma) {
+            Some(q) => q.reserve(room),
+            None => {
+                let r = st.ep.send(Instant::now(), c, data);
+                return (st, r);
+            }
+        };
+        let Some(mut reserved) = reserved else {
+            // The pool has no chunk free: wait for one (queueing nothing arms Writable, and
+            // returned chunks wake writers through `storage_freed`).
+            let r = st.ep.send_with(Instant::now(), c, room, |_, _| {});
+            return (st, r);
+        };
+        drop(st);
+        let filled = reserved.fill(&data[..reserved.len().min(data.len())]);
+        let mut st = self.lock();
+        // A reset meanwhile fails the queueing; the reservation goes back to the pool.
+        let r = st.ep.send_with(Instant::now(), c, filled, |tx, room| {
+            if let Some(q) = tx.as_dma() {
+                q.commit(reserved, room);
+            }
+        });
+        (st, r)
     }
 
     /// A write that queued `queued` bytes and then timed out (or would block) returns that
@@ -804,6 +919,11 @@ impl Core {
         let mut queued = 0;
         let mut st = self.lock();
         let cv = Core::conn_cv(&mut st, c);
+        // In order with the other writes (one may be filling memory it set aside).
+        let writer = Core::writer(&mut st, c);
+        drop(st);
+        let _order = writer.lock().unwrap_or_else(|p| p.into_inner());
+        let st = self.lock();
         let this = self.clone();
         let r = self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
             if let Some(e) = Core::reset_error(st, c) {
@@ -855,6 +975,11 @@ impl Core {
         let mut fill = Some(fill);
         let mut st = self.lock();
         let cv = Core::conn_cv(&mut st, c);
+        // In order with the other writes (one may be filling memory it set aside).
+        let writer = Core::writer(&mut st, c);
+        drop(st);
+        let _order = writer.lock().unwrap_or_else(|p| p.into_inner());
+        let st = self.lock();
         let this = self.clone();
         self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
             if let Some(e) = Core::reset_error(st, c) {
@@ -1006,6 +1131,7 @@ impl Core {
         st.ep.close(Instant::now(), c);
         st.conn_wait.remove(&c);
         st.conn_fds.remove(&c);
+        st.writers.remove(&c);
         st.reset.remove(&c);
         st.connect_result.remove(&c);
         self.kick(&mut st);

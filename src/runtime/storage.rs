@@ -25,7 +25,7 @@
 //! DMA region, never as plain references, and every address comes from our own allocations.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
@@ -308,6 +308,111 @@ impl DmaTx {
     }
 }
 
+/// DMA memory set aside at the back of one connection's send queue, to be filled with no lock
+/// held and then committed ([`DmaTx::reserve`], [`DmaTx::commit`]). The device never sees it
+/// before the commit (only committed bytes go on the ring); the chunks stay allocated while
+/// this lives, even if the connection is reset meanwhile. Dropped uncommitted, its unused
+/// chunks go back to the pool.
+#[derive(Debug)]
+pub(crate) struct TxReservation {
+    pool: Arc<TxPool>,
+    counters: Arc<CopyCounters>,
+    /// (chunk, offset, bytes) in stream order.
+    parts: Vec<(Arc<Chunk>, usize, usize)>,
+    /// Bytes written into `parts` so far, from the first on.
+    filled: usize,
+}
+
+impl TxReservation {
+    /// Bytes reserved.
+    pub(crate) fn len(&self) -> usize {
+        self.parts.iter().map(|&(_, _, n)| n).sum()
+    }
+
+    /// Copy `data` (at most [`TxReservation::len`] bytes of it) into the reserved memory: the
+    /// one copy of a write. Returns the count.
+    pub(crate) fn fill(&mut self, mut data: &[u8]) -> usize {
+        let mut done = 0;
+        let mut skip = self.filled;
+        for (chunk, offset, n) in &self.parts {
+            if data.is_empty() {
+                break;
+            }
+            if skip >= *n {
+                skip -= n;
+                continue;
+            }
+            let k = (n - skip).min(data.len());
+            if let Err(e) = write_dma(&self.pool.mem, chunk.addr(offset + skip), &data[..k]) {
+                // Our own chunk outside our own region: a bug, not a device fault.
+                log::error!("TX chunk copy failed: {e}");
+                break;
+            }
+            skip = 0;
+            done += k;
+            data = &data[k..];
+        }
+        self.filled += done;
+        CopyCounters::add(&self.counters.tx_copied, done);
+        done
+    }
+}
+
+impl DmaTx {
+    /// Set aside up to `room` bytes of DMA memory at the back of the queue (the rest of the
+    /// last chunk, then fresh chunks, as many as the pool gives); `None` when it gives none.
+    /// One reservation at a time per queue: its writer holds the connection's write lock.
+    pub(crate) fn reserve(&mut self, room: usize) -> Option<TxReservation> {
+        let mut parts = Vec::new();
+        let mut left = room;
+        if let Some((chunk, _, end)) = self.chunks.back() {
+            if *end < TX_CHUNK && left > 0 {
+                let n = (TX_CHUNK - end).min(left);
+                parts.push((chunk.clone(), *end, n));
+                left -= n;
+            }
+        }
+        while left > 0 {
+            let Some(c) = self.pool.alloc() else {
+                break;
+            };
+            let n = TX_CHUNK.min(left);
+            parts.push((c, 0, n));
+            left -= n;
+        }
+        (!parts.is_empty()).then(|| TxReservation {
+            pool: self.pool.clone(),
+            counters: self.counters.clone(),
+            parts,
+            filled: 0,
+        })
+    }
+
+    /// Queue the first `n` bytes written into `r` (at most what was filled); returns the count.
+    /// The sender may have taken every byte queued before (and let go of the last chunk) while
+    /// `r` was being filled: a part joins the back chunk where it continues it, else it is
+    /// queued as a piece of its own.
+    pub(crate) fn commit(&mut self, r: TxReservation, n: usize) -> usize {
+        let n = n.min(r.filled);
+        let mut left = n;
+        for (chunk, offset, len) in r.parts {
+            if left == 0 {
+                break;
+            }
+            let k = len.min(left);
+            match self.chunks.back_mut() {
+                Some((back, _, end)) if Arc::ptr_eq(back, &chunk) && *end == offset => {
+                    *end += k;
+                }
+                _ => self.chunks.push_back((chunk, offset, offset + k)),
+            }
+            left -= k;
+        }
+        self.len += n;
+        n
+    }
+}
+
 impl TxBuf for DmaTx {
     fn len(&self) -> usize {
         self.len
@@ -383,6 +488,9 @@ pub(crate) struct RxPool {
     free: Mutex<Vec<u32>>,
     held: AtomicUsize,
     share: usize,
+    /// Handles per buffer out of the free list (a read that copies part of a buffer with no
+    /// lock held shares it with the queue that keeps the rest).
+    refs: Box<[AtomicU32]>,
 }
 
 impl RxPool {
@@ -409,6 +517,7 @@ impl RxPool {
             free: Mutex::new((0..n).rev().collect()),
             held: AtomicUsize::new(0),
             share,
+            refs: (0..count).map(|_| AtomicU32::new(0)).collect(),
         }))
     }
 
@@ -416,6 +525,7 @@ impl RxPool {
     pub(crate) fn alloc(self: &Arc<Self>) -> Option<RxBufHandle> {
         let index = lock(&self.free).pop()?;
         self.held.fetch_add(1, Ordering::Relaxed);
+        self.refs[index as usize].store(1, Ordering::Relaxed);
         Some(RxBufHandle {
             pool: self.clone(),
             index,
@@ -469,10 +579,24 @@ impl RxBufHandle {
         // The index came from the pool's own free list.
         self.pool.bufs[self.index as usize]
     }
+
+    /// Another handle to the same buffer: it goes back to the pool when the last one drops.
+    fn share(&self) -> RxBufHandle {
+        self.pool.refs[self.index as usize].fetch_add(1, Ordering::Relaxed);
+        RxBufHandle {
+            pool: self.pool.clone(),
+            index: self.index,
+        }
+    }
 }
 
 impl Drop for RxBufHandle {
     fn drop(&mut self) {
+        // The last handle gives the buffer back (AcqRel: every copy out of it through another
+        // handle happens before the device may write it again).
+        if self.pool.refs[self.index as usize].fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
         self.pool.held.fetch_sub(1, Ordering::Relaxed);
         lock(&self.pool.free).push(self.index);
     }
@@ -590,6 +714,97 @@ impl DmaRx {
     #[cfg(test)]
     fn segments(&self) -> usize {
         self.segs.len()
+    }
+}
+
+/// Received payload taken off a connection's queue, to be copied out with no lock held
+/// ([`DmaRx::lease`]); its buffers go back to the pool when it is dropped.
+#[derive(Debug)]
+pub(crate) struct RxLease {
+    pool: Arc<RxPool>,
+    counters: Arc<CopyCounters>,
+    segs: Vec<RxSeg>,
+}
+
+impl RxLease {
+    /// Copy every leased byte into the front of `buf` (which holds at least as many: the
+    /// lease was made for it): the one copy of a read. Returns the count.
+    pub(crate) fn copy_to(&self, mut buf: &mut [u8]) -> usize {
+        let mut done = 0;
+        for seg in &self.segs {
+            let n = seg.len().min(buf.len());
+            let (dst, rest) = std::mem::take(&mut buf).split_at_mut(n);
+            match seg {
+                RxSeg::Dma { buf: b, offset, .. } => {
+                    let addr = GuestAddress(b.addr().0 + *offset as u64);
+                    if let Err(e) = read_dma(&self.pool.mem, addr, dst) {
+                        log::error!("RX copy failed: {e}");
+                        dst.fill(0);
+                    }
+                }
+                RxSeg::Heap { data, start } => {
+                    crate::copy::copy_bytes(dst, &data[*start..*start + n]);
+                }
+            }
+            done += n;
+            buf = rest;
+        }
+        CopyCounters::add(&self.counters.rx_copied, done);
+        done
+    }
+}
+
+impl DmaRx {
+    /// Take up to `max` bytes off the front of the queue, whole segments where they fit (the
+    /// last one split), for [`RxLease::copy_to`].
+    pub(crate) fn lease(&mut self, max: usize) -> RxLease {
+        let mut segs = Vec::new();
+        let mut left = max;
+        while left > 0 {
+            let Some(front) = self.segs.front_mut() else {
+                break;
+            };
+            let n = front.len();
+            if n <= left {
+                if let Some(seg) = self.segs.pop_front() {
+                    if matches!(seg, RxSeg::Dma { .. }) {
+                        self.held -= 1;
+                    }
+                    segs.push(seg);
+                }
+                self.len -= n;
+                left -= n;
+                continue;
+            }
+            // Split: the heap part is copied now (it is small), a DMA buffer is shared by
+            // reading its first `left` bytes here and leaving the rest queued.
+            match front {
+                RxSeg::Dma { buf, offset, len } => {
+                    let part = RxSeg::Dma {
+                        buf: buf.share(),
+                        offset: *offset,
+                        len: left,
+                    };
+                    *offset += left;
+                    *len -= left;
+                    segs.push(part);
+                }
+                RxSeg::Heap { data, start } => {
+                    segs.push(RxSeg::Heap {
+                        data: data[*start..*start + left].to_vec(),
+                        start: 0,
+                    });
+                    *start += left;
+                }
+            }
+            self.len -= left;
+            left = 0;
+        }
+        RxLease {
+            pool: self.pool.clone(),
+            counters: self.counters.clone(),
+            segs,
+        }
     }
 }
 
@@ -1075,6 +1290,102 @@ mod tests {
         let mut read = vec![0; 2005];
         rx.read(&mut read);
         assert_eq!(&read[..], &want[5..], "the reader still gets every byte");
+    }
+
+    #[test]
+    fn tx_reservation_filled_unlocked_then_committed_in_order() {
+        let dma = region(16 << 20);
+        let mut st = storage(&dma, 4, 1);
+        let mut tx = st.new_tx();
+        assert_eq!(tx.append(&[1u8; 100]), 100);
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let mut r = tx.reserve(data.len()).expect("chunks free");
+        assert_eq!(
+            r.len(),
+            data.len(),
+            "the tail of the first chunk, then a second"
+        );
+        assert_eq!(tx.len(), 100, "nothing queued before the commit");
+        // The sender takes everything queued meanwhile (and lets go of the first chunk).
+        let seg = tx.take_segment(100).unwrap();
+        assert_eq!(read_seg(&dma, &seg), vec![1u8; 100]);
+        assert_eq!(r.fill(&data[..60_000]), 60_000);
+        assert_eq!(r.fill(&data[60_000..]), 40_000);
+        assert_eq!(tx.commit(r, data.len()), data.len());
+        assert_eq!(tx.len(), data.len());
+        let mut out = Vec::new();
+        while tx.len() > 0 {
+            let n = tx.contiguous();
+            out.extend(read_seg(&dma, &tx.take_segment(n).unwrap()));
+        }
+        assert_eq!(out, data);
+        assert_eq!(st.counters.tx_copied.load(Ordering::Relaxed), 100 + 100_000);
+        drop(seg);
+        assert_eq!(st.tx_pool.in_use(), 0, "every chunk back once sent");
+    }
+
+    #[test]
+    fn tx_reservation_dropped_or_partly_committed_gives_chunks_back() {
+        let dma = region(16 << 20);
+        let mut st = storage(&dma, 4, 1);
+        let mut tx = st.new_tx();
+        let r = tx.reserve(3 * TX_CHUNK).unwrap();
+        assert_eq!(st.tx_pool.in_use(), 3);
+        drop(r);
+        assert_eq!(
+            st.tx_pool.in_use(),
+            0,
+            "an abandoned reservation (a reset) frees all"
+        );
+        let mut r = tx.reserve(3 * TX_CHUNK).unwrap();
+        assert_eq!(r.fill(&[9u8; 10]), 10);
+        assert_eq!(
+            tx.commit(r, 3 * TX_CHUNK),
+            10,
+            "only what was filled is queued"
+        );
+        assert_eq!(st.tx_pool.in_use(), 1);
+        assert!(tx
+            .reserve(4 * TX_CHUNK)
+            .is_some_and(|r| r.len() == 4 * TX_CHUNK - 10));
+    }
+
+    #[test]
+    fn rx_lease_takes_whole_segments_and_shares_a_split_buffer() {
+        let dma = region(16 << 20);
+        let mut st = storage(&dma, 1, 8);
+        let mut rx = st.new_rx();
+        let big: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        for _ in 0..2 {
+            let buf = st.rx_pool.alloc().unwrap();
+            write_dma(dma.memory(), GuestAddress(buf.addr().0 + 44), &big).unwrap();
+            rx.push(buf, 44, big.len());
+        }
+        assert_eq!(st.rx_pool.held(), 2);
+        let lease = rx.lease(1500);
+        assert_eq!(rx.len(), 500);
+        let mut out = vec![0u8; 1500];
+        assert_eq!(lease.copy_to(&mut out), 1500);
+        assert_eq!(&out[..1000], &big[..]);
+        assert_eq!(&out[1000..], &big[..500]);
+        drop(lease);
+        assert_eq!(
+            st.rx_pool.held(),
+            1,
+            "the split buffer stays: the queue holds its rest"
+        );
+        let mut rest = vec![0u8; 500];
+        rx.read(&mut rest);
+        assert_eq!(&rest[..], &big[500..]);
+        assert_eq!(st.rx_pool.held(), 0, "the last handle gave it back");
+        // The other order: the queue lets go first, the lease keeps the buffer.
+        let buf = st.rx_pool.alloc().unwrap();
+        rx.push(buf, 44, big.len());
+        let lease = rx.lease(10);
+        rx.clear();
+        assert_eq!(st.rx_pool.held(), 1);
+        drop(lease);
+        assert_eq!(st.rx_pool.held(), 0);
     }
 
     #[test]

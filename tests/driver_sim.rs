@@ -305,10 +305,13 @@ fn hostile_device_breaks_cleanly(h: Hostile) {
         DriverConfig::default(),
     )
     .unwrap();
-    // The first RX delivery (the RESPONSE) is bogus: the connect must fail, not hang or panic.
+    // The first RX delivery (the RESPONSE) is bogus: the connect must fail at once, not hang,
+    // panic, or wait for its timer. (The timer is long so that a lost notification shows: the
+    // hostile mode once published its entries without notifying, and a quarter of these
+    // connects ended only when the 2 s connect timer woke the driver.)
     let t0 = Instant::now();
     let e = d
-        .connect_timeout(VsockAddr::new(2, ECHO_PORT), Duration::from_secs(5))
+        .connect_timeout(VsockAddr::new(2, ECHO_PORT), Duration::from_secs(30))
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ConnectionAborted, "{h:?}: {e}");
     assert!(e.to_string().contains("rx queue"), "{h:?}: {e}");
@@ -318,7 +321,11 @@ fn hostile_device_breaks_cleanly(h: Hostile) {
         cause.as_deref().is_some_and(|c| c.contains("virtqueue")),
         "{h:?}: {e}: cause {cause:?}"
     );
-    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "{h:?}: noticed after {:?}",
+        t0.elapsed()
+    );
     // And the driver stays dead, with the same clear error.
     let e = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ConnectionAborted, "{h:?}: {e}");

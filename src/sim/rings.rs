@@ -125,6 +125,7 @@ impl SimRings {
         stats: &mut SimStats,
     ) -> Result<bool, TransportError> {
         let mut used_any = false;
+        let mut hostile_notify = false;
         self.rx_starved = true;
         while let Some(mut chain) = self.rx.pop_descriptor_chain(&self.mem) {
             let head = chain.head_index();
@@ -175,12 +176,18 @@ impl SimRings {
                     .rx
                     .add_used(&self.mem, head, used_len)
                     .map_err(add_used_err("rx", head))?,
-                Some(h) => self.misbehave(h, head, used_len, capacity)?,
+                Some(h) => {
+                    self.misbehave(h, head, used_len, capacity)?;
+                    // Its raw stores bypass `add_used`, so `needs_notification` would count
+                    // nothing added and stay silent: a device that publishes used entries
+                    // notifies, whatever it wrote in them.
+                    hostile_notify = true;
+                }
             }
             stats.rx_packets += 1;
             used_any = true;
         }
-        if used_any && self.rx.needs_notification(&self.mem).unwrap_or(true) {
+        if hostile_notify || (used_any && self.rx.needs_notification(&self.mem).unwrap_or(true)) {
             let _ = self.call[0].write(1);
         }
         Ok(used_any)

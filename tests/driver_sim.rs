@@ -516,3 +516,71 @@ fn reserved_guest_cid_at_bring_up_is_refused() {
         assert!(msg.contains("not a guest CID"), "{msg}");
     }
 }
+
+#[test]
+fn dropping_the_driver_sends_what_was_written_first() {
+    // The host's small receive window keeps most of our send buffer waiting for credit when
+    // the driver goes: only a drain that waits for the reader gets it there.
+    let mut sim = SimConfig::default();
+    sim.host.buf_alloc = 16 * 1024;
+    let (d, host) = VsockDriver::open_sim(sim, DriverConfig::default()).expect("open sim");
+    let l = host.listen(7100).unwrap();
+    let data = pattern(71, 2 << 20);
+    let want = checksum(&data, 0);
+    let reader = thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut got = Vec::with_capacity(2 << 20);
+        let mut buf = vec![0u8; 1 << 16];
+        // Read to the end: EOF after the driver's SHUTDOWN, or the reset of the device that
+        // follows it (what arrived before is read first either way).
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    got.extend_from_slice(&buf[..n]);
+                    // A slow reader: the driver's send queue is still full when it is dropped.
+                    thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("host read: {e}"),
+            }
+        }
+        got
+    });
+    let mut s = d.connect(VsockAddr::new(2, 7100)).unwrap();
+    s.write_all(&data).unwrap();
+    // Most of it is still queued in the driver (send buffer and TX pool) when both go.
+    drop(s);
+    let t0 = Instant::now();
+    drop(d);
+    assert!(
+        t0.elapsed() < vdpa_vsock::driver::DEFAULT_DRAIN_TIMEOUT + Duration::from_secs(1),
+        "the drain is bounded"
+    );
+    let got = reader.join().unwrap();
+    assert_eq!(got.len(), data.len(), "every byte written arrived");
+    assert_eq!(checksum(&got, 0), want);
+}
+
+#[test]
+fn dropping_the_driver_is_bounded_when_a_peer_never_answers() {
+    let (d, host) = sim_with_host();
+    let l = host.listen(7200).unwrap();
+    let s = d.connect(VsockAddr::new(2, 7200)).unwrap();
+    let (_peer, _) = l.accept().unwrap();
+    // The peer's unread data keeps it from answering our SHUTDOWN with RST.
+    let mut w = s.try_clone().unwrap();
+    w.set_write_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let _ = w.write(&vec![1u8; 1 << 20]);
+    let t0 = Instant::now();
+    drop(d);
+    let took = t0.elapsed();
+    assert!(
+        took < vdpa_vsock::driver::DEFAULT_DRAIN_TIMEOUT + Duration::from_secs(1),
+        "{took:?}"
+    );
+    // The stream outlived its driver: its calls fail clearly.
+    let e = (&s).write(b"x").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ConnectionAborted, "{e}");
+}

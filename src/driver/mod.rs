@@ -41,6 +41,9 @@ pub use socket::{VsockAddr, VsockListener, VsockSeqPacket, VsockStream, DEFAULT_
 /// Largest buffer size accepted for RX and TX buffers (header included).
 pub const MAX_BUF_SIZE: u32 = 1 << 20;
 
+/// Default [`DriverConfig::drain_timeout`].
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Driver settings.
 #[derive(Debug, Clone)]
 pub struct DriverConfig {
@@ -62,6 +65,10 @@ pub struct DriverConfig {
     /// must be one physically contiguous huge page (VFIO no-IOMMU), as many as fit in it (at
     /// least `queue_size`).
     pub rx_pool_buffers: usize,
+    /// How long dropping the driver waits for its connections to finish as `close` does
+    /// (written bytes sent, SHUTDOWN answered) before it resets what is left and then the
+    /// device. Zero: reset at once.
+    pub drain_timeout: Duration,
     /// Protocol settings (the local CID is taken from the device).
     pub proto: proto::Config,
 }
@@ -75,6 +82,7 @@ impl Default for DriverConfig {
             tx_buf_size: 64 * 1024 + PKT_HEADER_LEN,
             tx_pool_size: 0,
             rx_pool_buffers: 0,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             proto: proto::Config::default(),
         }
     }
@@ -164,6 +172,7 @@ pub struct VsockDriver {
     thread: Option<JoinHandle<()>>,
     device_name: String,
     interrupts: Arc<std::sync::atomic::AtomicU64>,
+    drain_timeout: Duration,
 }
 
 /// A device error of device `name`, as a driver error.
@@ -340,6 +349,7 @@ impl VsockDriver {
             thread: Some(thread),
             device_name: name.clone(),
             interrupts,
+            drain_timeout: config.drain_timeout,
         })
     }
 
@@ -456,7 +466,17 @@ impl VsockDriver {
 }
 
 impl Drop for VsockDriver {
+    /// Drains first (see [`DriverConfig::drain_timeout`]), then stops the loop and resets the
+    /// device.
     fn drop(&mut self) {
+        let cut = self.core.drain(self.drain_timeout);
+        if cut > 0 {
+            log::warn!(
+                "{}: {cut} connections did not finish within {:?}: reset",
+                self.device_name,
+                self.drain_timeout
+            );
+        }
         let _ = self.stop.write(1);
         if let Some(t) = self.thread.take() {
             let _ = t.join();

@@ -896,6 +896,16 @@ impl<S: Storage> Endpoint<S> {
         self.conns.get(&c).map(|conn| conn.local_port)
     }
 
+    /// Every connection not yet released (any state), in no particular order.
+    pub fn connections(&self) -> Vec<ConnId> {
+        self.conns.keys().copied().collect()
+    }
+
+    /// Every listener.
+    pub fn listener_ids(&self) -> Vec<ListenerId> {
+        self.listeners.keys().copied().collect()
+    }
+
     /// Counters.
     pub fn stats(&self) -> Stats {
         self.stats

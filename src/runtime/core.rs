@@ -457,6 +457,51 @@ impl Core {
         }
     }
 
+    /// An orderly end before the device is reset: every connection is closed as `close` does
+    /// (what was written is sent, then SHUTDOWN, then the linger for the peer's answer) and
+    /// every listener stops; whoever runs the transport keeps moving packets meanwhile. Waits
+    /// until every connection is released or `within` passes; what is left then gets RST (one
+    /// more round of the rings puts them out). Returns how many were cut short that way.
+    pub(crate) fn drain(&self, within: Duration) -> usize {
+        let deadline = Instant::now() + within;
+        {
+            let mut st = self.lock();
+            if st.dead.is_some() {
+                return 0;
+            }
+            let now = Instant::now();
+            for l in st.ep.listener_ids() {
+                st.ep.unlisten(now, l);
+            }
+            for c in st.ep.connections() {
+                st.ep.close(now, c);
+            }
+            self.kick(&mut st);
+        }
+        loop {
+            let mut st = self.lock();
+            let left = st.ep.connections();
+            if left.is_empty() || st.dead.is_some() {
+                return 0;
+            }
+            if Instant::now() >= deadline {
+                let now = Instant::now();
+                for &c in &left {
+                    st.ep.abort(now, c);
+                }
+                Core::pump_locked(&mut st, now);
+                log::debug!("drain: {} connections reset after {within:?}", left.len());
+                return left.len();
+            }
+            if self.busy_poll {
+                // Nobody else moves the rings in busy-poll mode.
+                Core::pump_locked(&mut st, Instant::now());
+            }
+            drop(st);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Block until `ready` says yes (returns its value), the deadline passes, or the device dies.
     /// `cv` is the condition variable the awaited state change notifies.
     /// On the way out, `target`'s readiness descriptor is brought up to date. With
@@ -1085,9 +1130,13 @@ impl Core {
         })
     }
 
-    /// A send on a connection the peer reset fails at once with ConnectionReset (a read
-    /// drains what arrived first, see [`Core::read_error`]).
+    /// A send on a connection the peer reset fails at once with ConnectionReset, and after the
+    /// core's end with why it ended (a read drains what arrived first, see
+    /// [`Core::read_error`]).
     fn reset_error(st: &CoreState, c: ConnId) -> Option<io::Error> {
+        if let Err(e) = Core::check_dead(st) {
+            return Some(e);
+        }
         st.reset
             .contains_key(&c)
             .then(|| to_io(ProtoError::ConnectionReset))

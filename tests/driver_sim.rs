@@ -584,3 +584,39 @@ fn dropping_the_driver_is_bounded_when_a_peer_never_answers() {
     let e = (&s).write(b"x").unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ConnectionAborted, "{e}");
 }
+
+#[test]
+fn flush_returns_once_the_device_has_every_byte() {
+    let mut sim = SimConfig::default();
+    sim.host.buf_alloc = 64 * 1024;
+    let (d, host) = VsockDriver::open_sim(sim, DriverConfig::default()).expect("open sim");
+    let l = host.listen(7300).unwrap();
+    let mut s = d.connect(VsockAddr::new(2, 7300)).unwrap();
+    let (mut peer, _) = l.accept().unwrap();
+    let data = pattern(73, 200 * 1024);
+    s.write_all(&data).unwrap();
+    // The peer reads nothing yet: its 64 KiB window holds the rest here.
+    s.set_write_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let e = s.flush().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+    s.set_nonblocking(true).unwrap();
+    assert_eq!(s.flush().unwrap_err().kind(), ErrorKind::WouldBlock);
+    s.set_nonblocking(false).unwrap();
+    let reader = thread::spawn(move || {
+        let mut got = vec![0u8; 200 * 1024];
+        peer.read_exact(&mut got).unwrap();
+        (peer, got)
+    });
+    s.set_write_timeout(Some(STALL)).unwrap();
+    s.flush().unwrap();
+    // Every byte is past the device: the host endpoint has accepted all of it.
+    assert_eq!(host.proto_stats().bytes_in, data.len() as u64);
+    assert_eq!(
+        d.stats().tx_chunks_in_use,
+        0,
+        "no payload left in the TX pool"
+    );
+    let (_peer, got) = reader.join().unwrap();
+    assert_eq!(checksum(&got, 0), checksum(&data, 0));
+}

@@ -368,8 +368,11 @@ impl Write for VsockStream {
         (&*self).write_vectored(bufs)
     }
 
+    /// Waits until every byte written has left: handed to the device and its descriptors
+    /// returned (up to the write timeout; `WouldBlock` in non-blocking mode). A peer that grants
+    /// no credit keeps bytes here: then the timeout says so. Fails if the connection is reset.
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        (&*self).flush()
     }
 }
 
@@ -385,7 +388,7 @@ impl Write for &VsockStream {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        self.core.flush(self.conn.id, self.write_wait())
     }
 }
 

@@ -22,6 +22,7 @@ use super::readiness::{ReadyFd, UserFd};
 use super::stats::DriverStats;
 use super::storage::{RtStorage, RtTx};
 use crate::packet::{ShutdownFlags, SocketType};
+use crate::proto::storage::TxBuf;
 use crate::proto::{ConnId, Endpoint, Event, ListenerId, ProtoError, Readiness};
 use vm_memory::VolatileSlice;
 
@@ -76,6 +77,9 @@ pub(crate) struct CoreState {
     /// Per-connection write locks: a write holds its connection's while it copies with the
     /// core's lock let go, so that writes to one connection stay in order.
     writers: HashMap<ConnId, Arc<Mutex<()>>>,
+    /// Connections with callers blocked in `flush` (how many each): checked after every round
+    /// of the rings.
+    flushing: HashMap<ConnId, usize>,
     /// Busy-poll threads asleep (out of their spin budget): notifications are on while > 0.
     sleepers: usize,
     /// How long busy-poll callers spin before they sleep.
@@ -233,6 +237,7 @@ impl Core {
                 conn_fds: HashMap::new(),
                 listen_fds: HashMap::new(),
                 writers: HashMap::new(),
+                flushing: HashMap::new(),
                 sleepers: 0,
                 spin: SpinBudget::default(),
             }),
@@ -263,7 +268,46 @@ impl Core {
             }
         };
         Core::route_events(st);
+        if moved && !st.flushing.is_empty() {
+            let waiting: Vec<ConnId> = st.flushing.keys().copied().collect();
+            for c in waiting {
+                if Core::flushed(st, c) {
+                    notify(&st.conn_wait, c);
+                }
+            }
+        }
         moved
+    }
+
+    /// Everything written on `c` has left: handed to the device and returned by it.
+    fn flushed(st: &mut CoreState, c: ConnId) -> bool {
+        st.ep
+            .send_queue(c)
+            .is_none_or(|q| q.is_empty() && q.as_dma().is_none_or(|q| q.in_flight() == 0))
+    }
+
+    /// Wait until everything written on `c` has left (see [`Core::flushed`]): the device
+    /// returned the descriptors of its last byte. Fails if the connection is reset or the core
+    /// ends first; `WouldBlock` / `TimedOut` as `wait` says (the peer may grant no credit).
+    pub(crate) fn flush(self: &Arc<Self>, c: ConnId, wait: Wait) -> io::Result<()> {
+        let mut st = self.lock();
+        let cv = Core::conn_cv(&mut st, c);
+        *st.flushing.entry(c).or_default() += 1;
+        let r = self.wait_until_guard(st, &cv, wait, Target::Conn(c), |mut st| {
+            if let Some(e) = Core::reset_error(&st, c) {
+                return (st, Some(Err(e)));
+            }
+            let done = Core::flushed(&mut st, c).then_some(Ok(()));
+            (st, done)
+        });
+        let mut st = self.lock();
+        if let Some(n) = st.flushing.get_mut(&c) {
+            *n -= 1;
+            if *n == 0 {
+                st.flushing.remove(&c);
+            }
+        }
+        r
     }
 
     /// Let the transport handle a config interrupt, then route the events (resets) it caused.

@@ -193,10 +193,29 @@ impl Drop for Chunk {
 #[derive(Debug)]
 pub(crate) struct TxSeg {
     _chunk: Arc<Chunk>,
+    _flight: InFlight,
     /// IOVA of the first byte.
     pub(crate) addr: GuestAddress,
     /// Bytes.
     pub(crate) len: u32,
+}
+
+/// One packet of a connection on the ring: counted in its queue's in-flight total until the
+/// device returns the descriptor (what `flush` waits for).
+#[derive(Debug)]
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicUsize>) -> InFlight {
+        count.fetch_add(1, Ordering::AcqRel);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A connection's send queue in DMA chunks.
@@ -204,6 +223,8 @@ pub(crate) struct TxSeg {
 pub(crate) struct DmaTx {
     pool: Arc<TxPool>,
     counters: Arc<CopyCounters>,
+    /// Packets of this queue on the ring, not yet returned by the device.
+    in_flight: Arc<AtomicUsize>,
     /// (chunk, first unsent byte, end of the written bytes); only the last is written to.
     chunks: VecDeque<(Arc<Chunk>, usize, usize)>,
     len: usize,
@@ -215,6 +236,11 @@ impl DmaTx {
         self.chunks.back().map_or(0, |&(_, _, end)| TX_CHUNK - end)
     }
 
+    /// Packets taken from this queue that the device has not returned yet.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
     /// Take the first `n` bytes (at most [`TxBuf::contiguous`]) as one segment for the ring.
     pub(crate) fn take_segment(&mut self, n: usize) -> Option<TxSeg> {
         let (chunk, start, end) = self.chunks.front_mut()?;
@@ -223,6 +249,7 @@ impl DmaTx {
         }
         let seg = TxSeg {
             _chunk: chunk.clone(),
+            _flight: InFlight::new(&self.in_flight),
             addr: chunk.addr(*start),
             len: u32::try_from(n).ok()?,
         };
@@ -923,6 +950,7 @@ impl Storage for DmaStorage {
         DmaTx {
             pool: self.tx_pool.clone(),
             counters: self.counters.clone(),
+            in_flight: Arc::default(),
             chunks: VecDeque::new(),
             len: 0,
         }

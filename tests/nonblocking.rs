@@ -337,3 +337,61 @@ fn peek_sees_data_without_consuming_it() {
     assert_eq!(&buf[..8], b"peekaboo");
     assert_eq!(now(s.as_raw_fd()) & IN, 0);
 }
+
+#[test]
+fn receive_low_water_mark_holds_readability_and_blocking_reads() {
+    let (d, host) = sim_with_host();
+    let l = host.listen(6300).unwrap();
+    let mut s = d.connect(VsockAddr::new(2, 6300)).unwrap();
+    let (mut peer, _) = l.accept().unwrap();
+    let too_big = s.set_recv_low_water(16 << 20).unwrap_err();
+    assert_eq!(too_big.kind(), ErrorKind::InvalidInput, "{too_big}");
+    s.set_recv_low_water(1000).unwrap();
+    let fd = s.as_raw_fd();
+    peer.write_all(&[1u8; 600]).unwrap();
+    // 600 bytes arrive, but the mark is 1000: not readable, and a blocking read waits.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(now(fd) & IN, 0, "below the mark");
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 2000];
+    let t0 = Instant::now();
+    let n = s.read(&mut buf).unwrap();
+    assert!(
+        t0.elapsed() >= Duration::from_millis(250),
+        "it waited for the mark"
+    );
+    assert_eq!(n, 600, "then, timed out, took what had arrived (as Linux)");
+    // Above the mark: readable, and the read returns at once.
+    peer.write_all(&[2u8; 1200]).unwrap();
+    wait_for(fd, IN);
+    assert_eq!(s.read(&mut buf).unwrap(), 1200);
+    // A non-blocking read takes what there is, mark or not.
+    peer.write_all(&[3u8; 10]).unwrap();
+    s.set_nonblocking(true).unwrap();
+    let t0 = Instant::now();
+    let n = loop {
+        match s.read(&mut buf) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                assert!(t0.elapsed() < STALL);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(n, 10);
+    // End of stream ends the wait below the mark too.
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(None).unwrap();
+    peer.write_all(&[4u8; 5]).unwrap();
+    peer.shutdown(Shutdown::Write).unwrap();
+    let mut got = 0;
+    loop {
+        match s.read(&mut buf).unwrap() {
+            0 => break,
+            n => got += n,
+        }
+    }
+    assert_eq!(got, 5);
+}

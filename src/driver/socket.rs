@@ -209,6 +209,14 @@ impl VsockStream {
         self.core.peek(self.conn.id, buf, self.read_wait())
     }
 
+    /// The receive low-water mark (`SO_RCVLOWAT`): a blocking read waits until at least
+    /// `bytes` (or the buffer's length, if smaller) have arrived, or the stream ends; the
+    /// descriptor reports `POLLIN` only then. A non-blocking read still returns what there is.
+    /// At most the receive buffer (`InvalidInput` otherwise); 0 and 1 mean any data.
+    pub fn set_recv_low_water(&self, bytes: usize) -> io::Result<()> {
+        self.core.set_rcvlowat(self.conn.id, bytes)
+    }
+
     /// The pending error, taken (as `SO_ERROR`): why a non-blocking connect failed, or the
     /// device's end. `Ok(None)` when there is none (a connect still in progress included).
     pub fn take_error(&self) -> io::Result<Option<io::Error>> {

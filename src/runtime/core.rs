@@ -80,6 +80,8 @@ pub(crate) struct CoreState {
     /// Connections with callers blocked in `flush` (how many each): checked after every round
     /// of the rings.
     flushing: HashMap<ConnId, usize>,
+    /// Receive low-water marks above 1 (`SO_RCVLOWAT`).
+    rcvlowat: HashMap<ConnId, usize>,
     /// Busy-poll threads asleep (out of their spin budget): notifications are on while > 0.
     sleepers: usize,
     /// How long busy-poll callers spin before they sleep.
@@ -238,6 +240,7 @@ impl Core {
                 listen_fds: HashMap::new(),
                 writers: HashMap::new(),
                 flushing: HashMap::new(),
+                rcvlowat: HashMap::new(),
                 sleepers: 0,
                 spin: SpinBudget::default(),
             }),
@@ -404,6 +407,9 @@ impl Core {
                 let mut r = st.ep.readiness(c);
                 r.error |=
                     st.reset.contains_key(&c) || matches!(st.connect_result.get(&c), Some(Err(_)));
+                if let Some(&low) = st.rcvlowat.get(&c) {
+                    r.readable &= st.ep.readable_bytes(c) >= low;
+                }
                 r
             }
             Target::Listener(l) => Readiness {
@@ -792,8 +798,12 @@ impl Core {
         let cv = Core::conn_cv(&mut st, c);
         let this = self.clone();
         let unlocked = buf.len() >= UNLOCKED_COPY_MIN;
-        self.wait_until_guard(st, &cv, wait, Target::Conn(c), |mut st| {
+        let r = self.wait_until_guard(st, &cv, wait, Target::Conn(c), |mut st| {
             let now = Instant::now();
+            // Non-blocking reads take what there is, as Linux's do.
+            if wait != Wait::Never && Core::below_low_water(&st, c, buf.len()) {
+                return (st, None);
+            }
             let r = if unlocked {
                 // Take the payload off the queue (accounted and credited as read), copy it
                 // out with the lock let go, then give its buffers back.
@@ -828,7 +838,45 @@ impl Core {
                 Err(e) => Core::read_error(&st, c, e),
             };
             (st, r)
+        });
+        match r {
+            // A read waiting for its low-water mark that times out returns what did arrive,
+            // as Linux's does.
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                self.read(c, buf, Wait::Never).or(Err(e))
+            }
+            r => r,
+        }
+    }
+
+    /// A read of `len` bytes on `c` waits for more: fewer than its low-water mark (or `len`,
+    /// if smaller) are buffered, and more can come (as Linux's `sock_rcvlowat` target).
+    fn below_low_water(st: &CoreState, c: ConnId, len: usize) -> bool {
+        st.rcvlowat.get(&c).is_some_and(|&low| {
+            let r = st.ep.readiness(c);
+            !r.read_closed && !r.error && st.ep.readable_bytes(c) < low.min(len)
         })
+    }
+
+    /// Set `c`'s receive low-water mark (`SO_RCVLOWAT`): blocking reads wait for that many
+    /// bytes (or end of stream) and the descriptor turns readable only then. At most the
+    /// receive buffer (as Linux's `vsock_set_rcvlowat`); 0 counts as 1.
+    pub(crate) fn set_rcvlowat(&self, c: ConnId, low: usize) -> io::Result<()> {
+        let mut st = self.lock();
+        let max = st.ep.config().buf_alloc as usize;
+        if low > max {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("receive low-water mark {low} exceeds the receive buffer ({max} bytes)"),
+            ));
+        }
+        if low > 1 {
+            st.rcvlowat.insert(c, low);
+        } else {
+            st.rcvlowat.remove(&c);
+        }
+        Core::show(&mut st, Target::Conn(c));
+        Ok(())
     }
 
     /// Blocking peek: waits for data (or EOF, or an error) like [`Core::read`], then copies
@@ -1225,6 +1273,7 @@ impl Core {
         st.conn_wait.remove(&c);
         st.conn_fds.remove(&c);
         st.writers.remove(&c);
+        st.rcvlowat.remove(&c);
         st.reset.remove(&c);
         st.connect_result.remove(&c);
         self.kick(&mut st);

@@ -15,8 +15,8 @@
 //!   the same information. A peer that sends beyond its credit is reset.
 //! - **Close**: `SHUTDOWN` with `RECEIVE`/`SEND` flags is a half close; once a side has seen both
 //!   flags from its peer it answers `RST` and forgets the connection (as Linux does). `RST` ends a
-//!   connection at once. A packet for an unknown connection is answered with `RST`, except an
-//!   `RST` itself.
+//!   connection at once. A packet for an unknown connection (or not addressed to our CID, or
+//!   of an unknown type) is answered with `RST`, except an `RST` itself.
 //! - **Seqpacket**: `RW` packets carry `EOM` on the last packet of each message (and `EOR` when
 //!   the message ends a record); the receiver reassembles messages.
 //! - The event queue's `TRANSPORT_RESET` (or a CID change) kills every connection.
@@ -293,16 +293,22 @@ pub struct Stats {
     pub bytes_out: u64,
     /// `RST`s sent, all causes.
     pub rst_sent: u64,
-    /// `RST`s sent in answer to packets for unknown connections or ports.
+    /// `RST`s sent in answer to packets no connection or listener takes: an unknown
+    /// connection or port, a `dst_cid` that is not ours, an unknown or mismatched `type`, an
+    /// unknown op outside a connection (as Linux's `virtio_transport_reset_no_sock`).
     pub rst_unknown: u64,
     /// `RST`s for unknown connections dropped because [`MAX_PENDING_UNKNOWN_RST`] were queued.
     pub rst_dropped: u64,
     /// Connections reset because the peer sent beyond our advertised credit.
     pub credit_violations: u64,
-    /// Packets ignored: `dst_cid` is not ours.
+    /// Packets not delivered because their `dst_cid` is not ours; each is answered with `RST`
+    /// (unless it is one), counted in [`Stats::rst_unknown`].
     pub dropped_wrong_cid: u64,
-    /// Packets ignored: unknown op or type, type mismatch, `len` not matching the payload,
-    /// or an op that makes no sense in the connection's state.
+    /// Packets not delivered: unknown op or type, a type the connection does not have (or
+    /// seqpacket not negotiated), `len` not matching the payload, or an op that makes no sense
+    /// in the connection's state. Those with an unknown or mismatched type, or an unknown op
+    /// for no connection, are answered with `RST` too (counted in [`Stats::rst_unknown`]);
+    /// a malformed `len` and a bad op on a live connection only here.
     pub dropped_invalid: u64,
     /// `REQUEST`s refused because the listener's backlog was full.
     pub backlog_full: u64,

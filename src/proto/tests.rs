@@ -685,12 +685,151 @@ fn rst_for_unknown_connection_but_not_for_rst() {
         &[],
     );
     assert!(p.pump(Side::B, false).is_empty());
-    // Wrong dst_cid and bad type are ignored silently.
-    p.b.handle_packet(now, &Header { dst_cid: 99, ..rw }, &[]);
-    p.b.handle_packet(now, &Header { type_: 9, ..rw }, &[]);
-    assert!(p.pump(Side::B, false).is_empty());
+}
+
+/// The `RST` that answers `hdr` when nothing takes it: from our CID, ports swapped, type
+/// copied (Linux's `virtio_transport_reset_no_sock`).
+#[track_caller]
+fn assert_rst_answers(rst: &Header, hdr: &Header, local_cid: u64) {
+    assert_eq!(rst.op, Op::Rst as u16);
+    assert_eq!((rst.src_cid, rst.src_port), (local_cid, hdr.dst_port));
+    assert_eq!((rst.dst_cid, rst.dst_port), (hdr.src_cid, hdr.src_port));
+    assert_eq!(rst.type_, hdr.type_);
+    assert_eq!((rst.len, rst.flags), (0, 0));
+}
+
+#[test]
+fn wrong_dst_cid_is_answered_with_rst_and_not_delivered() {
+    let mut p = Pair::new();
+    let now = p.now;
+    let (ca, cb, _l) = p.establish(SocketType::Stream);
+    // A packet for the live connection's ports but another CID never reaches it.
+    let local = p.a.local_port(ca).unwrap();
+    let rw = Header {
+        len: 3,
+        ..tmpl((GUEST_CID, local), (99, PORT), Op::Rw)
+    };
+    p.b.handle_packet(now, &rw, b"abc");
+    let out = p.pump(Side::B, false);
+    assert_eq!(out.len(), 1);
+    assert_rst_answers(&out[0], &rw, VMADDR_CID_HOST);
     assert_eq!(p.b.stats().dropped_wrong_cid, 1);
+    assert_eq!(p.b.stats().rst_unknown, 1);
+    assert_eq!(p.b.state(cb), Some(ConnState::Connected));
+    assert_eq!(p.b.recv(now, cb, &mut [0; 4]), Err(ProtoError::WouldBlock));
+    // A REQUEST to a listening port with another CID is refused, not accepted.
+    let req = tmpl((GUEST_CID, 6000), (99, PORT), Op::Request);
+    p.b.handle_packet(now, &req, &[]);
+    let out = p.pump(Side::B, false);
+    assert_eq!(out.len(), 1);
+    assert_rst_answers(&out[0], &req, VMADDR_CID_HOST);
+    assert!(p.events(Side::B).is_empty());
+    // Never an RST for an RST, whatever its address.
+    let rst = tmpl((GUEST_CID, local), (99, PORT), Op::Rst);
+    p.b.handle_packet(now, &rst, &[]);
+    assert!(p.pump(Side::B, false).is_empty());
+    assert_eq!(p.b.stats().dropped_wrong_cid, 3);
+    assert_eq!(p.b.stats().rst_unknown, 2);
+    assert_eq!(p.b.state(cb), Some(ConnState::Connected));
+    let _ = ca;
+}
+
+#[test]
+fn unknown_type_is_answered_with_rst_but_not_an_rst() {
+    let mut p = Pair::new();
+    let now = p.now;
+    let (_ca, cb, _l) = p.establish(SocketType::Stream);
+    for op in [Op::Request, Op::Rw, Op::Shutdown, Op::CreditRequest] {
+        let hdr = Header {
+            type_: 9,
+            ..tmpl((GUEST_CID, 7000), (VMADDR_CID_HOST, PORT), op)
+        };
+        p.b.handle_packet(now, &hdr, &[]);
+        let out = p.pump(Side::B, false);
+        assert_eq!(out.len(), 1, "{op}");
+        assert_rst_answers(&out[0], &hdr, VMADDR_CID_HOST);
+    }
+    let rst = Header {
+        type_: 9,
+        ..tmpl((GUEST_CID, 7000), (VMADDR_CID_HOST, PORT), Op::Rst)
+    };
+    p.b.handle_packet(now, &rst, &[]);
+    assert!(p.pump(Side::B, false).is_empty());
+    assert_eq!(p.b.stats().dropped_invalid, 5);
+    assert_eq!(p.b.stats().rst_unknown, 4);
+    assert_eq!(p.b.state(cb), Some(ConnState::Connected));
+}
+
+#[test]
+fn mismatched_type_is_answered_with_rst_and_the_connection_kept() {
+    let mut p = Pair::new();
+    let now = p.now;
+    let (ca, cb, _l) = p.establish(SocketType::Stream);
+    let local = p.a.local_port(ca).unwrap();
+    // Seqpacket is not negotiated on B, and the connection is a stream: RST, nothing else.
+    let hdr = Header {
+        type_: SocketType::SeqPacket as u16,
+        ..tmpl(
+            (GUEST_CID, local),
+            (VMADDR_CID_HOST, PORT),
+            Op::CreditRequest,
+        )
+    };
+    p.b.handle_packet(now, &hdr, &[]);
+    let out = p.pump(Side::B, false);
+    assert_eq!(out.len(), 1);
+    assert_rst_answers(&out[0], &hdr, VMADDR_CID_HOST);
+    assert_eq!(p.b.state(cb), Some(ConnState::Connected));
     assert_eq!(p.b.stats().dropped_invalid, 1);
+}
+
+#[test]
+fn unknown_op_gets_rst_only_outside_a_connection() {
+    let mut p = Pair::new();
+    let now = p.now;
+    let (ca, cb, _l) = p.establish(SocketType::Stream);
+    let local = p.a.local_port(ca).unwrap();
+    // On a live connection an unknown op is ignored (Linux's recv_connected: -EINVAL).
+    let on_conn = Header {
+        op: 42,
+        ..tmpl((GUEST_CID, local), (VMADDR_CID_HOST, PORT), Op::Rw)
+    };
+    p.b.handle_packet(now, &on_conn, &[]);
+    assert!(p.pump(Side::B, false).is_empty());
+    // For no connection (a listener's port, or nothing) it is answered with RST.
+    for port in [PORT, 4321] {
+        let stray = Header {
+            op: 42,
+            ..tmpl((GUEST_CID, 8000), (VMADDR_CID_HOST, port), Op::Rw)
+        };
+        p.b.handle_packet(now, &stray, &[]);
+        let out = p.pump(Side::B, false);
+        assert_eq!(out.len(), 1);
+        assert_rst_answers(&out[0], &stray, VMADDR_CID_HOST);
+    }
+    assert_eq!(p.b.stats().dropped_invalid, 3);
+    assert_eq!(p.b.state(cb), Some(ConnState::Connected));
+}
+
+#[test]
+fn malformed_len_is_dropped_silently() {
+    let mut p = Pair::new();
+    let now = p.now;
+    let rw = Header {
+        len: 3,
+        ..tmpl((GUEST_CID, 5000), (VMADDR_CID_HOST, 77), Op::Rw)
+    };
+    p.b.handle_packet(now, &rw, b"ab");
+    p.b.handle_packet(
+        now,
+        &Header {
+            op: Op::Request as u16,
+            ..rw
+        },
+        b"abc",
+    );
+    assert!(p.pump(Side::B, false).is_empty());
+    assert_eq!(p.b.stats().dropped_invalid, 2);
 }
 
 #[test]

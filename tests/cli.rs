@@ -84,6 +84,13 @@ fn bad_cid_port_is_a_usage_error() {
     expect_error(&run(&["connect", "2x7"]), 2, &["expected CID:PORT"]);
     expect_error(&run(&["connect", "two:7"]), 2, &["bad CID"]);
     expect_error(&run(&["connect", "2:99999999999"]), 2, &["bad port"]);
+    let t = Instant::now();
+    expect_error(
+        &run(&["connect", "99999999999:1"]),
+        2,
+        &["CID 99999999999", "does not fit in 32 bits"],
+    );
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     expect_error(&run(&["serve"]), 2, &["--uds"]);
 }
 

@@ -46,6 +46,23 @@ fn connect_to_closed_port_is_refused() {
 }
 
 #[test]
+fn connect_to_a_cid_wider_than_32_bits_fails_at_once() {
+    let d = sim();
+    let t = Instant::now();
+    let e = d.connect(VsockAddr::new(99_999_999_999, 1)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("99999999999"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    // The parser refuses it too, naming the CID; VMADDR_CID_ANY is the widest that fits.
+    let e = "99999999999:1".parse::<VsockAddr>().unwrap_err();
+    assert!(e.contains("99999999999") && e.contains("32 bits"), "{e}");
+    assert_eq!(
+        "4294967295:1".parse::<VsockAddr>(),
+        Ok(VsockAddr::new(0xFFFF_FFFF, 1))
+    );
+}
+
+#[test]
 fn host_connects_to_our_listener() {
     let (d, host) = sim_with_host();
     let l = d.listen(5000).unwrap();

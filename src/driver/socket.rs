@@ -44,8 +44,14 @@ impl std::str::FromStr for VsockAddr {
         let (c, p) = s
             .split_once(':')
             .ok_or_else(|| format!("expected CID:PORT, found {s:?}"))?;
+        let cid = c.parse().map_err(|_| format!("bad CID {c:?} in {s:?}"))?;
+        if !crate::packet::cid_fits(cid) {
+            return Err(format!(
+                "CID {cid} in {s:?} does not fit in 32 bits: expected at most 4294967295 (VMADDR_CID_ANY)"
+            ));
+        }
         Ok(VsockAddr {
-            cid: c.parse().map_err(|_| format!("bad CID {c:?} in {s:?}"))?,
+            cid,
             port: p.parse().map_err(|_| format!("bad port {p:?} in {s:?}"))?,
         })
     }

@@ -79,6 +79,17 @@ pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 
 /// The well-known CID of the host.
 pub const VMADDR_CID_HOST: u64 = 2;
+/// Any CID (`VMADDR_CID_ANY`, `-1U` in `linux/vm_sockets.h`): the largest CID an address can
+/// hold, since `struct sockaddr_vm`'s `svm_cid` is an `unsigned int`.
+pub const VMADDR_CID_ANY: u64 = 0xFFFF_FFFF;
+/// Any port (`VMADDR_PORT_ANY`, `-1U`): `listen` on it picks a free port.
+pub const VMADDR_PORT_ANY: u32 = 0xFFFF_FFFF;
+
+/// Whether `cid` can be a vsock address's CID: it fits in `svm_cid`'s 32 bits, as in Linux
+/// (the header field is 64 bits wide, but virtio 1.2 5.10.4 reserves the upper 32).
+pub fn cid_fits(cid: u64) -> bool {
+    cid <= VMADDR_CID_ANY
+}
 
 // Offsets of the header fields (virtio 1.2 5.10.6).
 const SRC_CID_OFFSET: usize = 0;

@@ -113,7 +113,7 @@ use output::Events;
 pub use storage::{HeapBuf, HeapStorage, RxBuf, Storage, TxBuf};
 use timers::Timers;
 
-use crate::packet::{Header, ShutdownFlags, SocketType};
+use crate::packet::{cid_fits, Header, ShutdownFlags, SocketType};
 
 /// Default receive buffer per connection (`buf_alloc`), as Linux's default 256 KiB.
 pub const DEFAULT_BUF_ALLOC: u32 = 256 * 1024;
@@ -272,6 +272,15 @@ pub enum ProtoError {
     /// The `ConnId` is not (or no longer) known.
     #[error("unknown connection")]
     UnknownConnection,
+    /// A CID that does not fit in 32 bits (see [`crate::packet::cid_fits`]).
+    #[error(
+        "CID {cid} does not fit in 32 bits: expected at most 4294967295 (VMADDR_CID_ANY), \
+         as in struct sockaddr_vm"
+    )]
+    InvalidCid {
+        /// The CID asked for.
+        cid: u64,
+    },
     /// The connection table is full.
     #[error("too many connections: the limit is {max}")]
     TooManyConnections {
@@ -434,7 +443,9 @@ impl<S: Storage> Endpoint<S> {
     // ----- user side -----
 
     /// Open a connection: queues a `REQUEST` and arms the connect timeout. Without
-    /// `local_port`, an ephemeral port is picked that no connection or listener uses.
+    /// `local_port`, an ephemeral port is picked that no connection or listener uses. A
+    /// `peer_cid` that does not fit in 32 bits is refused at once with
+    /// [`ProtoError::InvalidCid`] (Linux's `svm_cid` is 32 bits wide).
     pub fn connect(
         &mut self,
         now: Instant,
@@ -443,6 +454,9 @@ impl<S: Storage> Endpoint<S> {
         local_port: Option<u32>,
         ty: SocketType,
     ) -> Result<ConnId, ProtoError> {
+        if !cid_fits(peer_cid) {
+            return Err(ProtoError::InvalidCid { cid: peer_cid });
+        }
         self.check_type(ty)?;
         self.check_room()?;
         let port = match local_port {

@@ -833,6 +833,31 @@ fn malformed_len_is_dropped_silently() {
 }
 
 #[test]
+fn connect_refuses_a_cid_wider_than_32_bits_before_sending() {
+    let mut p = Pair::new();
+    let now = p.now;
+    for cid in [u64::from(u32::MAX) + 1, 99_999_999_999, u64::MAX] {
+        let e =
+            p.a.connect(now, cid, 1, None, SocketType::Stream)
+                .unwrap_err();
+        assert_eq!(e, ProtoError::InvalidCid { cid });
+        assert!(e.to_string().contains(&cid.to_string()), "{e}");
+    }
+    assert!(p.pump(Side::A, false).is_empty());
+    // The widest CID that fits (VMADDR_CID_ANY) is accepted, as Linux's connect does.
+    let c =
+        p.a.connect(
+            now,
+            crate::packet::VMADDR_CID_ANY,
+            1,
+            None,
+            SocketType::Stream,
+        )
+        .unwrap();
+    assert_eq!(p.a.state(c), Some(ConnState::Connecting));
+}
+
+#[test]
 fn unknown_rst_queue_is_bounded() {
     let mut p = Pair::new();
     let now = p.now;

@@ -807,7 +807,9 @@ pub(crate) fn to_io(e: ProtoError) -> io::Error {
         ProtoError::NotConnected | ProtoError::UnknownConnection => K::NotConnected,
         ProtoError::BrokenPipe => K::BrokenPipe,
         ProtoError::WouldBlock => K::WouldBlock,
-        ProtoError::InvalidInput(_) | ProtoError::MessageTooLarge { .. } => K::InvalidInput,
+        ProtoError::InvalidInput(_)
+        | ProtoError::InvalidCid { .. }
+        | ProtoError::MessageTooLarge { .. } => K::InvalidInput,
         _ => K::Other,
     };
     io::Error::new(kind, e)

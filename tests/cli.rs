@@ -213,6 +213,29 @@ fn no_permission() {
 }
 
 #[test]
+fn listen_on_port_any_prints_the_port_picked() {
+    use std::io::BufRead;
+    let mut child = cmd()
+        .args(["listen", "4294967295"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning vdpa-vsock listen");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let port: u32 = line
+        .strip_prefix("listening on 3:")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    assert_ne!(port, u32::MAX, "{line:?}");
+}
+
+#[test]
 fn connection_refused_has_a_hint() {
     let out = run(&["connect", "2:1234"]);
     expect_error(&out, 1, &["connecting to 2:1234", "sim host serves 7"]);

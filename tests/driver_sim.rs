@@ -63,6 +63,26 @@ fn connect_to_a_cid_wider_than_32_bits_fails_at_once() {
 }
 
 #[test]
+fn listen_on_port_any_reports_the_port_picked() {
+    let (d, host) = sim_with_host();
+    let l = d.listen(vdpa_vsock::packet::VMADDR_PORT_ANY).unwrap();
+    let port = l.port();
+    assert_ne!(port, vdpa_vsock::packet::VMADDR_PORT_ANY);
+    let l2 = d.listen(vdpa_vsock::packet::VMADDR_PORT_ANY).unwrap();
+    assert_ne!(l2.port(), port);
+    assert_eq!(d.listen(port).unwrap_err().kind(), ErrorKind::AddrInUse);
+    let t = thread::spawn(move || {
+        let mut s = host.connect(port).unwrap();
+        s.write_all(b"any port").unwrap();
+    });
+    let (mut s, _) = l.accept().unwrap();
+    let mut got = [0u8; 8];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"any port");
+    t.join().unwrap();
+}
+
+#[test]
 fn host_connects_to_our_listener() {
     let (d, host) = sim_with_host();
     let l = d.listen(5000).unwrap();

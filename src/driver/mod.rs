@@ -362,7 +362,8 @@ impl VsockDriver {
         VsockStream::connect_on(&self.core, addr, Some(timeout))
     }
 
-    /// Listen for streams on `port`.
+    /// Listen for streams on `port`; on [`VMADDR_PORT_ANY`](crate::packet::VMADDR_PORT_ANY)
+    /// a free port is picked (as Linux's `bind`), which [`VsockListener::port`] reports.
     pub fn listen(&self, port: u32) -> io::Result<VsockListener> {
         VsockListener::bind_on(&self.core, port, crate::packet::SocketType::Stream)
     }
@@ -372,7 +373,7 @@ impl VsockDriver {
         VsockSeqPacket::connect_on(&self.core, addr, None)
     }
 
-    /// Listen for SEQPACKET connections on `port`.
+    /// Listen for SEQPACKET connections on `port` (`VMADDR_PORT_ANY`: a free one).
     pub fn listen_seqpacket(&self, port: u32) -> io::Result<VsockListener> {
         VsockListener::bind_on(&self.core, port, crate::packet::SocketType::SeqPacket)
     }

@@ -286,7 +286,7 @@ pub const DEFAULT_BACKLOG: usize = 128;
 
 impl VsockListener {
     pub(crate) fn bind_on(core: &Arc<Core>, port: u32, ty: SocketType) -> io::Result<Self> {
-        let id = core.listen(port, DEFAULT_BACKLOG, ty)?;
+        let (id, port) = core.listen(port, DEFAULT_BACKLOG, ty)?;
         Ok(VsockListener {
             core: core.clone(),
             id,
@@ -295,7 +295,8 @@ impl VsockListener {
         })
     }
 
-    /// The port listened on.
+    /// The port listened on: the one picked when listening on
+    /// [`VMADDR_PORT_ANY`](crate::packet::VMADDR_PORT_ANY).
     pub fn port(&self) -> u32 {
         self.port
     }

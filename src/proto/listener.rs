@@ -7,7 +7,7 @@ use std::time::Instant;
 use super::conn::Conn;
 use super::storage::Storage;
 use super::{ConnId, ConnState, Endpoint, Event, ListenerId, ProtoError};
-use crate::packet::{Header, SocketType};
+use crate::packet::{Header, SocketType, VMADDR_PORT_ANY};
 
 /// A listening port.
 #[derive(Debug)]
@@ -23,6 +23,11 @@ pub(super) struct Listener {
 impl<S: Storage> Endpoint<S> {
     /// Listen on `port` for connections of type `ty`; at most `backlog` (≥ 1) established
     /// connections wait for `accept`, further `REQUEST`s get `RST`.
+    ///
+    /// On [`VMADDR_PORT_ANY`] a free port is picked, as Linux's `__vsock_bind` does: one no
+    /// connection or listener uses, from the ephemeral range (Linux walks the ports above
+    /// 1023 from a random start; we walk [`Config::ephemeral_ports`](super::Config) with the
+    /// cursor `connect` uses). [`Endpoint::listener_port`] tells which.
     pub fn listen(
         &mut self,
         port: u32,
@@ -35,6 +40,11 @@ impl<S: Storage> Endpoint<S> {
                 "listen backlog must be at least 1",
             ));
         }
+        let port = if port == VMADDR_PORT_ANY {
+            self.alloc_ephemeral()?
+        } else {
+            port
+        };
         if self.listener_ports.contains_key(&port) || self.bound_refs.contains_key(&port) {
             return Err(ProtoError::AddrInUse { port });
         }
@@ -52,6 +62,12 @@ impl<S: Storage> Endpoint<S> {
         self.listener_ports.insert(port, id);
         self.sync_free_port(port);
         Ok(id)
+    }
+
+    /// The port `l` listens on (the one picked for [`VMADDR_PORT_ANY`]); `None` after
+    /// [`Endpoint::unlisten`].
+    pub fn listener_port(&self, l: ListenerId) -> Option<u32> {
+        self.listeners.get(&l).map(|listener| listener.port)
     }
 
     /// Stop listening; connections not yet accepted get `RST` and are dropped.

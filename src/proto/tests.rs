@@ -324,6 +324,51 @@ fn backlog_full_gets_rst() {
 }
 
 #[test]
+fn listen_on_port_any_picks_a_free_port() {
+    use crate::packet::VMADDR_PORT_ANY;
+    let mut p = Pair::with(
+        cfg(GUEST_CID),
+        Config {
+            ephemeral_ports: 50000..=50002,
+            ..cfg(VMADDR_CID_HOST)
+        },
+    );
+    let now = p.now;
+    // A connection holds the first port of the range: listen skips it.
+    let held =
+        p.b.connect(now, GUEST_CID, 9, None, SocketType::Stream)
+            .unwrap();
+    assert_eq!(p.b.local_port(held), Some(50000));
+    let l1 = p.b.listen(VMADDR_PORT_ANY, 4, SocketType::Stream).unwrap();
+    let l2 = p.b.listen(VMADDR_PORT_ANY, 4, SocketType::Stream).unwrap();
+    assert_eq!(p.b.listener_port(l1), Some(50001));
+    assert_eq!(p.b.listener_port(l2), Some(50002));
+    // The range is used up: a clear error, nothing listens on VMADDR_PORT_ANY itself.
+    assert_eq!(
+        p.b.listen(VMADDR_PORT_ANY, 4, SocketType::Stream),
+        Err(ProtoError::PortsExhausted {
+            start: 50000,
+            end: 50002
+        })
+    );
+    // The picked port takes connections like any other.
+    let ca =
+        p.a.connect(now, VMADDR_CID_HOST, 50001, None, SocketType::Stream)
+            .unwrap();
+    p.shuttle();
+    assert!(p.events(Side::A).contains(&Event::Connected(ca)));
+    assert!(p.b.accept(l1).is_some());
+    // Ports come back: 50000 when its connection was refused (the shuttle above), 50002
+    // when its listener goes; the cursor wraps to the first.
+    p.b.unlisten(now, l2);
+    assert_eq!(p.b.listener_port(l2), None);
+    let l3 = p.b.listen(VMADDR_PORT_ANY, 4, SocketType::Stream).unwrap();
+    let l4 = p.b.listen(VMADDR_PORT_ANY, 4, SocketType::Stream).unwrap();
+    assert_eq!(p.b.listener_port(l3), Some(50000));
+    assert_eq!(p.b.listener_port(l4), Some(50002));
+}
+
+#[test]
 fn listen_twice_is_addr_in_use() {
     let mut p = Pair::new();
     p.b.listen(PORT, 1, SocketType::Stream).unwrap();

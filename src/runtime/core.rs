@@ -432,17 +432,19 @@ impl Core {
         r.map(|()| c)
     }
 
+    /// Listen on `port` (`VMADDR_PORT_ANY`: a free one); returns the listener and its port.
     pub(crate) fn listen(
         self: &Arc<Self>,
         port: u32,
         backlog: usize,
         ty: SocketType,
-    ) -> io::Result<ListenerId> {
+    ) -> io::Result<(ListenerId, u32)> {
         let mut st = self.lock();
         Core::check_dead(&st)?;
         let l = st.ep.listen(port, backlog, ty).map_err(to_io)?;
+        let port = st.ep.listener_port(l).unwrap_or(port);
         st.listen_wait.insert(l, Arc::new(Condvar::new()));
-        Ok(l)
+        Ok((l, port))
     }
 
     pub(crate) fn accept(

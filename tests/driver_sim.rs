@@ -546,3 +546,86 @@ fn reserved_guest_cid_at_bring_up_is_refused() {
         assert!(msg.contains("not a guest CID"), "{msg}");
     }
 }
+
+#[test]
+fn wanted_features_accept_every_socket_type_bit_offered() {
+    use vdpa_vsock::driver::{stream_negotiated, wanted_features};
+    const STREAM: u64 = 1 << vdpa_vsock::packet::VIRTIO_VSOCK_F_STREAM;
+    const SEQ: u64 = 1 << vdpa_vsock::packet::VIRTIO_VSOCK_F_SEQPACKET;
+    const NIS: u64 = 1 << vdpa_vsock::packet::VIRTIO_VSOCK_F_NO_IMPLIED_STREAM;
+    const V1: u64 = 1 << vdpa_vsock::packet::VIRTIO_F_VERSION_1;
+    for offered in [0, STREAM, SEQ, NIS, STREAM | SEQ, STREAM | NIS, SEQ | NIS] {
+        let offered = offered | V1;
+        assert_eq!(wanted_features(offered), offered, "{offered:#x}");
+    }
+    // virtio 1.2 5.10.3.1: streams unless NO_IMPLIED_STREAM is negotiated without STREAM.
+    for (negotiated, streams) in [
+        (0, true),
+        (SEQ, true),
+        (STREAM, true),
+        (STREAM | NIS, true),
+        (SEQ | NIS, false),
+        (NIS, false),
+    ] {
+        assert_eq!(stream_negotiated(negotiated), streams, "{negotiated:#x}");
+    }
+}
+
+#[test]
+fn no_implied_stream_without_stream_leaves_only_seqpacket() {
+    let (d, _host) = VsockDriver::open_sim(
+        SimConfig {
+            stream: false,
+            no_implied_stream: true,
+            ..SimConfig::default()
+        },
+        DriverConfig::default(),
+    )
+    .unwrap();
+    let e = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("NO_IMPLIED_STREAM"), "{e}");
+    assert_eq!(d.listen(5000).unwrap_err().kind(), ErrorKind::InvalidInput);
+    let s = d
+        .connect_seqpacket(VsockAddr::new(2, SEQPACKET_ECHO_PORT))
+        .unwrap();
+    s.send(b"still here").unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(s.recv(&mut buf).unwrap(), 10);
+    // Without NO_IMPLIED_STREAM, streams are implied even when STREAM is not offered.
+    let (d, _host) = VsockDriver::open_sim(
+        SimConfig {
+            stream: false,
+            no_implied_stream: false,
+            ..SimConfig::default()
+        },
+        DriverConfig::default(),
+    )
+    .unwrap();
+    let mut s = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap();
+    s.write_all(b"implied").unwrap();
+    let mut buf = [0u8; 7];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"implied");
+}
+
+#[test]
+fn a_device_without_any_socket_type_is_refused_at_bring_up() {
+    let e = VsockDriver::open_sim(
+        SimConfig {
+            stream: false,
+            seqpacket: false,
+            no_implied_stream: true,
+            ..SimConfig::default()
+        },
+        DriverConfig::default(),
+    )
+    .unwrap_err();
+    let mut chain = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        chain += &format!(": {c}");
+        cause = c.source();
+    }
+    assert!(chain.contains("no socket type"), "{chain}");
+}

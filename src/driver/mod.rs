@@ -21,10 +21,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::device::{DeviceError, VsockDevice, RX_QUEUE, TX_QUEUE};
 use crate::dma::DmaRegion;
 use crate::dma::{IovaBase, HUGE_PAGE_SIZE};
+pub use crate::packet::stream_negotiated;
 use crate::packet::PKT_HEADER_SIZE;
 use crate::packet::{
     PKT_HEADER_LEN, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_VSOCK_F_SEQPACKET,
 };
+use crate::packet::{VIRTIO_VSOCK_F_NO_IMPLIED_STREAM, VIRTIO_VSOCK_F_STREAM};
 use crate::proto::{self, Endpoint};
 use crate::runtime::{
     refill_rx, run_loop, valid_guest_cid, Core, DeviceRings, DmaStorage, DriverTransport, Ended,
@@ -138,11 +140,16 @@ impl From<DriverError> for io::Error {
 }
 
 /// The features the driver asks a device for, given what it `offered`: VERSION_1 (required), and
-/// EVENT_IDX and SEQPACKET whenever offered (the SEQPACKET outcome decides whether seqpacket
-/// sockets exist). Backends add what only they care about (ACCESS_PLATFORM).
+/// EVENT_IDX, STREAM, SEQPACKET and NO_IMPLIED_STREAM whenever offered (virtio 1.2 5.10.3.1:
+/// the driver SHOULD accept NO_IMPLIED_STREAM). The outcome decides which socket types exist:
+/// seqpacket when SEQPACKET is negotiated, streams as [`stream_negotiated`] says. Backends add
+/// what only they care about (ACCESS_PLATFORM).
 pub fn wanted_features(offered: u64) -> u64 {
-    (1 << VIRTIO_F_VERSION_1)
-        | (offered & ((1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_VSOCK_F_SEQPACKET)))
+    const IF_OFFERED: u64 = (1 << VIRTIO_RING_F_EVENT_IDX)
+        | (1 << VIRTIO_VSOCK_F_STREAM)
+        | (1 << VIRTIO_VSOCK_F_SEQPACKET)
+        | (1 << VIRTIO_VSOCK_F_NO_IMPLIED_STREAM);
+    (1 << VIRTIO_F_VERSION_1) | (offered & IF_OFFERED)
 }
 
 /// A port in `range` that differs from run to run (clock and process id; not for security).
@@ -211,6 +218,12 @@ impl VsockDriver {
             }));
         }
         let negotiated = dev.negotiate(wanted_features(offered)).map_err(&e)?;
+        if !stream_negotiated(negotiated) && negotiated & (1 << VIRTIO_VSOCK_F_SEQPACKET) == 0 {
+            return Err(e(DeviceError::Failed(format!(
+                "the device supports no socket type: it negotiated NO_IMPLIED_STREAM without \
+                 STREAM, and no SEQPACKET (features {negotiated:#x})"
+            ))));
+        }
         let event_idx = negotiated & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let cid = dev.guest_cid().map_err(&e)?;
         if !valid_guest_cid(cid) {
@@ -312,6 +325,7 @@ impl VsockDriver {
             pc.ephemeral_first = Some(random_port(&pc.ephemeral_ports));
         }
         pc.seqpacket = negotiated & (1 << VIRTIO_VSOCK_F_SEQPACKET) != 0;
+        pc.stream = stream_negotiated(negotiated);
         let endpoint = Endpoint::with_storage(pc, RtStorage::Dma(storage.clone()));
         let rings = DeviceRings {
             dma,

@@ -56,6 +56,13 @@ pub const VIRTIO_VSOCK_F_STREAM: u64 = 0;
 pub const VIRTIO_VSOCK_F_SEQPACKET: u64 = 1;
 /// Feature bit: stream support is not implied when STREAM is not offered (`VIRTIO_VSOCK_F_NO_IMPLIED_STREAM`).
 pub const VIRTIO_VSOCK_F_NO_IMPLIED_STREAM: u64 = 2;
+/// Whether stream sockets exist once `negotiated` is agreed (virtio 1.2 5.10.3.1): when
+/// VIRTIO_VSOCK_F_STREAM is negotiated, or when VIRTIO_VSOCK_F_NO_IMPLIED_STREAM is not (a
+/// device that does not know the bit implies streams, as every device before virtio 1.2 did).
+pub fn stream_negotiated(negotiated: u64) -> bool {
+    negotiated & (1 << VIRTIO_VSOCK_F_STREAM) != 0
+        || negotiated & (1 << VIRTIO_VSOCK_F_NO_IMPLIED_STREAM) == 0
+}
 /// Feature bit: the device notifies with the used/avail event index (`VIRTIO_RING_F_EVENT_IDX`).
 pub const VIRTIO_RING_F_EVENT_IDX: u64 =
     virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX as u64;

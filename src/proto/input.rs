@@ -63,8 +63,10 @@ impl<S: Storage> Endpoint<S> {
             self.stats.dropped_invalid += 1;
             return;
         }
-        if ty == SocketType::SeqPacket && !self.config.seqpacket {
-            // No seqpacket socket can exist, so none takes it.
+        if (ty == SocketType::SeqPacket && !self.config.seqpacket)
+            || (ty == SocketType::Stream && !self.config.stream)
+        {
+            // No socket of this type can exist, so none takes it.
             self.stats.dropped_invalid += 1;
             self.queue_unknown_rst(hdr);
             return;

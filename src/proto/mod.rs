@@ -151,6 +151,10 @@ pub struct Config {
     pub close_timeout: Duration,
     /// `VIRTIO_VSOCK_F_SEQPACKET` was negotiated: seqpacket sockets are allowed.
     pub seqpacket: bool,
+    /// Stream sockets are allowed: `VIRTIO_VSOCK_F_STREAM` was negotiated, or
+    /// `VIRTIO_VSOCK_F_NO_IMPLIED_STREAM` was not (see [`crate::packet::stream_negotiated`]).
+    /// Default `true`.
+    pub stream: bool,
     /// Ports `connect` picks from when no local port is given.
     pub ephemeral_ports: RangeInclusive<u32>,
     /// The first ephemeral port tried (then the next ones, wrapping); `None` or a port outside
@@ -174,6 +178,7 @@ impl Default for Config {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             close_timeout: DEFAULT_CLOSE_TIMEOUT,
             seqpacket: false,
+            stream: true,
             ephemeral_ports: DEFAULT_EPHEMERAL_PORTS,
             ephemeral_first: None,
             max_connections: usize::MAX,
@@ -821,6 +826,12 @@ impl<S: Storage> Endpoint<S> {
         if ty == SocketType::SeqPacket && !self.config.seqpacket {
             return Err(ProtoError::InvalidInput(
                 "seqpacket sockets need VIRTIO_VSOCK_F_SEQPACKET (Config::seqpacket)",
+            ));
+        }
+        if ty == SocketType::Stream && !self.config.stream {
+            return Err(ProtoError::InvalidInput(
+                "stream sockets need VIRTIO_VSOCK_F_STREAM: the device negotiated \
+                 VIRTIO_VSOCK_F_NO_IMPLIED_STREAM without it (Config::stream)",
             ));
         }
         Ok(())

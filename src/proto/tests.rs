@@ -369,6 +369,32 @@ fn listen_on_port_any_picks_a_free_port() {
 }
 
 #[test]
+fn streams_off_refuses_stream_sockets_and_answers_their_packets_with_rst() {
+    let mut p = Pair::with(
+        cfg(GUEST_CID),
+        Config {
+            stream: false,
+            seqpacket: true,
+            ..cfg(VMADDR_CID_HOST)
+        },
+    );
+    let now = p.now;
+    for e in [
+        p.b.listen(PORT, 1, SocketType::Stream).unwrap_err(),
+        p.b.connect(now, GUEST_CID, 1, None, SocketType::Stream)
+            .unwrap_err(),
+    ] {
+        assert!(matches!(e, ProtoError::InvalidInput(m) if m.contains("NO_IMPLIED_STREAM")));
+    }
+    p.b.listen(PORT, 1, SocketType::SeqPacket).unwrap();
+    let req = tmpl((GUEST_CID, 6000), (VMADDR_CID_HOST, PORT), Op::Request);
+    p.b.handle_packet(now, &req, &[]);
+    let out = p.pump(Side::B, false);
+    assert_eq!(out.len(), 1);
+    assert_rst_answers(&out[0], &req, VMADDR_CID_HOST);
+}
+
+#[test]
 fn listen_twice_is_addr_in_use() {
     let mut p = Pair::new();
     p.b.listen(PORT, 1, SocketType::Stream).unwrap();

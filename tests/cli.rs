@@ -551,6 +551,16 @@ fn list_on_a_fake_tree() {
         .unwrap_or_default()
         .contains("no DMA isolation"));
     assert_eq!(p7["usable"], true, "{p7}");
+    // The transitional function is offered like the modern ones (one check for list, auto and
+    // vfio open): it is driven through its modern interface.
+    assert!(by_name("0000:04:00.0")["facts"]["device"]
+        .as_str()
+        .unwrap()
+        .starts_with("0x1012 (transitional virtio-vsock"));
+    assert!(by_name("0000:03:00.0")["facts"]["device"]
+        .as_str()
+        .unwrap()
+        .starts_with("0x1053 (modern virtio-vsock"));
     assert!(reason("0000:04:00.0").contains("bound to virtio-pci"));
     assert!(reason("0000:04:00.0").contains("tools/bind.sh --bind vfio-pci 0000:04:00.0"));
     assert!(reason("0000:06:00.0").contains("no driver bound"));

@@ -197,7 +197,10 @@ impl<S: Storage> Endpoint<S> {
     /// A packet for no connection: `REQUEST` to a listener, or `RST` (never for an `RST`).
     fn handle_unknown(&mut self, hdr: &Header, op: Op, ty: SocketType) {
         if op == Op::Request {
-            if let Some(&l) = self.listener_ports.get(&hdr.dst_port) {
+            let any = self
+                .any_listener
+                .filter(|_| !self.bound_refs.contains_key(&hdr.dst_port));
+            if let Some(l) = self.listener_ports.get(&hdr.dst_port).copied().or(any) {
                 let listener = &self.listeners[&l];
                 if listener.ty != ty {
                     log::debug!("{} for {} listener: refused", ty, listener.ty);

@@ -353,6 +353,8 @@ pub struct Endpoint<S: Storage = HeapStorage> {
     keys: HashMap<Key, ConnId>,
     listeners: HashMap<ListenerId, Listener>,
     listener_ports: HashMap<u32, ListenerId>,
+    /// The listener on every other port ([`Endpoint::listen_any_port`]).
+    any_listener: Option<ListenerId>,
     /// Live connections per local port.
     port_refs: HashMap<u32, usize>,
     /// Live `connect`-created connections per local port (bound ports).
@@ -420,6 +422,7 @@ impl<S: Storage> Endpoint<S> {
             keys: HashMap::new(),
             listeners: HashMap::new(),
             listener_ports: HashMap::new(),
+            any_listener: None,
             port_refs: HashMap::new(),
             bound_refs: HashMap::new(),
             next_conn: 0,
@@ -746,6 +749,11 @@ impl<S: Storage> Endpoint<S> {
         let Some(conn) = self.conns.get_mut(&c) else {
             return;
         };
+        if conn.held {
+            // Never answered: refuse it, as Linux refuses a REQUEST nobody accepts.
+            self.abort(now, c);
+            return;
+        }
         match conn.state {
             ConnState::Closing => {}
             ConnState::Closed => self.release(c, true),

@@ -395,6 +395,88 @@ fn streams_off_refuses_stream_sockets_and_answers_their_packets_with_rst() {
 }
 
 #[test]
+fn listen_any_port_holds_requests_until_answered() {
+    let mut p = Pair::new();
+    let now = p.now;
+    let any = p.b.listen_any_port(8, SocketType::Stream).unwrap();
+    assert_eq!(p.b.listener_port(any), Some(crate::packet::VMADDR_PORT_ANY));
+    assert!(p.b.listen_any_port(8, SocketType::Stream).is_err());
+    // A port with a listener of its own is not the any-port listener's.
+    let own = p.b.listen(PORT, 8, SocketType::Stream).unwrap();
+    let c_own =
+        p.a.connect(now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+            .unwrap();
+    // Two REQUESTs to ports nobody listens on: held, nothing answered.
+    let c1 =
+        p.a.connect(now, VMADDR_CID_HOST, 7001, None, SocketType::Stream)
+            .unwrap();
+    let c2 =
+        p.a.connect(now, VMADDR_CID_HOST, 7002, None, SocketType::Stream)
+            .unwrap();
+    p.shuttle();
+    assert!(p.events(Side::A).contains(&Event::Connected(c_own)));
+    assert_eq!(p.a.state(c1), Some(ConnState::Connecting));
+    assert_eq!(p.a.state(c2), Some(ConnState::Connecting));
+    assert!(p.b.accept(own).is_some());
+    let h1 = p.b.accept(any).unwrap();
+    let h2 = p.b.accept(any).unwrap();
+    assert_eq!(p.b.local_port(h1), Some(7001));
+    assert!(p.b.is_held(h1) && p.b.is_held(h2));
+    // Data written before the answer waits for it.
+    assert_eq!(p.b.send(now, h1, b"hi").unwrap(), 2);
+    assert!(p.pump(Side::B, false).is_empty());
+    // Accept one: RESPONSE, then the data. Refuse the other: RST, the peer's connect refused.
+    p.b.answer(now, h1, true).unwrap();
+    p.b.answer(now, h2, false).unwrap();
+    assert_eq!(
+        p.b.answer(now, h1, true),
+        Err(ProtoError::InvalidInput(
+            "answer: the connection is not a held REQUEST (listen_any_port)"
+        ))
+    );
+    p.shuttle();
+    let a_events = p.events(Side::A);
+    assert!(a_events.contains(&Event::Connected(c1)), "{a_events:?}");
+    assert!(
+        a_events.contains(&Event::ConnectFailed(c2, ProtoError::ConnectionRefused)),
+        "{a_events:?}"
+    );
+    assert_eq!(p.read_all(Side::A, c1), b"hi");
+    assert_eq!(p.b.state(h2), None);
+    // Closing a held connection refuses it too.
+    let c3 =
+        p.a.connect(now, VMADDR_CID_HOST, 7003, None, SocketType::Stream)
+            .unwrap();
+    p.shuttle();
+    let h3 = p.b.accept(any).unwrap();
+    p.b.close(now, h3);
+    p.shuttle();
+    assert!(p
+        .events(Side::A)
+        .contains(&Event::ConnectFailed(c3, ProtoError::ConnectionRefused)));
+    // A port held by our own connect is not taken; without the listener, RST as before.
+    let mine =
+        p.b.connect(now, GUEST_CID, 9, Some(7100), SocketType::Stream)
+            .unwrap();
+    let stray = tmpl((GUEST_CID, 8000), (VMADDR_CID_HOST, 7100), Op::Request);
+    p.b.handle_packet(now, &stray, &[]);
+    let out = p.pump(Side::B, false);
+    assert!(out
+        .iter()
+        .any(|h| h.op == Op::Rst as u16 && h.dst_port == 8000));
+    let _ = mine;
+    p.b.unlisten(now, any);
+    let c4 =
+        p.a.connect(now, VMADDR_CID_HOST, 7004, None, SocketType::Stream)
+            .unwrap();
+    p.shuttle();
+    assert!(p
+        .events(Side::A)
+        .contains(&Event::ConnectFailed(c4, ProtoError::ConnectionRefused)));
+    p.b.check_invariants().unwrap();
+}
+
+#[test]
 fn listen_twice_is_addr_in_use() {
     let mut p = Pair::new();
     p.b.listen(PORT, 1, SocketType::Stream).unwrap();

@@ -629,3 +629,45 @@ fn a_device_without_any_socket_type_is_refused_at_bring_up() {
     }
     assert!(chain.contains("no socket type"), "{chain}");
 }
+
+#[test]
+fn listen_any_port_hands_requests_over_unanswered() {
+    let (d, host) = sim_with_host();
+    let l = d.listen_any_port().unwrap();
+    assert_eq!(l.port(), vdpa_vsock::packet::VMADDR_PORT_ANY);
+    assert!(
+        d.listen_any_port().is_err(),
+        "one listener on every port at a time"
+    );
+    let host = Arc::new(host);
+    let h = host.clone();
+    let refused = thread::spawn(move || h.connect(6000).map(|_| ()).unwrap_err().kind());
+    let (req, peer) = l.accept_request(Some(STALL)).unwrap();
+    assert_eq!((req.local_port().unwrap(), peer.cid), (6000, 2));
+    req.refuse();
+    assert_eq!(refused.join().unwrap(), ErrorKind::ConnectionRefused);
+    // Accepted: the host's connect completes and data flows.
+    let h = host.clone();
+    let accepted = thread::spawn(move || {
+        let mut s = h.connect(6001).unwrap();
+        s.write_all(b"via any port").unwrap();
+    });
+    let (req, _) = l.accept_request(Some(STALL)).unwrap();
+    assert_eq!(req.local_port().unwrap(), 6001);
+    let mut s = req.accept().unwrap();
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"via any port");
+    accepted.join().unwrap();
+    // A plain listener on a port still takes precedence, and a plain listener refuses
+    // accept_request.
+    let own = d.listen(6002).unwrap();
+    assert_eq!(
+        own.accept_request(None).unwrap_err().kind(),
+        ErrorKind::InvalidInput
+    );
+    let h = host.clone();
+    let t = thread::spawn(move || h.connect(6002).map(|_| ()));
+    let (_s, _) = own.accept().unwrap();
+    t.join().unwrap().unwrap();
+}

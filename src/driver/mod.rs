@@ -37,7 +37,9 @@ use crate::virtq::SplitQueue;
 pub(crate) mod socket;
 
 pub use crate::runtime::DriverStats;
-pub use socket::{VsockAddr, VsockListener, VsockSeqPacket, VsockStream, DEFAULT_BACKLOG};
+pub use socket::{
+    VsockAddr, VsockListener, VsockRequest, VsockSeqPacket, VsockStream, DEFAULT_BACKLOG,
+};
 
 /// Largest buffer size accepted for RX and TX buffers (header included).
 pub const MAX_BUF_SIZE: u32 = 1 << 20;
@@ -380,6 +382,14 @@ impl VsockDriver {
     /// a free port is picked (as Linux's `bind`), which [`VsockListener::port`] reports.
     pub fn listen(&self, port: u32) -> io::Result<VsockListener> {
         VsockListener::bind_on(&self.core, port, crate::packet::SocketType::Stream)
+    }
+
+    /// Listen for streams on every port that has no listener of its own (at most one such
+    /// listener): [`VsockListener::accept_request`] hands each request over unanswered, so the
+    /// caller can accept or refuse it by its port (Firecracker's hybrid vsock); `accept`
+    /// accepts every one. [`VsockListener::port`] is `VMADDR_PORT_ANY`.
+    pub fn listen_any_port(&self) -> io::Result<VsockListener> {
+        VsockListener::bind_any_on(&self.core, crate::packet::SocketType::Stream)
     }
 
     /// Connect a SEQPACKET socket (needs VIRTIO_VSOCK_F_SEQPACKET).

@@ -11,7 +11,7 @@ use std::net::Shutdown;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::packet::SocketType;
+use crate::packet::{SocketType, VMADDR_PORT_ANY};
 use crate::proto::{ConnId, ListenerId, ProtoError};
 use crate::runtime::{to_io, Core};
 use vm_memory::VolatileSlice;
@@ -285,6 +285,16 @@ pub struct VsockListener {
 pub const DEFAULT_BACKLOG: usize = 128;
 
 impl VsockListener {
+    pub(crate) fn bind_any_on(core: &Arc<Core>, ty: SocketType) -> io::Result<Self> {
+        let id = core.listen_any_port(DEFAULT_BACKLOG, ty)?;
+        Ok(VsockListener {
+            core: core.clone(),
+            id,
+            port: VMADDR_PORT_ANY,
+            ty,
+        })
+    }
+
     pub(crate) fn bind_on(core: &Arc<Core>, port: u32, ty: SocketType) -> io::Result<Self> {
         let (id, port) = core.listen(port, DEFAULT_BACKLOG, ty)?;
         Ok(VsockListener {
@@ -321,8 +331,34 @@ impl VsockListener {
             .core
             .accept(self.id, timeout.map(|t| Instant::now() + t))?;
         let s = VsockStream::from_conn(self.core.clone(), c);
+        if self.port == VMADDR_PORT_ANY {
+            // A listener on every port: take the request at once.
+            self.core.answer(c, true)?;
+        }
         let peer = s.peer_addr()?;
         Ok((s, peer))
+    }
+
+    /// For a listener on every port ([`crate::driver::VsockDriver::listen_any_port`]): the next
+    /// connection request, not answered yet, so that the caller can decide by its port whether
+    /// to accept it ([`VsockRequest::accept`]) or refuse it with `RST` ([`VsockRequest::refuse`],
+    /// or drop it), as Firecracker's muxer does.
+    pub fn accept_request(
+        &self,
+        timeout: Option<Duration>,
+    ) -> io::Result<(VsockRequest, VsockAddr)> {
+        if self.port != VMADDR_PORT_ANY || self.ty != SocketType::Stream {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "accept_request needs a stream listener made by listen_any_port",
+            ));
+        }
+        let c = self
+            .core
+            .accept(self.id, timeout.map(|t| Instant::now() + t))?;
+        let stream = VsockStream::from_conn(self.core.clone(), c);
+        let peer = stream.peer_addr()?;
+        Ok((VsockRequest { stream }, peer))
     }
 
     /// Wait for the next SEQPACKET connection (for a listener made with `listen_seqpacket`).
@@ -338,6 +374,37 @@ impl VsockListener {
     /// An endless iterator of accepted streams.
     pub fn incoming(&self) -> impl Iterator<Item = io::Result<VsockStream>> + '_ {
         std::iter::repeat_with(move || self.accept().map(|(s, _)| s))
+    }
+}
+
+/// A connection request to some port, taken by a listener on every port and not answered
+/// yet: the peer waits in its `connect` until [`VsockRequest::accept`] or
+/// [`VsockRequest::refuse`]. Dropping it refuses it.
+#[derive(Debug)]
+pub struct VsockRequest {
+    stream: VsockStream,
+}
+
+impl VsockRequest {
+    /// The port the peer asked for.
+    pub fn local_port(&self) -> io::Result<u32> {
+        self.stream.local_addr().map(|a| a.port)
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> io::Result<VsockAddr> {
+        self.stream.peer_addr()
+    }
+
+    /// Answer `RESPONSE`: the connection is established.
+    pub fn accept(self) -> io::Result<VsockStream> {
+        self.stream.core.answer(self.stream.conn.id, true)?;
+        Ok(self.stream)
+    }
+
+    /// Answer `RST`: the peer's connect is refused, as if nothing listened on the port.
+    pub fn refuse(self) {
+        let _ = self.stream.core.answer(self.stream.conn.id, false);
     }
 }
 

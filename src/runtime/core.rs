@@ -462,6 +462,28 @@ impl Core {
         })
     }
 
+    /// Listen on every port without a listener of its own; its connections wait for
+    /// [`Core::answer`] (see `Endpoint::listen_any_port`).
+    pub(crate) fn listen_any_port(
+        self: &Arc<Self>,
+        backlog: usize,
+        ty: SocketType,
+    ) -> io::Result<ListenerId> {
+        let mut st = self.lock();
+        Core::check_dead(&st)?;
+        let l = st.ep.listen_any_port(backlog, ty).map_err(to_io)?;
+        st.listen_wait.insert(l, Arc::new(Condvar::new()));
+        Ok(l)
+    }
+
+    /// Answer a held `REQUEST`: `RESPONSE` when `accept`, else `RST`.
+    pub(crate) fn answer(&self, c: ConnId, accept: bool) -> io::Result<()> {
+        let mut st = self.lock();
+        let r = st.ep.answer(Instant::now(), c, accept).map_err(to_io);
+        self.kick(&mut st);
+        r
+    }
+
     pub(crate) fn unlisten(&self, l: ListenerId) {
         let mut st = self.lock();
         st.ep.unlisten(Instant::now(), l);

@@ -50,7 +50,7 @@ enum Cmd {
     },
     /// Listen on PORT, accept one connection and pipe it to stdin/stdout.
     Listen {
-        /// Local port.
+        /// Local port; 4294967295 (VMADDR_PORT_ANY) picks a free one, printed on stderr.
         port: u32,
         /// Device spec (see `connect --help`).
         #[arg(long, default_value = "sim")]
@@ -115,8 +115,9 @@ fn run(cli: Cli) -> Result<()> {
                 .listen(port)
                 .with_context(|| format!("listening on port {port}"))?;
             eprintln!(
-                "listening on {}:{port} ({})",
+                "listening on {}:{} ({})",
                 driver.local_cid(),
+                listener.port(),
                 driver.device_name()
             );
             let (stream, peer) = listener.accept().context("accepting")?;

@@ -46,6 +46,43 @@ fn connect_to_closed_port_is_refused() {
 }
 
 #[test]
+fn connect_to_a_cid_wider_than_32_bits_fails_at_once() {
+    let d = sim();
+    let t = Instant::now();
+    let e = d.connect(VsockAddr::new(99_999_999_999, 1)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("99999999999"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    // The parser refuses it too, naming the CID; VMADDR_CID_ANY is the widest that fits.
+    let e = "99999999999:1".parse::<VsockAddr>().unwrap_err();
+    assert!(e.contains("99999999999") && e.contains("32 bits"), "{e}");
+    assert_eq!(
+        "4294967295:1".parse::<VsockAddr>(),
+        Ok(VsockAddr::new(0xFFFF_FFFF, 1))
+    );
+}
+
+#[test]
+fn listen_on_port_any_reports_the_port_picked() {
+    let (d, host) = sim_with_host();
+    let l = d.listen(vdpa_vsock::packet::VMADDR_PORT_ANY).unwrap();
+    let port = l.port();
+    assert_ne!(port, vdpa_vsock::packet::VMADDR_PORT_ANY);
+    let l2 = d.listen(vdpa_vsock::packet::VMADDR_PORT_ANY).unwrap();
+    assert_ne!(l2.port(), port);
+    assert_eq!(d.listen(port).unwrap_err().kind(), ErrorKind::AddrInUse);
+    let t = thread::spawn(move || {
+        let mut s = host.connect(port).unwrap();
+        s.write_all(b"any port").unwrap();
+    });
+    let (mut s, _) = l.accept().unwrap();
+    let mut got = [0u8; 8];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"any port");
+    t.join().unwrap();
+}
+
+#[test]
 fn host_connects_to_our_listener() {
     let (d, host) = sim_with_host();
     let l = d.listen(5000).unwrap();
@@ -619,4 +656,129 @@ fn flush_returns_once_the_device_has_every_byte() {
     );
     let (_peer, got) = reader.join().unwrap();
     assert_eq!(checksum(&got, 0), checksum(&data, 0));
+}
+
+#[test]
+fn wanted_features_accept_every_socket_type_bit_offered() {
+    use vdpa_vsock::driver::{stream_negotiated, wanted_features};
+    const STREAM: u64 = 1 << vdpa_vsock::packet::VIRTIO_VSOCK_F_STREAM;
+    const SEQ: u64 = 1 << vdpa_vsock::packet::VIRTIO_VSOCK_F_SEQPACKET;
+    const NIS: u64 = 1 << vdpa_vsock::packet::VIRTIO_VSOCK_F_NO_IMPLIED_STREAM;
+    const V1: u64 = 1 << vdpa_vsock::packet::VIRTIO_F_VERSION_1;
+    for offered in [0, STREAM, SEQ, NIS, STREAM | SEQ, STREAM | NIS, SEQ | NIS] {
+        let offered = offered | V1;
+        assert_eq!(wanted_features(offered), offered, "{offered:#x}");
+    }
+    // virtio 1.2 5.10.3.1: streams unless NO_IMPLIED_STREAM is negotiated without STREAM.
+    for (negotiated, streams) in [
+        (0, true),
+        (SEQ, true),
+        (STREAM, true),
+        (STREAM | NIS, true),
+        (SEQ | NIS, false),
+        (NIS, false),
+    ] {
+        assert_eq!(stream_negotiated(negotiated), streams, "{negotiated:#x}");
+    }
+}
+
+#[test]
+fn no_implied_stream_without_stream_leaves_only_seqpacket() {
+    let (d, _host) = VsockDriver::open_sim(
+        SimConfig {
+            stream: false,
+            no_implied_stream: true,
+            ..SimConfig::default()
+        },
+        DriverConfig::default(),
+    )
+    .unwrap();
+    let e = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("NO_IMPLIED_STREAM"), "{e}");
+    assert_eq!(d.listen(5000).unwrap_err().kind(), ErrorKind::InvalidInput);
+    let s = d
+        .connect_seqpacket(VsockAddr::new(2, SEQPACKET_ECHO_PORT))
+        .unwrap();
+    s.send(b"still here").unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(s.recv(&mut buf).unwrap(), 10);
+    // Without NO_IMPLIED_STREAM, streams are implied even when STREAM is not offered.
+    let (d, _host) = VsockDriver::open_sim(
+        SimConfig {
+            stream: false,
+            no_implied_stream: false,
+            ..SimConfig::default()
+        },
+        DriverConfig::default(),
+    )
+    .unwrap();
+    let mut s = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap();
+    s.write_all(b"implied").unwrap();
+    let mut buf = [0u8; 7];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"implied");
+}
+
+#[test]
+fn a_device_without_any_socket_type_is_refused_at_bring_up() {
+    let e = VsockDriver::open_sim(
+        SimConfig {
+            stream: false,
+            seqpacket: false,
+            no_implied_stream: true,
+            ..SimConfig::default()
+        },
+        DriverConfig::default(),
+    )
+    .unwrap_err();
+    let mut chain = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        chain += &format!(": {c}");
+        cause = c.source();
+    }
+    assert!(chain.contains("no socket type"), "{chain}");
+}
+
+#[test]
+fn listen_any_port_hands_requests_over_unanswered() {
+    let (d, host) = sim_with_host();
+    let l = d.listen_any_port().unwrap();
+    assert_eq!(l.port(), vdpa_vsock::packet::VMADDR_PORT_ANY);
+    assert!(
+        d.listen_any_port().is_err(),
+        "one listener on every port at a time"
+    );
+    let host = Arc::new(host);
+    let h = host.clone();
+    let refused = thread::spawn(move || h.connect(6000).map(|_| ()).unwrap_err().kind());
+    let (req, peer) = l.accept_request(Some(STALL)).unwrap();
+    assert_eq!((req.local_port().unwrap(), peer.cid), (6000, 2));
+    req.refuse();
+    assert_eq!(refused.join().unwrap(), ErrorKind::ConnectionRefused);
+    // Accepted: the host's connect completes and data flows.
+    let h = host.clone();
+    let accepted = thread::spawn(move || {
+        let mut s = h.connect(6001).unwrap();
+        s.write_all(b"via any port").unwrap();
+    });
+    let (req, _) = l.accept_request(Some(STALL)).unwrap();
+    assert_eq!(req.local_port().unwrap(), 6001);
+    let mut s = req.accept().unwrap();
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"via any port");
+    accepted.join().unwrap();
+    // A plain listener on a port still takes precedence, and a plain listener refuses
+    // accept_request.
+    let own = d.listen(6002).unwrap();
+    assert_eq!(
+        own.accept_request(None).unwrap_err().kind(),
+        ErrorKind::InvalidInput
+    );
+    let h = host.clone();
+    let t = thread::spawn(move || h.connect(6002).map(|_| ()));
+    let (_s, _) = own.accept().unwrap();
+    t.join().unwrap().unwrap();
 }

@@ -208,9 +208,8 @@ fn candidate_for(spec: &DeviceSpec, roots: &Roots) -> Option<Candidate> {
             .find(|c| c.spec.as_deref() == Some(&format!("vhost-vdpa:{path}"))),
         DeviceSpec::Vfio { bdf, .. } => {
             let dir = roots.sys("bus/pci/devices").join(bdf);
-            let device = std::fs::read_to_string(dir.join("device")).ok()?;
-            let device = u32::from_str_radix(device.trim().trim_start_matches("0x"), 16).ok()?;
-            Some(list::pci_candidate(roots, bdf, &dir, device))
+            let kind = vdpa_vsock::device::pci::sysfs_vsock_function(&dir)?;
+            Some(list::pci_candidate(roots, bdf, &dir, kind))
         }
         DeviceSpec::VhostVsock { .. } => Some(list::vhost_vsock(roots)),
         DeviceSpec::Sim | DeviceSpec::Auto => None,

@@ -12,6 +12,7 @@ use clap::Args;
 use serde_json::{json, Map, Value};
 
 use super::{node_problem, Roots};
+use vdpa_vsock::device::pci;
 
 /// Options of `vdpa-vsock list`.
 #[derive(Debug, Args)]
@@ -23,12 +24,6 @@ pub(crate) struct ListArgs {
 
 /// Virtio's device id of vsock (virtio 1.2 section 5.10).
 pub(crate) const VIRTIO_ID_VSOCK: u32 = 19;
-/// PCI vendor id of virtio devices.
-pub(crate) const PCI_VENDOR_VIRTIO: u32 = 0x1af4;
-/// PCI device id of a modern virtio-vsock function (0x1040 + 19).
-pub(crate) const PCI_DEVICE_VSOCK_MODERN: u32 = 0x1053;
-/// PCI device id of a transitional virtio-vsock function.
-pub(crate) const PCI_DEVICE_VSOCK_TRANSITIONAL: u32 = 0x1012;
 
 /// One device the driver could run on.
 #[derive(Debug)]
@@ -211,33 +206,23 @@ pub(crate) fn pci_devices(roots: &Roots) -> Vec<Candidate> {
     let mut out = Vec::new();
     for bdf in sorted_entries(&base) {
         let dir = base.join(&bdf);
-        if read_hex(&dir.join("vendor")) != Some(PCI_VENDOR_VIRTIO) {
-            continue;
+        if let Some(kind) = pci::sysfs_vsock_function(&dir) {
+            out.push(pci_candidate(roots, &bdf, &dir, kind));
         }
-        let device = match read_hex(&dir.join("device")) {
-            Some(d @ (PCI_DEVICE_VSOCK_MODERN | PCI_DEVICE_VSOCK_TRANSITIONAL)) => d,
-            _ => continue,
-        };
-        out.push(pci_candidate(roots, &bdf, &dir, device));
     }
     out
 }
 
 /// The candidate for the PCI function `bdf` (sysfs directory `dir`).
-pub(crate) fn pci_candidate(roots: &Roots, bdf: &str, dir: &Path, device: u32) -> Candidate {
+pub(crate) fn pci_candidate(
+    roots: &Roots,
+    bdf: &str,
+    dir: &Path,
+    kind: pci::VsockFunction,
+) -> Candidate {
     let mut facts = vec![
-        ("vendor", format!("{PCI_VENDOR_VIRTIO:#06x}")),
-        (
-            "device",
-            format!(
-                "{device:#06x} ({})",
-                if device == PCI_DEVICE_VSOCK_MODERN {
-                    "modern virtio-vsock"
-                } else {
-                    "transitional virtio-vsock"
-                }
-            ),
-        ),
+        ("vendor", format!("{:#06x}", pci::PCI_VENDOR_VIRTIO)),
+        ("device", format!("{:#06x} ({kind})", kind.device_id())),
     ];
     let driver = driver_of(dir);
     facts.push(("driver", driver.clone().unwrap_or_else(|| "none".into())));

@@ -1,14 +1,25 @@
 //! `vdpa-vsock serve`: the transport exposed over Unix sockets with Firecracker's hybrid-vsock
 //! protocol.
 //!
-//! - A client connects to `--uds PATH` and sends `CONNECT <port>\n`; the daemon connects a
-//!   vsock stream to the peer (CID 2) on that port and answers `OK <local_port>\n`; from then on
-//!   bytes flow both ways. A bad handshake (not `CONNECT <port>`, a line over
+//! Read Firecracker's `docs/vsock.md` and `src/vmm/src/devices/virtio/vsock/unix/muxer.rs`
+//! first: this is its hybrid vsock, with our driver on the vsock side.
+//!
+//! - A client connects to `--uds PATH` and sends `CONNECT <port>\n`, parsed as Firecracker does
+//!   (split on whitespace, the keyword in any case, words after the port ignored); the daemon
+//!   connects a vsock stream to the peer (CID 2) on that port and answers `OK <local_port>\n`;
+//!   from then on bytes flow both ways. A bad handshake (not `CONNECT <port>`, a line over
 //!   [`MAX_LINE`] bytes, a bad port, silence for `--handshake-timeout` seconds) is answered with
 //!   `ERR <reason>\n` and a close.
-//! - A connection the peer opens to a port given with `--listen-port P` is forwarded to the Unix
-//!   socket `PATH_P`, if a program listens there (as Firecracker and vhost-device-vsock do);
-//!   otherwise it is closed.
+//! - A connection the peer opens to *any* port P of ours is forwarded to the Unix socket
+//!   `PATH_P` if a program listens there, and refused with `RST` (no `RESPONSE`) if not, as
+//!   Firecracker's muxer does (`--listen-port` is kept for compatibility; every port is
+//!   forwarded).
+//! - Differences from Firecracker, and why: a bad handshake gets `ERR <reason>` before the
+//!   close (Firecracker closes silently; a reason helps and a Firecracker client ignores it);
+//!   `OK` carries our vsock port (Firecracker's host-side port number; both are a number the
+//!   client may ignore); the peer is always CID 2, the device's other end (Firecracker's
+//!   muxer is the device, so it has no choice either); a connection limit (`--max-conns`) is
+//!   answered with `ERR too many connections` (Firecracker drops the client).
 //! - Each connection gets two pump threads, one per direction; a write half closed on one side
 //!   is shut down on the other. At most `--max-conns` connections (handshaking or open) at a
 //!   time; one over the limit is answered `ERR too many connections`.
@@ -33,7 +44,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use vdpa_vsock::device::DeviceSpec;
-use vdpa_vsock::driver::{DriverConfig, VsockAddr, VsockDriver, VsockListener, VsockStream};
+use vdpa_vsock::driver::{
+    DriverConfig, VsockAddr, VsockDriver, VsockListener, VsockRequest, VsockStream,
+};
 use vdpa_vsock::packet::VMADDR_CID_HOST;
 use vdpa_vsock::sim::{SimConfig, SimHost};
 
@@ -58,7 +71,8 @@ pub(crate) struct ServeArgs {
     /// Most connections at a time (handshaking or open, both directions).
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     max_conns: u32,
-    /// Accept peer connections on this vsock port and forward them to PATH_<port> (repeatable).
+    /// Kept for compatibility: peer connections to every port P are forwarded to PATH_P (when
+    /// a program listens there; otherwise refused), declared or not. Repeatable.
     #[arg(long = "listen-port", value_name = "PORT")]
     listen_ports: Vec<u32>,
     /// With --device sim: a second Unix socket whose clients connect from the sim host (CID 2)
@@ -154,15 +168,22 @@ fn read_handshake(s: &mut UnixStream, timeout: Duration) -> Result<u32, Handshak
     parse_connect(&line).map_err(Handshake::Bad)
 }
 
-/// Parse `CONNECT <port>` (a trailing `\r` is tolerated).
+/// Parse `CONNECT <port>` as Firecracker's muxer (`read_local_stream_port`) does: the line is
+/// split on whitespace, the first word is the keyword in any case, the second the port; words
+/// after it are ignored.
 fn parse_connect(line: &[u8]) -> Result<u32, String> {
-    let line = std::str::from_utf8(line).map_err(|_| "expected \"CONNECT <port>\"".to_string())?;
-    let line = line.strip_suffix('\r').unwrap_or(line);
-    let port = line
-        .strip_prefix("CONNECT ")
-        .ok_or_else(|| "expected \"CONNECT <port>\"".to_string())?;
+    let expected = || "expected \"CONNECT <port>\"".to_string();
+    let line = std::str::from_utf8(line).map_err(|_| expected())?;
+    let mut words = line.split_whitespace();
+    if !words
+        .next()
+        .is_some_and(|w| w.eq_ignore_ascii_case("connect"))
+    {
+        return Err(expected());
+    }
+    let port = words.next().ok_or_else(expected)?;
     port.parse::<u32>()
-        .map_err(|_| format!("bad port {port:?}: expected 0..{}", u32::MAX))
+        .map_err(|_| format!("bad port {port:?}: expected 0..={}", u32::MAX))
 }
 
 /// Copy `from` into `to` until EOF or an error; then pass the end on.
@@ -291,11 +312,12 @@ fn client(shared: &Shared, mut uds: UnixStream, side: Side) {
     }
 }
 
-/// Accept peer connections on `listener` and forward each to `PATH_<port>`.
-fn forward_loop(shared: Arc<Shared>, listener: VsockListener, target: PathBuf) {
-    let port = listener.port();
+/// Take the peer's connection requests to any port P (`listener` is our listener on every
+/// port) and forward each to `PATH_P` (`base` is PATH) if a program listens there; refuse it
+/// with `RST` otherwise, as Firecracker's muxer does.
+fn forward_loop(shared: Arc<Shared>, listener: VsockListener, base: PathBuf) {
     while !shared.stop.load(Ordering::SeqCst) {
-        let (vs, peer) = match listener.accept_timeout(Some(STOP_POLL)) {
+        let (req, peer) = match listener.accept_request(Some(STOP_POLL)) {
             Ok(x) => x,
             Err(e)
                 if matches!(
@@ -306,38 +328,57 @@ fn forward_loop(shared: Arc<Shared>, listener: VsockListener, target: PathBuf) {
                 continue
             }
             Err(e) => {
-                log::warn!("port {port}: accept failed: {e}");
+                log::warn!("accepting peer connections failed: {e}");
                 std::thread::sleep(STOP_POLL);
                 continue;
             }
         };
         let shared = shared.clone();
-        let target = target.clone();
+        let base = base.clone();
         let spawned = std::thread::Builder::new()
-            .name(format!("fwd-{port}"))
-            .spawn(move || {
-                let Some(_slot) = shared.take_slot() else {
-                    log::warn!("{peer} -> port {port}: refused, too many connections");
-                    return;
-                };
-                match UnixStream::connect(&target) {
-                    Ok(uds) => {
-                        log::info!("{peer} -> port {port}: forwarded to {}", target.display());
-                        if let Err(e) = splice(&shared, uds, vs, &format!("{peer}->{port}")) {
-                            log::warn!("{peer} -> port {port}: {e}");
-                        }
-                    }
-                    Err(e) => {
-                        log::warn!(
-                            "{peer} -> port {port}: nobody listens on {}: {e}; closing",
-                            target.display()
-                        );
-                    }
-                }
-            });
+            .name("fwd".into())
+            .spawn(move || forward(&shared, req, peer, &base));
         if let Err(e) = spawned {
-            log::warn!("port {port}: cannot spawn a thread: {e}");
+            // The request, moved into the closure, was dropped: refused.
+            log::warn!("cannot spawn a thread for {peer}: {e}");
         }
+    }
+}
+
+/// One peer connection request: forward it to `PATH_<port>`, or refuse it.
+fn forward(shared: &Shared, req: VsockRequest, peer: VsockAddr, base: &Path) {
+    let port = match req.local_port() {
+        Ok(p) => p,
+        Err(e) => {
+            log::warn!("{peer}: {e}");
+            return req.refuse();
+        }
+    };
+    let Some(_slot) = shared.take_slot() else {
+        log::warn!("{peer} -> port {port}: refused, too many connections");
+        return req.refuse();
+    };
+    let target = PathBuf::from(format!("{}_{port}", base.display()));
+    let uds = match UnixStream::connect(&target) {
+        Ok(uds) => uds,
+        Err(e) => {
+            log::info!(
+                "{peer} -> port {port}: nobody listens on {}: {e}; refused",
+                target.display()
+            );
+            return req.refuse();
+        }
+    };
+    let vs = match req.accept() {
+        Ok(vs) => vs,
+        Err(e) => {
+            log::warn!("{peer} -> port {port}: {e}");
+            return;
+        }
+    };
+    log::info!("{peer} -> port {port}: forwarded to {}", target.display());
+    if let Err(e) = splice(shared, uds, vs, &format!("{peer}->{port}")) {
+        log::warn!("{peer} -> port {port}: {e}");
     }
 }
 
@@ -388,14 +429,19 @@ pub(crate) fn run(args: &ServeArgs, roots: &Roots) -> Result<()> {
         VsockDriver::open(&args.device).map(|driver| (driver, None))
     }
     .with_context(|| format!("opening device {}", args.device))?;
-    // Listen on the vsock ports first: a taken port fails before any file is created.
-    let mut listeners = Vec::new();
+    // Listen on the vsock side first: a failure comes before any file is created.
+    let mut declared = std::collections::BTreeSet::new();
     for &p in &args.listen_ports {
-        let l = driver
-            .listen(p)
-            .with_context(|| format!("listening on vsock port {p}"))?;
-        listeners.push(l);
+        if !declared.insert(p) {
+            bail!(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("--listen-port {p} is given twice")
+            ));
+        }
     }
+    let any_port = driver
+        .listen_any_port()
+        .context("listening on every vsock port")?;
     let (sig_r, sig_w) = UnixStream::pair().context("socketpair for signals")?;
     sig_r.set_nonblocking(true)?;
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -434,30 +480,21 @@ pub(crate) fn run(args: &ServeArgs, roots: &Roots) -> Result<()> {
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
     });
     let mut fwd: Vec<JoinHandle<()>> = Vec::new();
-    for l in listeners {
-        let port = l.port();
-        let target = PathBuf::from(format!("{}_{port}", args.uds.display()));
+    {
         let sh = shared.clone();
+        let base = args.uds.clone();
         fwd.push(
             std::thread::Builder::new()
-                .name(format!("listen-{port}"))
-                .spawn(move || forward_loop(sh, l, target))?,
+                .name("listen-any".into())
+                .spawn(move || forward_loop(sh, any_port, base))?,
         );
     }
     eprintln!(
-        "serving {} on {} (local CID {}){}",
+        "serving {} on {} (local CID {}), forwarding peer connections to port P to {}_P",
         shared.driver.device_name(),
         args.uds.display(),
         shared.driver.local_cid(),
-        if args.listen_ports.is_empty() {
-            String::new()
-        } else {
-            format!(
-                ", forwarding ports {:?} to {}_<port>",
-                args.listen_ports,
-                args.uds.display()
-            )
-        }
+        args.uds.display()
     );
 
     let signal = loop {

@@ -317,9 +317,8 @@ pub fn auto_candidates() -> Vec<DeviceSpec> {
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| valid_bdf(n))
         .filter(|n| {
-            let id = |f: &str| std::fs::read_to_string(format!("/sys/bus/pci/devices/{n}/{f}"));
-            matches!((id("vendor"), id("device")), (Ok(v), Ok(d))
-                if v.trim() == "0x1af4" && matches!(d.trim(), "0x1053" | "0x1012"))
+            pci::sysfs_vsock_function(&std::path::Path::new("/sys/bus/pci/devices").join(n))
+                .is_some()
         })
         .collect();
     vfio.sort();

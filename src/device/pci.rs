@@ -29,6 +29,70 @@ pub const VIRTIO_PCI_CAP_ISR_CFG: u8 = 3;
 /// Device-specific configuration.
 pub const VIRTIO_PCI_CAP_DEVICE_CFG: u8 = 4;
 
+/// PCI vendor id of virtio devices.
+pub const PCI_VENDOR_VIRTIO: u16 = 0x1af4;
+/// PCI device id of a modern virtio-vsock function: 0x1040 + 19 (virtio 1.2 4.1.2.1).
+pub const PCI_DEVICE_VSOCK_MODERN: u16 = 0x1053;
+/// PCI device id of a transitional virtio-vsock function (QEMU's `PCI_DEVICE_ID_VIRTIO_VSOCK`;
+/// the spec lists no legacy vsock, so such a function is driven through its modern interface).
+pub const PCI_DEVICE_VSOCK_TRANSITIONAL: u16 = 0x1012;
+
+/// The kind of virtio-vsock PCI function, from its ids (see [`vsock_function`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VsockFunction {
+    /// 1af4:1053, modern only.
+    Modern,
+    /// 1af4:1012, transitional: usable through its modern interface (the virtio vendor
+    /// capabilities) with VIRTIO_F_VERSION_1, as for any device; the legacy I/O BAR is not used.
+    Transitional,
+}
+
+impl VsockFunction {
+    /// Its PCI device id.
+    pub fn device_id(self) -> u16 {
+        match self {
+            VsockFunction::Modern => PCI_DEVICE_VSOCK_MODERN,
+            VsockFunction::Transitional => PCI_DEVICE_VSOCK_TRANSITIONAL,
+        }
+    }
+}
+
+impl std::fmt::Display for VsockFunction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VsockFunction::Modern => "modern virtio-vsock",
+            VsockFunction::Transitional => {
+                "transitional virtio-vsock (driven through its modern interface)"
+            }
+        })
+    }
+}
+
+/// The one answer to "is this PCI function a virtio-vsock device?", used by `list`, `auto` and
+/// the VFIO backend's open. Both ids are accepted: the driver needs the modern interface and
+/// VIRTIO_F_VERSION_1, which opening the function checks ([`virtio_caps`] and feature
+/// negotiation, each with its own error), whatever the device id.
+pub fn vsock_function(vendor: u16, device: u16) -> Option<VsockFunction> {
+    match (vendor, device) {
+        (PCI_VENDOR_VIRTIO, PCI_DEVICE_VSOCK_MODERN) => Some(VsockFunction::Modern),
+        (PCI_VENDOR_VIRTIO, PCI_DEVICE_VSOCK_TRANSITIONAL) => Some(VsockFunction::Transitional),
+        _ => None,
+    }
+}
+
+/// A PCI id as sysfs writes it (`0x1af4\n`).
+pub fn parse_sysfs_id(s: &str) -> Option<u16> {
+    let s = s.trim();
+    u16::from_str_radix(s.strip_prefix("0x").unwrap_or(s), 16).ok()
+}
+
+/// [`vsock_function`] for the PCI function whose sysfs directory is `dir` (its `vendor` and
+/// `device` files); `None` when they are missing or name another device.
+pub fn sysfs_vsock_function(dir: &std::path::Path) -> Option<VsockFunction> {
+    let id = |f: &str| parse_sysfs_id(&std::fs::read_to_string(dir.join(f)).ok()?);
+    vsock_function(id("vendor")?, id("device")?)
+}
+
 /// Why a config space does not describe a usable virtio-pci device.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PciError {
@@ -171,6 +235,23 @@ pub fn virtio_caps(cfg: &[u8]) -> Result<VirtioCaps, PciError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn vsock_function_accepts_both_vsock_ids_only() {
+        use super::{parse_sysfs_id, vsock_function, VsockFunction};
+        assert_eq!(vsock_function(0x1af4, 0x1053), Some(VsockFunction::Modern));
+        assert_eq!(
+            vsock_function(0x1af4, 0x1012),
+            Some(VsockFunction::Transitional)
+        );
+        for (v, d) in [(0x1af4, 0x1041), (0x1af4, 0x1000), (0x8086, 0x1053), (0, 0)] {
+            assert_eq!(vsock_function(v, d), None, "{v:04x}:{d:04x}");
+        }
+        assert_eq!(parse_sysfs_id("0x1af4\n"), Some(0x1af4));
+        assert_eq!(parse_sysfs_id("1053"), Some(0x1053));
+        assert_eq!(parse_sysfs_id("0x10000"), None);
+        assert_eq!(parse_sysfs_id(""), None);
+    }
+
     use super::*;
 
     /// A config space like QEMU's virtio-vsock-pci: MSI-X at 0x98, vendor caps from 0x84 down.

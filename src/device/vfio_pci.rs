@@ -44,9 +44,6 @@ use crate::virtq::QueueLayout;
 /// IOVA where the DMA region is mapped in type1 (real IOMMU) mode.
 pub const TYPE1_IOVA_BASE: u64 = 0x1_0000_0000;
 
-/// virtio-pci device ID of virtio-vsock (0x1040 + 19).
-const VIRTIO_VSOCK_PCI_ID: u16 = 0x1053;
-const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
 use crate::packet::VIRTIO_F_ACCESS_PLATFORM;
 /// The VFIO ioctls we use. Structures and constants come from rust-vmm's `vfio-bindings`
 /// (`linux/vfio.h`); it has no ioctl numbers (`vfio-ioctls` keeps its own private), so those are
@@ -440,6 +437,8 @@ fn intx_loop(
 #[derive(Debug)]
 pub struct VfioPciDevice {
     bdf: String,
+    /// Modern or transitional, from the config space's ids.
+    kind: pci::VsockFunction,
     noiommu: bool,
     container: File,
     _group: File,
@@ -620,17 +619,25 @@ impl VfioPciDevice {
             .map_err(|e| DeviceError::io("read PCI config space", e))?;
         let vendor = u16::from_le_bytes([cfg[0], cfg[1]]);
         let devid = u16::from_le_bytes([cfg[2], cfg[3]]);
-        if vendor != VIRTIO_PCI_VENDOR || devid != VIRTIO_VSOCK_PCI_ID {
+        let Some(kind) = pci::vsock_function(vendor, devid) else {
             return Err(failed(format!(
-                "{bdf} is {vendor:04x}:{devid:04x}, not a modern virtio-vsock function (1af4:1053)"
+                "{bdf} is {vendor:04x}:{devid:04x}, not a virtio-vsock function \
+                 (expected 1af4:1053 modern or 1af4:1012 transitional)"
             )));
-        }
-        let caps = pci::virtio_caps(&cfg).map_err(|e| failed(format!("{bdf}: {e}")))?;
+        };
+        let caps = pci::virtio_caps(&cfg).map_err(|e| match kind {
+            pci::VsockFunction::Modern => failed(format!("{bdf}: {e}")),
+            pci::VsockFunction::Transitional => failed(format!(
+                "{bdf} is a transitional virtio-vsock function (1af4:1012) without a usable \
+                 modern interface, and the legacy interface is not supported: {e}"
+            )),
+        })?;
 
         let transport = Arc::new(Transport::new(bdf, caps, map_bars(&device, bdf, &caps)?)?);
 
         let mut dev = VfioPciDevice {
             bdf: bdf.to_string(),
+            kind,
             noiommu,
             container,
             _group: group_file,
@@ -1007,8 +1014,11 @@ impl VsockDevice for VfioPciDevice {
             (
                 "pci",
                 format!(
-                    "{} ({VIRTIO_PCI_VENDOR:04x}:{VIRTIO_VSOCK_PCI_ID:04x})",
-                    self.bdf
+                    "{} ({:04x}:{:04x}, {})",
+                    self.bdf,
+                    pci::PCI_VENDOR_VIRTIO,
+                    self.kind.device_id(),
+                    self.kind
                 ),
             ),
             (

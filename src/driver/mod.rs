@@ -21,10 +21,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::device::{DeviceError, VsockDevice, RX_QUEUE, TX_QUEUE};
 use crate::dma::DmaRegion;
 use crate::dma::{IovaBase, HUGE_PAGE_SIZE};
+pub use crate::packet::stream_negotiated;
 use crate::packet::{SocketType, PKT_HEADER_SIZE};
 use crate::packet::{
     PKT_HEADER_LEN, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_VSOCK_F_SEQPACKET,
 };
+use crate::packet::{VIRTIO_VSOCK_F_NO_IMPLIED_STREAM, VIRTIO_VSOCK_F_STREAM};
 use crate::proto::{self, Endpoint};
 use crate::runtime::{
     refill_rx, run_loop, valid_guest_cid, Core, DeviceRings, DmaStorage, DriverTransport, Ended,
@@ -36,7 +38,9 @@ pub(crate) mod socket;
 
 pub use crate::runtime::DriverStats;
 pub(crate) use socket::ConnectOpts;
-pub use socket::{VsockAddr, VsockListener, VsockSeqPacket, VsockStream, DEFAULT_BACKLOG};
+pub use socket::{
+    VsockAddr, VsockListener, VsockRequest, VsockSeqPacket, VsockStream, DEFAULT_BACKLOG,
+};
 
 /// Largest buffer size accepted for RX and TX buffers (header included).
 pub const MAX_BUF_SIZE: u32 = 1 << 20;
@@ -147,11 +151,16 @@ impl From<DriverError> for io::Error {
 }
 
 /// The features the driver asks a device for, given what it `offered`: VERSION_1 (required), and
-/// EVENT_IDX and SEQPACKET whenever offered (the SEQPACKET outcome decides whether seqpacket
-/// sockets exist). Backends add what only they care about (ACCESS_PLATFORM).
+/// EVENT_IDX, STREAM, SEQPACKET and NO_IMPLIED_STREAM whenever offered (virtio 1.2 5.10.3.1:
+/// the driver SHOULD accept NO_IMPLIED_STREAM). The outcome decides which socket types exist:
+/// seqpacket when SEQPACKET is negotiated, streams as [`stream_negotiated`] says. Backends add
+/// what only they care about (ACCESS_PLATFORM).
 pub fn wanted_features(offered: u64) -> u64 {
-    (1 << VIRTIO_F_VERSION_1)
-        | (offered & ((1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_VSOCK_F_SEQPACKET)))
+    const IF_OFFERED: u64 = (1 << VIRTIO_RING_F_EVENT_IDX)
+        | (1 << VIRTIO_VSOCK_F_STREAM)
+        | (1 << VIRTIO_VSOCK_F_SEQPACKET)
+        | (1 << VIRTIO_VSOCK_F_NO_IMPLIED_STREAM);
+    (1 << VIRTIO_F_VERSION_1) | (offered & IF_OFFERED)
 }
 
 /// A port in `range` that differs from run to run (clock and process id; not for security).
@@ -221,6 +230,12 @@ impl VsockDriver {
             }));
         }
         let negotiated = dev.negotiate(wanted_features(offered)).map_err(&e)?;
+        if !stream_negotiated(negotiated) && negotiated & (1 << VIRTIO_VSOCK_F_SEQPACKET) == 0 {
+            return Err(e(DeviceError::Failed(format!(
+                "the device supports no socket type: it negotiated NO_IMPLIED_STREAM without \
+                 STREAM, and no SEQPACKET (features {negotiated:#x})"
+            ))));
+        }
         let event_idx = negotiated & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let cid = dev.guest_cid().map_err(&e)?;
         if !valid_guest_cid(cid) {
@@ -322,6 +337,7 @@ impl VsockDriver {
             pc.ephemeral_first = Some(random_port(&pc.ephemeral_ports));
         }
         pc.seqpacket = negotiated & (1 << VIRTIO_VSOCK_F_SEQPACKET) != 0;
+        pc.stream = stream_negotiated(negotiated);
         let endpoint = Endpoint::with_storage(pc, RtStorage::Dma(storage.clone()));
         let rings = DeviceRings {
             dma,
@@ -411,7 +427,9 @@ impl VsockDriver {
         )
     }
 
-    /// Listen for streams on `port`, with a backlog of [`DEFAULT_BACKLOG`].
+    /// Listen for streams on `port`, with a backlog of [`DEFAULT_BACKLOG`]; on
+    /// [`VMADDR_PORT_ANY`](crate::packet::VMADDR_PORT_ANY) a free port is picked (as Linux's
+    /// `bind`), which [`VsockListener::port`] reports.
     pub fn listen(&self, port: u32) -> io::Result<VsockListener> {
         self.listen_with_backlog(port, DEFAULT_BACKLOG)
     }
@@ -420,6 +438,14 @@ impl VsockDriver {
     /// wait to be accepted; further `REQUEST`s are refused with `RST`.
     pub fn listen_with_backlog(&self, port: u32, backlog: usize) -> io::Result<VsockListener> {
         VsockListener::bind_on(&self.core, port, backlog, SocketType::Stream)
+    }
+
+    /// Listen for streams on every port that has no listener of its own (at most one such
+    /// listener): [`VsockListener::accept_request`] hands each request over unanswered, so the
+    /// caller can accept or refuse it by its port (Firecracker's hybrid vsock); `accept`
+    /// accepts every one. [`VsockListener::port`] is `VMADDR_PORT_ANY`.
+    pub fn listen_any_port(&self) -> io::Result<VsockListener> {
+        VsockListener::bind_any_on(&self.core, crate::packet::SocketType::Stream)
     }
 
     /// Connect a SEQPACKET socket (needs VIRTIO_VSOCK_F_SEQPACKET).
@@ -440,7 +466,7 @@ impl VsockDriver {
         )
     }
 
-    /// Listen for SEQPACKET connections on `port`.
+    /// Listen for SEQPACKET connections on `port` (`VMADDR_PORT_ANY`: a free one).
     pub fn listen_seqpacket(&self, port: u32) -> io::Result<VsockListener> {
         VsockListener::bind_on(&self.core, port, DEFAULT_BACKLOG, SocketType::SeqPacket)
     }

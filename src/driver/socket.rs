@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::packet::SocketType;
+use crate::packet::{SocketType, VMADDR_PORT_ANY};
 use crate::proto::{ConnId, ListenerId, ProtoError};
 use crate::runtime::{to_io, Core, UserFd, Wait};
 use vm_memory::VolatileSlice;
@@ -46,8 +46,14 @@ impl std::str::FromStr for VsockAddr {
         let (c, p) = s
             .split_once(':')
             .ok_or_else(|| format!("expected CID:PORT, found {s:?}"))?;
+        let cid = c.parse().map_err(|_| format!("bad CID {c:?} in {s:?}"))?;
+        if !crate::packet::cid_fits(cid) {
+            return Err(format!(
+                "CID {cid} in {s:?} does not fit in 32 bits: expected at most 4294967295 (VMADDR_CID_ANY)"
+            ));
+        }
         Ok(VsockAddr {
-            cid: c.parse().map_err(|_| format!("bad CID {c:?} in {s:?}"))?,
+            cid,
             port: p.parse().map_err(|_| format!("bad port {p:?} in {s:?}"))?,
         })
     }
@@ -419,13 +425,25 @@ pub struct VsockListener {
 pub const DEFAULT_BACKLOG: usize = 128;
 
 impl VsockListener {
+    pub(crate) fn bind_any_on(core: &Arc<Core>, ty: SocketType) -> io::Result<Self> {
+        let id = core.listen_any_port(DEFAULT_BACKLOG, ty)?;
+        Ok(VsockListener {
+            core: core.clone(),
+            id,
+            port: VMADDR_PORT_ANY,
+            ty,
+            nonblocking: AtomicBool::new(false),
+            fd: OnceLock::new(),
+        })
+    }
+
     pub(crate) fn bind_on(
         core: &Arc<Core>,
         port: u32,
         backlog: usize,
         ty: SocketType,
     ) -> io::Result<Self> {
-        let id = core.listen(port, backlog, ty)?;
+        let (id, port) = core.listen(port, backlog, ty)?;
         Ok(VsockListener {
             core: core.clone(),
             id,
@@ -436,7 +454,8 @@ impl VsockListener {
         })
     }
 
-    /// The port listened on.
+    /// The port listened on: the one picked when listening on
+    /// [`VMADDR_PORT_ANY`](crate::packet::VMADDR_PORT_ANY).
     pub fn port(&self) -> u32 {
         self.port
     }
@@ -479,9 +498,36 @@ impl VsockListener {
         timeout: Option<Duration>,
     ) -> io::Result<(VsockStream, VsockAddr)> {
         let conn = self.accept_conn(SocketType::Stream, timeout)?;
+        let c = conn.id;
         let s = VsockStream::from_handle(Arc::new(conn));
+        if self.port == VMADDR_PORT_ANY {
+            // A listener on every port: take the request at once.
+            self.core.answer(c, true)?;
+        }
         let peer = s.peer_addr()?;
         Ok((s, peer))
+    }
+
+    /// For a listener on every port ([`crate::driver::VsockDriver::listen_any_port`]): the next
+    /// connection request, not answered yet, so that the caller can decide by its port whether
+    /// to accept it ([`VsockRequest::accept`]) or refuse it with `RST` ([`VsockRequest::refuse`],
+    /// or drop it), as Firecracker's muxer does.
+    pub fn accept_request(
+        &self,
+        timeout: Option<Duration>,
+    ) -> io::Result<(VsockRequest, VsockAddr)> {
+        if self.port != VMADDR_PORT_ANY || self.ty != SocketType::Stream {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "accept_request needs a stream listener made by listen_any_port",
+            ));
+        }
+        let nonblocking = self.nonblocking.load(Ordering::Relaxed);
+        let c = self.core.accept(self.id, Wait::new(nonblocking, timeout))?;
+        let stream =
+            VsockStream::from_handle(Arc::new(ConnHandle::new(&self.core, c, nonblocking)));
+        let peer = stream.peer_addr()?;
+        Ok((VsockRequest { stream }, peer))
     }
 
     /// Wait for the next SEQPACKET connection (for a listener made with `listen_seqpacket`).
@@ -511,6 +557,37 @@ impl AsFd for VsockListener {
 impl AsRawFd for VsockListener {
     fn as_raw_fd(&self) -> RawFd {
         self.as_fd().as_raw_fd()
+    }
+}
+
+/// A connection request to some port, taken by a listener on every port and not answered
+/// yet: the peer waits in its `connect` until [`VsockRequest::accept`] or
+/// [`VsockRequest::refuse`]. Dropping it refuses it.
+#[derive(Debug)]
+pub struct VsockRequest {
+    stream: VsockStream,
+}
+
+impl VsockRequest {
+    /// The port the peer asked for.
+    pub fn local_port(&self) -> io::Result<u32> {
+        self.stream.local_addr().map(|a| a.port)
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> io::Result<VsockAddr> {
+        self.stream.peer_addr()
+    }
+
+    /// Answer `RESPONSE`: the connection is established.
+    pub fn accept(self) -> io::Result<VsockStream> {
+        self.stream.core.answer(self.stream.conn.id, true)?;
+        Ok(self.stream)
+    }
+
+    /// Answer `RST`: the peer's connect is refused, as if nothing listened on the port.
+    pub fn refuse(self) {
+        let _ = self.stream.core.answer(self.stream.conn.id, false);
     }
 }
 

@@ -27,8 +27,17 @@
 //! 2. Compatibility with 0.12: when the header ends inside the *head* descriptor and the head has a
 //!    next descriptor, the payload starts at the next descriptor (the head's remaining bytes are
 //!    padding). Otherwise the payload starts right after the header's last byte.
-//! 3. TX: the payload is the next `len` bytes; descriptors after them are ignored. RX: the payload
-//!    buffer is every remaining byte of the chain, at most `max_data_size` bytes in all.
+//! 3. TX: the payload is the next `len` bytes; descriptors after them are ignored (never looked
+//!    at, so they may be anything, as in 0.12).
+//! 4. RX, header in the head: the second descriptor is the buffer, checked as 0.12 checks it
+//!    (device-writable, at most `max_data_size` bytes, one slice of memory) and returned by
+//!    [`VsockPacket::data_slice`]. The descriptors after it, which 0.12 ignores, extend the
+//!    buffer in [`VsockPacket::data_slices`] as far as they are device-writable and inside
+//!    memory, up to `max_data_size` bytes in all; the first one that is not ends the buffer,
+//!    it never fails the chain. So every chain 0.12 accepts is accepted with 0.12's
+//!    `data_slice`.
+//! 5. RX, header split (beyond 0.12): the buffer is every remaining byte of the chain, at most
+//!    `max_data_size` bytes, and every descriptor must be device-writable and inside memory.
 
 use std::fmt;
 use std::ops::Deref;
@@ -56,6 +65,13 @@ pub const VIRTIO_VSOCK_F_STREAM: u64 = 0;
 pub const VIRTIO_VSOCK_F_SEQPACKET: u64 = 1;
 /// Feature bit: stream support is not implied when STREAM is not offered (`VIRTIO_VSOCK_F_NO_IMPLIED_STREAM`).
 pub const VIRTIO_VSOCK_F_NO_IMPLIED_STREAM: u64 = 2;
+/// Whether stream sockets exist once `negotiated` is agreed (virtio 1.2 5.10.3.1): when
+/// VIRTIO_VSOCK_F_STREAM is negotiated, or when VIRTIO_VSOCK_F_NO_IMPLIED_STREAM is not (a
+/// device that does not know the bit implies streams, as every device before virtio 1.2 did).
+pub fn stream_negotiated(negotiated: u64) -> bool {
+    negotiated & (1 << VIRTIO_VSOCK_F_STREAM) != 0
+        || negotiated & (1 << VIRTIO_VSOCK_F_NO_IMPLIED_STREAM) == 0
+}
 /// Feature bit: the device notifies with the used/avail event index (`VIRTIO_RING_F_EVENT_IDX`).
 pub const VIRTIO_RING_F_EVENT_IDX: u64 =
     virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX as u64;
@@ -79,6 +95,17 @@ pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 
 /// The well-known CID of the host.
 pub const VMADDR_CID_HOST: u64 = 2;
+/// Any CID (`VMADDR_CID_ANY`, `-1U` in `linux/vm_sockets.h`): the largest CID an address can
+/// hold, since `struct sockaddr_vm`'s `svm_cid` is an `unsigned int`.
+pub const VMADDR_CID_ANY: u64 = 0xFFFF_FFFF;
+/// Any port (`VMADDR_PORT_ANY`, `-1U`): `listen` on it picks a free port.
+pub const VMADDR_PORT_ANY: u32 = 0xFFFF_FFFF;
+
+/// Whether `cid` can be a vsock address's CID: it fits in `svm_cid`'s 32 bits, as in Linux
+/// (the header field is 64 bits wide, but virtio 1.2 5.10.4 reserves the upper 32).
+pub fn cid_fits(cid: u64) -> bool {
+    cid <= VMADDR_CID_ANY
+}
 
 // Offsets of the header fields (virtio 1.2 5.10.6).
 const SRC_CID_OFFSET: usize = 0;
@@ -435,6 +462,9 @@ pub struct VsockPacket<'a, B: BitmapSlice> {
     data_slice: Option<VolatileSlice<'a, B>>,
     /// Further payload fragments, in order.
     data_rest: Vec<VolatileSlice<'a, B>>,
+    /// `data_slice` is the data slice 0.12 gives even though `data_rest` follows it: an RX
+    /// chain's descriptors after the second, room 0.12 does not look at.
+    data_slice_is_ref: bool,
 }
 
 /// Get a single slice for `[addr, addr + count)`, or `FragmentedMemory` when the range spans
@@ -665,6 +695,8 @@ impl<'a, B: BitmapSlice> HeaderParts<'a, B> {
 struct Fragments<'a, B> {
     first: Option<VolatileSlice<'a, B>>,
     rest: Vec<VolatileSlice<'a, B>>,
+    /// `first` is 0.12's data slice (possibly `None`) and `rest` is room 0.12 ignores.
+    first_is_ref: bool,
 }
 
 impl<B> Default for Fragments<'_, B> {
@@ -672,6 +704,7 @@ impl<B> Default for Fragments<'_, B> {
         Fragments {
             first: None,
             rest: Vec::new(),
+            first_is_ref: false,
         }
     }
 }
@@ -699,12 +732,16 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         std::iter::once(&self.header_slice).chain(self.header_rest.iter())
     }
 
-    /// Return the payload's slice when the payload (buffer) is one contiguous slice.
+    /// Return the payload's slice when the payload (buffer) is one contiguous slice, or the
+    /// slice `virtio-vsock` 0.12 gives for the same chain.
     ///
     /// `None` when the packet has no payload buffer, and also when the payload is spread over
-    /// several descriptors: use [`VsockPacket::data_slices`] for the general case.
+    /// several descriptors in a layout 0.12 refuses: use [`VsockPacket::data_slices`] for the
+    /// general case. For an RX chain of three or more descriptors whose head holds the header,
+    /// this is 0.12's buffer, the second descriptor (`None` when it is empty), and
+    /// [`VsockPacket::data_slices`] goes on with the room after it.
     pub fn data_slice(&self) -> Option<&VolatileSlice<'a, B>> {
-        if self.data_rest.is_empty() {
+        if self.data_rest.is_empty() || self.data_slice_is_ref {
             self.data_slice.as_ref()
         } else {
             None
@@ -969,6 +1006,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
             header,
             data_slice: data.first,
             data_rest: data.rest,
+            data_slice_is_ref: data.first_is_ref,
         }
     }
 
@@ -1242,8 +1280,9 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
 
     /// Create the packet wrapper from an RX chain (device view: the buffers are device-writable).
     ///
-    /// The header comes first; every remaining byte of the chain is the payload buffer, at most
-    /// `max_data_size` bytes. As in 0.12, a chain whose only room is the header is refused.
+    /// The header comes first; the payload buffer follows (see the module docs, rules 4 and
+    /// 5: the second descriptor as in 0.12, then any valid extra room up to `max_data_size`
+    /// bytes). As in 0.12, a chain whose only room is the header is refused.
     ///
     /// # Example
     ///
@@ -1290,9 +1329,9 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         let header_slice = lookup.slice(head.addr, PKT_HEADER_SIZE)?;
         let mut data = Fragments::default();
         if head.has_next {
-            // As in 0.12, the head's remaining bytes are padding: the buffer is every
-            // following descriptor.
-            Self::rx_payload(&lookup, desc_chain, &mut data, max_data_size, 0, 0)?;
+            // As in 0.12, the head's remaining bytes are padding and the buffer is the second
+            // descriptor, checked as 0.12 checks it; the descriptors after it are extra room.
+            Self::rx_second_and_extra(&lookup, desc_chain, &mut data, max_data_size)?;
         } else {
             // One descriptor: the buffer follows the header (0.12 puts no bound on it).
             let leftover = head.len - PKT_HEADER_LEN;
@@ -1367,6 +1406,83 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
             end.index,
         )?;
         Ok(parts.into_packet(data))
+    }
+
+    /// The RX buffer after a head that holds the whole header and has a next descriptor.
+    ///
+    /// The second descriptor is 0.12's buffer, with 0.12's verdicts: it must exist, be
+    /// device-writable, hold at most `max_data_size` bytes and be one slice of memory. The
+    /// descriptors after it, which 0.12 ignores, are extra room in [`VsockPacket::data_slices`]
+    /// as far as they are device-writable and inside memory, and only up to `max_data_size`
+    /// bytes in all: the first that is not ends the buffer without failing the chain.
+    #[inline(always)]
+    fn rx_second_and_extra<M, T>(
+        lookup: &Lookup<'a, M, B>,
+        desc_chain: &mut DescriptorChain<T>,
+        data: &mut Fragments<'a, B>,
+        max_data_size: u32,
+    ) -> Result<()>
+    where
+        M: GuestMemory,
+        M::Bitmap: WithBitmapSlice<'a, S = B>,
+        T: Deref,
+        T::Target: GuestMemory,
+    {
+        let second = next_desc(desc_chain).ok_or(Error::DescriptorChainTooShort(
+            "expected a payload descriptor after the header, found the chain's end",
+        ))?;
+        if !second.write_only {
+            return Err(Error::UnexpectedReadOnlyDescriptor { index: 1 });
+        }
+        if second.len > max_data_size {
+            return Err(Error::DescriptorLengthTooLong {
+                max: u64::from(max_data_size),
+                found: u64::from(second.len),
+            });
+        }
+        if second.len > 0 {
+            data.first = Some(lookup.slice(second.addr, second.len as usize)?);
+        }
+        if second.has_next {
+            Self::rx_extra(lookup, desc_chain, data, max_data_size - second.len);
+        }
+        Ok(())
+    }
+
+    /// Extra RX room 0.12 ignores: the descriptors that follow, while they are device-writable
+    /// and inside memory, at most `room` bytes in all (the last one cut to fit). Never fails.
+    #[inline(never)]
+    fn rx_extra<M, T>(
+        lookup: &Lookup<'a, M, B>,
+        desc_chain: &mut DescriptorChain<T>,
+        data: &mut Fragments<'a, B>,
+        mut room: u32,
+    ) where
+        M: GuestMemory,
+        M::Bitmap: WithBitmapSlice<'a, S = B>,
+        T: Deref,
+        T::Target: GuestMemory,
+    {
+        data.first_is_ref = true;
+        while room > 0 {
+            let Some(desc) = next_desc(desc_chain) else {
+                break;
+            };
+            if !desc.write_only {
+                break;
+            }
+            let take = desc.len.min(room);
+            if take > 0 {
+                let Ok(slice) = lookup.slice(desc.addr, take as usize) else {
+                    break;
+                };
+                data.rest.push(slice);
+                room -= take;
+            }
+            if !desc.has_next {
+                break;
+            }
+        }
     }
 
     /// The rest of an RX buffer (`total` bytes so far): every descriptor after the one at
@@ -1494,6 +1610,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
             header,
             data_slice,
             data_rest: Vec::new(),
+            data_slice_is_ref: false,
         })
     }
 
@@ -1548,6 +1665,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
             header: Header::default(),
             data_slice,
             data_rest: Vec::new(),
+            data_slice_is_ref: false,
         };
         pkt.set_header(&Header::default());
         Ok(pkt)
@@ -1588,6 +1706,7 @@ impl<'a> VsockPacket<'a, ()> {
             // SAFETY: as above, for the data buffer.
             data_slice: data.map(|d| unsafe { VolatileSlice::new(d.as_mut_ptr(), d.len()) }),
             data_rest: Vec::new(),
+            data_slice_is_ref: false,
         })
     }
 }

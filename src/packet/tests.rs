@@ -982,7 +982,8 @@ fn rx_payload_over_four_descs_with_zero_length_ones() {
         [10, 20, 30, 40]
     );
     assert_eq!(pkt.data_len(), 100);
-    assert!(pkt.data_slice().is_none());
+    // 0.12's buffer: the second descriptor only.
+    assert_eq!(pkt.data_slice().map(|s| s.len()), Some(10));
     let data = payload(100);
     assert_eq!(pkt.write_data(&data).unwrap(), 100);
     assert_eq!(data_of(&pkt), data);
@@ -991,6 +992,44 @@ fn rx_payload_over_four_descs_with_zero_length_ones() {
     assert_eq!(&frag[..], &data[10..30]);
     // Writing more than the room stops at its end.
     assert_eq!(pkt.write_data(&payload(150)).unwrap(), 100);
+}
+
+#[test]
+fn rx_extra_room_ends_at_the_first_descriptor_that_cannot_hold_it() {
+    let mem = fragmented_mem();
+    let lens = |pkt: &VsockPacket<'_, ()>| pkt.data_slices().map(|s| s.len()).collect::<Vec<_>>();
+    // Read-only, outside memory, across the region seam: the room ends there, later
+    // descriptors are not looked at, and the second descriptor stays 0.12's buffer.
+    for bad in [
+        (0x4000, 10, R),
+        (0x10_0000, 10, W),
+        (REGION - 4, 10, W),
+        (u64::MAX - 3, 10, W),
+    ] {
+        let descs = [
+            (0x1000, HDR, W),
+            (0x2000, 10, W),
+            (0x3000, 10, W),
+            bad,
+            (0x5000, 10, W),
+        ];
+        let pkt = rx(&mem, &mut chain(&mem, &descs)).unwrap();
+        assert_eq!(lens(&pkt), [10, 10], "{bad:x?}");
+        assert_eq!(pkt.data_slice().map(|s| s.len()), Some(10), "{bad:x?}");
+    }
+    // An empty second descriptor: no data slice (as 0.12), the extra room still counts.
+    let pkt = rx(
+        &mem,
+        &mut chain(&mem, &[(0x1000, HDR, W), (0x2000, 0, W), (0x3000, 10, W)]),
+    )
+    .unwrap();
+    assert!(pkt.data_slice().is_none());
+    assert_eq!(lens(&pkt), [10]);
+    assert_eq!(pkt.write_data(&payload(12)).unwrap(), 10);
+    // The second descriptor exactly at the maximum: nothing more.
+    let mut c = chain(&mem, &[(0x1000, HDR, W), (0x2000, 100, W), (0x3000, 10, W)]);
+    let pkt = VsockPacket::from_rx_virtq_chain(&mem, &mut c, 100).unwrap();
+    assert_eq!(lens(&pkt), [100]);
 }
 
 #[test]
@@ -1019,6 +1058,8 @@ fn rx_exhausted_chain_is_too_short() {
 #[test]
 fn rx_read_only_at_every_index() {
     let mem = mem();
+    // (A read-only descriptor after 0.12's second one ends the room instead: see
+    // `rx_extra_room_ends_at_the_first_descriptor_that_cannot_hold_it`.)
     let cases: [(Shape, usize); 5] = [
         (&[(0x1000, HDR, R), (0x2000, 100, W)], 0),
         (&[(0x1000, HDR, W), (0x2000, 100, R)], 1),
@@ -1026,8 +1067,8 @@ fn rx_read_only_at_every_index() {
         (&[(0x1000, 20, W), (0x2000, 0, W), (0x3000, 24, R)], 2),
         (
             &[
-                (0x1000, HDR, W),
-                (0x2000, 10, W),
+                (0x1000, 20, W),
+                (0x2000, 24, W),
                 (0x3000, 10, W),
                 (0x4000, 10, R),
             ],
@@ -1121,8 +1162,16 @@ fn rx_room_above_max() {
         err.to_string(),
         "descriptor length too long: expected at most 100 bytes, found 101"
     );
-    // Spread over several descriptors.
-    let mut c = chain(&mem, &[(0x1000, HDR, W), (0x2000, 60, W), (0x3000, 41, W)]);
+    // Spread over several descriptors after a split header.
+    let mut c = chain(
+        &mem,
+        &[
+            (0x1000, 20, W),
+            (0x2000, 24, W),
+            (0x3000, 60, W),
+            (0x4000, 41, W),
+        ],
+    );
     let err = VsockPacket::from_rx_virtq_chain(&mem, &mut c, 100).unwrap_err();
     assert!(
         matches!(
@@ -1133,6 +1182,13 @@ fn rx_room_above_max() {
             }
         ),
         "{err:?}"
+    );
+    // After a whole header, room past 0.12's second descriptor is cut at the maximum instead.
+    let mut c = chain(&mem, &[(0x1000, HDR, W), (0x2000, 60, W), (0x3000, 41, W)]);
+    let pkt = VsockPacket::from_rx_virtq_chain(&mem, &mut c, 100).unwrap();
+    assert_eq!(
+        pkt.data_slices().map(|s| s.len()).collect::<Vec<_>>(),
+        [60, 40]
     );
     // The leftover of a split header's last descriptor counts.
     let mut c = chain(&mem, &[(0x1000, 20, W), (0x2000, 24 + 101, W)]);

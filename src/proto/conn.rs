@@ -104,6 +104,9 @@ pub(crate) struct Conn<S: Storage> {
     pub(crate) writable_wanted: bool,
     /// In the endpoint's transmit round-robin queue.
     pub(crate) queued: bool,
+    /// The peer's `REQUEST` came in through [`super::Endpoint::listen_any_port`] and is not
+    /// answered yet: nothing goes on the wire until [`super::Endpoint::answer`].
+    pub(crate) held: bool,
 }
 
 impl<S: Storage> fmt::Debug for Conn<S> {
@@ -158,6 +161,7 @@ impl<S: Storage> Conn<S> {
             readable_notified: false,
             writable_wanted: false,
             queued: false,
+            held: false,
         }
     }
 
@@ -235,7 +239,7 @@ impl<S: Storage> Conn<S> {
 
     /// Does this connection have a packet to send?
     pub(crate) fn wants_transmit(&self) -> bool {
-        if !self.in_table {
+        if !self.in_table || self.held {
             return false;
         }
         self.pending.request
@@ -279,7 +283,7 @@ impl<S: Storage> Conn<S> {
         max_payload: u32,
         room: usize,
     ) -> Option<Header> {
-        if !self.in_table {
+        if !self.in_table || self.held {
             return None;
         }
         if self.pending.request {

@@ -37,24 +37,52 @@ impl<S: Storage> Endpoint<S> {
     ) {
         let _ = now;
         self.stats.packets_in += 1;
+        // What Linux 6.12 does (`virtio_transport_recv_pkt`), and where we differ:
+        // - an unknown `type` is answered with `RST` (`virtio_transport_reset_no_sock`) before
+        //   any socket is looked up;
+        // - a packet no socket takes (unknown connection, a type that is not the socket's, an
+        //   op a listener does not take) is answered with `RST`;
+        // - `RST` is never answered with `RST`.
+        // Linux's guest transport has no `dst_cid` filter: it finds a connected socket by the
+        // peer address and the local *port* only, a listener bound to `VMADDR_CID_ANY` takes any
+        // `dst_cid`, and only a packet no socket takes gets `RST`. We never deliver a packet
+        // that is not addressed to our CID (the device config's `guest_cid` is the one truth)
+        // and answer it as Linux answers a packet no socket takes.
         if hdr.dst_cid != self.config.local_cid {
             self.stats.dropped_wrong_cid += 1;
+            self.queue_unknown_rst(hdr);
             return;
         }
-        let (Ok(op), Ok(ty)) = (Op::try_from(hdr.op), SocketType::try_from(hdr.type_)) else {
+        let Ok(ty) = SocketType::try_from(hdr.type_) else {
             self.stats.dropped_invalid += 1;
+            self.queue_unknown_rst(hdr);
             return;
         };
-        if payload_len != hdr.len as usize || (op != Op::Rw && hdr.len != 0) {
+        if payload_len != hdr.len as usize || (hdr.op != Op::Rw as u16 && hdr.len != 0) {
+            // A header that disagrees with its own buffer: malformed, not addressed to anyone.
             self.stats.dropped_invalid += 1;
             return;
         }
-        if ty == SocketType::SeqPacket && !self.config.seqpacket {
+        if (ty == SocketType::SeqPacket && !self.config.seqpacket)
+            || (ty == SocketType::Stream && !self.config.stream)
+        {
+            // No socket of this type can exist, so none takes it.
             self.stats.dropped_invalid += 1;
+            self.queue_unknown_rst(hdr);
             return;
         }
         let key = (hdr.dst_port, hdr.src_cid, hdr.src_port);
-        let Some(&id) = self.keys.get(&key) else {
+        let id = self.keys.get(&key).copied();
+        let Ok(op) = Op::try_from(hdr.op) else {
+            self.stats.dropped_invalid += 1;
+            if id.is_none() {
+                // Linux: no socket, or a listener, answers a packet it cannot take with RST;
+                // an established connection ignores an unknown op.
+                self.queue_unknown_rst(hdr);
+            }
+            return;
+        };
+        let Some(id) = id else {
             self.handle_unknown(hdr, op, ty);
             return;
         };
@@ -62,7 +90,10 @@ impl<S: Storage> Endpoint<S> {
             return;
         };
         if conn.ty != ty {
+            // Linux answers with `RST` (`virtio_transport_reset_no_sock`) and leaves the
+            // socket alone.
             self.stats.dropped_invalid += 1;
+            self.queue_unknown_rst(hdr);
             return;
         }
         if op == Op::Rst {
@@ -165,11 +196,11 @@ impl<S: Storage> Endpoint<S> {
 
     /// A packet for no connection: `REQUEST` to a listener, or `RST` (never for an `RST`).
     fn handle_unknown(&mut self, hdr: &Header, op: Op, ty: SocketType) {
-        if op == Op::Rst {
-            return;
-        }
         if op == Op::Request {
-            if let Some(&l) = self.listener_ports.get(&hdr.dst_port) {
+            let any = self
+                .any_listener
+                .filter(|_| !self.bound_refs.contains_key(&hdr.dst_port));
+            if let Some(l) = self.listener_ports.get(&hdr.dst_port).copied().or(any) {
                 let listener = &self.listeners[&l];
                 if listener.ty != ty {
                     log::debug!("{} for {} listener: refused", ty, listener.ty);
@@ -188,7 +219,15 @@ impl<S: Storage> Endpoint<S> {
         self.queue_unknown_rst(hdr);
     }
 
+    /// Answer `hdr`, which no connection takes, with `RST` as Linux's
+    /// `virtio_transport_reset_no_sock` does: ports swapped, `type` copied, never for an `RST`.
+    /// The source is our CID, not the packet's `dst_cid` as in Linux: a device drops a packet
+    /// whose `src_cid` is not the guest's (vhost-vsock and the sim do), so an `RST` from another
+    /// CID would never reach the peer.
     fn queue_unknown_rst(&mut self, hdr: &Header) {
+        if hdr.op == Op::Rst as u16 {
+            return;
+        }
         if self.unknown_rst.len() >= MAX_PENDING_UNKNOWN_RST {
             self.stats.rst_dropped += 1;
             return;

@@ -7,7 +7,7 @@ use std::time::Instant;
 use super::conn::Conn;
 use super::storage::Storage;
 use super::{ConnId, ConnState, Endpoint, Event, ListenerId, ProtoError};
-use crate::packet::{Header, SocketType};
+use crate::packet::{Header, SocketType, VMADDR_PORT_ANY};
 
 /// A listening port.
 #[derive(Debug)]
@@ -15,6 +15,8 @@ pub(super) struct Listener {
     port: u32,
     pub(super) ty: SocketType,
     pub(super) backlog: usize,
+    /// Hold each `REQUEST` unanswered until [`Endpoint::answer`] (the any-port listener).
+    hold: bool,
     /// Established connections not yet accepted, oldest first (`ConnId`s only grow, so their
     /// order is the order of arrival); a set, so that one leaving early costs O(log n).
     pub(super) queue: BTreeSet<ConnId>,
@@ -23,6 +25,11 @@ pub(super) struct Listener {
 impl<S: Storage> Endpoint<S> {
     /// Listen on `port` for connections of type `ty`; at most `backlog` (≥ 1) established
     /// connections wait for `accept`, further `REQUEST`s get `RST`.
+    ///
+    /// On [`VMADDR_PORT_ANY`] a free port is picked, as Linux's `__vsock_bind` does: one no
+    /// connection or listener uses, from the ephemeral range (Linux walks the ports above
+    /// 1023 from a random start; we walk [`Config::ephemeral_ports`](super::Config) with the
+    /// cursor `connect` uses). [`Endpoint::listener_port`] tells which.
     pub fn listen(
         &mut self,
         port: u32,
@@ -35,6 +42,11 @@ impl<S: Storage> Endpoint<S> {
                 "listen backlog must be at least 1",
             ));
         }
+        let port = if port == VMADDR_PORT_ANY {
+            self.alloc_ephemeral()?
+        } else {
+            port
+        };
         if self.listener_ports.contains_key(&port) || self.bound_refs.contains_key(&port) {
             return Err(ProtoError::AddrInUse { port });
         }
@@ -46,6 +58,7 @@ impl<S: Storage> Endpoint<S> {
                 port,
                 ty,
                 backlog,
+                hold: false,
                 queue: BTreeSet::new(),
             },
         );
@@ -54,14 +67,91 @@ impl<S: Storage> Endpoint<S> {
         Ok(id)
     }
 
+    /// Listen on every port that has no listener of its own and no connection made by
+    /// `connect` (Firecracker's muxer takes a guest connection to any port): at most one such
+    /// listener at a time. Unlike [`Endpoint::listen`], a `REQUEST` it takes is *held*: the
+    /// connection waits in the accept queue and, once accepted, stays unanswered (nothing goes
+    /// on the wire) until [`Endpoint::answer`] sends `RESPONSE` or `RST`, so that the owner
+    /// can first find out whether it can serve the port. [`Endpoint::local_port`] tells which
+    /// port was asked for; [`Endpoint::listener_port`] answers `VMADDR_PORT_ANY`.
+    pub fn listen_any_port(
+        &mut self,
+        backlog: usize,
+        ty: SocketType,
+    ) -> Result<ListenerId, ProtoError> {
+        self.check_type(ty)?;
+        if backlog == 0 {
+            return Err(ProtoError::InvalidInput(
+                "listen backlog must be at least 1",
+            ));
+        }
+        if self.any_listener.is_some() {
+            return Err(ProtoError::InvalidInput(
+                "there is already a listener on every port (listen_any_port)",
+            ));
+        }
+        let id = ListenerId(self.next_listener);
+        self.next_listener += 1;
+        self.listeners.insert(
+            id,
+            Listener {
+                port: VMADDR_PORT_ANY,
+                ty,
+                backlog,
+                hold: true,
+                queue: BTreeSet::new(),
+            },
+        );
+        self.any_listener = Some(id);
+        Ok(id)
+    }
+
+    /// Answer a `REQUEST` held by the any-port listener ([`Endpoint::listen_any_port`]):
+    /// `accept` queues `RESPONSE` (and whatever was written meanwhile), otherwise `RST` goes out
+    /// and the connection is released ([`Event::Closed`]), as if the port had no listener.
+    pub fn answer(&mut self, now: Instant, c: ConnId, accept: bool) -> Result<(), ProtoError> {
+        let conn = self
+            .conns
+            .get_mut(&c)
+            .ok_or(ProtoError::UnknownConnection)?;
+        if !conn.held {
+            return Err(ProtoError::InvalidInput(
+                "answer: the connection is not a held REQUEST (listen_any_port)",
+            ));
+        }
+        if accept {
+            conn.held = false;
+            conn.pending.response = true;
+            self.schedule(c);
+        } else {
+            self.abort(now, c);
+        }
+        Ok(())
+    }
+
+    /// Whether `c` is a `REQUEST` held unanswered (see [`Endpoint::answer`]).
+    pub fn is_held(&self, c: ConnId) -> bool {
+        self.conns.get(&c).is_some_and(|conn| conn.held)
+    }
+
+    /// The port `l` listens on (the one picked for [`VMADDR_PORT_ANY`]); `None` after
+    /// [`Endpoint::unlisten`].
+    pub fn listener_port(&self, l: ListenerId) -> Option<u32> {
+        self.listeners.get(&l).map(|listener| listener.port)
+    }
+
     /// Stop listening; connections not yet accepted get `RST` and are dropped.
     pub fn unlisten(&mut self, now: Instant, l: ListenerId) {
         let _ = now;
         let Some(listener) = self.listeners.remove(&l) else {
             return;
         };
-        self.listener_ports.remove(&listener.port);
-        self.sync_free_port(listener.port);
+        if self.any_listener == Some(l) {
+            self.any_listener = None;
+        } else {
+            self.listener_ports.remove(&listener.port);
+            self.sync_free_port(listener.port);
+        }
         for id in listener.queue {
             if let Some(conn) = self.conns.get_mut(&id) {
                 conn.listener = None;
@@ -101,7 +191,9 @@ impl<S: Storage> Endpoint<S> {
             self.config.buf_alloc,
         );
         conn.credit.on_handshake(hdr.buf_alloc, hdr.fwd_cnt);
-        conn.pending.response = true;
+        let hold = self.listeners.get(&l).is_some_and(|listener| listener.hold);
+        conn.held = hold;
+        conn.pending.response = !hold;
         conn.listener = Some(l);
         self.insert_conn(conn);
         if let Some(listener) = self.listeners.get_mut(&l) {

@@ -15,8 +15,8 @@
 //!   the same information. A peer that sends beyond its credit is reset.
 //! - **Close**: `SHUTDOWN` with `RECEIVE`/`SEND` flags is a half close; once a side has seen both
 //!   flags from its peer it answers `RST` and forgets the connection (as Linux does). `RST` ends a
-//!   connection at once. A packet for an unknown connection is answered with `RST`, except an
-//!   `RST` itself.
+//!   connection at once. A packet for an unknown connection (or not addressed to our CID, or
+//!   of an unknown type) is answered with `RST`, except an `RST` itself.
 //! - **Seqpacket**: `RW` packets carry `EOM` on the last packet of each message (and `EOR` when
 //!   the message ends a record); the receiver reassembles messages.
 //! - The event queue's `TRANSPORT_RESET` (or a CID change) kills every connection.
@@ -113,7 +113,7 @@ use output::Events;
 pub use storage::{HeapBuf, HeapStorage, RxBuf, Storage, TxBuf};
 use timers::Timers;
 
-use crate::packet::{Header, ShutdownFlags, SocketType};
+use crate::packet::{cid_fits, Header, ShutdownFlags, SocketType};
 
 /// Default receive buffer per connection (`buf_alloc`), as Linux's default 256 KiB.
 pub const DEFAULT_BUF_ALLOC: u32 = 256 * 1024;
@@ -151,6 +151,10 @@ pub struct Config {
     pub close_timeout: Duration,
     /// `VIRTIO_VSOCK_F_SEQPACKET` was negotiated: seqpacket sockets are allowed.
     pub seqpacket: bool,
+    /// Stream sockets are allowed: `VIRTIO_VSOCK_F_STREAM` was negotiated, or
+    /// `VIRTIO_VSOCK_F_NO_IMPLIED_STREAM` was not (see [`crate::packet::stream_negotiated`]).
+    /// Default `true`.
+    pub stream: bool,
     /// Ports `connect` picks from when no local port is given.
     pub ephemeral_ports: RangeInclusive<u32>,
     /// The first ephemeral port tried (then the next ones, wrapping); `None` or a port outside
@@ -174,6 +178,7 @@ impl Default for Config {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             close_timeout: DEFAULT_CLOSE_TIMEOUT,
             seqpacket: false,
+            stream: true,
             ephemeral_ports: DEFAULT_EPHEMERAL_PORTS,
             ephemeral_first: None,
             max_connections: usize::MAX,
@@ -272,6 +277,15 @@ pub enum ProtoError {
     /// The `ConnId` is not (or no longer) known.
     #[error("unknown connection")]
     UnknownConnection,
+    /// A CID that does not fit in 32 bits (see [`crate::packet::cid_fits`]).
+    #[error(
+        "CID {cid} does not fit in 32 bits: expected at most 4294967295 (VMADDR_CID_ANY), \
+         as in struct sockaddr_vm"
+    )]
+    InvalidCid {
+        /// The CID asked for.
+        cid: u64,
+    },
     /// The connection table is full.
     #[error("too many connections: the limit is {max}")]
     TooManyConnections {
@@ -309,16 +323,22 @@ pub struct Stats {
     pub bytes_out: u64,
     /// `RST`s sent, all causes.
     pub rst_sent: u64,
-    /// `RST`s sent in answer to packets for unknown connections or ports.
+    /// `RST`s sent in answer to packets no connection or listener takes: an unknown
+    /// connection or port, a `dst_cid` that is not ours, an unknown or mismatched `type`, an
+    /// unknown op outside a connection (as Linux's `virtio_transport_reset_no_sock`).
     pub rst_unknown: u64,
     /// `RST`s for unknown connections dropped because [`MAX_PENDING_UNKNOWN_RST`] were queued.
     pub rst_dropped: u64,
     /// Connections reset because the peer sent beyond our advertised credit.
     pub credit_violations: u64,
-    /// Packets ignored: `dst_cid` is not ours.
+    /// Packets not delivered because their `dst_cid` is not ours; each is answered with `RST`
+    /// (unless it is one), counted in [`Stats::rst_unknown`].
     pub dropped_wrong_cid: u64,
-    /// Packets ignored: unknown op or type, type mismatch, `len` not matching the payload,
-    /// or an op that makes no sense in the connection's state.
+    /// Packets not delivered: unknown op or type, a type the connection does not have (or
+    /// seqpacket not negotiated), `len` not matching the payload, or an op that makes no sense
+    /// in the connection's state. Those with an unknown or mismatched type, or an unknown op
+    /// for no connection, are answered with `RST` too (counted in [`Stats::rst_unknown`]);
+    /// a malformed `len` and a bad op on a live connection only here.
     pub dropped_invalid: u64,
     /// `REQUEST`s refused because the listener's backlog was full.
     pub backlog_full: u64,
@@ -349,6 +369,8 @@ pub struct Endpoint<S: Storage = HeapStorage> {
     keys: HashMap<Key, ConnId>,
     listeners: HashMap<ListenerId, Listener>,
     listener_ports: HashMap<u32, ListenerId>,
+    /// The listener on every other port ([`Endpoint::listen_any_port`]).
+    any_listener: Option<ListenerId>,
     /// Live connections per local port.
     port_refs: HashMap<u32, usize>,
     /// Live `connect`-created connections per local port (bound ports).
@@ -416,6 +438,7 @@ impl<S: Storage> Endpoint<S> {
             keys: HashMap::new(),
             listeners: HashMap::new(),
             listener_ports: HashMap::new(),
+            any_listener: None,
             port_refs: HashMap::new(),
             bound_refs: HashMap::new(),
             next_conn: 0,
@@ -444,7 +467,9 @@ impl<S: Storage> Endpoint<S> {
     // ----- user side -----
 
     /// Open a connection: queues a `REQUEST` and arms the connect timeout. Without
-    /// `local_port`, an ephemeral port is picked that no connection or listener uses.
+    /// `local_port`, an ephemeral port is picked that no connection or listener uses. A
+    /// `peer_cid` that does not fit in 32 bits is refused at once with
+    /// [`ProtoError::InvalidCid`] (Linux's `svm_cid` is 32 bits wide).
     pub fn connect(
         &mut self,
         now: Instant,
@@ -468,6 +493,9 @@ impl<S: Storage> Endpoint<S> {
         ty: SocketType,
         timeout: Duration,
     ) -> Result<ConnId, ProtoError> {
+        if !cid_fits(peer_cid) {
+            return Err(ProtoError::InvalidCid { cid: peer_cid });
+        }
         self.check_type(ty)?;
         self.check_room()?;
         let port = match local_port {
@@ -792,6 +820,11 @@ impl<S: Storage> Endpoint<S> {
         let Some(conn) = self.conns.get_mut(&c) else {
             return;
         };
+        if conn.held {
+            // Never answered: refuse it, as Linux refuses a REQUEST nobody accepts.
+            self.abort(now, c);
+            return;
+        }
         match conn.state {
             ConnState::Closing => {}
             ConnState::Closed => self.release(c, true),
@@ -917,6 +950,12 @@ impl<S: Storage> Endpoint<S> {
         if ty == SocketType::SeqPacket && !self.config.seqpacket {
             return Err(ProtoError::InvalidInput(
                 "seqpacket sockets need VIRTIO_VSOCK_F_SEQPACKET (Config::seqpacket)",
+            ));
+        }
+        if ty == SocketType::Stream && !self.config.stream {
+            return Err(ProtoError::InvalidInput(
+                "stream sockets need VIRTIO_VSOCK_F_STREAM: the device negotiated \
+                 VIRTIO_VSOCK_F_NO_IMPLIED_STREAM without it (Config::stream)",
             ));
         }
         Ok(())

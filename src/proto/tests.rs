@@ -411,6 +411,159 @@ fn backlog_full_gets_rst() {
 }
 
 #[test]
+fn listen_on_port_any_picks_a_free_port() {
+    use crate::packet::VMADDR_PORT_ANY;
+    let mut p = Pair::with(
+        cfg(GUEST_CID),
+        Config {
+            ephemeral_ports: 50000..=50002,
+            ..cfg(VMADDR_CID_HOST)
+        },
+    );
+    let now = p.now;
+    // A connection holds the first port of the range: listen skips it.
+    let held =
+        p.b.connect(now, GUEST_CID, 9, None, SocketType::Stream)
+            .unwrap();
+    assert_eq!(p.b.local_port(held), Some(50000));
+    let l1 = p.b.listen(VMADDR_PORT_ANY, 4, SocketType::Stream).unwrap();
+    let l2 = p.b.listen(VMADDR_PORT_ANY, 4, SocketType::Stream).unwrap();
+    assert_eq!(p.b.listener_port(l1), Some(50001));
+    assert_eq!(p.b.listener_port(l2), Some(50002));
+    // The range is used up: a clear error, nothing listens on VMADDR_PORT_ANY itself.
+    assert_eq!(
+        p.b.listen(VMADDR_PORT_ANY, 4, SocketType::Stream),
+        Err(ProtoError::PortsExhausted {
+            start: 50000,
+            end: 50002
+        })
+    );
+    // The picked port takes connections like any other.
+    let ca =
+        p.a.connect(now, VMADDR_CID_HOST, 50001, None, SocketType::Stream)
+            .unwrap();
+    p.shuttle();
+    assert!(p.events(Side::A).contains(&Event::Connected(ca)));
+    assert!(p.b.accept(l1).is_some());
+    // Ports come back: 50000 when its connection was refused (the shuttle above), 50002
+    // when its listener goes; the cursor wraps to the first.
+    p.b.unlisten(now, l2);
+    assert_eq!(p.b.listener_port(l2), None);
+    let l3 = p.b.listen(VMADDR_PORT_ANY, 4, SocketType::Stream).unwrap();
+    let l4 = p.b.listen(VMADDR_PORT_ANY, 4, SocketType::Stream).unwrap();
+    assert_eq!(p.b.listener_port(l3), Some(50000));
+    assert_eq!(p.b.listener_port(l4), Some(50002));
+}
+
+#[test]
+fn streams_off_refuses_stream_sockets_and_answers_their_packets_with_rst() {
+    let mut p = Pair::with(
+        cfg(GUEST_CID),
+        Config {
+            stream: false,
+            seqpacket: true,
+            ..cfg(VMADDR_CID_HOST)
+        },
+    );
+    let now = p.now;
+    for e in [
+        p.b.listen(PORT, 1, SocketType::Stream).unwrap_err(),
+        p.b.connect(now, GUEST_CID, 1, None, SocketType::Stream)
+            .unwrap_err(),
+    ] {
+        assert!(matches!(e, ProtoError::InvalidInput(m) if m.contains("NO_IMPLIED_STREAM")));
+    }
+    p.b.listen(PORT, 1, SocketType::SeqPacket).unwrap();
+    let req = tmpl((GUEST_CID, 6000), (VMADDR_CID_HOST, PORT), Op::Request);
+    p.b.handle_packet(now, &req, &[]);
+    let out = p.pump(Side::B, false);
+    assert_eq!(out.len(), 1);
+    assert_rst_answers(&out[0], &req, VMADDR_CID_HOST);
+}
+
+#[test]
+fn listen_any_port_holds_requests_until_answered() {
+    let mut p = Pair::new();
+    let now = p.now;
+    let any = p.b.listen_any_port(8, SocketType::Stream).unwrap();
+    assert_eq!(p.b.listener_port(any), Some(crate::packet::VMADDR_PORT_ANY));
+    assert!(p.b.listen_any_port(8, SocketType::Stream).is_err());
+    // A port with a listener of its own is not the any-port listener's.
+    let own = p.b.listen(PORT, 8, SocketType::Stream).unwrap();
+    let c_own =
+        p.a.connect(now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+            .unwrap();
+    // Two REQUESTs to ports nobody listens on: held, nothing answered.
+    let c1 =
+        p.a.connect(now, VMADDR_CID_HOST, 7001, None, SocketType::Stream)
+            .unwrap();
+    let c2 =
+        p.a.connect(now, VMADDR_CID_HOST, 7002, None, SocketType::Stream)
+            .unwrap();
+    p.shuttle();
+    assert!(p.events(Side::A).contains(&Event::Connected(c_own)));
+    assert_eq!(p.a.state(c1), Some(ConnState::Connecting));
+    assert_eq!(p.a.state(c2), Some(ConnState::Connecting));
+    assert!(p.b.accept(own).is_some());
+    let h1 = p.b.accept(any).unwrap();
+    let h2 = p.b.accept(any).unwrap();
+    assert_eq!(p.b.local_port(h1), Some(7001));
+    assert!(p.b.is_held(h1) && p.b.is_held(h2));
+    // Data written before the answer waits for it.
+    assert_eq!(p.b.send(now, h1, b"hi").unwrap(), 2);
+    assert!(p.pump(Side::B, false).is_empty());
+    // Accept one: RESPONSE, then the data. Refuse the other: RST, the peer's connect refused.
+    p.b.answer(now, h1, true).unwrap();
+    p.b.answer(now, h2, false).unwrap();
+    assert_eq!(
+        p.b.answer(now, h1, true),
+        Err(ProtoError::InvalidInput(
+            "answer: the connection is not a held REQUEST (listen_any_port)"
+        ))
+    );
+    p.shuttle();
+    let a_events = p.events(Side::A);
+    assert!(a_events.contains(&Event::Connected(c1)), "{a_events:?}");
+    assert!(
+        a_events.contains(&Event::ConnectFailed(c2, ProtoError::ConnectionRefused)),
+        "{a_events:?}"
+    );
+    assert_eq!(p.read_all(Side::A, c1), b"hi");
+    assert_eq!(p.b.state(h2), None);
+    // Closing a held connection refuses it too.
+    let c3 =
+        p.a.connect(now, VMADDR_CID_HOST, 7003, None, SocketType::Stream)
+            .unwrap();
+    p.shuttle();
+    let h3 = p.b.accept(any).unwrap();
+    p.b.close(now, h3);
+    p.shuttle();
+    assert!(p
+        .events(Side::A)
+        .contains(&Event::ConnectFailed(c3, ProtoError::ConnectionRefused)));
+    // A port held by our own connect is not taken; without the listener, RST as before.
+    let mine =
+        p.b.connect(now, GUEST_CID, 9, Some(7100), SocketType::Stream)
+            .unwrap();
+    let stray = tmpl((GUEST_CID, 8000), (VMADDR_CID_HOST, 7100), Op::Request);
+    p.b.handle_packet(now, &stray, &[]);
+    let out = p.pump(Side::B, false);
+    assert!(out
+        .iter()
+        .any(|h| h.op == Op::Rst as u16 && h.dst_port == 8000));
+    let _ = mine;
+    p.b.unlisten(now, any);
+    let c4 =
+        p.a.connect(now, VMADDR_CID_HOST, 7004, None, SocketType::Stream)
+            .unwrap();
+    p.shuttle();
+    assert!(p
+        .events(Side::A)
+        .contains(&Event::ConnectFailed(c4, ProtoError::ConnectionRefused)));
+    p.b.check_invariants().unwrap();
+}
+
+#[test]
 fn listen_twice_is_addr_in_use() {
     let mut p = Pair::new();
     p.b.listen(PORT, 1, SocketType::Stream).unwrap();
@@ -772,12 +925,176 @@ fn rst_for_unknown_connection_but_not_for_rst() {
         &[],
     );
     assert!(p.pump(Side::B, false).is_empty());
-    // Wrong dst_cid and bad type are ignored silently.
-    p.b.handle_packet(now, &Header { dst_cid: 99, ..rw }, &[]);
-    p.b.handle_packet(now, &Header { type_: 9, ..rw }, &[]);
-    assert!(p.pump(Side::B, false).is_empty());
+}
+
+/// The `RST` that answers `hdr` when nothing takes it: from our CID, ports swapped, type
+/// copied (Linux's `virtio_transport_reset_no_sock`).
+#[track_caller]
+fn assert_rst_answers(rst: &Header, hdr: &Header, local_cid: u64) {
+    assert_eq!(rst.op, Op::Rst as u16);
+    assert_eq!((rst.src_cid, rst.src_port), (local_cid, hdr.dst_port));
+    assert_eq!((rst.dst_cid, rst.dst_port), (hdr.src_cid, hdr.src_port));
+    assert_eq!(rst.type_, hdr.type_);
+    assert_eq!((rst.len, rst.flags), (0, 0));
+}
+
+#[test]
+fn wrong_dst_cid_is_answered_with_rst_and_not_delivered() {
+    let mut p = Pair::new();
+    let now = p.now;
+    let (ca, cb, _l) = p.establish(SocketType::Stream);
+    // A packet for the live connection's ports but another CID never reaches it.
+    let local = p.a.local_port(ca).unwrap();
+    let rw = Header {
+        len: 3,
+        ..tmpl((GUEST_CID, local), (99, PORT), Op::Rw)
+    };
+    p.b.handle_packet(now, &rw, b"abc");
+    let out = p.pump(Side::B, false);
+    assert_eq!(out.len(), 1);
+    assert_rst_answers(&out[0], &rw, VMADDR_CID_HOST);
     assert_eq!(p.b.stats().dropped_wrong_cid, 1);
+    assert_eq!(p.b.stats().rst_unknown, 1);
+    assert_eq!(p.b.state(cb), Some(ConnState::Connected));
+    assert_eq!(p.b.recv(now, cb, &mut [0; 4]), Err(ProtoError::WouldBlock));
+    // A REQUEST to a listening port with another CID is refused, not accepted.
+    let req = tmpl((GUEST_CID, 6000), (99, PORT), Op::Request);
+    p.b.handle_packet(now, &req, &[]);
+    let out = p.pump(Side::B, false);
+    assert_eq!(out.len(), 1);
+    assert_rst_answers(&out[0], &req, VMADDR_CID_HOST);
+    assert!(p.events(Side::B).is_empty());
+    // Never an RST for an RST, whatever its address.
+    let rst = tmpl((GUEST_CID, local), (99, PORT), Op::Rst);
+    p.b.handle_packet(now, &rst, &[]);
+    assert!(p.pump(Side::B, false).is_empty());
+    assert_eq!(p.b.stats().dropped_wrong_cid, 3);
+    assert_eq!(p.b.stats().rst_unknown, 2);
+    assert_eq!(p.b.state(cb), Some(ConnState::Connected));
+    let _ = ca;
+}
+
+#[test]
+fn unknown_type_is_answered_with_rst_but_not_an_rst() {
+    let mut p = Pair::new();
+    let now = p.now;
+    let (_ca, cb, _l) = p.establish(SocketType::Stream);
+    for op in [Op::Request, Op::Rw, Op::Shutdown, Op::CreditRequest] {
+        let hdr = Header {
+            type_: 9,
+            ..tmpl((GUEST_CID, 7000), (VMADDR_CID_HOST, PORT), op)
+        };
+        p.b.handle_packet(now, &hdr, &[]);
+        let out = p.pump(Side::B, false);
+        assert_eq!(out.len(), 1, "{op}");
+        assert_rst_answers(&out[0], &hdr, VMADDR_CID_HOST);
+    }
+    let rst = Header {
+        type_: 9,
+        ..tmpl((GUEST_CID, 7000), (VMADDR_CID_HOST, PORT), Op::Rst)
+    };
+    p.b.handle_packet(now, &rst, &[]);
+    assert!(p.pump(Side::B, false).is_empty());
+    assert_eq!(p.b.stats().dropped_invalid, 5);
+    assert_eq!(p.b.stats().rst_unknown, 4);
+    assert_eq!(p.b.state(cb), Some(ConnState::Connected));
+}
+
+#[test]
+fn mismatched_type_is_answered_with_rst_and_the_connection_kept() {
+    let mut p = Pair::new();
+    let now = p.now;
+    let (ca, cb, _l) = p.establish(SocketType::Stream);
+    let local = p.a.local_port(ca).unwrap();
+    // Seqpacket is not negotiated on B, and the connection is a stream: RST, nothing else.
+    let hdr = Header {
+        type_: SocketType::SeqPacket as u16,
+        ..tmpl(
+            (GUEST_CID, local),
+            (VMADDR_CID_HOST, PORT),
+            Op::CreditRequest,
+        )
+    };
+    p.b.handle_packet(now, &hdr, &[]);
+    let out = p.pump(Side::B, false);
+    assert_eq!(out.len(), 1);
+    assert_rst_answers(&out[0], &hdr, VMADDR_CID_HOST);
+    assert_eq!(p.b.state(cb), Some(ConnState::Connected));
     assert_eq!(p.b.stats().dropped_invalid, 1);
+}
+
+#[test]
+fn unknown_op_gets_rst_only_outside_a_connection() {
+    let mut p = Pair::new();
+    let now = p.now;
+    let (ca, cb, _l) = p.establish(SocketType::Stream);
+    let local = p.a.local_port(ca).unwrap();
+    // On a live connection an unknown op is ignored (Linux's recv_connected: -EINVAL).
+    let on_conn = Header {
+        op: 42,
+        ..tmpl((GUEST_CID, local), (VMADDR_CID_HOST, PORT), Op::Rw)
+    };
+    p.b.handle_packet(now, &on_conn, &[]);
+    assert!(p.pump(Side::B, false).is_empty());
+    // For no connection (a listener's port, or nothing) it is answered with RST.
+    for port in [PORT, 4321] {
+        let stray = Header {
+            op: 42,
+            ..tmpl((GUEST_CID, 8000), (VMADDR_CID_HOST, port), Op::Rw)
+        };
+        p.b.handle_packet(now, &stray, &[]);
+        let out = p.pump(Side::B, false);
+        assert_eq!(out.len(), 1);
+        assert_rst_answers(&out[0], &stray, VMADDR_CID_HOST);
+    }
+    assert_eq!(p.b.stats().dropped_invalid, 3);
+    assert_eq!(p.b.state(cb), Some(ConnState::Connected));
+}
+
+#[test]
+fn malformed_len_is_dropped_silently() {
+    let mut p = Pair::new();
+    let now = p.now;
+    let rw = Header {
+        len: 3,
+        ..tmpl((GUEST_CID, 5000), (VMADDR_CID_HOST, 77), Op::Rw)
+    };
+    p.b.handle_packet(now, &rw, b"ab");
+    p.b.handle_packet(
+        now,
+        &Header {
+            op: Op::Request as u16,
+            ..rw
+        },
+        b"abc",
+    );
+    assert!(p.pump(Side::B, false).is_empty());
+    assert_eq!(p.b.stats().dropped_invalid, 2);
+}
+
+#[test]
+fn connect_refuses_a_cid_wider_than_32_bits_before_sending() {
+    let mut p = Pair::new();
+    let now = p.now;
+    for cid in [u64::from(u32::MAX) + 1, 99_999_999_999, u64::MAX] {
+        let e =
+            p.a.connect(now, cid, 1, None, SocketType::Stream)
+                .unwrap_err();
+        assert_eq!(e, ProtoError::InvalidCid { cid });
+        assert!(e.to_string().contains(&cid.to_string()), "{e}");
+    }
+    assert!(p.pump(Side::A, false).is_empty());
+    // The widest CID that fits (VMADDR_CID_ANY) is accepted, as Linux's connect does.
+    let c =
+        p.a.connect(
+            now,
+            crate::packet::VMADDR_CID_ANY,
+            1,
+            None,
+            SocketType::Stream,
+        )
+        .unwrap();
+    assert_eq!(p.a.state(c), Some(ConnState::Connecting));
 }
 
 #[test]

@@ -752,17 +752,19 @@ impl Core {
         r.map(|()| c)
     }
 
+    /// Listen on `port` (`VMADDR_PORT_ANY`: a free one); returns the listener and its port.
     pub(crate) fn listen(
         self: &Arc<Self>,
         port: u32,
         backlog: usize,
         ty: SocketType,
-    ) -> io::Result<ListenerId> {
+    ) -> io::Result<(ListenerId, u32)> {
         let mut st = self.lock();
         Core::check_dead(&st)?;
         let l = st.ep.listen(port, backlog, ty).map_err(to_io)?;
+        let port = st.ep.listener_port(l).unwrap_or(port);
         st.listen_wait.insert(l, Arc::new(Condvar::new()));
-        Ok(l)
+        Ok((l, port))
     }
 
     pub(crate) fn accept(self: &Arc<Self>, l: ListenerId, wait: Wait) -> io::Result<ConnId> {
@@ -774,6 +776,28 @@ impl Core {
                 Ok(c)
             })
         })
+    }
+
+    /// Listen on every port without a listener of its own; its connections wait for
+    /// [`Core::answer`] (see `Endpoint::listen_any_port`).
+    pub(crate) fn listen_any_port(
+        self: &Arc<Self>,
+        backlog: usize,
+        ty: SocketType,
+    ) -> io::Result<ListenerId> {
+        let mut st = self.lock();
+        Core::check_dead(&st)?;
+        let l = st.ep.listen_any_port(backlog, ty).map_err(to_io)?;
+        st.listen_wait.insert(l, Arc::new(Condvar::new()));
+        Ok(l)
+    }
+
+    /// Answer a held `REQUEST`: `RESPONSE` when `accept`, else `RST`.
+    pub(crate) fn answer(&self, c: ConnId, accept: bool) -> io::Result<()> {
+        let mut st = self.lock();
+        let r = st.ep.answer(Instant::now(), c, accept).map_err(to_io);
+        self.kick(&mut st);
+        r
     }
 
     pub(crate) fn unlisten(&self, l: ListenerId) {
@@ -1314,7 +1338,9 @@ pub(crate) fn to_io(e: ProtoError) -> io::Error {
         ProtoError::NotConnected | ProtoError::UnknownConnection => K::NotConnected,
         ProtoError::BrokenPipe => K::BrokenPipe,
         ProtoError::WouldBlock => K::WouldBlock,
-        ProtoError::InvalidInput(_) | ProtoError::MessageTooLarge { .. } => K::InvalidInput,
+        ProtoError::InvalidInput(_)
+        | ProtoError::InvalidCid { .. }
+        | ProtoError::MessageTooLarge { .. } => K::InvalidInput,
         _ => K::Other,
     };
     io::Error::new(kind, e)

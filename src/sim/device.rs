@@ -17,7 +17,10 @@ use super::rings::SimRings;
 use super::{lock, SimConfig};
 use crate::device::{DeviceError, VsockDevice, RX_QUEUE, TX_QUEUE};
 use crate::dma::{DmaOptions, DmaRegion, IovaBase};
-use crate::packet::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_VSOCK_F_SEQPACKET};
+use crate::packet::{
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_VSOCK_F_NO_IMPLIED_STREAM,
+    VIRTIO_VSOCK_F_SEQPACKET, VIRTIO_VSOCK_F_STREAM,
+};
 use crate::runtime::{run_loop, Core, LoopFds};
 use crate::virtq::QueueLayout;
 
@@ -121,6 +124,12 @@ impl VsockDevice for SimDevice {
         }
         if self.cfg.event_idx {
             f |= 1 << VIRTIO_RING_F_EVENT_IDX;
+        }
+        if self.cfg.stream {
+            f |= 1 << VIRTIO_VSOCK_F_STREAM;
+        }
+        if self.cfg.no_implied_stream {
+            f |= 1 << VIRTIO_VSOCK_F_NO_IMPLIED_STREAM;
         }
         f
     }

@@ -300,6 +300,8 @@ impl SimHost {
         let mut host_cfg = cfg.host.clone();
         host_cfg.local_cid = VMADDR_CID_HOST;
         host_cfg.seqpacket = cfg.seqpacket;
+        // What the offer allows (the driver accepts every socket-type bit it is offered).
+        host_cfg.stream = cfg.stream || !cfg.no_implied_stream;
         let mut ep = Endpoint::with_storage(host_cfg, RtStorage::Heap);
         // The services visit only the connections that had an event (see `SimTransport::todo`).
         ep.track_ready();

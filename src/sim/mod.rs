@@ -78,6 +78,10 @@ pub struct SimConfig {
     pub busy_poll: bool,
     /// Offer VIRTIO_VSOCK_F_SEQPACKET.
     pub seqpacket: bool,
+    /// Offer VIRTIO_VSOCK_F_STREAM.
+    pub stream: bool,
+    /// Offer VIRTIO_VSOCK_F_NO_IMPLIED_STREAM (with `stream: false`, the host has no streams).
+    pub no_implied_stream: bool,
     /// Offer VIRTIO_RING_F_EVENT_IDX.
     pub event_idx: bool,
     /// Settings of the host-side protocol endpoint (its CID is always 2).
@@ -94,6 +98,8 @@ impl Default for SimConfig {
             max_payload: 64 * 1024,
             busy_poll: false,
             seqpacket: true,
+            stream: true,
+            no_implied_stream: true,
             event_idx: true,
             host: proto::Config::default(),
             hostile: None,

@@ -11,6 +11,8 @@
 # VM_KEEP=1 keeps the temporary run directory (console log, sockets), VM_IOMMU=1 boots q35 with
 # QEMU's emulated Intel IOMMU and intel_iommu=on instead (for vfio_type1_iommu; the default tests
 # expect no IOMMU).
+# A SKIP is not a pass: the run fails when a test skips that is not allowed to skip in this
+# configuration (allowed_skip below), and when every selected test skipped.
 # Installs what it needs (apt, Debian's 6.12 kernel, out-of-tree modules, vhost-device-vsock) into
 # the cache on the first run; later runs reuse it. Needs root and cargo.
 set -euo pipefail
@@ -474,6 +476,16 @@ boot() {
     QEMU_RC=$rc
 }
 
+# True when test $1 may skip in this configuration: the harness provides everything else the
+# guest tests need (vhost_vsock is loaded, the CLI is in the initramfs), so a skip there means
+# the environment is broken and the test did not run. vfio_type1_iommu needs the IOMMU boot.
+allowed_skip() {
+    case $1 in
+    vfio_type1_iommu) [[ -z ${VM_IOMMU:-} ]] ;;
+    *) false ;;
+    esac
+}
+
 # True when the last boot died in a kernel panic before /init reported anything.
 early_panic() {
     local log=$RUN/console.log
@@ -508,6 +520,16 @@ report() {
     if [[ $verdict == ok && $((pass + fail + skip)) -eq 0 ]]; then
         verdict="no test reported a result"
     fi
+    # Skips: each must be allowed here, and at least one test must have run.
+    local name unexpected=()
+    while read -r name; do
+        allowed_skip "$name" || unexpected+=("$name")
+    done < <(sed -n 's/^SKIP \([^:]*\):.*/\1/p' "$log.txt")
+    if [[ $verdict == ok && ${#unexpected[@]} -gt 0 ]]; then
+        verdict="skipped but expected to run in this configuration: ${unexpected[*]}"
+    elif [[ $verdict == ok && $skip -gt 0 && $((pass + fail)) -eq 0 ]]; then
+        verdict="every selected test skipped: nothing was tested"
+    fi
     if [[ $verdict != ok || $fail -gt 0 ]]; then
         # Prefixed, so the result lines above are the only ones that start with PASS/FAIL/SKIP.
         printf '%s\n' "----- end of the console log ($log) -----" >&2
@@ -518,12 +540,9 @@ report() {
         fi
         VM_KEEP=1
     fi
+    # The harness's own verdict counts as one failure when no test failed; skips stay apart.
     if [[ $verdict != ok && $fail -eq 0 ]]; then fail=1; fi
-    if [[ $skip -gt 0 ]]; then
-        echo "$pass passed, $fail failed, $skip skipped"
-    else
-        echo "$pass passed, $fail failed"
-    fi
+    echo "$pass passed, $fail failed, $skip skipped"
     [[ $verdict == ok && $fail -eq 0 ]]
 }
 

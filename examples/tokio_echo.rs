@@ -23,9 +23,10 @@ use vdpa_vsock::sim::{SimConfig, ECHO_PORT};
 use vdpa_vsock::tokio::{VsockAddr, VsockStream, VMADDR_CID_HOST};
 
 /// `len` bytes that differ per connection.
+#[allow(clippy::cast_possible_truncation)] // Masked to a byte first.
 fn pattern(seed: usize, len: usize) -> Vec<u8> {
     (0..len)
-        .map(|i| (i.wrapping_mul(31) ^ seed) as u8)
+        .map(|i| ((i.wrapping_mul(31) ^ seed) & 0xff) as u8)
         .collect()
 }
 

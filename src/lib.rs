@@ -20,6 +20,8 @@
 //!   `VsockListener`, `VsockSeqPacket`, `VsockAddr`.
 //! - [`sim`]: the simulated device (device half and host side, CID 2), built from the device
 //!   trait, the runtime and the sockets.
+//! - [`tokio`] (feature `tokio`, on by default): the async API on tokio, shaped as tokio-vsock's
+//!   (`VsockStream::connect(&driver, addr).await`, `VsockListener`, `VsockSeqPacket`).
 //! - `open` (crate-internal): `VsockDriver::open`, `open_with` and `open_sim`, opening by device
 //!   spec, the one place that knows every backend.
 
@@ -35,4 +37,6 @@ pub mod pagemap;
 pub mod proto;
 mod runtime;
 pub mod sim;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 pub mod virtq;

@@ -328,9 +328,21 @@ fn bench_json_has_every_row() {
     ] {
         assert!(names.contains(&("ping-pong 64B", t)), "{t}: {names:?}");
     }
-    // 8 rows as before, the 16-connection row, and two rows per --scale value (no memory row
-    // below 1,000 open streams).
-    assert_eq!(rows.len(), 8 + 1 + 2 * 2, "{names:?}");
+    // With the tokio feature: the async one-way and ping-pong rows beside the blocking ones.
+    let async_rows = if cfg!(feature = "tokio") {
+        for w in ["one-way 64KiB writes", "ping-pong 64B"] {
+            assert!(
+                names.contains(&(w, "vdpa-vsock sim async")),
+                "{w}: {names:?}"
+            );
+        }
+        2
+    } else {
+        0
+    };
+    // 8 rows as before, the 16-connection row, the async rows, and two rows per --scale value
+    // (no memory row below 1,000 open streams).
+    assert_eq!(rows.len(), 8 + 1 + async_rows + 2 * 2, "{names:?}");
     for r in rows {
         assert!(r["value"].as_f64().unwrap() > 0.0, "{r}");
         for field in ["unit", "vs_socketpair", "device"] {

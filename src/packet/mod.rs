@@ -93,6 +93,10 @@ pub const VIRTIO_VSOCK_SEQ_EOR: u32 = 2;
 /// Event queue event id: the transport was reset (`VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`).
 pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 
+/// The well-known CID of the hypervisor (`VMADDR_CID_HYPERVISOR`, reserved).
+pub const VMADDR_CID_HYPERVISOR: u64 = 0;
+/// The well-known CID of local communication (`VMADDR_CID_LOCAL`, reserved).
+pub const VMADDR_CID_LOCAL: u64 = 1;
 /// The well-known CID of the host.
 pub const VMADDR_CID_HOST: u64 = 2;
 /// Any CID (`VMADDR_CID_ANY`, `-1U` in `linux/vm_sockets.h`): the largest CID an address can

@@ -8,7 +8,11 @@
 //! and ping-pong workloads run over a Unix socketpair and TCP loopback, and a memcpy of the
 //! same bytes is the upper limit of any copying transport.
 //!
-//! Files: `peer` (the `--peer` flag), `sim` (everything sim-specific), `work` (the workloads),
+//! With the `tokio` feature the one-way and ping-pong workloads also run through the async API
+//! (`vdpa_vsock::tokio`) on one current-thread runtime, on the same driver, beside the blocking
+//! rows, with their ratios to them in the notes.
+//!
+//! Files: `peer` (the `--peer` flag), `async_work` (the async rows), `sim` (everything sim-specific), `work` (the workloads),
 //! `report` (table and JSON), `progress` (the progress display).
 
 use std::net::{TcpListener, TcpStream};
@@ -22,6 +26,8 @@ use vdpa_vsock::driver::{DriverConfig, VsockDriver};
 use vdpa_vsock::proto;
 use vdpa_vsock::sim::SimHost;
 
+#[cfg(feature = "tokio")]
+mod async_work;
 mod peer;
 mod progress;
 mod report;
@@ -167,7 +173,12 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
     } else {
         0
     };
-    let mut steps = Steps::new(7 + echo_steps);
+    let async_steps = if cfg!(feature = "tokio") {
+        1 + usize::from(peer.echo.is_some())
+    } else {
+        0
+    };
+    let mut steps = Steps::new(7 + echo_steps + async_steps);
     let mut rows = Vec::new();
     let mut scale_rows = Vec::new();
     let mut notes = Vec::new();
@@ -205,6 +216,21 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
             .with("interrupts", s.interrupts - before.interrupts);
         rows.push(row);
     }
+    #[cfg(feature = "tokio")]
+    {
+        let step = steps.start(&format!("one-way: {ours} async"), Unit::Bytes(shape.bytes));
+        let before = consumed();
+        let d = async_work::one_way(&driver, peer.sink, shape, &step)?;
+        work::check_consumed(before, consumed(), shape.bytes)?;
+        let row = Row::new(
+            one_way,
+            format!("{ours} async"),
+            gbits(shape.bytes, d),
+            "Gbit/s",
+        );
+        notes.push(ratio_note("async one-way", &row, &rows[0], 0.9));
+        rows.push(row);
+    }
     {
         let what = format!("one-way: {ours}, {parallel} connections");
         let step = steps.start(&what, Unit::Bytes(shape.bytes));
@@ -225,6 +251,19 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
             let d = work::ping_pong(&mut s, n, args.msg_size, &step)?;
             let transport = format!("{ours} eventfd");
             rows.push(Row::new(ping, transport, rt(d), "round trips/s"));
+        }
+        #[cfg(feature = "tokio")]
+        {
+            let step = steps.start(&format!("ping-pong: {ours} async, eventfd"), ops(n));
+            let d = async_work::ping_pong(&driver, echo, n, args.msg_size, &step)?;
+            let row = Row::new(ping, format!("{ours} async"), rt(d), "round trips/s");
+            if let Some(eventfd) = rows
+                .iter()
+                .find(|r| r.transport == format!("{ours} eventfd"))
+            {
+                notes.push(ratio_note("async ping-pong", &row, eventfd, 0.9));
+            }
+            rows.push(row);
         }
         for &open in &scale {
             let step = steps.start(&format!("scale: {open} open"), ops(args.scale_ops));
@@ -294,6 +333,17 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
         args.scale_ops,
     );
     report::table(&rows, &header, &notes)
+}
+
+/// "async one-way = 0.95x vdpa-vsock sim (target >= 0.9x: met)".
+#[cfg(feature = "tokio")]
+fn ratio_note(what: &str, row: &Row, blocking: &Row, target: f64) -> String {
+    let ratio = row.value / blocking.value;
+    format!(
+        "{what} = {ratio:.2}x {} (target >= {target}x: {})",
+        blocking.transport,
+        if ratio >= target { "met" } else { "missed" }
+    )
 }
 
 fn ops(n: u32) -> Unit {

@@ -173,7 +173,7 @@ pub(super) fn one_way_parallel(
     Ok((total, d))
 }
 
-fn check_consumed(before: Option<u64>, after: Option<u64>, sent: u64) -> Result<()> {
+pub(super) fn check_consumed(before: Option<u64>, after: Option<u64>, sent: u64) -> Result<()> {
     if let (Some(b), Some(a)) = (before, after) {
         if a - b != sent {
             bail!(

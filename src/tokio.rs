@@ -80,6 +80,7 @@ use ::tokio::io::unix::AsyncFd;
 use ::tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
 use crate::driver::{self, VsockDriver};
+use crate::runtime::UserFd;
 
 pub use crate::driver::VsockAddr;
 pub use crate::packet::{VMADDR_CID_ANY, VMADDR_CID_HOST, VMADDR_CID_HYPERVISOR, VMADDR_CID_LOCAL};
@@ -88,32 +89,91 @@ pub use crate::packet::{VMADDR_CID_ANY, VMADDR_CID_HOST, VMADDR_CID_HYPERVISOR, 
 /// [`VsockListener::bind`].
 pub const VMADDR_PORT_ANY: u32 = u32::MAX;
 
-/// The sockets of [`crate::driver`] whose readiness descriptor [`register`] may hand to tokio:
-/// each keeps one descriptor, made once and never replaced (a `OnceLock` of an `Arc<OwnedFd>`
-/// that the runtime cannot close), for as long as the socket lives.
-trait Readiness: AsRawFd {}
-impl Readiness for driver::VsockStream {}
-impl Readiness for driver::VsockListener {}
-impl Readiness for driver::VsockSeqPacket {}
+/// The sockets of [`crate::driver`] that [`register`] hands to tokio, with their edge
+/// notifiers.
+trait Notified {
+    /// The socket's edge notifier (see the runtime's `readiness.rs`).
+    fn notifier(&self) -> io::Result<UserFd>;
+}
 
-/// Registers `inner`'s readiness descriptor with the current runtime's reactor for both
-/// directions; an error (not tokio's panic) outside a runtime.
-fn register<T: Readiness>(inner: T) -> io::Result<AsyncFd<T>> {
+impl Notified for driver::VsockStream {
+    fn notifier(&self) -> io::Result<UserFd> {
+        self.edge_notifier()
+    }
+}
+
+impl Notified for driver::VsockListener {
+    fn notifier(&self) -> io::Result<UserFd> {
+        self.edge_notifier()
+    }
+}
+
+impl Notified for driver::VsockSeqPacket {
+    fn notifier(&self) -> io::Result<UserFd> {
+        self.edge_notifier()
+    }
+}
+
+/// A socket and the notifier tokio's reactor waits on for it: an eventfd the runtime writes
+/// each time the socket becomes ready for something (one descriptor per socket; the
+/// socketpair that [`AsFd`] gives a plain `poll(2)` would take two). Edge-triggered, as tokio
+/// registers every descriptor: a task wakes on each edge, tries its call, and on `WouldBlock`
+/// clears the readiness and waits for the next edge.
+#[derive(Debug)]
+struct Registered<T> {
+    sock: T,
+    notifier: UserFd,
+}
+
+impl<T> std::ops::Deref for Registered<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.sock
+    }
+}
+
+impl<T> AsRawFd for Registered<T> {
+    fn as_raw_fd(&self) -> RawFd {
+        self.notifier.as_raw_fd()
+    }
+}
+
+/// Registers `sock`'s edge notifier with the current runtime's reactor for both directions;
+/// an error (not tokio's panic) outside a runtime, or when no descriptor is left.
+fn register<T: Notified>(sock: T) -> io::Result<AsyncFd<Registered<T>>> {
     if ::tokio::runtime::Handle::try_current().is_err() {
         return Err(io::Error::other(
             "vdpa_vsock::tokio sockets need a tokio runtime: expected to be called inside one (with enable_io), found none",
         ));
     }
-    // SAFETY: `register_with_interest` needs `inner.as_raw_fd()` to be an open descriptor that
-    // stays open, refers to the same file description and is returned by every call until the
-    // `AsyncFd` is dropped or unwrapped. For a `Readiness` type it is the socket's readiness
-    // descriptor: made on the first call and kept (an `Arc<OwnedFd>` in a `OnceLock`) by the
-    // socket, which the `AsyncFd` owns; nothing closes or replaces it while the socket lives
-    // (where no descriptor could be made, it is the core's shared hung-up one, which the core
-    // keeps open as long as any socket holds it: still the same open descriptor each call).
-    let fd =
-        unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE | Interest::WRITABLE) };
+    let notifier = sock.notifier()?;
+    // SAFETY: `register_with_interest` needs `as_raw_fd()` to be an open descriptor that stays
+    // open, refers to the same file description and is returned by every call until the
+    // `AsyncFd` is dropped or unwrapped. It is the notifier's eventfd, an `Arc<OwnedFd>` that
+    // `Registered` holds (so it cannot close while registered) and never replaces.
+    let fd = unsafe {
+        AsyncFd::register_with_interest(
+            Registered { sock, notifier },
+            Interest::READABLE | Interest::WRITABLE,
+        )
+    };
     Ok(fd?)
+}
+
+/// Waits until a non-blocking connect's handshake is over and says how it ended. Writability
+/// is only the hint (the notifier's edges are not per direction): `status` decides, and a
+/// wake-up while still connecting waits for the next edge.
+async fn wait_connected<T>(
+    fd: &AsyncFd<Registered<T>>,
+    status: impl Fn(&T) -> Option<io::Result<()>>,
+) -> io::Result<()> {
+    loop {
+        let mut guard = fd.writable().await?;
+        match status(&guard.get_inner().sock) {
+            Some(r) => return r,
+            None => guard.clear_ready(),
+        }
+    }
 }
 
 /// Runs `f` once readiness for `interest` is reported; `Pending` after clearing it on
@@ -144,7 +204,7 @@ fn poll_io<T: AsRawFd, R>(
 /// `poll_*` via [`VsockStream::split`]); dropping the stream closes the connection gracefully.
 #[derive(Debug)]
 pub struct VsockStream {
-    inner: AsyncFd<driver::VsockStream>,
+    inner: AsyncFd<Registered<driver::VsockStream>>,
 }
 
 impl VsockStream {
@@ -168,12 +228,7 @@ impl VsockStream {
 
     /// Waits until the handshake is over, and says how it ended.
     async fn wait_connected(&self) -> io::Result<()> {
-        let guard = self.inner.writable().await?;
-        drop(guard);
-        match self.inner.get_ref().take_error()? {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        wait_connected(&self.inner, |s| s.connect_status()).await
     }
 
     /// The local address that this socket is bound to.
@@ -211,12 +266,14 @@ impl VsockStream {
     /// Reads what has arrived without waiting: `WouldBlock` when nothing has (and clears the
     /// readiness [`VsockStream::readable`] saw), `Ok(0)` at end of stream.
     pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner.try_io(Interest::READABLE, |s| (&*s).read(buf))
+        self.inner
+            .try_io(Interest::READABLE, |s| (&s.sock).read(buf))
     }
 
     /// Writes what fits without waiting: `WouldBlock` when nothing does.
     pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
-        self.inner.try_io(Interest::WRITABLE, |s| (&*s).write(buf))
+        self.inner
+            .try_io(Interest::WRITABLE, |s| (&s.sock).write(buf))
     }
 
     /// Borrowed read and write halves, usable at once (tokio-vsock's `split`).
@@ -242,7 +299,7 @@ impl VsockStream {
         // Zeroes only what was never initialized (nothing, for `read(&mut [u8])`).
         let unfilled = buf.initialize_unfilled();
         let n = ready!(poll_io(&self.inner, cx, Interest::READABLE, |s| {
-            (&*s).read(unfilled)
+            (&s.sock).read(unfilled)
         }))?;
         buf.advance(n);
         Poll::Ready(Ok(()))
@@ -253,7 +310,9 @@ impl VsockStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        poll_io(&self.inner, cx, Interest::WRITABLE, |s| (&*s).write(buf))
+        poll_io(&self.inner, cx, Interest::WRITABLE, |s| {
+            (&s.sock).write(buf)
+        })
     }
 
     pub(crate) fn poll_write_vectored_priv(
@@ -262,7 +321,7 @@ impl VsockStream {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         poll_io(&self.inner, cx, Interest::WRITABLE, |s| {
-            (&*s).write_vectored(bufs)
+            (&s.sock).write_vectored(bufs)
         })
     }
 }
@@ -275,7 +334,7 @@ impl AsFd for VsockStream {
 
 impl AsRawFd for VsockStream {
     fn as_raw_fd(&self) -> RawFd {
-        self.inner.as_raw_fd()
+        self.as_fd().as_raw_fd()
     }
 }
 
@@ -519,7 +578,7 @@ fn listen_port(driver: &VsockDriver, addr: VsockAddr) -> io::Result<u32> {
 /// An async listener for streams (tokio-vsock's `VsockListener`).
 #[derive(Debug)]
 pub struct VsockListener {
-    inner: AsyncFd<driver::VsockListener>,
+    inner: AsyncFd<Registered<driver::VsockListener>>,
 }
 
 impl VsockListener {
@@ -575,7 +634,7 @@ impl AsFd for VsockListener {
 
 impl AsRawFd for VsockListener {
     fn as_raw_fd(&self) -> RawFd {
-        self.inner.as_raw_fd()
+        self.as_fd().as_raw_fd()
     }
 }
 
@@ -605,7 +664,7 @@ impl AsRawFd for Incoming {
 /// datagram sockets (`send`, `recv`, `poll_send`, `poll_recv`).
 #[derive(Debug)]
 pub struct VsockSeqPacket {
-    inner: AsyncFd<driver::VsockSeqPacket>,
+    inner: AsyncFd<Registered<driver::VsockSeqPacket>>,
 }
 
 impl VsockSeqPacket {
@@ -620,11 +679,8 @@ impl VsockSeqPacket {
     /// Open a SEQPACKET connection to `addr` on `driver` (as [`VsockStream::connect`]).
     pub async fn connect(driver: &VsockDriver, addr: VsockAddr) -> io::Result<Self> {
         let s = VsockSeqPacket::new(driver.connect_seqpacket_nonblocking(addr)?)?;
-        drop(s.inner.writable().await?);
-        match s.inner.get_ref().take_error()? {
-            Some(e) => Err(e),
-            None => Ok(s),
-        }
+        wait_connected(&s.inner, |s| s.connect_status()).await?;
+        Ok(s)
     }
 
     /// Sends one message whole, waiting for room for all of it; returns its length.
@@ -688,14 +744,14 @@ impl AsFd for VsockSeqPacket {
 
 impl AsRawFd for VsockSeqPacket {
     fn as_raw_fd(&self) -> RawFd {
-        self.inner.as_raw_fd()
+        self.as_fd().as_raw_fd()
     }
 }
 
 /// An async listener for SEQPACKET connections.
 #[derive(Debug)]
 pub struct VsockSeqPacketListener {
-    inner: AsyncFd<driver::VsockListener>,
+    inner: AsyncFd<Registered<driver::VsockListener>>,
 }
 
 impl VsockSeqPacketListener {
@@ -738,6 +794,6 @@ impl AsFd for VsockSeqPacketListener {
 
 impl AsRawFd for VsockSeqPacketListener {
     fn as_raw_fd(&self) -> RawFd {
-        self.inner.as_raw_fd()
+        self.as_fd().as_raw_fd()
     }
 }

@@ -395,3 +395,52 @@ fn receive_low_water_mark_holds_readability_and_blocking_reads() {
     }
     assert_eq!(got, 5);
 }
+
+#[test]
+fn a_write_that_finds_the_tx_pool_empty_shows_unwritable_until_chunks_return() {
+    // One 64 KiB chunk for every connection: a writer whose peer does not read holds it.
+    let (d, host) = VsockDriver::open_sim(
+        SimConfig::default(),
+        DriverConfig {
+            tx_pool_size: 64 * 1024,
+            ..DriverConfig::default()
+        },
+    )
+    .unwrap();
+    let l = host.listen(6400).unwrap();
+    let a = d.connect(VsockAddr::new(2, 6400)).unwrap();
+    let (mut peer_a, _) = l.accept().unwrap();
+    let b = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap();
+    for s in [&a, &b] {
+        s.set_nonblocking(true).unwrap();
+    }
+    // `a` fills the pool (its peer's window takes the rest until nobody reads).
+    let big = vec![7u8; 1 << 20];
+    let mut sent_a = 0;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(500) {
+        match (&a).write(&big) {
+            Ok(n) => sent_a += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let bfd = b.as_raw_fd();
+    let e = (&b).write(&[1u8; 4096]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::WouldBlock, "the pool is empty");
+    assert_eq!(
+        now(bfd) & OUT,
+        0,
+        "room in b's send buffer, but no memory: not writable (else a poller spins or misses the edge)"
+    );
+    // a's peer reads: chunks come back, and b turns writable.
+    let reader = std::thread::spawn(move || {
+        let mut got = vec![0u8; sent_a];
+        peer_a.read_exact(&mut got).unwrap();
+    });
+    wait_for(bfd, OUT);
+    assert_eq!((&b).write(&[1u8; 4096]).unwrap(), 4096);
+    reader.join().unwrap();
+}

@@ -346,7 +346,6 @@ async fn device_death_fails_every_pending_call() {
 /// same: `driver::VsockStream::write` after `reset_device` is `Ok(1)` while `read` is
 /// `ConnectionAborted`). Reported to the runtime's owner; run with `--ignored` once fixed.
 #[tokio::test(flavor = "current_thread")]
-#[ignore = "runtime bug: a write after the device's death returns Ok (src/runtime/core.rs, Core::write)"]
 async fn write_after_device_death_is_an_error() {
     let (d, _host) = sim();
     let mut s = VsockStream::connect(&d, echo()).await.unwrap();

@@ -250,6 +250,20 @@ pub(crate) struct ConnectOpts {
     pub(crate) nonblocking: bool,
 }
 
+/// For the tokio API.
+#[cfg(feature = "tokio")]
+impl VsockStream {
+    /// The edge notifier the tokio API registers (see the runtime's `readiness.rs`).
+    pub(crate) fn edge_notifier(&self) -> io::Result<UserFd> {
+        self.core.conn_notifier(self.conn.id)
+    }
+
+    /// How a non-blocking connect ended: `None` while the handshake is in progress.
+    pub(crate) fn connect_status(&self) -> Option<io::Result<()>> {
+        self.core.connect_status(self.conn.id)
+    }
+}
+
 impl AsFd for VsockStream {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.conn.fd()
@@ -546,6 +560,15 @@ impl VsockListener {
     }
 }
 
+/// For the tokio API.
+#[cfg(feature = "tokio")]
+impl VsockListener {
+    /// The edge notifier the tokio API registers.
+    pub(crate) fn edge_notifier(&self) -> io::Result<UserFd> {
+        self.core.listener_notifier(self.id)
+    }
+}
+
 impl AsFd for VsockListener {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd
@@ -683,6 +706,20 @@ impl VsockSeqPacket {
     /// The pending error, taken (see [`VsockStream::take_error`]).
     pub fn take_error(&self) -> io::Result<Option<io::Error>> {
         self.inner.take_error()
+    }
+}
+
+/// For the tokio API.
+#[cfg(feature = "tokio")]
+impl VsockSeqPacket {
+    /// The edge notifier the tokio API registers.
+    pub(crate) fn edge_notifier(&self) -> io::Result<UserFd> {
+        self.inner.edge_notifier()
+    }
+
+    /// How a non-blocking connect ended: `None` while the handshake is in progress.
+    pub(crate) fn connect_status(&self) -> Option<io::Result<()>> {
+        self.inner.connect_status()
     }
 }
 

@@ -902,8 +902,12 @@ impl<S: Storage> Endpoint<S> {
             };
         // For seqpacket, room for one byte does not promise room for a whole message; it is
         // what Linux's poll reports too (free space > 0).
-        let writable =
-            Self::check_sendable(conn).is_ok() && conn.tx_space(self.config.send_buffer) > 0;
+        // A send that found no room or no storage waits for `Writable`: until it comes the
+        // connection is not writable, even with room in its send buffer (the shared TX pool
+        // may be exhausted), so that the event is an edge a poller sees.
+        let writable = Self::check_sendable(conn).is_ok()
+            && conn.tx_space(self.config.send_buffer) > 0
+            && !conn.writable_wanted;
         let both_shut = conn.local_shutdown.send && conn.local_shutdown.receive;
         Readiness {
             readable,

@@ -18,7 +18,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::error::{error_chain, Ended, TransportError};
-use super::readiness::{ReadyFd, UserFd};
+use super::readiness::{Notifier, ReadyFd, UserFd};
 use super::stats::DriverStats;
 use super::storage::{RtStorage, RtTx};
 use crate::packet::{ShutdownFlags, SocketType};
@@ -74,6 +74,9 @@ pub(crate) struct CoreState {
     /// (`readiness.rs`): kept showing what each is ready for after every call and event.
     conn_fds: HashMap<ConnId, ReadyFd>,
     listen_fds: HashMap<ListenerId, ReadyFd>,
+    /// The edge notifiers of sockets registered with an edge-triggered poller (the tokio API).
+    conn_notifiers: HashMap<ConnId, Notifier>,
+    listen_notifiers: HashMap<ListenerId, Notifier>,
     /// Per-connection write locks: a write holds its connection's while it copies with the
     /// core's lock let go, so that writes to one connection stay in order.
     writers: HashMap<ConnId, Arc<Mutex<()>>>,
@@ -238,6 +241,8 @@ impl Core {
                 reset: HashMap::new(),
                 conn_fds: HashMap::new(),
                 listen_fds: HashMap::new(),
+                conn_notifiers: HashMap::new(),
+                listen_notifiers: HashMap::new(),
                 writers: HashMap::new(),
                 flushing: HashMap::new(),
                 rcvlowat: HashMap::new(),
@@ -392,6 +397,13 @@ impl Core {
         for fd in st.conn_fds.values_mut().chain(st.listen_fds.values_mut()) {
             fd.show(failed);
         }
+        for n in st
+            .conn_notifiers
+            .values_mut()
+            .chain(st.listen_notifiers.values_mut())
+        {
+            n.show(failed);
+        }
     }
 
     /// What `t` is ready for now.
@@ -421,17 +433,80 @@ impl Core {
 
     /// Bring `t`'s readiness descriptor (if it has one) up to date.
     fn show(st: &mut CoreState, t: Target) {
-        if st.conn_fds.is_empty() && st.listen_fds.is_empty() {
+        if st.conn_fds.is_empty()
+            && st.listen_fds.is_empty()
+            && st.conn_notifiers.is_empty()
+            && st.listen_notifiers.is_empty()
+        {
+            return;
+        }
+        let (fd, notifier) = match t {
+            Target::Conn(c) => (
+                st.conn_fds.contains_key(&c),
+                st.conn_notifiers.contains_key(&c),
+            ),
+            Target::Listener(l) => (
+                st.listen_fds.contains_key(&l),
+                st.listen_notifiers.contains_key(&l),
+            ),
+        };
+        if !fd && !notifier {
             return;
         }
         let r = Core::readiness(st, t);
-        let fd = match t {
-            Target::Conn(c) => st.conn_fds.get_mut(&c),
-            Target::Listener(l) => st.listen_fds.get_mut(&l),
-        };
-        if let Some(fd) = fd {
-            fd.show(r);
+        match t {
+            Target::Conn(c) => {
+                if let Some(fd) = st.conn_fds.get_mut(&c) {
+                    fd.show(r);
+                }
+                if let Some(n) = st.conn_notifiers.get_mut(&c) {
+                    n.show(r);
+                }
+            }
+            Target::Listener(l) => {
+                if let Some(fd) = st.listen_fds.get_mut(&l) {
+                    fd.show(r);
+                }
+                if let Some(n) = st.listen_notifiers.get_mut(&l) {
+                    n.show(r);
+                }
+            }
         }
+    }
+
+    #[cfg(feature = "tokio")]
+    /// The edge notifier of `t` (see `readiness.rs`), made on first use; an error when no
+    /// descriptor can be made.
+    fn notifier_of(&self, t: Target) -> io::Result<UserFd> {
+        let mut st = self.lock();
+        let existing = match t {
+            Target::Conn(c) => st.conn_notifiers.get(&c),
+            Target::Listener(l) => st.listen_notifiers.get(&l),
+        };
+        if let Some(n) = existing {
+            return Ok(n.user());
+        }
+        let mut n = Notifier::new()?;
+        // What is ready now counts as an edge: a waiter registering late still wakes.
+        n.show(Core::readiness(&st, t));
+        let user = n.user();
+        match t {
+            Target::Conn(c) => st.conn_notifiers.insert(c, n),
+            Target::Listener(l) => st.listen_notifiers.insert(l, n),
+        };
+        Ok(user)
+    }
+
+    #[cfg(feature = "tokio")]
+    /// Connection `c`'s edge notifier.
+    pub(crate) fn conn_notifier(&self, c: ConnId) -> io::Result<UserFd> {
+        self.notifier_of(Target::Conn(c))
+    }
+
+    #[cfg(feature = "tokio")]
+    /// Listener `l`'s edge notifier.
+    pub(crate) fn listener_notifier(&self, l: ListenerId) -> io::Result<UserFd> {
+        self.notifier_of(Target::Listener(l))
     }
 
     /// The readiness descriptor of `t`, made on first use; when none can be made (no
@@ -469,6 +544,25 @@ impl Core {
     /// Listener `l`'s readiness descriptor: readable while a connection waits to be accepted.
     pub(crate) fn listener_fd(&self, l: ListenerId) -> UserFd {
         self.fd_of(Target::Listener(l))
+    }
+
+    #[cfg(feature = "tokio")]
+    /// How the handshake of connection `c` ended: `None` while it is in progress, else `Ok`
+    /// or the error (taken, as [`Core::take_error`] would).
+    pub(crate) fn connect_status(&self, c: ConnId) -> Option<io::Result<()>> {
+        let mut st = self.lock();
+        if let Err(e) = Core::check_dead(&st) {
+            return Some(Err(e));
+        }
+        match st.connect_result.get(&c) {
+            Some(Err(_)) => match st.connect_result.remove(&c) {
+                Some(Err(e)) => Some(Err(to_io(e))),
+                _ => Some(Ok(())),
+            },
+            Some(Ok(())) => Some(Ok(())),
+            None if st.ep.state(c) == Some(crate::proto::ConnState::Connecting) => None,
+            None => Some(Ok(())),
+        }
     }
 
     /// The pending error of connection `c`, taken (as `SO_ERROR`): a failed connect, a reset,
@@ -805,6 +899,7 @@ impl Core {
         st.ep.unlisten(Instant::now(), l);
         st.listen_wait.remove(&l);
         st.listen_fds.remove(&l);
+        st.listen_notifiers.remove(&l);
         self.kick(&mut st);
     }
 
@@ -1296,6 +1391,7 @@ impl Core {
         st.ep.close(Instant::now(), c);
         st.conn_wait.remove(&c);
         st.conn_fds.remove(&c);
+        st.conn_notifiers.remove(&c);
         st.writers.remove(&c);
         st.rcvlowat.remove(&c);
         st.reset.remove(&c);

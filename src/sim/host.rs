@@ -287,6 +287,9 @@ pub struct SimHost {
     config: Arc<EventFd>,
 }
 
+/// The built-in services' listen backlog (see [`SimHost::start`]).
+const SERVICE_BACKLOG: usize = 1 << 20;
+
 impl SimHost {
     /// The host side of a new device with settings `cfg`: CID 2 with the built-in services
     /// listening, its transport on `rings` (empty until the device is activated). `waker` wakes
@@ -314,7 +317,11 @@ impl SimHost {
             if ty == SocketType::SeqPacket && !cfg.seqpacket {
                 continue;
             }
-            if let Ok(l) = ep.listen(port, 1024, ty) {
+            // The services accept every connection within the pump it arrived in, but one
+            // pump may take a whole TX ring of REQUESTs many times over while the driver keeps
+            // posting (10,000 connects at once): a backlog that never refuses, as a host
+            // that keeps up would.
+            if let Ok(l) = ep.listen(port, SERVICE_BACKLOG, ty) {
                 listeners.push((l, kind));
             }
         }

@@ -47,7 +47,7 @@ impl Conn {
         };
         let resp = Header {
             op: Op::Response as u16,
-            ..c.from_peer(ty)
+            ..c.peer_header(ty)
         };
         c.ep.handle_packet(now, &resp, &[]);
         assert_eq!(c.ep.poll_event(), Some(Event::Connected(id)));
@@ -56,7 +56,7 @@ impl Conn {
     }
 
     /// A well-formed header from the peer to this connection; tweak it with struct update.
-    fn from_peer(&self, ty: SocketType) -> Header {
+    fn peer_header(&self, ty: SocketType) -> Header {
         Header {
             src_cid: VMADDR_CID_HOST,
             dst_cid: GUEST_CID,
@@ -74,7 +74,7 @@ impl Conn {
     fn rw(&self, payload: &[u8]) -> Header {
         Header {
             len: u32::try_from(payload.len()).unwrap(),
-            ..self.from_peer(SocketType::Stream)
+            ..self.peer_header(SocketType::Stream)
         }
     }
 
@@ -182,7 +182,7 @@ fn len_that_disagrees_with_the_payload_or_sits_on_a_control_op_is_dropped() {
         let hdr = Header {
             op: op as u16,
             len: 3,
-            ..c.from_peer(SocketType::Stream)
+            ..c.peer_header(SocketType::Stream)
         };
         c.ep.handle_packet(c.now, &hdr, b"bad");
     }
@@ -249,7 +249,7 @@ fn op_request_or_response_on_an_established_connection_is_dropped() {
     for op in [Op::Request, Op::Response] {
         let hdr = Header {
             op: op as u16,
-            ..c.from_peer(SocketType::Stream)
+            ..c.peer_header(SocketType::Stream)
         };
         c.ep.handle_packet(c.now, &hdr, &[]);
     }
@@ -271,7 +271,7 @@ fn flags_unknown_bits_are_ignored() {
     let shut = Header {
         op: Op::Shutdown as u16,
         flags: !3,
-        ..c.from_peer(SocketType::Stream)
+        ..c.peer_header(SocketType::Stream)
     };
     c.ep.handle_packet(c.now, &shut, &[]);
     assert_eq!(c.ep.state(c.id), Some(ConnState::Connected));
@@ -285,7 +285,7 @@ fn buf_alloc_bounds_what_we_send() {
     let small = Header {
         op: Op::CreditUpdate as u16,
         buf_alloc: 10,
-        ..c.from_peer(SocketType::Stream)
+        ..c.peer_header(SocketType::Stream)
     };
     c.ep.handle_packet(c.now, &small, &[]);
     c.ep.send(c.now, c.id, &[7; 100]).unwrap();
@@ -306,7 +306,7 @@ fn rw_sent(out: &[Header]) -> u32 {
 #[test]
 fn fwd_cnt_that_moves_backwards_or_beyond_what_we_sent_is_ignored() {
     let mut c = Conn::new(SocketType::Stream);
-    let template = c.from_peer(SocketType::Stream);
+    let template = c.peer_header(SocketType::Stream);
     let credit = |fwd_cnt| Header {
         op: Op::CreditUpdate as u16,
         buf_alloc: 1000,

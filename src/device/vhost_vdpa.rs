@@ -839,6 +839,10 @@ mod tests {
         reject_features_ok: bool,
         /// VHOST_VDPA_SET_CONFIG_CALL answers ENOTTY (an old kernel).
         no_config_call: bool,
+        /// VHOST_VDPA_GET_VRING_NUM answers this.
+        vring_num: u16,
+        /// A write(2) of an IOTLB message of this type fails with EFAULT.
+        fail_iotlb: Option<u8>,
         msgs: Vec<[u8; VHOST_MSG_V2_SIZE]>,
     }
 
@@ -853,6 +857,8 @@ mod tests {
                     status: 0,
                     reject_features_ok: false,
                     no_config_call: false,
+                    vring_num: 256,
+                    fail_iotlb: None,
                     msgs: Vec::new(),
                 })),
             }
@@ -924,7 +930,7 @@ mod tests {
             Ok((0x1001, u64::MAX))
         }
         fn get_vring_num(&self) -> io::Result<u16> {
-            Ok(256)
+            Ok(self.state.lock().unwrap().vring_num)
         }
         fn get_vqs_count(&self) -> io::Result<u32> {
             Ok(2)
@@ -955,7 +961,11 @@ mod tests {
         }
         fn write_msg(&self, m: &[u8; VHOST_MSG_V2_SIZE]) -> io::Result<()> {
             self.push(format!("iotlb type {}", m[33]));
-            self.state.lock().unwrap().msgs.push(*m);
+            let mut st = self.state.lock().unwrap();
+            if st.fail_iotlb == Some(m[33]) {
+                return Err(io::Error::from_raw_os_error(libc::EFAULT));
+            }
+            st.msgs.push(*m);
             Ok(())
         }
     }
@@ -1219,5 +1229,68 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("IOVA range"));
+    }
+
+    /// The kernel's only reply to an IOTLB message is write(2)'s result: a refused UPDATE fails
+    /// the mapping with the errno, the batch is still closed, and nothing is recorded as mapped
+    /// (so teardown does not invalidate a range the device never had).
+    #[test]
+    fn a_refused_iotlb_update_fails_the_mapping_and_closes_the_batch() {
+        let f = Fake::new(
+            19,
+            BACKEND_F_IOTLB_MSG_V2 | BACKEND_F_IOTLB_BATCH,
+            VSOCK_FEATURES,
+        );
+        f.state.lock().unwrap().fail_iotlb = Some(vb::VHOST_IOTLB_UPDATE);
+        let mut d = VhostVdpaDevice::with_sys(Box::new(f.clone()), "/x", 19).unwrap();
+        let dma = DmaRegion::new(&d.dma_options()).unwrap();
+        let e = d.map_dma(&dma).unwrap_err();
+        assert!(e.to_string().contains("IOTLB UPDATE"), "{e}");
+        let errno = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<io::Error>())
+            .and_then(io::Error::raw_os_error);
+        assert_eq!(errno, Some(libc::EFAULT), "{e:?}");
+        let iotlb: Vec<String> = f
+            .calls()
+            .into_iter()
+            .filter(|c| c.starts_with("iotlb"))
+            .collect();
+        // BATCH_BEGIN (5), the refused UPDATE (2), BATCH_END (6).
+        assert_eq!(iotlb, ["iotlb type 5", "iotlb type 2", "iotlb type 6"]);
+        d.unmap_all().unwrap();
+        assert!(
+            !f.calls().iter().any(|c| c == "iotlb type 3"),
+            "no INVALIDATE for a range that was never mapped"
+        );
+    }
+
+    /// VHOST_VDPA_GET_VRING_NUM is the device's word: it is reported as is (the driver takes the
+    /// minimum with its own size and `SplitQueue::new` refuses 0 or a non-power of two, see
+    /// `virtq::tests::construction::rejects_invalid_sizes`), and no queue above it, or with a
+    /// size the spec forbids, reaches the device.
+    #[test]
+    fn a_bogus_vring_num_bounds_every_queue() {
+        for bogus in [0u16, 100] {
+            let f = Fake::new(19, BACKEND_F_IOTLB_MSG_V2, VSOCK_FEATURES);
+            f.state.lock().unwrap().vring_num = bogus;
+            let mut d = VhostVdpaDevice::with_sys(Box::new(f.clone()), "/x", 19).unwrap();
+            assert_eq!(d.max_queue_size(0), bogus);
+            let dma = DmaRegion::new(&d.dma_options()).unwrap();
+            let q = crate::virtq::SplitQueue::new(&dma, 128, false).unwrap();
+            let e = d.setup_queue(0, &q.layout()).unwrap_err();
+            assert!(
+                matches!(e, DeviceError::BadQueueSize { size: 128, max } if max == bogus),
+                "{bogus}: {e:?}"
+            );
+            let odd = QueueLayout {
+                size: 48,
+                ..q.layout()
+            };
+            assert!(d.setup_queue(0, &odd).is_err(), "{bogus}: size 48 accepted");
+            assert!(
+                !f.calls().iter().any(|c| c.starts_with("vring_num")),
+                "{bogus}: a refused size reached the device"
+            );
+        }
     }
 }

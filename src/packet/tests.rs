@@ -1701,7 +1701,12 @@ fn prop_mem() -> Mem {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2000))]
+    // Under Miri each case costs about a second: a handful still walks the unsafe slice code.
+    #![proptest_config(ProptestConfig {
+        cases: if cfg!(miri) { 8 } else { 2000 },
+        failure_persistence: if cfg!(miri) { None } else { ProptestConfig::default().failure_persistence },
+        ..ProptestConfig::default()
+    })]
 
     /// No panic; a TX payload is exactly `len` bytes; every slice lies in memory; an RX buffer
     /// spread over descriptors is at most `max` bytes (a one-descriptor RX buffer is unbounded

@@ -100,7 +100,7 @@ impl Conn {
 }
 
 #[test]
-fn dst_cid_that_is_not_ours_is_dropped() {
+fn dst_cid_that_is_not_ours_is_dropped_and_answered_with_rst() {
     let mut c = Conn::new(SocketType::Stream);
     for dst_cid in [
         0,
@@ -117,10 +117,14 @@ fn dst_cid_that_is_not_ours_is_dropped() {
         c.ep.handle_packet(c.now, &hdr, b"bad");
     }
     assert_eq!(c.ep.stats().dropped_wrong_cid, 6);
-    assert_eq!(c.readable(), 0);
+    assert_eq!(c.readable(), 0, "never delivered");
+    // Answered as Linux answers a packet no socket takes: RST (from our own CID).
+    let out = c.drain_tx();
+    assert_eq!(out.len(), 6, "{out:?}");
     assert!(
-        c.drain_tx().is_empty(),
-        "a misaddressed packet gets no answer"
+        out.iter()
+            .all(|h| h.op == Op::Rst as u16 && h.src_cid == GUEST_CID),
+        "{out:?}"
     );
     c.assert_still_delivers();
 }

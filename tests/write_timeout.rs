@@ -16,8 +16,6 @@ const WINDOW: u32 = 4096;
 /// small: a write of four windows queues some of its bytes, then runs out of room and time.
 /// Whatever `write` answers, the peer must then receive exactly the bytes it reported.
 #[test]
-#[ignore = "known bug in src/runtime/core.rs (Core::write returns TimedOut after queueing part \
-            of the buffer); the fix is the lead's, see the reliability report"]
 fn regression_timed_out_write_reports_the_bytes_it_queued() {
     let (driver, host) = VsockDriver::open_sim(
         SimConfig {

@@ -7,6 +7,9 @@
 //! - [`Core`] (`core.rs`): one protocol endpoint behind a mutex, the per-connection condition
 //!   variables blocked callers wait on, the routing of the endpoint's events to them, and the
 //!   [`Transport`] trait: whoever moves packets between that endpoint and a device;
+//! - the readiness descriptors (`readiness.rs`): a socketpair per polled socket whose kernel
+//!   state is the connection's `poll(2)` mask, and an edge notifier (an eventfd) per socket
+//!   registered with the tokio API; the core keeps both up to date after every call and event;
 //! - [`run_loop`] (`event_loop.rs`): the event-loop thread that sleeps on eventfds (used-buffer
 //!   interrupts or kicks, the waker, the config interrupt) and pumps a core's transport;
 //! - [`DriverTransport`] (`transport.rs`): the driver's transport, the TX/RX buffers and rings of

@@ -610,18 +610,13 @@ impl<S: Storage> Endpoint<S> {
         fill: impl FnOnce(&mut S::Tx, usize),
     ) -> Result<usize, ProtoError> {
         let _ = now;
-        let send_buffer = self.config.send_buffer;
-        let conn = self.conn_of_type(
-            c,
-            SocketType::Stream,
-            "send on a seqpacket socket; use send_msg",
-        )?;
-        Self::check_sendable(conn)?;
-        let room = conn.tx_space(send_buffer).min(max);
+        let room = self.send_room(c, max)?;
         if room == 0 {
-            conn.writable_wanted = max > 0;
             return Ok(0);
         }
+        let Some(conn) = self.conns.get_mut(&c) else {
+            return Err(ProtoError::UnknownConnection);
+        };
         let before = conn.tx.len();
         fill(&mut conn.tx, room);
         let added = conn.tx.len().saturating_sub(before);

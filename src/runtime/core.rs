@@ -72,11 +72,9 @@ pub(crate) struct CoreState {
     reset: HashMap<ConnId, ()>,
     /// The readiness descriptors of the connections and listeners that were asked for one
     /// (`readiness.rs`): kept showing what each is ready for after every call and event.
-    conn_fds: HashMap<ConnId, ReadyFd>,
-    listen_fds: HashMap<ListenerId, ReadyFd>,
-    /// The edge notifiers of sockets registered with an edge-triggered poller (the tokio API).
-    conn_notifiers: HashMap<ConnId, Notifier>,
-    listen_notifiers: HashMap<ListenerId, Notifier>,
+    /// Their edge notifiers too, for sockets registered with an edge-triggered poller (the
+    /// tokio API).
+    shown: HashMap<Target, Shown>,
     /// Per-connection write locks: a write holds its connection's while it copies with the
     /// core's lock let go, so that writes to one connection stay in order.
     writers: HashMap<ConnId, Arc<Mutex<()>>>,
@@ -149,10 +147,29 @@ impl Wait {
 }
 
 /// What a call's readiness descriptor belongs to.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Target {
     Conn(ConnId),
     Listener(ListenerId),
+}
+
+/// How one socket's readiness is shown: its descriptor for `poll(2)`, its edge notifier for
+/// tokio, or both (each made when first asked for).
+#[derive(Debug, Default)]
+struct Shown {
+    fd: Option<ReadyFd>,
+    notifier: Option<Notifier>,
+}
+
+impl Shown {
+    fn show(&mut self, r: Readiness) {
+        if let Some(fd) = &mut self.fd {
+            fd.show(r);
+        }
+        if let Some(n) = &mut self.notifier {
+            n.show(r);
+        }
+    }
 }
 
 /// The longest a busy-poll caller (or a spinning loop thread) spins without progress before it
@@ -239,10 +256,7 @@ impl Core {
                 listen_wait: HashMap::new(),
                 connect_result: HashMap::new(),
                 reset: HashMap::new(),
-                conn_fds: HashMap::new(),
-                listen_fds: HashMap::new(),
-                conn_notifiers: HashMap::new(),
-                listen_notifiers: HashMap::new(),
+                shown: HashMap::new(),
                 writers: HashMap::new(),
                 flushing: HashMap::new(),
                 rcvlowat: HashMap::new(),
@@ -394,15 +408,8 @@ impl Core {
             error: true,
             ..Readiness::default()
         };
-        for fd in st.conn_fds.values_mut().chain(st.listen_fds.values_mut()) {
-            fd.show(failed);
-        }
-        for n in st
-            .conn_notifiers
-            .values_mut()
-            .chain(st.listen_notifiers.values_mut())
-        {
-            n.show(failed);
+        for shown in st.shown.values_mut() {
+            shown.show(failed);
         }
     }
 
@@ -431,46 +438,14 @@ impl Core {
         }
     }
 
-    /// Bring `t`'s readiness descriptor (if it has one) up to date.
+    /// Bring `t`'s readiness descriptor and notifier (if it has them) up to date.
     fn show(st: &mut CoreState, t: Target) {
-        if st.conn_fds.is_empty()
-            && st.listen_fds.is_empty()
-            && st.conn_notifiers.is_empty()
-            && st.listen_notifiers.is_empty()
-        {
-            return;
-        }
-        let (fd, notifier) = match t {
-            Target::Conn(c) => (
-                st.conn_fds.contains_key(&c),
-                st.conn_notifiers.contains_key(&c),
-            ),
-            Target::Listener(l) => (
-                st.listen_fds.contains_key(&l),
-                st.listen_notifiers.contains_key(&l),
-            ),
-        };
-        if !fd && !notifier {
+        if !st.shown.contains_key(&t) {
             return;
         }
         let r = Core::readiness(st, t);
-        match t {
-            Target::Conn(c) => {
-                if let Some(fd) = st.conn_fds.get_mut(&c) {
-                    fd.show(r);
-                }
-                if let Some(n) = st.conn_notifiers.get_mut(&c) {
-                    n.show(r);
-                }
-            }
-            Target::Listener(l) => {
-                if let Some(fd) = st.listen_fds.get_mut(&l) {
-                    fd.show(r);
-                }
-                if let Some(n) = st.listen_notifiers.get_mut(&l) {
-                    n.show(r);
-                }
-            }
+        if let Some(shown) = st.shown.get_mut(&t) {
+            shown.show(r);
         }
     }
 
@@ -479,21 +454,14 @@ impl Core {
     /// descriptor can be made.
     fn notifier_of(&self, t: Target) -> io::Result<UserFd> {
         let mut st = self.lock();
-        let existing = match t {
-            Target::Conn(c) => st.conn_notifiers.get(&c),
-            Target::Listener(l) => st.listen_notifiers.get(&l),
-        };
-        if let Some(n) = existing {
+        if let Some(n) = st.shown.get(&t).and_then(|s| s.notifier.as_ref()) {
             return Ok(n.user());
         }
         let mut n = Notifier::new()?;
         // What is ready now counts as an edge: a waiter registering late still wakes.
         n.show(Core::readiness(&st, t));
         let user = n.user();
-        match t {
-            Target::Conn(c) => st.conn_notifiers.insert(c, n),
-            Target::Listener(l) => st.listen_notifiers.insert(l, n),
-        };
+        st.shown.entry(t).or_default().notifier = Some(n);
         Ok(user)
     }
 
@@ -513,11 +481,7 @@ impl Core {
     /// descriptor left), the core's hung-up one, and the failure is logged.
     fn fd_of(&self, t: Target) -> UserFd {
         let mut st = self.lock();
-        let existing = match t {
-            Target::Conn(c) => st.conn_fds.get(&c),
-            Target::Listener(l) => st.listen_fds.get(&l),
-        };
-        if let Some(fd) = existing {
+        if let Some(fd) = st.shown.get(&t).and_then(|s| s.fd.as_ref()) {
             return fd.user();
         }
         let mut fd = match ReadyFd::new() {
@@ -529,10 +493,7 @@ impl Core {
         };
         fd.show(Core::readiness(&st, t));
         let user = fd.user();
-        match t {
-            Target::Conn(c) => st.conn_fds.insert(c, fd),
-            Target::Listener(l) => st.listen_fds.insert(l, fd),
-        };
+        st.shown.entry(t).or_default().fd = Some(fd);
         user
     }
 
@@ -898,8 +859,7 @@ impl Core {
         let mut st = self.lock();
         st.ep.unlisten(Instant::now(), l);
         st.listen_wait.remove(&l);
-        st.listen_fds.remove(&l);
-        st.listen_notifiers.remove(&l);
+        st.shown.remove(&Target::Listener(l));
         self.kick(&mut st);
     }
 
@@ -1390,8 +1350,7 @@ impl Core {
         let mut st = self.lock();
         st.ep.close(Instant::now(), c);
         st.conn_wait.remove(&c);
-        st.conn_fds.remove(&c);
-        st.conn_notifiers.remove(&c);
+        st.shown.remove(&Target::Conn(c));
         st.writers.remove(&c);
         st.rcvlowat.remove(&c);
         st.reset.remove(&c);

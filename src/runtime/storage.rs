@@ -756,29 +756,43 @@ pub(crate) struct RxLease {
 impl RxLease {
     /// Copy every leased byte into the front of `buf` (which holds at least as many: the
     /// lease was made for it): the one copy of a read. Returns the count.
-    pub(crate) fn copy_to(&self, mut buf: &mut [u8]) -> usize {
-        let mut done = 0;
-        for seg in &self.segs {
-            let n = seg.len().min(buf.len());
-            let (dst, rest) = std::mem::take(&mut buf).split_at_mut(n);
-            match seg {
-                RxSeg::Dma { buf: b, offset, .. } => {
-                    let addr = GuestAddress(b.addr().0 + *offset as u64);
-                    if let Err(e) = read_dma(&self.pool.mem, addr, dst) {
-                        log::error!("RX copy failed: {e}");
-                        dst.fill(0);
-                    }
-                }
-                RxSeg::Heap { data, start } => {
-                    crate::copy::copy_bytes(dst, &data[*start..*start + n]);
-                }
-            }
-            done += n;
-            buf = rest;
-        }
+    pub(crate) fn copy_to(&self, buf: &mut [u8]) -> usize {
+        let done = copy_segments(&self.pool.mem, &self.segs, buf);
         CopyCounters::add(&self.counters.rx_copied, done);
         done
     }
+}
+
+/// Copy the bytes of `segs`, in order, into the front of `buf` (as many as fit); returns the
+/// count. What `read` does without consuming: a lease's copy and `peek`.
+fn copy_segments<'a>(
+    mem: &GuestMemoryMmap<()>,
+    segs: impl IntoIterator<Item = &'a RxSeg>,
+    mut buf: &mut [u8],
+) -> usize {
+    let mut done = 0;
+    for seg in segs {
+        if buf.is_empty() {
+            break;
+        }
+        let n = seg.len().min(buf.len());
+        let (dst, rest) = std::mem::take(&mut buf).split_at_mut(n);
+        match seg {
+            RxSeg::Dma { buf: b, offset, .. } => {
+                let addr = GuestAddress(b.addr().0 + *offset as u64);
+                if let Err(e) = read_dma(mem, addr, dst) {
+                    log::error!("RX copy failed: {e}");
+                    dst.fill(0);
+                }
+            }
+            RxSeg::Heap { data, start } => {
+                crate::copy::copy_bytes(dst, &data[*start..*start + n]);
+            }
+        }
+        done += n;
+        buf = rest;
+    }
+    done
 }
 
 impl DmaRx {
@@ -875,27 +889,8 @@ impl RxBuf for DmaRx {
         CopyCounters::add(&self.counters.rx_copied, copied);
     }
 
-    fn peek(&self, mut buf: &mut [u8]) {
-        for seg in &self.segs {
-            if buf.is_empty() {
-                break;
-            }
-            let n = seg.len().min(buf.len());
-            let (dst, rest) = std::mem::take(&mut buf).split_at_mut(n);
-            match seg {
-                RxSeg::Dma { buf: b, offset, .. } => {
-                    let addr = GuestAddress(b.addr().0 + *offset as u64);
-                    if let Err(e) = read_dma(&self.pool.mem, addr, dst) {
-                        log::error!("RX peek failed: {e}");
-                        dst.fill(0);
-                    }
-                }
-                RxSeg::Heap { data, start } => {
-                    crate::copy::copy_bytes(dst, &data[*start..*start + n]);
-                }
-            }
-            buf = rest;
-        }
+    fn peek(&self, buf: &mut [u8]) {
+        copy_segments(&self.pool.mem, &self.segs, buf);
     }
 
     fn discard(&mut self, mut n: usize) {

@@ -39,46 +39,49 @@ const MAX_PUMP_ROUNDS: u32 = 64;
 /// In spin mode, rounds between two looks at the eventfds.
 const SPIN_ROUNDS_PER_POLL: u32 = 256;
 
+/// A loop's epoll instance with every descriptor of its [`LoopFds`] registered, made before
+/// its thread starts: a failure is the bring-up's error, and every descriptor the loop needs
+/// is open once the driver (or device) is up, not whenever the thread gets to run.
+pub(crate) struct EventLoop {
+    epoll: Epoll,
+    fds: LoopFds,
+}
+
+impl EventLoop {
+    /// Create the epoll instance and register `fds` (stop, waker, signals, config; each event's
+    /// data is its index in that order).
+    pub(crate) fn new(fds: LoopFds) -> std::io::Result<EventLoop> {
+        let epoll = Epoll::new()?;
+        for (i, fd) in fds.all().iter().enumerate() {
+            epoll.ctl(
+                ControlOperation::Add,
+                std::os::unix::io::AsRawFd::as_raw_fd(*fd),
+                EpollEvent::new(EventSet::IN, i as u64),
+            )?;
+        }
+        Ok(EventLoop { epoll, fds })
+    }
+}
+
+impl LoopFds {
+    /// Every descriptor waited on, in the order of their event data.
+    fn all(&self) -> Vec<&EventFd> {
+        std::iter::once(&self.stop)
+            .chain(std::iter::once(&self.waker))
+            .chain(self.signals.iter())
+            .chain(self.config.iter())
+            .collect()
+    }
+}
+
 /// Run `core`'s transport until `stop` is signalled: the event loop of the driver and of the
 /// simulated device alike.
-pub(crate) fn run_loop(core: Arc<Core>, fds: LoopFds) {
-    let epoll = match Epoll::new() {
-        Ok(e) => e,
-        Err(e) => {
-            core.kill(
-                TransportError::EventLoop {
-                    op: "epoll_create",
-                    source: e,
-                }
-                .into(),
-            );
-            return;
-        }
-    };
-    let all: Vec<&EventFd> = std::iter::once(&fds.stop)
-        .chain(std::iter::once(&fds.waker))
-        .chain(fds.signals.iter())
-        .chain(fds.config.iter())
-        .collect();
+pub(crate) fn run_loop(core: Arc<Core>, el: EventLoop) {
+    let EventLoop { epoll, fds } = el;
+    let all = fds.all();
     // Its index in `all`, when present (it is last).
     let config_index = fds.config.as_ref().map(|_| all.len() - 1);
     let mut config_pending = false;
-    for (i, fd) in all.iter().enumerate() {
-        if let Err(e) = epoll.ctl(
-            ControlOperation::Add,
-            std::os::unix::io::AsRawFd::as_raw_fd(*fd),
-            EpollEvent::new(EventSet::IN, i as u64),
-        ) {
-            core.kill(
-                TransportError::EventLoop {
-                    op: "epoll_ctl",
-                    source: e,
-                }
-                .into(),
-            );
-            return;
-        }
-    }
     let mut events = vec![EpollEvent::default(); all.len()];
     // A zero sleep means "spin": look at the eventfds (for the stop signal) only now and then,
     // since an epoll_wait per round costs more than the round itself.

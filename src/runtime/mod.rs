@@ -34,7 +34,7 @@ mod transport;
 
 pub(crate) use self::core::{to_io, Core, RtEndpoint, Transport, Wait};
 pub(crate) use self::error::{error_chain, Ended, TransportError};
-pub(crate) use self::event_loop::{run_loop, LoopFds};
+pub(crate) use self::event_loop::{run_loop, EventLoop, LoopFds};
 pub(crate) use self::readiness::UserFd;
 pub use self::stats::DriverStats;
 pub(crate) use self::storage::{DmaStorage, RtStorage, RxPool, TxPool, TX_CHUNK};

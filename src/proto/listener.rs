@@ -23,6 +23,18 @@ pub(super) struct Listener {
 }
 
 impl<S: Storage> Endpoint<S> {
+    /// What `listen` and `listen_any_port` both refuse: a socket type not negotiated, and a
+    /// backlog of 0.
+    fn check_listen(&self, backlog: usize, ty: SocketType) -> Result<(), ProtoError> {
+        self.check_type(ty)?;
+        if backlog == 0 {
+            return Err(ProtoError::InvalidInput(
+                "listen backlog must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
     /// Listen on `port` for connections of type `ty`; at most `backlog` (≥ 1) established
     /// connections wait for `accept`, further `REQUEST`s get `RST`.
     ///
@@ -36,12 +48,7 @@ impl<S: Storage> Endpoint<S> {
         backlog: usize,
         ty: SocketType,
     ) -> Result<ListenerId, ProtoError> {
-        self.check_type(ty)?;
-        if backlog == 0 {
-            return Err(ProtoError::InvalidInput(
-                "listen backlog must be at least 1",
-            ));
-        }
+        self.check_listen(backlog, ty)?;
         let port = if port == VMADDR_PORT_ANY {
             self.alloc_ephemeral()?
         } else {
@@ -79,12 +86,7 @@ impl<S: Storage> Endpoint<S> {
         backlog: usize,
         ty: SocketType,
     ) -> Result<ListenerId, ProtoError> {
-        self.check_type(ty)?;
-        if backlog == 0 {
-            return Err(ProtoError::InvalidInput(
-                "listen backlog must be at least 1",
-            ));
-        }
+        self.check_listen(backlog, ty)?;
         if self.any_listener.is_some() {
             return Err(ProtoError::InvalidInput(
                 "there is already a listener on every port (listen_any_port)",

@@ -29,8 +29,8 @@ use crate::packet::{
 use crate::packet::{VIRTIO_VSOCK_F_NO_IMPLIED_STREAM, VIRTIO_VSOCK_F_STREAM};
 use crate::proto::{self, Endpoint};
 use crate::runtime::{
-    refill_rx, run_loop, valid_guest_cid, Core, DeviceRings, DmaStorage, DriverTransport, Ended,
-    EventLoop, LoopFds, RtStorage, RxPool, TxPool, TX_CHUNK, TX_HDR_SLOT,
+    refill_rx, valid_guest_cid, Core, DeviceRings, DmaStorage, DriverTransport, Ended, EventLoop,
+    LoopFds, RtStorage, RxPool, TxPool, TX_CHUNK, TX_HDR_SLOT,
 };
 use crate::virtq::SplitQueue;
 
@@ -352,10 +352,8 @@ impl VsockDriver {
         let core = Core::new(endpoint, Box::new(transport), config.busy_poll)
             .map_err(io_err("readiness descriptor"))?;
         let event_loop = EventLoop::new(fds).map_err(io_err("event loop (epoll)"))?;
-        let loop_core = core.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("vsock-{name}"))
-            .spawn(move || run_loop(loop_core, event_loop))
+        let thread = event_loop
+            .spawn(format!("vsock-{name}"), core.clone())
             .map_err(io_err("spawn event loop"))?;
         log::info!(
             "{name}: driver up, cid {cid}, {size} descriptors per queue, features {negotiated:#x}"

@@ -8,7 +8,9 @@
 //! themselves and the loop thread only wakes every millisecond for timers and unattended traffic.
 
 use std::io;
+use std::sync::mpsc::{self, SyncSender};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,6 +63,37 @@ impl EventLoop {
         }
         Ok(EventLoop { epoll, fds })
     }
+
+    /// Start the loop's thread, named `name`, over `core`, and return once it runs.
+    ///
+    /// Why wait: a new thread's start-up is not free. Rust's runtime maps a signal stack for
+    /// it (an `mmap` and an `mprotect`, which take the process's `mmap_lock` for writing), and
+    /// its first allocation may map a heap. In a process that maps and unmaps a lot (threads
+    /// coming and going, large buffers), those calls queue behind the others for a second or
+    /// more; a connect made meanwhile has its 2 s protocol timer running while the threads
+    /// that would answer it are not yet running (issue 15's connect stall; see
+    /// `tests/README.md`). Waiting here moves that delay into bring-up, which has no timer.
+    pub(crate) fn spawn(self, name: String, core: Arc<Core>) -> io::Result<JoinHandle<()>> {
+        let (ready, started) = mpsc::sync_channel(1);
+        #[cfg(test)]
+        let delay = tests::START_DELAYS
+            .with(|d| d.borrow_mut().pop())
+            .unwrap_or_default();
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            // Stands in for a start-up stuck behind `mmap_lock` (see the tests below).
+            #[cfg(test)]
+            std::thread::sleep(delay);
+            run_loop(core, self, ready);
+        })?;
+        if started.recv().is_err() {
+            // The sender went away unsent: the thread ended before its loop (a panic).
+            let _ = thread.join();
+            return Err(io::Error::other(
+                "the event-loop thread ended as it started",
+            ));
+        }
+        Ok(thread)
+    }
 }
 
 impl LoopFds {
@@ -75,14 +108,17 @@ impl LoopFds {
 }
 
 /// Run `core`'s transport until `stop` is signalled: the event loop of the driver and of the
-/// simulated device alike.
-pub(crate) fn run_loop(core: Arc<Core>, el: EventLoop) {
+/// simulated device alike. `ready` is told once the thread has done its start-up allocations.
+fn run_loop(core: Arc<Core>, el: EventLoop, ready: SyncSender<()>) {
     let EventLoop { epoll, fds } = el;
     let all = fds.all();
     // Its index in `all`, when present (it is last).
     let config_index = fds.config.as_ref().map(|_| all.len() - 1);
     let mut config_pending = false;
     let mut events = vec![EpollEvent::default(); all.len()];
+    // The spawner waits for this; it may already have given up (an error path): no matter.
+    let _ = ready.send(());
+    drop(ready);
     // A zero sleep means "spin": look at the eventfds (for the stop signal) only now and then,
     // since an epoll_wait per round costs more than the round itself.
     let spinning = fds.max_sleep == Some(Duration::ZERO);
@@ -182,5 +218,55 @@ pub(crate) fn run_loop(core: Arc<Core>, el: EventLoop) {
                 Err(_) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::time::{Duration, Instant};
+
+    use crate::driver::{DriverConfig, VsockAddr, VsockDriver};
+    use crate::sim::{SimConfig, ECHO_PORT};
+
+    thread_local! {
+        /// How long the next event-loop threads spawned from this thread take to start, the
+        /// next one last (tests only).
+        pub(super) static START_DELAYS: RefCell<Vec<Duration>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Issue 15's connect stall, made deterministic. Under load a new thread's start-up waited
+    /// seconds for `mmap_lock` (Rust maps a signal stack per thread), bring-up returned before
+    /// its threads ran, and a connect made then timed out: its 2 s timer ran while the driver's
+    /// and the sim's threads were not yet running (tests/README.md, "The connect stall"). Here
+    /// start-up takes 1.5 s on purpose for the sim's thread (spawned first) and 1.2 s for the
+    /// driver's, and the connect's timer is 1 s: bring-up must absorb the wait, and the connect
+    /// must then succeed. Without the wait in `EventLoop::spawn`, bring-up returns at once and
+    /// the connect fails with `TimedOut` (the driver's thread starts after the timer ran out,
+    /// and before the sim's thread could answer), as in the suite under load.
+    #[test]
+    fn regression_connect_after_bring_up_does_not_race_thread_start_up() {
+        const START: Duration = Duration::from_millis(1500);
+        START_DELAYS.with(|d| *d.borrow_mut() = vec![Duration::from_millis(1200), START]);
+        let began = Instant::now();
+        let opened = VsockDriver::open_sim(SimConfig::default(), DriverConfig::default());
+        let unused = START_DELAYS.with(|d| std::mem::take(&mut *d.borrow_mut()));
+        assert!(
+            unused.is_empty(),
+            "bring-up spawned fewer loop threads than expected"
+        );
+        let (driver, _host) = opened.expect("open sim");
+        let took = began.elapsed();
+        assert!(
+            took >= START,
+            "bring-up returned after {took:?}, before its threads ran"
+        );
+        let mut s = driver
+            .connect_timeout(VsockAddr::new(2, ECHO_PORT), Duration::from_secs(1))
+            .expect("connect right after bring-up");
+        std::io::Write::write_all(&mut s, b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        std::io::Read::read_exact(&mut s, &mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
     }
 }

@@ -10,7 +10,7 @@
 //! - the readiness descriptors (`readiness.rs`): a socketpair per polled socket whose kernel
 //!   state is the connection's `poll(2)` mask, and an edge notifier (an eventfd) per socket
 //!   registered with the tokio API; the core keeps both up to date after every call and event;
-//! - [`run_loop`] (`event_loop.rs`): the event-loop thread that sleeps on eventfds (used-buffer
+//! - [`EventLoop`] (`event_loop.rs`): the event-loop thread that sleeps on eventfds (used-buffer
 //!   interrupts or kicks, the waker, the config interrupt) and pumps a core's transport;
 //! - [`DriverTransport`] (`transport.rs`): the driver's transport, the TX/RX buffers and rings of
 //!   one device, parsed with `VsockPacket` and fed to the endpoint;
@@ -34,7 +34,7 @@ mod transport;
 
 pub(crate) use self::core::{to_io, Core, RtEndpoint, Transport, Wait};
 pub(crate) use self::error::{error_chain, Ended, TransportError};
-pub(crate) use self::event_loop::{run_loop, EventLoop, LoopFds};
+pub(crate) use self::event_loop::{EventLoop, LoopFds};
 pub(crate) use self::readiness::UserFd;
 pub use self::stats::DriverStats;
 pub(crate) use self::storage::{DmaStorage, RtStorage, RxPool, TxPool, TX_CHUNK};

@@ -21,7 +21,7 @@ use crate::packet::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_VSOCK_F_NO_IMPLIED_STREAM,
     VIRTIO_VSOCK_F_SEQPACKET, VIRTIO_VSOCK_F_STREAM,
 };
-use crate::runtime::{run_loop, Core, EventLoop, LoopFds};
+use crate::runtime::{Core, EventLoop, LoopFds};
 use crate::virtq::QueueLayout;
 
 /// The simulated device. See the module docs.
@@ -236,9 +236,8 @@ impl VsockDevice for SimDevice {
         let event_loop = EventLoop::new(fds).map_err(|e| DeviceError::io("sim event loop", e))?;
         let core = self.host.core.clone();
         self.thread = Some(
-            std::thread::Builder::new()
-                .name("vsock-sim".into())
-                .spawn(move || run_loop(core, event_loop))
+            event_loop
+                .spawn("vsock-sim".into(), core)
                 .map_err(|e| DeviceError::io("spawn sim thread", e))?,
         );
         self.stop = Some(stop);

@@ -272,7 +272,10 @@ struct Pipe {
 #[derive(Debug)]
 enum State {
     /// Reading the `CONNECT <port>` line.
-    Handshake { side: Side, line: Vec<u8> },
+    Handshake {
+        side: Side,
+        line: Vec<u8>,
+    },
     /// The vsock connect is under way; `early` are the bytes that followed the line.
     Connecting {
         vs: VsockStream,
@@ -403,7 +406,8 @@ impl Server {
             State::Refused
         } else {
             self.slots += 1;
-            self.handshakes.push_back((now + self.handshake_timeout, id));
+            self.handshakes
+                .push_back((now + self.handshake_timeout, id));
             State::Handshake {
                 side,
                 line: Vec::with_capacity(MAX_LINE),
@@ -562,7 +566,8 @@ impl Server {
                     let local = vs.local_addr().map(|a| a.port).unwrap_or(0);
                     log::info!("client connected to {addr} from local port {local}");
                     let early = std::mem::take(early);
-                    let State::Connecting { vs, .. } = std::mem::replace(&mut c.state, State::Refused)
+                    let State::Connecting { vs, .. } =
+                        std::mem::replace(&mut c.state, State::Refused)
                     else {
                         unreachable!("matched above")
                     };
@@ -744,7 +749,8 @@ impl Server {
             None => EpollTimeout::NONE,
             Some(at) => {
                 // Rounded up to the next millisecond, so the loop does not wake just before.
-                let left = at.saturating_duration_since(Instant::now()) + Duration::from_micros(999);
+                let left =
+                    at.saturating_duration_since(Instant::now()) + Duration::from_micros(999);
                 EpollTimeout::try_from(left.min(Duration::from_secs(3600)))
                     .unwrap_or(EpollTimeout::MAX)
             }
@@ -814,9 +820,7 @@ fn read_line(c: &mut Conn) -> Line {
                 }
                 line.extend_from_slice(&buf[..n]);
                 if line.len() >= MAX_LINE {
-                    return Line::Bad(format!(
-                        "handshake line too long (max {MAX_LINE} bytes)"
-                    ));
+                    return Line::Bad(format!("handshake line too long (max {MAX_LINE} bytes)"));
                 }
             }
             Err(e) if would_block(&e) => c.uds_r = false,

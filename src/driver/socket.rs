@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use super::poller::{private_impl, PollSource};
 use crate::packet::{SocketType, VMADDR_PORT_ANY};
 use crate::proto::{ConnId, ListenerId, ProtoError};
-use super::poller::{private_impl, PollSource};
 use crate::runtime::{to_io, Core, Target, UserFd, Wait};
 use vm_memory::VolatileSlice;
 

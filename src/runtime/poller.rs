@@ -490,7 +490,10 @@ mod tests {
         reg.modify(9, Interest::BOTH.edge(), WRITE);
         assert_eq!(drained(&q), vec![(9, WRITE)], "MOD re-arms, new token");
         reg.modify(9, Interest::READABLE.edge(), WRITE);
-        assert!(drained(&q).is_empty(), "nothing of the new interest is ready");
+        assert!(
+            drained(&q).is_empty(),
+            "nothing of the new interest is ready"
+        );
         assert!(!signalled(&q));
     }
 

@@ -248,7 +248,7 @@ fn run(d: &Daemon, pid: u32, threads: u64) -> Vec<UnixStream> {
         status(pid, "Threads")
     );
     assert!(
-        fds_idle >= IDLE && fds_idle < IDLE + 100,
+        (IDLE..IDLE + 100).contains(&fds_idle),
         "serve holds {fds_idle} descriptors for {IDLE} clients: expected one each and a few"
     );
 

@@ -357,6 +357,7 @@ impl Drop for PollReg {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     fn r() -> Readiness {
         Readiness::default()
@@ -523,6 +524,48 @@ mod tests {
         assert!(q.lock().ready.len() <= 64 + 2, "{}", q.lock().ready.len());
         reg.show(READ);
         assert_eq!(drained(&q), vec![(1, READ)], "reported once");
+    }
+
+    /// Through a core: a registration follows the connection, leaves with its socket, and the
+    /// core's end is an error on every one still registered.
+    #[test]
+    fn a_core_shows_changes_drops_and_its_end() {
+        use crate::driver::{DriverConfig, VsockAddr, VsockDriver, VsockPoller};
+        use crate::sim::{SimConfig, ECHO_PORT};
+        let (d, _host) =
+            VsockDriver::open_sim(SimConfig::default(), DriverConfig::default()).expect("sim");
+        let p = VsockPoller::new().unwrap();
+        let wait = |p: &VsockPoller| {
+            let t0 = std::time::Instant::now();
+            loop {
+                let mut ev = Vec::new();
+                if p.events(&mut ev) > 0 {
+                    return ev;
+                }
+                assert!(
+                    t0.elapsed() < std::time::Duration::from_secs(20),
+                    "no event"
+                );
+                let m = super::super::readiness::poll_now_within(p.as_fd(), 1000);
+                assert!(m.is_ok(), "{m:?}");
+            }
+        };
+        let a = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap();
+        let b = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap();
+        p.register(&a, 1, Interest::WRITABLE.edge()).unwrap();
+        p.register(&b, 2, Interest::READABLE.edge()).unwrap();
+        assert_eq!(
+            wait(&p),
+            vec![(1, WRITE)],
+            "registered while writable: reported"
+        );
+        drop(a);
+        (&b).write_all(b"x").unwrap();
+        assert_eq!(wait(&p), vec![(2, READ)]);
+        d.reset_device("test");
+        let ev = wait(&p);
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert!(ev[0].0 == 2 && ev[0].1.error, "{ev:?}");
     }
 
     #[test]

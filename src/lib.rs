@@ -17,7 +17,8 @@
 //! - `runtime` (crate-internal): the shared core of an endpoint and its waiters, the `Transport`
 //!   trait, the event loop, and the driver's transport joining device, rings, parser and protocol.
 //! - [`driver`]: the sockets: `VsockDriver` (bring-up on a device), `VsockStream`,
-//!   `VsockListener`, `VsockSeqPacket`, `VsockAddr`.
+//!   `VsockListener`, `VsockSeqPacket`, `VsockAddr`, and `VsockPoller` (one descriptor for the
+//!   readiness of any number of them).
 //! - [`sim`]: the simulated device (device half and host side, CID 2), built from the device
 //!   trait, the runtime and the sockets.
 //! - [`tokio`] (feature `tokio`, on by default): the async API on tokio, shaped as tokio-vsock's

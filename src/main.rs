@@ -62,7 +62,8 @@ enum Cmd {
     List(cli::list::ListArgs),
     /// Show a device's features (offered and negotiated, by name), CID and queues.
     Inspect(cli::inspect::InspectArgs),
-    /// Serve the transport on a Unix socket with Firecracker's hybrid-vsock protocol.
+    /// Serve the transport on a Unix socket with Firecracker's hybrid-vsock protocol (one
+    /// event-loop thread for every client).
     Serve(cli::serve::ServeArgs),
 }
 

@@ -34,9 +34,13 @@ use crate::runtime::{
 };
 use crate::virtq::SplitQueue;
 
+mod poller;
 pub(crate) mod socket;
 
+pub use crate::proto::Readiness;
 pub use crate::runtime::DriverStats;
+pub use crate::runtime::Interest;
+pub use poller::{Pollable, VsockPoller};
 pub(crate) use socket::ConnectOpts;
 pub use socket::{
     VsockAddr, VsockListener, VsockRequest, VsockSeqPacket, VsockStream, DEFAULT_BACKLOG,
@@ -468,6 +472,12 @@ impl VsockDriver {
     /// Listen for SEQPACKET connections on `port` (`VMADDR_PORT_ANY`: a free one).
     pub fn listen_seqpacket(&self, port: u32) -> io::Result<VsockListener> {
         VsockListener::bind_on(&self.core, port, DEFAULT_BACKLOG, SocketType::SeqPacket)
+    }
+
+    /// A driver-level poller for this driver's sockets (see [`VsockPoller`]; sockets of other
+    /// drivers may join it too).
+    pub fn poller(&self) -> io::Result<VsockPoller> {
+        VsockPoller::new()
     }
 
     /// Data-path counters: packets, kicks, interrupts, payload bytes copied per direction, and

@@ -13,9 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use super::poller::{private_impl, PollSource};
 use crate::packet::{SocketType, VMADDR_PORT_ANY};
 use crate::proto::{ConnId, ListenerId, ProtoError};
-use crate::runtime::{to_io, Core, UserFd, Wait};
+use crate::runtime::{to_io, Core, Target, UserFd, Wait};
 use vm_memory::VolatileSlice;
 
 /// A vsock address: context id and port.
@@ -732,5 +733,23 @@ impl AsFd for VsockSeqPacket {
 impl AsRawFd for VsockSeqPacket {
     fn as_raw_fd(&self) -> RawFd {
         self.inner.as_raw_fd()
+    }
+}
+
+impl private_impl::Sealed for VsockStream {
+    fn poll_source(&self) -> PollSource<'_> {
+        PollSource::new(&self.core, Target::Conn(self.conn.id))
+    }
+}
+
+impl private_impl::Sealed for VsockSeqPacket {
+    fn poll_source(&self) -> PollSource<'_> {
+        self.inner.poll_source()
+    }
+}
+
+impl private_impl::Sealed for VsockListener {
+    fn poll_source(&self) -> PollSource<'_> {
+        PollSource::new(&self.core, Target::Listener(self.id))
     }
 }

@@ -18,6 +18,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::error::{error_chain, Ended, TransportError};
+use super::poller::{Interest, PollQueue, PollReg};
 use super::readiness::{Notifier, ReadyFd, UserFd};
 use super::stats::DriverStats;
 use super::storage::{RtStorage, RtTx};
@@ -148,17 +149,21 @@ impl Wait {
 
 /// What a call's readiness descriptor belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Target {
+pub(crate) enum Target {
+    /// A stream or seqpacket connection.
     Conn(ConnId),
+    /// A listener.
     Listener(ListenerId),
 }
 
 /// How one socket's readiness is shown: its descriptor for `poll(2)`, its edge notifier for
-/// tokio, or both (each made when first asked for).
+/// tokio, its registration with a driver-level poller (`poller.rs`), or any of them (each made
+/// when first asked for).
 #[derive(Debug, Default)]
 struct Shown {
     fd: Option<ReadyFd>,
     notifier: Option<Notifier>,
+    polled: Option<PollReg>,
 }
 
 impl Shown {
@@ -169,6 +174,13 @@ impl Shown {
         if let Some(n) = &mut self.notifier {
             n.show(r);
         }
+        if let Some(p) = &mut self.polled {
+            p.show(r);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.fd.is_none() && self.notifier.is_none() && self.polled.is_none()
     }
 }
 
@@ -1372,6 +1384,80 @@ impl Core {
     /// The peer's (CID, port) of connection `c`.
     pub(crate) fn peer_addr(&self, c: ConnId) -> Option<(u64, u32)> {
         self.lock().ep.peer_addr(c)
+    }
+}
+
+// ---- The driver-level poller (`poller.rs`): a socket's registration lives in its `Shown`,
+// brought up to date by `Core::show` with the descriptors; dropped with it on close. ----
+impl Core {
+    /// Register `t` with the poller `queue` under `token`; reported at once if ready now.
+    /// `AlreadyExists` if `t` is registered with a poller (this one or another).
+    pub(crate) fn poll_register(
+        &self,
+        t: Target,
+        queue: &Arc<PollQueue>,
+        token: u64,
+        interest: Interest,
+    ) -> io::Result<()> {
+        let mut st = self.lock();
+        let r = Core::readiness(&st, t);
+        let shown = st.shown.entry(t).or_default();
+        if shown.polled.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "socket already registered with a poller: expected it unregistered",
+            ));
+        }
+        shown.polled = Some(queue.add(token, interest, interest.mask(r)));
+        Ok(())
+    }
+
+    /// Change `t`'s token and interest with `queue` (reported at once if ready now);
+    /// `NotFound` if it is not registered there.
+    pub(crate) fn poll_reregister(
+        &self,
+        t: Target,
+        queue: &Arc<PollQueue>,
+        token: u64,
+        interest: Interest,
+    ) -> io::Result<()> {
+        let mut st = self.lock();
+        let r = Core::readiness(&st, t);
+        match st
+            .shown
+            .get_mut(&t)
+            .and_then(|s| s.polled.as_mut())
+            .filter(|p| p.is_with(queue))
+        {
+            Some(p) => {
+                p.modify(token, interest, r);
+                Ok(())
+            }
+            None => Err(Core::not_registered()),
+        }
+    }
+
+    /// Take `t` off `queue`; `NotFound` if it is not registered there.
+    pub(crate) fn poll_deregister(&self, t: Target, queue: &Arc<PollQueue>) -> io::Result<()> {
+        let mut st = self.lock();
+        let Some(shown) = st.shown.get_mut(&t) else {
+            return Err(Core::not_registered());
+        };
+        if !shown.polled.as_ref().is_some_and(|p| p.is_with(queue)) {
+            return Err(Core::not_registered());
+        }
+        shown.polled = None;
+        if shown.is_empty() {
+            st.shown.remove(&t);
+        }
+        Ok(())
+    }
+
+    fn not_registered() -> io::Error {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            "socket not registered with this poller",
+        )
     }
 }
 

@@ -10,6 +10,9 @@
 //! - the readiness descriptors (`readiness.rs`): a socketpair per polled socket whose kernel
 //!   state is the connection's `poll(2)` mask, and an edge notifier (an eventfd) per socket
 //!   registered with the tokio API; the core keeps both up to date after every call and event;
+//! - the driver-level poller (`poller.rs`): one eventfd and a ready list for any number of
+//!   sockets (no descriptor per socket), with epoll's level and edge semantics, kept up to date
+//!   where the descriptors are; the public handle is `driver::VsockPoller`;
 //! - [`EventLoop`] (`event_loop.rs`): the event-loop thread that sleeps on eventfds (used-buffer
 //!   interrupts or kicks, the waker, the config interrupt) and pumps a core's transport;
 //! - [`DriverTransport`] (`transport.rs`): the driver's transport, the TX/RX buffers and rings of
@@ -27,14 +30,17 @@
 mod core;
 mod error;
 mod event_loop;
+mod poller;
 mod readiness;
 mod stats;
 mod storage;
 mod transport;
 
-pub(crate) use self::core::{to_io, Core, RtEndpoint, Transport, Wait};
+pub(crate) use self::core::{to_io, Core, RtEndpoint, Target, Transport, Wait};
 pub(crate) use self::error::{error_chain, Ended, TransportError};
 pub(crate) use self::event_loop::{EventLoop, LoopFds};
+pub use self::poller::Interest;
+pub(crate) use self::poller::PollQueue;
 pub(crate) use self::readiness::UserFd;
 pub use self::stats::DriverStats;
 pub(crate) use self::storage::{DmaStorage, RtStorage, RxPool, TxPool, TX_CHUNK};

@@ -24,7 +24,9 @@
 //!   only say "something changed", and every caller would have to register interest and query
 //!   the socket afterwards; a plain `poll(2)` loop waiting for `POLLOUT` would spin;
 //! - **one epoll descriptor per driver plus a per-socket query** serves an event loop written
-//!   for it, but not tokio's `AsyncFd`, mio or `poll(2)` on one socket.
+//!   for it, but not tokio's `AsyncFd`, mio or `poll(2)` on one socket. Such a loop has it
+//!   too, beside these descriptors: the driver-level poller (`poller.rs`), one eventfd for any
+//!   number of sockets, for where a descriptor per socket does not fit the limit.
 //!
 //! A socketpair behaves like the kernel socket it stands for: **level-triggered** under
 //! `poll(2)` and level-triggered epoll, with nothing to re-arm (the state is kept true after
@@ -254,13 +256,19 @@ fn flags() -> MsgFlags {
 /// with `POLLRDHUP`, which it does not name).
 #[cfg(test)]
 pub(crate) fn poll_now(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<i16> {
+    poll_now_within(fd, 0)
+}
+
+/// As [`poll_now`], waiting up to `ms` milliseconds for something to report.
+#[cfg(test)]
+pub(crate) fn poll_now_within(fd: std::os::fd::BorrowedFd<'_>, ms: i32) -> io::Result<i16> {
     let mut p = libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLIN | libc::POLLOUT | libc::POLLRDHUP,
         revents: 0,
     };
     // SAFETY: `p` is one valid pollfd that outlives the call, and `fd` is open (borrowed).
-    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    let r = unsafe { libc::poll(&mut p, 1, ms) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -368,6 +368,19 @@ impl SimHost {
         )
     }
 
+    /// Start connecting from the host to the driver's `port` and return at once (as
+    /// [`VsockDriver::connect_nonblocking`](crate::driver::VsockDriver::connect_nonblocking)).
+    pub fn connect_nonblocking(&self, port: u32) -> std::io::Result<VsockStream> {
+        VsockStream::connect_on(
+            &self.core,
+            VsockAddr::new(self.guest_cid(), port),
+            ConnectOpts {
+                nonblocking: true,
+                ..ConnectOpts::default()
+            },
+        )
+    }
+
     /// Connect a SEQPACKET socket from the host to the driver's `port`.
     pub fn connect_seqpacket(&self, port: u32) -> std::io::Result<VsockSeqPacket> {
         VsockSeqPacket::connect_on(

@@ -346,7 +346,13 @@ mod tests {
         c.on_consumed(700);
         assert_eq!(c.window(), 100, "drained: the new size is in force");
         assert_eq!(c.on_header_sent(), (100, 1000));
-        assert_eq!(c.on_rx(101), Err(CreditViolation { len: 101, free: 100 }));
+        assert_eq!(
+            c.on_rx(101),
+            Err(CreditViolation {
+                len: 101,
+                free: 100
+            })
+        );
         // Growing takes effect at once.
         assert!(c.set_buf_alloc(5000));
         assert_eq!(c.on_header_sent(), (5000, 1000));

@@ -14,7 +14,9 @@ impl<S: Storage> Endpoint<S> {
             let id = conn.id;
             let buffered = conn.credit.rx_buffered() as usize;
             if buffered > conn.credit.window() as usize {
-                return Err(format!("{id}: {buffered} bytes buffered > the receive window"));
+                return Err(format!(
+                    "{id}: {buffered} bytes buffered > the receive window"
+                ));
             }
             if conn.credit.buf_alloc != conn.buffer.buf_alloc() {
                 return Err(format!("{id}: buf_alloc is not the buffer size set"));

@@ -865,11 +865,18 @@ fn shrinking_with_data_queued_never_takes_back_granted_credit() {
     // Shrink to 4 KiB with 200 KiB queued: the 56 KiB the writer was granted stay granted.
     let b = p.b.set_buffer(cb, BufferOption::Size, 4096).unwrap();
     assert_eq!(b.size, 4096);
-    assert!(p.pump(Side::B, false).is_empty(), "nothing to advertise yet");
+    assert!(
+        p.pump(Side::B, false).is_empty(),
+        "nothing to advertise yet"
+    );
     let mut sent = 200 * 1024;
     sent += p.a.send(now, ca, &data[sent..]).unwrap();
     p.shuttle();
-    assert_eq!(p.b.readable_bytes(cb), 256 * 1024, "the old grant is honoured");
+    assert_eq!(
+        p.b.readable_bytes(cb),
+        256 * 1024,
+        "the old grant is honoured"
+    );
     assert_eq!(p.b.stats().credit_violations, 0);
     assert_eq!(p.a.peer_credit(ca), Some((0, 256 * 1024)));
     // The reader takes 100 KiB: the update says so, and grants nothing new (156 KiB are still
@@ -881,7 +888,11 @@ fn shrinking_with_data_queued_never_takes_back_granted_credit() {
     assert_eq!(out.last().unwrap().fwd_cnt, 100 * 1024);
     assert_eq!(p.a.peer_credit(ca), Some((0, 156 * 1024)));
     p.shuttle();
-    assert_eq!(p.b.readable_bytes(cb), 156 * 1024, "no new credit was given");
+    assert_eq!(
+        p.b.readable_bytes(cb),
+        156 * 1024,
+        "no new credit was given"
+    );
     // Drained: from now on the window is the new 4 KiB.
     let mut got = buf;
     got.extend(p.read_all(Side::B, cb));
@@ -932,10 +943,9 @@ fn a_peer_beyond_a_shrunken_window_is_still_reset() {
 fn a_size_set_before_the_request_goes_out_is_in_the_request() {
     let mut p = Pair::new();
     let l = p.b.listen(PORT, 4, SocketType::Stream).unwrap();
-    let ca = p
-        .a
-        .connect(p.now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
-        .unwrap();
+    let ca =
+        p.a.connect(p.now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+            .unwrap();
     p.a.set_buffer(ca, BufferOption::Size, 8192).unwrap();
     let out = p.pump(Side::A, true);
     assert_eq!(out.len(), 1, "one REQUEST, no separate update");
@@ -952,24 +962,25 @@ fn a_listeners_buffer_is_inherited_by_what_it_takes_in() {
     let l = p.b.listen(PORT, 4, SocketType::Stream).unwrap();
     p.b.set_listener_buffer(l, BufferOption::MaxSize, 1 << 20)
         .unwrap();
-    let lb = p.b.set_listener_buffer(l, BufferOption::Size, 1 << 20).unwrap();
+    let lb =
+        p.b.set_listener_buffer(l, BufferOption::Size, 1 << 20)
+            .unwrap();
     let want = BufferSize {
         size: 1 << 20,
         min: 128,
         max: 1 << 20,
     };
     assert_eq!(lb, want);
-    let c1 = p
-        .a
-        .connect(p.now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
-        .unwrap();
+    let c1 =
+        p.a.connect(p.now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+            .unwrap();
     p.shuttle();
     // Changed after the first REQUEST came in: the first keeps what it inherited.
-    p.b.set_listener_buffer(l, BufferOption::Size, 8192).unwrap();
-    let c2 = p
-        .a
-        .connect(p.now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+    p.b.set_listener_buffer(l, BufferOption::Size, 8192)
         .unwrap();
+    let c2 =
+        p.a.connect(p.now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+            .unwrap();
     p.shuttle();
     let b1 = p.b.accept(l).unwrap();
     let b2 = p.b.accept(l).unwrap();

@@ -780,6 +780,12 @@ impl<S: Storage> Endpoint<S> {
 
     /// Shut down one or both directions: `SHUTDOWN` goes out (with `SEND` after the send
     /// buffer drains). Data received after our `RECEIVE` shutdown is discarded.
+    ///
+    /// A connection that was established and has since closed (the peer shut down both ways,
+    /// or it was reset) takes it too, with nothing sent: Linux's `vsock_shutdown` refuses
+    /// only a socket that never connected (`ENOTCONN`), so a program that shuts down its
+    /// write half after the peer went (hyper does, on every connection a client closes
+    /// first) sees no error. A connect that failed (refused, timed out) answers its error.
     pub fn shutdown(
         &mut self,
         now: Instant,
@@ -791,12 +797,19 @@ impl<S: Storage> Endpoint<S> {
             .conns
             .get_mut(&c)
             .ok_or(ProtoError::UnknownConnection)?;
-        match conn.state {
-            ConnState::Connecting => return Err(ProtoError::NotConnected),
-            ConnState::Closed => {
-                return Err(conn.error.clone().unwrap_or(ProtoError::NotConnected));
-            }
-            ConnState::Connected | ConnState::PeerClosed { .. } | ConnState::Closing => {}
+        match (conn.state, &conn.error) {
+            (ConnState::Connecting, _) => return Err(ProtoError::NotConnected),
+            (
+                ConnState::Closed,
+                Some(e @ (ProtoError::ConnectionRefused | ProtoError::TimedOut)),
+            ) => return Err(e.clone()),
+            (
+                ConnState::Closed
+                | ConnState::Connected
+                | ConnState::PeerClosed { .. }
+                | ConnState::Closing,
+                _,
+            ) => {}
         }
         conn.local_shutdown.receive |= how.receive;
         conn.local_shutdown.send |= how.send;

@@ -1057,6 +1057,34 @@ fn half_close_send_then_other_direction() {
 }
 
 #[test]
+fn shutdown_after_the_peer_closed_is_accepted_as_linux_does() {
+    let mut p = Pair::new();
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    // B closes first: SHUTDOWN both ways, A answers RST and the connection is closed.
+    p.b.close(now, cb);
+    p.shuttle();
+    assert_eq!(p.a.state(ca), Some(ConnState::Closed));
+    let before = p.log.len();
+    let write = ShutdownFlags {
+        receive: false,
+        send: true,
+    };
+    assert_eq!(p.a.shutdown(now, ca, write), Ok(()));
+    assert_eq!(p.shuttle(), 0, "nothing goes on the wire");
+    assert_eq!(p.log.len(), before);
+    // A connect that never succeeded still says why.
+    let c =
+        p.a.connect(now, VMADDR_CID_HOST, 9999, None, SocketType::Stream)
+            .unwrap();
+    p.shuttle();
+    assert_eq!(
+        p.a.shutdown(now, c, write),
+        Err(ProtoError::ConnectionRefused)
+    );
+}
+
+#[test]
 fn half_close_receive() {
     let mut p = Pair::new();
     let (ca, cb, _) = p.establish(SocketType::Stream);

@@ -232,6 +232,7 @@ fn values_are_clamped_as_linux_does_and_a_low_water_mark_above_the_buffer_is_ref
     assert_eq!(l.buffer_size().unwrap(), 256 * 1024);
 }
 
+#[cfg(feature = "tokio")]
 #[test]
 fn seqpacket_and_tokio_sockets_have_the_same_calls() {
     let (d, host) = sim_with_host();

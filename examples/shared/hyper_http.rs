@@ -214,11 +214,11 @@ pub(crate) async fn serve(
     }
 }
 
+/// A request to send, the status and the body expected back.
+type Exchange = (Request<Full<Bytes>>, StatusCode, Vec<u8>);
+
 /// Request `i` of connection `conn`: what to send and the body expected back.
-fn request(
-    conn: usize,
-    i: usize,
-) -> Result<(Request<Full<Bytes>>, StatusCode, Vec<u8>), HttpError> {
+fn request(conn: usize, i: usize) -> Result<Exchange, HttpError> {
     let seed = (conn as u64) << 32 | i as u64;
     // 0 to about 200 KiB: empty bodies, small ones, and several 64 KiB packets.
     let len = (i * 7919 + conn * 104_729) % (200 * 1024);

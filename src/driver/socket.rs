@@ -123,6 +123,7 @@ macro_rules! buffer_size_methods {
         }
     };
 }
+#[cfg(feature = "tokio")]
 pub(crate) use buffer_size_methods;
 
 /// A connected vsock stream, like `std::os::unix::net::UnixStream`.

@@ -8,8 +8,10 @@
 //!
 //! Our `buf_alloc` is a per-connection setting ([`BufferSize`], Linux's
 //! `SO_VM_SOCKETS_BUFFER_SIZE` with its `_MIN_SIZE` and `_MAX_SIZE`) that the user may change
-//! on a live connection. A grant is never taken back: a smaller size only takes effect as the
-//! reader consumes what the peer was already allowed to send (see [`Credit::window`]).
+//! on a live connection. A grant is never taken back: the right edge we advertise
+//! (`fwd_cnt + buf_alloc`) never moves back, as TCP's window never shrinks (RFC 9293 3.8.6), so
+//! a smaller size only takes effect as the reader consumes what the peer was already allowed
+//! to send, and a peer that sends within the credit it was given is never reset for it.
 
 use std::num::Wrapping;
 

@@ -275,10 +275,18 @@ impl Credit {
     /// `buf_alloc / CREDIT_UPDATE_FRACTION` unannounced bytes, or has drained the buffer
     /// completely (Linux's `rx_bytes < SO_RCVLOWAT` case), so a writer blocked on a nearly
     /// full buffer always hears back, without an update per read.
+    ///
+    /// "Freed" is the credit an update would add to what the last packet gave: the reader's
+    /// unannounced bytes, less what a shrink still holds back (see [`Credit::window`]). While
+    /// a shrink drains bytes the peer was already granted, an update would give nothing, and
+    /// none is sent.
     pub(crate) fn need_credit_update(&self) -> bool {
-        let unannounced = (self.fwd_cnt - self.last_fwd_cnt_sent).0;
-        unannounced > 0
-            && (unannounced >= self.buf_alloc / CREDIT_UPDATE_FRACTION || self.rx_buffered() == 0)
+        let unannounced = u64::from((self.fwd_cnt - self.last_fwd_cnt_sent).0);
+        let new_credit = (unannounced + u64::from(self.window()))
+            .saturating_sub(u64::from(self.last_buf_alloc_sent));
+        new_credit > 0
+            && (new_credit >= u64::from(self.buf_alloc / CREDIT_UPDATE_FRACTION)
+                || self.rx_buffered() == 0)
     }
 
     /// Test hook: start every free-running counter at `start` (both directions), as if
@@ -342,11 +350,13 @@ mod tests {
         assert_eq!(c.rx_free(), 400);
         c.on_consumed(300);
         assert_eq!(c.window(), 700, "fwd_cnt moved 300: the edge stays at 1000");
+        assert!(!c.need_credit_update(), "an update would grant nothing new");
         assert_eq!(c.on_header_sent(), (700, 300));
         assert!(c.on_rx(400).is_ok());
         assert_eq!(c.rx_free(), 0);
         c.on_consumed(700);
         assert_eq!(c.window(), 100, "drained: the new size is in force");
+        assert!(c.need_credit_update(), "and worth announcing");
         assert_eq!(c.on_header_sent(), (100, 1000));
         assert_eq!(
             c.on_rx(101),

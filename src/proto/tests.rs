@@ -879,13 +879,26 @@ fn shrinking_with_data_queued_never_takes_back_granted_credit() {
     );
     assert_eq!(p.b.stats().credit_violations, 0);
     assert_eq!(p.a.peer_credit(ca), Some((0, 256 * 1024)));
-    // The reader takes 100 KiB: the update says so, and grants nothing new (156 KiB are still
-    // buffered, above the new size).
+    // The reader takes 100 KiB: 156 KiB are still buffered, above the new size, so an update
+    // would grant nothing and none goes out; a packet that does go out (the answer to a
+    // CREDIT_REQUEST) grants nothing either.
     let mut buf = vec![0u8; 100 * 1024];
     assert_eq!(p.b.recv(now, cb, &mut buf), Ok(100 * 1024));
+    assert!(
+        p.pump(Side::B, true).is_empty(),
+        "no update that grants nothing"
+    );
+    let port_a = p.a.local_port(ca).unwrap();
+    let req = tmpl(
+        (GUEST_CID, port_a),
+        (VMADDR_CID_HOST, PORT),
+        Op::CreditRequest,
+    );
+    p.b.handle_packet(now, &Header { fwd_cnt: 0, ..req }, &[]);
     let out = p.pump(Side::B, true);
-    assert_eq!(out.last().unwrap().buf_alloc, 156 * 1024);
-    assert_eq!(out.last().unwrap().fwd_cnt, 100 * 1024);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].op, Op::CreditUpdate as u16);
+    assert_eq!((out[0].buf_alloc, out[0].fwd_cnt), (156 * 1024, 100 * 1024));
     assert_eq!(p.a.peer_credit(ca), Some((0, 156 * 1024)));
     p.shuttle();
     assert_eq!(

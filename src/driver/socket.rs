@@ -81,10 +81,12 @@ macro_rules! buffer_size_methods {
         /// Set the receive buffer size (`setsockopt(SO_VM_SOCKETS_BUFFER_SIZE)`), as Linux
         /// does (`vsock_update_buffer_size`, 6.12): the value is clamped, never refused: up to
         /// [`buffer_min_size`](Self::buffer_min_size), then down to
-        /// [`buffer_max_size`](Self::buffer_max_size) (256 KiB unless raised, as Linux's
-        /// default: raise the max first to go above it), then to `u32::MAX`, the header's
-        /// width; [`buffer_size`](Self::buffer_size) says what is in force (see
-        /// [`BufferSize`](crate::proto::BufferSize)).
+        /// [`buffer_max_size`](Self::buffer_max_size) (by default 256 KiB, as Linux's, or the
+        /// driver's default size if that is larger: raise the max first to go above it), then
+        /// to `u32::MAX`, the header's width; [`buffer_size`](Self::buffer_size) says what is
+        /// in force (see [`BufferSize`](crate::proto::BufferSize)). A large buffer costs
+        /// memory only as data arrives unread: past a connection's share of the RX pool, the
+        /// payload is copied out of the pool to the heap, so the pool does not bound it.
         ///
         /// On a connection a larger size is advertised at once (a `CREDIT_UPDATE`, as Linux
         /// sends); a smaller one takes effect as the reader consumes what the peer was

@@ -79,7 +79,9 @@ use std::task::{ready, Context, Poll};
 use ::tokio::io::unix::AsyncFd;
 use ::tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
+use crate::driver::socket::buffer_size_methods;
 use crate::driver::{self, VsockDriver};
+use crate::proto::BufferOption;
 use crate::runtime::UserFd;
 
 pub use crate::driver::VsockAddr;
@@ -250,6 +252,16 @@ impl VsockStream {
     /// is none.
     pub fn take_error(&self) -> io::Result<Option<io::Error>> {
         self.inner.get_ref().take_error()
+    }
+
+    buffer_size_methods!();
+
+    fn buffer_get(&self, opt: BufferOption) -> io::Result<u64> {
+        self.inner.get_ref().buffer_get(opt)
+    }
+
+    fn buffer_set(&self, opt: BufferOption, val: u64) -> io::Result<()> {
+        self.inner.get_ref().buffer_set(opt, val)
     }
 
     /// Waits until the stream may be readable (data, end of stream or an error); a
@@ -624,6 +636,16 @@ impl VsockListener {
     pub fn incoming(self) -> Incoming {
         Incoming { inner: self }
     }
+
+    buffer_size_methods!();
+
+    fn buffer_get(&self, opt: BufferOption) -> io::Result<u64> {
+        self.inner.get_ref().buffer_get(opt)
+    }
+
+    fn buffer_set(&self, opt: BufferOption, val: u64) -> io::Result<()> {
+        self.inner.get_ref().buffer_set(opt, val)
+    }
 }
 
 impl AsFd for VsockListener {
@@ -734,6 +756,16 @@ impl VsockSeqPacket {
     pub fn take_error(&self) -> io::Result<Option<io::Error>> {
         self.inner.get_ref().take_error()
     }
+
+    buffer_size_methods!();
+
+    fn buffer_get(&self, opt: BufferOption) -> io::Result<u64> {
+        self.inner.get_ref().buffer_get(opt)
+    }
+
+    fn buffer_set(&self, opt: BufferOption, val: u64) -> io::Result<()> {
+        self.inner.get_ref().buffer_set(opt, val)
+    }
 }
 
 impl AsFd for VsockSeqPacket {
@@ -767,6 +799,16 @@ impl VsockSeqPacketListener {
     /// Accepts a new SEQPACKET connection.
     pub async fn accept(&self) -> io::Result<(VsockSeqPacket, VsockAddr)> {
         poll_fn(|cx| self.poll_accept(cx)).await
+    }
+
+    buffer_size_methods!();
+
+    fn buffer_get(&self, opt: BufferOption) -> io::Result<u64> {
+        self.inner.get_ref().buffer_get(opt)
+    }
+
+    fn buffer_set(&self, opt: BufferOption, val: u64) -> io::Result<()> {
+        self.inner.get_ref().buffer_set(opt, val)
     }
 
     /// Attempt to accept a SEQPACKET connection.

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use super::poller::{private_impl, PollSource};
 use crate::packet::{SocketType, VMADDR_PORT_ANY};
-use crate::proto::{ConnId, ListenerId, ProtoError};
+use crate::proto::{BufferOption, ConnId, ListenerId, ProtoError};
 use crate::runtime::{to_io, Core, Target, UserFd, Wait};
 use vm_memory::VolatileSlice;
 
@@ -66,6 +66,68 @@ struct Timeouts {
     read: Option<Duration>,
     write: Option<Duration>,
 }
+
+/// The six receive buffer calls of an AF_VSOCK socket (`SO_VM_SOCKETS_BUFFER_SIZE`,
+/// `_MIN_SIZE`, `_MAX_SIZE`, get and set), on a type with `buffer_get(opt)` and
+/// `buffer_set(opt, val)`: one text for every socket type here and in the tokio API.
+macro_rules! buffer_size_methods {
+    () => {
+        /// The receive buffer size (`getsockopt(SO_VM_SOCKETS_BUFFER_SIZE)`): the `buf_alloc`
+        /// this socket advertises to its peer, the most the peer may have sent and we not yet
+        /// read. A listener's is what the connections it accepts start with.
+        pub fn buffer_size(&self) -> std::io::Result<u64> {
+            self.buffer_get($crate::proto::BufferOption::Size)
+        }
+
+        /// Set the receive buffer size (`setsockopt(SO_VM_SOCKETS_BUFFER_SIZE)`), as Linux
+        /// does (`vsock_update_buffer_size`, 6.12): the value is clamped, never refused: up to
+        /// [`buffer_min_size`](Self::buffer_min_size), then down to
+        /// [`buffer_max_size`](Self::buffer_max_size) (by default 256 KiB, as Linux's, or the
+        /// driver's default size if that is larger: raise the max first to go above it), then
+        /// to `u32::MAX`, the header's width; [`buffer_size`](Self::buffer_size) says what is
+        /// in force (see [`BufferSize`](crate::proto::BufferSize)). A large buffer costs
+        /// memory only as data arrives unread: past a connection's share of the RX pool, the
+        /// payload is copied out of the pool to the heap, so the pool does not bound it.
+        ///
+        /// On a connection a larger size is advertised at once (a `CREDIT_UPDATE`, as Linux
+        /// sends); a smaller one takes effect as the reader consumes what the peer was
+        /// already allowed to send, so the peer is never given less room than promised and
+        /// never reset for using it. On a listener, connections it accepts from then on
+        /// start with it (as a Linux child socket inherits its listener's). There is no
+        /// unconnected socket to set it on before `connect`: the `REQUEST` carries the
+        /// driver's default (`DriverConfig::proto.buf_alloc`), so a smaller size set right
+        /// after connecting applies once that first grant is used.
+        pub fn set_buffer_size(&self, size: u64) -> std::io::Result<()> {
+            self.buffer_set($crate::proto::BufferOption::Size, size)
+        }
+
+        /// The lower bound of the receive buffer size
+        /// (`getsockopt(SO_VM_SOCKETS_BUFFER_MIN_SIZE)`; 128 bytes by default, as Linux's).
+        pub fn buffer_min_size(&self) -> std::io::Result<u64> {
+            self.buffer_get($crate::proto::BufferOption::MinSize)
+        }
+
+        /// Set the lower bound (`setsockopt(SO_VM_SOCKETS_BUFFER_MIN_SIZE)`): stored as
+        /// given, and the size clamped again (see [`set_buffer_size`](Self::set_buffer_size)).
+        pub fn set_buffer_min_size(&self, min: u64) -> std::io::Result<()> {
+            self.buffer_set($crate::proto::BufferOption::MinSize, min)
+        }
+
+        /// The upper bound of the receive buffer size
+        /// (`getsockopt(SO_VM_SOCKETS_BUFFER_MAX_SIZE)`; 256 KiB by default, as Linux's).
+        pub fn buffer_max_size(&self) -> std::io::Result<u64> {
+            self.buffer_get($crate::proto::BufferOption::MaxSize)
+        }
+
+        /// Set the upper bound (`setsockopt(SO_VM_SOCKETS_BUFFER_MAX_SIZE)`): stored as
+        /// given, and the size clamped again (see [`set_buffer_size`](Self::set_buffer_size)).
+        pub fn set_buffer_max_size(&self, max: u64) -> std::io::Result<()> {
+            self.buffer_set($crate::proto::BufferOption::MaxSize, max)
+        }
+    };
+}
+#[cfg(feature = "tokio")]
+pub(crate) use buffer_size_methods;
 
 /// A connected vsock stream, like `std::os::unix::net::UnixStream`.
 ///
@@ -237,6 +299,16 @@ impl VsockStream {
             conn: self.conn.clone(),
             timeouts: self.timeouts,
         })
+    }
+
+    buffer_size_methods!();
+
+    pub(crate) fn buffer_get(&self, opt: BufferOption) -> io::Result<u64> {
+        self.core.buffer(self.conn.id).map(|b| b.get(opt))
+    }
+
+    pub(crate) fn buffer_set(&self, opt: BufferOption, val: u64) -> io::Result<()> {
+        self.core.set_buffer(self.conn.id, opt, val).map(drop)
     }
 }
 
@@ -559,6 +631,16 @@ impl VsockListener {
     pub fn incoming(&self) -> impl Iterator<Item = io::Result<VsockStream>> + '_ {
         std::iter::repeat_with(move || self.accept().map(|(s, _)| s))
     }
+
+    buffer_size_methods!();
+
+    pub(crate) fn buffer_get(&self, opt: BufferOption) -> io::Result<u64> {
+        self.core.listener_buffer(self.id).map(|b| b.get(opt))
+    }
+
+    pub(crate) fn buffer_set(&self, opt: BufferOption, val: u64) -> io::Result<()> {
+        self.core.set_listener_buffer(self.id, opt, val).map(drop)
+    }
 }
 
 /// For the tokio API.
@@ -707,6 +789,16 @@ impl VsockSeqPacket {
     /// The pending error, taken (see [`VsockStream::take_error`]).
     pub fn take_error(&self) -> io::Result<Option<io::Error>> {
         self.inner.take_error()
+    }
+
+    buffer_size_methods!();
+
+    pub(crate) fn buffer_get(&self, opt: BufferOption) -> io::Result<u64> {
+        self.inner.buffer_get(opt)
+    }
+
+    pub(crate) fn buffer_set(&self, opt: BufferOption, val: u64) -> io::Result<()> {
+        self.inner.buffer_set(opt, val)
     }
 }
 

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::time::Instant;
 
-use super::credit::Credit;
+use super::credit::{BufferSize, Credit};
 use super::storage::{RxBuf, Storage, TxBuf};
 use super::{ConnId, ListenerId, ProtoError};
 use crate::packet::{Header, Op, SeqFlags, ShutdownFlags, SocketType};
@@ -77,6 +77,9 @@ pub(crate) struct Conn<S: Storage> {
     /// Registered in the endpoint's key table (still on the wire).
     pub(crate) in_table: bool,
     pub(crate) credit: Credit,
+    /// The receive buffer settings (`SO_VM_SOCKETS_BUFFER_*`); `credit.buf_alloc` follows
+    /// their size.
+    pub(crate) buffer: BufferSize,
     /// Bytes written and not yet sent.
     pub(crate) tx: S::Tx,
     /// SEQPACKET: messages in `tx`, as (bytes not yet sent, EOR).
@@ -134,7 +137,7 @@ impl<S: Storage> Conn<S> {
         peer_cid: u64,
         peer_port: u32,
         state: ConnState,
-        buf_alloc: u32,
+        buffer: BufferSize,
     ) -> Self {
         Conn {
             id,
@@ -146,7 +149,8 @@ impl<S: Storage> Conn<S> {
             bound: false,
             listener: None,
             in_table: false,
-            credit: Credit::new(buf_alloc),
+            credit: Credit::new(buffer.buf_alloc()),
+            buffer,
             tx: storage.new_tx(),
             tx_msgs: VecDeque::new(),
             rx: storage.new_rx(),

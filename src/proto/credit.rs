@@ -5,6 +5,13 @@
 //! keeps `tx_cnt` (bytes it has sent) and may have at most
 //! `peer_buf_alloc - (tx_cnt - peer_fwd_cnt)` bytes in flight. All counters are free-running
 //! `Wrapping<u32>`: only differences are meaningful, so they may wrap past `2^32` freely.
+//!
+//! Our `buf_alloc` is a per-connection setting ([`BufferSize`], Linux's
+//! `SO_VM_SOCKETS_BUFFER_SIZE` with its `_MIN_SIZE` and `_MAX_SIZE`) that the user may change
+//! on a live connection. A grant is never taken back: the right edge we advertise
+//! (`fwd_cnt + buf_alloc`) never moves back, as TCP's window never shrinks (RFC 9293 3.8.6), so
+//! a smaller size only takes effect as the reader consumes what the peer was already allowed
+//! to send, and a peer that sends within the credit it was given is never reset for it.
 
 use std::num::Wrapping;
 
@@ -12,10 +19,109 @@ use std::num::Wrapping;
 /// bytes that the peer has not been told about.
 pub const CREDIT_UPDATE_FRACTION: u32 = 4;
 
+/// Linux's `VSOCK_DEFAULT_BUFFER_MIN_SIZE` (`net/vmw_vsock/af_vsock.c`): the default lower
+/// bound of [`BufferSize::size`].
+pub const DEFAULT_BUFFER_MIN_SIZE: u64 = 128;
+/// Linux's `VSOCK_DEFAULT_BUFFER_MAX_SIZE`: the default upper bound of [`BufferSize::size`]
+/// (and `VSOCK_DEFAULT_BUFFER_SIZE`, the default size, is the same 256 KiB).
+pub const DEFAULT_BUFFER_MAX_SIZE: u64 = 256 * 1024;
+/// The largest receive buffer a connection can have: `buf_alloc` is a 32-bit header field.
+/// Linux's `VIRTIO_VSOCK_MAX_BUF_SIZE` (`include/linux/virtio_vsock.h`), to which
+/// `virtio_transport_notify_buffer_size` clamps the size.
+pub const MAX_BUFFER_SIZE: u64 = u32::MAX as u64;
+
+/// Which of a socket's three receive buffer settings a call changes (the `optname` of
+/// `setsockopt(AF_VSOCK, ..)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BufferOption {
+    /// `SO_VM_SOCKETS_BUFFER_SIZE`: the receive buffer itself, advertised as `buf_alloc`.
+    Size,
+    /// `SO_VM_SOCKETS_BUFFER_MIN_SIZE`: the lower bound of the size.
+    MinSize,
+    /// `SO_VM_SOCKETS_BUFFER_MAX_SIZE`: the upper bound of the size.
+    MaxSize,
+}
+
+/// A socket's receive buffer settings, as Linux keeps them in `struct vsock_sock`
+/// (`buffer_size`, `buffer_min_size`, `buffer_max_size`), with Linux's rules (6.12.117,
+/// `vsock_connectible_setsockopt` and `vsock_update_buffer_size` in `af_vsock.c`):
+///
+/// - setting the size clamps the value into `[min, max]`, raising it to `min` first and then
+///   lowering it to `max`, so that `max` wins when `min > max` (the order of the 6.12 stable
+///   fix "vsock: fix buffer size clamping order"; before it `min` won); then to
+///   [`MAX_BUFFER_SIZE`], as `virtio_transport_notify_buffer_size` does;
+/// - setting `min` or `max` stores the value as given (nothing is refused, not even
+///   `min > max`) and clamps the current size again by the rule above;
+/// - nothing is ever refused: every `u64` is a valid argument, and the getters say what is in
+///   force.
+///
+/// The defaults are Linux's: size 256 KiB, min 128 bytes, max 256 KiB (an endpoint whose
+/// [`Config::buf_alloc`](super::Config) is another size starts there, with the bounds widened
+/// to include it). A listener's settings are copied into each connection it takes in, as
+/// Linux's `__vsock_create` copies the parent's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferSize {
+    /// The receive buffer (`SO_VM_SOCKETS_BUFFER_SIZE`), at most [`MAX_BUFFER_SIZE`].
+    pub size: u64,
+    /// `SO_VM_SOCKETS_BUFFER_MIN_SIZE`.
+    pub min: u64,
+    /// `SO_VM_SOCKETS_BUFFER_MAX_SIZE`.
+    pub max: u64,
+}
+
+impl BufferSize {
+    /// Linux's defaults around a default size of `size` bytes: the bounds are
+    /// [`DEFAULT_BUFFER_MIN_SIZE`] and [`DEFAULT_BUFFER_MAX_SIZE`], widened to include `size`.
+    pub fn with_default_size(size: u32) -> Self {
+        let size = u64::from(size);
+        BufferSize {
+            size,
+            min: DEFAULT_BUFFER_MIN_SIZE.min(size),
+            max: DEFAULT_BUFFER_MAX_SIZE.max(size),
+        }
+    }
+
+    /// `setsockopt(opt, val)`, as Linux's `vsock_connectible_setsockopt` does it.
+    pub fn set(&mut self, opt: BufferOption, val: u64) {
+        match opt {
+            BufferOption::Size => self.size = self.clamp(val),
+            BufferOption::MinSize => {
+                self.min = val;
+                self.size = self.clamp(self.size);
+            }
+            BufferOption::MaxSize => {
+                self.max = val;
+                self.size = self.clamp(self.size);
+            }
+        }
+    }
+
+    /// `getsockopt(opt)`.
+    pub fn get(&self, opt: BufferOption) -> u64 {
+        match opt {
+            BufferOption::Size => self.size,
+            BufferOption::MinSize => self.min,
+            BufferOption::MaxSize => self.max,
+        }
+    }
+
+    /// Linux's `vsock_update_buffer_size`: up to `min`, then down to `max`, then down to what
+    /// the header can carry.
+    fn clamp(&self, val: u64) -> u64 {
+        val.max(self.min).min(self.max).min(MAX_BUFFER_SIZE)
+    }
+
+    /// The size as the header's `buf_alloc` (never above [`MAX_BUFFER_SIZE`]).
+    pub(crate) fn buf_alloc(&self) -> u32 {
+        u32::try_from(self.size).unwrap_or(u32::MAX)
+    }
+}
+
 /// The credit state of one connection, both directions.
 #[derive(Debug, Clone)]
 pub(crate) struct Credit {
-    /// Our receive buffer size, advertised in every packet we send.
+    /// Our receive buffer size as the user set it ([`BufferSize::size`]). What we advertise
+    /// is [`Credit::window`]: this, or more while a shrink waits for granted bytes to drain.
     pub(crate) buf_alloc: u32,
     /// Bytes our reader has consumed (free-running), advertised in every packet we send.
     pub(crate) fwd_cnt: Wrapping<u32>,
@@ -23,6 +129,9 @@ pub(crate) struct Credit {
     pub(crate) rx_cnt: Wrapping<u32>,
     /// The `fwd_cnt` carried by the last packet we sent.
     pub(crate) last_fwd_cnt_sent: Wrapping<u32>,
+    /// The `buf_alloc` carried by the last packet we sent: with `last_fwd_cnt_sent`, the
+    /// right edge of what the peer may send (`last_fwd_cnt_sent + last_buf_alloc_sent`).
+    pub(crate) last_buf_alloc_sent: u32,
     /// The peer's receive buffer size, from its latest packet.
     pub(crate) peer_buf_alloc: u32,
     /// The peer's consumed-byte count, from its latest packet.
@@ -51,6 +160,7 @@ impl Credit {
             fwd_cnt: Wrapping(0),
             rx_cnt: Wrapping(0),
             last_fwd_cnt_sent: Wrapping(0),
+            last_buf_alloc_sent: 0,
             peer_buf_alloc: 0,
             peer_fwd_cnt: Wrapping(0),
             tx_cnt: Wrapping(0),
@@ -101,9 +211,40 @@ impl Credit {
         (self.rx_cnt - self.fwd_cnt).0
     }
 
+    /// Bytes beyond `fwd_cnt` the peer was allowed to send by the last packet we sent: that
+    /// packet's `buf_alloc` less what the reader consumed since (the peer's right edge,
+    /// `last_fwd_cnt_sent + last_buf_alloc_sent`, seen from `fwd_cnt`), and at least what is
+    /// buffered.
+    fn granted(&self) -> u32 {
+        let unannounced = (self.fwd_cnt - self.last_fwd_cnt_sent).0;
+        self.last_buf_alloc_sent
+            .saturating_sub(unannounced)
+            .max(self.rx_buffered())
+    }
+
+    /// The receive buffer in force, the `buf_alloc` every packet we send carries: the size the
+    /// user set, or more while a smaller size waits for what the peer was already granted.
+    /// The right edge we advertise (`fwd_cnt + window`) never moves back, as TCP's window
+    /// never shrinks (RFC 9293 3.8.6): a peer that sends within the credit it was given is
+    /// never reset for it, and after a shrink it gets no new credit until buffered and
+    /// granted bytes are below the new size. (Linux 6.12 sets `buf_alloc` at once and drops a
+    /// packet that no longer fits: the peer's bytes are lost from the stream.)
+    pub(crate) fn window(&self) -> u32 {
+        self.buf_alloc.max(self.granted())
+    }
+
     /// Free space in our receive buffer.
     pub(crate) fn rx_free(&self) -> u32 {
-        self.buf_alloc.saturating_sub(self.rx_buffered())
+        self.window().saturating_sub(self.rx_buffered())
+    }
+
+    /// The user changed the receive buffer size; the next packet we send advertises it (as far
+    /// as [`Credit::window`] lets it). Returns whether the advertised value changes, so that a
+    /// `CREDIT_UPDATE` is worth sending (Linux sends one on every change).
+    pub(crate) fn set_buf_alloc(&mut self, size: u32) -> bool {
+        let before = self.window();
+        self.buf_alloc = size;
+        self.window() != before
     }
 
     /// Accept `len` bytes of RW payload from the peer, or report that it overran our credit.
@@ -124,18 +265,28 @@ impl Credit {
 
     /// Every packet we send carries our `buf_alloc` and `fwd_cnt`; remember what we said.
     pub(crate) fn on_header_sent(&mut self) -> (u32, u32) {
+        let window = self.window();
         self.last_fwd_cnt_sent = self.fwd_cnt;
-        (self.buf_alloc, self.fwd_cnt.0)
+        self.last_buf_alloc_sent = window;
+        (window, self.fwd_cnt.0)
     }
 
     /// Should we tell the peer about freed space now? When the reader has freed at least
     /// `buf_alloc / CREDIT_UPDATE_FRACTION` unannounced bytes, or has drained the buffer
     /// completely (Linux's `rx_bytes < SO_RCVLOWAT` case), so a writer blocked on a nearly
     /// full buffer always hears back, without an update per read.
+    ///
+    /// "Freed" is the credit an update would add to what the last packet gave: the reader's
+    /// unannounced bytes, less what a shrink still holds back (see [`Credit::window`]). While
+    /// a shrink drains bytes the peer was already granted, an update would give nothing, and
+    /// none is sent.
     pub(crate) fn need_credit_update(&self) -> bool {
-        let unannounced = (self.fwd_cnt - self.last_fwd_cnt_sent).0;
-        unannounced > 0
-            && (unannounced >= self.buf_alloc / CREDIT_UPDATE_FRACTION || self.rx_buffered() == 0)
+        let unannounced = u64::from((self.fwd_cnt - self.last_fwd_cnt_sent).0);
+        let new_credit = (unannounced + u64::from(self.window()))
+            .saturating_sub(u64::from(self.last_buf_alloc_sent));
+        new_credit > 0
+            && (new_credit >= u64::from(self.buf_alloc / CREDIT_UPDATE_FRACTION)
+                || self.rx_buffered() == 0)
     }
 
     /// Test hook: start every free-running counter at `start` (both directions), as if
@@ -154,6 +305,71 @@ impl Credit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buffer_size_clamps_as_linux() {
+        let mut b = BufferSize::with_default_size(256 * 1024);
+        assert_eq!((b.size, b.min, b.max), (256 * 1024, 128, 256 * 1024));
+        // The size is clamped into [min, max] ...
+        b.set(BufferOption::Size, 1 << 30);
+        assert_eq!(b.get(BufferOption::Size), 256 * 1024);
+        b.set(BufferOption::Size, 1);
+        assert_eq!(b.get(BufferOption::Size), 128);
+        // ... and moving a bound moves the size with it.
+        b.set(BufferOption::Size, 4096);
+        b.set(BufferOption::MaxSize, 1000);
+        assert_eq!((b.size, b.min, b.max), (1000, 128, 1000));
+        b.set(BufferOption::MinSize, 800);
+        assert_eq!((b.size, b.min, b.max), (1000, 800, 1000));
+        b.set(BufferOption::MinSize, 2000);
+        assert_eq!(
+            (b.size, b.min, b.max),
+            (1000, 2000, 1000),
+            "min > max is kept, and max wins (6.12.117's order)"
+        );
+        b.set(BufferOption::Size, 5);
+        assert_eq!(b.size, 1000);
+        // Past what the header carries: u32::MAX, as VIRTIO_VSOCK_MAX_BUF_SIZE.
+        b.set(BufferOption::MinSize, 0);
+        b.set(BufferOption::MaxSize, u64::MAX);
+        b.set(BufferOption::Size, u64::MAX);
+        assert_eq!(b.size, MAX_BUFFER_SIZE);
+        assert_eq!(b.buf_alloc(), u32::MAX);
+        b.set(BufferOption::Size, 0);
+        assert_eq!(b.size, 0, "min 0 lets the size be 0, as on Linux");
+    }
+
+    #[test]
+    fn a_shrink_waits_for_granted_bytes_and_never_moves_the_edge_back() {
+        let mut c = Credit::new(1000);
+        assert_eq!(c.on_header_sent(), (1000, 0));
+        assert!(c.on_rx(600).is_ok());
+        // Shrink below what is buffered: the 400 granted bytes stay granted.
+        assert!(!c.set_buf_alloc(100), "the window does not change yet");
+        assert_eq!(c.window(), 1000);
+        assert_eq!(c.rx_free(), 400);
+        c.on_consumed(300);
+        assert_eq!(c.window(), 700, "fwd_cnt moved 300: the edge stays at 1000");
+        assert!(!c.need_credit_update(), "an update would grant nothing new");
+        assert_eq!(c.on_header_sent(), (700, 300));
+        assert!(c.on_rx(400).is_ok());
+        assert_eq!(c.rx_free(), 0);
+        c.on_consumed(700);
+        assert_eq!(c.window(), 100, "drained: the new size is in force");
+        assert!(c.need_credit_update(), "and worth announcing");
+        assert_eq!(c.on_header_sent(), (100, 1000));
+        assert_eq!(
+            c.on_rx(101),
+            Err(CreditViolation {
+                len: 101,
+                free: 100
+            })
+        );
+        // Growing takes effect at once.
+        assert!(c.set_buf_alloc(5000));
+        assert_eq!(c.on_header_sent(), (5000, 1000));
+        assert!(c.on_rx(5000).is_ok());
+    }
 
     #[test]
     fn credit_formula_wraps() {

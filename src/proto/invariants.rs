@@ -6,14 +6,20 @@ use crate::packet::SocketType;
 
 impl<S: Storage> Endpoint<S> {
     /// Check internal invariants (for tests and fuzzing): per connection, bytes buffered for
-    /// reading never exceed `buf_alloc` and match the credit counters; the send buffer never
+    /// reading never exceed the receive window (`buf_alloc`, or more while a shrink drains)
+    /// and match the credit counters; the send buffer never
     /// exceeds `send_buffer`; the tables agree with each other.
     pub fn check_invariants(&self) -> Result<(), String> {
         for conn in self.conns.values() {
             let id = conn.id;
             let buffered = conn.credit.rx_buffered() as usize;
-            if buffered > conn.credit.buf_alloc as usize {
-                return Err(format!("{id}: {buffered} bytes buffered > buf_alloc"));
+            if buffered > conn.credit.window() as usize {
+                return Err(format!(
+                    "{id}: {buffered} bytes buffered > the receive window"
+                ));
+            }
+            if conn.credit.buf_alloc != conn.buffer.buf_alloc() {
+                return Err(format!("{id}: buf_alloc is not the buffer size set"));
             }
             if buffered != conn.rx.len() {
                 return Err(format!(

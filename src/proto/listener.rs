@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::time::Instant;
 
 use super::conn::Conn;
+use super::credit::BufferSize;
 use super::storage::Storage;
 use super::{ConnId, ConnState, Endpoint, Event, ListenerId, ProtoError};
 use crate::packet::{Header, SocketType, VMADDR_PORT_ANY};
@@ -15,6 +16,8 @@ pub(super) struct Listener {
     port: u32,
     pub(super) ty: SocketType,
     pub(super) backlog: usize,
+    /// The receive buffer settings each connection it takes in starts with.
+    pub(super) buffer: BufferSize,
     /// Hold each `REQUEST` unanswered until [`Endpoint::answer`] (the any-port listener).
     hold: bool,
     /// Established connections not yet accepted, oldest first (`ConnId`s only grow, so their
@@ -65,6 +68,7 @@ impl<S: Storage> Endpoint<S> {
                 port,
                 ty,
                 backlog,
+                buffer: self.default_buffer(),
                 hold: false,
                 queue: BTreeSet::new(),
             },
@@ -100,6 +104,7 @@ impl<S: Storage> Endpoint<S> {
                 port: VMADDR_PORT_ANY,
                 ty,
                 backlog,
+                buffer: self.default_buffer(),
                 hold: true,
                 queue: BTreeSet::new(),
             },
@@ -182,6 +187,11 @@ impl<S: Storage> Endpoint<S> {
 
     pub(super) fn accept_request(&mut self, l: ListenerId, hdr: &Header, ty: SocketType) {
         let id = self.new_conn_id();
+        // The child inherits the listener's buffer settings (Linux's `__vsock_create`).
+        let buffer = self
+            .listeners
+            .get(&l)
+            .map_or_else(|| self.default_buffer(), |listener| listener.buffer);
         let mut conn = Conn::new(
             &mut self.storage,
             id,
@@ -190,7 +200,7 @@ impl<S: Storage> Endpoint<S> {
             hdr.src_cid,
             hdr.src_port,
             ConnState::Connected,
-            self.config.buf_alloc,
+            buffer,
         );
         conn.credit.on_handshake(hdr.buf_alloc, hdr.fwd_cnt);
         let hold = self.listeners.get(&l).is_some_and(|listener| listener.hold);

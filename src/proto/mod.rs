@@ -108,6 +108,7 @@ use std::time::{Duration, Instant};
 
 use conn::Conn;
 pub use conn::ConnState;
+pub use credit::{BufferOption, BufferSize};
 use listener::Listener;
 use output::Events;
 pub use storage::{HeapBuf, HeapStorage, RxBuf, Storage, TxBuf};
@@ -139,7 +140,8 @@ pub const MAX_PENDING_UNKNOWN_RST: usize = 256;
 pub struct Config {
     /// Our CID (the device config's `guest_cid`).
     pub local_cid: u64,
-    /// Our receive buffer per connection, advertised as `buf_alloc`.
+    /// The default receive buffer per connection, advertised as `buf_alloc`; each connection
+    /// and listener may change its own ([`Endpoint::set_buffer`], [`BufferSize`]).
     pub buf_alloc: u32,
     /// Largest RW payload per packet (at least 1).
     pub max_payload: u32,
@@ -511,6 +513,7 @@ impl<S: Storage> Endpoint<S> {
             None => self.alloc_ephemeral()?,
         };
         let id = self.new_conn_id();
+        let buffer = self.default_buffer();
         let mut conn = Conn::new(
             &mut self.storage,
             id,
@@ -519,7 +522,7 @@ impl<S: Storage> Endpoint<S> {
             peer_cid,
             peer_port,
             ConnState::Connecting,
-            self.config.buf_alloc,
+            buffer,
         );
         conn.bound = true;
         conn.pending.request = true;
@@ -777,6 +780,12 @@ impl<S: Storage> Endpoint<S> {
 
     /// Shut down one or both directions: `SHUTDOWN` goes out (with `SEND` after the send
     /// buffer drains). Data received after our `RECEIVE` shutdown is discarded.
+    ///
+    /// A connection that was established and has since closed (the peer shut down both ways,
+    /// or it was reset) takes it too, with nothing sent: Linux's `vsock_shutdown` refuses
+    /// only a socket that never connected (`ENOTCONN`), so a program that shuts down its
+    /// write half after the peer went (hyper does, on every connection a client closes
+    /// first) sees no error. A connect that failed (refused, timed out) answers its error.
     pub fn shutdown(
         &mut self,
         now: Instant,
@@ -788,12 +797,19 @@ impl<S: Storage> Endpoint<S> {
             .conns
             .get_mut(&c)
             .ok_or(ProtoError::UnknownConnection)?;
-        match conn.state {
-            ConnState::Connecting => return Err(ProtoError::NotConnected),
-            ConnState::Closed => {
-                return Err(conn.error.clone().unwrap_or(ProtoError::NotConnected));
-            }
-            ConnState::Connected | ConnState::PeerClosed { .. } | ConnState::Closing => {}
+        match (conn.state, &conn.error) {
+            (ConnState::Connecting, _) => return Err(ProtoError::NotConnected),
+            (
+                ConnState::Closed,
+                Some(e @ (ProtoError::ConnectionRefused | ProtoError::TimedOut)),
+            ) => return Err(e.clone()),
+            (
+                ConnState::Closed
+                | ConnState::Connected
+                | ConnState::PeerClosed { .. }
+                | ConnState::Closing,
+                _,
+            ) => {}
         }
         conn.local_shutdown.receive |= how.receive;
         conn.local_shutdown.send |= how.send;
@@ -916,6 +932,61 @@ impl<S: Storage> Endpoint<S> {
         }
     }
 
+    /// Connection `c`'s receive buffer settings (`getsockopt(SO_VM_SOCKETS_BUFFER_*)`), or
+    /// `None` if `c` is unknown or released.
+    pub fn buffer(&self, c: ConnId) -> Option<BufferSize> {
+        self.conns.get(&c).map(|conn| conn.buffer)
+    }
+
+    /// Change one of connection `c`'s receive buffer settings (`setsockopt`), with Linux's
+    /// clamps ([`BufferSize`]); returns the settings now in force. Any state will do (a
+    /// connection still connecting, or closed, keeps the value). On a live connection the
+    /// new size is advertised at once when that changes the `buf_alloc` we advertise (a
+    /// `CREDIT_UPDATE` goes out, as Linux's `virtio_transport_notify_buffer_size` sends one);
+    /// a smaller size takes effect as the reader consumes what the peer was already granted,
+    /// so the peer is never given less room than it was promised (see [`credit`]).
+    pub fn set_buffer(
+        &mut self,
+        c: ConnId,
+        opt: BufferOption,
+        val: u64,
+    ) -> Result<BufferSize, ProtoError> {
+        let conn = self
+            .conns
+            .get_mut(&c)
+            .ok_or(ProtoError::UnknownConnection)?;
+        conn.buffer.set(opt, val);
+        let buffer = conn.buffer;
+        if conn.credit.set_buf_alloc(buffer.buf_alloc()) && conn.in_table {
+            conn.pending.credit_update = true;
+            self.schedule(c);
+        }
+        Ok(buffer)
+    }
+
+    /// Listener `l`'s receive buffer settings, which each connection it takes in starts
+    /// with, or `None` if `l` is unknown.
+    pub fn listener_buffer(&self, l: ListenerId) -> Option<BufferSize> {
+        self.listeners.get(&l).map(|listener| listener.buffer)
+    }
+
+    /// Change one of listener `l`'s receive buffer settings (as [`Endpoint::set_buffer`]):
+    /// connections it takes in from now on start with them (Linux's `__vsock_create` copies
+    /// the listener's into each child); those already in its accept queue keep theirs.
+    pub fn set_listener_buffer(
+        &mut self,
+        l: ListenerId,
+        opt: BufferOption,
+        val: u64,
+    ) -> Result<BufferSize, ProtoError> {
+        let listener = self
+            .listeners
+            .get_mut(&l)
+            .ok_or(ProtoError::InvalidInput("unknown listener"))?;
+        listener.buffer.set(opt, val);
+        Ok(listener.buffer)
+    }
+
     /// The peer's `(CID, port)`.
     pub fn peer_addr(&self, c: ConnId) -> Option<(u64, u32)> {
         self.conns
@@ -958,6 +1029,11 @@ impl<S: Storage> Endpoint<S> {
             ));
         }
         Ok(())
+    }
+
+    /// The receive buffer settings a new connection or listener starts with.
+    fn default_buffer(&self) -> BufferSize {
+        BufferSize::with_default_size(self.config.buf_alloc)
     }
 
     fn check_room(&self) -> Result<(), ProtoError> {

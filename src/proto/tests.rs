@@ -756,6 +756,258 @@ fn counters_wrap_past_u32_max() {
     assert_eq!(a.in_flight(), 0);
 }
 
+// ----- receive buffer size (SO_VM_SOCKETS_BUFFER_SIZE, _MIN_SIZE, _MAX_SIZE) -----
+
+/// Every header `side` sent on its connection with local port `port`, in order.
+fn sent_on(p: &Pair, side: Side, port: u32) -> Vec<Header> {
+    p.log
+        .iter()
+        .filter(|(s, h)| *s == side && h.src_port == port)
+        .map(|(_, h)| *h)
+        .collect()
+}
+
+/// The right edge each header advertises (`fwd_cnt + buf_alloc`, free-running) never moves
+/// back: what the peer was allowed to send stays allowed.
+#[track_caller]
+fn assert_edge_never_moves_back(headers: &[Header]) {
+    for w in headers.windows(2) {
+        let (a, b) = (&w[0], &w[1]);
+        let edge_a = a.fwd_cnt.wrapping_add(a.buf_alloc);
+        let edge_b = b.fwd_cnt.wrapping_add(b.buf_alloc);
+        assert!(
+            i32::try_from(edge_b.wrapping_sub(edge_a)).is_ok(),
+            "edge moved back: {a:?} then {b:?}"
+        );
+    }
+}
+
+#[test]
+fn buffer_defaults_are_linuxs_around_the_configured_size() {
+    let mut p = Pair::new();
+    let (ca, cb, l) = p.establish(SocketType::Stream);
+    let linux = BufferSize {
+        size: 256 * 1024,
+        min: 128,
+        max: 256 * 1024,
+    };
+    assert_eq!(p.a.buffer(ca), Some(linux));
+    assert_eq!(p.b.buffer(cb), Some(linux));
+    assert_eq!(p.b.listener_buffer(l), Some(linux));
+    assert_eq!(
+        BufferSize::with_default_size(1 << 20),
+        BufferSize {
+            size: 1 << 20,
+            min: 128,
+            max: 1 << 20
+        }
+    );
+    assert_eq!(
+        BufferSize::with_default_size(64),
+        BufferSize {
+            size: 64,
+            min: 64,
+            max: 256 * 1024
+        }
+    );
+    assert_eq!(p.a.buffer(ConnId(999)), None);
+    assert_eq!(
+        p.a.set_buffer(ConnId(999), BufferOption::Size, 4096),
+        Err(ProtoError::UnknownConnection)
+    );
+}
+
+#[test]
+fn growing_the_buffer_is_advertised_at_once_and_bounds_what_arrives() {
+    let mut p = Pair::new();
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    let port_b = p.b.local_port(cb).unwrap();
+    // Above the default max: clamped to it, nothing changes, nothing is sent.
+    let b = p.b.set_buffer(cb, BufferOption::Size, 1 << 20).unwrap();
+    assert_eq!(b.size, 256 * 1024);
+    assert!(p.pump(Side::B, false).is_empty(), "no change, no update");
+    // Raise the max, then the size: one CREDIT_UPDATE with the new buf_alloc.
+    p.b.set_buffer(cb, BufferOption::MaxSize, 1 << 20).unwrap();
+    assert!(p.pump(Side::B, false).is_empty(), "the size did not change");
+    let b = p.b.set_buffer(cb, BufferOption::Size, 1 << 20).unwrap();
+    assert_eq!(b.size, 1 << 20);
+    let out = p.pump(Side::B, true);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].op, Op::CreditUpdate as u16);
+    assert_eq!(out[0].buf_alloc, 1 << 20);
+    assert_eq!(p.a.peer_credit(ca), Some((1 << 20, 0)));
+    // A writer with a large send buffer fills exactly the new window.
+    let data = pattern(0, 3 << 20);
+    let mut sent = 0;
+    for _ in 0..64 {
+        sent += p.a.send(now, ca, &data[sent..]).unwrap();
+        p.shuttle();
+    }
+    assert_eq!(p.b.readable_bytes(cb), 1 << 20);
+    assert_eq!(p.a.peer_credit(ca), Some((0, 1 << 20)));
+    assert_eq!(p.b.stats().credit_violations, 0);
+    assert_eq!(p.read_all(Side::B, cb), data[..1 << 20]);
+    assert_edge_never_moves_back(&sent_on(&p, Side::B, port_b));
+}
+
+#[test]
+fn shrinking_with_data_queued_never_takes_back_granted_credit() {
+    let mut p = Pair::new();
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    let port_b = p.b.local_port(cb).unwrap();
+    let data = pattern(0, 1 << 20);
+    assert_eq!(p.a.send(now, ca, &data[..200 * 1024]).unwrap(), 200 * 1024);
+    p.shuttle();
+    assert_eq!(p.b.readable_bytes(cb), 200 * 1024);
+    assert_eq!(p.a.peer_credit(ca), Some((56 * 1024, 200 * 1024)));
+    // Shrink to 4 KiB with 200 KiB queued: the 56 KiB the writer was granted stay granted.
+    let b = p.b.set_buffer(cb, BufferOption::Size, 4096).unwrap();
+    assert_eq!(b.size, 4096);
+    assert!(
+        p.pump(Side::B, false).is_empty(),
+        "nothing to advertise yet"
+    );
+    let mut sent = 200 * 1024;
+    sent += p.a.send(now, ca, &data[sent..]).unwrap();
+    p.shuttle();
+    assert_eq!(
+        p.b.readable_bytes(cb),
+        256 * 1024,
+        "the old grant is honoured"
+    );
+    assert_eq!(p.b.stats().credit_violations, 0);
+    assert_eq!(p.a.peer_credit(ca), Some((0, 256 * 1024)));
+    // The reader takes 100 KiB: 156 KiB are still buffered, above the new size, so an update
+    // would grant nothing and none goes out; a packet that does go out (the answer to a
+    // CREDIT_REQUEST) grants nothing either.
+    let mut buf = vec![0u8; 100 * 1024];
+    assert_eq!(p.b.recv(now, cb, &mut buf), Ok(100 * 1024));
+    assert!(
+        p.pump(Side::B, true).is_empty(),
+        "no update that grants nothing"
+    );
+    let port_a = p.a.local_port(ca).unwrap();
+    let req = tmpl(
+        (GUEST_CID, port_a),
+        (VMADDR_CID_HOST, PORT),
+        Op::CreditRequest,
+    );
+    p.b.handle_packet(now, &Header { fwd_cnt: 0, ..req }, &[]);
+    let out = p.pump(Side::B, true);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].op, Op::CreditUpdate as u16);
+    assert_eq!((out[0].buf_alloc, out[0].fwd_cnt), (156 * 1024, 100 * 1024));
+    assert_eq!(p.a.peer_credit(ca), Some((0, 156 * 1024)));
+    p.shuttle();
+    assert_eq!(
+        p.b.readable_bytes(cb),
+        156 * 1024,
+        "no new credit was given"
+    );
+    // Drained: from now on the window is the new 4 KiB.
+    let mut got = buf;
+    got.extend(p.read_all(Side::B, cb));
+    assert_eq!(got, data[..256 * 1024]);
+    let out = p.pump(Side::B, true);
+    assert_eq!(out.last().unwrap().buf_alloc, 4096);
+    assert_eq!(p.a.peer_credit(ca).unwrap().0, 4096);
+    for _ in 0..8 {
+        sent += p.a.send(now, ca, &data[sent..]).unwrap();
+        p.shuttle();
+        assert!(p.b.readable_bytes(cb) <= 4096);
+    }
+    assert_eq!(p.b.readable_bytes(cb), 4096);
+    assert_eq!(p.b.stats().credit_violations, 0);
+    assert_edge_never_moves_back(&sent_on(&p, Side::B, port_b));
+}
+
+#[test]
+fn a_peer_beyond_a_shrunken_window_is_still_reset() {
+    let mut p = Pair::new();
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    // Drain the default grant first, so the 4 KiB window is in force and advertised.
+    p.b.set_buffer(cb, BufferOption::Size, 4096).unwrap();
+    let data = pattern(0, 256 * 1024);
+    assert_eq!(p.a.send(now, ca, &data).unwrap(), 256 * 1024);
+    p.shuttle();
+    assert_eq!(p.read_all(Side::B, cb).len(), 256 * 1024);
+    let out = p.pump(Side::B, true);
+    assert_eq!(out.last().unwrap().buf_alloc, 4096);
+    // A hand-crafted packet one byte beyond it resets the connection.
+    let port = p.a.local_port(ca).unwrap();
+    let rw = tmpl((GUEST_CID, port), (VMADDR_CID_HOST, PORT), Op::Rw);
+    p.b.handle_packet(
+        now,
+        &Header {
+            len: 4097,
+            fwd_cnt: 0,
+            ..rw
+        },
+        &pattern(0, 4097),
+    );
+    assert_eq!(p.b.stats().credit_violations, 1);
+    assert_eq!(p.b.state(cb), Some(ConnState::Closed));
+}
+
+#[test]
+fn a_size_set_before_the_request_goes_out_is_in_the_request() {
+    let mut p = Pair::new();
+    let l = p.b.listen(PORT, 4, SocketType::Stream).unwrap();
+    let ca =
+        p.a.connect(p.now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+            .unwrap();
+    p.a.set_buffer(ca, BufferOption::Size, 8192).unwrap();
+    let out = p.pump(Side::A, true);
+    assert_eq!(out.len(), 1, "one REQUEST, no separate update");
+    assert_eq!(out[0].op, Op::Request as u16);
+    assert_eq!(out[0].buf_alloc, 8192);
+    p.shuttle();
+    let cb = p.b.accept(l).unwrap();
+    assert_eq!(p.b.peer_credit(cb), Some((8192, 0)));
+}
+
+#[test]
+fn a_listeners_buffer_is_inherited_by_what_it_takes_in() {
+    let mut p = Pair::new();
+    let l = p.b.listen(PORT, 4, SocketType::Stream).unwrap();
+    p.b.set_listener_buffer(l, BufferOption::MaxSize, 1 << 20)
+        .unwrap();
+    let lb =
+        p.b.set_listener_buffer(l, BufferOption::Size, 1 << 20)
+            .unwrap();
+    let want = BufferSize {
+        size: 1 << 20,
+        min: 128,
+        max: 1 << 20,
+    };
+    assert_eq!(lb, want);
+    let c1 =
+        p.a.connect(p.now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+            .unwrap();
+    p.shuttle();
+    // Changed after the first REQUEST came in: the first keeps what it inherited.
+    p.b.set_listener_buffer(l, BufferOption::Size, 8192)
+        .unwrap();
+    let c2 =
+        p.a.connect(p.now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+            .unwrap();
+    p.shuttle();
+    let b1 = p.b.accept(l).unwrap();
+    let b2 = p.b.accept(l).unwrap();
+    assert_eq!(p.b.buffer(b1), Some(want));
+    assert_eq!(p.b.buffer(b2), Some(BufferSize { size: 8192, ..want }));
+    // The RESPONSE carried each: the connecting side sees it as credit.
+    assert_eq!(p.a.peer_credit(c1), Some((1 << 20, 0)));
+    assert_eq!(p.a.peer_credit(c2), Some((8192, 0)));
+    assert_eq!(
+        p.b.set_listener_buffer(ListenerId(99), BufferOption::Size, 1),
+        Err(ProtoError::InvalidInput("unknown listener"))
+    );
+}
+
 // ----- shutdown and close -----
 
 #[test]
@@ -815,6 +1067,34 @@ fn half_close_send_then_other_direction() {
     p.b.close(now, cb);
     assert_eq!(p.events(Side::B).last(), Some(&Event::Closed(cb)));
     assert_eq!(p.a.poll_timeout(), None);
+}
+
+#[test]
+fn shutdown_after_the_peer_closed_is_accepted_as_linux_does() {
+    let mut p = Pair::new();
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    // B closes first: SHUTDOWN both ways, A answers RST and the connection is closed.
+    p.b.close(now, cb);
+    p.shuttle();
+    assert_eq!(p.a.state(ca), Some(ConnState::Closed));
+    let before = p.log.len();
+    let write = ShutdownFlags {
+        receive: false,
+        send: true,
+    };
+    assert_eq!(p.a.shutdown(now, ca, write), Ok(()));
+    assert_eq!(p.shuttle(), 0, "nothing goes on the wire");
+    assert_eq!(p.log.len(), before);
+    // A connect that never succeeded still says why.
+    let c =
+        p.a.connect(now, VMADDR_CID_HOST, 9999, None, SocketType::Stream)
+            .unwrap();
+    p.shuttle();
+    assert_eq!(
+        p.a.shutdown(now, c, write),
+        Err(ProtoError::ConnectionRefused)
+    );
 }
 
 #[test]

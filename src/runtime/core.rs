@@ -945,16 +945,22 @@ impl Core {
     fn below_low_water(st: &CoreState, c: ConnId, len: usize) -> bool {
         st.rcvlowat.get(&c).is_some_and(|&low| {
             let r = st.ep.readiness(c);
-            !r.read_closed && !r.error && st.ep.readable_bytes(c) < low.min(len)
+            // A buffer shrunk below the mark since it was set: more than the buffer never
+            // comes, so wait for a full buffer.
+            let size = st.ep.buffer(c).map_or(usize::MAX, |b| {
+                usize::try_from(b.size).unwrap_or(usize::MAX)
+            });
+            !r.read_closed && !r.error && st.ep.readable_bytes(c) < low.min(len).min(size)
         })
     }
 
     /// Set `c`'s receive low-water mark (`SO_RCVLOWAT`): blocking reads wait for that many
     /// bytes (or end of stream) and the descriptor turns readable only then. At most the
-    /// receive buffer (as Linux's `vsock_set_rcvlowat`); 0 counts as 1.
+    /// connection's receive buffer size (as Linux's `vsock_set_rcvlowat`); 0 counts as 1.
     pub(crate) fn set_rcvlowat(&self, c: ConnId, low: usize) -> io::Result<()> {
         let mut st = self.lock();
-        let max = st.ep.config().buf_alloc as usize;
+        let max = st.ep.buffer(c).map_or(0, |b| b.size);
+        let max = usize::try_from(max).unwrap_or(usize::MAX);
         if low > max {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -968,6 +974,51 @@ impl Core {
         }
         Core::show(&mut st, Target::Conn(c));
         Ok(())
+    }
+
+    /// Connection `c`'s receive buffer settings (`getsockopt(SO_VM_SOCKETS_BUFFER_*)`).
+    pub(crate) fn buffer(&self, c: ConnId) -> io::Result<crate::proto::BufferSize> {
+        self.lock()
+            .ep
+            .buffer(c)
+            .ok_or_else(|| to_io(ProtoError::NotConnected))
+    }
+
+    /// Change one of `c`'s receive buffer settings (`setsockopt`, see [`crate::proto::BufferSize`]); a
+    /// `CREDIT_UPDATE` goes out when the advertised size changes.
+    pub(crate) fn set_buffer(
+        &self,
+        c: ConnId,
+        opt: crate::proto::BufferOption,
+        val: u64,
+    ) -> io::Result<crate::proto::BufferSize> {
+        let mut st = self.lock();
+        let b = st.ep.set_buffer(c, opt, val).map_err(to_io)?;
+        self.kick(&mut st);
+        // A low-water mark waits for at most a full buffer.
+        Core::show(&mut st, Target::Conn(c));
+        Ok(b)
+    }
+
+    /// Listener `l`'s receive buffer settings, which the connections it accepts inherit.
+    pub(crate) fn listener_buffer(&self, l: ListenerId) -> io::Result<crate::proto::BufferSize> {
+        self.lock()
+            .ep
+            .listener_buffer(l)
+            .ok_or_else(|| to_io(ProtoError::InvalidInput("unknown listener")))
+    }
+
+    /// Change one of listener `l`'s receive buffer settings.
+    pub(crate) fn set_listener_buffer(
+        &self,
+        l: ListenerId,
+        opt: crate::proto::BufferOption,
+        val: u64,
+    ) -> io::Result<crate::proto::BufferSize> {
+        self.lock()
+            .ep
+            .set_listener_buffer(l, opt, val)
+            .map_err(to_io)
     }
 
     /// Blocking peek: waits for data (or EOF, or an error) like [`Core::read`], then copies

@@ -14,13 +14,13 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::Shutdown;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::error::{error_chain, Ended, TransportError};
 use super::readiness::{Notifier, ReadyFd, UserFd};
 use super::stats::DriverStats;
 use super::storage::{RtStorage, RtTx};
+use super::sync::{self, Arc, Condvar, Mutex, MutexGuard};
 use crate::packet::{ShutdownFlags, SocketType};
 use crate::proto::storage::TxBuf;
 use crate::proto::{ConnId, Endpoint, Event, ListenerId, ProtoError, Readiness};
@@ -217,9 +217,9 @@ pub(crate) const SPIN_BEFORE_YIELD: Duration = Duration::from_micros(20);
 /// One round of waiting in a spin loop that started `idle` ago.
 pub(crate) fn spin_pause(idle: Duration) {
     if idle < SPIN_BEFORE_YIELD {
-        std::hint::spin_loop();
+        sync::spin_loop();
     } else {
-        std::thread::yield_now();
+        sync::yield_now();
     }
 }
 
@@ -673,7 +673,7 @@ impl Core {
             }
             if self.busy_poll && !asleep {
                 let idle = now.saturating_duration_since(spin_since);
-                if idle < st.spin.get() {
+                if sync::keep_spinning(idle, st.spin.get()) {
                     spun = true;
                     // Run-to-completion: move packets ourselves, then let others at the lock.
                     Core::pump_locked(&mut st, now);

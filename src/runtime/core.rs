@@ -1401,6 +1401,12 @@ pub(crate) fn to_io(e: ProtoError) -> io::Error {
     io::Error::new(kind, e)
 }
 
+/// The loom model check of this file's synchronisation (built with `--cfg loom` only): a
+/// child of this module, so that its models can look at the state they check.
+#[cfg(all(test, loom))]
+#[path = "loom_tests.rs"]
+mod loom_tests;
+
 #[cfg(test)]
 mod tests {
     use super::*;

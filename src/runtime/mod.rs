@@ -33,6 +33,8 @@ mod readiness;
 mod stats;
 mod storage;
 mod sync;
+#[cfg(all(test, loom))]
+mod test_device;
 mod transport;
 
 pub(crate) use self::core::{to_io, Core, RtEndpoint, Transport, Wait};

@@ -1001,7 +1001,7 @@ impl Core {
         let _order = writer.lock().unwrap_or_else(|p| p.into_inner());
         let st = self.lock();
         let this = self.clone();
-        let r = self.wait_until_guard(st, &cv, wait, Target::Conn(c), |mut st| {
+        let r = self.wait_until_guard(st, &cv, wait, Target::Conn(c), |mut st| loop {
             if let Some(e) = Core::reset_error(&st, c) {
                 return (st, Some(Err(e)));
             }
@@ -1012,19 +1012,27 @@ impl Core {
             } else {
                 st.ep.send(Instant::now(), c, data)
             };
-            let r = match sent {
+            match sent {
                 Ok(n) => {
                     if n > 0 {
                         this.kick(&mut st);
                     }
                     data = &data[n..];
                     queued += n;
-                    (data.is_empty() || (wait == Wait::Never && queued > 0)).then_some(Ok(queued))
+                    if data.is_empty() || (wait == Wait::Never && queued > 0) {
+                        return (st, Some(Ok(queued)));
+                    }
+                    if n == 0 {
+                        // No room: the send armed `Writable`, whose notification wakes us.
+                        return (st, None);
+                    }
+                    // Part of it queued: the kick may have sent it at once, so there may be
+                    // room again that nothing will announce (any `Writable` it raised came
+                    // before we wait). Go on until a send finds no room.
                 }
-                Err(ProtoError::WouldBlock) => None,
-                Err(e) => Some(Err(to_io(e))),
-            };
-            (st, r)
+                Err(ProtoError::WouldBlock) => return (st, None),
+                Err(e) => return (st, Some(Err(to_io(e)))),
+            }
         });
         Core::partial(r, queued)
     }
@@ -1141,7 +1149,7 @@ impl Core {
         let _order = writer.lock().unwrap_or_else(|p| p.into_inner());
         let st = self.lock();
         let this = self.clone();
-        let r = self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
+        let r = self.wait_until(st, &cv, wait, Target::Conn(c), |st| loop {
             if let Some(e) = Core::reset_error(st, c) {
                 return Some(Err(e));
             }
@@ -1170,7 +1178,11 @@ impl Core {
             if sent {
                 this.kick(st);
             }
-            r
+            if r.is_some() || !sent {
+                return r;
+            }
+            // As in `write`: the kick may have made room that nothing will announce; go on
+            // until a send finds none (which arms `Writable`).
         });
         Core::partial(r, queued)
     }

@@ -201,6 +201,48 @@ fn a_blocked_connect_wakes_on_the_response() {
     });
 }
 
+/// A write of twice the send buffer to a device that takes each part at once: the room the
+/// writer's own kick makes is used at once (nothing else would announce it: the `Writable` the
+/// kick raised came before the writer waits).
+#[test]
+fn a_write_larger_than_the_send_buffer_uses_the_room_its_kick_made() {
+    model(|| {
+        let (rig, c) = Setup {
+            send_buffer: 4,
+            ..Setup::default()
+        }
+        .connected();
+        let core = rig.core.clone();
+        let writer = spawn(move || core.write(c, b"abcdefgh", Wait::Forever));
+        let lp = loop_thread(&rig, no_check);
+        assert_eq!(writer.join().unwrap().expect("write"), 8);
+        lp.join().unwrap();
+        rig.settle();
+        assert_eq!(rig.log().received, b"abcdefgh");
+    });
+}
+
+/// A writer blocked on credit wakes when the peer's CREDIT_UPDATE grants more.
+#[test]
+fn a_write_blocked_on_credit_wakes_on_a_credit_update() {
+    model(|| {
+        let (rig, c) = Setup {
+            script: vec![Step::Credit(8)],
+            peer_buf_alloc: 4,
+            send_buffer: 4,
+            ..Setup::default()
+        }
+        .connected();
+        let core = rig.core.clone();
+        let writer = spawn(move || core.write(c, b"abcdefgh", Wait::Forever));
+        let lp = loop_thread(&rig, no_check);
+        assert_eq!(writer.join().unwrap().expect("write"), 8);
+        lp.join().unwrap();
+        rig.settle();
+        assert_eq!(rig.log().received, b"abcdefgh");
+    });
+}
+
 // ----- b. the end of a connection against a blocked read -----
 
 /// The peer's SHUTDOWN ends a blocked read with end of stream.

@@ -33,7 +33,7 @@ mod readiness;
 mod stats;
 mod storage;
 mod sync;
-#[cfg(all(test, loom))]
+#[cfg(test)]
 mod test_device;
 mod transport;
 

@@ -3,12 +3,13 @@
 //! A scripted device for tests of the [`Core`] without a device or the sim: a [`Transport`]
 //! whose `pump` swallows what the endpoint sends (recording the ops and the payload bytes) and
 //! then delivers the next [`Step`] of a script: what a peer would send (`RESPONSE`, `REQUEST`,
-//! `RW` with payload, `SHUTDOWN`, `RST`), a wake-up with nothing in it, or the
+//! `RW` with payload, `CREDIT_UPDATE`, `SHUTDOWN`, `RST`), a wake-up with nothing in it, or the
 //! device's death (`pump` fails). One step per pump, whoever pumps: the loop thread, or a user
 //! call that runs the transport itself (`kick`, busy-poll).
 //!
-//! The loom models (`loom_tests.rs`) run on it. Payload lives on the heap (the sim host's
-//! storage), or in a driver's DMA pools over a small [`DmaRegion`] when a test needs the
+//! The loom models (`loom_tests.rs`) run on it; so do the regression tests at the end of this
+//! file, in normal builds, for what those models found. Payload lives on the heap (the sim
+//! host's storage), or in a driver's DMA pools over a small [`DmaRegion`] when a test needs the
 //! unlocked copies.
 
 use std::collections::VecDeque;
@@ -37,6 +38,13 @@ pub(crate) const PEER_CLIENT_PORT: u32 = 7000;
 
 /// What the scripted peer (or device) does at a pump, in script order.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(
+    not(loom),
+    allow(
+        dead_code,
+        reason = "the loom models use every step; normal builds a few"
+    )
+)]
 pub(crate) enum Step {
     /// `RESPONSE` to our last `REQUEST` (waits until one was sent).
     Response,
@@ -44,6 +52,8 @@ pub(crate) enum Step {
     Request,
     /// `RW` with this payload.
     Data(Vec<u8>),
+    /// `CREDIT_UPDATE` advertising this receive buffer (and every byte we sent as consumed).
+    Credit(u32),
     /// `SHUTDOWN` with both flags (the peer will neither send nor receive).
     Shutdown,
     /// `RST`.
@@ -218,6 +228,11 @@ impl Transport for FakeDevice {
                 h.len = u32::try_from(data.len()).expect("a small payload");
                 self.deliver(ep, now, &h, &data);
             }
+            Step::Credit(buf_alloc) => {
+                log.buf_alloc = buf_alloc;
+                let h = log.header(Op::CreditUpdate, conn.expect("checked above"));
+                self.deliver(ep, now, &h, &[]);
+            }
             Step::Shutdown => {
                 let mut h = log.header(Op::Shutdown, conn.expect("checked above"));
                 h.flags = 3;
@@ -362,5 +377,78 @@ impl Rig {
 
     pub(crate) fn log(&self) -> std::sync::MutexGuard<'_, DeviceLog> {
         log_of(&self.log)
+    }
+}
+
+/// Regression tests (normal builds) for what the loom models found. They cannot see a wait
+/// itself, so they time a run that would wait for the core's 100 ms re-check many times over
+/// if a wake-up were missing, against a bound far above what it takes when none is.
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::runtime::Wait;
+
+    /// Rounds each test makes: a missed wake-up costs each round the core's 100 ms re-check.
+    const ROUNDS: usize = 40;
+    /// The bound on a test's run: a tenth of what the missed wake-ups would cost, and orders of
+    /// magnitude above what the rounds take when nothing waits.
+    const BOUND: Duration = Duration::from_millis(400);
+
+    /// A write of many send buffers to a device that takes each at once (the writer's own kick
+    /// sends it) never waits: the room its kick made is used at once. Before the fix every
+    /// round after the first slept until the re-check (the `Writable` the kick raised came
+    /// before the wait), so a 1 MiB write to the sim's discard service took 300 ms.
+    #[test]
+    fn regression_a_write_larger_than_the_send_buffer_does_not_wait_for_its_own_kick() {
+        const BUF: usize = 16;
+        let (rig, c) = Setup {
+            send_buffer: BUF,
+            ..Setup::default()
+        }
+        .connected();
+        let data: Vec<u8> = (0..BUF * ROUNDS).map(|i| (i % 251) as u8).collect();
+        let t0 = Instant::now();
+        assert_eq!(
+            rig.core.write(c, &data, Wait::Forever).expect("write"),
+            data.len()
+        );
+        let took = t0.elapsed();
+        rig.settle();
+        assert_eq!(rig.log().received, data);
+        assert!(
+            took < BOUND,
+            "{} rounds took {took:?}: writes wait for their own kick",
+            ROUNDS
+        );
+    }
+
+    /// The same through `write_vectored`.
+    #[test]
+    fn regression_a_vectored_write_larger_than_the_send_buffer_does_not_wait_for_its_own_kick() {
+        const BUF: usize = 16;
+        let (rig, c) = Setup {
+            send_buffer: BUF,
+            ..Setup::default()
+        }
+        .connected();
+        let data: Vec<u8> = (0..BUF * ROUNDS).map(|i| (i % 251) as u8).collect();
+        let bufs: Vec<io::IoSlice<'_>> = data.chunks(BUF * 3 / 2).map(io::IoSlice::new).collect();
+        let t0 = Instant::now();
+        assert_eq!(
+            rig.core
+                .write_vectored(c, &bufs, Wait::Forever)
+                .expect("write"),
+            data.len()
+        );
+        let took = t0.elapsed();
+        rig.settle();
+        assert_eq!(rig.log().received, data);
+        assert!(
+            took < BOUND,
+            "{} rounds took {took:?}: writes wait for their own kick",
+            ROUNDS
+        );
     }
 }

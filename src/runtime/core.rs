@@ -1353,6 +1353,9 @@ impl Core {
             },
         };
         st.ep.shutdown(Instant::now(), c, flags).map_err(to_io)?;
+        // Callers blocked on `c` (a reader on another clone of the socket) see the end now, as
+        // Linux's wake at a shutdown: reads return end of stream, writes BrokenPipe.
+        notify(&st.conn_wait, c);
         self.kick(&mut st);
         Core::show(&mut st, Target::Conn(c));
         Ok(())

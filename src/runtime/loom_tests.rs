@@ -40,6 +40,7 @@
 //! [loom]: https://docs.rs/loom
 
 use std::io::ErrorKind;
+use std::net::Shutdown;
 use std::os::fd::AsFd;
 
 use loom::thread;
@@ -277,6 +278,41 @@ fn b_peer_reset_ends_a_blocked_read() {
         let r = reader.join().unwrap();
         assert_eq!(r.map_err(|e| e.kind()), Err(ErrorKind::ConnectionReset));
         lp.join().unwrap();
+    });
+}
+
+/// Our own `shutdown(Read)` from another thread (a clone of the socket) ends a blocked read
+/// with end of stream, as Linux's does.
+#[test]
+fn b_our_shutdown_ends_a_blocked_read() {
+    model(|| {
+        let (rig, c) = Setup::default().connected();
+        let core = rig.core.clone();
+        let reader = spawn(move || core.read(c, &mut [0u8; 16], Wait::Forever));
+        rig.core.shutdown(c, Shutdown::Read).expect("shutdown");
+        assert_eq!(reader.join().unwrap().expect("read"), 0, "end of stream");
+    });
+}
+
+/// Our own `shutdown(Write)` from another thread ends a write blocked on credit with
+/// BrokenPipe.
+#[test]
+fn b_our_shutdown_ends_a_blocked_write() {
+    model(|| {
+        let (rig, c) = Setup {
+            peer_buf_alloc: 0,
+            send_buffer: 4,
+            ..Setup::default()
+        }
+        .connected();
+        let core = rig.core.clone();
+        let writer = spawn(move || core.write(c, b"abcdefgh", Wait::Forever));
+        rig.core.shutdown(c, Shutdown::Write).expect("shutdown");
+        match writer.join().unwrap() {
+            // Part of it was queued before the shutdown: a write that queued bytes says so.
+            Ok(n) => assert!(n > 0 && n < 8, "{n} bytes"),
+            Err(e) => assert_eq!(e.kind(), ErrorKind::BrokenPipe, "{e}"),
+        }
     });
 }
 

@@ -339,9 +339,20 @@ impl Setup {
     /// A core with one established connection (set up before any thread starts); the script
     /// starts once it is.
     pub(crate) fn connected(mut self) -> (Rig, ConnId) {
-        let script = std::mem::replace(&mut self.script, vec![Step::Response]);
+        let script = std::mem::take(&mut self.script);
         let rig = self.core();
-        let c = rig
+        let c = rig.connect();
+        rig.log().script.extend(script);
+        (rig, c)
+    }
+}
+
+impl Rig {
+    /// Open a connection to the peer and establish it (the peer answers before any other
+    /// step of the script); the script's steps go to it from then on.
+    pub(crate) fn connect(&self) -> ConnId {
+        self.log().script.push_front(Step::Response);
+        let c = self
             .core
             .connect(
                 (VMADDR_CID_HOST, PEER_PORT),
@@ -351,14 +362,13 @@ impl Setup {
                 true,
             )
             .expect("connect");
-        rig.settle();
-        assert_eq!(rig.core.lock().ep.state(c), Some(ConnState::Connected));
-        rig.log().script.extend(script);
-        (rig, c)
+        while self.log().script.front() == Some(&Step::Response) {
+            assert!(self.pump(), "the device answers the REQUEST");
+        }
+        assert_eq!(self.core.lock().ep.state(c), Some(ConnState::Connected));
+        c
     }
-}
 
-impl Rig {
     /// One round of the device, as the loop thread runs it.
     pub(crate) fn pump(&self) -> bool {
         let mut st = self.core.lock();
@@ -449,6 +459,44 @@ mod tests {
             took < BOUND,
             "{} rounds took {took:?}: writes wait for their own kick",
             ROUNDS
+        );
+    }
+
+    /// Our `shutdown(Read)` from another thread wakes a reader asleep on the connection at
+    /// once. Before the fix nothing notified it: it saw the end of stream only at the 100 ms
+    /// re-check. The reader is on a busy-poll core, so that it is known to be asleep (it turned
+    /// the device's notifications on) before the shutdown.
+    #[test]
+    fn regression_our_shutdown_wakes_a_blocked_reader_at_once() {
+        let rig = Setup {
+            busy_poll: true,
+            ..Setup::default()
+        }
+        .core();
+        let t0 = Instant::now();
+        for _ in 0..ROUNDS {
+            let c = rig.connect();
+            let core = rig.core.clone();
+            let reader = std::thread::spawn(move || core.read(c, &mut [0u8; 8], Wait::Forever));
+            // Asleep: notifications on (the sleeper turned polling off), under the core's lock
+            // until it waits.
+            while rig.log().polling {
+                std::thread::yield_now();
+            }
+            rig.core
+                .shutdown(c, std::net::Shutdown::Read)
+                .expect("shutdown");
+            assert_eq!(reader.join().unwrap().expect("read"), 0, "end of stream");
+            assert!(
+                rig.log().polling,
+                "the woken reader turned notifications off again"
+            );
+            rig.core.close(c);
+        }
+        let took = t0.elapsed();
+        assert!(
+            took < BOUND,
+            "{ROUNDS} rounds took {took:?}: the shutdown woke nobody"
         );
     }
 }

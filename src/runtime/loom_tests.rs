@@ -632,7 +632,9 @@ fn e_notifier_made_while_data_arrives_signals_it() {
 
 /// A pattern per writer.
 fn bytes_of(tag: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| tag.wrapping_add((i % 7) as u8)).collect()
+    (0..len)
+        .map(|i| tag.wrapping_add(u8::try_from(i % 7).unwrap_or(0)))
+        .collect()
 }
 
 /// Two writers of 4 KiB on one connection copy into DMA memory with the core's lock let go;

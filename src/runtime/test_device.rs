@@ -400,6 +400,13 @@ mod tests {
     use super::*;
     use crate::runtime::Wait;
 
+    /// A position-dependent byte pattern (reordering or loss shows).
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| u8::try_from(i % 251).unwrap_or(0))
+            .collect()
+    }
+
     /// Rounds each test makes: a missed wake-up costs each round the core's 100 ms re-check.
     const ROUNDS: usize = 40;
     /// The bound on a test's run: a tenth of what the missed wake-ups would cost, and orders of
@@ -418,7 +425,7 @@ mod tests {
             ..Setup::default()
         }
         .connected();
-        let data: Vec<u8> = (0..BUF * ROUNDS).map(|i| (i % 251) as u8).collect();
+        let data = pattern(BUF * ROUNDS);
         let t0 = Instant::now();
         assert_eq!(
             rig.core.write(c, &data, Wait::Forever).expect("write"),
@@ -443,7 +450,7 @@ mod tests {
             ..Setup::default()
         }
         .connected();
-        let data: Vec<u8> = (0..BUF * ROUNDS).map(|i| (i % 251) as u8).collect();
+        let data = pattern(BUF * ROUNDS);
         let bufs: Vec<io::IoSlice<'_>> = data.chunks(BUF * 3 / 2).map(io::IoSlice::new).collect();
         let t0 = Instant::now();
         assert_eq!(

@@ -14,7 +14,6 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::Shutdown;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::error::{error_chain, Ended, TransportError};
@@ -22,6 +21,7 @@ use super::poller::{Interest, PollQueue, PollReg};
 use super::readiness::{Notifier, ReadyFd, UserFd};
 use super::stats::DriverStats;
 use super::storage::{RtStorage, RtTx};
+use super::sync::{self, Arc, Condvar, Mutex, MutexGuard};
 use crate::packet::{ShutdownFlags, SocketType};
 use crate::proto::storage::TxBuf;
 use crate::proto::{ConnId, Endpoint, Event, ListenerId, ProtoError, Readiness};
@@ -229,9 +229,9 @@ pub(crate) const SPIN_BEFORE_YIELD: Duration = Duration::from_micros(20);
 /// One round of waiting in a spin loop that started `idle` ago.
 pub(crate) fn spin_pause(idle: Duration) {
     if idle < SPIN_BEFORE_YIELD {
-        std::hint::spin_loop();
+        sync::spin_loop();
     } else {
-        std::thread::yield_now();
+        sync::yield_now();
     }
 }
 
@@ -685,7 +685,7 @@ impl Core {
             }
             if self.busy_poll && !asleep {
                 let idle = now.saturating_duration_since(spin_since);
-                if idle < st.spin.get() {
+                if sync::keep_spinning(idle, st.spin.get()) {
                     spun = true;
                     // Run-to-completion: move packets ourselves, then let others at the lock.
                     Core::pump_locked(&mut st, now);
@@ -1064,7 +1064,7 @@ impl Core {
         let _order = writer.lock().unwrap_or_else(|p| p.into_inner());
         let st = self.lock();
         let this = self.clone();
-        let r = self.wait_until_guard(st, &cv, wait, Target::Conn(c), |mut st| {
+        let r = self.wait_until_guard(st, &cv, wait, Target::Conn(c), |mut st| loop {
             if let Some(e) = Core::reset_error(&st, c) {
                 return (st, Some(Err(e)));
             }
@@ -1075,19 +1075,27 @@ impl Core {
             } else {
                 st.ep.send(Instant::now(), c, data)
             };
-            let r = match sent {
+            match sent {
                 Ok(n) => {
                     if n > 0 {
                         this.kick(&mut st);
                     }
                     data = &data[n..];
                     queued += n;
-                    (data.is_empty() || (wait == Wait::Never && queued > 0)).then_some(Ok(queued))
+                    if data.is_empty() || (wait == Wait::Never && queued > 0) {
+                        return (st, Some(Ok(queued)));
+                    }
+                    if n == 0 {
+                        // No room: the send armed `Writable`, whose notification wakes us.
+                        return (st, None);
+                    }
+                    // Part of it queued: the kick may have sent it at once, so there may be
+                    // room again that nothing will announce (any `Writable` it raised came
+                    // before we wait). Go on until a send finds no room.
                 }
-                Err(ProtoError::WouldBlock) => None,
-                Err(e) => Some(Err(to_io(e))),
-            };
-            (st, r)
+                Err(ProtoError::WouldBlock) => return (st, None),
+                Err(e) => return (st, Some(Err(to_io(e)))),
+            }
         });
         Core::partial(r, queued)
     }
@@ -1204,7 +1212,7 @@ impl Core {
         let _order = writer.lock().unwrap_or_else(|p| p.into_inner());
         let st = self.lock();
         let this = self.clone();
-        let r = self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
+        let r = self.wait_until(st, &cv, wait, Target::Conn(c), |st| loop {
             if let Some(e) = Core::reset_error(st, c) {
                 return Some(Err(e));
             }
@@ -1233,7 +1241,11 @@ impl Core {
             if sent {
                 this.kick(st);
             }
-            r
+            if r.is_some() || !sent {
+                return r;
+            }
+            // As in `write`: the kick may have made room that nothing will announce; go on
+            // until a send finds none (which arms `Writable`).
         });
         Core::partial(r, queued)
     }
@@ -1404,6 +1416,9 @@ impl Core {
             },
         };
         st.ep.shutdown(Instant::now(), c, flags).map_err(to_io)?;
+        // Callers blocked on `c` (a reader on another clone of the socket) see the end now, as
+        // Linux's wake at a shutdown: reads return end of stream, writes BrokenPipe.
+        notify(&st.conn_wait, c);
         self.kick(&mut st);
         Core::show(&mut st, Target::Conn(c));
         Ok(())
@@ -1537,6 +1552,12 @@ pub(crate) fn to_io(e: ProtoError) -> io::Error {
     };
     io::Error::new(kind, e)
 }
+
+/// The loom model check of this file's synchronisation (built with `--cfg loom` only): a
+/// child of this module, so that its models can look at the state they check.
+#[cfg(all(test, loom))]
+#[path = "loom_tests.rs"]
+mod loom_tests;
 
 #[cfg(test)]
 mod tests {

@@ -21,7 +21,9 @@
 //!   and the per-connection queues over them that make the data path one copy each way;
 //! - `DriverStats` (`stats.rs`): the driver's data-path counters;
 //! - [`TransportError`] and [`Ended`] (`error.rs`): why a transport failed, and why a core
-//!   stopped (what blocked calls then fail with).
+//!   stopped (what blocked calls then fail with);
+//! - the synchronisation primitives (`sync.rs`): `std`'s, or `loom`'s under `cfg(loom)`, where
+//!   `loom_tests.rs` model-checks the core's blocking and waking.
 //!
 //! Layering: the runtime uses `device`, `dma`, `virtq`, `packet` and `proto`; the sockets
 //! (`driver`) and the simulated device's host side (`sim`) use the runtime; nothing here knows
@@ -34,6 +36,9 @@ mod poller;
 mod readiness;
 mod stats;
 mod storage;
+mod sync;
+#[cfg(test)]
+mod test_device;
 mod transport;
 
 pub(crate) use self::core::{to_io, Core, RtEndpoint, Target, Transport, Wait};

@@ -130,12 +130,16 @@ impl Credit {
 
     /// Should we tell the peer about freed space now? When the reader has freed at least
     /// `buf_alloc / CREDIT_UPDATE_FRACTION` unannounced bytes, or has drained the buffer
-    /// completely (Linux's `rx_bytes < SO_RCVLOWAT` case), so a writer blocked on a nearly
-    /// full buffer always hears back, without an update per read.
-    pub(crate) fn need_credit_update(&self) -> bool {
+    /// (Linux's `rx_bytes < SO_RCVLOWAT` case), so a writer blocked on a nearly full buffer
+    /// always hears back, without an update per read. `unreadable` bytes of the buffer are
+    /// ones the reader cannot take yet (the head of a SEQPACKET message whose tail has not
+    /// arrived): with only those left the buffer is as drained as it gets, and the tail may be
+    /// waiting for exactly this credit.
+    pub(crate) fn need_credit_update(&self, unreadable: u32) -> bool {
         let unannounced = (self.fwd_cnt - self.last_fwd_cnt_sent).0;
         unannounced > 0
-            && (unannounced >= self.buf_alloc / CREDIT_UPDATE_FRACTION || self.rx_buffered() == 0)
+            && (unannounced >= self.buf_alloc / CREDIT_UPDATE_FRACTION
+                || self.rx_buffered() <= unreadable)
     }
 
     /// Test hook: start every free-running counter at `start` (both directions), as if
@@ -186,15 +190,33 @@ mod tests {
         assert!(c.on_rx(1 << 20).is_ok());
         let _ = c.on_header_sent();
         c.on_consumed(1);
-        assert!(!c.need_credit_update(), "one byte is not worth an update");
+        assert!(!c.need_credit_update(0), "one byte is not worth an update");
         c.on_consumed((1 << 18) - 1);
-        assert!(c.need_credit_update(), "a quarter of the buffer is");
+        assert!(c.need_credit_update(0), "a quarter of the buffer is");
         let _ = c.on_header_sent();
         c.on_consumed(1);
-        assert!(!c.need_credit_update());
+        assert!(!c.need_credit_update(0));
         c.on_consumed((1 << 20) - (1 << 18) - 1);
-        assert!(c.need_credit_update(), "drained: always announce");
+        assert!(c.need_credit_update(0), "drained: always announce");
         let _ = c.on_header_sent();
-        assert!(!c.need_credit_update());
+        assert!(!c.need_credit_update(0));
+    }
+
+    #[test]
+    fn credit_update_when_only_an_unreadable_head_is_left() {
+        let mut c = Credit::new(1 << 20);
+        assert!(c.on_rx(1 << 20).is_ok());
+        let _ = c.on_header_sent();
+        // A whole message of 1000 bytes read; the other bytes are a message still arriving.
+        c.on_consumed(1000);
+        assert!(!c.need_credit_update(0), "readable bytes are left");
+        assert!(
+            c.need_credit_update((1 << 20) - 1000),
+            "only the unreadable head is left"
+        );
+        assert!(
+            !c.need_credit_update((1 << 20) - 1001),
+            "one readable byte is left"
+        );
     }
 }

@@ -1312,6 +1312,43 @@ fn seqpacket_send_buffer_full_would_block() {
     assert_eq!(p.b.stats().credit_violations, 0);
 }
 
+/// From the chaos soak (`tests/chaos.rs`): a SEQPACKET receiver whose buffer is full of a
+/// small complete message and the head of a big one. Reading the small one frees less than a
+/// quarter of the buffer while bytes stay buffered, so no CREDIT_UPDATE went out; the sender,
+/// at zero credit, had asked once (and been answered while still at zero), so it never asked
+/// again: the big message's tail never came (a read timeout, or the RST of the close's linger).
+#[test]
+fn regression_seqpacket_credit_freed_by_a_small_message_is_announced() {
+    let small_cfg = |cid| Config {
+        seqpacket: true,
+        buf_alloc: 256 * 1024,
+        send_buffer: 256 * 1024,
+        ..cfg(cid)
+    };
+    let mut p = Pair::with(small_cfg(GUEST_CID), small_cfg(VMADDR_CID_HOST));
+    let (ca, cb, _) = p.establish(SocketType::SeqPacket);
+    let now = p.now;
+    let small = pattern(0, 10_000);
+    let big = pattern(1, 256 * 1024);
+    p.a.send_msg(now, ca, &small, false).unwrap();
+    p.shuttle();
+    p.a.send_msg(now, ca, &big, true).unwrap();
+    p.shuttle();
+    // B's buffer is full: the small message and all but 10,000 bytes of the big one.
+    assert_eq!(p.b.readable_bytes(cb), 256 * 1024);
+    let mut buf = vec![0u8; 256 * 1024];
+    assert_eq!(p.b.recv_msg(now, cb, &mut buf), Ok((10_000, 10_000, false)));
+    assert_eq!(&buf[..10_000], &small[..]);
+    p.shuttle();
+    assert_eq!(
+        p.b.recv_msg(now, cb, &mut buf),
+        Ok((256 * 1024, 256 * 1024, true)),
+        "the big message's tail must arrive once the small one is read"
+    );
+    assert_eq!(buf, big);
+    assert_eq!(p.b.stats().credit_violations, 0);
+}
+
 // ----- fuzz regressions and odds and ends -----
 
 /// From fuzzing: a one-byte payload buffer still drains a full send buffer (one byte per

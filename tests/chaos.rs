@@ -213,8 +213,9 @@ impl Gen {
     /// The protocol counters of both ends and the device's, for failure messages.
     fn counters(&self) -> String {
         format!(
-            "gen {} driver {:?}; host {:?}; sim {:?}",
+            "gen {} driver {:?} {:?}; host {:?}; sim {:?}",
             self.id,
+            self.driver.stats(),
             self.driver.proto_stats(),
             self.host.proto_stats(),
             self.host.stats()
@@ -757,8 +758,11 @@ impl ConnCtx {
     ) -> Result<Ending, String> {
         if e.kind() == ErrorKind::TimedOut {
             return Err(format!(
-                "{} {dir} {side}: timed out after {CALL_TIMEOUT:?} at offset {off}: {e}",
-                self.plan.name
+                "{} {dir} {side}: timed out after {CALL_TIMEOUT:?} at offset {off}: {e}; faulted {}; plan {:?}; {}",
+                self.plan.name,
+                self.gen.faulted_since(self.done0),
+                self.plan,
+                self.gen.counters()
             ));
         }
         if self.gen.faulted_since(self.done0) {
@@ -817,16 +821,26 @@ impl ConnCtx {
     }
 }
 
+/// One end of a direction: its socket, how its calls block, and whether it is the driver's.
+struct Io {
+    sock: Arc<Sock>,
+    mode: Mode,
+    driver_side: bool,
+}
+
 fn stream_writer(
     ctx: &ConnCtx,
     beat: &Beat,
-    sock: Arc<Sock>,
+    io: Io,
     dir: &Dir,
     dname: &str,
-    mode: Mode,
-    driver_side: bool,
     sent: &Sent,
 ) -> Result<Ending, String> {
+    let Io {
+        sock,
+        mode,
+        driver_side,
+    } = io;
     let Sock::Stream(s) = &*sock else {
         unreachable!("a stream plan has stream sockets")
     };
@@ -939,14 +953,17 @@ fn finish_writer(
 fn stream_reader(
     ctx: &ConnCtx,
     beat: &Beat,
-    sock: Arc<Sock>,
+    io: Io,
     dir: &Dir,
     dname: &str,
-    mode: Mode,
-    driver_side: bool,
     sent: &Sent,
     counter: &AtomicU64,
 ) -> Result<Ending, String> {
+    let Io {
+        sock,
+        mode,
+        driver_side,
+    } = io;
     let Sock::Stream(s) = &*sock else {
         unreachable!("a stream plan has stream sockets")
     };
@@ -1318,7 +1335,12 @@ fn run_conn(world: &Arc<World>, beat: &Arc<Beat>, plan: Plan) -> Result<(), Stri
             if seq {
                 seq_writer(&c, &b, wsock, &d, dname, wmode, &s)
             } else {
-                stream_writer(&c, &b, wsock, &d, dname, wmode, wdrv, &s)
+                let io = Io {
+                    sock: wsock,
+                    mode: wmode,
+                    driver_side: wdrv,
+                };
+                stream_writer(&c, &b, io, &d, dname, &s)
             }
         })?);
         let (c, b) = (
@@ -1334,7 +1356,12 @@ fn run_conn(world: &Arc<World>, beat: &Arc<Beat>, plan: Plan) -> Result<(), Stri
                     1 => &c.world.c.bytes_h2d,
                     _ => &c.world.c.bytes_echo,
                 };
-                stream_reader(&c, &b, rsock, &dir, dname, rmode, rdrv, &sent, counter)
+                let io = Io {
+                    sock: rsock,
+                    mode: rmode,
+                    driver_side: rdrv,
+                };
+                stream_reader(&c, &b, io, &dir, dname, &sent, counter)
             }
         })?);
     }

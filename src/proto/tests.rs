@@ -1736,6 +1736,34 @@ fn writable_when_one_packet_empties_a_full_send_buffer() {
     assert_eq!(p.events(Side::A), vec![Event::Writable(ca)]);
 }
 
+/// From the chaos soak (`tests/chaos.rs`): a connection whose send buffer is full waits for
+/// room, not for storage. Storage coming back (another connection's packets completing, the
+/// owner calls `storage_freed`) used to take its `Writable` away: the event went out while the
+/// buffer was still full (its readiness showed not writable), and when the buffer drained no
+/// event followed, so a non-blocking writer polling its descriptor waited forever.
+#[test]
+fn regression_storage_freed_leaves_a_full_send_buffer_waiting_for_room() {
+    let a_cfg = Config {
+        send_buffer: 1000,
+        ..cfg(GUEST_CID)
+    };
+    let mut p = Pair::with(a_cfg, cfg(VMADDR_CID_HOST));
+    let (ca, _cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    assert_eq!(p.a.send(now, ca, &pattern(0, 1000)), Ok(1000));
+    assert_eq!(p.a.send(now, ca, b"more"), Ok(0)); // full: Writable is owed
+    p.a.storage_freed();
+    assert_eq!(
+        p.events(Side::A),
+        vec![],
+        "storage is not what it waits for"
+    );
+    assert!(!p.a.readiness(ca).writable);
+    p.pump(Side::A, true);
+    assert_eq!(p.events(Side::A), vec![Event::Writable(ca)]);
+    assert!(p.a.readiness(ca).writable);
+}
+
 #[test]
 fn poll_ready_names_the_connections_of_events() {
     let mut p = Pair::new();

@@ -178,6 +178,9 @@ struct Gen {
     done: AtomicU64,
     /// When the last fault began.
     last_fault: Mutex<Option<Instant>>,
+    /// Transport resets done on it: packets the driver sent from its old CID before it took
+    /// the new one are the device's to drop (and count as protocol violations).
+    cid_changes: AtomicU64,
 }
 
 impl Gen {
@@ -207,7 +210,35 @@ impl Gen {
             begun: AtomicU64::new(begun),
             done: AtomicU64::new(0),
             last_fault: Mutex::new(hostile.map(|_| Instant::now())),
+            cid_changes: AtomicU64::new(0),
         })
+    }
+
+    /// What both ends and the device counted must show no broken rule: no credit overrun
+    /// either way, and no malformed or misaddressed packet from the driver (except from its
+    /// old CID around a transport reset).
+    fn audit(&self) -> Result<(), String> {
+        let (d, h, sim) = (
+            self.driver.proto_stats(),
+            self.host.proto_stats(),
+            self.host.stats(),
+        );
+        if d.credit_violations != 0 || h.credit_violations != 0 {
+            return Err(format!(
+                "gen {}: credit overrun: {}",
+                self.id,
+                self.counters()
+            ));
+        }
+        if sim.protocol_violations != 0 && self.cid_changes.load(SeqCst) == 0 {
+            return Err(format!(
+                "gen {}: {} protocol violations by the driver, with no transport reset: {}",
+                self.id,
+                sim.protocol_violations,
+                self.counters()
+            ));
+        }
+        Ok(())
     }
 
     /// The protocol counters of both ends and the device's, for failure messages.
@@ -320,10 +351,11 @@ impl World {
         lock(&self.current).clone()
     }
 
-    fn set_gen(&self, g: Option<Arc<Gen>>) -> Option<Arc<Gen>> {
+    /// Make `g` the current generation; the one it replaces is audited ([`Gen::audit`]).
+    fn set_gen(&self, g: Option<Arc<Gen>>) -> Result<(), String> {
         let old = std::mem::replace(&mut *lock(&self.current), g);
         self.changed.notify_all();
-        old
+        old.map_or(Ok(()), |o| o.audit())
     }
 
     fn open_gen(&self, hostile: Option<Hostile>) -> Result<Arc<Gen>, String> {
@@ -399,7 +431,7 @@ impl World {
             "{} connections ({} clean, {} hit by faults, {} connects failed in a fault, {} refused \
              as expected), bytes verified d2h {} h2d {} echo {}, {} messages, {} half-closes, {} \
              slow readers, {} RST seen by readers, {} reader aborts, {} writer drops; faults: {} \
-             transport resets, {} device resets, hostile {:?} = {}, {} post-fault checks passed, \
+             transport resets, {} device resets, hostile devices {}, {} post-fault checks passed, \
              {} drivers opened; a faulted connection ended at most {} ms after its fault",
             load(&c.conns),
             load(&c.conns_clean),
@@ -417,8 +449,12 @@ impl World {
             load(&c.writer_drops),
             load(&c.transport_resets),
             load(&c.device_resets),
-            HOSTILE,
-            c.hostile.iter().map(load).sum::<u64>(),
+            HOSTILE
+                .iter()
+                .zip(&c.hostile)
+                .map(|(h, n)| format!("{h:?} {}", load(n)))
+                .collect::<Vec<_>>()
+                .join(" "),
             load(&c.checks),
             load(&c.gens),
             load(&c.max_fault_end_ms),
@@ -546,7 +582,8 @@ impl Plan {
                 key: mix(key ^ k),
                 total,
                 end,
-                slow: r.pct(15),
+                // A slow reader is what makes a dropped writer's linger end in RST.
+                slow: r.pct(if end == End::WriterDrop { 50 } else { 15 }),
                 zero_copy_write: r.pct(20),
                 vectored_write: r.pct(20),
                 zero_copy_read: r.pct(20),
@@ -1527,6 +1564,7 @@ fn check_gen(world: &World, beat: &Beat, g: &Gen, after: &str) -> Result<(), Str
 fn transport_reset(world: &World, beat: &Beat, g: &Arc<Gen>) -> Result<(), String> {
     let new = if g.driver.local_cid() == 3 { 4 } else { 3 };
     g.fault_begins();
+    g.cid_changes.fetch_add(1, SeqCst);
     beat.enter("set_guest_cid", new);
     g.host
         .set_guest_cid(new)
@@ -1572,7 +1610,7 @@ fn device_reset(world: &World, beat: &Beat, g: &Arc<Gen>) -> Result<(), String> 
         }
     }
     let n = world.open_gen(None)?;
-    world.set_gen(Some(n.clone()));
+    world.set_gen(Some(n.clone()))?;
     check_gen(world, beat, &n, "a device reset")?;
     add(&world.c.device_resets, 1);
     Ok(())
@@ -1581,7 +1619,7 @@ fn device_reset(world: &World, beat: &Beat, g: &Arc<Gen>) -> Result<(), String> 
 fn hostile(world: &World, beat: &Beat, which: usize) -> Result<(), String> {
     let mode = HOSTILE[which % HOSTILE.len()];
     let h = world.open_gen(Some(mode))?;
-    world.set_gen(Some(h.clone()));
+    world.set_gen(Some(h.clone()))?;
     // Whoever touches it first (a slot or this connect) makes the device write its bogus used
     // element: the call must fail, not hang, and so must every later one.
     beat.enter("connect to a hostile device", which as u64);
@@ -1608,7 +1646,7 @@ fn hostile(world: &World, beat: &Beat, which: usize) -> Result<(), String> {
         ));
     }
     let n = world.open_gen(None)?;
-    world.set_gen(Some(n.clone()));
+    world.set_gen(Some(n.clone()))?;
     check_gen(world, beat, &n, &format!("a hostile device ({mode:?})"))?;
     add(&world.c.hostile[which % HOSTILE.len()], 1);
     Ok(())
@@ -1725,7 +1763,9 @@ fn chaos_soak() {
     for round in 0..rounds {
         world.stop.store(false, SeqCst);
         let g = world.open_gen(None).unwrap_or_else(|e| fail(&world, e));
-        world.set_gen(Some(g));
+        if let Err(e) = world.set_gen(Some(g)) {
+            fail(&world, e);
+        }
         let mut handles = Vec::new();
         for s in 0..SLOTS {
             let w = world.clone();
@@ -1771,7 +1811,9 @@ fn chaos_soak() {
         if let Some(f) = lock(&world.failure).clone() {
             panic!("chaos: {f}\nsummary so far: {}", world.summary());
         }
-        drop(world.set_gen(None));
+        if let Err(e) = world.set_gen(None) {
+            fail(&world, format!("round {round}: {e}"));
+        }
         // Every driver of the round is gone now (the last handles were the threads').
         let sample = (open_fds(), rss_kib());
         println!(

@@ -793,8 +793,11 @@ impl Core {
         if nonblocking {
             return Ok(c);
         }
-        // The protocol core's timer ends the handshake (TimedOut) after `timeout`.
-        let r = self.wait_until(st, &cv, Wait::Forever, Target::Conn(c), |st| {
+        // The protocol core's timer ends the handshake (TimedOut) after `timeout`; the wait
+        // ends then by itself too, since only a running loop fires timers (the sim's host
+        // side has none once its device is reset).
+        let wait = Wait::new(false, Some(timeout));
+        let r = self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
             st.connect_result.remove(&c).map(|r| r.map_err(to_io))
         });
         if r.is_err() {
@@ -1404,6 +1407,47 @@ pub(crate) fn to_io(e: ProtoError) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A transport nobody runs: no loop thread, so no timer fires unless a caller pumps (the
+    /// sim's host side once its device was reset).
+    struct Stopped;
+
+    impl Transport for Stopped {
+        fn pump(&mut self, _ep: &mut RtEndpoint, _now: Instant) -> Result<bool, TransportError> {
+            Ok(false)
+        }
+        fn wake(&self) {}
+        fn shutdown(&mut self) {}
+    }
+
+    /// From the chaos soak (`tests/chaos.rs`): a connect on the sim's host side after the
+    /// device was reset never returned. It waited forever for the protocol's connect timer,
+    /// which only the (stopped) loop thread fires; the connect's own timeout now bounds its
+    /// wait.
+    #[test]
+    fn regression_connect_times_out_with_no_loop_running() {
+        let cfg = crate::proto::Config {
+            local_cid: 2,
+            ..crate::proto::Config::default()
+        };
+        let ep = Endpoint::with_storage(cfg, RtStorage::Heap);
+        let core = Core::new(ep, Box::new(Stopped), false).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = core.connect(
+                (3, 1234),
+                None,
+                crate::packet::SocketType::Stream,
+                Some(Duration::from_millis(100)),
+                false,
+            );
+            let _ = tx.send(r.map(|_| ()));
+        });
+        let r = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("connect still waiting 10 s after its 100 ms timeout");
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::TimedOut);
+    }
 
     #[test]
     fn spin_budget_halves_on_a_miss_and_doubles_on_a_hit_within_bounds() {

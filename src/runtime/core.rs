@@ -129,11 +129,14 @@ pub(crate) enum Wait {
 }
 
 impl Wait {
-    /// A socket's wait for a call: non-blocking, or its timeout from now.
+    /// A socket's wait for a call: non-blocking, or its timeout from now (one too long for
+    /// the clock to represent is no deadline at all, as the protocol's timers treat it).
     pub(crate) fn new(nonblocking: bool, timeout: Option<Duration>) -> Wait {
         match (nonblocking, timeout) {
             (true, _) => Wait::Never,
-            (false, Some(t)) => Wait::Until(Instant::now() + t),
+            (false, Some(t)) => Instant::now()
+                .checked_add(t)
+                .map_or(Wait::Forever, Wait::Until),
             (false, None) => Wait::Forever,
         }
     }
@@ -1407,6 +1410,19 @@ pub(crate) fn to_io(e: ProtoError) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A timeout beyond what `Instant` can hold (a caller's `Duration::MAX`) is no deadline,
+    /// not a panic: `set_read_timeout(Some(Duration::MAX))` made the next read panic, and a
+    /// connect with such a timeout would too now that its wait has a deadline.
+    #[test]
+    fn regression_a_timeout_too_long_for_the_clock_waits_forever() {
+        assert_eq!(Wait::new(false, Some(Duration::MAX)), Wait::Forever);
+        assert!(matches!(
+            Wait::new(false, Some(Duration::from_secs(1))),
+            Wait::Until(_)
+        ));
+        assert_eq!(Wait::new(true, Some(Duration::MAX)), Wait::Never);
+    }
 
     /// A transport nobody runs: no loop thread, so no timer fires unless a caller pumps (the
     /// sim's host side once its device was reset).

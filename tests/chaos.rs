@@ -313,6 +313,8 @@ struct World {
     beats: Mutex<Vec<Weak<Beat>>>,
     c: Counters,
     next_gen: AtomicU64,
+    /// Which faulted connection took longest to end, and how it ended.
+    slowest_fault_end: Mutex<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -432,7 +434,7 @@ impl World {
              as expected), bytes verified d2h {} h2d {} echo {}, {} messages, {} half-closes, {} \
              slow readers, {} RST seen by readers, {} reader aborts, {} writer drops; faults: {} \
              transport resets, {} device resets, hostile devices {}, {} post-fault checks passed, \
-             {} drivers opened; a faulted connection ended at most {} ms after its fault",
+             {} drivers opened; a faulted connection ended at most {} ms after its fault ({})",
             load(&c.conns),
             load(&c.conns_clean),
             load(&c.conns_faulted),
@@ -458,6 +460,7 @@ impl World {
             load(&c.checks),
             load(&c.gens),
             load(&c.max_fault_end_ms),
+            lock(&self.slowest_fault_end),
         )
     }
 }
@@ -803,7 +806,7 @@ impl ConnCtx {
             ));
         }
         if self.gen.faulted_since(self.done0) {
-            self.fault_ended()?;
+            self.fault_ended(&format!("{dir} {side} at {off}: {e}"))?;
             return Ok(Ending::Faulted);
         }
         if allowed && matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset) {
@@ -819,16 +822,17 @@ impl ConnCtx {
         ))
     }
 
-    /// A faulted connection ends now: within [`FAULT_BOUND`] of the fault?
-    fn fault_ended(&self) -> Result<(), String> {
+    /// A faulted connection ends now (`how`): within [`FAULT_BOUND`] of the fault?
+    fn fault_ended(&self, how: &str) -> Result<(), String> {
         let Some(at) = *lock(&self.gen.last_fault) else {
             return Ok(());
         };
         let took = at.elapsed();
-        self.world
-            .c
-            .max_fault_end_ms
-            .fetch_max(took.as_millis() as u64, Relaxed);
+        let ms = took.as_millis() as u64;
+        if self.world.c.max_fault_end_ms.fetch_max(ms, Relaxed) < ms {
+            *lock(&self.world.slowest_fault_end) =
+                format!("{} (gen {}): {how}", self.plan.name, self.gen.id);
+        }
         if took > FAULT_BOUND {
             return Err(format!(
                 "{}: ended {took:?} after the fault on gen {} (bound {FAULT_BOUND:?})",
@@ -841,7 +845,7 @@ impl ConnCtx {
     /// An early EOF on a direction: acceptable only after a fault.
     fn early_eof(&self, dir: &str, got: u64, sent: &Sent) -> Result<Ending, String> {
         if self.gen.faulted_since(self.done0) {
-            self.fault_ended()?;
+            self.fault_ended(&format!("{dir} EOF at {got}"))?;
             return Ok(Ending::Faulted);
         }
         Err(format!(
@@ -1756,6 +1760,7 @@ fn chaos_soak() {
         beats: Mutex::new(Vec::new()),
         c: Counters::default(),
         next_gen: AtomicU64::new(0),
+        slowest_fault_end: Mutex::new(String::new()),
     });
     let t0 = Instant::now();
     let mut last_progress = Instant::now();

@@ -71,9 +71,10 @@ const MAX_MSGS: u64 = 200;
 /// round frees its drivers (their DMA regions are unmapped), its threads (their stacks are
 /// unmapped) and its buffers; blocks of 128 KiB and more go back to the system when freed
 /// (see [`release_big_blocks`]), so what is left is the small-block heap of glibc's arenas
-/// (measured: 16 to 20 MiB after each of 20 rounds of a 600 s run, flat). A leak of per-connection state (thousands of
-/// connections a minute, each with 256 KiB buffers), of a driver's DMA region (about 50 MiB,
-/// one or more per fault) or of a thread's stack outgrows this within a round or two.
+/// (measured: 16 to 20 MiB after each of the 20 rounds of a 600 s run, flat). A leak of
+/// per-connection state (thousands of connections a minute, each with 256 KiB buffers), of a
+/// driver's DMA region (about 50 MiB, one or more per fault) or of a thread's stack outgrows
+/// this within a round or two.
 const RSS_SLACK_KIB: u64 = 32 * 1024;
 
 // ---------------------------------------------------------------------------------------------

@@ -806,14 +806,18 @@ impl ConnCtx {
                 self.gen.counters()
             ));
         }
-        // What the plan itself causes comes first: a connection that opened while a fault
-        // was under way may outlive it by far, and then meet its own RST.
-        if allowed && matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset) {
-            return Ok(Ending::Rst);
-        }
+        let own = allowed && matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset);
         if self.gen.faulted_since(self.done0) {
-            self.fault_ended(&format!("{dir} {side} at {off}: {e}"))?;
-            return Ok(Ending::Faulted);
+            // A connection that opened while a fault was under way may outlive it by far, and
+            // then meet the RST its own plan causes.
+            let late = lock(&self.gen.last_fault).is_some_and(|at| at.elapsed() > FAULT_BOUND);
+            if !(late && own) {
+                self.fault_ended(&format!("{dir} {side} at {off}: {e}"))?;
+                return Ok(Ending::Faulted);
+            }
+        }
+        if own {
+            return Ok(Ending::Rst);
         }
         Err(format!(
             "{} {dir} {side}: unexpected error at offset {off} (no fault hit gen {}): {e} ({:?}); plan {:?}; {}",
@@ -868,6 +872,14 @@ impl ConnCtx {
             self.plan
         ))
     }
+}
+
+/// Which total a stream direction's verified bytes count in.
+#[derive(Debug, Clone, Copy)]
+enum Tally {
+    D2h,
+    H2d,
+    Echo,
 }
 
 /// One end of a direction: its socket, how its calls block, and whether it is the driver's.
@@ -1102,12 +1114,12 @@ fn stream_reader(
 fn seq_writer(
     ctx: &ConnCtx,
     beat: &Beat,
-    sock: Arc<Sock>,
+    io: Io,
     dir: &Dir,
     dname: &str,
-    mode: Mode,
     sent: &Sent,
 ) -> Result<Ending, String> {
+    let Io { sock, mode, .. } = io;
     let Sock::Seq(s) = &*sock else {
         unreachable!("a seqpacket plan has seqpacket sockets")
     };
@@ -1150,12 +1162,12 @@ fn seq_writer(
 fn seq_reader(
     ctx: &ConnCtx,
     beat: &Beat,
-    sock: Arc<Sock>,
+    io: Io,
     dir: &Dir,
     dname: &str,
-    mode: Mode,
     sent: &Sent,
 ) -> Result<Ending, String> {
+    let Io { sock, mode, .. } = io;
     let Sock::Seq(s) = &*sock else {
         unreachable!("a seqpacket plan has seqpacket sockets")
     };
@@ -1337,42 +1349,38 @@ fn run_conn(world: &Arc<World>, beat: &Arc<Beat>, plan: Plan) -> Result<(), Stri
     drop(gen);
     let mut threads: Vec<JoinHandle<Result<Ending, String>>> = Vec::new();
     let seq = matches!(plan.kind, Kind::Seq | Kind::SeqEcho);
-    // (direction, writer socket, reader socket, writer side is the driver, reader side is the driver, counter)
+    // Each direction: its writer's end, its reader's end, and which total its bytes count in.
     let mut dirs = Vec::new();
+    let end = |sock: &Arc<Sock>, mode, driver_side| Io {
+        sock: sock.clone(),
+        mode,
+        driver_side,
+    };
     if let Some(d) = &plan.d2h {
-        let (reader, rmode, rdrv, counter) = match &hs {
-            Some(h) => (h.clone(), plan.host_mode, false, 0),
-            None => (ds.clone(), plan.driver_mode, true, 2),
+        let (reader, tally) = match &hs {
+            Some(h) => (end(h, plan.host_mode, false), Tally::D2h),
+            // The echo: the driver reads back what it wrote.
+            None => (end(&ds, plan.driver_mode, true), Tally::Echo),
         };
         dirs.push((
             d.clone(),
             "d2h",
-            ds.clone(),
-            plan.driver_mode,
-            true,
+            end(&ds, plan.driver_mode, true),
             reader,
-            rmode,
-            rdrv,
-            counter,
+            tally,
         ));
     }
     if let (Some(d), Some(h)) = (&plan.h2d, &hs) {
-        dirs.push((
-            d.clone(),
-            "h2d",
-            h.clone(),
-            plan.host_mode,
-            false,
-            ds.clone(),
-            plan.driver_mode,
-            true,
-            1,
-        ));
+        let (writer, reader) = (
+            end(h, plan.host_mode, false),
+            end(&ds, plan.driver_mode, true),
+        );
+        dirs.push((d.clone(), "h2d", writer, reader, Tally::H2d));
     }
     // Each thread holds its own handles: a socket closes when its last thread lets go.
     drop(ds);
     drop(hs);
-    for (dir, dname, wsock, wmode, wdrv, rsock, rmode, rdrv, counter) in dirs {
+    for (dir, dname, writer, reader, tally) in dirs {
         let sent = Arc::new(Sent::default());
         let (c, b, d, s) = (
             ctx.clone(),
@@ -1382,14 +1390,9 @@ fn run_conn(world: &Arc<World>, beat: &Arc<Beat>, plan: Plan) -> Result<(), Stri
         );
         threads.push(spawn(move || {
             if seq {
-                seq_writer(&c, &b, wsock, &d, dname, wmode, &s)
+                seq_writer(&c, &b, writer, &d, dname, &s)
             } else {
-                let io = Io {
-                    sock: wsock,
-                    mode: wmode,
-                    driver_side: wdrv,
-                };
-                stream_writer(&c, &b, io, &d, dname, &s)
+                stream_writer(&c, &b, writer, &d, dname, &s)
             }
         })?);
         let (c, b) = (
@@ -1398,19 +1401,14 @@ fn run_conn(world: &Arc<World>, beat: &Arc<Beat>, plan: Plan) -> Result<(), Stri
         );
         threads.push(spawn(move || {
             if seq {
-                seq_reader(&c, &b, rsock, &dir, dname, rmode, &sent)
+                seq_reader(&c, &b, reader, &dir, dname, &sent)
             } else {
-                let counter = match counter {
-                    0 => &c.world.c.bytes_d2h,
-                    1 => &c.world.c.bytes_h2d,
-                    _ => &c.world.c.bytes_echo,
+                let counter = match tally {
+                    Tally::D2h => &c.world.c.bytes_d2h,
+                    Tally::H2d => &c.world.c.bytes_h2d,
+                    Tally::Echo => &c.world.c.bytes_echo,
                 };
-                let io = Io {
-                    sock: rsock,
-                    mode: rmode,
-                    driver_side: rdrv,
-                };
-                stream_reader(&c, &b, io, &dir, dname, &sent, counter)
+                stream_reader(&c, &b, reader, &dir, dname, &sent, counter)
             }
         })?);
     }

@@ -274,19 +274,22 @@ impl Credit {
     /// Should we tell the peer about freed space now? When the reader has freed at least
     /// `buf_alloc / CREDIT_UPDATE_FRACTION` unannounced bytes, or has drained the buffer
     /// completely (Linux's `rx_bytes < SO_RCVLOWAT` case), so a writer blocked on a nearly
-    /// full buffer always hears back, without an update per read.
+    /// full buffer always hears back, without an update per read. `unreadable` bytes of the
+    /// buffer are ones the reader cannot take yet (the head of a SEQPACKET message whose tail
+    /// has not arrived): with only those left the buffer is as drained as it gets, and the tail
+    /// may be waiting for exactly this credit.
     ///
     /// "Freed" is the credit an update would add to what the last packet gave: the reader's
     /// unannounced bytes, less what a shrink still holds back (see [`Credit::window`]). While
     /// a shrink drains bytes the peer was already granted, an update would give nothing, and
     /// none is sent.
-    pub(crate) fn need_credit_update(&self) -> bool {
+    pub(crate) fn need_credit_update(&self, unreadable: u32) -> bool {
         let unannounced = u64::from((self.fwd_cnt - self.last_fwd_cnt_sent).0);
         let new_credit = (unannounced + u64::from(self.window()))
             .saturating_sub(u64::from(self.last_buf_alloc_sent));
         new_credit > 0
             && (new_credit >= u64::from(self.buf_alloc / CREDIT_UPDATE_FRACTION)
-                || self.rx_buffered() == 0)
+                || self.rx_buffered() <= unreadable)
     }
 
     /// Test hook: start every free-running counter at `start` (both directions), as if
@@ -350,13 +353,13 @@ mod tests {
         assert_eq!(c.rx_free(), 400);
         c.on_consumed(300);
         assert_eq!(c.window(), 700, "fwd_cnt moved 300: the edge stays at 1000");
-        assert!(!c.need_credit_update(), "an update would grant nothing new");
+        assert!(!c.need_credit_update(0), "an update would grant nothing new");
         assert_eq!(c.on_header_sent(), (700, 300));
         assert!(c.on_rx(400).is_ok());
         assert_eq!(c.rx_free(), 0);
         c.on_consumed(700);
         assert_eq!(c.window(), 100, "drained: the new size is in force");
-        assert!(c.need_credit_update(), "and worth announcing");
+        assert!(c.need_credit_update(0), "and worth announcing");
         assert_eq!(c.on_header_sent(), (100, 1000));
         assert_eq!(
             c.on_rx(101),
@@ -402,15 +405,33 @@ mod tests {
         assert!(c.on_rx(1 << 20).is_ok());
         let _ = c.on_header_sent();
         c.on_consumed(1);
-        assert!(!c.need_credit_update(), "one byte is not worth an update");
+        assert!(!c.need_credit_update(0), "one byte is not worth an update");
         c.on_consumed((1 << 18) - 1);
-        assert!(c.need_credit_update(), "a quarter of the buffer is");
+        assert!(c.need_credit_update(0), "a quarter of the buffer is");
         let _ = c.on_header_sent();
         c.on_consumed(1);
-        assert!(!c.need_credit_update());
+        assert!(!c.need_credit_update(0));
         c.on_consumed((1 << 20) - (1 << 18) - 1);
-        assert!(c.need_credit_update(), "drained: always announce");
+        assert!(c.need_credit_update(0), "drained: always announce");
         let _ = c.on_header_sent();
-        assert!(!c.need_credit_update());
+        assert!(!c.need_credit_update(0));
+    }
+
+    #[test]
+    fn credit_update_when_only_an_unreadable_head_is_left() {
+        let mut c = Credit::new(1 << 20);
+        assert!(c.on_rx(1 << 20).is_ok());
+        let _ = c.on_header_sent();
+        // A whole message of 1000 bytes read; the other bytes are a message still arriving.
+        c.on_consumed(1000);
+        assert!(!c.need_credit_update(0), "readable bytes are left");
+        assert!(
+            c.need_credit_update((1 << 20) - 1000),
+            "only the unreadable head is left"
+        );
+        assert!(
+            !c.need_credit_update((1 << 20) - 1001),
+            "one readable byte is left"
+        );
     }
 }

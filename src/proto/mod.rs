@@ -1076,7 +1076,9 @@ impl<S: Storage> Endpoint<S> {
         // n never exceeds buffered bytes, which never exceed buf_alloc (a u32).
         conn.credit
             .on_consumed(u32::try_from(n).unwrap_or(u32::MAX));
-        if conn.in_table && conn.credit.need_credit_update() {
+        // rx_partial: the head of a SEQPACKET message still arriving (0 for streams).
+        let unreadable = u32::try_from(conn.rx_partial).unwrap_or(u32::MAX);
+        if conn.in_table && conn.credit.need_credit_update(unreadable) {
             conn.pending.credit_update = true;
         }
     }

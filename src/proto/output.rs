@@ -124,11 +124,18 @@ impl<S: Storage> Endpoint<S> {
     }
 
     /// Storage space came back (packets the device had completed) after an append found the
-    /// storage exhausted: every connection waiting to write gets [`Event::Writable`]. O(number
-    /// of connections); the owner calls it only when an append had failed.
+    /// storage exhausted: every connection waiting to write with room in its send buffer gets
+    /// [`Event::Writable`]. One whose buffer is full waits for room, not storage: it keeps its
+    /// claim, and `poll_transmit` says `Writable` when a packet frees room (taking the claim
+    /// here would leave it with neither). O(number of connections); the owner calls it only
+    /// when an append had failed.
     pub fn storage_freed(&mut self) {
+        let send_buffer = self.config.send_buffer;
         for conn in self.conns.values_mut() {
-            if conn.writable_wanted && Self::check_sendable(conn).is_ok() {
+            if conn.writable_wanted
+                && conn.tx_space(send_buffer) > 0
+                && Self::check_sendable(conn).is_ok()
+            {
                 conn.writable_wanted = false;
                 self.events.push(Event::Writable(conn.id));
             }

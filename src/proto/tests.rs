@@ -1592,6 +1592,43 @@ fn seqpacket_send_buffer_full_would_block() {
     assert_eq!(p.b.stats().credit_violations, 0);
 }
 
+/// From the chaos soak (`tests/chaos.rs`): a SEQPACKET receiver whose buffer is full of a
+/// small complete message and the head of a big one. Reading the small one frees less than a
+/// quarter of the buffer while bytes stay buffered, so no CREDIT_UPDATE went out; the sender,
+/// at zero credit, had asked once (and been answered while still at zero), so it never asked
+/// again: the big message's tail never came (a read timeout, or the RST of the close's linger).
+#[test]
+fn regression_seqpacket_credit_freed_by_a_small_message_is_announced() {
+    let small_cfg = |cid| Config {
+        seqpacket: true,
+        buf_alloc: 256 * 1024,
+        send_buffer: 256 * 1024,
+        ..cfg(cid)
+    };
+    let mut p = Pair::with(small_cfg(GUEST_CID), small_cfg(VMADDR_CID_HOST));
+    let (ca, cb, _) = p.establish(SocketType::SeqPacket);
+    let now = p.now;
+    let small = pattern(0, 10_000);
+    let big = pattern(1, 256 * 1024);
+    p.a.send_msg(now, ca, &small, false).unwrap();
+    p.shuttle();
+    p.a.send_msg(now, ca, &big, true).unwrap();
+    p.shuttle();
+    // B's buffer is full: the small message and all but 10,000 bytes of the big one.
+    assert_eq!(p.b.readable_bytes(cb), 256 * 1024);
+    let mut buf = vec![0u8; 256 * 1024];
+    assert_eq!(p.b.recv_msg(now, cb, &mut buf), Ok((10_000, 10_000, false)));
+    assert_eq!(&buf[..10_000], &small[..]);
+    p.shuttle();
+    assert_eq!(
+        p.b.recv_msg(now, cb, &mut buf),
+        Ok((256 * 1024, 256 * 1024, true)),
+        "the big message's tail must arrive once the small one is read"
+    );
+    assert_eq!(buf, big);
+    assert_eq!(p.b.stats().credit_violations, 0);
+}
+
 // ----- fuzz regressions and odds and ends -----
 
 /// From fuzzing: a one-byte payload buffer still drains a full send buffer (one byte per
@@ -1977,6 +2014,34 @@ fn writable_when_one_packet_empties_a_full_send_buffer() {
     let out = p.pump(Side::A, true);
     assert_eq!(out.iter().map(|h| h.len).collect::<Vec<_>>(), vec![1000]);
     assert_eq!(p.events(Side::A), vec![Event::Writable(ca)]);
+}
+
+/// From the chaos soak (`tests/chaos.rs`): a connection whose send buffer is full waits for
+/// room, not for storage. Storage coming back (another connection's packets completing, the
+/// owner calls `storage_freed`) used to take its `Writable` away: the event went out while the
+/// buffer was still full (its readiness showed not writable), and when the buffer drained no
+/// event followed, so a non-blocking writer polling its descriptor waited forever.
+#[test]
+fn regression_storage_freed_leaves_a_full_send_buffer_waiting_for_room() {
+    let a_cfg = Config {
+        send_buffer: 1000,
+        ..cfg(GUEST_CID)
+    };
+    let mut p = Pair::with(a_cfg, cfg(VMADDR_CID_HOST));
+    let (ca, _cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    assert_eq!(p.a.send(now, ca, &pattern(0, 1000)), Ok(1000));
+    assert_eq!(p.a.send(now, ca, b"more"), Ok(0)); // full: Writable is owed
+    p.a.storage_freed();
+    assert_eq!(
+        p.events(Side::A),
+        vec![],
+        "storage is not what it waits for"
+    );
+    assert!(!p.a.readiness(ca).writable);
+    p.pump(Side::A, true);
+    assert_eq!(p.events(Side::A), vec![Event::Writable(ca)]);
+    assert!(p.a.readiness(ca).writable);
 }
 
 #[test]

@@ -130,11 +130,14 @@ pub(crate) enum Wait {
 }
 
 impl Wait {
-    /// A socket's wait for a call: non-blocking, or its timeout from now.
+    /// A socket's wait for a call: non-blocking, or its timeout from now (one too long for
+    /// the clock to represent is no deadline at all, as the protocol's timers treat it).
     pub(crate) fn new(nonblocking: bool, timeout: Option<Duration>) -> Wait {
         match (nonblocking, timeout) {
             (true, _) => Wait::Never,
-            (false, Some(t)) => Wait::Until(Instant::now() + t),
+            (false, Some(t)) => Instant::now()
+                .checked_add(t)
+                .map_or(Wait::Forever, Wait::Until),
             (false, None) => Wait::Forever,
         }
     }
@@ -805,8 +808,11 @@ impl Core {
         if nonblocking {
             return Ok(c);
         }
-        // The protocol core's timer ends the handshake (TimedOut) after `timeout`.
-        let r = self.wait_until(st, &cv, Wait::Forever, Target::Conn(c), |st| {
+        // The protocol core's timer ends the handshake (TimedOut) after `timeout`; the wait
+        // ends then by itself too, since only a running loop fires timers (the sim's host
+        // side has none once its device is reset).
+        let wait = Wait::new(false, Some(timeout));
+        let r = self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
             st.connect_result.remove(&c).map(|r| r.map_err(to_io))
         });
         if r.is_err() {
@@ -1562,6 +1568,60 @@ mod loom_tests;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A timeout beyond what `Instant` can hold (a caller's `Duration::MAX`) is no deadline,
+    /// not a panic: `set_read_timeout(Some(Duration::MAX))` made the next read panic, and a
+    /// connect with such a timeout would too now that its wait has a deadline.
+    #[test]
+    fn regression_a_timeout_too_long_for_the_clock_waits_forever() {
+        assert_eq!(Wait::new(false, Some(Duration::MAX)), Wait::Forever);
+        assert!(matches!(
+            Wait::new(false, Some(Duration::from_secs(1))),
+            Wait::Until(_)
+        ));
+        assert_eq!(Wait::new(true, Some(Duration::MAX)), Wait::Never);
+    }
+
+    /// A transport nobody runs: no loop thread, so no timer fires unless a caller pumps (the
+    /// sim's host side once its device was reset).
+    struct Stopped;
+
+    impl Transport for Stopped {
+        fn pump(&mut self, _ep: &mut RtEndpoint, _now: Instant) -> Result<bool, TransportError> {
+            Ok(false)
+        }
+        fn wake(&self) {}
+        fn shutdown(&mut self) {}
+    }
+
+    /// From the chaos soak (`tests/chaos.rs`): a connect on the sim's host side after the
+    /// device was reset never returned. It waited forever for the protocol's connect timer,
+    /// which only the (stopped) loop thread fires; the connect's own timeout now bounds its
+    /// wait.
+    #[test]
+    fn regression_connect_times_out_with_no_loop_running() {
+        let cfg = crate::proto::Config {
+            local_cid: 2,
+            ..crate::proto::Config::default()
+        };
+        let ep = Endpoint::with_storage(cfg, RtStorage::Heap);
+        let core = Core::new(ep, Box::new(Stopped), false).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = core.connect(
+                (3, 1234),
+                None,
+                crate::packet::SocketType::Stream,
+                Some(Duration::from_millis(100)),
+                false,
+            );
+            let _ = tx.send(r.map(|_| ()));
+        });
+        let r = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("connect still waiting 10 s after its 100 ms timeout");
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::TimedOut);
+    }
 
     #[test]
     fn spin_budget_halves_on_a_miss_and_doubles_on_a_hit_within_bounds() {

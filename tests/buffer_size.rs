@@ -32,18 +32,23 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 /// The host connects to `l` (a driver listener on `port`) and writes `data` from a thread,
-/// then closes; returns the accepted driver stream and the writer.
+/// then shuts its write side down (our reader sees EOF after the last byte); returns the
+/// accepted driver stream and the writer, whose join gives back the host's stream. The host
+/// does not close it while we read: a close starts its linger timer, and a reader slower than
+/// that (a loaded machine, a sanitizer) would be reset, as Linux resets it.
 fn host_writes(
     host: &SimHost,
     l: &VsockListener,
     port: u32,
     data: Vec<u8>,
-) -> (VsockStream, thread::JoinHandle<()>) {
+) -> (VsockStream, thread::JoinHandle<VsockStream>) {
     let mut w = host.connect(port).unwrap();
     let (s, _) = l.accept().unwrap();
     let writer = thread::spawn(move || {
         w.set_write_timeout(Some(STALL)).unwrap();
         w.write_all(&data).unwrap();
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+        w
     });
     (s, writer)
 }
@@ -60,9 +65,13 @@ fn wait_until_the_writer_is_stalled(d: &VsockDriver, host: &SimHost, updates: u6
 
 /// Bytes buffered unread on `s` (a non-blocking peek of up to 16 MiB).
 fn buffered(s: &VsockStream) -> usize {
+    peek_into(s, &mut vec![0u8; 16 << 20])
+}
+
+/// Bytes buffered unread on `s`, up to `buf.len()` (a non-blocking peek into `buf`).
+fn peek_into(s: &VsockStream, buf: &mut [u8]) -> usize {
     s.set_nonblocking(true).unwrap();
-    let mut buf = vec![0u8; 16 << 20];
-    let n = match s.peek(&mut buf) {
+    let n = match s.peek(buf) {
         Ok(n) => n,
         Err(e) if e.kind() == ErrorKind::WouldBlock => 0,
         Err(e) => panic!("peek: {e}"),
@@ -77,8 +86,10 @@ fn read_slowly(s: &mut VsockStream, chunk: usize, limit: usize) -> Vec<u8> {
     s.set_read_timeout(Some(STALL)).unwrap();
     let mut got = Vec::new();
     let mut buf = vec![0u8; chunk];
+    // One byte more than the limit tells an overrun; allocated once, not per read.
+    let mut peeked = vec![0u8; limit + 1];
     loop {
-        let queued = buffered(s);
+        let queued = peek_into(s, &mut peeked);
         assert!(
             queued <= limit,
             "{queued} bytes buffered, the buffer is {limit}"

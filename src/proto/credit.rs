@@ -353,7 +353,10 @@ mod tests {
         assert_eq!(c.rx_free(), 400);
         c.on_consumed(300);
         assert_eq!(c.window(), 700, "fwd_cnt moved 300: the edge stays at 1000");
-        assert!(!c.need_credit_update(0), "an update would grant nothing new");
+        assert!(
+            !c.need_credit_update(0),
+            "an update would grant nothing new"
+        );
         assert_eq!(c.on_header_sent(), (700, 300));
         assert!(c.on_rx(400).is_ok());
         assert_eq!(c.rx_free(), 0);

@@ -812,9 +812,26 @@ impl Core {
         // ends then by itself too, since only a running loop fires timers (the sim's host
         // side has none once its device is reset).
         let wait = Wait::new(false, Some(timeout));
-        let r = self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
+        let mut r = self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
             st.connect_result.remove(&c).map(|r| r.map_err(to_io))
         });
+        if matches!(&r, Err(e) if e.kind() == io::ErrorKind::TimedOut) {
+            // Our deadline and the protocol's timer are the same instant: whoever notices first
+            // must settle the handshake the same way. Move the rings once (a RESPONSE may sit
+            // there unseen by a loop thread that has not run yet) and fire the protocol's due
+            // timers here, so that a timeout is the protocol's (counted in its stats, its RST
+            // sent) even when this thread woke before the loop's.
+            let mut st = self.lock();
+            let now = Instant::now();
+            Core::pump_locked(&mut st, now);
+            if st.ep.poll_timeout().is_some_and(|t| t <= now) {
+                st.ep.handle_timeout(now);
+                Core::route_events(&mut st);
+            }
+            if let Some(settled) = st.connect_result.remove(&c) {
+                r = settled.map_err(to_io);
+            }
+        }
         if r.is_err() {
             let mut st = self.lock();
             st.ep.abort(Instant::now(), c);
@@ -1606,6 +1623,7 @@ mod tests {
         };
         let ep = Endpoint::with_storage(cfg, RtStorage::Heap);
         let core = Core::new(ep, Box::new(Stopped), false).unwrap();
+        let stats = core.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let r = core.connect(
@@ -1621,6 +1639,9 @@ mod tests {
             .recv_timeout(Duration::from_secs(10))
             .expect("connect still waiting 10 s after its 100 ms timeout");
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        // The caller fired the protocol's timer itself: the timeout is the protocol's, counted
+        // as one (the VM test vfio_connect_refused_times_out saw 0 when the caller woke first).
+        assert_eq!(stats.lock().ep.stats().connect_timeouts, 1);
     }
 
     #[test]

@@ -110,6 +110,15 @@ pub enum DeviceError {
     /// The DMA region could not be set up.
     #[error("DMA memory")]
     Dma(#[from] crate::dma::DmaError),
+    /// The device went away while in use: its node was deleted, or the kernel asked for it
+    /// back (VFIO unbind, hot-unplug).
+    #[error("{device} was removed: {how}")]
+    Removed {
+        /// The device's name.
+        device: String,
+        /// How it went ("its node /dev/vhost-vdpa-0 is gone", "the kernel requested it back").
+        how: String,
+    },
     /// [`DeviceSpec::open`] was given `sim`: the simulated device sits above the device layer.
     #[error(
         "DeviceSpec::open opens vhost-vdpa, vfio and vhost-vsock devices, found `{spec}`: {how}"
@@ -192,6 +201,46 @@ pub trait VsockDevice: Send + fmt::Debug {
     /// (the default) when the backend has no config interrupt.
     fn config_fd(&self) -> Option<&EventFd> {
         None
+    }
+
+    /// The device status byte now (virtio 1.2 section 2.1), which the driver reads on every
+    /// config interrupt to see `NEEDS_RESET` while running. `Ok(None)` (the default) when the
+    /// backend has no status register (vhost-vsock).
+    fn status(&self) -> Result<Option<u8>, DeviceError> {
+        Ok(None)
+    }
+
+    /// Take the device from reset back to where opening it left it (status ACKNOWLEDGE |
+    /// DRIVER, features offered), so that the driver can bring it up again: `negotiate`,
+    /// `map_dma` (the same region again: a backend whose mappings outlive `reset` treats it as
+    /// done), `setup_queue` for every queue, `activate`. The driver calls it after
+    /// [`VsockDevice::reset`] to recover from `NEEDS_RESET` or a device that broke the rules.
+    /// The default says the backend cannot, and the driver then ends for good.
+    fn restart(&mut self) -> Result<(), DeviceError> {
+        Err(DeviceError::NotReady(
+            "this backend cannot bring a device up again after a reset",
+        ))
+    }
+
+    /// An eventfd the backend signals when the device is being taken away (VFIO's device
+    /// request interrupt, on unbind or hot-unplug). When it fires the driver ends every call
+    /// with [`DeviceError::Removed`] and drops the device, so the kernel can finish the removal.
+    /// `None` (the default) when removal is not signalled.
+    fn removal_fd(&self) -> Option<&EventFd> {
+        None
+    }
+
+    /// Whether the driver must ask [`VsockDevice::check_present`] now and then (every
+    /// `PRESENCE_CHECK_INTERVAL` of the driver, 250 ms) because a removal is not signalled:
+    /// a vhost-vdpa node deleted by `vdpa dev del`. `false` by default.
+    fn polls_presence(&self) -> bool {
+        false
+    }
+
+    /// `Err(DeviceError::Removed)` once the device is gone (see
+    /// [`VsockDevice::polls_presence`]). `Ok(())` by default.
+    fn check_present(&self) -> Result<(), DeviceError> {
+        Ok(())
     }
 
     /// Backend-specific facts for `vdpa-vsock inspect`, as (name, value) pairs in display order:

@@ -351,7 +351,10 @@ impl<S: Storage> Endpoint<S> {
         conn.refresh_peer_state();
         let all = conn.peer_shutdown;
         let (state, listener) = (conn.state, conn.listener);
-        if all.receive && all.send {
+        // Linux's `virtio_transport_recv_connected`: with data still unread the RST waits for
+        // our close (the peer, lingering, learns that we hold everything only then).
+        let unread = conn.rx.len() > 0 && state != ConnState::Closing && listener.is_none();
+        if all.receive && all.send && !unread {
             // Both directions closed by the peer: answer RST and forget (as Linux does).
             self.send_rst_and_unlink(id);
             match (state, listener) {

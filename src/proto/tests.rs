@@ -1130,15 +1130,35 @@ fn half_close_receive() {
 #[test]
 fn close_with_responsive_peer_finishes_early() {
     let mut p = Pair::new();
+    let (ca, _cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    p.a.close(now, ca);
+    p.shuttle();
+    // B saw both flags with nothing unread and reset; A's linger ends at once.
+    assert_eq!(p.events(Side::A), vec![Event::Closed(ca)]);
+    assert_eq!(p.a.stats().close_timeouts, 0);
+}
+
+#[test]
+fn close_with_data_unread_waits_for_the_peers_close() {
+    // Linux's `virtio_transport_recv_connected`: a SHUTDOWN of both directions is answered
+    // with RST at once only when nothing is left to read; otherwise the answer is the
+    // reader's own close.
+    let mut p = Pair::new();
     let (ca, cb, _) = p.establish(SocketType::Stream);
     let now = p.now;
     p.a.send(now, ca, b"bye").unwrap();
     p.a.close(now, ca);
     p.shuttle();
-    // B saw both flags and reset; A's linger ends at once.
-    assert_eq!(p.events(Side::A), vec![Event::Closed(ca)]);
+    assert!(p.events(Side::A).is_empty(), "A stopped lingering early");
+    assert_eq!(p.a.state(ca), Some(ConnState::Closing));
     assert_eq!(p.read_all(Side::B, cb), b"bye");
     assert_eq!(p.b.recv(now, cb, &mut [0; 8]), Ok(0));
+    assert!(p.b.send(now, cb, b"x").is_err(), "B wrote to a closed peer");
+    p.b.close(now, cb);
+    p.shuttle();
+    assert_eq!(p.events(Side::A), vec![Event::Closed(ca)]);
+    assert_eq!(p.a.state(ca), None);
     assert_eq!(p.a.stats().close_timeouts, 0);
 }
 

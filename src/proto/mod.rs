@@ -873,6 +873,25 @@ impl<S: Storage> Endpoint<S> {
         }
     }
 
+    /// Reset `c` now from our side: RST to the peer, both queues dropped, the connection
+    /// `Closed` with `ConnectionReset` (as after the peer's RST: the `ConnId` stays until
+    /// [`Endpoint::close`]). An [`Event::Reset`] follows.
+    pub fn reset(&mut self, now: Instant, c: ConnId) {
+        let _ = now;
+        if self
+            .conns
+            .get(&c)
+            .is_some_and(|conn| conn.state != ConnState::Closed)
+        {
+            self.send_rst_and_unlink(c);
+            self.fail(c, ProtoError::ConnectionReset);
+            if let Some(conn) = self.conns.get_mut(&c) {
+                conn.rx.clear();
+            }
+            self.events.push(Event::Reset(c));
+        }
+    }
+
     /// The connection's state, or `None` if `c` is unknown or released.
     pub fn state(&self, c: ConnId) -> Option<ConnState> {
         self.conns.get(&c).map(|conn| conn.state)

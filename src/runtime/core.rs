@@ -1508,6 +1508,30 @@ impl Core {
         self.kick(&mut st);
     }
 
+    /// [`Core::close`], then wait (as `SO_LINGER` does) until the connection is released (the
+    /// peer answered the close, or the protocol's linger ended it) or `linger` passes.
+    pub(crate) fn close_linger(self: &Arc<Self>, c: ConnId, linger: Duration) {
+        let mut st = self.lock();
+        let cv = Core::conn_cv(&mut st, c);
+        st.ep.close(Instant::now(), c);
+        self.kick(&mut st);
+        let wait = Wait::new(false, Some(linger));
+        let _ = self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
+            st.ep.state(c).is_none().then_some(Ok(()))
+        });
+        self.close(c);
+    }
+
+    /// Reset `c` now: RST to the peer, queues dropped; later calls fail with `ConnectionReset`.
+    pub(crate) fn abort(&self, c: ConnId) -> io::Result<()> {
+        let mut st = self.lock();
+        Core::check_dead(&st)?;
+        st.ep.reset(Instant::now(), c);
+        Core::route_events(&mut st);
+        self.kick(&mut st);
+        Ok(())
+    }
+
     /// Our CID.
     pub(crate) fn local_cid(&self) -> u64 {
         self.lock().ep.local_cid()

@@ -288,6 +288,13 @@ pub enum ProtoError {
         /// The CID asked for.
         cid: u64,
     },
+    /// The peer answered our `REQUEST` with something else than `RESPONSE` or `RST` (Linux's
+    /// `EPROTO`); the connection was reset.
+    #[error("protocol error: the peer answered REQUEST with op {op}")]
+    Protocol {
+        /// The op it sent.
+        op: u16,
+    },
     /// The connection table is full.
     #[error("too many connections: the limit is {max}")]
     TooManyConnections {

@@ -298,6 +298,52 @@ fn connect_timeout_sends_rst() {
 }
 
 #[test]
+fn a_connect_answered_with_anything_but_response_or_rst_is_reset() {
+    // Linux's `virtio_transport_recv_connecting`: RST, and the connect fails with EPROTO; the
+    // INVALID op (0) is ignored.
+    for op in [
+        Op::Rw as u16,
+        Op::CreditUpdate as u16,
+        Op::Shutdown as u16,
+        99,
+        0,
+    ] {
+        let mut p = Pair::new();
+        let now = p.now;
+        let ca =
+            p.a.connect(now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+                .unwrap();
+        let req = p.pump(Side::A, false);
+        assert_eq!(req.len(), 1);
+        let mut reply = tmpl(
+            (VMADDR_CID_HOST, PORT),
+            (GUEST_CID, req[0].src_port),
+            Op::Response,
+        );
+        reply.op = op;
+        p.a.handle_packet(now, &reply, &[]);
+        if op == 0 {
+            assert!(p.events(Side::A).is_empty(), "op 0");
+            assert_eq!(p.a.state(ca), Some(ConnState::Connecting));
+            continue;
+        }
+        assert_eq!(
+            p.events(Side::A),
+            vec![Event::ConnectFailed(ca, ProtoError::Protocol { op })],
+            "op {op}"
+        );
+        let out = p.pump(Side::A, false);
+        assert_eq!(out.len(), 1, "op {op}");
+        assert_eq!(out[0].op, Op::Rst as u16, "op {op}");
+        assert_eq!(
+            p.a.poll_timeout(),
+            None,
+            "op {op}: the connect timer was left"
+        );
+    }
+}
+
+#[test]
 fn connect_with_a_timeout_longer_than_the_default_is_honoured() {
     let mut p = Pair::new();
     let t0 = p.now;

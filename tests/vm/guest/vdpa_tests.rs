@@ -1052,6 +1052,15 @@ pub(crate) fn vdpa_sim_vsock_lifecycle_knobs() -> TestResult {
             }
             None => return Err(fail("no RESPONSE to a REQUEST within 5 s")),
         }
+        match raw.wait_used(1, HANG_BOUND)? {
+            Some(u) if u.token == 40_000 => {}
+            other => {
+                return Err(fail(format!(
+                    "the REQUEST's tx buffer: used {:?}, expected token 40000",
+                    other.map(|u| u.token)
+                )))
+            }
+        }
         let (sent0, dropped0) = (
             sim_counter("transport_resets_sent")?,
             sim_counter("transport_resets_dropped")?,

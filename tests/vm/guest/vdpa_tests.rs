@@ -1465,6 +1465,12 @@ pub(crate) fn vdpa_transport_reset() -> TestResult {
         if &b != b"after ten" {
             return Err(fail("echo after ten resets differs"));
         }
+        let seen_by_driver = drv.stats().transport_resets;
+        if seen_by_driver != 10 {
+            return Err(fail(format!(
+                "the driver counted {seen_by_driver} TRANSPORT_RESET events, the device sent 10"
+            )));
+        }
         println!("# 9 more resets: each ended its idle connection within 1 s; none dropped");
         drop(listener);
         Ok(())
@@ -1498,6 +1504,12 @@ pub(crate) fn vdpa_needs_reset_recovery() -> TestResult {
             )));
         }
         listener_kept(drv, PORT)?;
+        let recoveries = drv.stats().recoveries;
+        if recoveries != 1 {
+            return Err(fail(format!(
+                "the driver counted {recoveries} recoveries after one NEEDS_RESET"
+            )));
+        }
         let t = Instant::now();
         let secs =
             echo_1mib(drv, 800).map_err(|x| fail(format!("after NEEDS_RESET: {}", reason(x))))?;

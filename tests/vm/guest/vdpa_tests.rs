@@ -21,6 +21,14 @@
 //!   reset, a new connection works (guest_cid is put back to 3 afterwards).
 //! - `vdpa_inspect_cli`: `/bin/vdpa-vsock inspect vhost-vdpa:...` (text and `--json`) on
 //!   vdpasim_vsock; on vdpa_sim_net it fails naming device id 1 (net).
+//! - `vdpa_sim_vsock_lifecycle_knobs`: the test device's `transport_reset` and `needs_reset`
+//!   knobs, rings driven by hand: one event per posted event buffer, a drop counted when none is
+//!   posted; NEEDS_RESET with the config interrupt, queues stopped, cleared by the reset.
+//! - `vdpa_transport_reset`, `vdpa_needs_reset_recovery`, `vdpa_surprise_removal` (issue 14):
+//!   calls blocked on our driver (an idle read only the driver can end, a transfer's reader and
+//!   writer, a writer out of credit, an accept) end with the right error within 1 s of the
+//!   event; listeners stay; after a reset or NEEDS_RESET a new connection echoes 1 MiB; after
+//!   `vdpa dev del` the del completes and the driver drops promptly.
 
 use std::io::{self, Read, Write};
 use std::path::Path;

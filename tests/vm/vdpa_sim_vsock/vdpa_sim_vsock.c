@@ -115,7 +115,7 @@ static void vq_complete(struct vdpasim_virtqueue *vq, size_t len)
 	/* The bytes written into the buffer before its used entry (virtio 1.2 section 2.7.8). */
 	smp_wmb();
 	vringh_complete_iotlb(&vq->vring, vq->head, len);
-	/* The used index published before the notification check reads the driver's flags. */
+	/* The used entry visible before the interrupt is raised (as vdpa_sim_net does). */
 	smp_wmb();
 	local_bh_disable();
 	if (vringh_need_notify_iotlb(&vq->vring) > 0)

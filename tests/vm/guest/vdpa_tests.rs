@@ -24,6 +24,8 @@
 //! - `vdpa_sim_vsock_lifecycle_knobs`: the test device's `transport_reset` and `needs_reset`
 //!   knobs, rings driven by hand: one event per posted event buffer, a drop counted when none is
 //!   posted; NEEDS_RESET with the config interrupt, queues stopped, cleared by the reset.
+//! - `vdpa_transport_reset_new_cid`: a migration (guest_cid 3 -> 6 with no config interrupt,
+//!   then TRANSPORT_RESET): the driver re-reads guest_cid on the event, a new connection echoes.
 //! - `vdpa_transport_reset`, `vdpa_needs_reset_recovery`, `vdpa_surprise_removal` (issue 14):
 //!   calls blocked on our driver (an idle read only the driver can end, a transfer's reader and
 //!   writer, a writer out of credit, an accept) end with the right error within 1 s of the
@@ -1711,4 +1713,58 @@ pub(crate) fn vdpa_surprise_removal() -> TestResult {
         println!("# {NAME} added again: a new driver echoes");
         Ok(())
     })
+}
+
+/// A migration to a host that gives us another CID (vdpa_sim_vsock's migrate_guest_cid: guest_cid
+/// 3 -> 6 with no config interrupt, then TRANSPORT_RESET): the blocked read on the old connection
+/// ends with ConnectionReset within 1 s, and the driver has re-read guest_cid on the event alone
+/// (its CID is 6: the device answers a REQUEST from any other CID with RST, so a new connection
+/// that echoes proves it). guest_cid is put back to 3 afterwards.
+pub(crate) fn vdpa_transport_reset_new_cid() -> TestResult {
+    let result = with_vsock_driver("vdpav10", |drv, _| {
+        if drv.local_cid() != 3 {
+            return Err(fail(format!(
+                "driver up with CID {}, expected 3",
+                drv.local_cid()
+            )));
+        }
+        let sent0 = sim_counter("transport_resets_sent")?;
+        let mut calls = BlockedCalls::new();
+        let mut idle = connect_echo(drv)?;
+        idle.set_read_timeout(Some(Duration::from_secs(30)))?;
+        idle.write_all(b"ping")?;
+        idle.read_exact(&mut [0u8; 4])?;
+        calls.spawn("idle read", move || idle.read(&mut [0u8; 64]));
+        let t0 = Instant::now();
+        super::write_sysfs(sim_param("migrate_guest_cid"), "6")?;
+        let seen = calls.check(t0, "migrate_guest_cid", |x| {
+            x.kind() == io::ErrorKind::ConnectionReset
+        })?;
+        let sent = sim_counter("transport_resets_sent")?;
+        if sent != sent0 + 1 {
+            return Err(fail(format!(
+                "transport_resets_sent {sent0} -> {sent}: no event delivered"
+            )));
+        }
+        if drv.local_cid() != 6 {
+            return Err(fail(format!(
+                "the driver's CID is {} after TRANSPORT_RESET with guest_cid 6: not re-read on \
+                 the event",
+                drv.local_cid()
+            )));
+        }
+        let mut s = connect_echo(drv)
+            .map_err(|x| fail(format!("new connection with CID 6: {}", reason(x))))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"migrated")?;
+        let mut b = [0u8; 8];
+        s.read_exact(&mut b)?;
+        if &b != b"migrated" {
+            return Err(fail("the new connection echoed wrong bytes"));
+        }
+        println!("# migration 3 -> 6: {seen}; the driver took CID 6 from the event, a new connection echoes");
+        Ok(())
+    });
+    let restore = super::write_sysfs(SIM_GUEST_CID_PARAM, "3");
+    result.and(restore)
 }

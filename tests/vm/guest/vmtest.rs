@@ -120,6 +120,10 @@ const TESTS: &[Test] = &[
     ),
     default("vdpa_transport_reset", vdpa_tests::vdpa_transport_reset),
     default(
+        "vdpa_transport_reset_new_cid",
+        vdpa_tests::vdpa_transport_reset_new_cid,
+    ),
+    default(
         "vdpa_needs_reset_recovery",
         vdpa_tests::vdpa_needs_reset_recovery,
     ),

@@ -31,6 +31,10 @@
  *   the owner's mm for the rings). Read-only counters: transport_resets_sent, and
  *   transport_resets_dropped for an event that found no posted buffer (or no event queue, or a
  *   device not running); each drop is logged.
+ * - migrate_guest_cid (write a CID): as transport_reset, but every device first takes that CID
+ *   as guest_cid without a config interrupt (the guest_cid parameter then reads it too): a
+ *   migration to a host that gives the guest another CID, after which the driver must re-read
+ *   guest_cid on the event (as Linux's virtio_transport does).
  * - needs_reset: every running device sets VIRTIO_CONFIG_S_NEEDS_RESET in its status, stops
  *   processing its queues, drops its host side's connections and raises the config interrupt.
  *   A reset by the driver (status 0, which clears the status) ends it; after a new bring-up the
@@ -599,20 +603,22 @@ static int parse_one(const char *val)
  * transport_reset: every running device drops its host side's connections (the driver resets
  * its own when the event arrives) and its work function sends one TRANSPORT_RESET event.
  */
-static int transport_reset_set(const char *val, const struct kernel_param *kp)
+/*
+ * Every running device drops its host side's connections and queues a TRANSPORT_RESET for its
+ * work function; with new_cid (not 0) each device first takes guest_cid new_cid without a config
+ * interrupt, as after a migration. Under vsock_devs_lock.
+ */
+static void transport_reset_all(u64 new_cid)
 {
 	struct vdpasim_vsock *v;
-	int ret;
 
-	ret = parse_one(val);
-	if (ret)
-		return ret;
-	mutex_lock(&vsock_devs_lock);
 	list_for_each_entry(v, &vsock_devs, node) {
 		bool running;
 
 		mutex_lock(&v->vdpasim.mutex);
 		running = v->vdpasim.running && (v->vdpasim.status & VIRTIO_CONFIG_S_DRIVER_OK);
+		if (new_cid)
+			WRITE_ONCE(v->guest_cid, new_cid);
 		if (running) {
 			free_all_conns(v);
 			v->event_pending = true;
@@ -623,6 +629,17 @@ static int transport_reset_set(const char *val, const struct kernel_param *kp)
 		else
 			drop_event(&v->vdpasim, "the device is not running (no DRIVER_OK)");
 	}
+}
+
+static int transport_reset_set(const char *val, const struct kernel_param *kp)
+{
+	int ret;
+
+	ret = parse_one(val);
+	if (ret)
+		return ret;
+	mutex_lock(&vsock_devs_lock);
+	transport_reset_all(0);
 	mutex_unlock(&vsock_devs_lock);
 	return 0;
 }
@@ -632,6 +649,35 @@ static const struct kernel_param_ops transport_reset_ops = {
 };
 module_param_cb(transport_reset, &transport_reset_ops, NULL, 0200);
 MODULE_PARM_DESC(transport_reset, "write 1: every running device drops its connections and sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on its event queue");
+
+/*
+ * migrate_guest_cid: what the driver sees after a migration to a host that gives it another CID
+ * (QEMU's vhost-vsock post_load): every device takes guest_cid N without a config interrupt
+ * (guest_cid reads N afterwards, and new devices get it), and the running ones drop their
+ * connections and send TRANSPORT_RESET, on which the driver must re-read guest_cid.
+ */
+static int migrate_guest_cid_set(const char *val, const struct kernel_param *kp)
+{
+	u64 cid;
+	int ret;
+
+	ret = kstrtou64(val, 0, &cid);
+	if (ret)
+		return ret;
+	if (cid <= HOST_CID || cid >= U32_MAX)
+		return -EINVAL;
+	mutex_lock(&vsock_devs_lock);
+	guest_cid_param = cid;
+	transport_reset_all(cid);
+	mutex_unlock(&vsock_devs_lock);
+	return 0;
+}
+
+static const struct kernel_param_ops migrate_guest_cid_ops = {
+	.set = migrate_guest_cid_set,
+};
+module_param_cb(migrate_guest_cid, &migrate_guest_cid_ops, NULL, 0200);
+MODULE_PARM_DESC(migrate_guest_cid, "write a CID: every device takes it as guest_cid without a config interrupt, and the running ones drop their connections and send TRANSPORT_RESET (a migration)");
 
 /*
  * needs_reset: every running device enters the error state of virtio 1.2 section 2.1.2: it sets

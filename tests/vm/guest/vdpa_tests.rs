@@ -1263,7 +1263,12 @@ impl BlockedCalls {
                 Err(_) => {}
             }
             if let Err(x) = &end.result {
-                seen.push(format!("{} {ms:.0} ms {:?} ({x})", end.what, x.kind()));
+                seen.push(format!(
+                    "{} {ms:.0} ms {:?} ({})",
+                    end.what,
+                    x.kind(),
+                    error_chain(x)
+                ));
             }
         }
         if !bad.is_empty() {
@@ -1618,7 +1623,9 @@ pub(crate) fn vdpa_surprise_removal() -> TestResult {
         del_started = true;
         let done = del.insert(spawn_dev_del(NAME));
         let seen = calls.check(t0, "vdpa dev del", |x| {
-            x.kind() == io::ErrorKind::ConnectionAborted && error_chain(x).contains("removed")
+            // DeviceError::Removed says "<device> was removed: <how>".
+            x.kind() == io::ErrorKind::ConnectionAborted
+                && error_chain(x).contains(" was removed: ")
         })?;
         println!("# vdpa dev del mid-transfer: {seen}");
         // New calls fail at once, naming the removal.

@@ -31,6 +31,8 @@
 //!   writer, a writer out of credit, an accept) end with the right error within 1 s of the
 //!   event; listeners stay; after a reset or NEEDS_RESET a new connection echoes 1 MiB; after
 //!   `vdpa dev del` the del completes and the driver drops promptly.
+//! - `vdpa_surprise_removal_cli`: `vdpa dev del` under `/bin/vdpa-vsock connect` with the echo
+//!   flowing: the program exits within 2 s, status 1, naming the removal; the del completes.
 
 use std::io::{self, Read, Write};
 use std::path::Path;
@@ -1774,4 +1776,152 @@ pub(crate) fn vdpa_transport_reset_new_cid() -> TestResult {
     });
     let restore = super::write_sysfs(SIM_GUEST_CID_PARAM, "3");
     result.and(restore)
+}
+
+/// The removal seen from a program: `/bin/vdpa-vsock connect --device vhost-vdpa:... 2:1234`
+/// pipes our stdin to the echo and the echo to our stdout; with the echo flowing, `vdpa dev del`:
+/// the program must exit within 2 s of the del starting, with status 1 (an error, not a panic's
+/// 101 or a signal) and an error message naming the removal, and the del must complete. Then
+/// the device is added again and a new driver echoes on it.
+pub(crate) fn vdpa_surprise_removal_cli() -> TestResult {
+    use std::process::{Command, Stdio};
+    const NAME: &str = "vdpav11";
+    const EXIT_BOUND: Duration = Duration::from_secs(2);
+    run_cmd(
+        "vdpa",
+        &["dev", "add", "mgmtdev", "vdpasim_vsock", "name", NAME],
+    )?;
+    let node = match wait_vhost_vdpa_node(NAME) {
+        Ok(n) => n,
+        Err(x) => {
+            let _ = run_cmd("vdpa", &["dev", "del", NAME]);
+            return Err(x);
+        }
+    };
+    let spawned = Command::new("/bin/vdpa-vsock")
+        .args(["connect", "--device", &format!("vhost-vdpa:{node}")])
+        .arg(format!("2:{SIM_ECHO_PORT}"))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(x) => {
+            let _ = run_cmd("vdpa", &["dev", "del", NAME]);
+            return Err(fail(format!("spawn /bin/vdpa-vsock: {x}")));
+        }
+    };
+    let pid = child.id();
+    let (mut stdin, mut stdout, mut stderr) = (
+        child.stdin.take().ok_or_else(|| fail("no stdin pipe"))?,
+        child.stdout.take().ok_or_else(|| fail("no stdout pipe"))?,
+        child.stderr.take().ok_or_else(|| fail("no stderr pipe"))?,
+    );
+    // Our end of the pipes: feed the echo until the program goes (EPIPE), count what comes back.
+    thread::spawn(move || {
+        let chunk = pattern(11, 16 << 10);
+        while stdin.write_all(&chunk).is_ok() {}
+    });
+    let echoed = counter();
+    let e2 = echoed.clone();
+    thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(n @ 1..) = stdout.read(&mut buf) {
+            e2.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    let err_text = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let (exit_tx, exit_rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = exit_tx.send((child.wait(), Instant::now()));
+    });
+    let kill = || {
+        // SAFETY: kill(2) on the pid of our own child, called only before its exit status came
+        // through `exit_rx` (so the waiter has not reaped it, and the pid is still its own).
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    };
+    let (mut reaped, mut del_started) = (false, false);
+    let result = (|| {
+        if !wait_until(Duration::from_secs(20), || load(&echoed) >= 256 << 10) {
+            return Err(fail(format!(
+                "the CLI's echo did not get going: {} bytes back within 20 s",
+                load(&echoed)
+            )));
+        }
+        let t0 = Instant::now();
+        let del = spawn_dev_del(NAME);
+        del_started = true;
+        let exit = exit_rx.recv_timeout(HANG_BOUND);
+        reaped = exit.is_ok();
+        let (status, at) = match exit {
+            Ok((Ok(status), at)) => (status, at),
+            Ok((Err(x), _)) => return Err(fail(format!("waiting for the CLI: {x}"))),
+            Err(_) => {
+                kill();
+                reaped = exit_rx.recv_timeout(HANG_BOUND).is_ok();
+                let _ = del.recv_timeout(HANG_BOUND);
+                return Err(fail(format!(
+                    "the CLI still runs {} s after vdpa dev del (killed)",
+                    HANG_BOUND.as_secs()
+                )));
+            }
+        };
+        let exited = at.saturating_duration_since(t0);
+        let text = err_text.join().unwrap_or_default();
+        let text = text.trim();
+        match del.recv_timeout(HANG_BOUND) {
+            Ok((_, Ok(()))) => {}
+            Ok((_, Err(m))) => return Err(fail(format!("vdpa dev del failed: {m}"))),
+            Err(_) => return Err(fail("vdpa dev del still blocked 5 s after the CLI exited")),
+        }
+        // The program's own last word (log lines may come before it).
+        let verdict = text
+            .lines()
+            .find(|l| l.starts_with("vdpa-vsock: error:"))
+            .unwrap_or("");
+        if status.code() != Some(1) || exited > EXIT_BOUND || !verdict.contains(" was removed: ") {
+            return Err(fail(format!(
+                "the CLI exited {:.0} ms after vdpa dev del with {status} and stderr {text:?} \
+                 (expected within {} ms, status 1, a `vdpa-vsock: error:` line naming the \
+                 removal)",
+                exited.as_secs_f64() * 1e3,
+                EXIT_BOUND.as_millis()
+            )));
+        }
+        println!(
+            "# vdpa-vsock connect exited {:.0} ms after vdpa dev del, {} echoed bytes before, {status}",
+            exited.as_secs_f64() * 1e3,
+            load(&echoed)
+        );
+        for l in text.lines() {
+            println!("# stderr| {l}");
+        }
+        Ok(())
+    })();
+    // Failed before the del (the echo never flowed): end the program, then delete the device.
+    if !reaped {
+        kill();
+        let _ = exit_rx.recv_timeout(HANG_BOUND);
+    }
+    if !del_started {
+        return result.and(run_cmd("vdpa", &["dev", "del", NAME]));
+    }
+    result?;
+    with_vsock_driver(NAME, |drv, _| {
+        let mut s = connect_echo(drv)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"re-created")?;
+        let mut b = [0u8; 10];
+        s.read_exact(&mut b)?;
+        if &b != b"re-created" {
+            return Err(fail("the re-created device echoed wrong bytes"));
+        }
+        Ok(())
+    })
 }

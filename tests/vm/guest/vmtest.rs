@@ -128,6 +128,10 @@ const TESTS: &[Test] = &[
         vdpa_tests::vdpa_needs_reset_recovery,
     ),
     default("vdpa_surprise_removal", vdpa_tests::vdpa_surprise_removal),
+    default(
+        "vdpa_surprise_removal_cli",
+        vdpa_tests::vdpa_surprise_removal_cli,
+    ),
     default("vdpa_inspect_cli", vdpa_tests::vdpa_inspect_cli),
     default("vfio_driver_echo", vfio_vsock::vfio_driver_echo),
     default("vfio_driver_intx", vfio_vsock::vfio_driver_intx),

@@ -315,13 +315,19 @@ impl Core {
             return false;
         }
         let CoreState { ep, transport, .. } = st;
-        let moved = match transport.pump(ep, now) {
+        let mut moved = match transport.pump(ep, now) {
             Ok(m) => m,
             Err(e) => {
                 Core::failed_locked(st, now, e);
                 return true;
             }
         };
+        // The protocol's timers, for every transport: what they put out (an RST, a retried
+        // credit request) leaves in the next round, which `moved` asks for.
+        if st.ep.poll_timeout().is_some_and(|t| t <= now) {
+            st.ep.handle_timeout(now);
+            moved = true;
+        }
         Core::route_events(st);
         if moved && !st.flushing.is_empty() {
             let waiting: Vec<ConnId> = st.flushing.keys().copied().collect();
@@ -865,17 +871,12 @@ impl Core {
         });
         if matches!(&r, Err(e) if e.kind() == io::ErrorKind::TimedOut) {
             // Our deadline and the protocol's timer are the same instant: whoever notices first
-            // must settle the handshake the same way. Move the rings once (a RESPONSE may sit
-            // there unseen by a loop thread that has not run yet) and fire the protocol's due
-            // timers here, so that a timeout is the protocol's (counted in its stats, its RST
-            // sent) even when this thread woke before the loop's.
+            // must settle the handshake the same way. One round here (the rings, then the
+            // protocol's due timers: a RESPONSE may sit there unseen by a loop thread that has
+            // not run yet) makes a timeout the protocol's (counted in its stats, its RST sent)
+            // even when this thread woke before the loop's.
             let mut st = self.lock();
-            let now = Instant::now();
-            Core::pump_locked(&mut st, now);
-            if st.ep.poll_timeout().is_some_and(|t| t <= now) {
-                st.ep.handle_timeout(now);
-                Core::route_events(&mut st);
-            }
+            Core::pump_locked(&mut st, Instant::now());
             if let Some(settled) = st.connect_result.remove(&c) {
                 r = settled.map_err(to_io);
             }

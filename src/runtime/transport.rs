@@ -10,10 +10,11 @@
 //! 3. takes the event queue's events (queue 2, when the device has one): a TRANSPORT_RESET
 //!    re-reads `guest_cid` and resets every connection, as Linux's `virtio_vsock_event_handle`
 //!    does (listeners stay); the buffer is posted again;
-//! 4. fires due timers;
-//! 5. asks the protocol core for packets: each is a header in this token's header slot plus,
+//! 4. asks the protocol core for packets: each is a header in this token's header slot plus,
 //!    for RW, one descriptor over the payload's chunk (no copy), and the device is kicked once
 //!    for the batch if it wants a notification.
+//!
+//! (The protocol's timers are fired by the core after each pump, for every transport.)
 //!
 //! When the device breaks the rules or says NEEDS_RESET, [`Transport::recover`] resets it and
 //! brings it up again on the same DMA region (features, rings, CID): every connection ends with
@@ -651,9 +652,6 @@ impl Transport for DriverTransport {
         let mut moved = self.reap_tx(ep)?;
         moved |= self.receive(ep, now)?;
         moved |= self.events(ep, now)?;
-        if ep.poll_timeout().is_some_and(|t| t <= now) {
-            ep.handle_timeout(now);
-        }
         moved |= self.transmit(ep, now)?;
         if !self.polling {
             // Re-arm interrupts; a `false` means used buffers slipped in meanwhile.

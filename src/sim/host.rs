@@ -218,10 +218,7 @@ impl Transport for SimTransport {
         let rings = self.rings.clone();
         let mut guard = lock(&rings);
         let Some(r) = guard.as_mut() else {
-            // Not activated (or reset): only the services and timers run.
-            if ep.poll_timeout().is_some_and(|t| t <= now) {
-                ep.handle_timeout(now);
-            }
+            // Not activated (or reset): only the services run (and the core's timers).
             return Ok(moved);
         };
         let mut stats = *lock(&self.stats);
@@ -232,9 +229,6 @@ impl Transport for SimTransport {
             self.max_payload,
             &mut stats,
         )?;
-        if ep.poll_timeout().is_some_and(|t| t <= now) {
-            ep.handle_timeout(now);
-        }
         drop(guard);
         *lock(&self.stats) = stats;
         moved |= self.run_services(ep, now);

@@ -29,7 +29,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::core::{RtEndpoint, Transport};
-use super::error::TransportError;
+use super::error::{ResetCause, TransportError};
 use super::stats::DriverStats;
 use super::storage::{read_le32, write_header, DmaStorage, RxBufHandle, TxSeg};
 use crate::device::{status, DeviceError, VsockDevice, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
@@ -142,6 +142,8 @@ pub(crate) struct DriverTransport {
     pub(crate) recovery_limit: u32,
     /// When the recent recoveries happened (those within [`RECOVERY_WINDOW`]).
     pub(crate) recoveries: Vec<Instant>,
+    /// Why the last call reset every connection (for the core to attach to each).
+    pub(crate) reset_cause: Option<ResetCause>,
 }
 
 /// What bring-up hands the transport: the device's rings, the storage behind them and the RX
@@ -241,6 +243,7 @@ impl DriverTransport {
             negotiated,
             recovery_limit: policy.limit,
             recoveries: Vec::new(),
+            reset_cause: None,
         }
     }
 
@@ -494,6 +497,10 @@ impl DriverTransport {
                 self.dev.name()
             );
             ep.handle_transport_reset(now, Some(cid));
+            self.reset_cause = Some(ResetCause::TransportReset {
+                device: self.dev.name(),
+                cid,
+            });
         }
         Ok(moved)
     }
@@ -715,6 +722,11 @@ impl Transport for DriverTransport {
         }
         log::warn!("{name}: guest_cid changed from {old} to {cid}: every connection is reset");
         ep.handle_transport_reset(now, Some(cid));
+        self.reset_cause = Some(ResetCause::CidChanged {
+            device: name,
+            old,
+            new: cid,
+        });
         Ok(())
     }
 
@@ -774,6 +786,10 @@ impl Transport for DriverTransport {
         self.recoveries.push(now);
         self.stats.recoveries += 1;
         log::warn!("{name}: up again, guest_cid {cid}");
+        self.reset_cause = Some(ResetCause::Recovered {
+            device: name,
+            cause: e,
+        });
         Ok(())
     }
 
@@ -790,6 +806,10 @@ impl Transport for DriverTransport {
         self.dev
             .check_present()
             .map_err(|source| TransportError::Removed { source })
+    }
+
+    fn take_reset_cause(&mut self) -> Option<ResetCause> {
+        self.reset_cause.take()
     }
 
     fn release(&mut self) {

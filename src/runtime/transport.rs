@@ -340,19 +340,8 @@ impl DriverTransport {
         self.rx_batch = batch;
         let refilled = refill_rx(&mut self.rx, &self.storage, &mut self.rx_posted)
             .map_err(queue_err("rx", "posting a buffer"))?;
-        if refilled
-            && self
-                .rx
-                .kick_prepare()
-                .map_err(queue_err("rx", "preparing a notification"))?
-        {
-            self.dev
-                .kick(RX_QUEUE)
-                .map_err(|source| TransportError::Kick {
-                    queue: "rx",
-                    source,
-                })?;
-            self.stats.kicks += 1;
+        if refilled {
+            kick_if_wanted(&*self.dev, &mut self.rx, RX_QUEUE, &mut self.stats.kicks)?;
         }
         Ok(moved)
     }
@@ -405,19 +394,8 @@ impl DriverTransport {
             self.stats.tx_packets += 1;
             sent = true;
         }
-        if sent
-            && self
-                .tx
-                .kick_prepare()
-                .map_err(queue_err("tx", "preparing a notification"))?
-        {
-            self.dev
-                .kick(TX_QUEUE)
-                .map_err(|source| TransportError::Kick {
-                    queue: "tx",
-                    source,
-                })?;
-            self.stats.kicks += 1;
+        if sent {
+            kick_if_wanted(&*self.dev, &mut self.tx, TX_QUEUE, &mut self.stats.kicks)?;
         }
         Ok(sent)
     }
@@ -475,19 +453,8 @@ impl DriverTransport {
                 )
                 .map_err(queue_err("event", "posting a buffer"))?;
         }
-        if moved
-            && evq
-                .q
-                .kick_prepare()
-                .map_err(queue_err("event", "preparing a notification"))?
-        {
-            self.dev
-                .kick(EVENT_QUEUE)
-                .map_err(|source| TransportError::Kick {
-                    queue: "event",
-                    source,
-                })?;
-            self.stats.kicks += 1;
+        if moved {
+            kick_if_wanted(&*self.dev, &mut evq.q, EVENT_QUEUE, &mut self.stats.kicks)?;
         }
         if reset {
             self.stats.transport_resets += 1;
@@ -647,6 +614,34 @@ impl VsockDevice for ReleasedDevice {
 /// `u32::MAX` is `VMADDR_CID_ANY`; the upper 32 bits are reserved (virtio 1.2 section 5.10.4).
 pub(crate) fn valid_guest_cid(cid: u64) -> bool {
     (3..u64::from(u32::MAX)).contains(&cid)
+}
+
+/// The name of queue `index` in errors.
+fn queue_name(index: u16) -> &'static str {
+    match index {
+        RX_QUEUE => "rx",
+        TX_QUEUE => "tx",
+        _ => "event",
+    }
+}
+
+/// Kick the device for queue `q` (index `index`) if it asked to be notified of what was just
+/// added (EVENT_IDX), counting the kick.
+fn kick_if_wanted(
+    dev: &dyn VsockDevice,
+    q: &mut SplitQueue,
+    index: u16,
+    kicks: &mut u64,
+) -> Result<(), TransportError> {
+    let queue = queue_name(index);
+    if q.kick_prepare()
+        .map_err(queue_err(queue, "preparing a notification"))?
+    {
+        dev.kick(index)
+            .map_err(|source| TransportError::Kick { queue, source })?;
+        *kicks += 1;
+    }
+    Ok(())
 }
 
 /// A queue error while doing `op` on `queue`, as a transport error.

@@ -314,6 +314,12 @@ impl<S: Storage> Endpoint<S> {
             return;
         }
         let len = hdr.len as usize;
+        if conn.sink {
+            // Consumed on arrival: no copy, no queue, credit flows on.
+            self.stats.bytes_sunk += u64::from(hdr.len);
+            Self::consumed(conn, len);
+            return;
+        }
         if len > 0 {
             let before = conn.rx.len();
             keep(&mut conn.rx);

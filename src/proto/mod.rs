@@ -360,6 +360,8 @@ pub struct Stats {
     /// RW payload bytes discarded because nobody will read them (after our `RECEIVE`
     /// shutdown, the peer's `SEND` shutdown, or `close`).
     pub rx_discarded: u64,
+    /// RW payload bytes consumed on arrival by sink connections ([`Endpoint::set_sink`]).
+    pub bytes_sunk: u64,
     /// `CREDIT_UPDATE`s received.
     pub credit_updates_in: u64,
     /// `CREDIT_REQUEST`s received.
@@ -694,6 +696,24 @@ impl<S: Storage> Endpoint<S> {
             },
         )
         .map(|r| r.map_or(0, |((), n)| n))
+    }
+
+    /// Make stream `c` a sink (`on`): payload is consumed the moment it arrives, never
+    /// queued nor copied, and credited to the peer as if read (counted in
+    /// [`Stats::bytes_sunk`]); what is already queued is consumed now. End of stream still
+    /// shows (`recv`/`discard` return 0). A discard service (the sim's) needs nothing more.
+    pub fn set_sink(&mut self, c: ConnId, on: bool) -> Result<(), ProtoError> {
+        let conn =
+            self.conn_to_read(c, SocketType::Stream, "a seqpacket socket cannot be a sink")?;
+        conn.sink = on;
+        let n = conn.rx.len();
+        if on && n > 0 {
+            conn.rx.discard(n);
+            Self::consumed(conn, n);
+            self.stats.bytes_sunk += n as u64;
+            self.schedule(c);
+        }
+        Ok(())
     }
 
     /// The one way stream data leaves the receive queue (`recv`, `recv_with`, `discard`): when

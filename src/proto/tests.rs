@@ -2171,3 +2171,42 @@ fn ephemeral_ports_follow_the_cursor_walk_under_churn() {
         a.check_invariants().unwrap();
     }
 }
+
+#[test]
+fn a_sink_consumes_on_arrival_and_still_sees_the_end() {
+    let mut p = Pair::new();
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    p.a.send(now, ca, b"queued before").unwrap();
+    p.shuttle();
+    // Turning the sink on consumes what is queued.
+    p.b.set_sink(cb, true).unwrap();
+    assert_eq!(p.b.readable_bytes(cb), 0);
+    let _ = p.events(Side::B); // the Readable of what came before
+    let big = vec![5u8; 3 * DEFAULT_BUF_ALLOC as usize];
+    let mut sent = 0;
+    // More than one window: only credit the sink hands back lets it all through.
+    for _ in 0..64 {
+        if sent < big.len() {
+            sent += p.a.send(now, ca, &big[sent..]).unwrap_or(0);
+        }
+        p.shuttle();
+    }
+    assert_eq!(sent, big.len());
+    assert_eq!(p.b.readable_bytes(cb), 0, "a sink queued payload");
+    assert_eq!(p.b.stats().bytes_sunk, (13 + big.len()) as u64);
+    assert!(p
+        .events(Side::B)
+        .iter()
+        .all(|e| !matches!(e, Event::Readable(_))));
+    let send_only = ShutdownFlags {
+        receive: false,
+        send: true,
+    };
+    p.a.shutdown(now, ca, send_only).unwrap();
+    p.shuttle();
+    assert_eq!(p.b.discard(now, cb, usize::MAX), Ok(0), "the end of stream");
+    let mut q = Pair::with(seq_cfg(GUEST_CID), seq_cfg(VMADDR_CID_HOST));
+    let (_, sb, _) = q.establish(SocketType::SeqPacket);
+    assert!(q.b.set_sink(sb, true).is_err(), "a seqpacket sink");
+}

@@ -88,6 +88,10 @@ impl SimTransport {
         for i in 0..self.listeners.len() {
             let (l, kind) = self.listeners[i];
             while let Some(conn) = ep.accept(l) {
+                if kind == Service::Discard {
+                    // The sink consumes payload as it arrives: nothing is copied or queued.
+                    let _ = ep.set_sink(conn, true);
+                }
                 // Data may already be buffered (no event for it): its first turn is now.
                 self.services.insert(
                     conn,
@@ -178,7 +182,8 @@ impl SimTransport {
                     );
                     (n, full == 0 && !ended)
                 }),
-                // The sink consumes in place: nothing is copied.
+                // A sink connection (see the accept above) has nothing queued: this sees
+                // end of stream, and bytes that came before it became a sink.
                 Service::Discard => ep.discard(now, s.conn, usize::MAX).map(|n| (n, false)),
                 Service::Echo => ep.recv(now, s.conn, buf).map(|n| (n, false)),
             };
@@ -459,7 +464,10 @@ impl SimHost {
 
     /// The device's counters.
     pub fn stats(&self) -> SimStats {
-        *lock(&self.stats)
+        let mut s = *lock(&self.stats);
+        // The discard service's connections are sinks: their bytes are counted on arrival.
+        s.discarded_bytes += self.core.lock().ep.stats().bytes_sunk;
+        s
     }
 
     /// The host endpoint's protocol counters (credit violations by the driver among them).

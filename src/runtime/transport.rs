@@ -34,7 +34,9 @@ use super::stats::DriverStats;
 use super::storage::{read_le32, write_header, DmaStorage, RxBufHandle, TxSeg};
 use crate::device::{status, DeviceError, VsockDevice, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
 use crate::dma::{DmaError, DmaRegion};
-use crate::packet::{VsockPacket, PKT_HEADER_LEN, PKT_HEADER_SIZE};
+use crate::packet::{
+    VsockPacket, PKT_HEADER_LEN, PKT_HEADER_SIZE, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
+};
 use crate::virtq::{BufferDesc, QueueError, SplitQueue, UsedElem};
 
 /// Bytes per TX header slot (a header is 44; slots stay cache-line aligned).
@@ -46,9 +48,6 @@ pub(crate) const EVENT_BUFFERS: u16 = 8;
 
 /// Bytes of one event (`struct virtio_vsock_event { le32 id; }`, virtio 1.2 section 5.10.6.4).
 const EVENT_LEN: u32 = 4;
-
-/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`.
-const EVENT_TRANSPORT_RESET: u32 = 0;
 
 /// How many recoveries [`DriverTransport`] makes within [`RECOVERY_WINDOW`] before it gives up
 /// on a device that keeps failing, unless the driver config says otherwise.
@@ -435,7 +434,7 @@ impl DriverTransport {
                 self.stats.bad_events += 1;
             } else {
                 match read_le32(mem, addr)? {
-                    EVENT_TRANSPORT_RESET => reset = true,
+                    VIRTIO_VSOCK_EVENT_TRANSPORT_RESET => reset = true,
                     other => {
                         log::warn!("{}: ignoring unknown event id {other}", self.dev.name());
                         self.stats.bad_events += 1;

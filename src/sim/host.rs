@@ -438,7 +438,8 @@ impl SimHost {
         let r = rings
             .as_mut()
             .ok_or_else(|| std::io::Error::other("the device is not running"))?;
-        r.send_event(0).map_err(std::io::Error::other)
+        r.send_event(crate::packet::VIRTIO_VSOCK_EVENT_TRANSPORT_RESET)
+            .map_err(std::io::Error::other)
     }
 
     /// Make the device fail as one that needs a reset does (virtio 1.2 section 2.1.2): it stops

@@ -135,7 +135,9 @@ pub(crate) struct DriverTransport {
     /// The device is asked not to interrupt (busy-poll, while someone spins).
     pub(crate) polling: bool,
     pub(crate) stats: DriverStats,
-    /// The features negotiated at bring-up: a recovery must get the same ones.
+    /// The features asked for at bring-up, and those negotiated: a recovery asks for the same
+    /// and must get the same.
+    pub(crate) requested: u64,
     pub(crate) negotiated: u64,
     /// Recoveries allowed within [`RECOVERY_WINDOW`] (0: a device error is final).
     pub(crate) recovery_limit: u32,
@@ -164,7 +166,8 @@ pub(crate) struct DeviceRings {
     pub(crate) tx_hdr: Vec<GuestAddress>,
     /// Largest RW payload of one TX packet.
     pub(crate) max_tx_payload: usize,
-    /// The features negotiated.
+    /// The features asked for, and those negotiated.
+    pub(crate) requested: u64,
     pub(crate) negotiated: u64,
 }
 
@@ -220,6 +223,7 @@ impl DriverTransport {
             rx_posted,
             tx_hdr,
             max_tx_payload,
+            requested,
             negotiated,
         } = rings;
         let slots = tx_hdr.len();
@@ -239,6 +243,7 @@ impl DriverTransport {
             waker,
             polling: busy_poll,
             stats: DriverStats::default(),
+            requested,
             negotiated,
             recovery_limit: policy.limit,
             recoveries: Vec::new(),
@@ -509,10 +514,7 @@ impl DriverTransport {
         self.dev.reset()?;
         self.reclaim();
         self.dev.restart()?;
-        let offered = self.dev.offered_features();
-        let got = self
-            .dev
-            .negotiate(crate::driver::wanted_features(offered))?;
+        let got = self.dev.negotiate(self.requested)?;
         if got != self.negotiated {
             return Err(DeviceError::Failed(format!(
                 "after a reset the device negotiated features {got:#x}, not {:#x} as before",

@@ -70,7 +70,8 @@ fn a_lingering_close_gives_up_after_its_time() {
     drop(s);
     let took = t0.elapsed();
     assert!(took >= linger, "returned after {took:?}, before the linger");
-    assert!(took < Duration::from_secs(2), "returned after {took:?}");
+    // Well before the protocol's own 8 s linger would have ended it.
+    assert!(took < Duration::from_secs(5), "returned after {took:?}");
 }
 
 #[test]

@@ -378,8 +378,10 @@ impl<S: Storage> Endpoint<S> {
         let all = conn.peer_shutdown;
         let (state, listener) = (conn.state, conn.listener);
         // Linux's `virtio_transport_recv_connected`: with data still unread the RST waits for
-        // our close (the peer, lingering, learns that we hold everything only then).
-        let unread = conn.rx.len() > 0 && state != ConnState::Closing && listener.is_none();
+        // our close (the peer, lingering, learns that we hold everything only then). The same
+        // for a connection still waiting to be accepted (Linux's child socket takes the packet
+        // as any connected socket does).
+        let unread = conn.rx.len() > 0 && state != ConnState::Closing;
         if all.receive && all.send && !unread {
             // Both directions closed by the peer: answer RST and forget (as Linux does).
             self.send_rst_and_unlink(id);

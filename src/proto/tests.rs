@@ -1209,6 +1209,33 @@ fn close_with_data_unread_waits_for_the_peers_close() {
 }
 
 #[test]
+fn close_before_accept_with_data_unread_waits_for_the_accepters_close() {
+    // The same rule for a connection still in the listener's queue: the data stays for the
+    // accepter, and so does the answer.
+    let mut p = Pair::new();
+    let l = p.b.listen(PORT, 16, SocketType::Stream).unwrap();
+    let now = p.now;
+    let ca =
+        p.a.connect(now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+            .unwrap();
+    p.shuttle();
+    assert!(p.events(Side::A).contains(&Event::Connected(ca)));
+    p.a.send(now, ca, b"early").unwrap();
+    p.a.close(now, ca);
+    p.shuttle();
+    assert!(p.events(Side::A).is_empty(), "A stopped lingering early");
+    let cb =
+        p.b.accept(l)
+            .expect("the connection is still there to accept");
+    assert_eq!(p.read_all(Side::B, cb), b"early");
+    assert_eq!(p.b.recv(now, cb, &mut [0; 8]), Ok(0));
+    p.b.close(now, cb);
+    p.shuttle();
+    assert!(p.events(Side::A).contains(&Event::Closed(ca)));
+    assert_eq!(p.a.stats().close_timeouts, 0);
+}
+
+#[test]
 fn close_linger_then_rst() {
     let mut p = Pair::new();
     let (ca, _cb, _) = p.establish(SocketType::Stream);

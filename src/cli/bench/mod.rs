@@ -220,14 +220,24 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
     {
         let step = steps.start(&format!("one-way: {ours} async"), Unit::Bytes(shape.bytes));
         let before = consumed();
-        let d = async_work::one_way(&driver, peer.sink, shape, &step)?;
+        let (d, w) = async_work::one_way(&driver, peer.sink, shape, &step)?;
         work::check_consumed(before, consumed(), shape.bytes)?;
         let row = Row::new(
             one_way,
             format!("{ours} async"),
             gbits(shape.bytes, d),
             "Gbit/s",
-        );
+        )
+        .with("poll_write_calls", w.calls)
+        .with("poll_write_pending", w.pending)
+        .with("poll_write_partial", w.partial);
+        let per_mib = |n| async_work::WriteCounts::per_mib(n, shape.bytes);
+        notes.push(format!(
+            "{ours} async one-way, per MiB: {:.1} poll_write calls, {:.1} Pending (each one wake-up), {:.1} partial writes",
+            per_mib(w.calls),
+            per_mib(w.pending),
+            per_mib(w.partial)
+        ));
         notes.push(ratio_note("async one-way", &row, &rows[0], 0.9));
         rows.push(row);
     }

@@ -50,6 +50,13 @@ pub(super) struct WriteCounts {
 }
 
 impl WriteCounts {
+    /// Add another run's counts.
+    pub(super) fn add(&mut self, o: WriteCounts) {
+        self.calls += o.calls;
+        self.pending += o.pending;
+        self.partial += o.partial;
+    }
+
     /// `count` per MiB of `bytes`.
     pub(super) fn per_mib(count: u64, bytes: u64) -> f64 {
         count as f64 * f64::from(1u32 << 20) / bytes as f64

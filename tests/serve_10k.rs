@@ -57,7 +57,8 @@ impl Daemon {
         let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
         let child = Command::new(BIN)
             .env("RUST_LOG", "warn")
-            .args(["serve", "--max-conns", "20000", "--uds"])
+            // No --max-conns: the default (what the descriptor limit holds) must take them.
+            .args(["serve", "--uds"])
             .arg(&uds)
             .stdout(Stdio::null())
             .stderr(log)

@@ -37,7 +37,11 @@
 //!   it has been written; a connection ends when both directions have, or at the first
 //!   error of either side (then both sides are shut down both ways). At most `--max-conns`
 //!   connections (handshaking or open, both directions) at a time; one over the limit is
-//!   answered `ERR too many connections`.
+//!   answered `ERR too many connections`. By default the limit is what the descriptor limit
+//!   holds (one descriptor per connection, after those open at startup and a small reserve):
+//!   the driver has no limit of its own, as Linux has none but memory, and a client the
+//!   descriptors could not hold would otherwise wait in the listen backlog for an `accept`
+//!   that keeps failing with `EMFILE` instead of hearing `ERR`.
 //! - With `--device sim`, `--sim-host-uds PATH2` exposes the other end too: a client of PATH2
 //!   speaks the same handshake and is connected *from the sim host* (CID 2) to our port, which
 //!   is how a peer-initiated connection is tried (and tested) without hardware.
@@ -78,6 +82,11 @@ pub(crate) const TURN_CHUNKS: usize = 16;
 /// A waiting buffer bigger than this is freed once its bytes have been taken (smaller ones
 /// are kept for the next read).
 const KEEP_CAPACITY: usize = 4096;
+/// Descriptors the default `--max-conns` leaves free beyond those open at startup: for clients
+/// accepted only to be refused (each lingers [`REFUSE_LINGER`]) and the odd file.
+const FD_RESERVE: usize = 64;
+/// `--max-conns` by default when the descriptor limit cannot be read.
+const FALLBACK_MAX_CONNS: usize = 1024;
 /// How long a client refused for the connection limit may still send its handshake before
 /// the close (so that its write does not fail before it reads the `ERR`).
 const REFUSE_LINGER: Duration = Duration::from_millis(200);
@@ -109,9 +118,14 @@ pub(crate) struct ServeArgs {
     /// Unix socket to serve clients on; peer connections to port P go to PATH_P.
     #[arg(long, value_name = "PATH")]
     uds: PathBuf,
-    /// Most connections at a time (handshaking or open, both directions).
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
-    max_conns: u32,
+    /// Most connections at a time (handshaking or open, both directions). Default: as many
+    /// as the descriptor limit holds. Each connection costs serve one descriptor (its Unix
+    /// socket; the vsock side has none), so the default is the soft RLIMIT_NOFILE (raised to
+    /// the hard limit at startup) minus the descriptors open once serve is ready, minus 64
+    /// kept for clients being refused; 1024 if the limit cannot be read. The driver itself
+    /// sets no limit (as Linux, whose only limit is memory).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    max_conns: Option<u32>,
     /// Kept for compatibility: peer connections to every port P are forwarded to PATH_P (when
     /// a program listens there; otherwise refused), declared or not. Repeatable.
     #[arg(long = "listen-port", value_name = "PORT")]
@@ -884,6 +898,26 @@ fn raise_nofile_limit() -> Option<u64> {
     }
 }
 
+/// The default `--max-conns`: what a descriptor limit of `nofile` holds, one descriptor per
+/// connection, with `open` descriptors taken and [`FD_RESERVE`] kept free (at least 1);
+/// [`FALLBACK_MAX_CONNS`] when the limit is unknown.
+fn default_max_conns(nofile: Option<u64>, open: usize) -> usize {
+    match nofile {
+        None => FALLBACK_MAX_CONNS,
+        Some(limit) => usize::try_from(limit)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(open)
+            .saturating_sub(FD_RESERVE)
+            .max(1),
+    }
+}
+
+/// Descriptors this process has open now (`/proc/self/fd`, less the one reading it).
+fn open_descriptors() -> Option<usize> {
+    let n = std::fs::read_dir("/proc/self/fd").ok()?.count();
+    Some(n.saturating_sub(1))
+}
+
 /// Bind `path`, replacing a stale socket file but never a live daemon's.
 fn bind_uds(path: &Path) -> Result<UnixListener> {
     if std::fs::symlink_metadata(path).is_ok() {
@@ -1004,9 +1038,14 @@ pub(crate) fn run(args: &ServeArgs, roots: &Roots) -> Result<()> {
             )
             .context("epoll: a Unix listener")?;
     }
+    let max_conns = match args.max_conns {
+        Some(n) => n as usize,
+        // Counted now that the driver, the listeners and the loop's own descriptors are open.
+        None => default_max_conns(nofile, open_descriptors().unwrap_or(0)),
+    };
     eprintln!(
         "serving {} on {} (local CID {}), forwarding peer connections to port P to {}_P; \
-         one event-loop thread, descriptor limit {}",
+         one event-loop thread, descriptor limit {}, at most {max_conns} connections",
         driver.device_name(),
         args.uds.display(),
         driver.local_cid(),
@@ -1021,7 +1060,7 @@ pub(crate) fn run(args: &ServeArgs, roots: &Roots) -> Result<()> {
         conns: HashMap::new(),
         next_id: 0,
         slots: 0,
-        max_conns: args.max_conns as usize,
+        max_conns,
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
         handshakes: VecDeque::new(),
         refusals: VecDeque::new(),
@@ -1064,4 +1103,28 @@ pub(crate) fn run(args: &ServeArgs, roots: &Roots) -> Result<()> {
     std::mem::forget(conns);
     eprintln!("stopped");
     signal
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_connection_limit_is_what_the_descriptor_limit_holds() {
+        // 20,000 descriptors, 40 open at startup: one each for the rest, less the reserve.
+        assert_eq!(
+            default_max_conns(Some(20_000), 40),
+            20_000 - 40 - FD_RESERVE
+        );
+        // Linux's default soft limit, raised to nothing more.
+        assert_eq!(default_max_conns(Some(1024), 30), 1024 - 30 - FD_RESERVE);
+        // No limit at all: as many as the address space counts.
+        assert_eq!(
+            default_max_conns(Some(u64::MAX), 40),
+            usize::MAX - 40 - FD_RESERVE
+        );
+        // A limit the startup already used up still admits one (and `accept` tells the rest).
+        assert_eq!(default_max_conns(Some(50), 40), 1);
+        assert_eq!(default_max_conns(None, 40), FALLBACK_MAX_CONNS);
+    }
 }

@@ -111,7 +111,8 @@ pub use conn::ConnState;
 pub use credit::{BufferOption, BufferSize};
 use listener::Listener;
 use output::Events;
-pub use storage::{HeapBuf, HeapStorage, RxBuf, Storage, TxBuf};
+pub use storage::{HeapBuf, HeapStorage, RxBuf, Storage, TxBuf, HEAP_BUF_KEEP};
+pub(crate) use table::shrink_sparse;
 use timers::Timers;
 
 use crate::packet::{cid_fits, Header, ShutdownFlags, SocketType};

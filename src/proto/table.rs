@@ -1,10 +1,27 @@
 //! The connection table: a connection enters it, leaves the wire (its key and port freed),
 //! fails or is released; and the round robin of connections that may have packets to send.
 
+use std::collections::HashMap;
+use std::hash::Hash;
+
 use super::conn::{self, Conn};
 use super::ports::{refcount_add, refcount_sub};
 use super::storage::{Storage, TxBuf};
 use super::{ConnId, ConnState, Endpoint, Event, ProtoError};
+
+/// Tables this small keep their capacity whatever they hold.
+const SHRINK_ABOVE: usize = 64;
+
+/// After an entry left `map`: a table grown for many entries (10,000 connections once) that
+/// now holds under a quarter of its capacity gives the rest back, down to twice what it holds.
+/// Each shrink rehashes what is left, which took at least as many removals to get there, so
+/// the cost per removal stays O(1).
+pub(crate) fn shrink_sparse<K: Eq + Hash, V>(map: &mut HashMap<K, V>) {
+    let cap = map.capacity();
+    if cap > SHRINK_ABOVE && map.len() < cap / 4 {
+        map.shrink_to((map.len() * 2).max(SHRINK_ABOVE));
+    }
+}
 
 impl<S: Storage> Endpoint<S> {
     pub(super) fn new_conn_id(&mut self) -> ConnId {
@@ -39,9 +56,12 @@ impl<S: Storage> Endpoint<S> {
         conn.pending = conn::Pending::default();
         let (port, bound) = (conn.local_port, conn.bound);
         self.keys.remove(&(port, conn.peer_cid, conn.peer_port));
+        shrink_sparse(&mut self.keys);
         refcount_sub(&mut self.port_refs, port);
+        shrink_sparse(&mut self.port_refs);
         if bound {
             refcount_sub(&mut self.bound_refs, port);
+            shrink_sparse(&mut self.bound_refs);
         }
         self.sync_free_port(port);
     }
@@ -73,6 +93,7 @@ impl<S: Storage> Endpoint<S> {
     pub(super) fn release(&mut self, id: ConnId, notify: bool) {
         self.unlink(id);
         if let Some(mut conn) = self.conns.remove(&id) {
+            shrink_sparse(&mut self.conns);
             self.timers.set(&mut conn, None);
             if let Some(l) = conn.listener {
                 if let Some(listener) = self.listeners.get_mut(&l) {
@@ -92,5 +113,36 @@ impl<S: Storage> Endpoint<S> {
                 self.ready.push_back(id);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_table_that_empties_gives_its_memory_back_in_steps() {
+        let mut map: HashMap<u32, [u8; 64]> = HashMap::new();
+        for i in 0..10_000 {
+            map.insert(i, [0; 64]);
+        }
+        let grown = map.capacity();
+        assert!(grown >= 10_000);
+        for i in 0..10_000 {
+            map.remove(&i);
+            shrink_sparse(&mut map);
+            // Never below twice what it holds, never left above four times it (beyond the
+            // floor).
+            let (len, cap) = (map.len(), map.capacity());
+            assert!(cap >= len, "{len} in {cap}");
+            assert!(cap <= (4 * len + 3).max(4 * SHRINK_ABOVE), "{len} in {cap}");
+        }
+        assert!(map.capacity() <= 2 * SHRINK_ABOVE, "{}", map.capacity());
+        // A small table is left alone.
+        let mut small: HashMap<u32, u32> = (0..10).map(|i| (i, i)).collect();
+        let cap = small.capacity();
+        small.clear();
+        shrink_sparse(&mut small);
+        assert_eq!(small.capacity(), cap);
     }
 }

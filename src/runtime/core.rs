@@ -24,7 +24,7 @@ use super::storage::{RtStorage, RtTx};
 use super::sync::{self, Arc, Condvar, Mutex, MutexGuard};
 use crate::packet::{ShutdownFlags, SocketType};
 use crate::proto::storage::TxBuf;
-use crate::proto::{ConnId, Endpoint, Event, ListenerId, ProtoError, Readiness};
+use crate::proto::{shrink_sparse, ConnId, Endpoint, Event, ListenerId, ProtoError, Readiness};
 use vm_memory::VolatileSlice;
 
 /// The endpoint of a core: payload in DMA memory (a driver) or on the heap (the sim's host).
@@ -1542,6 +1542,12 @@ impl Core {
         st.rcvlowat.remove(&c);
         st.reset.remove(&c);
         st.connect_result.remove(&c);
+        // Tables grown for many connections give their memory back as they empty.
+        shrink_sparse(&mut st.conn_wait);
+        shrink_sparse(&mut st.shown);
+        shrink_sparse(&mut st.writers);
+        shrink_sparse(&mut st.reset);
+        shrink_sparse(&mut st.connect_result);
         self.kick(&mut st);
     }
 

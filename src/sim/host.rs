@@ -18,7 +18,7 @@ use crate::driver::{
     ConnectOpts, VsockAddr, VsockListener, VsockSeqPacket, VsockStream, DEFAULT_BACKLOG,
 };
 use crate::packet::{SocketType, VMADDR_CID_HOST};
-use crate::proto::{self, ConnId, ConnState, Endpoint, ListenerId, ProtoError};
+use crate::proto::{self, ConnId, ConnState, Endpoint, ListenerId, ProtoError, HEAP_BUF_KEEP};
 use crate::runtime::{Core, Transport, TransportError};
 use crate::runtime::{RtEndpoint, RtStorage};
 
@@ -159,6 +159,10 @@ impl SimTransport {
                     Ok(n) => {
                         stats.echoed_bytes += n as u64;
                         s.pending.drain(..n);
+                        if s.pending.is_empty() && s.pending.capacity() > HEAP_BUF_KEEP {
+                            // As the endpoint's queues do: an idle echo holds no buffer.
+                            s.pending = Vec::new();
+                        }
                         *moved = true;
                     }
                     Err(_) => {

@@ -198,6 +198,13 @@ impl Gen {
                 close_timeout: LINGER,
                 ..proto::Config::default()
             },
+            // A hostile device here is one that kills its driver: the soak checks that the
+            // death is clean. (Recovery from one is `tests/lifecycle.rs`'s.)
+            recovery_limit: if hostile.is_some() {
+                0
+            } else {
+                DriverConfig::default().recovery_limit
+            },
             ..DriverConfig::default()
         };
         let (driver, host) =

@@ -334,12 +334,16 @@ fn listener_accepts_under_load() {
 
 #[track_caller]
 fn hostile_device_breaks_cleanly(h: Hostile) {
+    // Recovery off: the first device error is final (recovery is `tests/lifecycle.rs`'s).
     let (d, _host) = VsockDriver::open_sim(
         SimConfig {
             hostile: Some(h),
             ..SimConfig::default()
         },
-        DriverConfig::default(),
+        DriverConfig {
+            recovery_limit: 0,
+            ..DriverConfig::default()
+        },
     )
     .unwrap();
     // The first RX delivery (the RESPONSE) is bogus: the connect must fail at once, not hang,

@@ -80,7 +80,13 @@ fn inspect_device(
         .filter(|(i, _)| *i < nq)
         .map(|(i, name)| {
             let max = dev.max_queue_size(*i);
-            json!({ "index": i, "name": name, "max_size": max, "driver_size": driver_q.min(max) })
+            // The event queue holds the driver's few event buffers, not a data ring.
+            let want = if *i == EVENT_QUEUE {
+                vdpa_vsock::driver::EVENT_BUFFERS
+            } else {
+                driver_q
+            };
+            json!({ "index": i, "name": name, "max_size": max, "driver_size": want.min(max) })
         })
         .collect();
     let details = dev.details();
@@ -182,6 +188,9 @@ pub(crate) fn stats_json(s: &DriverStats) -> Value {
         "rx_buffers_held": s.rx_buffers_held,
         "tx_chunks": s.tx_chunks,
         "tx_chunks_in_use": s.tx_chunks_in_use,
+        "transport_resets": s.transport_resets,
+        "bad_events": s.bad_events,
+        "recoveries": s.recoveries,
     })
 }
 

@@ -18,8 +18,17 @@
 //!    wait on [`VsockDevice::call_fd`] for used buffers.
 //! 5. [`VsockDevice::reset`] stops the device; the rings may then be reclaimed.
 //!
-//! When [`VsockDevice::config_fd`] fires, the device's configuration changed: the driver re-reads
-//! `guest_cid` (a new CID resets every connection, as the event queue's TRANSPORT_RESET would).
+//! While it runs:
+//! - When [`VsockDevice::config_fd`] fires, the device's configuration changed: the driver reads
+//!   [`VsockDevice::status`] (NEEDS_RESET: recover, below) and re-reads `guest_cid` (a new CID
+//!   resets every connection, as the event queue's TRANSPORT_RESET does).
+//! - Recovery, after NEEDS_RESET or a device that broke the rules: [`VsockDevice::reset`],
+//!   [`VsockDevice::restart`], then steps 1-4 again on the same DMA region and rings. The
+//!   descriptors a backend hands out ([`VsockDevice::call_fd`], [`VsockDevice::config_fd`],
+//!   [`VsockDevice::removal_fd`]) stay the same across a restart: the event loop keeps waiting
+//!   on the ones it was given at bring-up.
+//! - Removal: [`VsockDevice::removal_fd`] fires, or [`VsockDevice::check_present`] fails; the
+//!   driver ends every call and drops the device.
 
 use std::fmt;
 use std::str::FromStr;

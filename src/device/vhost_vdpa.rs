@@ -13,6 +13,9 @@
 //! VDPA_GET_VRING_NUM; v2 IOTLB UPDATE messages written to the fd for the DMA region (between
 //! BATCH_BEGIN / BATCH_END when batching was acked); per queue SET_VRING_NUM / BASE / ADDR (IOVAs) /
 //! KICK / CALL and VDPA_SET_VRING_ENABLE; DRIVER_OK. Teardown: status 0, IOTLB INVALIDATE.
+//! Recovery: status 0, IOTLB INVALIDATE, then the bring-up again (the queues keep their kick and
+//! call eventfds). Removal is not signalled by the kernel (`vdpa dev del` deletes the node, then
+//! waits for the last descriptor to close), so the driver polls [`VsockDevice::check_present`].
 //!
 //! Every system call goes through the small [`VdpaSys`] seam, so the IOTLB message encoding and
 //! the status state machine are unit-tested with a recording double (see the tests below).
@@ -29,7 +32,7 @@ use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 
 use vhost::vhost_kern::vhost_binding as vb;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -342,6 +345,9 @@ pub struct VhostVdpaDevice {
     mapped: Vec<(u64, u64)>,
     /// The config interrupt's eventfd, when VHOST_VDPA_SET_CONFIG_CALL took it.
     config_call: Option<EventFd>,
+    /// The device number of the node we opened (`None` over a test double): while the driver
+    /// runs, the node must still be there and name the same device, or it was removed.
+    rdev: Option<u64>,
 }
 
 fn io_err(op: &'static str) -> impl Fn(io::Error) -> DeviceError {
@@ -359,7 +365,10 @@ impl VhostVdpaDevice {
     pub fn open_raw(path: &str, expected_device_id: u32) -> Result<Self, DeviceError> {
         let sys = KernelVdpa::open(path)
             .map_err(|e| DeviceError::Failed(format!("cannot open {path}: {e}")))?;
-        Self::with_sys(Box::new(sys), path, expected_device_id)
+        let rdev = sys.file.metadata().ok().map(|m| m.rdev());
+        let mut dev = Self::with_sys(Box::new(sys), path, expected_device_id)?;
+        dev.rdev = rdev;
+        Ok(dev)
     }
 
     /// Bring-up over any [`VdpaSys`] (tests use a double).
@@ -429,14 +438,9 @@ impl VhostVdpaDevice {
             queues: (0..num_queues).map(|_| None).collect(),
             mapped: Vec::new(),
             config_call,
+            rdev: None,
         };
-        dev.set_status(0)?;
-        dev.add_status(status::ACKNOWLEDGE)?;
-        dev.add_status(status::DRIVER)?;
-        dev.offered = dev
-            .sys
-            .get_features()
-            .map_err(io_err("VHOST_GET_FEATURES"))?;
+        dev.start()?;
         Ok(dev)
     }
 
@@ -476,6 +480,19 @@ impl VhostVdpaDevice {
             self.fail();
             return Err(e);
         }
+        Ok(())
+    }
+
+    /// From any status to ACKNOWLEDGE | DRIVER with the offered features read: where opening
+    /// leaves the device, and where [`VsockDevice::restart`] brings it back.
+    fn start(&mut self) -> Result<(), DeviceError> {
+        self.set_status(0)?;
+        self.add_status(status::ACKNOWLEDGE)?;
+        self.add_status(status::DRIVER)?;
+        self.offered = self
+            .sys
+            .get_features()
+            .map_err(io_err("VHOST_GET_FEATURES"))?;
         Ok(())
     }
 
@@ -636,8 +653,15 @@ impl VsockDevice for VhostVdpaDevice {
             });
         }
         let q = u32::from(index);
-        let kick = EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?;
-        let call = EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+        // A queue set up again after a restart keeps its eventfds: the driver's event loop
+        // waits on duplicates of the call eventfd it was given at bring-up.
+        let (kick, call) = match self.queues[i].take() {
+            Some(fds) => (fds.kick, fds.call),
+            None => (
+                EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?,
+                EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?,
+            ),
+        };
         let s = &self.sys;
         let wired = (|| {
             s.set_vring_num(q, u32::from(layout.size))
@@ -712,6 +736,42 @@ impl VsockDevice for VhostVdpaDevice {
 
     fn config_fd(&self) -> Option<&EventFd> {
         self.config_call.as_ref()
+    }
+
+    fn status(&self) -> Result<Option<u8>, DeviceError> {
+        self.sys
+            .get_status()
+            .map(Some)
+            .map_err(io_err("VHOST_VDPA_GET_STATUS"))
+    }
+
+    fn restart(&mut self) -> Result<(), DeviceError> {
+        self.start()
+    }
+
+    fn polls_presence(&self) -> bool {
+        self.rdev.is_some()
+    }
+
+    /// `vdpa dev del` removes the node (and then waits for us to close it): gone, or naming
+    /// another device, means removed. Other errors (EACCES on a path we opened) say nothing.
+    fn check_present(&self) -> Result<(), DeviceError> {
+        let Some(rdev) = self.rdev else {
+            return Ok(());
+        };
+        let how = match std::fs::metadata(&self.path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                format!("its node {} is gone", self.path)
+            }
+            Ok(m) if m.rdev() != rdev => {
+                format!("its node {} now names another device", self.path)
+            }
+            _ => return Ok(()),
+        };
+        Err(DeviceError::Removed {
+            device: self.name(),
+            how,
+        })
     }
 
     fn details(&self) -> Vec<(&'static str, String)> {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::{DeviceError, VsockDevice, RX_QUEUE, TX_QUEUE};
+use crate::device::{DeviceError, VsockDevice, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
 use crate::dma::DmaRegion;
 use crate::dma::{IovaBase, HUGE_PAGE_SIZE};
 pub use crate::packet::stream_negotiated;
@@ -30,7 +30,7 @@ use crate::packet::{VIRTIO_VSOCK_F_NO_IMPLIED_STREAM, VIRTIO_VSOCK_F_STREAM};
 use crate::proto::{self, Endpoint};
 use crate::runtime::{
     refill_rx, valid_guest_cid, Core, DeviceRings, DmaStorage, DriverTransport, Ended, EventLoop,
-    LoopFds, RtStorage, RxPool, TxPool, TX_CHUNK, TX_HDR_SLOT,
+    EventQueue, LoopFds, RecoveryPolicy, RtStorage, RxPool, TxPool, TX_CHUNK, TX_HDR_SLOT,
 };
 use crate::virtq::SplitQueue;
 
@@ -48,6 +48,16 @@ pub use socket::{
 
 /// Largest buffer size accepted for RX and TX buffers (header included).
 pub const MAX_BUF_SIZE: u32 = 1 << 20;
+
+/// Event buffers the driver keeps posted on a device's event queue (as Linux does).
+pub const EVENT_BUFFERS: u16 = crate::runtime::EVENT_BUFFERS;
+
+/// Default [`DriverConfig::recovery_limit`].
+pub const DEFAULT_RECOVERY_LIMIT: u32 = crate::runtime::DEFAULT_RECOVERY_LIMIT;
+
+/// How often the driver checks that a device whose removal is not signalled is still there
+/// ([`VsockDevice::polls_presence`]): a removal ends every call within this, plus a round.
+pub const PRESENCE_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Default [`DriverConfig::drain_timeout`].
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
@@ -77,6 +87,11 @@ pub struct DriverConfig {
     /// (written bytes sent, SHUTDOWN answered) before it resets what is left and then the
     /// device. Zero: reset at once.
     pub drain_timeout: Duration,
+    /// How many times within a minute the driver resets the device and brings it up again
+    /// after the device set NEEDS_RESET or broke the rules (every connection then ends with
+    /// `ConnectionReset`; listeners stay). Beyond it, or at 0, a device error is final: every
+    /// call fails with `ConnectionAborted`.
+    pub recovery_limit: u32,
     /// Protocol settings (the local CID is taken from the device).
     pub proto: proto::Config,
 }
@@ -91,6 +106,7 @@ impl Default for DriverConfig {
             tx_pool_size: 0,
             rx_pool_buffers: 0,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            recovery_limit: DEFAULT_RECOVERY_LIMIT,
             proto: proto::Config::default(),
         }
     }
@@ -261,7 +277,8 @@ impl VsockDriver {
             n => n / TX_CHUNK,
         }
         .max(1);
-        let ring_bytes = 2 * (64 * 1024) as usize;
+        // rx, tx and the event queue with its buffers.
+        let ring_bytes = 3 * (64 * 1024) as usize;
         // Everything but the RX pool (the TX pool may need a chunk of alignment padding).
         let fixed = ring_bytes + ring * TX_HDR_SLOT + (tx_chunks + 1) * TX_CHUNK + 64 * 1024;
         let rx_size = config.rx_buf_size as usize;
@@ -290,6 +307,16 @@ impl VsockDriver {
         let mut tx = SplitQueue::new(&dma, size, event_idx)?;
         dev.setup_queue(RX_QUEUE, &rx.layout()).map_err(&e)?;
         dev.setup_queue(TX_QUEUE, &tx.layout()).map_err(&e)?;
+        // The event queue, when the device has one (vhost-vsock has none in its kernel ABI).
+        let mut evq = if dev.num_queues() > EVENT_QUEUE {
+            let mut q = EventQueue::new(&dma, dev.max_queue_size(EVENT_QUEUE), event_idx)
+                .map_err(|err| e(DeviceError::Failed(crate::runtime::error_chain(&err))))?;
+            dev.setup_queue(EVENT_QUEUE, &q.q.layout()).map_err(&e)?;
+            q.post_all()?;
+            Some(q)
+        } else {
+            None
+        };
 
         let storage = DmaStorage {
             tx_pool: TxPool::new(&dma, tx_chunks * TX_CHUNK)?,
@@ -309,23 +336,32 @@ impl VsockDriver {
         if rx.kick_prepare()? {
             dev.kick(RX_QUEUE).map_err(&e)?;
         }
+        if let Some(q) = evq.as_mut() {
+            if q.q.kick_prepare()? {
+                dev.kick(EVENT_QUEUE).map_err(&e)?;
+            }
+        }
 
         let waker = EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?;
-        let signals = vec![
-            dev.call_fd(RX_QUEUE)
-                .map_err(&e)?
-                .try_clone()
-                .map_err(io_err("dup"))?,
-            dev.call_fd(TX_QUEUE)
-                .map_err(&e)?
-                .try_clone()
-                .map_err(io_err("dup"))?,
-        ];
-        let config_irq = match dev.config_fd() {
-            Some(fd) => Some(fd.try_clone().map_err(io_err("dup"))?),
-            None => None,
+        let queues = if evq.is_some() {
+            vec![RX_QUEUE, TX_QUEUE, EVENT_QUEUE]
+        } else {
+            vec![RX_QUEUE, TX_QUEUE]
         };
+        let signals = queues
+            .into_iter()
+            .map(|q| {
+                dev.call_fd(q)
+                    .map_err(&e)?
+                    .try_clone()
+                    .map_err(io_err("dup"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let dup = |fd: Option<&EventFd>| fd.map(EventFd::try_clone).transpose();
+        let config_irq = dup(dev.config_fd()).map_err(io_err("dup"))?;
+        let removal = dup(dev.removal_fd()).map_err(io_err("dup"))?;
+        let presence_check = dev.polls_presence().then_some(PRESENCE_CHECK_INTERVAL);
         let interrupts = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let fds = LoopFds {
             waker: waker.try_clone().map_err(io_err("dup"))?,
@@ -333,6 +369,8 @@ impl VsockDriver {
             signals,
             interrupts: interrupts.clone(),
             config: config_irq,
+            removal,
+            presence_check,
             max_sleep: config.busy_poll.then_some(Duration::from_millis(1)),
         };
         let mut pc = config.proto.clone();
@@ -347,12 +385,17 @@ impl VsockDriver {
             dma,
             rx,
             tx,
+            evq,
             storage,
             rx_posted,
             tx_hdr,
             max_tx_payload,
+            negotiated,
         };
-        let transport = DriverTransport::new(dev, rings, waker, config.busy_poll);
+        let policy = RecoveryPolicy {
+            limit: config.recovery_limit,
+        };
+        let transport = DriverTransport::new(dev, rings, waker, config.busy_poll, policy);
         let core = Core::new(endpoint, Box::new(transport), config.busy_poll)
             .map_err(io_err("readiness descriptor"))?;
         let event_loop = EventLoop::new(fds).map_err(io_err("event loop (epoll)"))?;

@@ -48,6 +48,25 @@ pub(crate) trait Transport: Send {
     ) -> Result<(), TransportError> {
         Ok(())
     }
+    /// The transport failed with `e` (from [`Transport::pump`] or
+    /// [`Transport::config_changed`]): reset the device and bring it up again, ending every
+    /// connection (listeners stay). `Err` when it cannot (the default: `e` itself); the core
+    /// then ends for good.
+    fn recover(
+        &mut self,
+        _ep: &mut RtEndpoint,
+        _now: Instant,
+        e: TransportError,
+    ) -> Result<(), TransportError> {
+        Err(e)
+    }
+    /// Whether the device is still there: `removal_signalled` says its removal eventfd fired.
+    /// An error is final (no recovery): the core ends and [`Transport::release`]s the device.
+    fn check_device(&mut self, _removal_signalled: bool) -> Result<(), TransportError> {
+        Ok(())
+    }
+    /// Let go of a removed device (close its descriptors); called after [`Transport::shutdown`].
+    fn release(&mut self) {}
     /// `true`: ask the device not to notify (its buffers are polled by spinning threads);
     /// `false`: notifications on, so a thread asleep on them is woken. Only busy-poll cores
     /// switch it, when every spinning caller has run out of its spin budget.
@@ -299,8 +318,7 @@ impl Core {
         let moved = match transport.pump(ep, now) {
             Ok(m) => m,
             Err(e) => {
-                st.transport.shutdown();
-                Core::kill_locked(st, e.into());
+                Core::failed_locked(st, now, e);
                 return true;
             }
         };
@@ -354,11 +372,41 @@ impl Core {
         }
         let CoreState { ep, transport, .. } = st;
         if let Err(e) = transport.config_changed(ep, now) {
-            st.transport.shutdown();
-            Core::kill_locked(st, e.into());
+            Core::failed_locked(st, now, e);
             return;
         }
         Core::route_events(st);
+    }
+
+    /// The transport failed with `e`: let it recover (every connection is reset, the device
+    /// comes up again), or, when it cannot, stop it and end the core with why.
+    fn failed_locked(st: &mut CoreState, now: Instant, e: TransportError) {
+        let CoreState { ep, transport, .. } = st;
+        match transport.recover(ep, now, e) {
+            Ok(()) => Core::route_events(st),
+            Err(e) => {
+                st.transport.shutdown();
+                Core::kill_locked(st, e.into());
+            }
+        }
+    }
+
+    /// Ask the transport whether its device is still there (`removal_signalled`: its removal
+    /// eventfd fired). When it is gone, every blocked and future call fails with why and the
+    /// device is let go of. Returns whether the core is still alive.
+    pub(crate) fn check_device_locked(st: &mut CoreState, removal_signalled: bool) -> bool {
+        if st.dead.is_some() {
+            return false;
+        }
+        match st.transport.check_device(removal_signalled) {
+            Ok(()) => true,
+            Err(e) => {
+                st.transport.shutdown();
+                st.transport.release();
+                Core::kill_locked(st, e.into());
+                false
+            }
+        }
     }
 
     /// Drain the endpoint's events to the waiters.

@@ -79,6 +79,32 @@ pub(crate) enum TransportError {
         /// The CID the device's config now says.
         new: u64,
     },
+    /// The device set NEEDS_RESET in its status (virtio 1.2 section 2.1.2).
+    #[error("{device}: the device needs a reset (status {})", crate::device::status_names(*status))]
+    NeedsReset {
+        /// The device's name.
+        device: String,
+        /// The status byte read.
+        status: u8,
+    },
+    /// Bringing the device up again after `cause` failed.
+    #[error("{device}: bringing the device up again after \"{cause}\" failed")]
+    Recovery {
+        /// The device's name.
+        device: String,
+        /// What made the driver reset it.
+        cause: Box<TransportError>,
+        /// What the device layer said while bringing it up.
+        #[source]
+        source: DeviceError,
+    },
+    /// The device went away (see [`DeviceError::Removed`]).
+    #[error("device removed")]
+    Removed {
+        /// How it went.
+        #[source]
+        source: DeviceError,
+    },
     /// The event loop could not wait on its eventfds.
     #[error("event loop: {op} failed")]
     EventLoop {

@@ -31,6 +31,11 @@ pub(crate) struct LoopFds {
     pub(crate) interrupts: Arc<AtomicU64>,
     /// The device's config interrupt: read here, then the transport's `config_changed` runs.
     pub(crate) config: Option<EventFd>,
+    /// Signalled when the device is being taken away: the transport's `check_device` runs.
+    pub(crate) removal: Option<EventFd>,
+    /// How often to ask the transport's `check_device` whether the device is still there
+    /// (backends whose removal is not signalled).
+    pub(crate) presence_check: Option<Duration>,
     /// Longest sleep (busy-poll mode: 1 ms).
     pub(crate) max_sleep: Option<Duration>,
 }
@@ -103,6 +108,7 @@ impl LoopFds {
             .chain(std::iter::once(&self.waker))
             .chain(self.signals.iter())
             .chain(self.config.iter())
+            .chain(self.removal.iter())
             .collect()
     }
 }
@@ -112,9 +118,15 @@ impl LoopFds {
 fn run_loop(core: Arc<Core>, el: EventLoop, ready: SyncSender<()>) {
     let EventLoop { epoll, fds } = el;
     let all = fds.all();
-    // Its index in `all`, when present (it is last).
-    let config_index = fds.config.as_ref().map(|_| all.len() - 1);
+    // Their indexes in `all`, when present (after the signals).
+    let config_index = fds.config.as_ref().map(|_| 2 + fds.signals.len());
+    let removal_index = fds
+        .removal
+        .as_ref()
+        .map(|_| 2 + fds.signals.len() + usize::from(fds.config.is_some()));
     let mut config_pending = false;
+    let mut removal_pending = false;
+    let mut next_presence_check = fds.presence_check.map(|d| Instant::now() + d);
     let mut events = vec![EpollEvent::default(); all.len()];
     // The spawner waits for this; it may already have given up (an error path): no matter.
     let _ = ready.send(());
@@ -132,6 +144,13 @@ fn run_loop(core: Arc<Core>, el: EventLoop, ready: SyncSender<()>) {
         let (timeout, more) = {
             let mut st = core.lock();
             let now = Instant::now();
+            let check_due = next_presence_check.is_some_and(|t| t <= now);
+            if check_due || removal_pending {
+                if !Core::check_device_locked(&mut st, std::mem::take(&mut removal_pending)) {
+                    return;
+                }
+                next_presence_check = fds.presence_check.map(|d| now + d);
+            }
             if std::mem::take(&mut config_pending) {
                 Core::config_changed_locked(&mut st, now);
             }
@@ -183,6 +202,10 @@ fn run_loop(core: Arc<Core>, el: EventLoop, ready: SyncSender<()>) {
         if let Some(max) = fds.max_sleep.filter(|_| !asleep) {
             sleep = Some(sleep.map_or(max, |s| s.min(max)));
         }
+        if let Some(t) = next_presence_check {
+            let until = t.saturating_duration_since(now);
+            sleep = Some(sleep.map_or(until, |s| s.min(until)));
+        }
         let ms = if more {
             // Only look for the stop signal; the work left over is ours to finish.
             0
@@ -214,6 +237,7 @@ fn run_loop(core: Arc<Core>, el: EventLoop, ready: SyncSender<()>) {
                         fds.interrupts.fetch_add(1, Ordering::Relaxed);
                     }
                     config_pending |= Some(i) == config_index;
+                    removal_pending |= Some(i) == removal_index;
                 }
                 Err(_) => {}
             }

@@ -50,5 +50,6 @@ pub(crate) use self::readiness::UserFd;
 pub use self::stats::DriverStats;
 pub(crate) use self::storage::{DmaStorage, RtStorage, RxPool, TxPool, TX_CHUNK};
 pub(crate) use self::transport::{
-    refill_rx, valid_guest_cid, DeviceRings, DriverTransport, TX_HDR_SLOT,
+    refill_rx, valid_guest_cid, DeviceRings, DriverTransport, EventQueue, RecoveryPolicy,
+    DEFAULT_RECOVERY_LIMIT, EVENT_BUFFERS, TX_HDR_SLOT,
 };

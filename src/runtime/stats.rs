@@ -34,4 +34,10 @@ pub struct DriverStats {
     pub tx_chunks: u64,
     /// TX chunks holding payload (queued, or on the ring).
     pub tx_chunks_in_use: u64,
+    /// TRANSPORT_RESET events from the event queue.
+    pub transport_resets: u64,
+    /// Events dropped: shorter than an event, or of an unknown id.
+    pub bad_events: u64,
+    /// Times the device was reset and brought up again (after NEEDS_RESET or a device error).
+    pub recoveries: u64,
 }

@@ -1147,6 +1147,16 @@ impl Storage for RtStorage {
     }
 }
 
+/// Read 4 little-endian bytes at `addr` of our own DMA memory (an event buffer).
+pub(crate) fn read_le32(mem: &GuestMemoryMmap<()>, addr: GuestAddress) -> Result<u32, CopyError> {
+    let mut b = [0u8; 4];
+    mem.read_slice(&mut b, addr).map_err(|_| CopyError {
+        addr: addr.0,
+        len: b.len(),
+    })?;
+    Ok(u32::from_le_bytes(b))
+}
+
 /// Write `bytes` (a header) into DMA memory at `addr`.
 pub(crate) fn write_header(
     mem: &GuestMemoryMmap<()>,

@@ -7,13 +7,22 @@
 //!    copy, bounded by the used length the device reported) and hands its payload, where it
 //!    lies, to the protocol core: kept, the buffer joins its connection's receive queue;
 //!    dropped, it goes straight back to the pool. The ring is then refilled from the pool;
-//! 3. fires due timers;
-//! 4. asks the protocol core for packets: each is a header in this token's header slot plus,
+//! 3. takes the event queue's events (queue 2, when the device has one): a TRANSPORT_RESET
+//!    re-reads `guest_cid` and resets every connection, as Linux's `virtio_vsock_event_handle`
+//!    does (listeners stay); the buffer is posted again;
+//! 4. fires due timers;
+//! 5. asks the protocol core for packets: each is a header in this token's header slot plus,
 //!    for RW, one descriptor over the payload's chunk (no copy), and the device is kicked once
 //!    for the batch if it wants a notification.
+//!
+//! When the device breaks the rules or says NEEDS_RESET, [`Transport::recover`] resets it and
+//! brings it up again on the same DMA region (features, rings, CID): every connection ends with
+//! `ConnectionReset`, listeners stay, and the driver goes on. A device that was removed is not
+//! brought back: [`Transport::check_device`] reports it and [`Transport::release`] drops it so
+//! that the kernel can finish the removal.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
@@ -21,14 +30,87 @@ use vmm_sys_util::eventfd::EventFd;
 use super::core::{RtEndpoint, Transport};
 use super::error::TransportError;
 use super::stats::DriverStats;
-use super::storage::{write_header, DmaStorage, RxBufHandle, TxSeg};
-use crate::device::{VsockDevice, RX_QUEUE, TX_QUEUE};
-use crate::dma::DmaRegion;
+use super::storage::{read_le32, write_header, DmaStorage, RxBufHandle, TxSeg};
+use crate::device::{status, DeviceError, VsockDevice, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
+use crate::dma::{DmaError, DmaRegion};
 use crate::packet::{VsockPacket, PKT_HEADER_LEN, PKT_HEADER_SIZE};
 use crate::virtq::{BufferDesc, QueueError, SplitQueue, UsedElem};
 
 /// Bytes per TX header slot (a header is 44; slots stay cache-line aligned).
 pub(crate) const TX_HDR_SLOT: usize = 64;
+
+/// Event buffers kept posted on the event queue (Linux's `virtio_vsock` keeps 8, its
+/// `event_list`).
+pub(crate) const EVENT_BUFFERS: u16 = 8;
+
+/// Bytes of one event (`struct virtio_vsock_event { le32 id; }`, virtio 1.2 section 5.10.6.4).
+const EVENT_LEN: u32 = 4;
+
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`.
+const EVENT_TRANSPORT_RESET: u32 = 0;
+
+/// How many recoveries [`DriverTransport`] makes within [`RECOVERY_WINDOW`] before it gives up
+/// on a device that keeps failing, unless the driver config says otherwise.
+pub(crate) const DEFAULT_RECOVERY_LIMIT: u32 = 3;
+
+/// The window [`DriverConfig::recovery_limit`](crate::driver::DriverConfig) counts in.
+pub(crate) const RECOVERY_WINDOW: Duration = Duration::from_secs(60);
+
+/// The event queue (queue 2) and the buffers the device writes events into, by token.
+pub(crate) struct EventQueue {
+    pub(crate) q: SplitQueue,
+    pub(crate) bufs: Vec<GuestAddress>,
+}
+
+impl EventQueue {
+    /// A queue of [`EVENT_BUFFERS`] (at most `max`) with one 4-byte buffer per descriptor, in
+    /// `dma`; nothing is posted yet.
+    pub(crate) fn new(dma: &DmaRegion, max: u16, event_idx: bool) -> Result<Self, EventQueueError> {
+        let size = EVENT_BUFFERS.min(max);
+        // A power of two no larger than `max` (a device's maximum need not be one).
+        let size = if size == 0 { 0 } else { 1 << size.ilog2() };
+        if size == 0 {
+            return Err(EventQueueError::NoRoom { max });
+        }
+        let q = SplitQueue::new(dma, size, event_idx)?;
+        let bufs = (0..size)
+            .map(|_| dma.alloc(EVENT_LEN as usize, 8))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(EventQueue { q, bufs })
+    }
+
+    /// Post every buffer that is not on the ring (after bring-up or a reset: all of them).
+    pub(crate) fn post_all(&mut self) -> Result<(), QueueError> {
+        for (token, &addr) in self.bufs.iter().enumerate() {
+            self.q.add(
+                &[BufferDesc {
+                    addr,
+                    len: EVENT_LEN,
+                    writable: true,
+                }],
+                token as u64,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Why the event queue could not be made.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum EventQueueError {
+    /// The device takes no descriptor on it.
+    #[error("the device's event queue takes {max} descriptors")]
+    NoRoom {
+        /// The device's maximum.
+        max: u16,
+    },
+    /// The ring could not be made.
+    #[error("event queue")]
+    Queue(#[from] QueueError),
+    /// The buffers could not be placed.
+    #[error("event buffers")]
+    Dma(#[from] DmaError),
+}
 
 /// The rings and buffers of one device, as the driver's transport.
 pub(crate) struct DriverTransport {
@@ -36,6 +118,8 @@ pub(crate) struct DriverTransport {
     pub(crate) dma: Arc<DmaRegion>,
     pub(crate) rx: SplitQueue,
     pub(crate) tx: SplitQueue,
+    /// The event queue, when the device has one.
+    pub(crate) evq: Option<EventQueue>,
     pub(crate) storage: DmaStorage,
     /// RX buffers on the ring, by pool index (the token).
     pub(crate) rx_posted: Vec<Option<RxBufHandle>>,
@@ -51,6 +135,12 @@ pub(crate) struct DriverTransport {
     /// The device is asked not to interrupt (busy-poll, while someone spins).
     pub(crate) polling: bool,
     pub(crate) stats: DriverStats,
+    /// The features negotiated at bring-up: a recovery must get the same ones.
+    pub(crate) negotiated: u64,
+    /// Recoveries allowed within [`RECOVERY_WINDOW`] (0: a device error is final).
+    pub(crate) recovery_limit: u32,
+    /// When the recent recoveries happened (those within [`RECOVERY_WINDOW`]).
+    pub(crate) recoveries: Vec<Instant>,
 }
 
 /// What bring-up hands the transport: the device's rings, the storage behind them and the RX
@@ -62,6 +152,8 @@ pub(crate) struct DeviceRings {
     pub(crate) rx: SplitQueue,
     /// The transmit queue, empty.
     pub(crate) tx: SplitQueue,
+    /// The event queue, its buffers posted (when the device has one).
+    pub(crate) evq: Option<EventQueue>,
     /// The pools (shared with the endpoint's storage).
     pub(crate) storage: DmaStorage,
     /// The RX buffers on the ring, by pool index.
@@ -70,6 +162,15 @@ pub(crate) struct DeviceRings {
     pub(crate) tx_hdr: Vec<GuestAddress>,
     /// Largest RW payload of one TX packet.
     pub(crate) max_tx_payload: usize,
+    /// The features negotiated.
+    pub(crate) negotiated: u64,
+}
+
+/// How the driver wants failures handled.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RecoveryPolicy {
+    /// Recoveries allowed within [`RECOVERY_WINDOW`].
+    pub(crate) limit: u32,
 }
 
 /// Post free buffers of `storage`'s RX pool on `rx` until the ring or the pool is empty,
@@ -106,15 +207,18 @@ impl DriverTransport {
         rings: DeviceRings,
         waker: EventFd,
         busy_poll: bool,
+        policy: RecoveryPolicy,
     ) -> Self {
         let DeviceRings {
             dma,
             rx,
             tx,
+            evq,
             storage,
             rx_posted,
             tx_hdr,
             max_tx_payload,
+            negotiated,
         } = rings;
         let slots = tx_hdr.len();
         DriverTransport {
@@ -123,6 +227,7 @@ impl DriverTransport {
             rx_batch: Vec::with_capacity(usize::from(rx.size())),
             rx,
             tx,
+            evq,
             storage,
             rx_posted,
             tx_inflight: (0..slots).map(|_| None).collect(),
@@ -132,6 +237,9 @@ impl DriverTransport {
             waker,
             polling: busy_poll,
             stats: DriverStats::default(),
+            negotiated,
+            recovery_limit: policy.limit,
+            recoveries: Vec::new(),
         }
     }
 
@@ -311,6 +419,222 @@ impl DriverTransport {
     }
 }
 
+impl DriverTransport {
+    /// Take the event queue's events and post their buffers again. Returns whether any came.
+    fn events(&mut self, ep: &mut RtEndpoint, now: Instant) -> Result<bool, TransportError> {
+        let Some(evq) = self.evq.as_mut() else {
+            return Ok(false);
+        };
+        let mem = self.dma.memory();
+        let mut moved = false;
+        let mut reset = false;
+        while let Some(u) = evq
+            .q
+            .pop_used()
+            .map_err(queue_err("event", "reaping used buffers"))?
+        {
+            moved = true;
+            let count = evq.bufs.len();
+            let slot = usize::try_from(u.token).ok().filter(|&i| i < count).ok_or(
+                TransportError::UnknownToken {
+                    queue: "event",
+                    token: u.token,
+                    count,
+                },
+            )?;
+            let addr = evq.bufs[slot];
+            if u.len < EVENT_LEN {
+                // Linux drops an event shorter than the struct; so do we (the buffer goes back).
+                log::warn!(
+                    "{}: dropping an event of {} bytes (expected {EVENT_LEN})",
+                    self.dev.name(),
+                    u.len
+                );
+                self.stats.bad_events += 1;
+            } else {
+                match read_le32(mem, addr)? {
+                    EVENT_TRANSPORT_RESET => reset = true,
+                    other => {
+                        log::warn!("{}: ignoring unknown event id {other}", self.dev.name());
+                        self.stats.bad_events += 1;
+                    }
+                }
+            }
+            evq.q
+                .add(
+                    &[BufferDesc {
+                        addr,
+                        len: EVENT_LEN,
+                        writable: true,
+                    }],
+                    u.token,
+                )
+                .map_err(queue_err("event", "posting a buffer"))?;
+        }
+        if moved
+            && evq
+                .q
+                .kick_prepare()
+                .map_err(queue_err("event", "preparing a notification"))?
+        {
+            self.dev
+                .kick(EVENT_QUEUE)
+                .map_err(|source| TransportError::Kick {
+                    queue: "event",
+                    source,
+                })?;
+            self.stats.kicks += 1;
+        }
+        if reset {
+            self.stats.transport_resets += 1;
+            let cid = self.read_cid(ep)?;
+            log::warn!(
+                "{}: TRANSPORT_RESET (guest_cid {cid}): every connection is reset",
+                self.dev.name()
+            );
+            ep.handle_transport_reset(now, Some(cid));
+        }
+        Ok(moved)
+    }
+
+    /// The device's `guest_cid`, checked.
+    fn read_cid(&self, ep: &RtEndpoint) -> Result<u64, TransportError> {
+        let name = self.dev.name();
+        let cid = self
+            .dev
+            .guest_cid()
+            .map_err(|source| TransportError::ConfigRead {
+                device: name.clone(),
+                source,
+            })?;
+        if !valid_guest_cid(cid) {
+            return Err(TransportError::InvalidGuestCid {
+                device: name,
+                old: ep.local_cid(),
+                new: cid,
+            });
+        }
+        Ok(cid)
+    }
+
+    /// Take every buffer back from a device that was reset: nothing is in flight afterwards.
+    fn reclaim(&mut self) {
+        self.rx.reset();
+        self.tx.reset();
+        if let Some(evq) = self.evq.as_mut() {
+            evq.q.reset();
+        }
+        self.rx_posted.iter_mut().for_each(|b| *b = None);
+        self.tx_inflight.iter_mut().for_each(|s| *s = None);
+        self.tx_free = (0..self.tx_hdr.len()).rev().collect();
+    }
+
+    /// Reset the device and bring it up again on the same memory and rings: features (the same
+    /// as before), DMA mapping, queues, DRIVER_OK, then `guest_cid`.
+    fn reinit(&mut self) -> Result<u64, DeviceError> {
+        self.dev.reset()?;
+        self.reclaim();
+        self.dev.restart()?;
+        let offered = self.dev.offered_features();
+        let got = self
+            .dev
+            .negotiate(crate::driver::wanted_features(offered))?;
+        if got != self.negotiated {
+            return Err(DeviceError::Failed(format!(
+                "after a reset the device negotiated features {got:#x}, not {:#x} as before",
+                self.negotiated
+            )));
+        }
+        self.dev.map_dma(&self.dma)?;
+        self.dev.setup_queue(RX_QUEUE, &self.rx.layout())?;
+        self.dev.setup_queue(TX_QUEUE, &self.tx.layout())?;
+        let queue = |e: QueueError| DeviceError::Failed(format!("rings after a reset: {e}"));
+        if let Some(evq) = self.evq.as_mut() {
+            self.dev.setup_queue(EVENT_QUEUE, &evq.q.layout())?;
+            evq.post_all().map_err(queue)?;
+        }
+        refill_rx(&mut self.rx, &self.storage, &mut self.rx_posted).map_err(queue)?;
+        if self.polling {
+            self.rx.disable_cb();
+            self.tx.disable_cb();
+        }
+        self.dev.activate()?;
+        if self.rx.kick_prepare().map_err(queue)? {
+            self.dev.kick(RX_QUEUE)?;
+        }
+        if let Some(evq) = self.evq.as_mut() {
+            if evq.q.kick_prepare().map_err(queue)? {
+                self.dev.kick(EVENT_QUEUE)?;
+            }
+        }
+        self.dev.guest_cid()
+    }
+}
+
+/// What stands in for a device the driver let go of after it was removed: every call fails.
+#[derive(Debug)]
+struct ReleasedDevice {
+    name: String,
+}
+
+impl ReleasedDevice {
+    fn gone(&self) -> DeviceError {
+        DeviceError::Removed {
+            device: self.name.clone(),
+            how: "the driver let go of it after its removal".into(),
+        }
+    }
+}
+
+impl VsockDevice for ReleasedDevice {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn offered_features(&self) -> u64 {
+        0
+    }
+    fn negotiate(&mut self, _features: u64) -> Result<u64, DeviceError> {
+        Err(self.gone())
+    }
+    fn guest_cid(&self) -> Result<u64, DeviceError> {
+        Err(self.gone())
+    }
+    fn num_queues(&self) -> u16 {
+        0
+    }
+    fn max_queue_size(&self, _index: u16) -> u16 {
+        0
+    }
+    fn dma_options(&self) -> crate::dma::DmaOptions {
+        crate::dma::DmaOptions::default()
+    }
+    fn map_dma(&mut self, _dma: &DmaRegion) -> Result<(), DeviceError> {
+        Err(self.gone())
+    }
+    fn setup_queue(
+        &mut self,
+        _index: u16,
+        _layout: &crate::virtq::QueueLayout,
+    ) -> Result<(), DeviceError> {
+        Err(self.gone())
+    }
+    fn activate(&mut self) -> Result<(), DeviceError> {
+        Err(self.gone())
+    }
+    fn kick(&self, _index: u16) -> Result<(), DeviceError> {
+        Err(self.gone())
+    }
+    fn call_fd(&self, _index: u16) -> Result<&EventFd, DeviceError> {
+        Err(self.gone())
+    }
+    fn reset(&mut self) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    fn check_present(&self) -> Result<(), DeviceError> {
+        Err(self.gone())
+    }
+}
+
 /// Whether `cid` may be a guest's CID: 0, 1 and 2 are the hypervisor, local and host, and
 /// `u32::MAX` is `VMADDR_CID_ANY`; the upper 32 bits are reserved (virtio 1.2 section 5.10.4).
 pub(crate) fn valid_guest_cid(cid: u64) -> bool {
@@ -326,6 +650,7 @@ impl Transport for DriverTransport {
     fn pump(&mut self, ep: &mut RtEndpoint, now: Instant) -> Result<bool, TransportError> {
         let mut moved = self.reap_tx(ep)?;
         moved |= self.receive(ep, now)?;
+        moved |= self.events(ep, now)?;
         if ep.poll_timeout().is_some_and(|t| t <= now) {
             ep.handle_timeout(now);
         }
@@ -342,6 +667,13 @@ impl Transport for DriverTransport {
                 .map_err(queue_err("tx", "re-arming interrupts"))?;
             moved |= !(rx_quiet && tx_quiet);
         }
+        if let Some(evq) = self.evq.as_mut() {
+            // The event queue always interrupts (busy-poll spins on rx and tx only).
+            moved |= !evq
+                .q
+                .enable_cb()
+                .map_err(queue_err("event", "re-arming interrupts"))?;
+        }
         Ok(moved)
     }
 
@@ -351,6 +683,19 @@ impl Transport for DriverTransport {
 
     fn config_changed(&mut self, ep: &mut RtEndpoint, now: Instant) -> Result<(), TransportError> {
         let name = self.dev.name();
+        let device_status = self
+            .dev
+            .status()
+            .map_err(|source| TransportError::ConfigRead {
+                device: name.clone(),
+                source,
+            })?;
+        if let Some(s) = device_status.filter(|s| s & status::NEEDS_RESET != 0) {
+            return Err(TransportError::NeedsReset {
+                device: name,
+                status: s,
+            });
+        }
         let cid = self
             .dev
             .guest_cid()
@@ -381,11 +726,79 @@ impl Transport for DriverTransport {
         }
         // The device no longer owns any buffer: reclaim them (nothing is in flight now), and
         // give their memory back to the pools.
-        self.rx.reset();
-        self.tx.reset();
-        self.rx_posted.iter_mut().for_each(|b| *b = None);
-        self.tx_inflight.iter_mut().for_each(|s| *s = None);
-        self.tx_free = (0..self.tx_hdr.len()).rev().collect();
+        self.reclaim();
+    }
+
+    fn recover(
+        &mut self,
+        ep: &mut RtEndpoint,
+        now: Instant,
+        e: TransportError,
+    ) -> Result<(), TransportError> {
+        if matches!(e, TransportError::Removed { .. }) || self.recovery_limit == 0 {
+            return Err(e);
+        }
+        self.recoveries
+            .retain(|&t| now.saturating_duration_since(t) < RECOVERY_WINDOW);
+        if self.recoveries.len() >= self.recovery_limit as usize {
+            log::error!(
+                "{}: {} recoveries within {RECOVERY_WINDOW:?}: giving up",
+                self.dev.name(),
+                self.recoveries.len()
+            );
+            return Err(e);
+        }
+        let name = self.dev.name();
+        log::warn!(
+            "{name}: {}: resetting the device and bringing it up again",
+            super::error::error_chain(&e)
+        );
+        // Every connection ends first: their queues hold TX memory the rings are about to forget.
+        ep.handle_transport_reset(now, None);
+        let cid = match self.reinit() {
+            Ok(cid) => cid,
+            Err(source) => {
+                return Err(TransportError::Recovery {
+                    device: name,
+                    cause: Box::new(e),
+                    source,
+                })
+            }
+        };
+        if !valid_guest_cid(cid) {
+            return Err(TransportError::InvalidGuestCid {
+                device: name,
+                old: ep.local_cid(),
+                new: cid,
+            });
+        }
+        ep.handle_transport_reset(now, Some(cid));
+        self.recoveries.push(now);
+        self.stats.recoveries += 1;
+        log::warn!("{name}: up again, guest_cid {cid}");
+        Ok(())
+    }
+
+    fn check_device(&mut self, removal_signalled: bool) -> Result<(), TransportError> {
+        let name = self.dev.name();
+        if removal_signalled {
+            return Err(TransportError::Removed {
+                source: DeviceError::Removed {
+                    device: name,
+                    how: "the kernel asked for it back (unbind or unplug)".into(),
+                },
+            });
+        }
+        self.dev
+            .check_present()
+            .map_err(|source| TransportError::Removed { source })
+    }
+
+    fn release(&mut self) {
+        let name = self.dev.name();
+        // Dropping the device closes its descriptors: a `vdpa dev del` or a VFIO unbind waiting
+        // for them can finish.
+        self.dev = Box::new(ReleasedDevice { name });
     }
 
     fn set_polling(&mut self, polling: bool) {

@@ -4,6 +4,7 @@
 //! setup, kicks, the config interrupt) and the device thread, which runs the host side's core
 //! over the rings.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -15,7 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::host::SimHost;
 use super::rings::SimRings;
 use super::{lock, SimConfig};
-use crate::device::{DeviceError, VsockDevice, RX_QUEUE, TX_QUEUE};
+use crate::device::{status, DeviceError, VsockDevice, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
 use crate::dma::{DmaOptions, DmaRegion, IovaBase};
 use crate::packet::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_VSOCK_F_NO_IMPLIED_STREAM,
@@ -28,12 +29,17 @@ use crate::virtq::QueueLayout;
 pub struct SimDevice {
     cfg: SimConfig,
     negotiated: u64,
-    layouts: [Option<QueueLayout>; 2],
+    layouts: [Option<QueueLayout>; 3],
     mem: Option<GuestMemoryMmap<()>>,
-    kick: [EventFd; 2],
-    call: [EventFd; 2],
+    kick: [EventFd; 3],
+    call: [EventFd; 3],
     /// The config interrupt ([`SimHost::set_guest_cid`] signals it).
     config: EventFd,
+    /// The removal eventfd ([`SimHost::unplug`] signals it).
+    removal: EventFd,
+    /// Status bits set by the driver (ACKNOWLEDGE .. DRIVER_OK; NEEDS_RESET comes from the
+    /// host).
+    status: u8,
     rings: Arc<Mutex<Option<SimRings>>>,
     host: SimHost,
     waker: EventFd,
@@ -61,27 +67,43 @@ fn dup_eventfd(e: &EventFd) -> EventFd {
     e.try_clone().unwrap_or_else(|e| panic!("dup eventfd: {e}"))
 }
 
+/// The status a device has once the driver noticed it and knows how to drive it.
+const ACKNOWLEDGE_DRIVER: u8 = status::ACKNOWLEDGE | status::DRIVER;
+
 impl SimDevice {
+    /// 3 queues (rx, tx, event), or 2 without the event queue.
+    fn queue_count(&self) -> u16 {
+        if self.cfg.event_queue {
+            3
+        } else {
+            2
+        }
+    }
+
     /// A new simulated device (not started: the driver brings it up through [`VsockDevice`]).
     pub fn new(cfg: SimConfig) -> Self {
         let rings = Arc::new(Mutex::new(None));
         let waker = eventfd();
         let config = eventfd();
+        let removal = eventfd();
         let host = SimHost::start(
             &cfg,
             rings.clone(),
             dup_eventfd(&waker),
             dup_eventfd(&config),
+            dup_eventfd(&removal),
         );
         SimDevice {
             host,
             config,
+            removal,
+            status: ACKNOWLEDGE_DRIVER,
             cfg,
             negotiated: 0,
-            layouts: [None, None],
+            layouts: [None, None, None],
             mem: None,
-            kick: [eventfd(), eventfd()],
-            call: [eventfd(), eventfd()],
+            kick: [eventfd(), eventfd(), eventfd()],
+            call: [eventfd(), eventfd(), eventfd()],
             rings,
             waker,
             stop: None,
@@ -142,6 +164,7 @@ impl VsockDevice for SimDevice {
             )));
         }
         self.negotiated = features;
+        self.status |= status::FEATURES_OK;
         Ok(features)
     }
 
@@ -150,7 +173,7 @@ impl VsockDevice for SimDevice {
     }
 
     fn num_queues(&self) -> u16 {
-        2
+        self.queue_count()
     }
 
     fn max_queue_size(&self, _index: u16) -> u16 {
@@ -185,7 +208,7 @@ impl VsockDevice for SimDevice {
 
     fn setup_queue(&mut self, index: u16, layout: &QueueLayout) -> Result<(), DeviceError> {
         match index {
-            RX_QUEUE | TX_QUEUE => {
+            RX_QUEUE | TX_QUEUE | EVENT_QUEUE if index < self.queue_count() => {
                 let max = self.cfg.queue_max;
                 if layout.size == 0 || !layout.size.is_power_of_two() || layout.size > max {
                     return Err(DeviceError::BadQueueSize {
@@ -196,7 +219,10 @@ impl VsockDevice for SimDevice {
                 self.layouts[usize::from(index)] = Some(*layout);
                 Ok(())
             }
-            _ => Err(DeviceError::NoSuchQueue { index, count: 2 }),
+            _ => Err(DeviceError::NoSuchQueue {
+                index,
+                count: self.queue_count(),
+            }),
         }
     }
 
@@ -212,6 +238,13 @@ impl VsockDevice for SimDevice {
         };
         let mut rx = self.make_queue(RX_QUEUE, &rxl)?;
         let mut tx = self.make_queue(TX_QUEUE, &txl)?;
+        let evq = match self.layouts[2] {
+            Some(l) => Some((
+                self.make_queue(EVENT_QUEUE, &l)?,
+                dup_eventfd(&self.call[2]),
+            )),
+            None => None,
+        };
         if self.cfg.busy_poll {
             // We spin on the avail rings: ask the driver not to kick.
             let _ = rx.disable_notification(&mem);
@@ -219,7 +252,9 @@ impl VsockDevice for SimDevice {
         }
         let dup = |e: &EventFd| e.try_clone().map_err(|e| DeviceError::io("dup eventfd", e));
         let call = [dup(&self.call[0])?, dup(&self.call[1])?];
-        *lock(&self.rings) = Some(SimRings::new(mem, rx, tx, call, self.cfg.hostile));
+        // The hostile mode misbehaves once per device: a driver that recovers finds a sound one.
+        let hostile = self.cfg.hostile.take();
+        *lock(&self.rings) = Some(SimRings::new(mem, rx, tx, evq, call, hostile));
         let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| DeviceError::io("eventfd", e))?;
         let fds = LoopFds {
             waker: dup(&self.waker)?,
@@ -227,6 +262,8 @@ impl VsockDevice for SimDevice {
             signals: vec![dup(&self.kick[0])?, dup(&self.kick[1])?],
             interrupts: Arc::default(),
             config: None,
+            removal: None,
+            presence_check: None,
             max_sleep: Some(if self.cfg.busy_poll {
                 Duration::ZERO
             } else {
@@ -241,6 +278,7 @@ impl VsockDevice for SimDevice {
                 .map_err(|e| DeviceError::io("spawn sim thread", e))?,
         );
         self.stop = Some(stop);
+        self.status |= status::DRIVER_OK;
         Ok(())
     }
 
@@ -248,18 +286,47 @@ impl VsockDevice for SimDevice {
         let fd = self
             .kick
             .get(usize::from(index))
-            .ok_or(DeviceError::NoSuchQueue { index, count: 2 })?;
+            .filter(|_| index < self.queue_count())
+            .ok_or(DeviceError::NoSuchQueue {
+                index,
+                count: self.queue_count(),
+            })?;
         fd.write(1).map_err(|e| DeviceError::io("kick", e))
     }
 
     fn call_fd(&self, index: u16) -> Result<&EventFd, DeviceError> {
         self.call
             .get(usize::from(index))
-            .ok_or(DeviceError::NoSuchQueue { index, count: 2 })
+            .filter(|_| index < self.queue_count())
+            .ok_or(DeviceError::NoSuchQueue {
+                index,
+                count: self.queue_count(),
+            })
     }
 
     fn config_fd(&self) -> Option<&EventFd> {
         Some(&self.config)
+    }
+
+    fn status(&self) -> Result<Option<u8>, DeviceError> {
+        let needs = if self.host.needs_reset.load(Ordering::Acquire) {
+            status::NEEDS_RESET
+        } else {
+            0
+        };
+        Ok(Some(self.status | needs))
+    }
+
+    fn restart(&mut self) -> Result<(), DeviceError> {
+        if self.thread.is_some() {
+            return Err(DeviceError::NotReady("restart before reset"));
+        }
+        self.status = ACKNOWLEDGE_DRIVER;
+        Ok(())
+    }
+
+    fn removal_fd(&self) -> Option<&EventFd> {
+        Some(&self.removal)
     }
 
     fn reset(&mut self) -> Result<(), DeviceError> {
@@ -270,6 +337,10 @@ impl VsockDevice for SimDevice {
             let _ = t.join();
         }
         *lock(&self.rings) = None;
+        self.status = 0;
+        self.negotiated = 0;
+        self.layouts = [None, None, None];
+        self.host.needs_reset.store(false, Ordering::Release);
         // Every host-side connection ends, as a guest's would on a transport reset.
         let mut st = self.host.core.lock();
         st.ep.handle_transport_reset(Instant::now(), None);

@@ -5,7 +5,7 @@
 //! programs and tests use to reach it.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -277,7 +277,7 @@ impl Transport for SimTransport {
 }
 
 /// The host side (CID 2) of a simulated device: listen, accept, connect, counters.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SimHost {
     /// The host endpoint and its transport (the device thread pumps it).
     pub(super) core: Arc<Core>,
@@ -285,6 +285,22 @@ pub struct SimHost {
     guest_cid: Arc<AtomicU64>,
     /// The device's config interrupt (a dup of the driver's [`VsockDevice::config_fd`]).
     config: Arc<EventFd>,
+    /// The device half of the rings (also the transport's).
+    rings: Arc<Mutex<Option<SimRings>>>,
+    /// Set by [`SimHost::set_needs_reset`], cleared by the device's reset.
+    pub(super) needs_reset: Arc<AtomicBool>,
+    /// The device's removal eventfd (a dup of its [`VsockDevice::removal_fd`]).
+    removal: Arc<EventFd>,
+}
+
+impl std::fmt::Debug for SimHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimHost")
+            .field("core", &self.core)
+            .field("guest_cid", &self.guest_cid())
+            .field("needs_reset", &self.needs_reset)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The built-in services' listen backlog (see [`SimHost::start`]).
@@ -299,6 +315,7 @@ impl SimHost {
         rings: Arc<Mutex<Option<SimRings>>>,
         waker: EventFd,
         config: EventFd,
+        removal: EventFd,
     ) -> SimHost {
         let mut host_cfg = cfg.host.clone();
         host_cfg.local_cid = VMADDR_CID_HOST;
@@ -328,7 +345,7 @@ impl SimHost {
         let stats = Arc::new(Mutex::new(SimStats::default()));
         let guest_cid = Arc::new(AtomicU64::new(cfg.guest_cid));
         let transport = SimTransport {
-            rings,
+            rings: rings.clone(),
             guest_cid: guest_cid.clone(),
             max_payload: cfg.max_payload,
             polling: cfg.busy_poll,
@@ -346,6 +363,9 @@ impl SimHost {
             stats,
             guest_cid,
             config: Arc::new(config),
+            rings,
+            needs_reset: Arc::default(),
+            removal: Arc::new(removal),
         }
     }
 
@@ -406,6 +426,41 @@ impl SimHost {
             Core::route_events(&mut st);
         }
         self.config.write(1)
+    }
+
+    /// Send VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue, as QEMU's vhost-vsock does
+    /// after a migration: the host's connections end, and the driver is expected to reset its
+    /// own (listeners stay). Fails when the driver has no event queue or no event buffer posted.
+    pub fn transport_reset(&self) -> std::io::Result<()> {
+        let mut st = self.core.lock();
+        st.ep.handle_transport_reset(Instant::now(), None);
+        Core::route_events(&mut st);
+        let mut rings = lock(&self.rings);
+        let r = rings
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("the device is not running"))?;
+        r.send_event(0).map_err(std::io::Error::other)
+    }
+
+    /// Make the device fail as one that needs a reset does (virtio 1.2 section 2.1.2): it stops
+    /// using its rings, its host-side connections end, its status gains NEEDS_RESET and it
+    /// raises the config interrupt. A reset by the driver clears it; the device then works
+    /// again once brought up.
+    pub fn set_needs_reset(&self) -> std::io::Result<()> {
+        {
+            let mut st = self.core.lock();
+            self.needs_reset.store(true, Ordering::Release);
+            *lock(&self.rings) = None;
+            st.ep.handle_transport_reset(Instant::now(), None);
+            Core::route_events(&mut st);
+        }
+        self.config.write(1)
+    }
+
+    /// Signal the device's removal, as the kernel's VFIO request interrupt does when a function
+    /// is unbound or unplugged: the driver must end every call and let the device go.
+    pub fn unplug(&self) -> std::io::Result<()> {
+        self.removal.write(1)
     }
 
     /// The device's counters.

@@ -20,7 +20,11 @@
 //! connect to the driver. A test-only [`Hostile`] mode makes the device write bogus used entries.
 //! [`SimHost::set_guest_cid`] changes the config's `guest_cid` at run time and raises the config
 //! interrupt ([`VsockDevice::config_fd`](crate::device::VsockDevice::config_fd)), as a migration
-//! to another CID would.
+//! to another CID would. The device's lifecycle can be driven too:
+//! [`SimHost::transport_reset`] sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue (as
+//! QEMU does after a migration), [`SimHost::set_needs_reset`] makes the device stop and set
+//! NEEDS_RESET, and [`SimHost::unplug`] signals its removal
+//! ([`VsockDevice::removal_fd`](crate::device::VsockDevice::removal_fd)).
 //!
 //! Files, and the layering: [`SimDevice`] (`device.rs`) implements the device layer's
 //! [`VsockDevice`](crate::device::VsockDevice) trait and runs the device thread; `rings.rs` is the
@@ -84,6 +88,9 @@ pub struct SimConfig {
     pub no_implied_stream: bool,
     /// Offer VIRTIO_RING_F_EVENT_IDX.
     pub event_idx: bool,
+    /// Have an event queue (queue 2), as every virtio-vsock device does; `false` models one
+    /// with rx and tx only (the kernel's vhost-vsock ABI).
+    pub event_queue: bool,
     /// Settings of the host-side protocol endpoint (its CID is always 2).
     pub host: proto::Config,
     /// Misbehave on purpose (tests).
@@ -101,6 +108,7 @@ impl Default for SimConfig {
             stream: true,
             no_implied_stream: true,
             event_idx: true,
+            event_queue: true,
             host: proto::Config::default(),
             hostile: None,
         }

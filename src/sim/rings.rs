@@ -20,6 +20,8 @@ pub(super) struct SimRings {
     pub(super) mem: GuestMemoryMmap<()>,
     pub(super) rx: Queue,
     pub(super) tx: Queue,
+    /// The event queue and its used-buffer interrupt, when the driver set it up.
+    evq: Option<(Queue, EventFd)>,
     call: [EventFd; 2],
     hostile: Option<Hostile>,
     /// The last `device_rx` ran out of RX buffers (it may still have packets to deliver).
@@ -33,6 +35,7 @@ impl SimRings {
         mem: GuestMemoryMmap<()>,
         rx: Queue,
         tx: Queue,
+        evq: Option<(Queue, EventFd)>,
         call: [EventFd; 2],
         hostile: Option<Hostile>,
     ) -> Self {
@@ -40,10 +43,53 @@ impl SimRings {
             mem,
             rx,
             tx,
+            evq,
             call,
             hostile,
             rx_starved: false,
         }
+    }
+}
+
+/// Why [`SimRings::send_event`] could not deliver an event.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum EventError {
+    /// The driver has no event queue (or the device is not running).
+    #[error("the driver set up no event queue")]
+    NoQueue,
+    /// Every event buffer is used: the driver has not posted one again.
+    #[error("the driver has no event buffer posted")]
+    NoBuffer,
+    /// The driver's event buffer is read-only or shorter than an event.
+    #[error("the driver's event buffer is not a writable 4-byte buffer")]
+    BadBuffer,
+    /// The event could not be written, or the chain returned.
+    #[error("writing the event failed: {0}")]
+    Write(String),
+}
+
+impl SimRings {
+    /// Put event `id` (`struct virtio_vsock_event`, virtio 1.2 section 5.10.6.4) into the
+    /// driver's next event buffer and interrupt, as QEMU's vhost-vsock does after a migration.
+    pub(super) fn send_event(&mut self, id: u32) -> Result<(), EventError> {
+        let (q, call) = self.evq.as_mut().ok_or(EventError::NoQueue)?;
+        let chain = q
+            .pop_descriptor_chain(&self.mem)
+            .ok_or(EventError::NoBuffer)?;
+        let head = chain.head_index();
+        let desc = chain.clone().next().ok_or(EventError::BadBuffer)?;
+        if !desc.is_write_only() || desc.len() < 4 {
+            return Err(EventError::BadBuffer);
+        }
+        self.mem
+            .write_obj(Le32::from(id), desc.addr())
+            .map_err(|e| EventError::Write(e.to_string()))?;
+        q.add_used(&self.mem, head, 4)
+            .map_err(|e| EventError::Write(e.to_string()))?;
+        if q.needs_notification(&self.mem).unwrap_or(true) {
+            let _ = call.write(1);
+        }
+        Ok(())
     }
 }
 

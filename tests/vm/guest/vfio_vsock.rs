@@ -733,6 +733,18 @@ pub(super) fn vfio_type1_iommu() -> TestResult {
 /// How long a blocked call may take to fail after the unbind starts (issue 14).
 const REMOVAL_BOUND: Duration = Duration::from_secs(1);
 
+/// An error and its causes, outermost first, joined by ": ".
+fn error_chain(e: &io::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.get_ref().and_then(|inner| inner.source());
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 /// What one blocked call of [`vfio_surprise_removal`] ended with, and when.
 struct Ended {
     what: &'static str,
@@ -747,9 +759,23 @@ struct Ended {
 /// the device by itself), and dropping the driver must return at once. The function is
 /// rebound to virtio-pci afterwards, as every vfio test leaves it.
 pub(super) fn vfio_surprise_removal() -> TestResult {
+    surprise_removal(false)
+}
+
+/// The same with the INTx fallback forced: the INTx thread must stop when the driver lets go
+/// of the device after the request.
+pub(super) fn vfio_surprise_removal_intx() -> TestResult {
+    surprise_removal(true)
+}
+
+fn surprise_removal(force_intx: bool) -> TestResult {
     use std::sync::mpsc;
     with_vfio_bound(|bdf| {
-        let dev = VfioPciDevice::open(bdf, true).map_err(|e| fail(format!("open {bdf}: {e}")))?;
+        let dev = VfioPciDevice::open_with(bdf, true, force_intx)
+            .map_err(|e| fail(format!("open {bdf}: {e}")))?;
+        if force_intx && dev.msix_vectors() != 0 {
+            return Err(fail("MSI-X in use although INTx was forced"));
+        }
         println!(
             "# {bdf}: {} queues, {} MSI-X vectors ({}), removal signalled: {}",
             dev.num_queues(),
@@ -860,12 +886,20 @@ pub(super) fn vfio_surprise_removal() -> TestResult {
             match &e.result {
                 Ok(n) => problems.push(format!("{} returned Ok({n}) after {after:?}", e.what)),
                 Err(err) => {
+                    let chain = error_chain(err);
                     println!(
-                        "# {}: {:?} after {:.3} s: {err}",
+                        "# {}: {:?} after {:.3} s: {chain}",
                         e.what,
                         err.kind(),
                         after.as_secs_f64()
                     );
+                    // The cause must survive: DeviceError::Removed, the kernel's request.
+                    if !chain.contains(&format!("vfio:{bdf},noiommu was removed")) {
+                        problems.push(format!(
+                            "{}: the error does not name the removal: {chain}",
+                            e.what
+                        ));
+                    }
                     if after > REMOVAL_BOUND {
                         problems.push(format!("{} failed only after {after:?}", e.what));
                     }

@@ -139,6 +139,10 @@ const TESTS: &[Test] = &[
     default("vfio_inspect_cli", vfio_vsock::vfio_inspect_cli),
     default("vfio_surprise_removal", vfio_vsock::vfio_surprise_removal),
     default(
+        "vfio_surprise_removal_intx",
+        vfio_vsock::vfio_surprise_removal_intx,
+    ),
+    default(
         "vfio_restart_after_reset",
         vfio_vsock::vfio_restart_after_reset,
     ),

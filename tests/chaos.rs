@@ -6,9 +6,12 @@
 //! drop their socket with bytes still queued (an `RST` when the linger runs out), readers that
 //! drop theirs with data unread, connects to closed ports, blocking, non-blocking and zero-copy
 //! calls mixed. Meanwhile a fault thread injects transport resets (`SimHost::set_guest_cid`,
-//! the CID flipping between 3 and 4), device resets (`VsockDriver::reset_device`, after which
-//! the dead driver and its sim are replaced) and hostile devices (a fresh sim in each `Hostile`
-//! mode, which must kill its driver cleanly), and after each one checks that new connections
+//! the CID flipping between 3 and 4), TRANSPORT_RESET events (`SimHost::transport_reset`, on
+//! the event queue), NEEDS_RESET (`SimHost::set_needs_reset`, which the driver recovers from
+//! by itself), device resets (`VsockDriver::reset_device`, after which the dead driver and its
+//! sim are replaced), surprise removals (`SimHost::unplug`: every call must end, then the driver
+//! and sim are replaced) and hostile devices (a fresh sim in each `Hostile` mode, with recovery
+//! off, which must kill its driver cleanly), and after each one checks that new connections
 //! work.
 //!
 //! Every byte is checked as it arrives: each direction of a connection is a deterministic
@@ -199,12 +202,10 @@ impl Gen {
                 ..proto::Config::default()
             },
             // A hostile device here is one that kills its driver: the soak checks that the
-            // death is clean. (Recovery from one is `tests/lifecycle.rs`'s.)
-            recovery_limit: if hostile.is_some() {
-                0
-            } else {
-                DriverConfig::default().recovery_limit
-            },
+            // death is clean (recovery from one is `tests/lifecycle.rs`'s). Every other device
+            // recovers from each NEEDS_RESET this soak injects (the limit a minute is
+            // `tests/lifecycle.rs`'s too).
+            recovery_limit: if hostile.is_some() { 0 } else { u32::MAX },
             ..DriverConfig::default()
         };
         let (driver, host) =
@@ -293,6 +294,9 @@ struct Counters {
     reader_aborts: AtomicU64,
     writer_drops: AtomicU64,
     transport_resets: AtomicU64,
+    event_resets: AtomicU64,
+    recoveries: AtomicU64,
+    unplugs: AtomicU64,
     device_resets: AtomicU64,
     hostile: [AtomicU64; 4],
     checks: AtomicU64,
@@ -441,7 +445,8 @@ impl World {
             "{} connections ({} clean, {} hit by faults, {} connects failed in a fault, {} refused \
              as expected), bytes verified d2h {} h2d {} echo {}, {} messages, {} half-closes, {} \
              slow readers, {} RST seen by readers, {} reader aborts, {} writer drops; faults: {} \
-             transport resets, {} device resets, hostile devices {}, {} post-fault checks passed, \
+             transport resets, {} TRANSPORT_RESET events, {} NEEDS_RESET recoveries, {} \
+             unplugs, {} device resets, hostile devices {}, {} post-fault checks passed, \
              {} drivers opened; a faulted connection ended at most {} ms after its fault ({})",
             load(&c.conns),
             load(&c.conns_clean),
@@ -458,6 +463,9 @@ impl World {
             load(&c.reader_aborts),
             load(&c.writer_drops),
             load(&c.transport_resets),
+            load(&c.event_resets),
+            load(&c.recoveries),
+            load(&c.unplugs),
             load(&c.device_resets),
             HOSTILE
                 .iter()
@@ -1607,6 +1615,87 @@ fn transport_reset(world: &World, beat: &Beat, g: &Arc<Gen>) -> Result<(), Strin
     Ok(())
 }
 
+/// Wait, bounded by [`FAULT_BOUND`], until `done` says the driver handled the fault `what`.
+fn await_driver(g: &Gen, what: &str, mut done: impl FnMut() -> bool) -> Result<(), String> {
+    // A counter the driver bumps, with no event to wait on through the public API: polled.
+    let t0 = Instant::now();
+    while !done() {
+        if t0.elapsed() > FAULT_BOUND {
+            return Err(format!(
+                "gen {}: the driver had not handled {what} {FAULT_BOUND:?} later",
+                g.id
+            ));
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+/// TRANSPORT_RESET on the event queue: every connection ends, the driver goes on.
+fn event_reset(world: &World, beat: &Beat, g: &Arc<Gen>) -> Result<(), String> {
+    let before = g.driver.stats().transport_resets;
+    g.fault_begins();
+    beat.enter("transport_reset", g.id);
+    g.host
+        .transport_reset()
+        .map_err(|e| format!("gen {}: transport_reset: {e}", g.id))?;
+    await_driver(g, "TRANSPORT_RESET", || {
+        g.driver.stats().transport_resets > before
+    })?;
+    beat.leave();
+    check_gen(world, beat, g, "a TRANSPORT_RESET")?;
+    add(&world.c.event_resets, 1);
+    g.done.fetch_add(1, SeqCst);
+    world.changed.notify_all();
+    Ok(())
+}
+
+/// NEEDS_RESET: the driver resets the device, brings it up again, and goes on.
+fn needs_reset(world: &World, beat: &Beat, g: &Arc<Gen>) -> Result<(), String> {
+    let before = g.driver.stats().recoveries;
+    g.fault_begins();
+    beat.enter("set_needs_reset", g.id);
+    g.host
+        .set_needs_reset()
+        .map_err(|e| format!("gen {}: set_needs_reset: {e}", g.id))?;
+    await_driver(g, "NEEDS_RESET", || g.driver.stats().recoveries > before)?;
+    beat.leave();
+    check_gen(world, beat, g, "a NEEDS_RESET recovery")?;
+    add(&world.c.recoveries, 1);
+    g.done.fetch_add(1, SeqCst);
+    world.changed.notify_all();
+    Ok(())
+}
+
+/// A surprise removal: every call on the driver ends; it is replaced.
+fn unplug(world: &World, beat: &Beat, g: &Arc<Gen>) -> Result<(), String> {
+    g.fault_begins();
+    beat.enter("unplug", g.id);
+    g.host
+        .unplug()
+        .map_err(|e| format!("gen {}: unplug: {e}", g.id))?;
+    let mut last = None;
+    await_driver(g, "the removal", || {
+        match g
+            .driver
+            .connect_timeout(VsockAddr::new(2, ECHO_PORT), CALL_TIMEOUT)
+        {
+            Err(e) if e.kind() == ErrorKind::ConnectionAborted => true,
+            r => {
+                last = Some(r.map(|_| ()).map_err(|e| e.to_string()));
+                false
+            }
+        }
+    })
+    .map_err(|e| format!("{e} (last connect: {last:?})"))?;
+    beat.leave();
+    let n = world.open_gen(None)?;
+    world.set_gen(Some(n.clone()))?;
+    check_gen(world, beat, &n, "a removal")?;
+    add(&world.c.unplugs, 1);
+    Ok(())
+}
+
 fn device_reset(world: &World, beat: &Beat, g: &Arc<Gen>) -> Result<(), String> {
     g.fault_begins();
     beat.enter("reset_device", g.id);
@@ -1687,8 +1776,11 @@ fn faults(world: Arc<World>, round: u64) {
         }
         let Some(g) = world.gen() else { return };
         let res = match r.below(100) {
-            0..=49 => transport_reset(&world, &beat, &g),
-            50..=74 => device_reset(&world, &beat, &g),
+            0..=24 => transport_reset(&world, &beat, &g),
+            25..=39 => event_reset(&world, &beat, &g),
+            40..=54 => needs_reset(&world, &beat, &g),
+            55..=69 => device_reset(&world, &beat, &g),
+            70..=79 => unplug(&world, &beat, &g),
             _ => {
                 hostile_n += 1;
                 hostile(&world, &beat, hostile_n)
@@ -1862,6 +1954,9 @@ fn chaos_soak() {
     assert!(load(&c.conns_clean) > 0, "no connection completed cleanly");
     assert!(
         load(&c.transport_resets)
+            + load(&c.event_resets)
+            + load(&c.recoveries)
+            + load(&c.unplugs)
             + load(&c.device_resets)
             + c.hostile.iter().map(load).sum::<u64>()
             > 0,

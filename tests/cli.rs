@@ -620,8 +620,11 @@ fn inspect_sim_json() {
         assert!(names("offered").contains(&f.to_string()), "{v:#}");
     }
     assert_eq!(v["guest_cid"], 3);
-    assert_eq!(v["num_queues"], 2);
+    assert_eq!(v["num_queues"], 3);
     assert_eq!(v["queues"][0]["name"], "rx");
+    // The event queue holds the driver's 8 event buffers.
+    assert_eq!(v["queues"][2]["name"], "event");
+    assert_eq!(v["queues"][2]["driver_size"], 8);
     assert!(v["queues"][0]["max_size"].as_u64().unwrap() > 0);
     assert_eq!(v["driver_up"], true);
     // The driver's pools as it came up: the ring full of RX buffers from a larger pool, and

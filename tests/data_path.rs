@@ -53,6 +53,9 @@ fn each_payload_byte_is_copied_once_per_direction() {
         s.write_all(&data[off..off + WRITE]).unwrap();
     }
     wait_discarded(&host, TOTAL as u64);
+    // And none on the sim's side: the discard service's connection is a sink, every byte
+    // consumed where the driver put it (issue 12: the sim must not be the bench's bottleneck).
+    assert_eq!(host.proto_stats().bytes_sunk, TOTAL as u64);
 
     // RX: the host writes to our listener.
     let l = driver.listen(6000).unwrap();

@@ -18,6 +18,18 @@ use vdpa_vsock::sim::{Hostile, SimConfig, SimHost, ECHO_PORT};
 /// How soon a lifecycle event must end every blocked call (issue 14: within one second).
 const BOUND: Duration = Duration::from_secs(1);
 
+/// An error and its causes, `: `-separated.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut c = e.source();
+    while let Some(x) = c {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        c = x.source();
+    }
+    s
+}
+
 fn open(sim: SimConfig, cfg: DriverConfig) -> (VsockDriver, SimHost) {
     VsockDriver::open_sim(sim, cfg).expect("open sim")
 }
@@ -89,6 +101,8 @@ fn transport_reset_ends_connections_and_keeps_listeners() {
     host.transport_reset().expect("send TRANSPORT_RESET");
     let e = ended_with(&rx, t0);
     assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}");
+    // The error says why.
+    assert!(e.to_string().contains("sim sent TRANSPORT_RESET"), "{e}");
     // Writes on the old connection fail too.
     let e = (&s).write(b"x").expect_err("write after the reset");
     assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}");
@@ -142,6 +156,15 @@ fn needs_reset_is_recovered_from() {
     host.set_needs_reset().expect("NEEDS_RESET");
     let e = ended_with(&rx, t0);
     assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}");
+    assert!(
+        e.to_string().contains("was reset and brought up again"),
+        "{e}"
+    );
+    assert!(
+        chain(&e).contains("needs a reset (status"),
+        "the cause is not in the chain: {}",
+        chain(&e)
+    );
     // The driver recovered on its own: same listener, new connections work.
     assert_eq!(d.stats().recoveries, 1);
     let _from_host = host
@@ -166,6 +189,7 @@ fn a_device_that_breaks_the_rules_is_reset_and_brought_back() {
         .connect_timeout(VsockAddr::new(2, ECHO_PORT), Duration::from_secs(30))
         .expect_err("the connect in flight when the device broke");
     assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}");
+    assert!(chain(&e).contains("rx queue"), "{}", chain(&e));
     assert!(t0.elapsed() < BOUND, "noticed after {:?}", t0.elapsed());
     assert_eq!(d.stats().recoveries, 1);
     echo_1mib(&d);

@@ -3,7 +3,7 @@
 //! Fuzz the whole stack through the public API over the simulated device: a fresh driver per
 //! input (optionally on a hostile device or in busy-poll mode), then a short random sequence of
 //! socket calls (stream connect/write/read/shutdown/close, seqpacket send/recv, device reset,
-//! guest_cid change). Every blocking call has a short timeout.
+//! guest_cid change, TRANSPORT_RESET, NEEDS_RESET, a surprise removal). Every blocking call has a short timeout.
 //!
 //! Asserts: no panic; no call blocks longer than [`CALL_LIMIT`] (a hang, reported with the call);
 //! on a live stream to the echo service every byte read is the next byte written (nothing lost
@@ -76,6 +76,12 @@ enum Call {
     },
     ResetDevice,
     ChangeCid(u8),
+    /// TRANSPORT_RESET on the event queue.
+    TransportReset,
+    /// NEEDS_RESET: the driver recovers on its own.
+    NeedsReset,
+    /// A surprise removal: the driver ends for good.
+    Unplug,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -307,6 +313,16 @@ fn run(input: &Input) {
             }
             Call::ResetDevice => {
                 timed("reset_device", || driver.reset_device("fuzz"));
+                streams.iter_mut().for_each(|s| s.checked = false);
+                seqs.iter_mut().for_each(|s| s.checked = false);
+            }
+            Call::TransportReset | Call::NeedsReset | Call::Unplug => {
+                let _ = timed("lifecycle event", || match *call {
+                    Call::TransportReset => host.transport_reset(),
+                    Call::NeedsReset => host.set_needs_reset(),
+                    _ => host.unplug(),
+                });
+                // Every connection ends (and the calls racing the event may see either side).
                 streams.iter_mut().for_each(|s| s.checked = false);
                 seqs.iter_mut().for_each(|s| s.checked = false);
             }

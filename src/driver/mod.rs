@@ -249,7 +249,8 @@ impl VsockDriver {
                 offered,
             }));
         }
-        let negotiated = dev.negotiate(wanted_features(offered)).map_err(&e)?;
+        let requested = wanted_features(offered);
+        let negotiated = dev.negotiate(requested).map_err(&e)?;
         if !stream_negotiated(negotiated) && negotiated & (1 << VIRTIO_VSOCK_F_SEQPACKET) == 0 {
             return Err(e(DeviceError::Failed(format!(
                 "the device supports no socket type: it negotiated NO_IMPLIED_STREAM without \
@@ -390,6 +391,7 @@ impl VsockDriver {
             rx_posted,
             tx_hdr,
             max_tx_payload,
+            requested,
             negotiated,
         };
         let policy = RecoveryPolicy {

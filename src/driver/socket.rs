@@ -160,11 +160,18 @@ struct ConnHandle {
     nonblocking: AtomicBool,
     /// The readiness descriptor, made on first use.
     fd: OnceLock<UserFd>,
+    /// `SO_LINGER`: how long the last close waits for the peer's answer (see
+    /// [`VsockStream::set_linger`]).
+    linger: std::sync::Mutex<Option<Duration>>,
 }
 
 impl Drop for ConnHandle {
     fn drop(&mut self) {
-        self.core.close(self.id);
+        let linger = *self.linger.lock().unwrap_or_else(|p| p.into_inner());
+        match linger.filter(|t| !t.is_zero() && !self.nonblocking()) {
+            Some(t) => self.core.close_linger(self.id, t),
+            None => self.core.close(self.id),
+        }
     }
 }
 
@@ -175,6 +182,7 @@ impl ConnHandle {
             id,
             nonblocking: AtomicBool::new(nonblocking),
             fd: OnceLock::new(),
+            linger: std::sync::Mutex::new(None),
         }
     }
 
@@ -276,6 +284,29 @@ impl VsockStream {
     /// read timeout; `WouldBlock` in non-blocking mode); `Ok(0)` at end of stream.
     pub fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
         self.core.peek(self.conn.id, buf, self.read_wait())
+    }
+
+    /// `SO_LINGER`, as Linux's vsock has it: with `Some(t)`, dropping the last clone of this
+    /// stream (in blocking mode) waits until the peer has answered the close (what was written
+    /// was sent, then SHUTDOWN, then the peer's RST or SHUTDOWN), or `t` passes, or the
+    /// device ends. `None` (the default) or a zero duration: the drop returns at once and the
+    /// close goes on in the background (Linux's 8 s linger, then RST). Unlike TCP's, a zero
+    /// linger does not reset the connection: use [`VsockStream::abort`] for that.
+    pub fn set_linger(&self, linger: Option<Duration>) -> io::Result<()> {
+        *self.conn.linger.lock().unwrap_or_else(|p| p.into_inner()) = linger;
+        Ok(())
+    }
+
+    /// The linger set by [`VsockStream::set_linger`].
+    pub fn linger(&self) -> io::Result<Option<Duration>> {
+        Ok(*self.conn.linger.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Reset the connection now (RST): what is queued in both directions is dropped, later
+    /// reads and writes on every clone fail with `ConnectionReset`, and the peer's end is
+    /// reset too (what TCP programs get from `SO_LINGER` 0, which vsock does not have).
+    pub fn abort(&self) -> io::Result<()> {
+        self.core.abort(self.conn.id)
     }
 
     /// The receive low-water mark (`SO_RCVLOWAT`): a blocking read waits until at least

@@ -103,6 +103,8 @@ pub(crate) struct Conn<S: Storage> {
     pub(crate) error: Option<ProtoError>,
     /// A `Readable` event went out and the user has not called `recv` since.
     pub(crate) readable_notified: bool,
+    /// Payload is consumed as it arrives (see [`Endpoint::set_sink`](super::Endpoint::set_sink)).
+    pub(crate) sink: bool,
     /// A `send` found the buffer full; emit `Writable` when space frees.
     pub(crate) writable_wanted: bool,
     /// In the endpoint's transmit round-robin queue.
@@ -163,6 +165,7 @@ impl<S: Storage> Conn<S> {
             deadline: None,
             error: None,
             readable_notified: false,
+            sink: false,
             writable_wanted: false,
             queued: false,
             held: false,

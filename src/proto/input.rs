@@ -75,10 +75,13 @@ impl<S: Storage> Endpoint<S> {
         let id = self.keys.get(&key).copied();
         let Ok(op) = Op::try_from(hdr.op) else {
             self.stats.dropped_invalid += 1;
-            if id.is_none() {
+            match id {
                 // Linux: no socket, or a listener, answers a packet it cannot take with RST;
-                // an established connection ignores an unknown op.
-                self.queue_unknown_rst(hdr);
+                // an established connection ignores an unknown op (and INVALID, 0, is
+                // ignored everywhere but at a listener).
+                None => self.queue_unknown_rst(hdr),
+                Some(id) if hdr.op != 0 => self.connecting_got(id, hdr.op),
+                Some(_) => {}
             }
             return;
         };
@@ -108,7 +111,10 @@ impl<S: Storage> Endpoint<S> {
                 self.timers.set(conn, None);
                 self.events.push(Event::Connected(id));
             }
-            (ConnState::Connecting, _) => self.stats.dropped_invalid += 1,
+            (ConnState::Connecting, _) => {
+                self.stats.dropped_invalid += 1;
+                self.connecting_got(id, hdr.op);
+            }
             (_, Op::Rw) => self.on_rw(id, hdr, keep),
             (_, Op::Shutdown) => self.on_peer_shutdown(id, hdr.flags),
             (_, Op::CreditUpdate) => self.stats.credit_updates_in += 1,
@@ -192,6 +198,20 @@ impl<S: Storage> Endpoint<S> {
                 }
             }
         }
+    }
+
+    /// A connecting `id` got `op`, neither RESPONSE nor RST: if it is still connecting, reset
+    /// it and fail the connect with a protocol error (Linux's `virtio_transport_recv_connecting`:
+    /// RST, `EPROTO`).
+    fn connecting_got(&mut self, id: ConnId, op: u16) {
+        match self.conns.get_mut(&id) {
+            Some(conn) if conn.state == ConnState::Connecting => self.timers.set(conn, None),
+            _ => return,
+        }
+        self.send_rst_and_unlink(id);
+        let e = ProtoError::Protocol { op };
+        self.fail(id, e.clone());
+        self.events.push(Event::ConnectFailed(id, e));
     }
 
     /// A packet for no connection: `REQUEST` to a listener, or `RST` (never for an `RST`).
@@ -294,6 +314,12 @@ impl<S: Storage> Endpoint<S> {
             return;
         }
         let len = hdr.len as usize;
+        if conn.sink {
+            // Consumed on arrival: no copy, no queue, credit flows on.
+            self.stats.bytes_sunk += u64::from(hdr.len);
+            Self::consumed(conn, len);
+            return;
+        }
         if len > 0 {
             let before = conn.rx.len();
             keep(&mut conn.rx);
@@ -351,7 +377,10 @@ impl<S: Storage> Endpoint<S> {
         conn.refresh_peer_state();
         let all = conn.peer_shutdown;
         let (state, listener) = (conn.state, conn.listener);
-        if all.receive && all.send {
+        // Linux's `virtio_transport_recv_connected`: with data still unread the RST waits for
+        // our close (the peer, lingering, learns that we hold everything only then).
+        let unread = conn.rx.len() > 0 && state != ConnState::Closing && listener.is_none();
+        if all.receive && all.send && !unread {
             // Both directions closed by the peer: answer RST and forget (as Linux does).
             self.send_rst_and_unlink(id);
             match (state, listener) {

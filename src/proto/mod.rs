@@ -288,6 +288,13 @@ pub enum ProtoError {
         /// The CID asked for.
         cid: u64,
     },
+    /// The peer answered our `REQUEST` with something else than `RESPONSE` or `RST` (Linux's
+    /// `EPROTO`); the connection was reset.
+    #[error("protocol error: the peer answered REQUEST with op {op}")]
+    Protocol {
+        /// The op it sent.
+        op: u16,
+    },
     /// The connection table is full.
     #[error("too many connections: the limit is {max}")]
     TooManyConnections {
@@ -353,6 +360,8 @@ pub struct Stats {
     /// RW payload bytes discarded because nobody will read them (after our `RECEIVE`
     /// shutdown, the peer's `SEND` shutdown, or `close`).
     pub rx_discarded: u64,
+    /// RW payload bytes consumed on arrival by sink connections ([`Endpoint::set_sink`]).
+    pub bytes_sunk: u64,
     /// `CREDIT_UPDATE`s received.
     pub credit_updates_in: u64,
     /// `CREDIT_REQUEST`s received.
@@ -689,6 +698,24 @@ impl<S: Storage> Endpoint<S> {
         .map(|r| r.map_or(0, |((), n)| n))
     }
 
+    /// Make stream `c` a sink (`on`): payload is consumed the moment it arrives, never
+    /// queued nor copied, and credited to the peer as if read (counted in
+    /// [`Stats::bytes_sunk`]); what is already queued is consumed now. End of stream still
+    /// shows (`recv`/`discard` return 0). A discard service (the sim's) needs nothing more.
+    pub fn set_sink(&mut self, c: ConnId, on: bool) -> Result<(), ProtoError> {
+        let conn =
+            self.conn_to_read(c, SocketType::Stream, "a seqpacket socket cannot be a sink")?;
+        conn.sink = on;
+        let n = conn.rx.len();
+        if on && n > 0 {
+            conn.rx.discard(n);
+            Self::consumed(conn, n);
+            self.stats.bytes_sunk += n as u64;
+            self.schedule(c);
+        }
+        Ok(())
+    }
+
     /// The one way stream data leaves the receive queue (`recv`, `recv_with`, `discard`): when
     /// data is buffered, `take` removes what it consumes, which is credited to the peer;
     /// `Ok(None)` at end of stream, `Err(WouldBlock)` when nothing is buffered yet. `misuse`
@@ -870,6 +897,25 @@ impl<S: Storage> Endpoint<S> {
         if self.conns.contains_key(&c) {
             self.send_rst_and_unlink(c);
             self.release(c, true);
+        }
+    }
+
+    /// Reset `c` now from our side: RST to the peer, both queues dropped, the connection
+    /// `Closed` with `ConnectionReset` (as after the peer's RST: the `ConnId` stays until
+    /// [`Endpoint::close`]). An [`Event::Reset`] follows.
+    pub fn reset(&mut self, now: Instant, c: ConnId) {
+        let _ = now;
+        if self
+            .conns
+            .get(&c)
+            .is_some_and(|conn| conn.state != ConnState::Closed)
+        {
+            self.send_rst_and_unlink(c);
+            self.fail(c, ProtoError::ConnectionReset);
+            if let Some(conn) = self.conns.get_mut(&c) {
+                conn.rx.clear();
+            }
+            self.events.push(Event::Reset(c));
         }
     }
 

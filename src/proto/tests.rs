@@ -298,6 +298,52 @@ fn connect_timeout_sends_rst() {
 }
 
 #[test]
+fn a_connect_answered_with_anything_but_response_or_rst_is_reset() {
+    // Linux's `virtio_transport_recv_connecting`: RST, and the connect fails with EPROTO; the
+    // INVALID op (0) is ignored.
+    for op in [
+        Op::Rw as u16,
+        Op::CreditUpdate as u16,
+        Op::Shutdown as u16,
+        99,
+        0,
+    ] {
+        let mut p = Pair::new();
+        let now = p.now;
+        let ca =
+            p.a.connect(now, VMADDR_CID_HOST, PORT, None, SocketType::Stream)
+                .unwrap();
+        let req = p.pump(Side::A, false);
+        assert_eq!(req.len(), 1);
+        let mut reply = tmpl(
+            (VMADDR_CID_HOST, PORT),
+            (GUEST_CID, req[0].src_port),
+            Op::Response,
+        );
+        reply.op = op;
+        p.a.handle_packet(now, &reply, &[]);
+        if op == 0 {
+            assert!(p.events(Side::A).is_empty(), "op 0");
+            assert_eq!(p.a.state(ca), Some(ConnState::Connecting));
+            continue;
+        }
+        assert_eq!(
+            p.events(Side::A),
+            vec![Event::ConnectFailed(ca, ProtoError::Protocol { op })],
+            "op {op}"
+        );
+        let out = p.pump(Side::A, false);
+        assert_eq!(out.len(), 1, "op {op}");
+        assert_eq!(out[0].op, Op::Rst as u16, "op {op}");
+        assert_eq!(
+            p.a.poll_timeout(),
+            None,
+            "op {op}: the connect timer was left"
+        );
+    }
+}
+
+#[test]
 fn connect_with_a_timeout_longer_than_the_default_is_honoured() {
     let mut p = Pair::new();
     let t0 = p.now;
@@ -1130,15 +1176,35 @@ fn half_close_receive() {
 #[test]
 fn close_with_responsive_peer_finishes_early() {
     let mut p = Pair::new();
+    let (ca, _cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    p.a.close(now, ca);
+    p.shuttle();
+    // B saw both flags with nothing unread and reset; A's linger ends at once.
+    assert_eq!(p.events(Side::A), vec![Event::Closed(ca)]);
+    assert_eq!(p.a.stats().close_timeouts, 0);
+}
+
+#[test]
+fn close_with_data_unread_waits_for_the_peers_close() {
+    // Linux's `virtio_transport_recv_connected`: a SHUTDOWN of both directions is answered
+    // with RST at once only when nothing is left to read; otherwise the answer is the
+    // reader's own close.
+    let mut p = Pair::new();
     let (ca, cb, _) = p.establish(SocketType::Stream);
     let now = p.now;
     p.a.send(now, ca, b"bye").unwrap();
     p.a.close(now, ca);
     p.shuttle();
-    // B saw both flags and reset; A's linger ends at once.
-    assert_eq!(p.events(Side::A), vec![Event::Closed(ca)]);
+    assert!(p.events(Side::A).is_empty(), "A stopped lingering early");
+    assert_eq!(p.a.state(ca), Some(ConnState::Closing));
     assert_eq!(p.read_all(Side::B, cb), b"bye");
     assert_eq!(p.b.recv(now, cb, &mut [0; 8]), Ok(0));
+    assert!(p.b.send(now, cb, b"x").is_err(), "B wrote to a closed peer");
+    p.b.close(now, cb);
+    p.shuttle();
+    assert_eq!(p.events(Side::A), vec![Event::Closed(ca)]);
+    assert_eq!(p.a.state(ca), None);
     assert_eq!(p.a.stats().close_timeouts, 0);
 }
 
@@ -2104,4 +2170,43 @@ fn ephemeral_ports_follow_the_cursor_walk_under_churn() {
         }
         a.check_invariants().unwrap();
     }
+}
+
+#[test]
+fn a_sink_consumes_on_arrival_and_still_sees_the_end() {
+    let mut p = Pair::new();
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    p.a.send(now, ca, b"queued before").unwrap();
+    p.shuttle();
+    // Turning the sink on consumes what is queued.
+    p.b.set_sink(cb, true).unwrap();
+    assert_eq!(p.b.readable_bytes(cb), 0);
+    let _ = p.events(Side::B); // the Readable of what came before
+    let big = vec![5u8; 3 * DEFAULT_BUF_ALLOC as usize];
+    let mut sent = 0;
+    // More than one window: only credit the sink hands back lets it all through.
+    for _ in 0..64 {
+        if sent < big.len() {
+            sent += p.a.send(now, ca, &big[sent..]).unwrap_or(0);
+        }
+        p.shuttle();
+    }
+    assert_eq!(sent, big.len());
+    assert_eq!(p.b.readable_bytes(cb), 0, "a sink queued payload");
+    assert_eq!(p.b.stats().bytes_sunk, (13 + big.len()) as u64);
+    assert!(p
+        .events(Side::B)
+        .iter()
+        .all(|e| !matches!(e, Event::Readable(_))));
+    let send_only = ShutdownFlags {
+        receive: false,
+        send: true,
+    };
+    p.a.shutdown(now, ca, send_only).unwrap();
+    p.shuttle();
+    assert_eq!(p.b.discard(now, cb, usize::MAX), Ok(0), "the end of stream");
+    let mut q = Pair::with(seq_cfg(GUEST_CID), seq_cfg(VMADDR_CID_HOST));
+    let (_, sb, _) = q.establish(SocketType::SeqPacket);
+    assert!(q.b.set_sink(sb, true).is_err(), "a seqpacket sink");
 }

@@ -16,7 +16,7 @@ use std::io;
 use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
-use super::error::{error_chain, Ended, TransportError};
+use super::error::{error_chain, Ended, ResetCause, TransportError};
 use super::poller::{Interest, PollQueue, PollReg};
 use super::readiness::{Notifier, ReadyFd, UserFd};
 use super::stats::DriverStats;
@@ -67,6 +67,11 @@ pub(crate) trait Transport: Send {
     }
     /// Let go of a removed device (close its descriptors); called after [`Transport::shutdown`].
     fn release(&mut self) {}
+    /// Why the transport reset every connection in the call just made (a TRANSPORT_RESET, a
+    /// new CID, a recovery), taken: the core attaches it to each connection's reset.
+    fn take_reset_cause(&mut self) -> Option<ResetCause> {
+        None
+    }
     /// `true`: ask the device not to notify (its buffers are polled by spinning threads);
     /// `false`: notifications on, so a thread asleep on them is woken. Only busy-poll cores
     /// switch it, when every spinning caller has run out of its spin budget.
@@ -88,8 +93,9 @@ pub(crate) struct CoreState {
     listen_wait: HashMap<ListenerId, Arc<Condvar>>,
     /// Connections whose connect attempt ended: Ok, or the error.
     connect_result: HashMap<ConnId, Result<(), ProtoError>>,
-    /// Connections reset by the peer (reads drain first, then ConnectionReset).
-    reset: HashMap<ConnId, ()>,
+    /// Connections reset by the peer or the transport (reads drain first, then
+    /// ConnectionReset), with why when the transport said.
+    reset: HashMap<ConnId, Option<Arc<ResetCause>>>,
     /// The readiness descriptors of the connections and listeners that were asked for one
     /// (`readiness.rs`): kept showing what each is ready for after every call and event.
     /// Their edge notifiers too, for sockets registered with an edge-triggered poller (the
@@ -315,14 +321,20 @@ impl Core {
             return false;
         }
         let CoreState { ep, transport, .. } = st;
-        let moved = match transport.pump(ep, now) {
+        let mut moved = match transport.pump(ep, now) {
             Ok(m) => m,
             Err(e) => {
                 Core::failed_locked(st, now, e);
                 return true;
             }
         };
-        Core::route_events(st);
+        // The protocol's timers, for every transport: what they put out (an RST, a retried
+        // credit request) leaves in the next round, which `moved` asks for.
+        if st.ep.poll_timeout().is_some_and(|t| t <= now) {
+            st.ep.handle_timeout(now);
+            moved = true;
+        }
+        Core::route_transport_events(st);
         if moved && !st.flushing.is_empty() {
             let waiting: Vec<ConnId> = st.flushing.keys().copied().collect();
             for c in waiting {
@@ -375,7 +387,13 @@ impl Core {
             Core::failed_locked(st, now, e);
             return;
         }
-        Core::route_events(st);
+        Core::route_transport_events(st);
+    }
+
+    /// Route the events of a transport call, with the reset cause it reports (if any).
+    fn route_transport_events(st: &mut CoreState) {
+        let cause = st.transport.take_reset_cause().map(Arc::new);
+        Core::route_events_with(st, cause.as_ref());
     }
 
     /// The transport failed with `e`: let it recover (every connection is reset, the device
@@ -383,7 +401,7 @@ impl Core {
     fn failed_locked(st: &mut CoreState, now: Instant, e: TransportError) {
         let CoreState { ep, transport, .. } = st;
         match transport.recover(ep, now, e) {
-            Ok(()) => Core::route_events(st),
+            Ok(()) => Core::route_transport_events(st),
             Err(e) => {
                 st.transport.shutdown();
                 Core::kill_locked(st, e.into());
@@ -411,6 +429,11 @@ impl Core {
 
     /// Drain the endpoint's events to the waiters.
     pub(crate) fn route_events(st: &mut CoreState) {
+        Core::route_events_with(st, None);
+    }
+
+    /// [`Core::route_events`]; every connection reset meanwhile was reset because of `cause`.
+    fn route_events_with(st: &mut CoreState, cause: Option<&Arc<ResetCause>>) {
         while let Some(ev) = st.ep.poll_event() {
             match &ev {
                 Event::Incoming(l) => Core::show(st, Target::Listener(*l)),
@@ -428,6 +451,9 @@ impl Core {
                     notify(&st.conn_wait, c);
                 }
                 Event::ConnectFailed(c, e) => {
+                    if let Some(why) = cause.filter(|_| e == ProtoError::ConnectionReset) {
+                        st.reset.insert(c, Some(why.clone()));
+                    }
                     st.connect_result.insert(c, Err(e));
                     notify(&st.conn_wait, c);
                 }
@@ -437,7 +463,7 @@ impl Core {
                     }
                 }
                 Event::Reset(c) => {
-                    st.reset.insert(c, ());
+                    st.reset.insert(c, cause.cloned());
                     st.connect_result
                         .entry(c)
                         .or_insert(Err(ProtoError::ConnectionReset));
@@ -580,7 +606,7 @@ impl Core {
         }
         match st.connect_result.get(&c) {
             Some(Err(_)) => match st.connect_result.remove(&c) {
-                Some(Err(e)) => Some(Err(to_io(e))),
+                Some(Err(e)) => Some(Err(Core::conn_error(&st, c, e))),
                 _ => Some(Ok(())),
             },
             Some(Ok(())) => Some(Ok(())),
@@ -598,7 +624,7 @@ impl Core {
         }
         match st.connect_result.get(&c) {
             Some(Err(_)) => match st.connect_result.remove(&c) {
-                Some(Err(e)) => Some(to_io(e)),
+                Some(Err(e)) => Some(Core::conn_error(&st, c, e)),
                 _ => None,
             },
             _ => None,
@@ -861,21 +887,18 @@ impl Core {
         // side has none once its device is reset).
         let wait = Wait::new(false, Some(timeout));
         let mut r = self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
-            st.connect_result.remove(&c).map(|r| r.map_err(to_io))
+            st.connect_result
+                .remove(&c)
+                .map(|r| r.map_err(|e| Core::conn_error(st, c, e)))
         });
         if matches!(&r, Err(e) if e.kind() == io::ErrorKind::TimedOut) {
             // Our deadline and the protocol's timer are the same instant: whoever notices first
-            // must settle the handshake the same way. Move the rings once (a RESPONSE may sit
-            // there unseen by a loop thread that has not run yet) and fire the protocol's due
-            // timers here, so that a timeout is the protocol's (counted in its stats, its RST
-            // sent) even when this thread woke before the loop's.
+            // must settle the handshake the same way. One round here (the rings, then the
+            // protocol's due timers: a RESPONSE may sit there unseen by a loop thread that has
+            // not run yet) makes a timeout the protocol's (counted in its stats, its RST sent)
+            // even when this thread woke before the loop's.
             let mut st = self.lock();
-            let now = Instant::now();
-            Core::pump_locked(&mut st, now);
-            if st.ep.poll_timeout().is_some_and(|t| t <= now) {
-                st.ep.handle_timeout(now);
-                Core::route_events(&mut st);
-            }
+            Core::pump_locked(&mut st, Instant::now());
             if let Some(settled) = st.connect_result.remove(&c) {
                 r = settled.map_err(to_io);
             }
@@ -1165,7 +1188,10 @@ impl Core {
                     // before we wait). Go on until a send finds no room.
                 }
                 Err(ProtoError::WouldBlock) => return (st, None),
-                Err(e) => return (st, Some(Err(to_io(e)))),
+                Err(e) => {
+                    let e = Core::conn_error(&st, c, e);
+                    return (st, Some(Err(e)));
+                }
             }
         });
         Core::partial(r, queued)
@@ -1306,7 +1332,7 @@ impl Core {
                         queued += n;
                         sent = true;
                     }
-                    Err(e) => break Some(Err(to_io(e))),
+                    Err(e) => break Some(Err(Core::conn_error(st, c, e))),
                 }
             };
             if sent {
@@ -1363,7 +1389,7 @@ impl Core {
                     Some(Ok(n))
                 }
                 Err(ProtoError::WouldBlock) => None,
-                Err(e) => Some(Err(to_io(e))),
+                Err(e) => Some(Err(Core::conn_error(st, c, e))),
             }
         })
     }
@@ -1421,7 +1447,7 @@ impl Core {
                     Some(Ok(msg.len()))
                 }
                 Err(ProtoError::WouldBlock) => None,
-                Err(e) => Some(Err(to_io(e))),
+                Err(e) => Some(Err(Core::conn_error(st, c, e))),
             }
         })
     }
@@ -1456,7 +1482,17 @@ impl Core {
         }
         st.reset
             .contains_key(&c)
-            .then(|| to_io(ProtoError::ConnectionReset))
+            .then(|| Core::conn_error(st, c, ProtoError::ConnectionReset))
+    }
+
+    /// `e` on connection `c` as an `io::Error`; a reset the transport caused says why.
+    fn conn_error(st: &CoreState, c: ConnId, e: ProtoError) -> io::Error {
+        match st.reset.get(&c) {
+            Some(Some(why)) if e == ProtoError::ConnectionReset => {
+                io::Error::new(io::ErrorKind::ConnectionReset, ConnReset(why.clone()))
+            }
+            _ => to_io(e),
+        }
     }
 
     /// What a blocked read does with a receive error: nothing buffered (`WouldBlock`) means
@@ -1464,8 +1500,10 @@ impl Core {
     fn read_error<T>(st: &CoreState, c: ConnId, e: ProtoError) -> Option<io::Result<T>> {
         match e {
             ProtoError::WouldBlock if !st.reset.contains_key(&c) => None,
-            ProtoError::WouldBlock => Some(Err(to_io(ProtoError::ConnectionReset))),
-            e => Some(Err(to_io(e))),
+            ProtoError::WouldBlock => {
+                Some(Err(Core::conn_error(st, c, ProtoError::ConnectionReset)))
+            }
+            e => Some(Err(Core::conn_error(st, c, e))),
         }
     }
 
@@ -1505,6 +1543,30 @@ impl Core {
         st.reset.remove(&c);
         st.connect_result.remove(&c);
         self.kick(&mut st);
+    }
+
+    /// [`Core::close`], then wait (as `SO_LINGER` does) until the connection is released (the
+    /// peer answered the close, or the protocol's linger ended it) or `linger` passes.
+    pub(crate) fn close_linger(self: &Arc<Self>, c: ConnId, linger: Duration) {
+        let mut st = self.lock();
+        let cv = Core::conn_cv(&mut st, c);
+        st.ep.close(Instant::now(), c);
+        self.kick(&mut st);
+        let wait = Wait::new(false, Some(linger));
+        let _ = self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
+            st.ep.state(c).is_none().then_some(Ok(()))
+        });
+        self.close(c);
+    }
+
+    /// Reset `c` now: RST to the peer, queues dropped; later calls fail with `ConnectionReset`.
+    pub(crate) fn abort(&self, c: ConnId) -> io::Result<()> {
+        let mut st = self.lock();
+        Core::check_dead(&st)?;
+        st.ep.reset(Instant::now(), c);
+        Core::route_events(&mut st);
+        self.kick(&mut st);
+        Ok(())
     }
 
     /// Our CID.
@@ -1595,6 +1657,22 @@ impl Core {
             io::ErrorKind::NotFound,
             "socket not registered with this poller",
         )
+    }
+}
+
+/// A connection reset because of the transport: says so, and why (the cause chain).
+#[derive(Debug)]
+struct ConnReset(Arc<ResetCause>);
+
+impl std::fmt::Display for ConnReset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "connection reset: {}", self.0)
+    }
+}
+
+impl std::error::Error for ConnReset {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&*self.0)
     }
 }
 

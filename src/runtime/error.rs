@@ -149,6 +149,39 @@ pub(crate) enum TransportError {
     },
 }
 
+/// Why the driver reset every connection while it went on (the inner error of each
+/// connection's `ConnectionReset`).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ResetCause {
+    /// The device sent TRANSPORT_RESET on its event queue.
+    #[error("{device} sent TRANSPORT_RESET (guest_cid {cid})")]
+    TransportReset {
+        /// The device's name.
+        device: String,
+        /// The CID read after it.
+        cid: u64,
+    },
+    /// The device's `guest_cid` changed (a config interrupt).
+    #[error("{device} changed guest_cid from {old} to {new}")]
+    CidChanged {
+        /// The device's name.
+        device: String,
+        /// The CID we had.
+        old: u64,
+        /// The new one.
+        new: u64,
+    },
+    /// The device was reset and brought up again after `cause`.
+    #[error("{device} was reset and brought up again")]
+    Recovered {
+        /// The device's name.
+        device: String,
+        /// Why it was reset.
+        #[source]
+        cause: TransportError,
+    },
+}
+
 /// Why a core stopped: every blocked and future call on it fails with this, as the inner error
 /// of an `io::Error` of kind `ConnectionAborted`.
 #[derive(Debug)]

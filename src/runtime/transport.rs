@@ -10,10 +10,11 @@
 //! 3. takes the event queue's events (queue 2, when the device has one): a TRANSPORT_RESET
 //!    re-reads `guest_cid` and resets every connection, as Linux's `virtio_vsock_event_handle`
 //!    does (listeners stay); the buffer is posted again;
-//! 4. fires due timers;
-//! 5. asks the protocol core for packets: each is a header in this token's header slot plus,
+//! 4. asks the protocol core for packets: each is a header in this token's header slot plus,
 //!    for RW, one descriptor over the payload's chunk (no copy), and the device is kicked once
 //!    for the batch if it wants a notification.
+//!
+//! (The protocol's timers are fired by the core after each pump, for every transport.)
 //!
 //! When the device breaks the rules or says NEEDS_RESET, [`Transport::recover`] resets it and
 //! brings it up again on the same DMA region (features, rings, CID): every connection ends with
@@ -28,12 +29,14 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::core::{RtEndpoint, Transport};
-use super::error::TransportError;
+use super::error::{ResetCause, TransportError};
 use super::stats::DriverStats;
 use super::storage::{read_le32, write_header, DmaStorage, RxBufHandle, TxSeg};
 use crate::device::{status, DeviceError, VsockDevice, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
 use crate::dma::{DmaError, DmaRegion};
-use crate::packet::{VsockPacket, PKT_HEADER_LEN, PKT_HEADER_SIZE};
+use crate::packet::{
+    VsockPacket, PKT_HEADER_LEN, PKT_HEADER_SIZE, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
+};
 use crate::virtq::{BufferDesc, QueueError, SplitQueue, UsedElem};
 
 /// Bytes per TX header slot (a header is 44; slots stay cache-line aligned).
@@ -45,9 +48,6 @@ pub(crate) const EVENT_BUFFERS: u16 = 8;
 
 /// Bytes of one event (`struct virtio_vsock_event { le32 id; }`, virtio 1.2 section 5.10.6.4).
 const EVENT_LEN: u32 = 4;
-
-/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`.
-const EVENT_TRANSPORT_RESET: u32 = 0;
 
 /// How many recoveries [`DriverTransport`] makes within [`RECOVERY_WINDOW`] before it gives up
 /// on a device that keeps failing, unless the driver config says otherwise.
@@ -135,12 +135,16 @@ pub(crate) struct DriverTransport {
     /// The device is asked not to interrupt (busy-poll, while someone spins).
     pub(crate) polling: bool,
     pub(crate) stats: DriverStats,
-    /// The features negotiated at bring-up: a recovery must get the same ones.
+    /// The features asked for at bring-up, and those negotiated: a recovery asks for the same
+    /// and must get the same.
+    pub(crate) requested: u64,
     pub(crate) negotiated: u64,
     /// Recoveries allowed within [`RECOVERY_WINDOW`] (0: a device error is final).
     pub(crate) recovery_limit: u32,
     /// When the recent recoveries happened (those within [`RECOVERY_WINDOW`]).
     pub(crate) recoveries: Vec<Instant>,
+    /// Why the last call reset every connection (for the core to attach to each).
+    pub(crate) reset_cause: Option<ResetCause>,
 }
 
 /// What bring-up hands the transport: the device's rings, the storage behind them and the RX
@@ -162,7 +166,8 @@ pub(crate) struct DeviceRings {
     pub(crate) tx_hdr: Vec<GuestAddress>,
     /// Largest RW payload of one TX packet.
     pub(crate) max_tx_payload: usize,
-    /// The features negotiated.
+    /// The features asked for, and those negotiated.
+    pub(crate) requested: u64,
     pub(crate) negotiated: u64,
 }
 
@@ -218,6 +223,7 @@ impl DriverTransport {
             rx_posted,
             tx_hdr,
             max_tx_payload,
+            requested,
             negotiated,
         } = rings;
         let slots = tx_hdr.len();
@@ -237,9 +243,11 @@ impl DriverTransport {
             waker,
             polling: busy_poll,
             stats: DriverStats::default(),
+            requested,
             negotiated,
             recovery_limit: policy.limit,
             recoveries: Vec::new(),
+            reset_cause: None,
         }
     }
 
@@ -336,19 +344,8 @@ impl DriverTransport {
         self.rx_batch = batch;
         let refilled = refill_rx(&mut self.rx, &self.storage, &mut self.rx_posted)
             .map_err(queue_err("rx", "posting a buffer"))?;
-        if refilled
-            && self
-                .rx
-                .kick_prepare()
-                .map_err(queue_err("rx", "preparing a notification"))?
-        {
-            self.dev
-                .kick(RX_QUEUE)
-                .map_err(|source| TransportError::Kick {
-                    queue: "rx",
-                    source,
-                })?;
-            self.stats.kicks += 1;
+        if refilled {
+            kick_if_wanted(&*self.dev, &mut self.rx, RX_QUEUE, &mut self.stats.kicks)?;
         }
         Ok(moved)
     }
@@ -401,19 +398,8 @@ impl DriverTransport {
             self.stats.tx_packets += 1;
             sent = true;
         }
-        if sent
-            && self
-                .tx
-                .kick_prepare()
-                .map_err(queue_err("tx", "preparing a notification"))?
-        {
-            self.dev
-                .kick(TX_QUEUE)
-                .map_err(|source| TransportError::Kick {
-                    queue: "tx",
-                    source,
-                })?;
-            self.stats.kicks += 1;
+        if sent {
+            kick_if_wanted(&*self.dev, &mut self.tx, TX_QUEUE, &mut self.stats.kicks)?;
         }
         Ok(sent)
     }
@@ -453,7 +439,7 @@ impl DriverTransport {
                 self.stats.bad_events += 1;
             } else {
                 match read_le32(mem, addr)? {
-                    EVENT_TRANSPORT_RESET => reset = true,
+                    VIRTIO_VSOCK_EVENT_TRANSPORT_RESET => reset = true,
                     other => {
                         log::warn!("{}: ignoring unknown event id {other}", self.dev.name());
                         self.stats.bad_events += 1;
@@ -471,19 +457,8 @@ impl DriverTransport {
                 )
                 .map_err(queue_err("event", "posting a buffer"))?;
         }
-        if moved
-            && evq
-                .q
-                .kick_prepare()
-                .map_err(queue_err("event", "preparing a notification"))?
-        {
-            self.dev
-                .kick(EVENT_QUEUE)
-                .map_err(|source| TransportError::Kick {
-                    queue: "event",
-                    source,
-                })?;
-            self.stats.kicks += 1;
+        if moved {
+            kick_if_wanted(&*self.dev, &mut evq.q, EVENT_QUEUE, &mut self.stats.kicks)?;
         }
         if reset {
             self.stats.transport_resets += 1;
@@ -493,6 +468,10 @@ impl DriverTransport {
                 self.dev.name()
             );
             ep.handle_transport_reset(now, Some(cid));
+            self.reset_cause = Some(ResetCause::TransportReset {
+                device: self.dev.name(),
+                cid,
+            });
         }
         Ok(moved)
     }
@@ -535,10 +514,7 @@ impl DriverTransport {
         self.dev.reset()?;
         self.reclaim();
         self.dev.restart()?;
-        let offered = self.dev.offered_features();
-        let got = self
-            .dev
-            .negotiate(crate::driver::wanted_features(offered))?;
+        let got = self.dev.negotiate(self.requested)?;
         if got != self.negotiated {
             return Err(DeviceError::Failed(format!(
                 "after a reset the device negotiated features {got:#x}, not {:#x} as before",
@@ -641,6 +617,34 @@ pub(crate) fn valid_guest_cid(cid: u64) -> bool {
     (3..u64::from(u32::MAX)).contains(&cid)
 }
 
+/// The name of queue `index` in errors.
+fn queue_name(index: u16) -> &'static str {
+    match index {
+        RX_QUEUE => "rx",
+        TX_QUEUE => "tx",
+        _ => "event",
+    }
+}
+
+/// Kick the device for queue `q` (index `index`) if it asked to be notified of what was just
+/// added (EVENT_IDX), counting the kick.
+fn kick_if_wanted(
+    dev: &dyn VsockDevice,
+    q: &mut SplitQueue,
+    index: u16,
+    kicks: &mut u64,
+) -> Result<(), TransportError> {
+    let queue = queue_name(index);
+    if q.kick_prepare()
+        .map_err(queue_err(queue, "preparing a notification"))?
+    {
+        dev.kick(index)
+            .map_err(|source| TransportError::Kick { queue, source })?;
+        *kicks += 1;
+    }
+    Ok(())
+}
+
 /// A queue error while doing `op` on `queue`, as a transport error.
 fn queue_err(queue: &'static str, op: &'static str) -> impl FnOnce(QueueError) -> TransportError {
     move |source| TransportError::Queue { queue, op, source }
@@ -651,9 +655,6 @@ impl Transport for DriverTransport {
         let mut moved = self.reap_tx(ep)?;
         moved |= self.receive(ep, now)?;
         moved |= self.events(ep, now)?;
-        if ep.poll_timeout().is_some_and(|t| t <= now) {
-            ep.handle_timeout(now);
-        }
         moved |= self.transmit(ep, now)?;
         if !self.polling {
             // Re-arm interrupts; a `false` means used buffers slipped in meanwhile.
@@ -717,6 +718,11 @@ impl Transport for DriverTransport {
         }
         log::warn!("{name}: guest_cid changed from {old} to {cid}: every connection is reset");
         ep.handle_transport_reset(now, Some(cid));
+        self.reset_cause = Some(ResetCause::CidChanged {
+            device: name,
+            old,
+            new: cid,
+        });
         Ok(())
     }
 
@@ -776,6 +782,10 @@ impl Transport for DriverTransport {
         self.recoveries.push(now);
         self.stats.recoveries += 1;
         log::warn!("{name}: up again, guest_cid {cid}");
+        self.reset_cause = Some(ResetCause::Recovered {
+            device: name,
+            cause: e,
+        });
         Ok(())
     }
 
@@ -792,6 +802,10 @@ impl Transport for DriverTransport {
         self.dev
             .check_present()
             .map_err(|source| TransportError::Removed { source })
+    }
+
+    fn take_reset_cause(&mut self) -> Option<ResetCause> {
+        self.reset_cause.take()
     }
 
     fn release(&mut self) {

@@ -88,6 +88,10 @@ impl SimTransport {
         for i in 0..self.listeners.len() {
             let (l, kind) = self.listeners[i];
             while let Some(conn) = ep.accept(l) {
+                if kind == Service::Discard {
+                    // The sink consumes payload as it arrives: nothing is copied or queued.
+                    let _ = ep.set_sink(conn, true);
+                }
                 // Data may already be buffered (no event for it): its first turn is now.
                 self.services.insert(
                     conn,
@@ -178,7 +182,8 @@ impl SimTransport {
                     );
                     (n, full == 0 && !ended)
                 }),
-                // The sink consumes in place: nothing is copied.
+                // A sink connection (see the accept above) has nothing queued: this sees
+                // end of stream, and bytes that came before it became a sink.
                 Service::Discard => ep.discard(now, s.conn, usize::MAX).map(|n| (n, false)),
                 Service::Echo => ep.recv(now, s.conn, buf).map(|n| (n, false)),
             };
@@ -218,10 +223,7 @@ impl Transport for SimTransport {
         let rings = self.rings.clone();
         let mut guard = lock(&rings);
         let Some(r) = guard.as_mut() else {
-            // Not activated (or reset): only the services and timers run.
-            if ep.poll_timeout().is_some_and(|t| t <= now) {
-                ep.handle_timeout(now);
-            }
+            // Not activated (or reset): only the services run (and the core's timers).
             return Ok(moved);
         };
         let mut stats = *lock(&self.stats);
@@ -232,9 +234,6 @@ impl Transport for SimTransport {
             self.max_payload,
             &mut stats,
         )?;
-        if ep.poll_timeout().is_some_and(|t| t <= now) {
-            ep.handle_timeout(now);
-        }
         drop(guard);
         *lock(&self.stats) = stats;
         moved |= self.run_services(ep, now);
@@ -439,7 +438,8 @@ impl SimHost {
         let r = rings
             .as_mut()
             .ok_or_else(|| std::io::Error::other("the device is not running"))?;
-        r.send_event(0).map_err(std::io::Error::other)
+        r.send_event(crate::packet::VIRTIO_VSOCK_EVENT_TRANSPORT_RESET)
+            .map_err(std::io::Error::other)
     }
 
     /// Make the device fail as one that needs a reset does (virtio 1.2 section 2.1.2): it stops
@@ -465,7 +465,10 @@ impl SimHost {
 
     /// The device's counters.
     pub fn stats(&self) -> SimStats {
-        *lock(&self.stats)
+        let mut s = *lock(&self.stats);
+        // The discard service's connections are sinks: their bytes are counted on arrival.
+        s.discarded_bytes += self.core.lock().ep.stats().bytes_sunk;
+        s
     }
 
     /// The host endpoint's protocol counters (credit violations by the driver among them).

@@ -114,6 +114,24 @@ const TESTS: &[Test] = &[
         vdpa_tests::vdpa_vsock_50_connections,
     ),
     default("vdpa_vsock_cid_change", vdpa_tests::vdpa_vsock_cid_change),
+    default(
+        "vdpa_sim_vsock_lifecycle_knobs",
+        vdpa_tests::vdpa_sim_vsock_lifecycle_knobs,
+    ),
+    default("vdpa_transport_reset", vdpa_tests::vdpa_transport_reset),
+    default(
+        "vdpa_transport_reset_new_cid",
+        vdpa_tests::vdpa_transport_reset_new_cid,
+    ),
+    default(
+        "vdpa_needs_reset_recovery",
+        vdpa_tests::vdpa_needs_reset_recovery,
+    ),
+    default("vdpa_surprise_removal", vdpa_tests::vdpa_surprise_removal),
+    default(
+        "vdpa_surprise_removal_cli",
+        vdpa_tests::vdpa_surprise_removal_cli,
+    ),
     default("vdpa_inspect_cli", vdpa_tests::vdpa_inspect_cli),
     default("vfio_driver_echo", vfio_vsock::vfio_driver_echo),
     default("vfio_driver_intx", vfio_vsock::vfio_driver_intx),
@@ -176,6 +194,10 @@ const TESTS: &[Test] = &[
     default(
         "vhost_vsock_half_close",
         vhost_vsock_tests::vhost_vsock_half_close,
+    ),
+    default(
+        "vhost_vsock_clean_close",
+        vhost_vsock_tests::vhost_vsock_clean_close,
     ),
     default("vhost_vsock_auto", vhost_vsock_tests::vhost_vsock_auto),
     default(

@@ -4,7 +4,8 @@
  * drivers/vdpa/vdpa_sim/vdpa_sim_net.c. Built out of tree by tests/vm/run.sh next to vdpa_sim.
  *
  * Management device "vdpasim_vsock"; config guest_cid (3 unless the module parameter says
- * otherwise); queues 0 rx, 1 tx, 2 event (unused).
+ * otherwise); queues 0 rx, 1 tx, 2 event (the driver's posted event buffers stay posted until
+ * an event is sent: see transport_reset below).
  * The host side (CID 2) lives in the work function: it accepts up to MAX_CONNS stream connections
  * on port 1234 and echoes RW payload; REQUEST -> RESPONSE (RST for other ports, and when all
  * MAX_CONNS are in use), CREDIT_REQUEST -> CREDIT_UPDATE; credit per virtio 1.2 section 5.10.6.3
@@ -21,8 +22,26 @@
  * config callback the driver registered (VHOST_VDPA_SET_CONFIG_CALL). Stock vdpa_sim ignores
  * set_config_cb; tests/vm/run.sh patches it (vdpa_sim-config-cb.patch) to store the callback and
  * export vdpasim_config_changed().
+ *
+ * Lifecycle knobs for the driver's recovery tests (write-only module parameters, write 1):
+ * - transport_reset: every running device (DRIVER_OK) drops its host side's connections without
+ *   a word and puts one struct virtio_vsock_event { id = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET }
+ *   into a buffer the driver posted on the event queue (used length 4) and interrupts that queue,
+ *   as QEMU's vhost-vsock does after a migration. The work function does it (it is the one with
+ *   the owner's mm for the rings). Read-only counters: transport_resets_sent, and
+ *   transport_resets_dropped for an event that found no posted buffer (or no event queue, or a
+ *   device not running); each drop is logged.
+ * - migrate_guest_cid (write a CID): as transport_reset, but every device first takes that CID
+ *   as guest_cid without a config interrupt (the guest_cid parameter then reads it too): a
+ *   migration to a host that gives the guest another CID, after which the driver must re-read
+ *   guest_cid on the event (as Linux's virtio_transport does).
+ * - needs_reset: every running device sets VIRTIO_CONFIG_S_NEEDS_RESET in its status, stops
+ *   processing its queues, drops its host side's connections and raises the config interrupt.
+ *   A reset by the driver (status 0, which clears the status) ends it; after a new bring-up the
+ *   device works again. Read-only counter: needs_reset_raised (devices that got the bit).
  */
 
+#include <linux/atomic.h>
 #include <linux/init.h>
 #include <linux/list.h>
 #include <linux/moduleparam.h>
@@ -40,6 +59,7 @@
 #include "vdpa_sim.h"
 
 #define VDPASIM_VSOCK_VQ_NUM 3
+#define EVENT_VQ 2
 #define DEFAULT_GUEST_CID 3
 #define HOST_CID 2
 #define ECHO_PORT 1234
@@ -77,12 +97,17 @@ struct vdpasim_vsock {
 	struct vconn conns[MAX_CONNS];
 	struct pending_rst rsts[MAX_PENDING_RST];
 	int nrst;
+	bool event_pending;	/* a TRANSPORT_RESET for the work function to send (under mutex) */
 };
 
 /* Every device, so that a guest_cid change reaches them all. */
 static LIST_HEAD(vsock_devs);
 static DEFINE_MUTEX(vsock_devs_lock);
 static u64 guest_cid_param = DEFAULT_GUEST_CID;	/* under vsock_devs_lock */
+/* Counters behind the read-only parameters of the same names (every device together). */
+static atomic_t transport_resets_sent = ATOMIC_INIT(0);
+static atomic_t transport_resets_dropped = ATOMIC_INIT(0);
+static atomic_t needs_reset_raised = ATOMIC_INIT(0);
 
 static struct vdpasim_vsock *sim_to_vsock(struct vdpasim *vdpasim)
 {
@@ -91,8 +116,10 @@ static struct vdpasim_vsock *sim_to_vsock(struct vdpasim *vdpasim)
 
 static void vq_complete(struct vdpasim_virtqueue *vq, size_t len)
 {
+	/* The bytes written into the buffer before its used entry (virtio 1.2 section 2.7.8). */
 	smp_wmb();
 	vringh_complete_iotlb(&vq->vring, vq->head, len);
+	/* The used entry visible before the interrupt is raised (as vdpa_sim_net does). */
 	smp_wmb();
 	local_bh_disable();
 	if (vringh_need_notify_iotlb(&vq->vring) > 0)
@@ -386,6 +413,55 @@ starved:
 	return progress;
 }
 
+static void drop_event(struct vdpasim *vdpasim, const char *why)
+{
+	atomic_inc(&transport_resets_dropped);
+	pr_warn_ratelimited("vdpa_sim_vsock: %s: TRANSPORT_RESET not delivered: %s\n",
+			    dev_name(&vdpasim->vdpa.dev), why);
+}
+
+/*
+ * The pending TRANSPORT_RESET (virtio 1.2 section 5.10.6.5) into one buffer the driver posted on
+ * the event queue: used length 4, then the event queue's interrupt. Under vdpasim->mutex, from the
+ * work function.
+ */
+static void send_transport_reset(struct vdpasim *vdpasim)
+{
+	struct vdpasim_virtqueue *evq = &vdpasim->vqs[EVENT_VQ];
+	struct virtio_vsock_event ev = {
+		.id = cpu_to_le32(VIRTIO_VSOCK_EVENT_TRANSPORT_RESET),
+	};
+	ssize_t n;
+	int err;
+
+	sim_to_vsock(vdpasim)->event_pending = false;
+	if (!evq->ready) {
+		drop_event(vdpasim, "the event queue is not set up");
+		return;
+	}
+	err = vringh_getdesc_iotlb(&evq->vring, NULL, &evq->in_iov, &evq->head, GFP_ATOMIC);
+	if (err < 0) {
+		drop_event(vdpasim, "the event queue's next buffer is malformed");
+		return;
+	}
+	if (err == 0) {
+		drop_event(vdpasim, "no event buffer posted");
+		return;
+	}
+	if (iov_space(&evq->in_iov) < sizeof(ev)) {
+		vq_complete(evq, 0);
+		drop_event(vdpasim, "the posted event buffer is shorter than 4 bytes");
+		return;
+	}
+	n = vringh_iov_push_iotlb(&evq->vring, &evq->in_iov, &ev, sizeof(ev));
+	vq_complete(evq, n == sizeof(ev) ? sizeof(ev) : 0);
+	if (n != sizeof(ev)) {
+		drop_event(vdpasim, "writing the event buffer failed");
+		return;
+	}
+	atomic_inc(&transport_resets_sent);
+}
+
 static void vdpasim_vsock_work(struct vdpasim *vdpasim)
 {
 	struct vdpasim_vsock *v = sim_to_vsock(vdpasim);
@@ -397,8 +473,17 @@ static void vdpasim_vsock_work(struct vdpasim *vdpasim)
 	mutex_lock(&vdpasim->mutex);
 	if (!vdpasim->running || !(vdpasim->status & VIRTIO_CONFIG_S_DRIVER_OK)) {
 		free_all_conns(v);
+		if (v->event_pending) {
+			v->event_pending = false;
+			drop_event(vdpasim, "the device was stopped first");
+		}
 		goto out;
 	}
+	/* needs_reset: nothing more is processed until the driver resets the device. */
+	if (vdpasim->status & VIRTIO_CONFIG_S_NEEDS_RESET)
+		goto out;
+	if (v->event_pending)
+		send_transport_reset(vdpasim);
 	if (!txq->ready || !rxq->ready)
 		goto out;
 
@@ -501,6 +586,155 @@ static const struct kernel_param_ops guest_cid_ops = {
 };
 module_param_cb(guest_cid, &guest_cid_ops, NULL, 0644);
 MODULE_PARM_DESC(guest_cid, "guest_cid of every vdpasim_vsock device (default 3); writing it changes the CID of existing devices and fires their config interrupt");
+
+/* The write-only parameters take exactly 1 ("1\n" from echo). */
+static int parse_one(const char *val)
+{
+	unsigned int x;
+	int ret;
+
+	ret = kstrtouint(val, 0, &x);
+	if (ret)
+		return ret;
+	return x == 1 ? 0 : -EINVAL;
+}
+
+/*
+ * transport_reset: every running device drops its host side's connections (the driver resets
+ * its own when the event arrives) and its work function sends one TRANSPORT_RESET event.
+ */
+/*
+ * Every running device drops its host side's connections and queues a TRANSPORT_RESET for its
+ * work function; with new_cid (not 0) each device first takes guest_cid new_cid without a config
+ * interrupt, as after a migration. Under vsock_devs_lock.
+ */
+static void transport_reset_all(u64 new_cid)
+{
+	struct vdpasim_vsock *v;
+
+	list_for_each_entry(v, &vsock_devs, node) {
+		bool running;
+
+		mutex_lock(&v->vdpasim.mutex);
+		running = v->vdpasim.running && (v->vdpasim.status & VIRTIO_CONFIG_S_DRIVER_OK);
+		if (new_cid)
+			WRITE_ONCE(v->guest_cid, new_cid);
+		if (running) {
+			free_all_conns(v);
+			v->event_pending = true;
+		}
+		mutex_unlock(&v->vdpasim.mutex);
+		if (running)
+			vdpasim_schedule_work(&v->vdpasim);
+		else
+			drop_event(&v->vdpasim, "the device is not running (no DRIVER_OK)");
+	}
+}
+
+static int transport_reset_set(const char *val, const struct kernel_param *kp)
+{
+	int ret;
+
+	ret = parse_one(val);
+	if (ret)
+		return ret;
+	mutex_lock(&vsock_devs_lock);
+	transport_reset_all(0);
+	mutex_unlock(&vsock_devs_lock);
+	return 0;
+}
+
+static const struct kernel_param_ops transport_reset_ops = {
+	.set = transport_reset_set,
+};
+module_param_cb(transport_reset, &transport_reset_ops, NULL, 0200);
+MODULE_PARM_DESC(transport_reset, "write 1: every running device drops its connections and sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on its event queue");
+
+/*
+ * migrate_guest_cid: what the driver sees after a migration to a host that gives it another CID
+ * (QEMU's vhost-vsock post_load): every device takes guest_cid N without a config interrupt
+ * (guest_cid reads N afterwards, and new devices get it), and the running ones drop their
+ * connections and send TRANSPORT_RESET, on which the driver must re-read guest_cid.
+ */
+static int migrate_guest_cid_set(const char *val, const struct kernel_param *kp)
+{
+	u64 cid;
+	int ret;
+
+	ret = kstrtou64(val, 0, &cid);
+	if (ret)
+		return ret;
+	if (cid <= HOST_CID || cid >= U32_MAX)
+		return -EINVAL;
+	mutex_lock(&vsock_devs_lock);
+	guest_cid_param = cid;
+	transport_reset_all(cid);
+	mutex_unlock(&vsock_devs_lock);
+	return 0;
+}
+
+static const struct kernel_param_ops migrate_guest_cid_ops = {
+	.set = migrate_guest_cid_set,
+};
+module_param_cb(migrate_guest_cid, &migrate_guest_cid_ops, NULL, 0200);
+MODULE_PARM_DESC(migrate_guest_cid, "write a CID: every device takes it as guest_cid without a config interrupt, and the running ones drop their connections and send TRANSPORT_RESET (a migration)");
+
+/*
+ * needs_reset: every running device enters the error state of virtio 1.2 section 2.1.2: it sets
+ * NEEDS_RESET, stops processing its queues (the work function checks the bit), drops its host
+ * side's connections and raises the config interrupt. The driver's reset (status 0) clears it.
+ */
+static int needs_reset_set(const char *val, const struct kernel_param *kp)
+{
+	struct vdpasim_vsock *v;
+	int ret;
+
+	ret = parse_one(val);
+	if (ret)
+		return ret;
+	mutex_lock(&vsock_devs_lock);
+	list_for_each_entry(v, &vsock_devs, node) {
+		bool raised;
+
+		mutex_lock(&v->vdpasim.mutex);
+		raised = v->vdpasim.status & VIRTIO_CONFIG_S_DRIVER_OK;
+		if (raised) {
+			v->vdpasim.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+			free_all_conns(v);
+			v->event_pending = false;
+		}
+		mutex_unlock(&v->vdpasim.mutex);
+		if (raised) {
+			atomic_inc(&needs_reset_raised);
+			pr_info("vdpa_sim_vsock: %s: NEEDS_RESET set\n",
+				dev_name(&v->vdpasim.vdpa.dev));
+			vdpasim_config_changed(&v->vdpasim);
+		}
+	}
+	mutex_unlock(&vsock_devs_lock);
+	return 0;
+}
+
+static const struct kernel_param_ops needs_reset_ops = {
+	.set = needs_reset_set,
+};
+module_param_cb(needs_reset, &needs_reset_ops, NULL, 0200);
+MODULE_PARM_DESC(needs_reset, "write 1: every running device sets NEEDS_RESET, stops its queues, drops its connections and raises the config interrupt");
+
+static int counter_get(char *buf, const struct kernel_param *kp)
+{
+	return sysfs_emit(buf, "%d\n", atomic_read((atomic_t *)kp->arg));
+}
+
+static const struct kernel_param_ops counter_ops = {
+	.get = counter_get,
+};
+module_param_cb(transport_resets_sent, &counter_ops, &transport_resets_sent, 0444);
+MODULE_PARM_DESC(transport_resets_sent, "TRANSPORT_RESET events put into a posted event buffer");
+module_param_cb(transport_resets_dropped, &counter_ops, &transport_resets_dropped, 0444);
+MODULE_PARM_DESC(transport_resets_dropped, "TRANSPORT_RESET events not delivered (no posted event buffer, no event queue, device not running)");
+module_param_cb(needs_reset_raised, &counter_ops, &needs_reset_raised, 0444);
+MODULE_PARM_DESC(needs_reset_raised, "devices that set NEEDS_RESET through the needs_reset parameter");
 
 static void vdpasim_vsock_mgmtdev_release(struct device *dev)
 {

@@ -10,7 +10,15 @@
 //! area is refused with an error naming it), bus master on, then the modern virtio-pci
 //! transport (`device::virtio_pci`: status reset / ACKNOWLEDGE / DRIVER, features, FEATURES_OK
 //! re-read, queues, DRIVER_OK) over those mappings, and MSI-X vectors wired to eventfds with
-//! `VFIO_DEVICE_SET_IRQS` (one per queue; INTx with a forwarding thread when MSI-X is absent).
+//! `VFIO_DEVICE_SET_IRQS` ([`IrqPlan`], as Linux's `vp_find_vqs` chooses: one vector for
+//! configuration changes and one per queue, else one shared by every queue, else INTx with a
+//! forwarding thread that reads the ISR).
+//!
+//! Queues: rx, tx and, when the common configuration's `num_queues` says so, the event queue
+//! (virtio 1.2 section 5.10.2). Removal: the device request interrupt
+//! (`VFIO_PCI_REQ_IRQ_INDEX`), which the kernel signals when the function is unbound from
+//! vfio-pci or unplugged and then waits until we close the device, is
+//! [`VsockDevice::removal_fd`].
 //!
 //! IOVAs: with type1v2 the DMA region is mapped with `VFIO_IOMMU_MAP_DMA` at [`TYPE1_IOVA_BASE`];
 //! with no-IOMMU the device sees physical addresses, so the region must be pinned, physically
@@ -34,10 +42,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::pci;
 use super::virtio_pci::{
-    self, QueueAddrs, Regs, Transport, ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET,
-    VIRTIO_MSI_NO_VECTOR,
+    self, QueueAddrs, Regs, Transport, ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK, ISR_CONFIG,
+    ISR_QUEUE, NEEDS_RESET, VIRTIO_MSI_NO_VECTOR,
 };
-use super::{DeviceError, VsockDevice};
+use super::{DeviceError, VsockDevice, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
 use crate::dma::{DmaOptions, DmaRegion, IovaBase, HUGE_PAGE_SIZE};
 use crate::virtq::QueueLayout;
 
@@ -59,7 +67,8 @@ mod sys {
         VFIO_GROUP_FLAGS_VIABLE, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK,
         VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_NOIOMMU_IOMMU,
         VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
-        VFIO_REGION_INFO_CAP_SPARSE_MMAP, VFIO_REGION_INFO_FLAG_CAPS, VFIO_REGION_INFO_FLAG_MMAP,
+        VFIO_PCI_REQ_IRQ_INDEX, VFIO_REGION_INFO_CAP_SPARSE_MMAP, VFIO_REGION_INFO_FLAG_CAPS,
+        VFIO_REGION_INFO_FLAG_MMAP,
     };
     use vfio_bindings::bindings::vfio::{VFIO_BASE, VFIO_TYPE};
 
@@ -379,14 +388,38 @@ impl Drop for IntxForwarder {
     }
 }
 
-/// Waits for the INTx eventfd; reads the ISR (clears it, deasserts the line); on a queue
-/// interrupt (ISR bit 0) signals both queues; unmasks the line in VFIO.
+/// What one INTx interrupt means (virtio 1.2 section 4.1.4.5): ISR bit 0 (a queue
+/// interrupt) signals every queue's eventfd (the ISR does not say which queue), bit 1 (a
+/// configuration change) the config eventfd. Returns the ISR read.
+fn dispatch_isr(isr: u8, calls: &[EventFd], config: &EventFd) -> u8 {
+    if isr & ISR_QUEUE != 0 {
+        for c in calls {
+            let _ = c.write(1);
+        }
+    }
+    if isr & ISR_CONFIG != 0 {
+        let _ = config.write(1);
+    }
+    isr
+}
+
+/// The eventfds the INTx thread signals.
+#[derive(Debug)]
+struct IntxTargets {
+    /// One per queue.
+    calls: Vec<EventFd>,
+    /// Configuration changes.
+    config: EventFd,
+}
+
+/// Waits for the INTx eventfd; reads the ISR (clears it, deasserts the line) and signals what
+/// it says ([`dispatch_isr`]); unmasks the line in VFIO.
 fn intx_loop(
     device: &File,
     transport: &Transport,
     line: &EventFd,
     stop: &EventFd,
-    calls: &[EventFd; 2],
+    targets: &IntxTargets,
 ) {
     loop {
         let mut fds = [
@@ -415,11 +448,7 @@ fn intx_loop(
         }
         if fds[0].revents != 0 {
             let _ = line.read();
-            if transport.read_isr() & 1 != 0 {
-                for c in calls {
-                    let _ = c.write(1);
-                }
-            }
+            dispatch_isr(transport.read_isr(), &targets.calls, &targets.config);
             if let Err(e) = set_irqs_on(
                 device,
                 sys::VFIO_PCI_INTX_IRQ_INDEX,
@@ -432,6 +461,137 @@ fn intx_loop(
         }
     }
 }
+
+/// The MSI-X vector of configuration changes whenever MSI-X is in use (Linux's
+/// `VP_MSIX_CONFIG_VECTOR`); queue vectors follow it.
+const CONFIG_VECTOR: u16 = 0;
+
+/// How the function's interrupts are wired, in the order Linux's `vp_find_vqs` tries them: a
+/// vector per queue plus one for configuration changes, else one vector shared by every queue
+/// plus the configuration vector, else INTx (the ISR says which of the two it was).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IrqPlan {
+    /// MSI-X: configuration changes on vector 0, queue `i` on vector `1 + i`.
+    PerQueue {
+        /// How many queues have a vector.
+        queues: u16,
+    },
+    /// MSI-X: configuration changes on vector 0, every queue on vector 1 (one eventfd that
+    /// every queue's [`VsockDevice::call_fd`] names).
+    Shared,
+    /// The INTx line, read by a thread that signals the queues and the configuration change
+    /// eventfds as the ISR says.
+    Intx,
+}
+
+impl IrqPlan {
+    /// The plans to try, best first, for an MSI-X table of `table` entries (0: no MSI-X) and
+    /// `queues` queues; INTx always comes last, and alone when `force_intx`.
+    pub fn candidates(table: u32, queues: u16, force_intx: bool) -> Vec<IrqPlan> {
+        let mut out = Vec::new();
+        if !force_intx {
+            // One vector per queue plus the config vector.
+            if table > u32::from(queues) {
+                out.push(IrqPlan::PerQueue { queues });
+            }
+            if table >= 2 {
+                out.push(IrqPlan::Shared);
+            }
+        }
+        out.push(IrqPlan::Intx);
+        out
+    }
+
+    /// MSI-X vectors in use (0 with INTx).
+    pub fn vectors(self) -> u32 {
+        match self {
+            IrqPlan::PerQueue { queues } => u32::from(queues) + 1,
+            IrqPlan::Shared => 2,
+            IrqPlan::Intx => 0,
+        }
+    }
+
+    /// The MSI-X vector of queue `index` (`None` with INTx, or a queue without one).
+    pub fn queue_vector(self, index: u16) -> Option<u16> {
+        match self {
+            IrqPlan::PerQueue { queues } if index < queues => Some(CONFIG_VECTOR + 1 + index),
+            IrqPlan::PerQueue { .. } | IrqPlan::Intx => None,
+            IrqPlan::Shared => Some(CONFIG_VECTOR + 1),
+        }
+    }
+
+    /// What goes into `config_msix_vector`.
+    pub fn config_vector(self) -> u16 {
+        match self {
+            IrqPlan::PerQueue { .. } | IrqPlan::Shared => CONFIG_VECTOR,
+            IrqPlan::Intx => VIRTIO_MSI_NO_VECTOR,
+        }
+    }
+}
+
+impl std::fmt::Display for IrqPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            IrqPlan::PerQueue { queues } => {
+                write!(f, "config on vector {CONFIG_VECTOR}")?;
+                for q in 0..queues {
+                    let v = self.queue_vector(q).unwrap_or(VIRTIO_MSI_NO_VECTOR);
+                    write!(f, ", {} on {v}", queue_name(q))?;
+                }
+                Ok(())
+            }
+            IrqPlan::Shared => write!(
+                f,
+                "config on vector {CONFIG_VECTOR}, every queue on vector {} (shared: too few \
+                 vectors for one each)",
+                CONFIG_VECTOR + 1
+            ),
+            IrqPlan::Intx => f.write_str("INTx, ISR bit 0 queues, bit 1 config"),
+        }
+    }
+}
+
+/// The spec's name of queue `index` (5.10.2).
+fn queue_name(index: u16) -> &'static str {
+    match index {
+        RX_QUEUE => "rx",
+        TX_QUEUE => "tx",
+        EVENT_QUEUE => "event",
+        _ => "queue",
+    }
+}
+
+/// What a `VFIO_IOMMU_MAP_DMA` of a region needs, given what is mapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MapStep {
+    /// That very region is mapped already (a bring-up again after `restart`): nothing to do.
+    Done,
+    /// Nothing is mapped: map it.
+    Map,
+    /// Another region is mapped: unmap it first, then map.
+    Replace(DmaMapping),
+}
+
+/// One `VFIO_IOMMU_MAP_DMA` we made: the IOVA range and the process memory behind it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DmaMapping {
+    iova: u64,
+    size: u64,
+    vaddr: u64,
+}
+
+impl MapStep {
+    fn plan(mapped: Option<DmaMapping>, want: DmaMapping) -> MapStep {
+        match mapped {
+            Some(m) if m == want => MapStep::Done,
+            Some(m) => MapStep::Replace(m),
+            None => MapStep::Map,
+        }
+    }
+}
+
+/// The most queues a virtio-vsock device has (rx, tx, event; 5.10.2).
+const MAX_QUEUES: u16 = 3;
 
 /// A virtio-vsock PCI function driven through VFIO.
 #[derive(Debug)]
@@ -452,11 +612,20 @@ pub struct VfioPciDevice {
     /// Type1 only: map the DMA region at IOVA = its physical address.
     identity_iova: bool,
     offered: u64,
-    /// Notify-area offsets (within the notify structure) of queues 0 and 1.
-    notify_off: [Option<u64>; 2],
+    /// Feature bits [`Self::hide_features`] keeps from the driver (also after `restart`).
+    hidden: u64,
+    /// Queues the driver may set up: `num_queues` of the common configuration, at most 3.
+    queues: u16,
+    /// Notify-area offsets (within the notify structure) of queues 0, 1 and 2.
+    notify_off: [Option<u64>; 3],
+    /// One per queue (with [`IrqPlan::Shared`] all name one eventfd).
     calls: Vec<EventFd>,
-    msix_vectors: u32,
-    dma_mapped: Option<(u64, u64)>,
+    /// Configuration changes (the MSI-X config vector, or the INTx thread on ISR bit 1).
+    config_irq: EventFd,
+    /// The device request interrupt: the kernel wants the function back.
+    removal: Option<EventFd>,
+    irqs: IrqPlan,
+    dma_mapped: Option<DmaMapping>,
     started: bool,
 }
 
@@ -645,9 +814,13 @@ impl VfioPciDevice {
             config_offset: cfg_info.offset,
             transport,
             offered: 0,
-            notify_off: [None; 2],
+            hidden: 0,
+            queues: 0,
+            notify_off: [None; 3],
             calls: Vec::new(),
-            msix_vectors: 0,
+            config_irq: EventFd::new(EFD_NONBLOCK).map_err(|e| DeviceError::io("eventfd", e))?,
+            removal: None,
+            irqs: IrqPlan::Intx,
             intx: None,
             force_intx,
             identity_iova: false,
@@ -668,13 +841,16 @@ impl VfioPciDevice {
                 "{bdf}: device has {nq} queues, expected >= 2"
             )));
         }
+        dev.queues = nq.min(MAX_QUEUES);
         dev.setup_irqs()?;
+        dev.removal = dev.setup_removal();
         Ok(dev)
     }
 
     /// Stops offering the feature bits in `mask` to the driver (diagnostics: e.g. run without
     /// `VIRTIO_RING_F_EVENT_IDX` to tell a notification-suppression problem from others).
     pub fn hide_features(&mut self, mask: u64) {
+        self.hidden |= mask;
         self.offered &= !mask;
     }
 
@@ -689,7 +865,17 @@ impl VfioPciDevice {
 
     /// Number of MSI-X vectors in use (0: INTx).
     pub fn msix_vectors(&self) -> u32 {
-        self.msix_vectors
+        self.irqs.vectors()
+    }
+
+    /// How the interrupts are wired.
+    pub fn irq_plan(&self) -> IrqPlan {
+        self.irqs
+    }
+
+    /// Whether the device request interrupt is wired to [`VsockDevice::removal_fd`].
+    pub fn signals_removal(&self) -> bool {
+        self.removal.is_some()
     }
 
     /// MSI-X table size the function advertises in its capability.
@@ -718,6 +904,30 @@ impl VfioPciDevice {
             sys::VFIO_IRQ_SET_DATA_EVENTFD | sys::VFIO_IRQ_SET_ACTION_TRIGGER
         };
         set_irqs_on(&self.device, index, flags, fds)
+    }
+
+    /// `VFIO_IOMMU_UNMAP_DMA` of a mapping we made.
+    fn unmap_dma(&self, m: DmaMapping) -> Result<(), DeviceError> {
+        let mut unmap = sys::vfio_iommu_type1_dma_unmap {
+            argsz: argsz::<sys::vfio_iommu_type1_dma_unmap>(),
+            flags: 0,
+            iova: m.iova,
+            size: m.size,
+            ..Default::default()
+        };
+        // SAFETY: UNMAP_DMA reads one `vfio_iommu_type1_dma_unmap` (and writes back the size
+        // unmapped into it; it is exclusively ours for the call).
+        if unsafe {
+            vmm_sys_util::ioctl::ioctl_with_mut_ref(
+                &self.container,
+                sys::VFIO_IOMMU_UNMAP_DMA(),
+                &mut unmap,
+            )
+        } < 0
+        {
+            return Err(errno("VFIO_IOMMU_UNMAP_DMA"));
+        }
+        Ok(())
     }
 }
 
@@ -773,58 +983,144 @@ impl VfioPciDevice {
         }
     }
 
-    /// One eventfd per queue: MSI-X vectors 0 (rx) and 1 (tx), config changes unsignalled.
+    /// Wires the interrupts: the first [`IrqPlan`] of [`IrqPlan::candidates`] that the function
+    /// accepts (a device that refuses the config vector moves us on to the next, as Linux
+    /// does). The eventfds stay the same for the device's life, also across `restart`.
     fn setup_irqs(&mut self) -> Result<(), DeviceError> {
-        let mk = || EventFd::new(EFD_NONBLOCK).map_err(|e| DeviceError::io("eventfd", e));
-        self.calls = vec![mk()?, mk()?];
         let msix = self.irq_count(sys::VFIO_PCI_MSIX_IRQ_INDEX);
-        if msix >= 2 && !self.force_intx {
-            let fds: Vec<i32> = self.calls.iter().map(|e| e.as_raw_fd()).collect();
-            self.set_irqs(sys::VFIO_PCI_MSIX_IRQ_INDEX, &fds)?;
-            self.msix_vectors = 2;
-            log::info!(
-                "vfio {}: MSI-X, {} of {msix} vectors in use",
-                self.bdf,
-                self.msix_vectors
-            );
-            self.transport.set_config_msix_vector(VIRTIO_MSI_NO_VECTOR);
-            return Ok(());
+        let mut last = None;
+        for plan in IrqPlan::candidates(msix, self.queues, self.force_intx) {
+            let r = match plan {
+                IrqPlan::Intx => self.setup_intx(),
+                _ => self.setup_msix(plan),
+            };
+            match r {
+                Ok(()) => {
+                    self.irqs = plan;
+                    log::info!(
+                        "vfio {}: {} of {msix} MSI-X vectors in use{}: {plan}",
+                        self.bdf,
+                        plan.vectors(),
+                        if self.force_intx {
+                            " (INTx forced)"
+                        } else {
+                            ""
+                        }
+                    );
+                    return Ok(());
+                }
+                Err(e) => {
+                    log::warn!("vfio {}: interrupts as {plan:?} failed: {e}", self.bdf);
+                    last = Some(e);
+                }
+            }
         }
+        Err(last.unwrap_or_else(|| failed(format!("{}: no interrupt plan", self.bdf))))
+    }
+
+    fn eventfd() -> Result<EventFd, DeviceError> {
+        EventFd::new(EFD_NONBLOCK).map_err(|e| DeviceError::io("eventfd", e))
+    }
+
+    fn dup(e: &EventFd) -> Result<EventFd, DeviceError> {
+        e.try_clone().map_err(|e| DeviceError::io("dup eventfd", e))
+    }
+
+    /// MSI-X: the config eventfd on [`CONFIG_VECTOR`], the queues' after it (one each, or one
+    /// shared), and `config_msix_vector` set (checked).
+    fn setup_msix(&mut self, plan: IrqPlan) -> Result<(), DeviceError> {
+        let calls: Vec<EventFd> = match plan {
+            IrqPlan::PerQueue { queues } => (0..queues)
+                .map(|_| Self::eventfd())
+                .collect::<Result<_, _>>()?,
+            _ => {
+                let one = Self::eventfd()?;
+                let mut calls = (1..self.queues)
+                    .map(|_| Self::dup(&one))
+                    .collect::<Result<Vec<_>, _>>()?;
+                calls.insert(0, one);
+                calls
+            }
+        };
+        let mut fds = vec![self.config_irq.as_raw_fd()];
+        match plan {
+            IrqPlan::PerQueue { .. } => fds.extend(calls.iter().map(AsRawFd::as_raw_fd)),
+            _ => fds.push(calls[0].as_raw_fd()),
+        }
+        self.set_irqs(sys::VFIO_PCI_MSIX_IRQ_INDEX, &fds)?;
+        if let Err(e) = self.transport.set_config_msix_vector(plan.config_vector()) {
+            let _ = self.set_irqs(sys::VFIO_PCI_MSIX_IRQ_INDEX, &[]);
+            return Err(e);
+        }
+        self.calls = calls;
+        Ok(())
+    }
+
+    /// INTx: one level-triggered line for everything. VFIO masks it when it fires; a thread
+    /// reads the ISR (which deasserts the line), signals the queues' eventfds on a queue
+    /// interrupt and the config eventfd on a configuration change, and unmasks.
+    fn setup_intx(&mut self) -> Result<(), DeviceError> {
         if self.irq_count(sys::VFIO_PCI_INTX_IRQ_INDEX) == 0 {
             return Err(failed(format!("{}: neither MSI-X nor INTx", self.bdf)));
         }
-        // INTx: one level-triggered line for everything. VFIO masks it when it fires; a thread
-        // reads the ISR (which deasserts the line), signals both queues' eventfds on a queue
-        // interrupt, and unmasks.
+        let calls: Vec<EventFd> = (0..self.queues)
+            .map(|_| Self::eventfd())
+            .collect::<Result<_, _>>()?;
+        // No vector: with MSI-X disabled the device raises INTx and sets the ISR.
+        let _ = self
+            .transport
+            .set_config_msix_vector(IrqPlan::Intx.config_vector());
         let cmd = self.config_read16(pci::PCI_COMMAND)?;
         self.config_write16(pci::PCI_COMMAND, cmd & !pci::PCI_COMMAND_INTX_DISABLE)?;
-        let line = mk()?;
+        let line = Self::eventfd()?;
         set_irqs_on(
             &self.device,
             sys::VFIO_PCI_INTX_IRQ_INDEX,
             sys::VFIO_IRQ_SET_DATA_EVENTFD | sys::VFIO_IRQ_SET_ACTION_TRIGGER,
             &[line.as_raw_fd()],
         )?;
-        let stop = mk()?;
+        let stop = Self::eventfd()?;
         let transport = Arc::clone(&self.transport);
         let device = Arc::clone(&self.device);
-        let dup = |e: &EventFd| e.try_clone().map_err(|e| DeviceError::io("dup eventfd", e));
-        let calls = [dup(&self.calls[0])?, dup(&self.calls[1])?];
-        let stop2 = dup(&stop)?;
+        let targets = IntxTargets {
+            calls: calls.iter().map(Self::dup).collect::<Result<_, _>>()?,
+            config: Self::dup(&self.config_irq)?,
+        };
+        let stop2 = Self::dup(&stop)?;
         let thread = std::thread::Builder::new()
             .name(format!("vfio-intx-{}", self.bdf))
-            .spawn(move || intx_loop(&device, &transport, &line, &stop2, &calls))
+            .spawn(move || intx_loop(&device, &transport, &line, &stop2, &targets))
             .map_err(|e| DeviceError::io("spawn INTx thread", e))?;
         self.intx = Some(IntxForwarder {
             stop,
             thread: Some(thread),
         });
-        log::info!(
-            "vfio {}: INTx ({msix} MSI-X vectors{})",
-            self.bdf,
-            if self.force_intx { ", INTx forced" } else { "" }
-        );
+        self.calls = calls;
         Ok(())
+    }
+
+    /// The device request interrupt on an eventfd, when the function has one (vfio-pci always
+    /// reports it). Without it the kernel still waits for us on unbind, but nothing tells us.
+    fn setup_removal(&self) -> Option<EventFd> {
+        if self.irq_count(sys::VFIO_PCI_REQ_IRQ_INDEX) == 0 {
+            log::warn!(
+                "vfio {}: no device request interrupt: an unbind will wait for the process to \
+                 close the device unannounced",
+                self.bdf
+            );
+            return None;
+        }
+        let wired = Self::eventfd().and_then(|fd| {
+            self.set_irqs(sys::VFIO_PCI_REQ_IRQ_INDEX, &[fd.as_raw_fd()])
+                .map(|()| fd)
+        });
+        match wired {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                log::warn!("vfio {}: device request interrupt: {e}", self.bdf);
+                None
+            }
+        }
     }
 }
 
@@ -859,8 +1155,9 @@ impl VsockDevice for VfioPciDevice {
         self.transport.guest_cid()
     }
 
+    /// `num_queues` of the common configuration (at most 3: rx, tx, event).
     fn num_queues(&self) -> u16 {
-        2
+        self.queues
     }
 
     fn max_queue_size(&self, index: u16) -> u16 {
@@ -902,12 +1199,26 @@ impl VsockDevice for VfioPciDevice {
             );
             return Ok(());
         }
+        let want = DmaMapping {
+            iova: dma.iova_base(),
+            size: dma.size() as u64,
+            vaddr: dma.host_addr(),
+        };
+        match MapStep::plan(self.dma_mapped, want) {
+            // The container's mapping outlives a device reset that did not undo it.
+            MapStep::Done => return Ok(()),
+            MapStep::Map => {}
+            MapStep::Replace(old) => {
+                self.unmap_dma(old)?;
+                self.dma_mapped = None;
+            }
+        }
         let map = sys::vfio_iommu_type1_dma_map {
             argsz: argsz::<sys::vfio_iommu_type1_dma_map>(),
             flags: sys::VFIO_DMA_MAP_FLAG_READ | sys::VFIO_DMA_MAP_FLAG_WRITE,
-            vaddr: dma.host_addr(),
-            iova: dma.iova_base(),
-            size: dma.size() as u64,
+            vaddr: want.vaddr,
+            iova: want.iova,
+            size: want.size,
         };
         // SAFETY: MAP_DMA reads one `vfio_iommu_type1_dma_map`; the range is our live mapping,
         // which the driver keeps alive until after `reset` (where we unmap it).
@@ -917,20 +1228,23 @@ impl VsockDevice for VfioPciDevice {
         {
             return Err(errno("VFIO_IOMMU_MAP_DMA"));
         }
-        self.dma_mapped = Some((map.iova, map.size));
+        self.dma_mapped = Some(want);
         Ok(())
     }
 
     fn setup_queue(&mut self, index: u16, layout: &QueueLayout) -> Result<(), DeviceError> {
-        if index >= 2 {
-            return Err(DeviceError::NoSuchQueue { index, count: 2 });
+        if index >= self.queues {
+            return Err(DeviceError::NoSuchQueue {
+                index,
+                count: self.queues,
+            });
         }
         let rings = QueueAddrs {
             desc: layout.desc_table.0,
             driver: layout.avail_ring.0,
             device: layout.used_ring.0,
         };
-        let vector = (self.msix_vectors > 0).then_some(index);
+        let vector = self.irqs.queue_vector(index);
         let off = self
             .transport
             .setup_queue(index, layout.size, rings, vector)?;
@@ -939,9 +1253,10 @@ impl VsockDevice for VfioPciDevice {
     }
 
     fn activate(&mut self) -> Result<(), DeviceError> {
-        if self.notify_off.iter().any(Option::is_none) {
+        // The event queue is optional (a driver that does not use it leaves it disabled).
+        if self.notify_off[..2].iter().any(Option::is_none) {
             return Err(DeviceError::NotReady(
-                "activate before both queues were set up",
+                "activate before the rx and tx queues were set up",
             ));
         }
         self.transport
@@ -971,36 +1286,60 @@ impl VsockDevice for VfioPciDevice {
     fn call_fd(&self, index: u16) -> Result<&EventFd, DeviceError> {
         self.calls
             .get(usize::from(index))
-            .ok_or(DeviceError::NoSuchQueue { index, count: 2 })
+            .ok_or(DeviceError::NoSuchQueue {
+                index,
+                count: self.queues,
+            })
+    }
+
+    fn config_fd(&self) -> Option<&EventFd> {
+        Some(&self.config_irq)
+    }
+
+    fn status(&self) -> Result<Option<u8>, DeviceError> {
+        Ok(Some(self.transport.status()))
+    }
+
+    /// Back to ACKNOWLEDGE | DRIVER with the offered features re-read (less the hidden ones)
+    /// and the config vector written again (a reset clears it); the eventfds and the DMA
+    /// mapping are those of before.
+    fn restart(&mut self) -> Result<(), DeviceError> {
+        self.started = false;
+        self.notify_off = [None; 3];
+        self.transport.begin_init()?;
+        let nq = self.transport.num_queues().min(MAX_QUEUES);
+        if nq != self.queues {
+            return Err(failed(format!(
+                "{}: num_queues changed from {} to {nq} across a reset",
+                self.bdf, self.queues
+            )));
+        }
+        self.offered = self.transport.device_features() & !self.hidden;
+        if self.irqs != IrqPlan::Intx {
+            self.transport
+                .set_config_msix_vector(self.irqs.config_vector())?;
+        }
+        log::info!(
+            "vfio {}: restarted, features {:#x} offered",
+            self.bdf,
+            self.offered
+        );
+        Ok(())
+    }
+
+    fn removal_fd(&self) -> Option<&EventFd> {
+        self.removal.as_ref()
     }
 
     fn reset(&mut self) -> Result<(), DeviceError> {
         let r = self.transport.reset();
         self.started = false;
-        self.notify_off = [None; 2];
-        if let Some((iova, size)) = self.dma_mapped.take() {
-            let mut unmap = sys::vfio_iommu_type1_dma_unmap {
-                argsz: argsz::<sys::vfio_iommu_type1_dma_unmap>(),
-                flags: 0,
-                iova,
-                size,
-                ..Default::default()
-            };
-            // SAFETY: UNMAP_DMA reads one `vfio_iommu_type1_dma_unmap` (and writes back the
-            // size unmapped into it; it is exclusively ours for the call).
-            if unsafe {
-                vmm_sys_util::ioctl::ioctl_with_mut_ref(
-                    &self.container,
-                    sys::VFIO_IOMMU_UNMAP_DMA(),
-                    &mut unmap,
-                )
-            } < 0
-            {
-                log::warn!(
-                    "vfio {}: VFIO_IOMMU_UNMAP_DMA failed: {}",
-                    self.bdf,
-                    io::Error::last_os_error()
-                );
+        self.notify_off = [None; 3];
+        if let Some(m) = self.dma_mapped {
+            match self.unmap_dma(m) {
+                Ok(()) => self.dma_mapped = None,
+                // Still mapped: a later map of the same region is then a no-op.
+                Err(e) => log::warn!("vfio {}: {e}", self.bdf),
             }
         }
         r
@@ -1045,11 +1384,21 @@ impl VsockDevice for VfioPciDevice {
             ("device cfg", cap(&caps.device)),
             (
                 "msi-x",
-                match (caps.msix_vectors, self.msix_vectors) {
+                match (caps.msix_vectors, self.irqs.vectors()) {
                     (None, _) => "none (INTx)".to_string(),
                     (Some(t), 0) => format!("{t} vectors in the table, INTx fallback in use"),
-                    (Some(t), n) => format!("{t} vectors in the table, {n} in use (rx, tx)"),
+                    (Some(t), n) => format!("{t} vectors in the table, {n} in use"),
                 },
+            ),
+            ("interrupts", self.irqs.to_string()),
+            (
+                "removal",
+                if self.removal.is_some() {
+                    "device request interrupt wired (unbind and unplug are signalled)"
+                } else {
+                    "not signalled (no device request interrupt)"
+                }
+                .to_string(),
             ),
             ("status", super::status_names(self.transport.status())),
         ];
@@ -1058,6 +1407,21 @@ impl VsockDevice for VfioPciDevice {
             .map(|i| format!("{i}:{}", self.transport.queue_max_size(i)))
             .collect();
         d.push(("queues", format!("{nq} (max sizes {})", sizes.join(" "))));
+        d.push((
+            "event queue",
+            if self.queues > EVENT_QUEUE {
+                format!(
+                    "queue {EVENT_QUEUE}, max size {}, {}",
+                    self.transport.queue_max_size(EVENT_QUEUE),
+                    match self.irqs.queue_vector(EVENT_QUEUE) {
+                        Some(v) => format!("MSI-X vector {v}"),
+                        None => "INTx".to_string(),
+                    }
+                )
+            } else {
+                format!("absent (num_queues {nq})")
+            },
+        ));
         d.push((
             "guest_cid",
             match self.transport.guest_cid() {
@@ -1075,8 +1439,11 @@ impl Drop for VfioPciDevice {
         if let Err(e) = self.reset() {
             log::warn!("vfio {}: reset on close: {e}", self.bdf);
         }
-        if self.msix_vectors > 0 {
+        if self.irqs.vectors() > 0 {
             let _ = self.set_irqs(sys::VFIO_PCI_MSIX_IRQ_INDEX, &[]);
+        }
+        if self.removal.take().is_some() {
+            let _ = self.set_irqs(sys::VFIO_PCI_REQ_IRQ_INDEX, &[]);
         }
         if self.intx.take().is_some() {
             let _ = self.set_irqs(sys::VFIO_PCI_INTX_IRQ_INDEX, &[]);
@@ -1120,6 +1487,105 @@ mod tests {
         assert_eq!(sys::VFIO_IOMMU_MAP_DMA(), 0x3b71);
         assert_eq!(std::mem::size_of::<sys::vfio_region_info>(), 32);
         assert_eq!(std::mem::size_of::<sys::vfio_iommu_type1_dma_map>(), 32);
+    }
+
+    #[test]
+    fn interrupt_plans_follow_linux_vp_find_vqs() {
+        use IrqPlan::{Intx, PerQueue, Shared};
+        // Enough vectors for config + rx + tx + event: one each.
+        assert_eq!(
+            IrqPlan::candidates(4, 3, false),
+            [PerQueue { queues: 3 }, Shared, Intx]
+        );
+        assert_eq!(
+            IrqPlan::candidates(64, 3, false),
+            [PerQueue { queues: 3 }, Shared, Intx]
+        );
+        // QEMU's vhost-user-vsock-pci: a 3-entry table for 3 queues + config: shared.
+        assert_eq!(IrqPlan::candidates(3, 3, false), [Shared, Intx]);
+        // Without an event queue 3 vectors are enough for one each.
+        assert_eq!(
+            IrqPlan::candidates(3, 2, false),
+            [PerQueue { queues: 2 }, Shared, Intx]
+        );
+        // One vector cannot hold config and queues apart: INTx (Linux does the same).
+        assert_eq!(IrqPlan::candidates(1, 3, false), [Intx]);
+        assert_eq!(IrqPlan::candidates(0, 3, false), [Intx]);
+        // Forced INTx ignores the table.
+        assert_eq!(IrqPlan::candidates(64, 3, true), [Intx]);
+    }
+
+    #[test]
+    fn vector_assignment_per_plan() {
+        let per = IrqPlan::PerQueue { queues: 3 };
+        assert_eq!(per.vectors(), 4);
+        assert_eq!(per.config_vector(), 0);
+        assert_eq!(
+            (0..4).map(|q| per.queue_vector(q)).collect::<Vec<_>>(),
+            [Some(1), Some(2), Some(3), None]
+        );
+        assert_eq!(
+            per.to_string(),
+            "config on vector 0, rx on 1, tx on 2, event on 3"
+        );
+        let two = IrqPlan::PerQueue { queues: 2 };
+        assert_eq!(two.vectors(), 3);
+        assert_eq!(two.queue_vector(2), None);
+        let shared = IrqPlan::Shared;
+        assert_eq!(shared.vectors(), 2);
+        assert_eq!(shared.config_vector(), 0);
+        assert!((0..3).all(|q| shared.queue_vector(q) == Some(1)));
+        assert!(shared.to_string().contains("every queue on vector 1"));
+        let intx = IrqPlan::Intx;
+        assert_eq!(intx.vectors(), 0);
+        assert_eq!(intx.config_vector(), VIRTIO_MSI_NO_VECTOR);
+        assert!((0..3).all(|q| intx.queue_vector(q).is_none()));
+    }
+
+    /// Drains `e` and says whether it had been signalled.
+    fn fired(e: &EventFd) -> bool {
+        e.read().is_ok()
+    }
+
+    #[test]
+    fn intx_honours_both_isr_bits() {
+        let mk = || EventFd::new(EFD_NONBLOCK).unwrap();
+        let calls = [mk(), mk(), mk()];
+        let config = mk();
+        // Bit 0: every queue (the ISR does not say which), not the config.
+        dispatch_isr(ISR_QUEUE, &calls, &config);
+        assert!(calls.iter().all(fired));
+        assert!(!fired(&config));
+        // Bit 1: the config only.
+        dispatch_isr(ISR_CONFIG, &calls, &config);
+        assert!(calls.iter().all(|c| !fired(c)));
+        assert!(fired(&config));
+        // Both at once; and a spurious 0 (shared line) signals nothing.
+        dispatch_isr(ISR_QUEUE | ISR_CONFIG, &calls, &config);
+        assert!(calls.iter().all(fired) && fired(&config));
+        dispatch_isr(0, &calls, &config);
+        assert!(calls.iter().all(|c| !fired(c)) && !fired(&config));
+    }
+
+    #[test]
+    fn a_second_map_of_the_same_region_is_done_and_another_replaces_it() {
+        let a = DmaMapping {
+            iova: TYPE1_IOVA_BASE,
+            size: 2 << 20,
+            vaddr: 0x7f00_0000_0000,
+        };
+        assert_eq!(MapStep::plan(None, a), MapStep::Map);
+        assert_eq!(MapStep::plan(Some(a), a), MapStep::Done);
+        for b in [
+            DmaMapping {
+                vaddr: 0x7f00_0020_0000,
+                ..a
+            },
+            DmaMapping { size: 4 << 20, ..a },
+            DmaMapping { iova: 0, ..a },
+        ] {
+            assert_eq!(MapStep::plan(Some(a), b), MapStep::Replace(a));
+        }
     }
 
     #[test]

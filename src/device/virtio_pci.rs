@@ -27,6 +27,16 @@ pub(crate) use super::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FAILED, FEATURES_
 /// What a device answers for an MSI-X vector it cannot use (4.1.5.1.2).
 pub(crate) const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
 
+/// ISR status bit 0: a queue interrupt (4.1.4.5).
+pub(crate) const ISR_QUEUE: u8 = 1;
+/// ISR status bit 1: a configuration change (4.1.4.5).
+pub(crate) const ISR_CONFIG: u8 = 2;
+
+/// What `device_status` reads when nothing answers: a function that was unplugged (or whose
+/// BAR no longer decodes) reads all ones. The value also has bits 4 and 5 set, which no
+/// device sets (virtio 1.2 section 2.1), so it is never a real status.
+pub(crate) const STATUS_ABSENT: u8 = 0xff;
+
 /// How long a reset may take before the device is declared broken.
 pub(crate) const RESET_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -281,7 +291,9 @@ impl Transport {
     }
 
     /// Writes 0 to `device_status` and waits until it reads back 0 (4.1.4.3.2), at most the
-    /// reset timeout.
+    /// reset timeout. A status that reads all ones ([`STATUS_ABSENT`]) is a function that is
+    /// gone: that is an error at once, not a wait (closing a device after a surprise removal
+    /// must not take the whole timeout).
     pub(crate) fn reset(&self) -> Result<(), DeviceError> {
         self.common_w(common::DEVICE_STATUS, 1, 0);
         let start = Instant::now();
@@ -289,6 +301,13 @@ impl Transport {
             let s = self.status();
             if s == 0 {
                 return Ok(());
+            }
+            if s == STATUS_ABSENT {
+                return Err(failed(format!(
+                    "{}: device_status reads {s:#x} (all ones) after the reset: the function \
+                     does not answer (removed?)",
+                    self.name
+                )));
             }
             if start.elapsed() > self.reset_timeout {
                 return Err(failed(format!(
@@ -350,9 +369,24 @@ impl Transport {
         n
     }
 
-    /// Routes configuration-change interrupts to `vector` (or none: [`VIRTIO_MSI_NO_VECTOR`]).
-    pub(crate) fn set_config_msix_vector(&self, vector: u16) {
+    /// Routes configuration-change interrupts to `vector` (or none: [`VIRTIO_MSI_NO_VECTOR`]),
+    /// and reads it back (4.1.5.1.2): a device that answers NO_VECTOR for a real vector could
+    /// not allocate it, which is an error.
+    pub(crate) fn set_config_msix_vector(&self, vector: u16) -> Result<(), DeviceError> {
         self.common_w(common::CONFIG_MSIX_VECTOR, 2, u32::from(vector));
+        let got = self.common_r(common::CONFIG_MSIX_VECTOR, 2);
+        if got != u32::from(vector) {
+            return Err(failed(format!(
+                "{}: config_msix_vector {vector:#x} refused (read back {got:#x}{})",
+                self.name,
+                if got == u32::from(VIRTIO_MSI_NO_VECTOR) {
+                    ", NO_VECTOR: the device could not allocate it"
+                } else {
+                    ""
+                }
+            )));
+        }
+        Ok(())
     }
 
     fn queue_select(&self, index: u16) {
@@ -636,7 +670,9 @@ mod tests {
                         let sel = u64::from(s.driver_feature_select.min(1));
                         set_half(&mut s.driver_features, sel, val);
                     }
-                    16 => s.config_msix = val as u16,
+                    16 => {
+                        s.config_msix = if s.no_vectors { 0xffff } else { val as u16 };
+                    }
                     20 => {
                         let mut v = val as u8;
                         s.status_writes.push(v);
@@ -923,6 +959,44 @@ mod tests {
             2 * CONFIG_GENERATION_TRIES
         );
         assert_clean(&fake);
+    }
+
+    #[test]
+    fn a_function_that_reads_all_ones_fails_its_reset_at_once() {
+        // A surprise-removed function: every read is all ones, the reset never "finishes".
+        let (fake, mut t) = fake(|s| {
+            s.never_resets = true;
+            s.status = STATUS_ABSENT;
+        });
+        t.set_reset_timeout(Duration::from_secs(30));
+        let start = Instant::now();
+        let e = err_text(t.reset());
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "waited {:?}",
+            start.elapsed()
+        );
+        assert!(e.contains("0xff (all ones)"), "{e}");
+        assert!(e.contains("does not answer"), "{e}");
+        assert_clean(&fake);
+    }
+
+    #[test]
+    fn the_config_vector_is_written_and_checked() {
+        let (dev, t) = fake(|_| {});
+        t.set_config_msix_vector(0).unwrap();
+        assert_eq!(dev.0.lock().unwrap().config_msix, 0);
+        t.set_config_msix_vector(VIRTIO_MSI_NO_VECTOR).unwrap();
+        assert_eq!(dev.0.lock().unwrap().config_msix, VIRTIO_MSI_NO_VECTOR);
+        assert_clean(&dev);
+        // A device without vectors to spare answers NO_VECTOR: refused, with the reason.
+        let (dev, t) = fake(|s| s.no_vectors = true);
+        let e = err_text(t.set_config_msix_vector(0));
+        assert!(e.contains("config_msix_vector 0x0 refused"), "{e}");
+        assert!(e.contains("NO_VECTOR"), "{e}");
+        // Asking for none is always accepted.
+        t.set_config_msix_vector(VIRTIO_MSI_NO_VECTOR).unwrap();
+        assert_clean(&dev);
     }
 
     #[test]

@@ -594,6 +594,10 @@ pub(super) fn vfio_inspect_cli() -> TestResult {
             "iommu:       noiommu",
             "msi-x:",
             "2 in use",
+            // 3 queues and a 3-entry MSI-X table: the queues share a vector (as with Linux).
+            "interrupts:  config on vector 0, every queue on vector 1",
+            "event queue: queue 2, max size",
+            "removal:     device request interrupt wired",
             "guest_cid:   3",
             "VERSION_1",
             "status:",
@@ -629,6 +633,12 @@ pub(super) fn vfio_inspect_cli() -> TestResult {
                 "details.common cfg",
             ),
             (d["guest_cid"] == "3", "details.guest_cid \"3\""),
+            (
+                d["event queue"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("queue 2")),
+                "details.event queue",
+            ),
         ];
         if let Some((_, what)) = checks.iter().find(|(ok, _)| !ok) {
             return Err(fail(format!("inspect --json: expected {what}: {json}")));
@@ -717,5 +727,275 @@ pub(super) fn vfio_type1_iommu() -> TestResult {
             Err(e) => println!("# default IOVA base: bring-up failed: {e:#}"),
         }
         Ok(())
+    })
+}
+
+/// How long a blocked call may take to fail after the unbind starts (issue 14).
+const REMOVAL_BOUND: Duration = Duration::from_secs(1);
+
+/// An error and its causes, outermost first, joined by ": ".
+fn error_chain(e: &io::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.get_ref().and_then(|inner| inner.source());
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+/// What one blocked call of [`vfio_surprise_removal`] ended with, and when.
+struct Ended {
+    what: &'static str,
+    result: io::Result<usize>,
+    at: Instant,
+}
+
+/// The function is unbound from vfio-pci in the middle of a transfer: the kernel signals the
+/// device request interrupt and waits until we close the device. Every blocked call (a writer
+/// and a reader of a running echo, a reader that gets nothing, an accept) must end with an
+/// error within 1 s of the unbind starting; the unbind must then complete (the driver closed
+/// the device by itself), and dropping the driver must return at once. The function is
+/// rebound to virtio-pci afterwards, as every vfio test leaves it.
+pub(super) fn vfio_surprise_removal() -> TestResult {
+    surprise_removal(false)
+}
+
+/// The same with the INTx fallback forced: the INTx thread must stop when the driver lets go
+/// of the device after the request.
+pub(super) fn vfio_surprise_removal_intx() -> TestResult {
+    surprise_removal(true)
+}
+
+fn surprise_removal(force_intx: bool) -> TestResult {
+    use std::sync::mpsc;
+    with_vfio_bound(|bdf| {
+        let dev = VfioPciDevice::open_with(bdf, true, force_intx)
+            .map_err(|e| fail(format!("open {bdf}: {e}")))?;
+        if force_intx && dev.msix_vectors() != 0 {
+            return Err(fail("MSI-X in use although INTx was forced"));
+        }
+        println!(
+            "# {bdf}: {} queues, {} MSI-X vectors ({}), removal signalled: {}",
+            dev.num_queues(),
+            dev.msix_vectors(),
+            dev.irq_plan(),
+            dev.signals_removal()
+        );
+        if !dev.signals_removal() {
+            return Err(fail("the device request interrupt is not wired"));
+        }
+        let drv = VsockDriver::from_device(Box::new(dev), config())
+            .map_err(|e| fail(format!("driver over {bdf}: {e}")))?;
+        let addr = VsockAddr::new(u64::from(VMADDR_CID_HOST), HOST_ECHO_PORT);
+        let connect = || {
+            drv.connect_timeout(addr, Duration::from_secs(10))
+                .map_err(|e| fail(format!("connect {addr:?}: {e}")))
+        };
+        let echo = connect()?;
+        let idle = connect()?;
+        let listener = drv.listen(5001)?;
+        let (tx, rx) = mpsc::channel::<Ended>();
+        let (moving_tx, moving) = mpsc::channel::<usize>();
+        // The transfer: a writer streaming 4 KiB pieces and a reader of their echo.
+        let mut w = echo.try_clone()?;
+        let done = tx.clone();
+        thread::spawn(move || {
+            let piece = [0x5au8; 4096];
+            let mut sent = 0usize;
+            let result = loop {
+                match w.write(&piece) {
+                    Ok(n) => sent += n,
+                    Err(e) => break Err(e),
+                }
+            };
+            let _ = done.send(Ended {
+                what: "write (echo)",
+                result: result.map(|()| sent),
+                at: Instant::now(),
+            });
+        });
+        let mut r = echo;
+        let done = tx.clone();
+        thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut got = 0usize;
+            let mut told = false;
+            let result = loop {
+                match r.read(&mut buf) {
+                    Ok(0) => break Ok(got),
+                    Ok(n) => got += n,
+                    Err(e) => break Err(e),
+                }
+                if !told && got >= 256 << 10 {
+                    told = true;
+                    let _ = moving_tx.send(got);
+                }
+            };
+            let _ = done.send(Ended {
+                what: "read (echo)",
+                result,
+                at: Instant::now(),
+            });
+        });
+        // A reader the host never answers, and an accept nobody connects to.
+        let mut idle = idle;
+        let done = tx.clone();
+        thread::spawn(move || {
+            let mut b = [0u8; 16];
+            let result = idle.read(&mut b);
+            let _ = done.send(Ended {
+                what: "read (idle)",
+                result,
+                at: Instant::now(),
+            });
+        });
+        let done = tx;
+        thread::spawn(move || {
+            let result = listener.accept().map(|_| 0);
+            let _ = done.send(Ended {
+                what: "accept",
+                result,
+                at: Instant::now(),
+            });
+        });
+        let got = moving
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| fail("the echo did not move 256 KiB in 30 s"))?;
+        println!("# transfer running ({got} bytes echoed); unbinding {bdf} from vfio-pci");
+        // The unbind blocks until the driver closes the device.
+        let (unbound_tx, unbound) = mpsc::channel::<(io::Result<()>, Instant)>();
+        let start = Instant::now();
+        let b = bdf.to_string();
+        thread::spawn(move || {
+            let r = fs::write("/sys/bus/pci/drivers/vfio-pci/unbind", &b);
+            let _ = unbound_tx.send((r, Instant::now()));
+        });
+        let mut ended = Vec::new();
+        let deadline = start + Duration::from_secs(10);
+        while ended.len() < 4 {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(e) => ended.push(e),
+                Err(_) => break,
+            }
+        }
+        let mut problems = Vec::new();
+        for e in &ended {
+            let after = e.at.duration_since(start);
+            match &e.result {
+                Ok(n) => problems.push(format!("{} returned Ok({n}) after {after:?}", e.what)),
+                Err(err) => {
+                    let chain = error_chain(err);
+                    println!(
+                        "# {}: {:?} after {:.3} s: {chain}",
+                        e.what,
+                        err.kind(),
+                        after.as_secs_f64()
+                    );
+                    // The cause must survive: DeviceError::Removed, the kernel's request.
+                    if !chain.contains(&format!("vfio:{bdf},noiommu was removed")) {
+                        problems.push(format!(
+                            "{}: the error does not name the removal: {chain}",
+                            e.what
+                        ));
+                    }
+                    if after > REMOVAL_BOUND {
+                        problems.push(format!("{} failed only after {after:?}", e.what));
+                    }
+                    // The driver's word for "the device went away" (issue 14).
+                    if err.kind() != io::ErrorKind::ConnectionAborted {
+                        problems.push(format!(
+                            "{} failed with {:?} ({err}), expected ConnectionAborted",
+                            e.what,
+                            err.kind()
+                        ));
+                    }
+                }
+            }
+        }
+        if ended.len() < 4 {
+            problems.push(format!(
+                "{} of 4 blocked calls still blocked 10 s after the unbind started",
+                4 - ended.len()
+            ));
+        }
+        let unbind = unbound.recv_timeout(Duration::from_secs(10));
+        match &unbind {
+            Ok((Ok(()), at)) => println!(
+                "# unbind completed after {:.3} s",
+                at.duration_since(start).as_secs_f64()
+            ),
+            Ok((Err(e), _)) => problems.push(format!("unbind failed: {e}")),
+            Err(_) => problems.push("the unbind did not complete in 10 s".into()),
+        }
+        let t = Instant::now();
+        drop(drv);
+        let took = t.elapsed();
+        println!("# driver dropped in {:.3} s", took.as_secs_f64());
+        if took > REMOVAL_BOUND {
+            problems.push(format!("dropping the driver took {took:?}"));
+        }
+        if unbind.is_err() {
+            // The driver is gone now: its close lets the unbind finish before the rebind.
+            if unbound.recv_timeout(Duration::from_secs(10)).is_err() {
+                problems.push("the unbind did not complete even after the drop".into());
+            }
+        }
+        match problems.first() {
+            None => Ok(()),
+            Some(first) => Err(fail(format!("{first} (all: {})", problems.join("; ")))),
+        }
+    })
+}
+
+/// `reset` then `restart` (what the driver's recovery does) on the real function: the status
+/// goes 0 then ACKNOWLEDGE | DRIVER, the offered features are re-read without the hidden ones,
+/// and the driver then brings the function up on it and echoes 1 MiB (so the queues, the
+/// rewritten config vector and the MSI-X wiring work after the restart).
+pub(super) fn vfio_restart_after_reset() -> TestResult {
+    use vdpa_vsock::device::status::{ACKNOWLEDGE, DRIVER, FEATURES_OK};
+    const EVENT_IDX: u64 = 1 << 29;
+    with_vfio_bound(|bdf| {
+        let mut dev =
+            VfioPciDevice::open(bdf, true).map_err(|e| fail(format!("open {bdf}: {e}")))?;
+        dev.hide_features(EVENT_IDX);
+        let offered = dev.offered_features();
+        let negotiated = dev
+            .negotiate(offered)
+            .map_err(|e| fail(format!("negotiate: {e}")))?;
+        let status = |dev: &VfioPciDevice| dev.status().ok().flatten();
+        if status(&dev).is_none_or(|s| s & FEATURES_OK == 0) {
+            return Err(fail(format!(
+                "FEATURES_OK not set after negotiate: {:?}",
+                status(&dev)
+            )));
+        }
+        dev.reset().map_err(|e| fail(format!("reset: {e}")))?;
+        if status(&dev) != Some(0) {
+            return Err(fail(format!("status {:?} after reset", status(&dev))));
+        }
+        dev.restart().map_err(|e| fail(format!("restart: {e}")))?;
+        println!(
+            "# restarted: status {:?}, offered {:#x} (before {offered:#x}, negotiated {negotiated:#x})",
+            status(&dev),
+            dev.offered_features()
+        );
+        if status(&dev) != Some(ACKNOWLEDGE | DRIVER) {
+            return Err(fail(format!(
+                "status {:?} after restart, expected {:#x}",
+                status(&dev),
+                ACKNOWLEDGE | DRIVER
+            )));
+        }
+        if dev.offered_features() != offered {
+            return Err(fail(format!(
+                "offered {:#x} after restart, {offered:#x} before (EVENT_IDX hidden)",
+                dev.offered_features()
+            )));
+        }
+        let drv = VsockDriver::from_device(Box::new(dev), config())
+            .map_err(|e| fail(format!("driver after restart: {e}")))?;
+        echo_lockstep(&drv, 1 << 20)
     })
 }

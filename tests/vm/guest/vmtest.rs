@@ -155,6 +155,15 @@ const TESTS: &[Test] = &[
         vfio_vsock::vfio_connect_refused_times_out,
     ),
     default("vfio_inspect_cli", vfio_vsock::vfio_inspect_cli),
+    default("vfio_surprise_removal", vfio_vsock::vfio_surprise_removal),
+    default(
+        "vfio_surprise_removal_intx",
+        vfio_vsock::vfio_surprise_removal_intx,
+    ),
+    default(
+        "vfio_restart_after_reset",
+        vfio_vsock::vfio_restart_after_reset,
+    ),
     by_name("vfio_type1_iommu", vfio_vsock::vfio_type1_iommu),
     by_name("selftest_must_fail", selftest_must_fail),
     by_name("vsock_64k_single_send", vsock_64k_single_send),

@@ -786,3 +786,25 @@ fn listen_any_port_hands_requests_over_unanswered() {
     let (_s, _) = own.accept().unwrap();
     t.join().unwrap().unwrap();
 }
+
+/// Issue 14: a connect timeout of any length is honoured. The sim drops what is not addressed
+/// to its host (CID 2), so a REQUEST to CID 5 is never answered: the connect must end with
+/// TimedOut after the 5 s asked, not at the protocol's 2 s default.
+#[test]
+fn a_connect_with_a_5_s_timeout_waits_5_s() {
+    const ASKED: Duration = Duration::from_secs(5);
+    let (d, host) = VsockDriver::open_sim(SimConfig::default(), DriverConfig::default()).unwrap();
+    let t0 = Instant::now();
+    let e = d
+        .connect_timeout(VsockAddr::new(5, ECHO_PORT), ASKED)
+        .expect_err("nobody answers at CID 5");
+    let took = t0.elapsed();
+    assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+    assert!(took >= ASKED, "gave up after {took:?}");
+    assert!(took < ASKED + Duration::from_secs(2), "took {took:?}");
+    assert!(
+        host.stats().protocol_violations >= 1,
+        "the REQUEST reached the host"
+    );
+    assert_eq!(d.proto_stats().connect_timeouts, 1);
+}

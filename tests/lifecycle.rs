@@ -228,6 +228,11 @@ fn a_device_that_keeps_failing_is_given_up_on() {
 fn a_removed_device_ends_every_blocked_call_within_a_second() {
     let (d, host) = open(SimConfig::default(), DriverConfig::default());
     let (_s, rx) = blocked_reader(&d);
+    // A connection whose peer is the host: the host must learn it ended.
+    let host_listener = host.listen(5003).unwrap();
+    let _ours = d.connect(VsockAddr::new(2, 5003)).unwrap();
+    let (mut peer, _) = host_listener.accept().unwrap();
+    peer.set_read_timeout(Some(BOUND * 5)).unwrap();
     let listener = d.listen(5002).unwrap();
     let (atx, arx) = mpsc::channel();
     thread::spawn(move || {
@@ -235,6 +240,7 @@ fn a_removed_device_ends_every_blocked_call_within_a_second() {
         let _ = atx.send((r, Instant::now()));
     });
     thread::sleep(Duration::from_millis(50));
+    let host_in = host.proto_stats().packets_in;
     let t0 = Instant::now();
     host.unplug().unwrap();
     let e = ended_with(&rx, t0);
@@ -245,6 +251,17 @@ fn a_removed_device_ends_every_blocked_call_within_a_second() {
     assert_eq!(e.kind(), ErrorKind::ConnectionAborted, "{e}");
     let e = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap_err();
     assert!(e.to_string().contains("removed"), "{e}");
+    // The driver told the peers while the device still carried packets: an RST for each of
+    // the two connections reached the host before the device was reset.
+    assert!(
+        host.proto_stats().packets_in >= host_in + 2,
+        "{} packets reached the host after the removal",
+        host.proto_stats().packets_in - host_in
+    );
+    let e = peer
+        .read(&mut [0u8; 8])
+        .expect_err("the host's end after the removal");
+    assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}");
     // Nothing is brought back, and the driver drops at once.
     assert_eq!(d.stats().recoveries, 0);
     let t1 = Instant::now();

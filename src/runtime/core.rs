@@ -65,6 +65,10 @@ pub(crate) trait Transport: Send {
     fn check_device(&mut self, _removal_signalled: bool) -> Result<(), TransportError> {
         Ok(())
     }
+    /// The device is being removed but may still work: put out what the endpoint has to send
+    /// (the RSTs of every connection) and give the device a short, bounded time to take it.
+    /// Errors are ignored: the device may already be gone.
+    fn farewell(&mut self, _ep: &mut RtEndpoint, _now: Instant) {}
     /// Let go of a removed device (close its descriptors); called after [`Transport::shutdown`].
     fn release(&mut self) {}
     /// Why the transport reset every connection in the call just made (a TRANSPORT_RESET, a
@@ -419,6 +423,15 @@ impl Core {
         match st.transport.check_device(removal_signalled) {
             Ok(()) => true,
             Err(e) => {
+                // A device being taken away may still carry packets (the kernel waits for us
+                // to let go): tell every peer its connection ended, as a close would, rather
+                // than leave it holding a dead one.
+                let now = Instant::now();
+                for c in st.ep.connections() {
+                    st.ep.reset(now, c);
+                }
+                let CoreState { ep, transport, .. } = st;
+                transport.farewell(ep, now);
                 st.transport.shutdown();
                 st.transport.release();
                 Core::kill_locked(st, e.into());
@@ -1485,8 +1498,12 @@ impl Core {
             .then(|| Core::conn_error(st, c, ProtoError::ConnectionReset))
     }
 
-    /// `e` on connection `c` as an `io::Error`; a reset the transport caused says why.
+    /// `e` on connection `c` as an `io::Error`; a reset the transport caused says why, and
+    /// once the core has ended, every connection's error is why it ended.
     fn conn_error(st: &CoreState, c: ConnId, e: ProtoError) -> io::Error {
+        if let Err(dead) = Core::check_dead(st) {
+            return dead;
+        }
         match st.reset.get(&c) {
             Some(Some(why)) if e == ProtoError::ConnectionReset => {
                 io::Error::new(io::ErrorKind::ConnectionReset, ConnReset(why.clone()))

@@ -53,6 +53,9 @@ const EVENT_LEN: u32 = 4;
 /// on a device that keeps failing, unless the driver config says otherwise.
 pub(crate) const DEFAULT_RECOVERY_LIMIT: u32 = 3;
 
+/// How long a device being removed gets to take the RSTs of its connections.
+const FAREWELL: Duration = Duration::from_millis(100);
+
 /// The window [`DriverConfig::recovery_limit`](crate::driver::DriverConfig) counts in.
 pub(crate) const RECOVERY_WINDOW: Duration = Duration::from_secs(60);
 
@@ -802,6 +805,15 @@ impl Transport for DriverTransport {
         self.dev
             .check_present()
             .map_err(|source| TransportError::Removed { source })
+    }
+
+    fn farewell(&mut self, ep: &mut RtEndpoint, now: Instant) {
+        let deadline = Instant::now() + FAREWELL;
+        // Once, then until the device has returned every TX chain (it read the RSTs) or the
+        // time is up; a device that is gone already returns nothing and we wait it out.
+        while self.pump(ep, now).is_ok() && self.tx.in_flight() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     fn take_reset_cause(&mut self) -> Option<ResetCause> {

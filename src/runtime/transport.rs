@@ -700,24 +700,11 @@ impl Transport for DriverTransport {
                 status: s,
             });
         }
-        let cid = self
-            .dev
-            .guest_cid()
-            .map_err(|source| TransportError::ConfigRead {
-                device: name.clone(),
-                source,
-            })?;
+        let cid = self.read_cid(ep)?;
         let old = ep.local_cid();
         if cid == old {
             log::debug!("{name}: config interrupt, guest_cid still {cid}");
             return Ok(());
-        }
-        if !valid_guest_cid(cid) {
-            return Err(TransportError::InvalidGuestCid {
-                device: name,
-                old,
-                new: cid,
-            });
         }
         log::warn!("{name}: guest_cid changed from {old} to {cid}: every connection is reset");
         ep.handle_transport_reset(now, Some(cid));
@@ -781,6 +768,7 @@ impl Transport for DriverTransport {
                 new: cid,
             });
         }
+        // No connection is left: this takes the CID the device has now.
         ep.handle_transport_reset(now, Some(cid));
         self.recoveries.push(now);
         self.stats.recoveries += 1;

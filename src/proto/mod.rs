@@ -842,11 +842,7 @@ impl<S: Storage> Endpoint<S> {
         conn.local_shutdown.receive |= how.receive;
         conn.local_shutdown.send |= how.send;
         if how.receive {
-            let n = conn.rx.len();
-            conn.rx.clear();
-            conn.rx_msgs.clear();
-            conn.rx_partial = 0;
-            Self::consumed(conn, n);
+            Self::drop_unread(conn);
         }
         self.schedule(c);
         Ok(())
@@ -877,11 +873,7 @@ impl<S: Storage> Endpoint<S> {
                     receive: true,
                     send: true,
                 };
-                let n = conn.rx.len();
-                conn.rx.clear();
-                conn.rx_msgs.clear();
-                conn.rx_partial = 0;
-                Self::consumed(conn, n);
+                Self::drop_unread(conn);
                 if conn.peer_shutdown.receive {
                     conn.tx.clear();
                     conn.tx_msgs.clear();
@@ -914,7 +906,7 @@ impl<S: Storage> Endpoint<S> {
             self.send_rst_and_unlink(c);
             self.fail(c, ProtoError::ConnectionReset);
             if let Some(conn) = self.conns.get_mut(&c) {
-                conn.rx.clear();
+                Self::drop_unread(conn);
             }
             self.events.push(Event::Reset(c));
         }
@@ -1119,6 +1111,17 @@ impl<S: Storage> Endpoint<S> {
     }
 
     /// The reader consumed `n` bytes: advance `fwd_cnt`, maybe owe a credit update.
+    /// Drop what `conn` holds unread, bytes and SEQPACKET message boundaries alike (they must
+    /// go together: a boundary left behind would make the next `recv_msg` hand out a message
+    /// whose bytes are gone), crediting the peer as if read.
+    fn drop_unread(conn: &mut Conn<S>) {
+        let n = conn.rx.len();
+        conn.rx.clear();
+        conn.rx_msgs.clear();
+        conn.rx_partial = 0;
+        Self::consumed(conn, n);
+    }
+
     fn consumed(conn: &mut Conn<S>, n: usize) {
         // n never exceeds buffered bytes, which never exceed buf_alloc (a u32).
         conn.credit

@@ -2237,3 +2237,24 @@ fn a_sink_consumes_on_arrival_and_still_sees_the_end() {
     let (_, sb, _) = q.establish(SocketType::SeqPacket);
     assert!(q.b.set_sink(sb, true).is_err(), "a seqpacket sink");
 }
+
+#[test]
+fn regression_a_reset_drops_seqpacket_boundaries_with_the_bytes() {
+    // The chaos soak (CI, seed 2492208564553648616) read a whole message of the right length
+    // but wrong bytes after a surprise removal: the removal resets every connection, and the
+    // reset cleared the unread bytes but left the message boundaries, so the next recv_msg
+    // handed out a message whose bytes were gone.
+    let mut p = Pair::with(seq_cfg(GUEST_CID), seq_cfg(VMADDR_CID_HOST));
+    let (ca, cb, _) = p.establish(SocketType::SeqPacket);
+    let now = p.now;
+    p.a.send_msg(now, ca, &[1u8; 1000], true).unwrap();
+    p.a.send_msg(now, ca, &[2u8; 2000], true).unwrap();
+    p.shuttle();
+    assert_eq!(p.b.readable_bytes(cb), 3000);
+    p.b.reset(now, cb);
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(
+        p.b.recv_msg(now, cb, &mut buf),
+        Err(ProtoError::ConnectionReset)
+    );
+}

@@ -345,8 +345,8 @@ impl<S: Storage> Endpoint<S> {
         }
     }
 
-    /// Reset a connection on our initiative (protocol violation).
-    fn reset_conn(&mut self, id: ConnId) {
+    /// Reset a connection on our initiative (a protocol violation, [`Endpoint::reset`]).
+    pub(super) fn reset_conn(&mut self, id: ConnId) {
         let Some(conn) = self.conns.get(&id) else {
             return;
         };

@@ -895,7 +895,8 @@ impl<S: Storage> Endpoint<S> {
 
     /// Reset `c` now from our side: RST to the peer, both queues dropped, the connection
     /// `Closed` with `ConnectionReset` (as after the peer's RST: the `ConnId` stays until
-    /// [`Endpoint::close`]). An [`Event::Reset`] follows.
+    /// [`Endpoint::close`]); an [`Event::Reset`] follows. A connection not yet accepted, or
+    /// already closed by the user and lingering, is released instead.
     pub fn reset(&mut self, now: Instant, c: ConnId) {
         let _ = now;
         if self
@@ -903,12 +904,12 @@ impl<S: Storage> Endpoint<S> {
             .get(&c)
             .is_some_and(|conn| conn.state != ConnState::Closed)
         {
-            self.send_rst_and_unlink(c);
-            self.fail(c, ProtoError::ConnectionReset);
+            // As when we reset one for a protocol violation: a connection still in a
+            // listener's queue, or one the user already closed, is released.
+            self.reset_conn(c);
             if let Some(conn) = self.conns.get_mut(&c) {
                 Self::drop_unread(conn);
             }
-            self.events.push(Event::Reset(c));
         }
     }
 

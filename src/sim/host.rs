@@ -245,6 +245,7 @@ impl Transport for SimTransport {
         if let Some(r) = guard.as_mut() {
             let mut stats = *lock(&self.stats);
             moved |= r.device_rx(ep, now, self.max_payload, &mut stats)?;
+            r.notify_tx();
             *lock(&self.stats) = stats;
             if !self.polling {
                 // Re-arm kicks; `true` means buffers arrived meanwhile: go round again.

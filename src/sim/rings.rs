@@ -26,6 +26,8 @@ pub(super) struct SimRings {
     hostile: Option<Hostile>,
     /// The last `device_rx` ran out of RX buffers (it may still have packets to deliver).
     pub(super) rx_starved: bool,
+    /// TX chains were returned and their interrupt not raised yet (`notify_tx`).
+    tx_used: bool,
 }
 
 impl SimRings {
@@ -47,6 +49,7 @@ impl SimRings {
             call,
             hostile,
             rx_starved: false,
+            tx_used: false,
         }
     }
 }
@@ -156,10 +159,20 @@ impl SimRings {
                 .map_err(add_used_err("tx", head))?;
             used_any = true;
         }
-        if used_any && self.tx.needs_notification(&self.mem).unwrap_or(true) {
+        // Notified by `notify_tx`, after the replies this may cause are delivered: one wake-up
+        // of the driver for both, as a device that batches its interrupts gives.
+        self.tx_used |= used_any;
+        Ok(used_any)
+    }
+
+    /// Raise the TX used-buffer interrupt for the chains `device_tx` returned, if the driver
+    /// asked for one.
+    pub(super) fn notify_tx(&mut self) {
+        if std::mem::take(&mut self.tx_used)
+            && self.tx.needs_notification(&self.mem).unwrap_or(true)
+        {
             let _ = self.call[1].write(1);
         }
-        Ok(used_any)
     }
 
     /// Deliver the host endpoint's packets into the driver's RX buffers.

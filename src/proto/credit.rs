@@ -273,8 +273,9 @@ impl Credit {
 
     /// Should we tell the peer about freed space now? When the reader has freed at least
     /// `buf_alloc / CREDIT_UPDATE_FRACTION` unannounced bytes, or has drained the buffer
-    /// completely (Linux's `rx_bytes < SO_RCVLOWAT` case), so a writer blocked on a nearly
-    /// full buffer always hears back, without an update per read. `unreadable` bytes of the
+    /// completely (Linux's `rx_bytes < SO_RCVLOWAT` case) while the peer may be short of
+    /// credit ([`Credit::peer_credit_bound`] below that fraction), so a writer blocked on a
+    /// nearly full buffer always hears back, without an update per read. `unreadable` bytes of the
     /// buffer are ones the reader cannot take yet (the head of a SEQPACKET message whose tail
     /// has not arrived): with only those left the buffer is as drained as it gets, and the tail
     /// may be waiting for exactly this credit.
@@ -287,9 +288,22 @@ impl Credit {
         let unannounced = u64::from((self.fwd_cnt - self.last_fwd_cnt_sent).0);
         let new_credit = (unannounced + u64::from(self.window()))
             .saturating_sub(u64::from(self.last_buf_alloc_sent));
+        let fraction = u64::from(self.buf_alloc / CREDIT_UPDATE_FRACTION);
         new_credit > 0
-            && (new_credit >= u64::from(self.buf_alloc / CREDIT_UPDATE_FRACTION)
-                || self.rx_buffered() <= unreadable)
+            && (new_credit >= fraction
+                || (self.rx_buffered() <= unreadable && self.peer_credit_bound() < fraction))
+    }
+
+    /// At most what the peer may still send by what we last told it: the window we last
+    /// advertised, less what arrived since (it may have sent more, still on its way). While
+    /// this is large the peer is not waiting for credit, and a drained buffer needs no
+    /// update: in a request-response exchange our next packet carries the new `fwd_cnt`
+    /// anyway, where an update on every drain would be a second packet per message. A peer
+    /// that did run out has sent everything its credit allowed; once that has arrived and is
+    /// read, this bound is its true credit, below the threshold, and the update goes.
+    fn peer_credit_bound(&self) -> u64 {
+        let arrived = u64::from((self.rx_cnt - self.last_fwd_cnt_sent).0);
+        u64::from(self.last_buf_alloc_sent).saturating_sub(arrived)
     }
 
     /// Test hook: start every free-running counter at `start` (both directions), as if
@@ -418,6 +432,22 @@ mod tests {
         assert!(c.need_credit_update(0), "drained: always announce");
         let _ = c.on_header_sent();
         assert!(!c.need_credit_update(0));
+    }
+
+    #[test]
+    fn a_drained_buffer_owes_no_update_while_the_peer_has_credit() {
+        // Request-response: 64 bytes arrive and are read. The peer may still send 256 KiB
+        // less 64 by what we told it; our reply carries the new fwd_cnt.
+        let mut c = Credit::new(256 * 1024);
+        let _ = c.on_header_sent();
+        assert!(c.on_rx(64).is_ok());
+        c.on_consumed(64);
+        assert!(!c.need_credit_update(0), "a second packet per message");
+        // The peer used up what it was told: the drained buffer is announced.
+        let _ = c.on_header_sent();
+        assert!(c.on_rx(256 * 1024).is_ok());
+        c.on_consumed(256 * 1024);
+        assert!(c.need_credit_update(0));
     }
 
     #[test]

@@ -1,4 +1,6 @@
 //! Profiling aid: 64-byte ping-pong against the sim's echo service (`busy` argument: busy-poll).
+//! Prints the rate and the process's voluntary context switches per round trip (how many
+//! times a thread went to sleep: the thread hand-offs a round trip costs).
 #![allow(clippy::cast_possible_truncation)] // Test sizes and counters are small and known.
 use std::io::{Read, Write};
 use std::time::Instant;
@@ -21,13 +23,68 @@ fn main() {
     let msg = [7u8; 64];
     let mut back = [0u8; 64];
     let n = 50_000;
+    let stats = d.stats();
+    let switches = voluntary_switches();
+    let threads = per_thread_switches();
     let t0 = Instant::now();
     for _ in 0..n {
         s.write_all(&msg).unwrap();
         s.read_exact(&mut back).unwrap();
     }
+    let took = t0.elapsed();
+    let switches = voluntary_switches() - switches;
     println!(
-        "{:.0} round trips/s",
-        f64::from(n) / t0.elapsed().as_secs_f64()
+        "{:.0} round trips/s, {:.2} voluntary context switches per round trip",
+        f64::from(n) / took.as_secs_f64(),
+        switches as f64 / f64::from(n)
     );
+    let after = d.stats();
+    let per = |a: u64, b: u64| (a - b) as f64 / f64::from(n);
+    println!(
+        "  per round trip: {:.2} tx packets, {:.2} rx packets, {:.2} kicks, {:.2} interrupts",
+        per(after.tx_packets, stats.tx_packets),
+        per(after.rx_packets, stats.rx_packets),
+        per(after.kicks, stats.kicks),
+        per(after.interrupts, stats.interrupts)
+    );
+    for (name, after) in per_thread_switches() {
+        let before = threads
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0, |(_, b)| *b);
+        println!(
+            "  {name}: {:.2} per round trip",
+            (after - before) as f64 / f64::from(n)
+        );
+    }
+}
+
+/// Each thread's name and voluntary context switches so far (Linux's /proc).
+fn per_thread_switches() -> Vec<(String, i64)> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| {
+            let name = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+            let n = status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?
+                .trim()
+                .parse()
+                .ok()?;
+            Some((
+                format!("{} ({})", name.trim(), t.file_name().to_string_lossy()),
+                n,
+            ))
+        })
+        .collect()
+}
+
+/// The process's voluntary context switches so far (every thread's).
+fn voluntary_switches() -> i64 {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .map_or(0, |u| u.voluntary_context_switches())
 }

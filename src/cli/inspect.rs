@@ -180,6 +180,7 @@ pub(crate) fn stats_json(s: &DriverStats) -> Value {
         "tx_packets": s.tx_packets,
         "kicks": s.kicks,
         "interrupts": s.interrupts,
+        "caller_interrupts": s.caller_interrupts,
         "tx_payload_bytes_copied": s.tx_payload_bytes_copied,
         "rx_payload_bytes_copied": s.rx_payload_bytes_copied,
         "rx_payload_bytes_copied_out": s.rx_payload_bytes_copied_out,

@@ -356,6 +356,7 @@ impl VsockDriver {
                 dev.call_fd(q)
                     .map_err(&e)?
                     .try_clone()
+                    .map(Arc::new)
                     .map_err(io_err("dup"))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -401,6 +402,8 @@ impl VsockDriver {
         let core = Core::new(endpoint, Box::new(transport), config.busy_poll)
             .map_err(io_err("readiness descriptor"))?;
         let event_loop = EventLoop::new(fds).map_err(io_err("event loop (epoll)"))?;
+        // A blocked caller may wait on the rx and tx interrupts itself (runtime/irq.rs).
+        core.attach_irq(event_loop.irq_wait(2).map_err(io_err("eventfd"))?);
         let thread = event_loop
             .spawn(format!("vsock-{name}"), core.clone())
             .map_err(io_err("spawn event loop"))?;
@@ -531,7 +534,14 @@ impl VsockDriver {
         let st = self.core.lock();
         let mut stats = st.transport_stats().unwrap_or_default();
         stats.interrupts = self.interrupts.load(std::sync::atomic::Ordering::Relaxed);
+        stats.caller_interrupts = st.caller_interrupts();
         stats
+    }
+
+    /// The driver's core (tests of the runtime look inside it).
+    #[cfg(test)]
+    pub(crate) fn core(&self) -> &Arc<Core> {
+        &self.core
     }
 
     /// Protocol counters.

@@ -20,12 +20,14 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::core::{spin_pause, Core, SpinBudget};
 use super::error::TransportError;
+use super::irq::IrqWait;
 
 /// What a loop thread waits on besides its waker and stop eventfds.
 pub(crate) struct LoopFds {
     pub(crate) waker: EventFd,
     pub(crate) stop: EventFd,
-    pub(crate) signals: Vec<EventFd>,
+    /// Shared: a leader (`irq.rs`) waits on the same descriptors.
+    pub(crate) signals: Vec<Arc<EventFd>>,
     /// Counts the wake-ups by `signals` (the device's used-buffer interrupts, or the driver's
     /// kicks on the sim's side).
     pub(crate) interrupts: Arc<AtomicU64>,
@@ -40,8 +42,8 @@ pub(crate) struct LoopFds {
     pub(crate) max_sleep: Option<Duration>,
 }
 
-/// Transport rounds per hold of the core's lock in the event loop.
-const MAX_PUMP_ROUNDS: u32 = 64;
+/// Transport rounds per hold of the core's lock in the event loop (and by a leader, `irq.rs`).
+pub(crate) const MAX_PUMP_ROUNDS: u32 = 64;
 
 /// In spin mode, rounds between two looks at the eventfds.
 const SPIN_ROUNDS_PER_POLL: u32 = 256;
@@ -50,7 +52,7 @@ const SPIN_ROUNDS_PER_POLL: u32 = 256;
 /// its thread starts: a failure is the bring-up's error, and every descriptor the loop needs
 /// is open once the driver (or device) is up, not whenever the thread gets to run.
 pub(crate) struct EventLoop {
-    epoll: Epoll,
+    epoll: Arc<Epoll>,
     fds: LoopFds,
 }
 
@@ -58,7 +60,7 @@ impl EventLoop {
     /// Create the epoll instance and register `fds` (stop, waker, signals, config; each event's
     /// data is its index in that order).
     pub(crate) fn new(fds: LoopFds) -> std::io::Result<EventLoop> {
-        let epoll = Epoll::new()?;
+        let epoll = Arc::new(Epoll::new()?);
         for (i, fd) in fds.all().iter().enumerate() {
             epoll.ctl(
                 ControlOperation::Add,
@@ -67,6 +69,21 @@ impl EventLoop {
             )?;
         }
         Ok(EventLoop { epoll, fds })
+    }
+
+    /// What lets a blocked caller wait on the first `n` signals itself, as the leader of the
+    /// blocked callers (`irq.rs`): the driver's rx and tx interrupts.
+    pub(crate) fn irq_wait(&self, n: usize) -> io::Result<IrqWait> {
+        let signals = self
+            .fds
+            .signals
+            .iter()
+            .take(n)
+            .enumerate()
+            // Their event data: their index in `LoopFds::all`, after stop and waker.
+            .map(|(i, fd)| (fd.clone(), 2 + i as u64))
+            .collect();
+        IrqWait::new(self.epoll.clone(), signals, self.fds.interrupts.clone())
     }
 
     /// Start the loop's thread, named `name`, over `core`, and return once it runs.
@@ -106,7 +123,7 @@ impl LoopFds {
     fn all(&self) -> Vec<&EventFd> {
         std::iter::once(&self.stop)
             .chain(std::iter::once(&self.waker))
-            .chain(self.signals.iter())
+            .chain(self.signals.iter().map(|fd| &**fd))
             .chain(self.config.iter())
             .chain(self.removal.iter())
             .collect()
@@ -188,7 +205,9 @@ fn run_loop(core: Arc<Core>, el: EventLoop, ready: SyncSender<()>) {
                 asleep = true;
                 more = Core::pump_locked(&mut st, now);
             }
-            (st.ep.poll_timeout(), more)
+            let timeout = st.ep.poll_timeout();
+            st.loop_timer = timeout;
+            (timeout, more)
         };
         if spinning && !more && !asleep {
             spins = spins.wrapping_add(1);

@@ -15,6 +15,9 @@
 //!   where the descriptors are; the public handle is `driver::VsockPoller`;
 //! - [`EventLoop`] (`event_loop.rs`): the event-loop thread that sleeps on eventfds (used-buffer
 //!   interrupts or kicks, the waker, the config interrupt) and pumps a core's transport;
+//! - the leader (`irq.rs`): one blocked caller at a time waits on the rx and tx interrupts
+//!   itself, and the loop thread stops watching them meanwhile, so a reply wakes the thread
+//!   waiting for it with no hand-off through the loop thread;
 //! - [`DriverTransport`] (`transport.rs`): the driver's transport, the TX/RX buffers and rings of
 //!   one device, parsed with `VsockPacket` and fed to the endpoint;
 //! - the payload storage in DMA memory (`storage.rs`): the TX chunk pool, the RX buffer pool,
@@ -32,6 +35,7 @@
 mod core;
 mod error;
 mod event_loop;
+mod irq;
 mod poller;
 mod readiness;
 mod stats;

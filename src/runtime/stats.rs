@@ -14,8 +14,12 @@ pub struct DriverStats {
     pub tx_packets: u64,
     /// Device notifications sent (kicks).
     pub kicks: u64,
-    /// Device notifications received (used-buffer interrupts the loop thread woke for).
+    /// Device notifications received (used-buffer interrupts the loop thread, or a blocked
+    /// caller, woke for).
     pub interrupts: u64,
+    /// Of `interrupts`, those a blocked caller waited on and handled itself, with no hand-off
+    /// through the loop thread (eventfd mode; see the runtime's `irq.rs`).
+    pub caller_interrupts: u64,
     /// Payload bytes the driver copied from callers into DMA memory (once per byte sent).
     pub tx_payload_bytes_copied: u64,
     /// Payload bytes the driver copied into callers' buffers (once per byte read).

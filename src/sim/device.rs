@@ -259,7 +259,7 @@ impl VsockDevice for SimDevice {
         let fds = LoopFds {
             waker: dup(&self.waker)?,
             stop: dup(&stop)?,
-            signals: vec![dup(&self.kick[0])?, dup(&self.kick[1])?],
+            signals: vec![Arc::new(dup(&self.kick[0])?), Arc::new(dup(&self.kick[1])?)],
             interrupts: Arc::default(),
             config: None,
             removal: None,

@@ -310,9 +310,26 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
         {
             let step = steps.start(&format!("ping-pong: {ours}, eventfd"), ops(n));
             let mut s = work::connect(&driver, echo, "echo service")?;
+            let before = driver.stats();
             let d = work::ping_pong(&mut s, n, args.msg_size, &step)?;
+            let after = driver.stats();
+            let per_rt = |a: u64, b: u64| (a - b) as f64 / f64::from(n);
+            let interrupts = per_rt(after.interrupts, before.interrupts);
+            let by_callers = per_rt(after.caller_interrupts, before.caller_interrupts);
+            notes.push(format!(
+                "{ours} eventfd ping-pong, per round trip: {:.2} packets sent, {:.2} kicks, {interrupts:.2} interrupts ({by_callers:.2} taken by the blocked reader itself, the rest by the loop thread)",
+                per_rt(after.tx_packets, before.tx_packets),
+                per_rt(after.kicks, before.kicks),
+            ));
             let transport = format!("{ours} eventfd");
-            rows.push(Row::new(ping, transport, rt(d), "round trips/s"));
+            rows.push(
+                Row::new(ping, transport, rt(d), "round trips/s")
+                    .with("interrupts", after.interrupts - before.interrupts)
+                    .with(
+                        "caller_interrupts",
+                        after.caller_interrupts - before.caller_interrupts,
+                    ),
+            );
         }
         #[cfg(feature = "tokio")]
         {

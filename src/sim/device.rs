@@ -274,7 +274,7 @@ impl VsockDevice for SimDevice {
         let core = self.host.core.clone();
         self.thread = Some(
             event_loop
-                .spawn("vsock-sim".into(), core)
+                .spawn("sim-device".into(), core)
                 .map_err(|e| DeviceError::io("spawn sim thread", e))?,
         );
         self.stop = Some(stop);

@@ -4,7 +4,7 @@
 //! is mapped already, and `VFIO_IOMMU_UNMAP_DMA` of a mapping we made (type1 mode only).
 
 use super::sys::{self, argsz};
-use super::{errno, VfioPciDevice};
+use super::VfioPciDevice;
 use crate::device::DeviceError;
 
 /// What a `VFIO_IOMMU_MAP_DMA` of a region needs, given what is mapped.
@@ -46,19 +46,8 @@ impl VfioPciDevice {
             size: m.size,
             ..Default::default()
         };
-        // SAFETY: UNMAP_DMA reads one `vfio_iommu_type1_dma_unmap` (and writes back the size
-        // unmapped into it; it is exclusively ours for the call).
-        if unsafe {
-            vmm_sys_util::ioctl::ioctl_with_mut_ref(
-                &self.container,
-                sys::VFIO_IOMMU_UNMAP_DMA(),
-                &mut unmap,
-            )
-        } < 0
-        {
-            return Err(errno("VFIO_IOMMU_UNMAP_DMA"));
-        }
-        Ok(())
+        sys::iommu_unmap_dma(&self.container, &mut unmap)
+            .map_err(|e| DeviceError::io("VFIO_IOMMU_UNMAP_DMA", e))
     }
 }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::sys::{self, argsz};
-use super::{errno, failed, VfioPciDevice};
+use super::{failed, VfioPciDevice};
 use crate::device::virtio_pci::{Transport, ISR_CONFIG, ISR_QUEUE, VIRTIO_MSI_NO_VECTOR};
 use crate::device::{pci, DeviceError, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
 
@@ -78,14 +78,13 @@ fn intx_loop(
                 revents: 0,
             },
         ];
-        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if rc < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
+        match sys::poll(&mut fds, -1) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                log::error!("vfio INTx: poll failed: {e}");
+                return;
             }
-            log::error!("vfio INTx: poll failed: {}", io::Error::last_os_error());
-            return;
         }
         if fds[1].revents != 0 {
             return;
@@ -225,36 +224,13 @@ fn set_irqs_on(device: &File, index: u32, flags: u32, fds: &[i32]) -> Result<(),
             data: [0; 8],
         };
         set.data[..fds.len()].copy_from_slice(fds);
-        // SAFETY: SET_IRQS reads `argsz` bytes: the header and `count` (<= 8) eventfds.
-        if unsafe { vmm_sys_util::ioctl::ioctl_with_ref(device, sys::VFIO_DEVICE_SET_IRQS(), &set) }
-            < 0
-        {
-            return Err(errno("VFIO_DEVICE_SET_IRQS"));
-        }
-        Ok(())
+        sys::device_set_irqs(device, &set).map_err(|e| DeviceError::io("VFIO_DEVICE_SET_IRQS", e))
     }
 }
 
 impl VfioPciDevice {
     fn irq_count(&self, index: u32) -> u32 {
-        let mut info = sys::vfio_irq_info {
-            argsz: argsz::<sys::vfio_irq_info>(),
-            index,
-            ..Default::default()
-        };
-        // SAFETY: GET_IRQ_INFO writes one `vfio_irq_info`.
-        let rc = unsafe {
-            vmm_sys_util::ioctl::ioctl_with_mut_ref(
-                &*self.device,
-                sys::VFIO_DEVICE_GET_IRQ_INFO(),
-                &mut info,
-            )
-        };
-        if rc < 0 {
-            0
-        } else {
-            info.count
-        }
+        sys::device_get_irq_info(&self.device, index).map_or(0, |info| info.count)
     }
 
     /// Wires the interrupts: the first [`IrqPlan`] of [`IrqPlan::candidates`] that the function

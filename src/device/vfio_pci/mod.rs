@@ -42,8 +42,6 @@ mod regions;
 mod sys;
 
 use std::fs::{self, File, OpenOptions};
-use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
@@ -66,10 +64,6 @@ use crate::virtq::QueueLayout;
 
 /// IOVA where the DMA region is mapped in type1 (real IOMMU) mode.
 pub const TYPE1_IOVA_BASE: u64 = 0x1_0000_0000;
-
-fn errno(op: &'static str) -> DeviceError {
-    DeviceError::io(op, io::Error::last_os_error())
-}
 
 fn failed(msg: impl Into<String>) -> DeviceError {
     DeviceError::Failed(msg.into())
@@ -169,8 +163,7 @@ impl VfioPciDevice {
                 .map_err(|e| failed(format!("open {p}: {e}")))
         };
         let container = rw("/dev/vfio/vfio")?;
-        // SAFETY: GET_API_VERSION takes no argument.
-        let v = unsafe { vmm_sys_util::ioctl::ioctl(&container, sys::VFIO_GET_API_VERSION()) };
+        let v = sys::get_api_version(&container);
         if i64::from(v) != i64::from(sys::VFIO_API_VERSION) {
             return Err(failed(format!("VFIO API version {v}, expected 0")));
         }
@@ -179,10 +172,7 @@ impl VfioPciDevice {
         } else {
             sys::VFIO_TYPE1v2_IOMMU
         });
-        // SAFETY: CHECK_EXTENSION takes an integer argument and writes nothing.
-        let ok = unsafe {
-            vmm_sys_util::ioctl::ioctl_with_val(&container, sys::VFIO_CHECK_EXTENSION(), iommu)
-        };
+        let ok = sys::check_extension(&container, iommu);
         if ok != 1 {
             return Err(failed(format!(
                 "the VFIO container does not support IOMMU type {iommu} ({})",
@@ -198,70 +188,24 @@ impl VfioPciDevice {
         } else {
             format!("/dev/vfio/{group}")
         })?;
-        let mut status = sys::vfio_group_status {
-            argsz: argsz::<sys::vfio_group_status>(),
-            flags: 0,
-        };
-        // SAFETY: GET_STATUS writes one `vfio_group_status` (argsz says how big it is).
-        if unsafe {
-            vmm_sys_util::ioctl::ioctl_with_mut_ref(
-                &group_file,
-                sys::VFIO_GROUP_GET_STATUS(),
-                &mut status,
-            )
-        } < 0
-        {
-            return Err(errno("VFIO_GROUP_GET_STATUS"));
-        }
+        let status = sys::group_get_status(&group_file)
+            .map_err(|e| DeviceError::io("VFIO_GROUP_GET_STATUS", e))?;
         if status.flags & sys::VFIO_GROUP_FLAGS_VIABLE == 0 {
             return Err(failed(format!(
                 "VFIO group {group} is not viable: bind every device of the group to vfio-pci"
             )));
         }
-        let cfd = container.as_raw_fd();
-        // SAFETY: SET_CONTAINER reads one int (the container fd) from the pointer.
-        if unsafe {
-            vmm_sys_util::ioctl::ioctl_with_ref(&group_file, sys::VFIO_GROUP_SET_CONTAINER(), &cfd)
-        } < 0
-        {
-            return Err(errno("VFIO_GROUP_SET_CONTAINER"));
-        }
-        // SAFETY: SET_IOMMU takes an integer argument.
-        if unsafe { vmm_sys_util::ioctl::ioctl_with_val(&container, sys::VFIO_SET_IOMMU(), iommu) }
-            < 0
-        {
-            return Err(errno("VFIO_SET_IOMMU"));
-        }
+        sys::group_set_container(&group_file, &container)
+            .map_err(|e| DeviceError::io("VFIO_GROUP_SET_CONTAINER", e))?;
+        sys::set_iommu(&container, iommu).map_err(|e| DeviceError::io("VFIO_SET_IOMMU", e))?;
         let name = std::ffi::CString::new(bdf).map_err(|_| failed("NUL in PCI address"))?;
-        // SAFETY: GET_DEVICE_FD reads a NUL-terminated string; it returns a new fd we own.
-        let fd = unsafe {
-            vmm_sys_util::ioctl::ioctl_with_ptr(
-                &group_file,
-                sys::VFIO_GROUP_GET_DEVICE_FD(),
-                name.as_ptr(),
-            )
-        };
-        if fd < 0 {
-            return Err(errno("VFIO_GROUP_GET_DEVICE_FD"));
-        }
-        // SAFETY: `fd` is a fresh descriptor returned to us and owned by nobody else.
-        let device = Arc::new(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+        let device = Arc::new(
+            sys::group_get_device_fd(&group_file, &name)
+                .map_err(|e| DeviceError::io("VFIO_GROUP_GET_DEVICE_FD", e))?,
+        );
 
-        let mut dinfo = sys::vfio_device_info {
-            argsz: argsz::<sys::vfio_device_info>(),
-            ..Default::default()
-        };
-        // SAFETY: GET_INFO writes at most `argsz` bytes into `dinfo`.
-        if unsafe {
-            vmm_sys_util::ioctl::ioctl_with_mut_ref(
-                &*device,
-                sys::VFIO_DEVICE_GET_INFO(),
-                &mut dinfo,
-            )
-        } < 0
-        {
-            return Err(errno("VFIO_DEVICE_GET_INFO"));
-        }
+        let dinfo = sys::device_get_info(&device)
+            .map_err(|e| DeviceError::io("VFIO_DEVICE_GET_INFO", e))?;
         if dinfo.flags & sys::VFIO_DEVICE_FLAGS_PCI == 0 {
             return Err(failed(format!("{bdf}: VFIO says this is not a PCI device")));
         }
@@ -479,14 +423,11 @@ impl VsockDevice for VfioPciDevice {
             iova: want.iova,
             size: want.size,
         };
-        // SAFETY: MAP_DMA reads one `vfio_iommu_type1_dma_map`; the range is our live mapping,
-        // which the driver keeps alive until after `reset` (where we unmap it).
-        if unsafe {
-            vmm_sys_util::ioctl::ioctl_with_ref(&self.container, sys::VFIO_IOMMU_MAP_DMA(), &map)
-        } < 0
-        {
-            return Err(errno("VFIO_IOMMU_MAP_DMA"));
-        }
+        // SAFETY: the range is the DMA region's live mapping, memory shared with the device by
+        // design (vm-memory guest memory), which the driver keeps alive until after `reset`
+        // (where we unmap it).
+        unsafe { sys::iommu_map_dma(&self.container, &map) }
+            .map_err(|e| DeviceError::io("VFIO_IOMMU_MAP_DMA", e))?;
         self.dma_mapped = Some(want);
         Ok(())
     }

@@ -5,11 +5,10 @@
 //! (`Regs`) the virtio-pci transport reads and writes them with.
 
 use std::fs::File;
-use std::io;
 use std::sync::Arc;
 
 use super::failed;
-use super::sys::{self, argsz};
+use super::sys;
 use crate::device::virtio_pci::{self, Regs};
 use crate::device::{pci, DeviceError};
 
@@ -141,54 +140,16 @@ pub(super) fn region_info(
     device: &File,
     index: u32,
 ) -> Result<(sys::vfio_region_info, SparseAreas), DeviceError> {
-    let mut info = sys::vfio_region_info {
-        argsz: argsz::<sys::vfio_region_info>(),
-        index,
-        ..Default::default()
-    };
-    // SAFETY: GET_REGION_INFO writes at most `argsz` bytes into `info`, which is that large.
-    let rc = unsafe {
-        vmm_sys_util::ioctl::ioctl_with_mut_ref(
-            device,
-            sys::VFIO_DEVICE_GET_REGION_INFO(),
-            &mut info,
-        )
-    };
-    if rc < 0 {
-        return Err(DeviceError::io(
-            "VFIO_DEVICE_GET_REGION_INFO",
-            io::Error::last_os_error(),
-        ));
-    }
+    let op = |e| DeviceError::io("VFIO_DEVICE_GET_REGION_INFO", e);
+    let info = sys::device_get_region_info(device, index).map_err(op)?;
     if info.flags & sys::VFIO_REGION_INFO_FLAG_CAPS == 0
         || (info.argsz as usize) <= std::mem::size_of::<sys::vfio_region_info>()
     {
         return Ok((info, None));
     }
-    // Again with room for the capability chain (u64 words keep the buffer aligned).
-    let words = (info.argsz as usize).div_ceil(8);
-    let mut buf = vec![0u64; words];
-    let argsz = info.argsz;
-    let head = buf.as_mut_ptr().cast::<sys::vfio_region_info>();
-    // SAFETY: `buf` is at least `argsz >= size_of::<vfio_region_info>()` bytes, 8-aligned, and
-    // exclusively ours; the kernel writes at most `argsz` bytes.
-    let rc = unsafe {
-        head.write(sys::vfio_region_info {
-            argsz,
-            index,
-            ..Default::default()
-        });
-        vmm_sys_util::ioctl::ioctl_with_mut_ptr(device, sys::VFIO_DEVICE_GET_REGION_INFO(), head)
-    };
-    if rc < 0 {
-        return Err(DeviceError::io(
-            "VFIO_DEVICE_GET_REGION_INFO",
-            io::Error::last_os_error(),
-        ));
-    }
-    let bytes: Vec<u8> = buf.iter().flat_map(|w| w.to_ne_bytes()).collect();
-    // SAFETY: the buffer starts with an initialised `vfio_region_info` (plain integers).
-    let info = unsafe { head.read() };
+    // Again with room for the capability chain.
+    let (info, bytes) =
+        sys::device_get_region_info_with_caps(device, index, info.argsz).map_err(op)?;
     Ok((info, sparse_areas(&bytes, info.cap_offset as usize)))
 }
 

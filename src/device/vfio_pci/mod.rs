@@ -31,28 +31,29 @@
 //! `vfio-bindings` (the crate `vfio-ioctls` builds on); the dozen ioctl numbers are declared
 //! in `sys` with vmm-sys-util's macros, as `vfio-ioctls` does privately.
 //!
-//! Layout: `sys` (ioctl numbers and structures), `regions` (BARs, region info, sparse mmap
-//! areas, the MMIO accesses), `irq` ([`IrqPlan`], MSI-X and INTx wiring, the INTx forwarding
-//! thread, the device request interrupt), `iommu` (DMA mapping steps); this file opens the
-//! function and implements [`VsockDevice`] over them.
+//! Layout: `sys` (ioctl numbers and structures, one safe function per ioctl), `iommu`
+//! (container, group, device fd, type1 DMA mappings, [`TYPE1_IOVA_BASE`]), `regions` (BARs,
+//! region info, sparse mmap areas, the MMIO accesses), `irq` ([`IrqPlan`], MSI-X and INTx
+//! wiring, the INTx forwarding thread, the device request interrupt); this file checks the
+//! function, brings it up and implements [`VsockDevice`] over them.
 
 mod iommu;
 mod irq;
 mod regions;
 mod sys;
 
-use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use self::iommu::{DmaMapping, MapStep};
+use self::iommu::DmaMapping;
+pub use self::iommu::TYPE1_IOVA_BASE;
 use self::irq::IntxForwarder;
 pub use self::irq::IrqPlan;
 use self::regions::{map_bars, region_info};
-use self::sys::argsz;
 use super::pci;
 use super::virtio_pci::{
     QueueAddrs, Transport, ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET,
@@ -61,9 +62,6 @@ use super::{DeviceError, VsockDevice, EVENT_QUEUE};
 use crate::dma::{DmaOptions, DmaRegion, IovaBase, HUGE_PAGE_SIZE};
 use crate::packet::VIRTIO_F_ACCESS_PLATFORM;
 use crate::virtq::QueueLayout;
-
-/// IOVA where the DMA region is mapped in type1 (real IOMMU) mode.
-pub const TYPE1_IOVA_BASE: u64 = 0x1_0000_0000;
 
 fn failed(msg: impl Into<String>) -> DeviceError {
     DeviceError::Failed(msg.into())
@@ -154,55 +152,17 @@ impl VfioPciDevice {
                  ,noiommu (type1 mode is the safe one)"
             )));
         }
-        let rw = |p: &str| {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_CLOEXEC)
-                .open(p)
-                .map_err(|e| failed(format!("open {p}: {e}")))
-        };
-        let container = rw("/dev/vfio/vfio")?;
-        let v = sys::get_api_version(&container);
-        if i64::from(v) != i64::from(sys::VFIO_API_VERSION) {
-            return Err(failed(format!("VFIO API version {v}, expected 0")));
-        }
-        let iommu = u64::from(if noiommu {
-            sys::VFIO_NOIOMMU_IOMMU
-        } else {
-            sys::VFIO_TYPE1v2_IOMMU
-        });
-        let ok = sys::check_extension(&container, iommu);
-        if ok != 1 {
-            return Err(failed(format!(
-                "the VFIO container does not support IOMMU type {iommu} ({})",
-                if noiommu {
-                    "load vfio with enable_unsafe_noiommu_mode=1"
-                } else {
-                    "type1v2: is an IOMMU enabled?"
-                }
-            )));
-        }
-        let group_file = rw(&if noiommu {
+        let group_node = if noiommu {
             noiommu_node
         } else {
             format!("/dev/vfio/{group}")
-        })?;
-        let status = sys::group_get_status(&group_file)
-            .map_err(|e| DeviceError::io("VFIO_GROUP_GET_STATUS", e))?;
-        if status.flags & sys::VFIO_GROUP_FLAGS_VIABLE == 0 {
-            return Err(failed(format!(
-                "VFIO group {group} is not viable: bind every device of the group to vfio-pci"
-            )));
-        }
-        sys::group_set_container(&group_file, &container)
-            .map_err(|e| DeviceError::io("VFIO_GROUP_SET_CONTAINER", e))?;
-        sys::set_iommu(&container, iommu).map_err(|e| DeviceError::io("VFIO_SET_IOMMU", e))?;
-        let name = std::ffi::CString::new(bdf).map_err(|_| failed("NUL in PCI address"))?;
-        let device = Arc::new(
-            sys::group_get_device_fd(&group_file, &name)
-                .map_err(|e| DeviceError::io("VFIO_GROUP_GET_DEVICE_FD", e))?,
-        );
+        };
+        let iommu::Attached {
+            container,
+            group: group_file,
+            device,
+        } = iommu::attach(bdf, &group, &group_node, noiommu)?;
+        let device = Arc::new(device);
 
         let dinfo = sys::device_get_info(&device)
             .map_err(|e| DeviceError::io("VFIO_DEVICE_GET_INFO", e))?;
@@ -402,34 +362,7 @@ impl VsockDevice for VfioPciDevice {
             );
             return Ok(());
         }
-        let want = DmaMapping {
-            iova: dma.iova_base(),
-            size: dma.size() as u64,
-            vaddr: dma.host_addr(),
-        };
-        match MapStep::plan(self.dma_mapped, want) {
-            // The container's mapping outlives a device reset that did not undo it.
-            MapStep::Done => return Ok(()),
-            MapStep::Map => {}
-            MapStep::Replace(old) => {
-                self.unmap_dma(old)?;
-                self.dma_mapped = None;
-            }
-        }
-        let map = sys::vfio_iommu_type1_dma_map {
-            argsz: argsz::<sys::vfio_iommu_type1_dma_map>(),
-            flags: sys::VFIO_DMA_MAP_FLAG_READ | sys::VFIO_DMA_MAP_FLAG_WRITE,
-            vaddr: want.vaddr,
-            iova: want.iova,
-            size: want.size,
-        };
-        // SAFETY: the range is the DMA region's live mapping, memory shared with the device by
-        // design (vm-memory guest memory), which the driver keeps alive until after `reset`
-        // (where we unmap it).
-        unsafe { sys::iommu_map_dma(&self.container, &map) }
-            .map_err(|e| DeviceError::io("VFIO_IOMMU_MAP_DMA", e))?;
-        self.dma_mapped = Some(want);
-        Ok(())
+        self.map_type1(dma)
     }
 
     fn setup_queue(&mut self, index: u16, layout: &QueueLayout) -> Result<(), DeviceError> {

@@ -384,9 +384,9 @@ pub struct Endpoint<S: Storage = HeapStorage> {
     /// The listener on every other port ([`Endpoint::listen_any_port`]).
     any_listener: Option<ListenerId>,
     /// Live connections per local port.
-    port_refs: HashMap<u32, usize>,
+    port_refs: HashMap<u32, u32>,
     /// Live `connect`-created connections per local port (bound ports).
-    bound_refs: HashMap<u32, usize>,
+    bound_refs: HashMap<u32, u32>,
     next_conn: u64,
     next_listener: u64,
     next_ephemeral: u32,

@@ -4,9 +4,10 @@
 
 use std::time::Instant;
 
+use super::conn::{Answer, CloseError, Shutdowns, State};
 use super::credit::CreditViolation;
-use super::storage::{HeapStorage, RxBuf, Storage, TxBuf};
-use super::{ConnId, ConnState, Endpoint, Event, ProtoError, MAX_PENDING_UNKNOWN_RST};
+use super::storage::{HeapStorage, RxBuf, Storage};
+use super::{ConnId, Endpoint, Event, ProtoError, MAX_PENDING_UNKNOWN_RST};
 use crate::packet::{Header, Op, SeqFlags, ShutdownFlags, SocketType};
 
 fn op_name(h: &Header) -> String {
@@ -104,14 +105,18 @@ impl<S: Storage> Endpoint<S> {
             return;
         }
         conn.credit.update_peer(hdr.buf_alloc, hdr.fwd_cnt);
-        match (conn.state, op) {
-            (ConnState::Connecting, Op::Response) => {
+        match (conn.connecting(), op) {
+            (true, Op::Response) => {
                 conn.credit.on_handshake(hdr.buf_alloc, hdr.fwd_cnt);
-                conn.state = ConnState::Connected;
-                self.timers.set(conn, None);
+                let established = State::Established {
+                    answer: Answer::Done,
+                    shut: Shutdowns::default(),
+                    sent: ShutdownFlags::default(),
+                };
+                self.set_state(id, established);
                 self.events.push(Event::Connected(id));
             }
-            (ConnState::Connecting, _) => {
+            (true, _) => {
                 self.stats.dropped_invalid += 1;
                 self.connecting_got(id, hdr.op);
             }
@@ -133,27 +138,25 @@ impl<S: Storage> Endpoint<S> {
     /// Only the expired timers are touched, earliest first (ties in `ConnId` order).
     pub fn handle_timeout(&mut self, now: Instant) {
         while let Some(id) = self.timers.first_expired(now) {
-            let Some(conn) = self.conns.get_mut(&id) else {
-                // Unreachable: a released connection's deadline left the index with it.
-                debug_assert!(false, "{id}: timer of a released connection");
-                self.timers.discard_first();
-                continue;
-            };
-            self.timers.set(conn, None);
-            match conn.state {
-                ConnState::Connecting => {
+            match self.conns.get(&id).map(|conn| conn.state()) {
+                Some(State::Connecting { .. }) => {
                     self.stats.connect_timeouts += 1;
-                    self.send_rst_and_unlink(id);
-                    self.fail(id, ProtoError::TimedOut);
+                    self.queue_rst(id);
+                    self.end(id, Some(CloseError::TimedOut));
                     self.events
                         .push(Event::ConnectFailed(id, ProtoError::TimedOut));
                 }
-                ConnState::Closing => {
+                Some(State::Closing { .. }) => {
                     self.stats.close_timeouts += 1;
-                    self.send_rst_and_unlink(id);
+                    self.queue_rst(id);
                     self.release(id, true);
                 }
-                _ => {}
+                _ => {
+                    // Unreachable: only those states hold a deadline, and the index follows
+                    // the states (a released connection's left with it).
+                    debug_assert!(false, "{id}: a timer without a deadline");
+                    self.timers.discard_first();
+                }
             }
         }
     }
@@ -173,27 +176,19 @@ impl<S: Storage> Endpoint<S> {
             let Some(conn) = self.conns.get(&id) else {
                 continue;
             };
-            if !conn.in_table {
+            if !conn.on_wire() {
                 continue;
             }
-            match (conn.state, conn.listener) {
-                (_, Some(_)) => {
-                    self.unlink(id);
-                    self.release(id, false);
-                }
-                (ConnState::Closing, _) => {
-                    self.unlink(id);
-                    self.release(id, true);
-                }
-                (ConnState::Connecting, _) => {
-                    self.unlink(id);
-                    self.fail(id, ProtoError::ConnectionReset);
+            match (conn.state(), conn.listener) {
+                (_, Some(_)) => self.release(id, false),
+                (State::Closing { .. }, _) => self.release(id, true),
+                (State::Connecting { .. }, _) => {
+                    self.end(id, Some(CloseError::Reset));
                     self.events
                         .push(Event::ConnectFailed(id, ProtoError::ConnectionReset));
                 }
                 _ => {
-                    self.unlink(id);
-                    self.fail(id, ProtoError::ConnectionReset);
+                    self.end(id, Some(CloseError::Reset));
                     self.events.push(Event::Reset(id));
                 }
             }
@@ -204,14 +199,13 @@ impl<S: Storage> Endpoint<S> {
     /// it and fail the connect with a protocol error (Linux's `virtio_transport_recv_connecting`:
     /// RST, `EPROTO`).
     fn connecting_got(&mut self, id: ConnId, op: u16) {
-        match self.conns.get_mut(&id) {
-            Some(conn) if conn.state == ConnState::Connecting => self.timers.set(conn, None),
-            _ => return,
+        if !self.conns.get(&id).is_some_and(|conn| conn.connecting()) {
+            return;
         }
-        self.send_rst_and_unlink(id);
-        let e = ProtoError::Protocol { op };
-        self.fail(id, e.clone());
-        self.events.push(Event::ConnectFailed(id, e));
+        self.queue_rst(id);
+        let e = CloseError::Protocol { op };
+        self.end(id, Some(e));
+        self.events.push(Event::ConnectFailed(id, e.into()));
     }
 
     /// A packet for no connection: `REQUEST` to a listener, or `RST` (never for an `RST`).
@@ -271,25 +265,18 @@ impl<S: Storage> Endpoint<S> {
         let Some(conn) = self.conns.get(&id) else {
             return;
         };
-        let (state, listener) = (conn.state, conn.listener);
-        let graceful = conn.peer_shutdown.send;
-        self.unlink(id);
-        match (state, listener) {
+        // The peer finished sending before it reset: reads end with EOF, not the error.
+        let graceful = conn.peer_shutdown().send;
+        match (conn.state(), conn.listener) {
             (_, Some(_)) => self.release(id, false),
-            (ConnState::Closing, _) => self.release(id, true),
-            (ConnState::Connecting, _) => {
-                self.fail(id, ProtoError::ConnectionRefused);
+            (State::Closing { .. }, _) => self.release(id, true),
+            (State::Connecting { .. }, _) => {
+                self.end(id, Some(CloseError::Refused));
                 self.events
                     .push(Event::ConnectFailed(id, ProtoError::ConnectionRefused));
             }
             _ => {
-                self.fail(id, ProtoError::ConnectionReset);
-                if graceful {
-                    // The peer finished sending before it reset: reads end with EOF.
-                    if let Some(conn) = self.conns.get_mut(&id) {
-                        conn.error = None;
-                    }
-                }
+                self.end(id, (!graceful).then_some(CloseError::Reset));
                 self.events.push(Event::Reset(id));
             }
         }
@@ -306,7 +293,7 @@ impl<S: Storage> Endpoint<S> {
             return;
         }
         self.stats.bytes_in += u64::from(hdr.len);
-        let discard = conn.rx_done() || conn.state == ConnState::Closing;
+        let discard = conn.rx_done() || conn.closing();
         if discard {
             // Nobody will read it: consume at once so credit keeps flowing.
             self.stats.rx_discarded += u64::from(hdr.len);
@@ -331,12 +318,13 @@ impl<S: Storage> Endpoint<S> {
         }
         let mut readable = len > 0;
         if conn.ty == SocketType::SeqPacket {
-            conn.rx_partial += len;
+            let msgs = conn.msgs_mut();
+            msgs.rx_partial += len;
             let flags = SeqFlags::from_bits(hdr.flags);
             readable = flags.eom;
             if flags.eom {
-                conn.rx_msgs.push_back((conn.rx_partial, flags.eor));
-                conn.rx_partial = 0;
+                msgs.rx.push_back((msgs.rx_partial, flags.eor));
+                msgs.rx_partial = 0;
             }
         }
         if readable && !conn.readable_notified && conn.listener.is_none() {
@@ -350,13 +338,13 @@ impl<S: Storage> Endpoint<S> {
         let Some(conn) = self.conns.get(&id) else {
             return;
         };
-        let (state, listener) = (conn.state, conn.listener);
-        self.send_rst_and_unlink(id);
-        match (state, listener) {
+        let (closing, listener) = (conn.closing(), conn.listener);
+        self.queue_rst(id);
+        match (closing, listener) {
             (_, Some(_)) => self.release(id, false),
-            (ConnState::Closing, _) => self.release(id, true),
+            (true, _) => self.release(id, true),
             _ => {
-                self.fail(id, ProtoError::ConnectionReset);
+                self.end(id, Some(CloseError::Reset));
                 self.events.push(Event::Reset(id));
             }
         }
@@ -367,43 +355,31 @@ impl<S: Storage> Endpoint<S> {
             return;
         };
         let f = ShutdownFlags::from_bits(flags);
-        conn.peer_shutdown.receive |= f.receive;
-        conn.peer_shutdown.send |= f.send;
-        if conn.peer_shutdown.receive {
+        let all = conn.shut_peer(f);
+        if all.receive {
             // The peer will not read: drop what we had queued.
-            conn.tx.clear();
-            conn.tx_msgs.clear();
+            conn.clear_tx();
         }
-        conn.refresh_peer_state();
-        let all = conn.peer_shutdown;
-        let (state, listener) = (conn.state, conn.listener);
+        let (closing, listener) = (conn.closing(), conn.listener);
         // Linux's `virtio_transport_recv_connected`: with data still unread the RST waits for
         // our close (the peer, lingering, learns that we hold everything only then). The same
         // for a connection still waiting to be accepted (Linux's child socket takes the packet
         // as any connected socket does).
-        let unread = conn.rx.len() > 0 && state != ConnState::Closing;
+        let unread = conn.rx.len() > 0 && !closing;
         if all.receive && all.send && !unread {
             // Both directions closed by the peer: answer RST and forget (as Linux does).
-            self.send_rst_and_unlink(id);
-            match (state, listener) {
-                (_, Some(_)) => {
-                    // Not accepted yet: the user can still accept it and read until EOF.
-                    if let Some(conn) = self.conns.get_mut(&id) {
-                        conn.state = ConnState::Closed;
-                    }
-                }
-                (ConnState::Closing, _) => {
+            self.queue_rst(id);
+            match (closing, listener) {
+                // Not accepted yet: the user can still accept it and read until EOF.
+                (_, Some(_)) => self.end(id, None),
+                (true, _) => {
                     self.release(id, true);
                     return;
                 }
-                _ => {
-                    if let Some(conn) = self.conns.get_mut(&id) {
-                        conn.state = ConnState::Closed;
-                    }
-                }
+                _ => self.end(id, None),
             }
         }
-        if listener.is_none() && state != ConnState::Closing && (f.receive || f.send) {
+        if listener.is_none() && !closing && (f.receive || f.send) {
             self.events.push(Event::PeerShutdown(id, all));
         }
     }

@@ -4,11 +4,11 @@
 use std::collections::BTreeSet;
 use std::time::Instant;
 
-use super::conn::Conn;
+use super::conn::{Answer, Conn, Shutdowns, State};
 use super::credit::BufferSize;
 use super::storage::Storage;
-use super::{ConnId, ConnState, Endpoint, Event, ListenerId, ProtoError};
-use crate::packet::{Header, SocketType, VMADDR_PORT_ANY};
+use super::{ConnId, Endpoint, Event, ListenerId, ProtoError};
+use crate::packet::{Header, ShutdownFlags, SocketType, VMADDR_PORT_ANY};
 
 /// A listening port.
 #[derive(Debug)]
@@ -121,14 +121,13 @@ impl<S: Storage> Endpoint<S> {
             .conns
             .get_mut(&c)
             .ok_or(ProtoError::UnknownConnection)?;
-        if !conn.held {
+        if !conn.state().held() {
             return Err(ProtoError::InvalidInput(
                 "answer: the connection is not a held REQUEST (listen_any_port)",
             ));
         }
         if accept {
-            conn.held = false;
-            conn.pending.response = true;
+            conn.unhold();
             self.schedule(c);
         } else {
             self.abort(now, c);
@@ -138,7 +137,7 @@ impl<S: Storage> Endpoint<S> {
 
     /// Whether `c` is a `REQUEST` held unanswered (see [`Endpoint::answer`]).
     pub fn is_held(&self, c: ConnId) -> bool {
-        self.conns.get(&c).is_some_and(|conn| conn.held)
+        self.conns.get(&c).is_some_and(|conn| conn.state().held())
     }
 
     /// The port `l` listens on (the one picked for [`VMADDR_PORT_ANY`]); `None` after
@@ -163,7 +162,7 @@ impl<S: Storage> Endpoint<S> {
             if let Some(conn) = self.conns.get_mut(&id) {
                 conn.listener = None;
             }
-            self.send_rst_and_unlink(id);
+            self.queue_rst(id);
             self.release(id, false);
         }
     }
@@ -192,6 +191,7 @@ impl<S: Storage> Endpoint<S> {
             .listeners
             .get(&l)
             .map_or_else(|| self.default_buffer(), |listener| listener.buffer);
+        let hold = self.listeners.get(&l).is_some_and(|listener| listener.hold);
         let mut conn = Conn::new(
             &mut self.storage,
             id,
@@ -199,13 +199,14 @@ impl<S: Storage> Endpoint<S> {
             hdr.dst_port,
             hdr.src_cid,
             hdr.src_port,
-            ConnState::Connected,
+            State::Established {
+                answer: if hold { Answer::Held } else { Answer::Owed },
+                shut: Shutdowns::default(),
+                sent: ShutdownFlags::default(),
+            },
             buffer,
         );
         conn.credit.on_handshake(hdr.buf_alloc, hdr.fwd_cnt);
-        let hold = self.listeners.get(&l).is_some_and(|listener| listener.hold);
-        conn.held = hold;
-        conn.pending.response = !hold;
         conn.listener = Some(l);
         self.insert_conn(conn);
         if let Some(listener) = self.listeners.get_mut(&l) {

@@ -87,7 +87,7 @@
 
 // This file: the public types, `Endpoint` and its user side (connect, send, recv, close, ...);
 // the rest of the engine, one concern a file:
-mod conn; // one connection: state, buffers, credit, the packets it owes
+mod conn; // one connection: its states (with their data), buffers, credit, the packets it owes
 pub mod credit;
 mod input; // the network side: handle_packet, handle_timeout, handle_transport_reset
 mod invariants; // check_invariants and peer_credit, for tests and fuzzing
@@ -95,7 +95,7 @@ mod listener; // listeners and their accept queues: listen, unlisten, accept
 mod output; // poll_transmit, poll_timeout, poll_event, poll_ready and the event queue
 mod ports; // port refcounts, bound ports, the free ephemeral runs
 pub mod storage;
-mod table; // the connection table: insert, unlink, fail, release, the transmit round robin
+mod table; // the connection table: insert, set_state (every transition), release, the round robin
 mod timers; // the deadline index
 
 #[cfg(test)]
@@ -106,8 +106,8 @@ use std::fmt;
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
-use conn::Conn;
 pub use conn::ConnState;
+use conn::{CloseError, Conn, State};
 pub use credit::{BufferOption, BufferSize};
 use listener::Listener;
 use output::Events;
@@ -384,9 +384,9 @@ pub struct Endpoint<S: Storage = HeapStorage> {
     /// The listener on every other port ([`Endpoint::listen_any_port`]).
     any_listener: Option<ListenerId>,
     /// Live connections per local port.
-    port_refs: HashMap<u32, usize>,
+    port_refs: HashMap<u32, u32>,
     /// Live `connect`-created connections per local port (bound ports).
-    bound_refs: HashMap<u32, usize>,
+    bound_refs: HashMap<u32, u32>,
     next_conn: u64,
     next_listener: u64,
     next_ephemeral: u32,
@@ -397,7 +397,7 @@ pub struct Endpoint<S: Storage = HeapStorage> {
     free_ports: BTreeMap<u32, u32>,
     /// Connections that may have packets to send, round robin.
     ready: VecDeque<ConnId>,
-    /// Every connection's deadline, ordered: the index of `Conn::deadline`.
+    /// Every connection's deadline, ordered: the index of the deadlines in the states.
     timers: Timers,
     /// `RST`s for our own connections taken off the wire, sent first.
     control: VecDeque<Header>,
@@ -531,12 +531,13 @@ impl<S: Storage> Endpoint<S> {
             port,
             peer_cid,
             peer_port,
-            ConnState::Connecting,
+            State::Connecting {
+                deadline: now.checked_add(timeout),
+                request_owed: true,
+            },
             buffer,
         );
         conn.bound = true;
-        conn.pending.request = true;
-        self.timers.set(&mut conn, now.checked_add(timeout));
         self.insert_conn(conn);
         self.schedule(id);
         Ok(id)
@@ -580,7 +581,7 @@ impl<S: Storage> Endpoint<S> {
     ) -> Result<&mut Conn<S>, ProtoError> {
         let conn = self.conn_of_type(c, ty, misuse)?;
         conn.readable_notified = false;
-        if conn.state == ConnState::Connecting {
+        if conn.connecting() {
             return Err(ProtoError::NotConnected);
         }
         Ok(conn)
@@ -600,7 +601,7 @@ impl<S: Storage> Endpoint<S> {
     /// [`Endpoint::recv`], and nothing consumed or credited.
     pub fn peek(&mut self, c: ConnId, buf: &mut [u8]) -> Result<usize, ProtoError> {
         let conn = self.conn_of_type(c, SocketType::Stream, "peek on a seqpacket socket")?;
-        if conn.state == ConnState::Connecting {
+        if conn.connecting() {
             return Err(ProtoError::NotConnected);
         }
         if conn.rx.is_empty() {
@@ -774,7 +775,7 @@ impl<S: Storage> Endpoint<S> {
         }
         let n = conn.tx.append(msg);
         debug_assert_eq!(n, msg.len(), "the storage took less than it reserved");
-        conn.tx_msgs.push_back((msg.len(), eor));
+        conn.msgs_mut().tx.push_back((msg.len(), eor));
         self.schedule(c);
         Ok(())
     }
@@ -795,7 +796,7 @@ impl<S: Storage> Endpoint<S> {
             SocketType::SeqPacket,
             "recv_msg on a stream socket; use recv",
         )?;
-        if let Some((len, eor)) = conn.rx_msgs.pop_front() {
+        if let Some((len, eor)) = conn.msgs_opt_mut().and_then(|m| m.rx.pop_front()) {
             let copied = len.min(buf.len());
             conn.rx.read(&mut buf[..copied]);
             conn.rx.discard(len - copied);
@@ -825,22 +826,15 @@ impl<S: Storage> Endpoint<S> {
             .conns
             .get_mut(&c)
             .ok_or(ProtoError::UnknownConnection)?;
-        match (conn.state, &conn.error) {
-            (ConnState::Connecting, _) => return Err(ProtoError::NotConnected),
-            (
-                ConnState::Closed,
-                Some(e @ (ProtoError::ConnectionRefused | ProtoError::TimedOut)),
-            ) => return Err(e.clone()),
-            (
-                ConnState::Closed
-                | ConnState::Connected
-                | ConnState::PeerClosed { .. }
-                | ConnState::Closing,
-                _,
-            ) => {}
+        match conn.state() {
+            State::Connecting { .. } => return Err(ProtoError::NotConnected),
+            State::Closed {
+                error: Some(e @ (CloseError::Refused | CloseError::TimedOut)),
+                ..
+            } => return Err((*e).into()),
+            State::Closed { .. } | State::Established { .. } | State::Closing { .. } => {}
         }
-        conn.local_shutdown.receive |= how.receive;
-        conn.local_shutdown.send |= how.send;
+        conn.shut_local(how);
         if how.receive {
             Self::drop_unread(conn);
         }
@@ -855,30 +849,32 @@ impl<S: Storage> Endpoint<S> {
         let Some(conn) = self.conns.get_mut(&c) else {
             return;
         };
-        if conn.held {
+        if conn.state().held() {
             // Never answered: refuse it, as Linux refuses a REQUEST nobody accepts.
             self.abort(now, c);
             return;
         }
-        match conn.state {
-            ConnState::Closing => {}
-            ConnState::Closed => self.release(c, true),
-            ConnState::Connecting => {
-                self.send_rst_and_unlink(c);
+        match *conn.state() {
+            State::Closing { .. } => {}
+            State::Closed { .. } => self.release(c, true),
+            State::Connecting { .. } => {
+                self.queue_rst(c);
                 self.release(c, true);
             }
-            ConnState::Connected | ConnState::PeerClosed { .. } => {
-                conn.state = ConnState::Closing;
-                conn.local_shutdown = ShutdownFlags {
-                    receive: true,
-                    send: true,
-                };
+            State::Established { answer, shut, sent } => {
                 Self::drop_unread(conn);
-                if conn.peer_shutdown.receive {
-                    conn.tx.clear();
-                    conn.tx_msgs.clear();
+                if shut.peer.receive {
+                    conn.clear_tx();
                 }
-                self.timers.set(conn, Some(now + self.config.close_timeout));
+                // A close timeout beyond what an Instant holds lingers for ever (as a connect
+                // timeout that long waits for ever).
+                let closing = State::Closing {
+                    deadline: now.checked_add(self.config.close_timeout),
+                    peer: shut.peer,
+                    sent,
+                    response_owed: answer == conn::Answer::Owed,
+                };
+                self.set_state(c, closing);
                 self.schedule(c);
             }
         }
@@ -888,7 +884,7 @@ impl<S: Storage> Endpoint<S> {
     pub fn abort(&mut self, now: Instant, c: ConnId) {
         let _ = now;
         if self.conns.contains_key(&c) {
-            self.send_rst_and_unlink(c);
+            self.queue_rst(c);
             self.release(c, true);
         }
     }
@@ -899,11 +895,7 @@ impl<S: Storage> Endpoint<S> {
     /// already closed by the user and lingering, is released instead.
     pub fn reset(&mut self, now: Instant, c: ConnId) {
         let _ = now;
-        if self
-            .conns
-            .get(&c)
-            .is_some_and(|conn| conn.state != ConnState::Closed)
-        {
+        if self.conns.get(&c).is_some_and(|conn| conn.on_wire()) {
             // As when we reset one for a protocol violation: a connection still in a
             // listener's queue, or one the user already closed, is released.
             self.reset_conn(c);
@@ -915,7 +907,7 @@ impl<S: Storage> Endpoint<S> {
 
     /// The connection's state, or `None` if `c` is unknown or released.
     pub fn state(&self, c: ConnId) -> Option<ConnState> {
-        self.conns.get(&c).map(|conn| conn.state)
+        self.conns.get(&c).map(|conn| conn.state().public())
     }
 
     /// Bytes buffered for reading (for seqpacket, of all complete and partial messages).
@@ -944,12 +936,12 @@ impl<S: Storage> Endpoint<S> {
                 ..Readiness::default()
             };
         };
-        let connecting = conn.state == ConnState::Connecting;
-        let closed = conn.state == ConnState::Closed;
+        let connecting = conn.connecting();
+        let closed = !conn.on_wire();
         let readable = !connecting
             && match conn.ty {
                 SocketType::Stream => !conn.rx.is_empty(),
-                SocketType::SeqPacket => !conn.rx_msgs.is_empty(),
+                SocketType::SeqPacket => conn.msgs().is_some_and(|m| !m.rx.is_empty()),
             };
         // For seqpacket, room for one byte does not promise room for a whole message; it is
         // what Linux's poll reports too (free space > 0).
@@ -959,16 +951,14 @@ impl<S: Storage> Endpoint<S> {
         let writable = Self::check_sendable(conn).is_ok()
             && conn.tx_space(self.config.send_buffer) > 0
             && !conn.writable_wanted;
-        let both_shut = conn.local_shutdown.send && conn.local_shutdown.receive;
+        let (local, peer) = (conn.local_shutdown(), conn.peer_shutdown());
+        let both_shut = local.send && local.receive;
         Readiness {
             readable,
             read_closed: !connecting && (conn.rx_done() || closed),
             writable,
-            hangup: closed
-                || both_shut
-                || (conn.local_shutdown.send && conn.peer_shutdown.send)
-                || conn.state == ConnState::Closing,
-            error: conn.error.is_some(),
+            hangup: closed || both_shut || (local.send && peer.send) || conn.closing(),
+            error: conn.state().error().is_some(),
         }
     }
 
@@ -997,7 +987,7 @@ impl<S: Storage> Endpoint<S> {
             .ok_or(ProtoError::UnknownConnection)?;
         conn.buffer.set(opt, val);
         let buffer = conn.buffer;
-        if conn.credit.set_buf_alloc(buffer.buf_alloc()) && conn.in_table {
+        if conn.credit.set_buf_alloc(buffer.buf_alloc()) && conn.on_wire() {
             conn.pending.credit_update = true;
             self.schedule(c);
         }
@@ -1086,27 +1076,24 @@ impl<S: Storage> Endpoint<S> {
     }
 
     fn check_sendable(conn: &Conn<S>) -> Result<(), ProtoError> {
-        match conn.state {
-            ConnState::Connecting => Err(ProtoError::NotConnected),
-            ConnState::Closed => Err(conn.error.clone().unwrap_or(ProtoError::BrokenPipe)),
-            ConnState::Closing => Err(ProtoError::BrokenPipe),
-            _ if conn.local_shutdown.send || conn.peer_shutdown.receive => {
+        match conn.state() {
+            State::Connecting { .. } => Err(ProtoError::NotConnected),
+            State::Closed { error, .. } => Err(error.map_or(ProtoError::BrokenPipe, Into::into)),
+            State::Closing { .. } => Err(ProtoError::BrokenPipe),
+            State::Established { shut, .. } if shut.local.send || shut.peer.receive => {
                 Err(ProtoError::BrokenPipe)
             }
-            _ => Ok(()),
+            State::Established { .. } => Ok(()),
         }
     }
 
     /// The answer to a read on an empty buffer.
     fn rx_end(conn: &Conn<S>) -> Result<(), ProtoError> {
-        if conn.rx_done() || conn.state == ConnState::Closing {
+        if conn.rx_done() || conn.closing() {
             return Ok(());
         }
-        if conn.state == ConnState::Closed {
-            return match &conn.error {
-                Some(e) => Err(e.clone()),
-                None => Ok(()),
-            };
+        if let State::Closed { error, .. } = conn.state() {
+            return error.map_or(Ok(()), |e| Err(e.into()));
         }
         Err(ProtoError::WouldBlock)
     }
@@ -1118,8 +1105,10 @@ impl<S: Storage> Endpoint<S> {
     fn drop_unread(conn: &mut Conn<S>) {
         let n = conn.rx.len();
         conn.rx.clear();
-        conn.rx_msgs.clear();
-        conn.rx_partial = 0;
+        if let Some(m) = conn.msgs_opt_mut() {
+            m.rx.clear();
+            m.rx_partial = 0;
+        }
         Self::consumed(conn, n);
     }
 
@@ -1128,8 +1117,8 @@ impl<S: Storage> Endpoint<S> {
         conn.credit
             .on_consumed(u32::try_from(n).unwrap_or(u32::MAX));
         // rx_partial: the head of a SEQPACKET message still arriving (0 for streams).
-        let unreadable = u32::try_from(conn.rx_partial).unwrap_or(u32::MAX);
-        if conn.in_table && conn.credit.need_credit_update(unreadable) {
+        let unreadable = u32::try_from(conn.rx_partial()).unwrap_or(u32::MAX);
+        if conn.on_wire() && conn.credit.need_credit_update(unreadable) {
             conn.pending.credit_update = true;
         }
     }

@@ -8,6 +8,19 @@ use super::storage::{HeapStorage, Storage, TxBuf};
 use super::{ConnId, Endpoint, Event};
 use crate::packet::{Header, Op};
 
+/// A queue that emptied keeps at most this many entries' room: a burst (10,000 connections
+/// established at once) gives back the rest, while the steady trickle of a busy endpoint
+/// reuses its room without reallocating. Shrinking an empty queue costs one reallocation,
+/// and it took more than this many entries to grow that big: O(1) per entry.
+const QUEUE_KEEP: usize = 1024;
+
+/// `q` is empty: give back what a burst grew it to beyond [`QUEUE_KEEP`].
+fn shrink_drained<T>(q: &mut VecDeque<T>) {
+    if q.is_empty() && q.capacity() > QUEUE_KEEP {
+        q.shrink_to(QUEUE_KEEP);
+    }
+}
+
 /// The events for the user and, when asked for ([`Endpoint::track_ready`]), the connections
 /// they name, for a second consumer that only wants to know which connections to look at.
 #[derive(Debug, Default)]
@@ -73,7 +86,9 @@ impl<S: Storage> Endpoint<S> {
         let mut budget = self.ready.len();
         while budget > 0 {
             budget -= 1;
-            let id = self.ready.pop_front()?;
+            let Some(id) = self.ready.pop_front() else {
+                break;
+            };
             let Some(conn) = self.conns.get_mut(&id) else {
                 continue;
             };
@@ -120,6 +135,9 @@ impl<S: Storage> Endpoint<S> {
             self.count_out(h);
             return Some(r);
         }
+        // Nothing (more) to send: the queues are drained.
+        shrink_drained(&mut self.control);
+        shrink_drained(&mut self.ready);
         None
     }
 
@@ -151,7 +169,11 @@ impl<S: Storage> Endpoint<S> {
     /// The next event for the user.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.queue.pop_front()
+        let ev = self.events.queue.pop_front();
+        if ev.is_none() {
+            shrink_drained(&mut self.events.queue);
+        }
+        ev
     }
 
     /// From now on, also queue the connection of every event (all but [`Event::Incoming`]) for
@@ -169,7 +191,12 @@ impl<S: Storage> Endpoint<S> {
     /// took nothing) comes again only when that changes.
     #[must_use]
     pub fn poll_ready(&mut self) -> Option<ConnId> {
-        self.events.ready.as_mut()?.pop_front()
+        let ready = self.events.ready.as_mut()?;
+        let c = ready.pop_front();
+        if c.is_none() {
+            shrink_drained(ready);
+        }
+        c
     }
 
     fn count_out(&mut self, h: Header) -> Header {
@@ -179,5 +206,33 @@ impl<S: Storage> Endpoint<S> {
             self.stats.rst_sent += 1;
         }
         h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_drained_queue_gives_back_what_a_burst_grew_it_to() {
+        let mut q: VecDeque<u64> = (0..10_000).collect();
+        shrink_drained(&mut q);
+        assert!(
+            q.capacity() >= 10_000,
+            "a queue still in use keeps its room"
+        );
+        q.clear();
+        shrink_drained(&mut q);
+        assert!(
+            (QUEUE_KEEP..2 * QUEUE_KEEP).contains(&q.capacity()),
+            "{}",
+            q.capacity()
+        );
+        // A small queue keeps its room: no reallocation per drain.
+        let mut small: VecDeque<u64> = (0..100).collect();
+        let cap = small.capacity();
+        small.clear();
+        shrink_drained(&mut small);
+        assert_eq!(small.capacity(), cap);
     }
 }

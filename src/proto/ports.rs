@@ -6,11 +6,13 @@ use std::collections::HashMap;
 use super::storage::Storage;
 use super::{Endpoint, ProtoError};
 
-pub(super) fn refcount_add(map: &mut HashMap<u32, usize>, port: u32) {
+/// A count per port: `u32` counts, since a port never has 2^32 connections (each costs the
+/// table a few hundred bytes), so that an entry is 8 bytes, not 16.
+pub(super) fn refcount_add(map: &mut HashMap<u32, u32>, port: u32) {
     *map.entry(port).or_insert(0) += 1;
 }
 
-pub(super) fn refcount_sub(map: &mut HashMap<u32, usize>, port: u32) {
+pub(super) fn refcount_sub(map: &mut HashMap<u32, u32>, port: u32) {
     if let Some(n) = map.get_mut(&port) {
         *n -= 1;
         if *n == 0 {

@@ -1,13 +1,14 @@
-//! The connection table: a connection enters it, leaves the wire (its key and port freed),
-//! fails or is released; and the round robin of connections that may have packets to send.
+//! The connection table: a connection enters it, changes state (`set_state`, the one place),
+//! leaves the wire (its key and port freed) or is released; and the round robin of connections
+//! that may have packets to send.
 
 use std::collections::HashMap;
 use std::hash::Hash;
 
-use super::conn::{self, Conn};
+use super::conn::{self, CloseError, Conn, State};
 use super::ports::{refcount_add, refcount_sub};
-use super::storage::{Storage, TxBuf};
-use super::{ConnId, ConnState, Endpoint, Event, ProtoError};
+use super::storage::Storage;
+use super::{ConnId, Endpoint, Event, Key};
 
 /// Tables this small keep their capacity whatever they hold.
 const SHRINK_ABOVE: usize = 64;
@@ -30,9 +31,9 @@ impl<S: Storage> Endpoint<S> {
         id
     }
 
-    pub(super) fn insert_conn(&mut self, mut conn: Conn<S>) {
+    pub(super) fn insert_conn(&mut self, conn: Conn<S>) {
         let id = conn.id;
-        conn.in_table = true;
+        debug_assert!(conn.on_wire(), "{id}: a new connection is on the wire");
         self.keys
             .insert((conn.local_port, conn.peer_cid, conn.peer_port), id);
         refcount_add(&mut self.port_refs, conn.local_port);
@@ -40,22 +41,42 @@ impl<S: Storage> Endpoint<S> {
             refcount_add(&mut self.bound_refs, conn.local_port);
         }
         self.sync_free_port(conn.local_port);
+        self.timers.update(id, None, conn.state().deadline());
         self.conns.insert(id, conn);
     }
 
-    /// Take the connection off the wire: free its key and port.
-    pub(super) fn unlink(&mut self, id: ConnId) {
+    /// Move connection `id` to state `next`: the one place a connection changes state (see
+    /// [`State::may_become`]). The deadline index follows the state's deadline; a connection
+    /// leaving the wire (`Closed`) frees its key and its port, and drops what it owed the peer
+    /// and what it had queued to send.
+    pub(super) fn set_state(&mut self, id: ConnId, next: State) {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
-        if !conn.in_table {
-            return;
+        let old = conn.transition(next);
+        self.timers
+            .update(id, old.deadline(), conn.state().deadline());
+        if old.on_wire() && !conn.on_wire() {
+            conn.pending = conn::Pending::default();
+            conn.clear_tx();
+            let (key, bound) = ((conn.local_port, conn.peer_cid, conn.peer_port), conn.bound);
+            self.leave_wire(key, bound);
         }
-        conn.in_table = false;
-        self.timers.set(conn, None);
-        conn.pending = conn::Pending::default();
-        let (port, bound) = (conn.local_port, conn.bound);
-        self.keys.remove(&(port, conn.peer_cid, conn.peer_port));
+    }
+
+    /// End connection `id`: `Closed`, with `error` if it ended in one (the `ConnId` stays until
+    /// close/abort).
+    pub(super) fn end(&mut self, id: ConnId, error: Option<CloseError>) {
+        if let Some(conn) = self.conns.get(&id) {
+            let next = conn.state().closed(error);
+            self.set_state(id, next);
+        }
+    }
+
+    /// A connection left the wire: free its key and its port.
+    fn leave_wire(&mut self, key: Key, bound: bool) {
+        let port = key.0;
+        self.keys.remove(&key);
         shrink_sparse(&mut self.keys);
         refcount_sub(&mut self.port_refs, port);
         shrink_sparse(&mut self.port_refs);
@@ -66,43 +87,34 @@ impl<S: Storage> Endpoint<S> {
         self.sync_free_port(port);
     }
 
-    /// Queue an `RST` for a connection still on the wire, then unlink it.
-    pub(super) fn send_rst_and_unlink(&mut self, id: ConnId) {
+    /// Queue an `RST` for a connection still on the wire (before it leaves it).
+    pub(super) fn queue_rst(&mut self, id: ConnId) {
         let local_cid = self.config.local_cid;
-        let Some(conn) = self.conns.get_mut(&id) else {
-            return;
-        };
-        if conn.in_table {
+        if let Some(conn) = self.conns.get_mut(&id).filter(|c| c.on_wire()) {
             let h = conn.rst_header(local_cid);
             self.control.push_back(h);
         }
-        self.unlink(id);
     }
 
-    /// Mark the connection `Closed` with an error (the `ConnId` stays until close/abort).
-    pub(super) fn fail(&mut self, id: ConnId, err: ProtoError) {
-        if let Some(conn) = self.conns.get_mut(&id) {
-            conn.state = ConnState::Closed;
-            conn.error = Some(err);
-            conn.tx.clear();
-            conn.tx_msgs.clear();
-        }
-    }
-
-    /// Forget the connection; `notify` emits [`Event::Closed`].
+    /// Forget the connection (off the wire if it was on it); `notify` emits [`Event::Closed`].
     pub(super) fn release(&mut self, id: ConnId, notify: bool) {
-        self.unlink(id);
-        if let Some(mut conn) = self.conns.remove(&id) {
-            shrink_sparse(&mut self.conns);
-            self.timers.set(&mut conn, None);
-            if let Some(l) = conn.listener {
-                if let Some(listener) = self.listeners.get_mut(&l) {
-                    listener.queue.remove(&id);
-                }
+        let Some(conn) = self.conns.remove(&id) else {
+            return;
+        };
+        shrink_sparse(&mut self.conns);
+        log::trace!("{id}: {} -> released", conn.state().public());
+        self.timers.update(id, conn.state().deadline(), None);
+        if conn.on_wire() {
+            let key = (conn.local_port, conn.peer_cid, conn.peer_port);
+            self.leave_wire(key, conn.bound);
+        }
+        if let Some(l) = conn.listener {
+            if let Some(listener) = self.listeners.get_mut(&l) {
+                listener.queue.remove(&id);
             }
-            if notify && conn.listener.is_none() {
-                self.events.push(Event::Closed(id));
-            }
+        }
+        if notify && conn.listener.is_none() {
+            self.events.push(Event::Closed(id));
         }
     }
 

@@ -2258,3 +2258,168 @@ fn regression_a_reset_drops_seqpacket_boundaries_with_the_bytes() {
         Err(ProtoError::ConnectionReset)
     );
 }
+
+// ----- the states and their transitions -----
+
+#[test]
+fn states_change_only_along_the_protocols_transitions() {
+    use conn::{Answer, CloseError, Shutdowns, State};
+    let none = ShutdownFlags::default();
+    let connecting = State::Connecting {
+        deadline: None,
+        request_owed: true,
+    };
+    let established = |answer| State::Established {
+        answer,
+        shut: Shutdowns::default(),
+        sent: none,
+    };
+    let closing = State::Closing {
+        deadline: None,
+        peer: none,
+        sent: none,
+        response_owed: false,
+    };
+    let closed = connecting.closed(Some(CloseError::Refused));
+    let all = [
+        connecting.clone(),
+        established(Answer::Done),
+        established(Answer::Owed),
+        established(Answer::Held),
+        closing.clone(),
+        closed.clone(),
+    ];
+    // By index in `all`: a connect ends in Established (the peer's RESPONSE, nothing left
+    // to answer) or Closed; an established connection in Closing or Closed; Closing in
+    // Closed (a connection closed while it waited to be accepted); Closed in nothing.
+    let allowed = [
+        (0, 1),
+        (0, 5),
+        (1, 4),
+        (1, 5),
+        (2, 4),
+        (2, 5),
+        (3, 4),
+        (3, 5),
+        (4, 5),
+    ];
+    for (i, from) in all.iter().enumerate() {
+        for (j, to) in all.iter().enumerate() {
+            let want = allowed.contains(&(i, j));
+            assert_eq!(from.may_become(to), want, "{from:?} -> {to:?}");
+        }
+    }
+    // What Closed keeps of the state it came from: the shutdowns (reads answer by them) and
+    // an unanswered hold (`answer` still takes it).
+    let shut = Shutdowns {
+        local: ShutdownFlags {
+            receive: true,
+            send: false,
+        },
+        peer: ShutdownFlags {
+            receive: false,
+            send: true,
+        },
+    };
+    let held = State::Established {
+        answer: Answer::Held,
+        shut,
+        sent: none,
+    };
+    assert_eq!(
+        held.closed(None),
+        State::Closed {
+            error: None,
+            shut,
+            held: true
+        }
+    );
+    assert_eq!(
+        closing.closed(None).shutdowns().local.bits(),
+        VIRTIO_VSOCK_SHUTDOWN_BOTH
+    );
+    assert_eq!(
+        held.public(),
+        ConnState::PeerClosed {
+            no_more_rx: true,
+            no_more_tx: false
+        }
+    );
+}
+
+#[test]
+fn a_held_request_reset_before_the_answer_can_still_be_answered() {
+    let mut p = Pair::new();
+    let now = p.now;
+    let any = p.b.listen_any_port(8, SocketType::Stream).unwrap();
+    let ca =
+        p.a.connect(now, VMADDR_CID_HOST, 7001, None, SocketType::Stream)
+            .unwrap();
+    p.shuttle();
+    let cb = p.b.accept(any).unwrap();
+    assert!(p.b.is_held(cb));
+    // The peer gives up (RST) before the owner answered.
+    p.a.abort(now, ca);
+    p.shuttle();
+    assert_eq!(p.b.state(cb), Some(ConnState::Closed));
+    assert!(p.b.is_held(cb), "the hold outlives the connection");
+    assert_eq!(p.b.answer(now, cb, true), Ok(()));
+    assert!(!p.b.is_held(cb));
+    assert!(
+        p.pump(Side::B, false).is_empty(),
+        "nothing goes out once closed"
+    );
+    assert_eq!(
+        p.b.recv(now, cb, &mut [0; 8]),
+        Err(ProtoError::ConnectionReset)
+    );
+    p.b.close(now, cb);
+    assert!(p.events(Side::B).contains(&Event::Closed(cb)));
+    assert_eq!(p.b.state(cb), None);
+}
+
+#[test]
+fn a_close_timeout_too_long_for_an_instant_lingers_without_panicking() {
+    let mut p = Pair::with(
+        Config {
+            close_timeout: Duration::MAX,
+            ..cfg(GUEST_CID)
+        },
+        cfg(VMADDR_CID_HOST),
+    );
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    // B keeps data unread, so it answers A's SHUTDOWN only when it closes.
+    p.a.send(now, ca, b"unread").unwrap();
+    p.a.close(now, ca);
+    p.shuttle();
+    assert_eq!(p.a.state(ca), Some(ConnState::Closing));
+    assert_eq!(p.a.poll_timeout(), None, "no deadline an Instant can hold");
+    p.advance(DEFAULT_CLOSE_TIMEOUT * 1000);
+    assert_eq!(p.a.state(ca), Some(ConnState::Closing));
+    p.b.close(p.now, cb);
+    p.shuttle();
+    assert_eq!(p.events(Side::A), vec![Event::Closed(ca)]);
+    assert_eq!(p.a.state(ca), None);
+}
+
+#[test]
+fn message_boundaries_cost_a_connection_nothing_until_it_carries_a_message() {
+    let mut p = Pair::with(seq_cfg(GUEST_CID), seq_cfg(VMADDR_CID_HOST));
+    let (sa, sb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    p.a.send(now, sa, b"stream bytes").unwrap();
+    p.shuttle();
+    assert_eq!(p.read_all(Side::B, sb), b"stream bytes");
+    assert!(p.a.conns[&sa].msgs().is_none() && p.b.conns[&sb].msgs().is_none());
+    p.b.unlisten(now, p.b.listener_ids()[0]);
+    let (qa, qb, _) = p.establish(SocketType::SeqPacket);
+    assert!(p.a.conns[&qa].msgs().is_none() && p.b.conns[&qb].msgs().is_none());
+    p.a.send_msg(now, qa, b"one message", true).unwrap();
+    assert!(p.a.conns[&qa].msgs().is_some());
+    p.shuttle();
+    let mut buf = [0u8; 32];
+    assert_eq!(p.b.recv_msg(now, qb, &mut buf), Ok((11, 11, true)));
+    assert_eq!(&buf[..11], b"one message");
+    assert!(p.b.conns[&qb].msgs().is_some());
+}

@@ -3,35 +3,32 @@
 use std::collections::BTreeSet;
 use std::time::Instant;
 
-use super::conn::Conn;
-use super::storage::Storage;
 use super::ConnId;
 
 /// The connections' deadlines (connect and close timeouts) in time order, so that
 /// [`Endpoint::poll_timeout`](super::Endpoint::poll_timeout) reads the first one and
 /// [`Endpoint::handle_timeout`](super::Endpoint::handle_timeout) visits only the expired ones,
-/// however many connections there are. `Conn::deadline` is the table (one `Option<Instant>` per
-/// connection) and this is its index: [`Timers::set`] is the only place either changes, so they
-/// cannot disagree.
+/// however many connections there are. The deadline itself lives in the connection's state
+/// (`State::Connecting` and `State::Closing` hold one) and this is its index:
+/// `Endpoint::set_state`, the one place a state changes, updates it.
 #[derive(Debug, Default)]
 pub(super) struct Timers {
-    /// `(deadline, connection)`; a connection is in here at most once, with its `deadline`.
+    /// `(deadline, connection)`; a connection is in here at most once, with its state's deadline.
     by_time: BTreeSet<(Instant, ConnId)>,
 }
 
 impl Timers {
-    /// Arm (`Some`) or clear (`None`) the deadline of `conn`, in the connection and the index.
-    pub(super) fn set<S: Storage>(&mut self, conn: &mut Conn<S>, deadline: Option<Instant>) {
-        if conn.deadline == deadline {
+    /// Connection `id`'s deadline went from `old` to `new` (`None`: none armed).
+    pub(super) fn update(&mut self, id: ConnId, old: Option<Instant>, new: Option<Instant>) {
+        if old == new {
             return;
         }
-        if let Some(old) = conn.deadline {
-            self.by_time.remove(&(old, conn.id));
+        if let Some(old) = old {
+            self.by_time.remove(&(old, id));
         }
-        if let Some(new) = deadline {
-            self.by_time.insert((new, conn.id));
+        if let Some(new) = new {
+            self.by_time.insert((new, id));
         }
-        conn.deadline = deadline;
     }
 
     /// The earliest deadline.

@@ -700,6 +700,38 @@ impl<S: Storage> Endpoint<S> {
         .map(|r| r.map_or(0, |((), n)| n))
     }
 
+    /// Echo: move up to `max` buffered stream bytes of `c` from its receive queue to its send
+    /// queue, as [`Endpoint::recv`] then [`Endpoint::send`] would (credited as read, queued as
+    /// written, within the send buffer), with no copy where the storage can hand the memory
+    /// over ([`Storage::relay`]; the heap storage moves a whole queue). `Ok(Some(n))`: `n`
+    /// bytes moved, 0 when the send buffer is full ([`Event::Writable`] is then armed);
+    /// `Ok(None)` at end of stream; `Err(WouldBlock)` when nothing is buffered yet;
+    /// `Err(InvalidInput)` for a storage that cannot relay (nothing moved).
+    pub fn relay(
+        &mut self,
+        now: Instant,
+        c: ConnId,
+        max: usize,
+    ) -> Result<Option<usize>, ProtoError> {
+        let _ = now;
+        let misuse = "relay on a seqpacket socket";
+        let room = self.send_room(c, max)?;
+        let conn = self.conn_to_read(c, SocketType::Stream, misuse)?;
+        if conn.rx.is_empty() {
+            return Self::rx_end(conn).map(|()| None);
+        }
+        let n = conn.rx.len().min(room);
+        if n == 0 {
+            return Ok(Some(0));
+        }
+        if !S::relay(&mut conn.rx, &mut conn.tx, n) {
+            return Err(ProtoError::InvalidInput("this storage cannot relay"));
+        }
+        Self::consumed(conn, n);
+        self.schedule(c);
+        Ok(Some(n))
+    }
+
     /// Make stream `c` a sink (`on`): payload is consumed the moment it arrives, never
     /// queued nor copied, and credited to the peer as if read (counted in
     /// [`Stats::bytes_sunk`]); what is already queued is consumed now. End of stream still

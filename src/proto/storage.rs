@@ -71,6 +71,14 @@ pub trait Storage {
     fn new_tx(&mut self) -> Self::Tx;
     /// A new, empty receive queue.
     fn new_rx(&mut self) -> Self::Rx;
+    /// Move the first `n` bytes of `rx` (at most its length) to the back of `tx`, an echo's
+    /// way ([`Endpoint::relay`](super::Endpoint::relay)): with no copy where the storage can
+    /// hand its memory over. Returns whether it did; `false` (the default) means this storage
+    /// cannot, and nothing moved.
+    fn relay(rx: &mut Self::Rx, tx: &mut Self::Tx, n: usize) -> bool {
+        let _ = (rx, tx, n);
+        false
+    }
 }
 
 /// Payload in heap memory: a `VecDeque<u8>` per queue.
@@ -85,6 +93,10 @@ impl Storage for HeapStorage {
     }
     fn new_rx(&mut self) -> HeapBuf {
         HeapBuf::default()
+    }
+    fn relay(rx: &mut HeapBuf, tx: &mut HeapBuf, n: usize) -> bool {
+        rx.relay_into(tx, n);
+        true
     }
 }
 
@@ -120,6 +132,23 @@ impl HeapBuf {
     /// Whether nothing is queued.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// Move the first `n` bytes (at most [`HeapBuf::len`]) to the back of `to`. All of them into
+    /// an empty queue: the memory changes hands, nothing is copied (an echo that keeps up);
+    /// otherwise they are copied once.
+    pub fn relay_into(&mut self, to: &mut HeapBuf, n: usize) {
+        let n = n.min(self.0.len());
+        if n == self.0.len() && to.0.is_empty() {
+            std::mem::swap(&mut self.0, &mut to.0);
+        } else {
+            let (a, b) = self.0.as_slices();
+            let first = n.min(a.len());
+            crate::copy::extend_deque(&mut to.0, &a[..first]);
+            crate::copy::extend_deque(&mut to.0, &b[..n - first]);
+            self.0.drain(..n);
+        }
+        self.drained();
     }
 
     /// Append `data` (the receive side's way in).
@@ -263,6 +292,29 @@ impl RxBuf for HeapBuf {
 #[allow(clippy::cast_possible_truncation)] // Byte patterns: wrapping to u8 is the point.
 mod tests {
     use super::*;
+
+    #[test]
+    fn relay_hands_a_whole_queue_over_and_copies_a_part_in_order() {
+        let mut rx = HeapBuf::default();
+        rx.push(&[1, 2, 3, 4, 5]);
+        let mut tx = HeapBuf::default();
+        // All into an empty queue: the memory changes hands.
+        let before = rx.as_slices().0.as_ptr();
+        HeapStorage::relay(&mut rx, &mut tx, 5);
+        assert!(rx.is_empty());
+        assert_eq!(
+            tx.as_slices().0.as_ptr(),
+            before,
+            "the same memory, not a copy"
+        );
+        assert_eq!(tx.as_slices(), (&[1, 2, 3, 4, 5][..], &[][..]));
+        // A part, behind what is queued: copied, in order, wherever the deque wraps.
+        rx.push(&[6, 7, 8]);
+        HeapStorage::relay(&mut rx, &mut tx, 2);
+        let (a, b) = tx.as_slices();
+        assert_eq!([a, b].concat(), [1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(rx.as_slices(), (&[8][..], &[][..]));
+    }
 
     #[test]
     fn a_heap_queue_gives_its_memory_back_when_it_empties_and_keeps_a_small_one() {

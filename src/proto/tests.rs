@@ -246,6 +246,43 @@ fn handshake_and_echo() {
 }
 
 #[test]
+fn relay_echoes_what_arrived_credits_it_and_stops_at_the_send_buffer_and_the_end() {
+    let mut cfg_b = cfg(VMADDR_CID_HOST);
+    cfg_b.send_buffer = 1000;
+    let mut p = Pair::with(cfg(GUEST_CID), cfg_b);
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    assert_eq!(p.b.relay(now, cb, usize::MAX), Err(ProtoError::WouldBlock));
+    assert_eq!(p.a.send(now, ca, &pattern(0, 1200)).unwrap(), 1200);
+    p.shuttle();
+    // At most `max`, then up to the send buffer (1000), then nothing until it drains.
+    assert_eq!(p.b.relay(now, cb, 100), Ok(Some(100)));
+    assert_eq!(p.b.relay(now, cb, usize::MAX), Ok(Some(900)));
+    assert_eq!(p.b.relay(now, cb, usize::MAX), Ok(Some(0)));
+    assert_eq!(p.b.readable_bytes(cb), 200, "what was relayed is consumed");
+    p.shuttle();
+    assert_eq!(p.b.relay(now, cb, usize::MAX), Ok(Some(200)));
+    p.shuttle();
+    assert_eq!(
+        p.read_all(Side::A, ca),
+        pattern(0, 1200),
+        "all back, in order"
+    );
+    p.a.shutdown(
+        now,
+        ca,
+        ShutdownFlags {
+            receive: false,
+            send: true,
+        },
+    )
+    .unwrap();
+    p.shuttle();
+    assert_eq!(p.b.relay(now, cb, usize::MAX), Ok(None), "end of stream");
+    p.check();
+}
+
+#[test]
 fn refused_connect_without_listener() {
     let mut p = Pair::new();
     let now = p.now;

@@ -1145,6 +1145,17 @@ impl Storage for RtStorage {
             RtStorage::Heap => RtRx::Heap(HeapBuf::default()),
         }
     }
+    /// The heap queues (the sim host's) relay; the DMA ones do not (nothing echoes in DMA
+    /// memory: a driver's payload goes to its callers).
+    fn relay(rx: &mut RtRx, tx: &mut RtTx, n: usize) -> bool {
+        match (rx, tx) {
+            (RtRx::Heap(rx), RtTx::Heap(tx)) => {
+                rx.relay_into(tx, n);
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Read 4 little-endian bytes at `addr` of our own DMA memory (an event buffer).

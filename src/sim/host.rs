@@ -134,6 +134,37 @@ impl SimTransport {
         moved
     }
 
+    /// An echo's turn: what arrived moves to the send queue as it is, the received queue
+    /// itself when the echo keeps up (no copy), else with one copy ([`Endpoint::relay`]).
+    fn relay_turn(
+        s: &mut ServiceConn,
+        ep: &mut RtEndpoint,
+        now: Instant,
+        stats: &mut SimStats,
+        moved: &mut bool,
+    ) -> Turn {
+        for _ in 0..SERVICE_ROUNDS {
+            match ep.relay(now, s.conn, usize::MAX) {
+                Ok(None) => {
+                    // EOF: close our side too.
+                    ep.close(now, s.conn);
+                    return Turn::Done;
+                }
+                // The send buffer is full (`Writable` brings us back), or nothing came yet.
+                Ok(Some(0)) | Err(ProtoError::WouldBlock) => return Turn::Idle,
+                Ok(Some(n)) => {
+                    stats.echoed_bytes += n as u64;
+                    *moved = true;
+                }
+                Err(_) => {
+                    ep.abort(now, s.conn);
+                    return Turn::Done;
+                }
+            }
+        }
+        Turn::Busy
+    }
+
     /// Serve one connection for at most [`SERVICE_ROUNDS`] receive/send rounds (bounded, so one
     /// busy connection cannot hold the device thread).
     fn turn(
@@ -189,7 +220,7 @@ impl SimTransport {
                 // A sink connection (see the accept above) has nothing queued: this sees
                 // end of stream, and bytes that came before it became a sink.
                 Service::Discard => ep.discard(now, s.conn, usize::MAX).map(|n| (n, false)),
-                Service::Echo => ep.recv(now, s.conn, buf).map(|n| (n, false)),
+                Service::Echo => return Self::relay_turn(s, ep, now, stats, moved),
             };
             match r {
                 Ok((0, false)) => {

@@ -4,6 +4,12 @@
 use super::*;
 use crate::packet::{Op, VMADDR_CID_HOST};
 
+/// A shutdown of the sending direction only (`shutdown(Write)`).
+const SEND: ShutdownFlags = ShutdownFlags {
+    receive: false,
+    send: true,
+};
+
 const GUEST_CID: u64 = 3;
 const PORT: u32 = 1234;
 
@@ -268,15 +274,7 @@ fn relay_echoes_what_arrived_credits_it_and_stops_at_the_send_buffer_and_the_end
         pattern(0, 1200),
         "all back, in order"
     );
-    p.a.shutdown(
-        now,
-        ca,
-        ShutdownFlags {
-            receive: false,
-            send: true,
-        },
-    )
-    .unwrap();
+    p.a.shutdown(now, ca, SEND).unwrap();
     p.shuttle();
     assert_eq!(p.b.relay(now, cb, usize::MAX), Ok(None), "end of stream");
     p.check();
@@ -432,30 +430,14 @@ fn readiness_follows_the_connection() {
         "connected: {r:?}"
     );
     p.b.send(p.now, cb, b"data").unwrap();
-    p.b.shutdown(
-        p.now,
-        cb,
-        ShutdownFlags {
-            receive: false,
-            send: true,
-        },
-    )
-    .unwrap();
+    p.b.shutdown(p.now, cb, SEND).unwrap();
     p.shuttle();
     let r = p.a.readiness(ca);
     assert!(
         r.readable && r.read_closed && !r.hangup,
         "peer shut down sending: {r:?}"
     );
-    p.a.shutdown(
-        p.now,
-        ca,
-        ShutdownFlags {
-            receive: false,
-            send: true,
-        },
-    )
-    .unwrap();
+    p.a.shutdown(p.now, ca, SEND).unwrap();
     p.shuttle();
     let r = p.a.readiness(ca);
     assert!(r.hangup && !r.error, "both ways shut: {r:?}");
@@ -1098,10 +1080,7 @@ fn half_close_send_then_other_direction() {
     let mut p = Pair::new();
     let (ca, cb, _) = p.establish(SocketType::Stream);
     let now = p.now;
-    let send_only = ShutdownFlags {
-        receive: false,
-        send: true,
-    };
+    let send_only = SEND;
     p.a.send(now, ca, b"last words").unwrap();
     p.a.shutdown(now, ca, send_only).unwrap();
     assert_eq!(p.a.send(now, ca, b"more"), Err(ProtoError::BrokenPipe));
@@ -1162,10 +1141,7 @@ fn shutdown_after_the_peer_closed_is_accepted_as_linux_does() {
     p.shuttle();
     assert_eq!(p.a.state(ca), Some(ConnState::Closed));
     let before = p.log.len();
-    let write = ShutdownFlags {
-        receive: false,
-        send: true,
-    };
+    let write = SEND;
     assert_eq!(p.a.shutdown(now, ca, write), Ok(()));
     assert_eq!(p.shuttle(), 0, "nothing goes on the wire");
     assert_eq!(p.log.len(), before);
@@ -1676,15 +1652,7 @@ fn seqpacket_truncates_and_limits() {
         Err(ProtoError::InvalidInput(_))
     ));
     // EOF after the peer shuts down sending.
-    p.a.shutdown(
-        now,
-        ca,
-        ShutdownFlags {
-            receive: false,
-            send: true,
-        },
-    )
-    .unwrap();
+    p.a.shutdown(now, ca, SEND).unwrap();
     p.shuttle();
     assert_eq!(p.b.recv_msg(now, cb, &mut small), Ok((0, 0, false)));
 }
@@ -2263,10 +2231,7 @@ fn a_sink_consumes_on_arrival_and_still_sees_the_end() {
         .events(Side::B)
         .iter()
         .all(|e| !matches!(e, Event::Readable(_))));
-    let send_only = ShutdownFlags {
-        receive: false,
-        send: true,
-    };
+    let send_only = SEND;
     p.a.shutdown(now, ca, send_only).unwrap();
     p.shuttle();
     assert_eq!(p.b.discard(now, cb, usize::MAX), Ok(0), "the end of stream");
@@ -2353,10 +2318,7 @@ fn states_change_only_along_the_protocols_transitions() {
             receive: true,
             send: false,
         },
-        peer: ShutdownFlags {
-            receive: false,
-            send: true,
-        },
+        peer: SEND,
     };
     let held = State::Established {
         answer: Answer::Held,

@@ -386,6 +386,17 @@ impl Core {
         moved
     }
 
+    /// Pump until a round moves nothing, at most `rounds` times; returns whether the last round
+    /// still moved something (work may be left that no interrupt announces again).
+    pub(crate) fn pump_rounds(st: &mut CoreState, now: Instant, rounds: u32) -> bool {
+        for _ in 0..rounds {
+            if !Core::pump_locked(st, now) {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Everything written on `c` has left: handed to the device and returned by it.
     fn flushed(st: &mut CoreState, c: ConnId) -> bool {
         st.ep
@@ -842,15 +853,7 @@ impl Core {
                 match fired {
                     Ok(true) => {
                         // What the loop thread would have done for this interrupt.
-                        let now = Instant::now();
-                        let mut more = true;
-                        for _ in 0..MAX_PUMP_ROUNDS {
-                            more = Core::pump_locked(&mut st, now);
-                            if !more {
-                                break;
-                            }
-                        }
-                        if more {
+                        if Core::pump_rounds(&mut st, Instant::now(), MAX_PUMP_ROUNDS) {
                             // Work left that no interrupt may announce again (its eventfd
                             // is read): the loop thread's, if our call is done before it.
                             st.transport.wake();
@@ -990,13 +993,11 @@ impl Core {
             Core::pump_locked(st, now);
             return;
         }
-        for _ in 0..CALLER_PUMP_ROUNDS {
-            if !Core::pump_locked(st, now) {
-                Core::timer_check(st);
-                return;
-            }
+        if Core::pump_rounds(st, now, CALLER_PUMP_ROUNDS) {
+            st.transport.wake();
+        } else {
+            Core::timer_check(st);
         }
-        st.transport.wake();
     }
 
     fn check_dead(st: &CoreState) -> io::Result<()> {

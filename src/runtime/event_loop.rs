@@ -174,13 +174,7 @@ fn run_loop(core: Arc<Core>, el: EventLoop, ready: SyncSender<()>) {
             // Pump until nothing moves, so one wake-up drains a whole burst; after
             // MAX_PUMP_ROUNDS let user threads at the lock, then come straight back: work
             // left over may never be signalled again (its eventfd was already consumed).
-            let mut more = true;
-            for _ in 0..MAX_PUMP_ROUNDS {
-                more = Core::pump_locked(&mut st, now);
-                if !more {
-                    break;
-                }
-            }
+            let mut more = Core::pump_rounds(&mut st, now, MAX_PUMP_ROUNDS);
             if st.dead.is_some() {
                 return;
             }

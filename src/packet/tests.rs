@@ -15,8 +15,12 @@ use proptest::prelude::*;
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
 
 type Mem = GuestMemoryMmap<()>;
 type Chain<'m> = DescriptorChain<&'m Mem>;

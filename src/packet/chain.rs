@@ -11,7 +11,7 @@ use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemory, Permissions, VolatileMemory, VolatileSlice,
 };
 
-use super::lookup::Lookup;
+use super::lookup::{get_single_slice, Lookup};
 use super::{Error, Header, Result, VsockPacket, PKT_HEADER_LEN, PKT_HEADER_SIZE};
 
 /// Read the header at the start of `slice` (at least [`PKT_HEADER_SIZE`] bytes) into a private
@@ -135,8 +135,6 @@ impl<'a, B: BitmapSlice> HeaderParts<'a, B> {
 struct Fragments<'a, B> {
     first: Option<VolatileSlice<'a, B>>,
     rest: Vec<VolatileSlice<'a, B>>,
-    /// `first` is 0.12's data slice (possibly `None`) and `rest` is room 0.12 ignores.
-    first_is_ref: bool,
 }
 
 impl<B> Default for Fragments<'_, B> {
@@ -144,7 +142,6 @@ impl<B> Default for Fragments<'_, B> {
         Fragments {
             first: None,
             rest: Vec::new(),
-            first_is_ref: false,
         }
     }
 }
@@ -189,7 +186,7 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
             header,
             data_slice: data.first,
             data_rest: data.rest,
-            data_slice_is_ref: data.first_is_ref,
+            data_slice_is_ref: false,
         }
     }
 
@@ -504,38 +501,131 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         T::Target: GuestMemory,
     {
         let head = Self::pop_head(desc_chain, Direction::Rx)?;
-        let lookup = Lookup::new(mem, head.addr, Direction::Rx.access());
         if (head.len as usize) < PKT_HEADER_SIZE {
+            let lookup = Lookup::new(mem, head.addr, Direction::Rx.access());
             return Self::rx_split_header(&lookup, desc_chain, max_data_size, head);
         }
         // The whole header in the head descriptor: every layout 0.12 accepts.
-        let header_slice = lookup.slice(head.addr, PKT_HEADER_SIZE)?;
-        let mut data = Fragments::default();
-        if head.has_next {
-            // As in 0.12, the head's remaining bytes are padding and the buffer is the second
-            // descriptor, checked as 0.12 checks it; the descriptors after it are extra room.
-            Self::rx_second_and_extra(&lookup, desc_chain, &mut data, max_data_size)?;
-        } else {
-            // One descriptor: the buffer follows the header (0.12 puts no bound on it).
-            let leftover = head.len - PKT_HEADER_LEN;
-            if leftover == 0 {
-                return Err(Error::DescriptorChainTooShort(NO_RX_ROOM));
-            }
-            let addr = head.addr.checked_add(PKT_HEADER_SIZE as u64).ok_or(
-                Error::DescriptorLengthTooSmall {
-                    expected: PKT_HEADER_SIZE as u64,
-                    found: u64::from(head.len),
-                },
-            )?;
-            data.push(lookup.slice(addr, leftover as usize)?);
+        if !head.has_next {
+            return Self::rx_one_desc(mem, head);
         }
-        // The RX header is not read: the copy stays zeroed (as 0.12) until the setters fill it.
-        Ok(Self::assemble(
+        // As in 0.12, the head's remaining bytes are padding and the buffer is the second
+        // descriptor, checked as 0.12 checks it; the descriptors after it are extra room.
+        let lookup = Lookup::new(mem, head.addr, Direction::Rx.access());
+        let header_slice = lookup.slice(head.addr, PKT_HEADER_SIZE)?;
+        let second = next_desc(desc_chain).ok_or(Error::DescriptorChainTooShort(
+            "expected a payload descriptor after the header, found the chain's end",
+        ))?;
+        if !second.write_only {
+            return Err(Error::UnexpectedReadOnlyDescriptor { index: 1 });
+        }
+        if second.len > max_data_size {
+            return Err(Error::DescriptorLengthTooLong {
+                max: u64::from(max_data_size),
+                found: u64::from(second.len),
+            });
+        }
+        if second.has_next {
+            return Self::rx_with_extra(lookup, desc_chain, max_data_size, header_slice, second);
+        }
+        // Each packet is built where it is returned, its slices straight from their lookups:
+        // an `Option` of a slice chosen first and copied in after is two 8-byte stores read
+        // back as one 16-byte load, a store-forwarding stall; a packet built and then changed
+        // is moved with a `memcpy` call.
+        if second.len == 0 {
+            return Ok(Self::rx_packet(header_slice, None));
+        }
+        let data = lookup.slice(second.addr, second.len as usize)?;
+        Ok(Self::rx_packet(header_slice, Some(data)))
+    }
+
+    /// The rest of [`Self::from_rx_virtq_chain`] when the second descriptor (0.12's buffer,
+    /// already checked) has a next one: the descriptors after it are extra room.
+    #[inline(never)]
+    fn rx_with_extra<M, T>(
+        lookup: Lookup<'a, M, B>,
+        desc_chain: &mut DescriptorChain<T>,
+        max_data_size: u32,
+        header_slice: VolatileSlice<'a, B>,
+        second: Desc,
+    ) -> Result<Self>
+    where
+        M: GuestMemory,
+        M::Bitmap: WithBitmapSlice<'a, S = B>,
+        T: Deref,
+        T::Target: GuestMemory,
+    {
+        let data_slice = if second.len > 0 {
+            Some(lookup.slice(second.addr, second.len as usize)?)
+        } else {
+            None
+        };
+        let data_rest = Self::rx_extra(&lookup, desc_chain, max_data_size - second.len);
+        Ok(VsockPacket {
             header_slice,
-            Vec::new(),
-            Header::default(),
-            data,
-        ))
+            header_rest: Vec::new(),
+            header: Header::default(),
+            data_slice,
+            data_rest,
+            data_slice_is_ref: true,
+        })
+    }
+
+    /// An RX packet whose header is in one slice, with at most one data slice: built in place
+    /// (no `Fragments` moved into it). The RX header is not read: the copy stays zeroed (as
+    /// 0.12) until the setters fill it.
+    #[inline(always)]
+    fn rx_packet(
+        header_slice: VolatileSlice<'a, B>,
+        data_slice: Option<VolatileSlice<'a, B>>,
+    ) -> Self {
+        VsockPacket {
+            header_slice,
+            header_rest: Vec::new(),
+            header: Header::default(),
+            data_slice,
+            data_rest: Vec::new(),
+            data_slice_is_ref: false,
+        }
+    }
+
+    /// [`Self::from_rx_virtq_chain`] for one descriptor holding the header and the buffer
+    /// (Linux 6.2 and later; 0.12 puts no bound on the buffer).
+    ///
+    /// When the whole descriptor is one slice of memory, the header and the buffer are its two
+    /// parts: the same pointers and lengths as a lookup of each, with one lookup instead of
+    /// two. Otherwise the two lookups are made in 0.12's order, for 0.12's verdict.
+    #[inline(always)]
+    fn rx_one_desc<M>(mem: &'a M, head: Desc) -> Result<Self>
+    where
+        M: GuestMemory,
+        M::Bitmap: WithBitmapSlice<'a, S = B>,
+    {
+        let access = Direction::Rx.access();
+        if head.len > PKT_HEADER_LEN {
+            if let Ok(whole) = get_single_slice(mem, head.addr, head.len as usize, access) {
+                // `whole` is `head.len` > PKT_HEADER_SIZE bytes long, so both parts are in it.
+                if let (Ok(header_slice), Ok(data)) = (
+                    whole.subslice(0, PKT_HEADER_SIZE),
+                    whole.offset(PKT_HEADER_SIZE),
+                ) {
+                    return Ok(Self::rx_packet(header_slice, Some(data)));
+                }
+            }
+        }
+        let header_slice = get_single_slice(mem, head.addr, PKT_HEADER_SIZE, access)?;
+        let leftover = head.len - PKT_HEADER_LEN;
+        if leftover == 0 {
+            return Err(Error::DescriptorChainTooShort(NO_RX_ROOM));
+        }
+        let addr = head.addr.checked_add(PKT_HEADER_SIZE as u64).ok_or(
+            Error::DescriptorLengthTooSmall {
+                expected: PKT_HEADER_SIZE as u64,
+                found: u64::from(head.len),
+            },
+        )?;
+        let data = get_single_slice(mem, addr, leftover as usize, access)?;
+        Ok(Self::rx_packet(header_slice, Some(data)))
     }
 
     /// [`Self::from_rx_virtq_chain`] for a header split over descriptors (beyond 0.12): the
@@ -591,62 +681,21 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
         Ok(parts.into_packet(data))
     }
 
-    /// The RX buffer after a head that holds the whole header and has a next descriptor.
-    ///
-    /// The second descriptor is 0.12's buffer, with 0.12's verdicts: it must exist, be
-    /// device-writable, hold at most `max_data_size` bytes and be one slice of memory. The
-    /// descriptors after it, which 0.12 ignores, are extra room in [`VsockPacket::data_slices`]
-    /// as far as they are device-writable and inside memory, and only up to `max_data_size`
-    /// bytes in all: the first that is not ends the buffer without failing the chain.
-    #[inline(always)]
-    fn rx_second_and_extra<M, T>(
-        lookup: &Lookup<'a, M, B>,
-        desc_chain: &mut DescriptorChain<T>,
-        data: &mut Fragments<'a, B>,
-        max_data_size: u32,
-    ) -> Result<()>
-    where
-        M: GuestMemory,
-        M::Bitmap: WithBitmapSlice<'a, S = B>,
-        T: Deref,
-        T::Target: GuestMemory,
-    {
-        let second = next_desc(desc_chain).ok_or(Error::DescriptorChainTooShort(
-            "expected a payload descriptor after the header, found the chain's end",
-        ))?;
-        if !second.write_only {
-            return Err(Error::UnexpectedReadOnlyDescriptor { index: 1 });
-        }
-        if second.len > max_data_size {
-            return Err(Error::DescriptorLengthTooLong {
-                max: u64::from(max_data_size),
-                found: u64::from(second.len),
-            });
-        }
-        if second.len > 0 {
-            data.first = Some(lookup.slice(second.addr, second.len as usize)?);
-        }
-        if second.has_next {
-            Self::rx_extra(lookup, desc_chain, data, max_data_size - second.len);
-        }
-        Ok(())
-    }
-
     /// Extra RX room 0.12 ignores: the descriptors that follow, while they are device-writable
     /// and inside memory, at most `room` bytes in all (the last one cut to fit). Never fails.
     #[inline(never)]
     fn rx_extra<M, T>(
         lookup: &Lookup<'a, M, B>,
         desc_chain: &mut DescriptorChain<T>,
-        data: &mut Fragments<'a, B>,
         mut room: u32,
-    ) where
+    ) -> Vec<VolatileSlice<'a, B>>
+    where
         M: GuestMemory,
         M::Bitmap: WithBitmapSlice<'a, S = B>,
         T: Deref,
         T::Target: GuestMemory,
     {
-        data.first_is_ref = true;
+        let mut rest = Vec::new();
         while room > 0 {
             let Some(desc) = next_desc(desc_chain) else {
                 break;
@@ -659,13 +708,14 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
                 let Ok(slice) = lookup.slice(desc.addr, take as usize) else {
                     break;
                 };
-                data.rest.push(slice);
+                rest.push(slice);
                 room -= take;
             }
             if !desc.has_next {
                 break;
             }
         }
+        rest
     }
 
     /// The rest of an RX buffer (`total` bytes so far): every descriptor after the one at

@@ -904,6 +904,40 @@ fn rx_one_desc() {
     );
 }
 
+/// A one-descriptor RX buffer is looked up whole; when it is not one slice of memory, the
+/// header and the room are looked up one after the other, as 0.12 does, for 0.12's verdict.
+#[test]
+fn rx_one_desc_not_in_one_slice_is_looked_up_in_two() {
+    let mem = fragmented_mem();
+    // Whole inside the first region: the header and the room are the parts of one slice.
+    let pkt = rx(&mem, &mut chain(&mem, &[(REGION - 200, HDR + 100, W)])).unwrap();
+    assert_eq!(
+        pkt.header_slice().ptr_guard().as_ptr(),
+        unsafe_free_ptr(&mem, REGION - 200)
+    );
+    assert_eq!(pkt.header_slice().len(), PKT_HEADER_SIZE);
+    assert_fragments_at(&mem, &pkt, &[(REGION - 200 + HDR as u64, 100)]);
+    // The header straddles the seam: the header lookup fails first, with its own length.
+    let err = rx(&mem, &mut chain(&mem, &[(REGION - 20, HDR + 100, W)])).unwrap_err();
+    assert!(
+        matches!(err, Error::FragmentedMemory { len: 44, .. }),
+        "{err:?}"
+    );
+    // The header ends where its region ends: each part is in one region, so it is accepted.
+    let pkt = rx(&mem, &mut chain(&mem, &[(REGION - HDR as u64, HDR + 8, W)])).unwrap();
+    assert_fragments_at(&mem, &pkt, &[(REGION, 8)]);
+    // Nothing mapped after the header: the room's lookup fails.
+    let high = high_mem();
+    let err = rx(
+        &high,
+        &mut chain(&high, &[(u64::MAX - HDR as u64 - 1, HDR + 8, W)]),
+    );
+    assert!(
+        matches!(err, Err(Error::FragmentedMemory { len: 8, .. })),
+        "{err:?}"
+    );
+}
+
 #[test]
 fn rx_one_desc_has_no_max_bound() {
     // 0.12 puts no bound on the payload room of a single-descriptor RX buffer; parity keeps it.

@@ -38,6 +38,17 @@
 //!    `data_slice`.
 //! 5. RX, header split (beyond 0.12): the buffer is every remaining byte of the chain, at most
 //!    `max_data_size` bytes, and every descriptor must be device-writable and inside memory.
+//!
+//! Where each part lives:
+//! - `wire.rs`: the header size, feature and flag bits, well-known CIDs, [`Header`] and the
+//!   typed [`Op`] and [`SocketType`];
+//! - `error.rs`: [`Error`], the one error type of this module;
+//! - `vsock_packet.rs`: [`VsockPacket`] itself and the accessors every constructor shares;
+//! - `chain.rs`: the device view, [`VsockPacket::from_tx_virtq_chain`] and
+//!   [`VsockPacket::from_rx_virtq_chain`], by the rules above;
+//! - `lookup.rs`: a guest address and length to one slice of memory;
+//! - `buffer.rs`: the driver view, packets over buffers the driver owns
+//!   ([`VsockPacket::from_used_rx_buffer`], [`VsockPacket::from_tx_buffer`], [`VsockPacket::new`]).
 
 mod buffer;
 mod chain;

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! [`VsockPacket`]: its fragments, the private header copy, and the accessors every constructor shares.
+//! [`VsockPacket`]: its fragments, the private header copy, and the accessors every
+//! constructor shares.
 
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{Bytes, VolatileSlice};

@@ -226,9 +226,9 @@ impl SeqFlags {
 
 /// A decoded `virtio_vsock_hdr`: plain values in host byte order.
 ///
-/// This is the private copy a [`VsockPacket`](super::VsockPacket) keeps, and what the protocol core consumes and
-/// produces. `type_` and `op` stay raw `u16`s so that unknown values survive a round trip; use
-/// [`Header::op_typed`] and [`Header::socket_type`] for the typed view.
+/// This is the private copy a [`VsockPacket`](super::VsockPacket) keeps, and what the protocol
+/// core consumes and produces. `type_` and `op` stay raw `u16`s so that unknown values survive
+/// a round trip; use [`Header::op_typed`] and [`Header::socket_type`] for the typed view.
 ///
 /// The fields are laid out in wire order (`repr(C)`, no padding before `fwd_cnt`), so that on a
 /// little-endian host decoding and encoding are plain copies.

@@ -8,7 +8,9 @@
 //! and the data length from the result. Both parsers do exactly that work.
 //!
 //! Shapes: TX header and payload in two descriptors, in one; RX header and buffer in two, in one
-//! (Linux 6.2 and later); and a TX payload over four descriptors, which 0.12 refuses.
+//! (Linux 6.2 and later); and a TX payload over four descriptors, which 0.12 refuses. The RX
+//! groups also time `desc_reads`: cloning the chain and reading its descriptors through
+//! `DescriptorChain::next`, as both parsers must, with no parsing: the floor under both.
 //!
 //! Run: `cargo bench --bench packet -- --warm-up-time 1 --measurement-time 3`
 
@@ -144,6 +146,15 @@ fn bench(c: &mut Criterion) {
             consume!(RefPacket::from_rx_virtq_chain(&mem, &mut ch, MAX).unwrap())
         })
     });
+    // The floor under both: the descriptor reads each parser must make through the chain.
+    g.bench_function("desc_reads", |b| {
+        b.iter(|| {
+            let mut ch = black_box(&rx_two).clone();
+            for _ in 0..2 {
+                black_box(ch.next().map(|d| d.len()));
+            }
+        })
+    });
     g.finish();
 
     let mut g = c.benchmark_group("rx_one_desc");
@@ -157,6 +168,15 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let mut ch = black_box(&rx_one).clone();
             consume!(RefPacket::from_rx_virtq_chain(&mem, &mut ch, MAX).unwrap())
+        })
+    });
+    // The floor under both: the descriptor reads each parser must make through the chain.
+    g.bench_function("desc_reads", |b| {
+        b.iter(|| {
+            let mut ch = black_box(&rx_one).clone();
+            for _ in 0..1 {
+                black_box(ch.next().map(|d| d.len()));
+            }
         })
     });
     g.finish();

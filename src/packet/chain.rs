@@ -510,7 +510,9 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
             return Self::rx_one_desc(mem, head);
         }
         // As in 0.12, the head's remaining bytes are padding and the buffer is the second
-        // descriptor, checked as 0.12 checks it; the descriptors after it are extra room.
+        // descriptor, with 0.12's verdicts: it must exist, be device-writable, hold at most
+        // `max_data_size` bytes and be one slice of memory. The descriptors after it, which
+        // 0.12 ignores, are extra room (`rx_with_extra`).
         let lookup = Lookup::new(mem, head.addr, Direction::Rx.access());
         let header_slice = lookup.slice(head.addr, PKT_HEADER_SIZE)?;
         let second = next_desc(desc_chain).ok_or(Error::DescriptorChainTooShort(
@@ -540,7 +542,10 @@ impl<'a, B: BitmapSlice> VsockPacket<'a, B> {
     }
 
     /// The rest of [`Self::from_rx_virtq_chain`] when the second descriptor (0.12's buffer,
-    /// already checked) has a next one: the descriptors after it are extra room.
+    /// already checked) has a next one. The descriptors after it are extra room in
+    /// [`VsockPacket::data_slices`] as far as they are device-writable and inside memory, and
+    /// only up to `max_data_size` bytes in all: the first that is not ends the buffer without
+    /// failing the chain. [`VsockPacket::data_slice`] stays 0.12's buffer.
     #[inline(never)]
     fn rx_with_extra<M, T>(
         lookup: Lookup<'a, M, B>,

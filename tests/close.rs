@@ -24,10 +24,13 @@ fn a_lingering_close_returns_once_the_peer_has_everything() {
     let seen = got.clone();
     let want = common::checksum(&data, 0);
     const SLOW: Duration = Duration::from_millis(300);
+    // When the reader starts its slow sleep: during our connect, before the drop's clock.
+    let (slept, slept_at) = std::sync::mpsc::channel();
     let reader = thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
         // Slow to read: our SHUTDOWN finds data unread, so the answer (as Linux's) waits for
         // this side's close, and so must the lingering drop.
+        slept.send(Instant::now()).unwrap();
         thread::sleep(SLOW);
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut all = Vec::new();
@@ -42,13 +45,22 @@ fn a_lingering_close_returns_once_the_peer_has_everything() {
     assert_eq!(s.linger().unwrap(), Some(Duration::from_secs(5)));
     let t0 = Instant::now();
     drop(s);
-    let took = t0.elapsed();
+    let returned = Instant::now();
+    let took = returned - t0;
     assert_eq!(
         got.load(Ordering::SeqCst),
         data.len(),
         "the drop returned after {took:?}, before the peer had read everything and closed"
     );
-    assert!(took >= SLOW, "returned after {took:?}");
+    // The reader's sleep began before `t0` (it accepted during our connect): measured from
+    // there, the drop outlasted it. (From `t0` it may be short of SLOW by the time the write
+    // took: 299.35 ms under load once.)
+    let slept_at = slept_at.recv().unwrap();
+    assert!(
+        returned >= slept_at + SLOW,
+        "returned {:?} after the reader began its {SLOW:?} sleep",
+        returned - slept_at
+    );
     assert!(
         took < Duration::from_secs(5),
         "the linger ran out ({took:?})"

@@ -18,7 +18,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::core::{spin_pause, Core, SpinBudget};
+use super::core::{spin_pause, Core, SpinBudget, SPIN_BUDGET};
 use super::error::TransportError;
 use super::irq::IrqWait;
 
@@ -156,6 +156,8 @@ fn run_loop(core: Arc<Core>, el: EventLoop, ready: SyncSender<()>) {
     // notifications on) rather than spinning.
     let mut idle_since = Instant::now();
     let mut asleep = false;
+    // When the spinner last went to sleep.
+    let mut slept_at = Instant::now();
     let mut budget = SpinBudget::default();
     loop {
         let (timeout, more) = {
@@ -183,6 +185,13 @@ fn run_loop(core: Arc<Core>, el: EventLoop, ready: SyncSender<()>) {
                 Core::sleeper_out(&mut st);
                 asleep = false;
                 idle_since = now;
+                if now.saturating_duration_since(slept_at) < SPIN_BUDGET {
+                    // The work came soon after we gave up: a spin of the longest budget
+                    // would have caught it. Let the budget grow back, or it only shrinks,
+                    // every sleep makes the next gap longer (the wake-up is slow), and a
+                    // device that polls ends up sleeping at every request.
+                    budget.hit();
+                }
             }
             if spinning && more {
                 if now > idle_since {
@@ -197,6 +206,7 @@ fn run_loop(core: Arc<Core>, el: EventLoop, ready: SyncSender<()>) {
                 // whoever has work; one more pump catches what came before they were on.
                 Core::sleeper_in(&mut st);
                 asleep = true;
+                slept_at = now;
                 more = Core::pump_locked(&mut st, now);
             }
             let timeout = st.ep.poll_timeout();

@@ -200,6 +200,22 @@ impl Wait {
     }
 }
 
+/// Whether a blocked call may lead: wait on the device's interrupts itself (`irq.rs`).
+///
+/// Calls waiting for something to arrive (data, a connection, the handshake's answer) may:
+/// that is the latency path, and a reply then wakes the thread that waits for it. Calls
+/// waiting for room (writes, flush, a lingering close) may not: what frees room (TX
+/// completions, the peer's credit) is then the loop thread's to handle, on another core, while
+/// the writer copies its next bytes. A leading writer did all of it in turn itself, and one
+/// way over sim fell from 42-50 to 26-27 Gbit/s (`examples/oneway.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lead {
+    /// The call may lead.
+    May,
+    /// The call sleeps on its condition variable; the loop thread (or a leader) wakes it.
+    No,
+}
+
 /// What a call's readiness descriptor belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Target {
@@ -411,7 +427,7 @@ impl Core {
         let mut st = self.lock();
         let cv = Core::conn_cv(&mut st, c);
         *st.flushing.entry(c).or_default() += 1;
-        let r = self.wait_until_guard(st, &cv, wait, Target::Conn(c), |mut st| {
+        let r = self.wait_until_guard(st, &cv, wait, Target::Conn(c), Lead::No, |mut st| {
             if let Some(e) = Core::reset_error(&st, c) {
                 return (st, Some(Err(e)));
             }
@@ -766,9 +782,10 @@ impl Core {
         cv: &Arc<Condvar>,
         wait: Wait,
         target: Target,
+        lead: Lead,
         mut ready: impl FnMut(&mut CoreState) -> Option<io::Result<T>>,
     ) -> io::Result<T> {
-        self.wait_until_guard(st, cv, wait, target, |mut st| {
+        self.wait_until_guard(st, cv, wait, target, lead, |mut st| {
             let r = ready(&mut st);
             (st, r)
         })
@@ -782,6 +799,7 @@ impl Core {
         cv: &Arc<Condvar>,
         wait: Wait,
         target: Target,
+        lead_ok: Lead,
         mut ready: impl FnMut(
             MutexGuard<'a, CoreState>,
         ) -> (MutexGuard<'a, CoreState>, Option<io::Result<T>>),
@@ -843,7 +861,7 @@ impl Core {
             let slice = deadline.map_or(WAIT_SLICE, |d| {
                 d.saturating_duration_since(now).min(WAIT_SLICE)
             });
-            if lead.is_none() && !self.busy_poll {
+            if lead.is_none() && lead_ok == Lead::May && !self.busy_poll {
                 lead = Core::take_lead(&mut st, target);
             }
             if let Some(irq) = &lead {
@@ -1040,7 +1058,7 @@ impl Core {
         // ends then by itself too, since only a running loop fires timers (the sim's host
         // side has none once its device is reset).
         let wait = Wait::new(false, Some(timeout));
-        let mut r = self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
+        let mut r = self.wait_until(st, &cv, wait, Target::Conn(c), Lead::May, |st| {
             st.connect_result
                 .remove(&c)
                 .map(|r| r.map_err(|e| Core::conn_error(st, c, e)))
@@ -1085,7 +1103,7 @@ impl Core {
     pub(crate) fn accept(self: &Arc<Self>, l: ListenerId, wait: Wait) -> io::Result<ConnId> {
         let mut st = self.lock();
         let cv = st.listen_wait.entry(l).or_default().clone();
-        self.wait_until(st, &cv, wait, Target::Listener(l), |st| {
+        self.wait_until(st, &cv, wait, Target::Listener(l), Lead::May, |st| {
             st.ep.accept(l).map(|c| {
                 st.conn_wait.entry(c).or_default();
                 Ok(c)
@@ -1137,7 +1155,7 @@ impl Core {
         let cv = Core::conn_cv(&mut st, c);
         let this = self.clone();
         let unlocked = buf.len() >= UNLOCKED_COPY_MIN;
-        let r = self.wait_until_guard(st, &cv, wait, Target::Conn(c), |mut st| {
+        let r = self.wait_until_guard(st, &cv, wait, Target::Conn(c), Lead::May, |mut st| {
             let now = Instant::now();
             // Non-blocking reads take what there is, as Linux's do.
             if wait != Wait::Never && Core::below_low_water(&st, c, buf.len()) {
@@ -1282,7 +1300,7 @@ impl Core {
         }
         let mut st = self.lock();
         let cv = Core::conn_cv(&mut st, c);
-        self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
+        self.wait_until(st, &cv, wait, Target::Conn(c), Lead::May, |st| {
             match st.ep.peek(c, buf) {
                 Ok(n) => Some(Ok(n)),
                 Err(e) => Core::read_error(st, c, e),
@@ -1312,7 +1330,7 @@ impl Core {
         let _order = writer.lock().unwrap_or_else(|p| p.into_inner());
         let st = self.lock();
         let this = self.clone();
-        let r = self.wait_until_guard(st, &cv, wait, Target::Conn(c), |mut st| loop {
+        let r = self.wait_until_guard(st, &cv, wait, Target::Conn(c), Lead::No, |mut st| loop {
             if let Some(e) = Core::reset_error(&st, c) {
                 return (st, Some(Err(e)));
             }
@@ -1421,7 +1439,7 @@ impl Core {
         let mut st = self.lock();
         let cv = Core::conn_cv(&mut st, c);
         let this = self.clone();
-        self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
+        self.wait_until(st, &cv, wait, Target::Conn(c), Lead::May, |st| {
             let now = Instant::now();
             let mut total = 0;
             for buf in bufs.iter_mut().filter(|b| !b.is_empty()) {
@@ -1463,7 +1481,7 @@ impl Core {
         let _order = writer.lock().unwrap_or_else(|p| p.into_inner());
         let st = self.lock();
         let this = self.clone();
-        let r = self.wait_until(st, &cv, wait, Target::Conn(c), |st| loop {
+        let r = self.wait_until(st, &cv, wait, Target::Conn(c), Lead::No, |st| loop {
             if let Some(e) = Core::reset_error(st, c) {
                 return Some(Err(e));
             }
@@ -1523,7 +1541,7 @@ impl Core {
         let _order = writer.lock().unwrap_or_else(|p| p.into_inner());
         let st = self.lock();
         let this = self.clone();
-        self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
+        self.wait_until(st, &cv, wait, Target::Conn(c), Lead::No, |st| {
             if let Some(e) = Core::reset_error(st, c) {
                 return Some(Err(e));
             }
@@ -1561,7 +1579,7 @@ impl Core {
         let mut st = self.lock();
         let cv = Core::conn_cv(&mut st, c);
         let this = self.clone();
-        self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
+        self.wait_until(st, &cv, wait, Target::Conn(c), Lead::May, |st| {
             let r = st.ep.recv_with(Instant::now(), c, |rx| {
                 if let Some(f) = take.take() {
                     rx.with_slices(f);
@@ -1591,7 +1609,7 @@ impl Core {
         let mut st = self.lock();
         let cv = Core::conn_cv(&mut st, c);
         let this = self.clone();
-        self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
+        self.wait_until(st, &cv, wait, Target::Conn(c), Lead::No, |st| {
             if let Some(e) = Core::reset_error(st, c) {
                 return Some(Err(e));
             }
@@ -1616,7 +1634,7 @@ impl Core {
         let mut st = self.lock();
         let cv = Core::conn_cv(&mut st, c);
         let this = self.clone();
-        self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
+        self.wait_until(st, &cv, wait, Target::Conn(c), Lead::May, |st| {
             match st.ep.recv_msg(Instant::now(), c, buf) {
                 Ok(r) => {
                     this.kick(st);
@@ -1717,7 +1735,7 @@ impl Core {
         st.ep.close(Instant::now(), c);
         self.kick(&mut st);
         let wait = Wait::new(false, Some(linger));
-        let _ = self.wait_until(st, &cv, wait, Target::Conn(c), |st| {
+        let _ = self.wait_until(st, &cv, wait, Target::Conn(c), Lead::No, |st| {
             st.ep.state(c).is_none().then_some(Ok(()))
         });
         self.close(c);

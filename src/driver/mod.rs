@@ -403,7 +403,7 @@ impl VsockDriver {
             .map_err(io_err("readiness descriptor"))?;
         let event_loop = EventLoop::new(fds).map_err(io_err("event loop (epoll)"))?;
         // A blocked caller may wait on the rx and tx interrupts itself (runtime/irq.rs).
-        core.attach_irq(event_loop.irq_wait(2).map_err(io_err("eventfd"))?);
+        core.attach_irq(event_loop.irq_wait().map_err(io_err("eventfd"))?);
         let thread = event_loop
             .spawn(format!("vsock-{name}"), core.clone())
             .map_err(io_err("spawn event loop"))?;

@@ -71,18 +71,17 @@ impl EventLoop {
         Ok(EventLoop { epoll, fds })
     }
 
-    /// What lets a blocked caller wait on the first `n` signals itself, as the leader of the
+    /// What lets a blocked caller wait on the first two signals itself, as the leader of the
     /// blocked callers (`irq.rs`): the driver's rx and tx interrupts.
-    pub(crate) fn irq_wait(&self, n: usize) -> io::Result<IrqWait> {
-        let signals = self
-            .fds
-            .signals
-            .iter()
-            .take(n)
-            .enumerate()
-            // Their event data: their index in `LoopFds::all`, after stop and waker.
-            .map(|(i, fd)| (fd.clone(), 2 + i as u64))
-            .collect();
+    pub(crate) fn irq_wait(&self) -> io::Result<IrqWait> {
+        let [rx, tx, ..] = self.fds.signals.as_slice() else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a leader waits on two interrupts (rx and tx)",
+            ));
+        };
+        // Their event data: their index in `LoopFds::all`, after stop and waker.
+        let signals = [(rx.clone(), 2), (tx.clone(), 3)];
         IrqWait::new(self.epoll.clone(), signals, self.fds.interrupts.clone())
     }
 

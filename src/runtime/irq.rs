@@ -38,8 +38,8 @@ pub(crate) struct IrqWait {
     epoll: Arc<Epoll>,
     /// The interrupt eventfds: the very descriptors registered in `epoll` (a registration is
     /// known by its descriptor number, so a duplicate would not do), each with its event data
-    /// there. Shared with the loop thread, so they stay open while either needs them.
-    signals: Vec<(Arc<EventFd>, u64)>,
+    /// there: rx and tx. Shared with the loop thread, so they stay open while either needs them.
+    signals: [(Arc<EventFd>, u64); 2],
     /// Written to end the leader's wait: its call may be able to complete (someone else
     /// pumped, another thread shut the connection down, the core ended).
     wake: EventFd,
@@ -54,7 +54,7 @@ impl IrqWait {
     /// counting wake-ups in `interrupts`.
     pub(crate) fn new(
         epoll: Arc<Epoll>,
-        signals: Vec<(Arc<EventFd>, u64)>,
+        signals: [(Arc<EventFd>, u64); 2],
         interrupts: Arc<AtomicU64>,
     ) -> io::Result<IrqWait> {
         Ok(IrqWait {
@@ -83,18 +83,18 @@ impl IrqWait {
     /// Sleep until an interrupt fires, [`IrqWait::wake`] is called, or `timeout` passes.
     /// Returns whether an interrupt fired (its eventfd is read, so the next wait sleeps again).
     pub(crate) fn wait(&self, timeout: Duration) -> io::Result<bool> {
-        let mut fds: Vec<PollFd<'_>> = self
-            .signals
-            .iter()
-            .map(|(fd, _)| &**fd)
-            .chain(std::iter::once(&self.wake))
-            .map(|fd| {
-                // SAFETY: `fd` is an open eventfd owned by `self` (vmm-sys-util's `EventFd` has
-                // no `AsFd`), and the borrow lives only as long as `&self`.
-                let fd = unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) };
-                PollFd::new(fd, PollFlags::POLLIN)
-            })
-            .collect();
+        let poll_fd = |fd: &EventFd| {
+            // SAFETY: `fd` is an open eventfd owned by `self` (vmm-sys-util's `EventFd` has no
+            // `AsFd`), and the borrow lives only as long as `&self`.
+            let fd = unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) };
+            PollFd::new(fd, PollFlags::POLLIN)
+        };
+        // On the stack: this is every blocked read's way to sleep.
+        let mut fds = [
+            poll_fd(&self.signals[0].0),
+            poll_fd(&self.signals[1].0),
+            poll_fd(&self.wake),
+        ];
         // Rounded up: a wait of 0.3 ms must not become a busy loop of zero-length polls.
         let ms = timeout.as_micros().div_ceil(1000);
         let ms = PollTimeout::from(u16::try_from(ms).unwrap_or(u16::MAX));
@@ -103,21 +103,17 @@ impl IrqWait {
             Err(nix::errno::Errno::EINTR) => return Ok(false),
             Err(e) => return Err(e.into()),
         }
-        let ready: Vec<bool> = fds
-            .iter()
-            .map(|p| p.revents().is_some_and(|r| r.intersects(PollFlags::POLLIN)))
-            .collect();
-        drop(fds);
+        let ready = fds.map(|p| p.revents().is_some_and(|r| r.intersects(PollFlags::POLLIN)));
         let mut fired = false;
-        for ((fd, _), ready) in self.signals.iter().zip(&ready) {
-            if *ready {
+        for ((fd, _), ready) in self.signals.iter().zip(ready) {
+            if ready {
                 // Non-blocking: the loop thread may have read it first (a leader just taking
                 // over); `EAGAIN` then.
                 let _ = fd.read();
                 fired = true;
             }
         }
-        if ready.last().copied().unwrap_or(false) {
+        if ready[2] {
             let _ = self.wake.read();
         }
         if fired {
@@ -148,23 +144,23 @@ mod tests {
     use super::*;
     use std::time::Instant;
 
+    /// A waiter on two interrupts registered in a loop's epoll set; the first is returned.
     fn waiter() -> (IrqWait, Arc<Epoll>, Arc<EventFd>) {
         let epoll = Arc::new(Epoll::new().unwrap());
-        let irq = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                irq.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, 7),
-            )
-            .unwrap();
-        let w = IrqWait::new(
-            epoll.clone(),
-            vec![(irq.clone(), 7)],
-            Arc::new(AtomicU64::new(0)),
-        )
-        .unwrap();
-        (w, epoll, irq)
+        let irqs = [7, 8].map(|data| {
+            let irq = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    irq.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, data),
+                )
+                .unwrap();
+            (irq, data)
+        });
+        let first = irqs[0].0.clone();
+        let w = IrqWait::new(epoll.clone(), irqs, Arc::new(AtomicU64::new(0))).unwrap();
+        (w, epoll, first)
     }
 
     fn loop_sees(epoll: &Epoll) -> usize {

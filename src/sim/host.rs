@@ -35,6 +35,7 @@ enum Service {
 struct ServiceConn {
     conn: ConnId,
     kind: Service,
+    /// SEQPACKET echo: the message not yet sent back, and its EOR (a stream echo relays).
     pending: Vec<u8>,
     pending_eor: bool,
     /// In [`SimTransport::todo`].
@@ -175,16 +176,16 @@ impl SimTransport {
         stats: &mut SimStats,
         moved: &mut bool,
     ) -> Turn {
+        if s.kind == Service::Echo {
+            return Self::relay_turn(s, ep, now, stats, moved);
+        }
         for _ in 0..SERVICE_ROUNDS {
-            // Flush what an echo could not send last time before reading more; until `send`
-            // takes nothing (then the endpoint owes us `Writable`).
+            // Flush the message a SEQPACKET echo could not send last time before reading
+            // more; until `send_msg` takes nothing (then the endpoint owes us `Writable`).
             while !s.pending.is_empty() {
-                let r = match s.kind {
-                    Service::SeqEcho => ep
-                        .send_msg(now, s.conn, &s.pending, s.pending_eor)
-                        .map(|()| s.pending.len()),
-                    _ => ep.send(now, s.conn, &s.pending),
-                };
+                let r = ep
+                    .send_msg(now, s.conn, &s.pending, s.pending_eor)
+                    .map(|()| s.pending.len());
                 match r {
                     Ok(0) | Err(ProtoError::WouldBlock) => return Turn::Idle,
                     Ok(n) => {
@@ -220,7 +221,8 @@ impl SimTransport {
                 // A sink connection (see the accept above) has nothing queued: this sees
                 // end of stream, and bytes that came before it became a sink.
                 Service::Discard => ep.discard(now, s.conn, usize::MAX).map(|n| (n, false)),
-                Service::Echo => return Self::relay_turn(s, ep, now, stats, moved),
+                // Relayed above: nothing to receive here.
+                Service::Echo => return Turn::Idle,
             };
             match r {
                 Ok((0, false)) => {

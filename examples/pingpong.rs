@@ -2,6 +2,8 @@
 //! Prints the rate and the process's voluntary context switches per round trip (how many
 //! times a thread went to sleep: the thread hand-offs a round trip costs).
 #![allow(clippy::cast_possible_truncation)] // Test sizes and counters are small and known.
+#[path = "shared/threads.rs"]
+mod threads;
 use std::io::{Read, Write};
 use std::time::Instant;
 use vdpa_vsock::driver::{DriverConfig, VsockAddr, VsockDriver};
@@ -25,7 +27,7 @@ fn main() {
     let n = 50_000;
     let stats = d.stats();
     let switches = voluntary_switches();
-    let threads = per_thread_switches();
+    let before_threads = threads::per_thread_switches();
     let t0 = Instant::now();
     for _ in 0..n {
         s.write_all(&msg).unwrap();
@@ -47,40 +49,9 @@ fn main() {
         per(after.kicks, stats.kicks),
         per(after.interrupts, stats.interrupts)
     );
-    for (name, after) in per_thread_switches() {
-        let before = threads
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map_or(0, |(_, b)| *b);
-        println!(
-            "  {name}: {:.2} per round trip",
-            (after - before) as f64 / f64::from(n)
-        );
+    for line in threads::switches_since(&before_threads, f64::from(n), "round trip") {
+        println!("{line}");
     }
-}
-
-/// Each thread's name and voluntary context switches so far (Linux's /proc).
-fn per_thread_switches() -> Vec<(String, i64)> {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return Vec::new();
-    };
-    tasks
-        .flatten()
-        .filter_map(|t| {
-            let name = std::fs::read_to_string(t.path().join("comm")).ok()?;
-            let status = std::fs::read_to_string(t.path().join("status")).ok()?;
-            let n = status
-                .lines()
-                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?
-                .trim()
-                .parse()
-                .ok()?;
-            Some((
-                format!("{} ({})", name.trim(), t.file_name().to_string_lossy()),
-                n,
-            ))
-        })
-        .collect()
 }
 
 /// The process's voluntary context switches so far (every thread's).

@@ -85,6 +85,28 @@ pub(crate) fn to_volatile<B: BitmapSlice>(
     Ok(())
 }
 
+/// Copy `n` bytes from `src` at `src_offset` to `dst` at `dst_offset`, both memory another agent
+/// may touch (a device's view of the driver's buffers), in pieces when the addresses alias.
+pub(crate) fn between_volatile<B: BitmapSlice, C: BitmapSlice>(
+    dst: &VolatileSlice<'_, B>,
+    dst_offset: usize,
+    src: &VolatileSlice<'_, C>,
+    src_offset: usize,
+    n: usize,
+) -> Result<(), VolatileMemoryError> {
+    let dst = dst.subslice(dst_offset, n)?;
+    let src = src.subslice(src_offset, n)?;
+    let piece = piece_len(n, dst.ptr_guard().as_ptr(), src.ptr_guard().as_ptr());
+    let mut done = 0;
+    while done < n {
+        let k = piece.min(n - done);
+        src.subslice(done, k)?
+            .copy_to_volatile_slice(dst.subslice(done, k)?);
+        done += k;
+    }
+    Ok(())
+}
+
 /// Append `src` to `q`. Always in pieces: where the deque will put the bytes is not known before
 /// they are there, and a piece costs no more than one large copy (the vector loop is as fast as
 /// `rep movsb` on cached data).

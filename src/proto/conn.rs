@@ -302,6 +302,9 @@ pub(crate) struct Conn<S: Storage> {
     pub(crate) readable_notified: bool,
     /// Payload is consumed as it arrives (see [`Endpoint::set_sink`](super::Endpoint::set_sink)).
     pub(crate) sink: bool,
+    /// Its owner echoes what arrives: a packet may be answered at once with the same bytes
+    /// (see [`Endpoint::set_echo`](super::Endpoint::set_echo)).
+    pub(crate) echo: bool,
     /// A `send` found the buffer full; emit `Writable` when space frees.
     pub(crate) writable_wanted: bool,
     /// In the endpoint's transmit round-robin queue.
@@ -352,6 +355,7 @@ impl<S: Storage> Conn<S> {
             pending: Pending::default(),
             readable_notified: false,
             sink: false,
+            echo: false,
             writable_wanted: false,
             queued: false,
         }
@@ -487,6 +491,33 @@ impl<S: Storage> Conn<S> {
     /// Bytes the user may still queue with `send`.
     pub(crate) fn tx_space(&self, send_buffer: usize) -> usize {
         send_buffer.saturating_sub(self.tx.len())
+    }
+
+    /// Whether `len` arriving bytes can be echoed straight back in one packet: an echo stream
+    /// with nothing buffered either way (nothing of its own goes out ahead of the reply), open
+    /// for data both ways, owing no handshake packet, and with the peer's credit, the send
+    /// buffer and `max_payload` all covering `len`.
+    pub(crate) fn can_echo(&self, len: usize, max_payload: u32, send_buffer: usize) -> bool {
+        self.echo
+            && self.ty == SocketType::Stream
+            && self.listener.is_none()
+            && self.on_wire()
+            && !self.state.held()
+            && self.rx.is_empty()
+            && self.tx.is_empty()
+            && self.tx_open()
+            && !self.rx_done()
+            && self.handshake_due().is_none()
+            && len <= max_payload as usize
+            && len <= self.credit.peer_credit() as usize
+            && len <= self.tx_space(send_buffer)
+    }
+
+    /// The header of an echo's reply of `len` bytes (`can_echo` said yes, and the `len`
+    /// bytes that arrived are consumed): sent as if written and transmitted at once.
+    pub(crate) fn echo_header(&mut self, local_cid: u64, len: u32) -> Header {
+        self.credit.on_tx(len);
+        self.header(local_cid, Op::Rw, len, 0)
     }
 
     /// The front of the SEQPACKET send queue: (bytes not yet sent, EOR).

@@ -36,6 +36,26 @@ impl<S: Storage> Endpoint<S> {
         payload_len: usize,
         keep: impl FnOnce(&mut S::Rx),
     ) {
+        let _ = self.handle_packet_or_echo_with(now, hdr, payload_len, keep, 0, |_| ());
+    }
+
+    /// [`Endpoint::handle_packet_with`] for an echo ([`Endpoint::set_echo`]) that has a reply
+    /// buffer of `echo_room` payload bytes at hand: when the packet's whole payload can go
+    /// straight back (see [`Endpoint::echo_ready`]; checked here with its credit fields
+    /// applied), it is accounted as received, read, written and sent, `keep` is not called,
+    /// and `echo` gets the reply's header and returns what this returns: the caller copies
+    /// the `hdr.len` bytes from the request's buffer into the reply's, once, and sends it
+    /// before anything [`Endpoint::poll_transmit_with`] gives next. Otherwise this is
+    /// `handle_packet_with` and returns `None`.
+    pub fn handle_packet_or_echo_with<R>(
+        &mut self,
+        now: Instant,
+        hdr: &Header,
+        payload_len: usize,
+        keep: impl FnOnce(&mut S::Rx),
+        echo_room: usize,
+        echo: impl FnOnce(&Header) -> R,
+    ) -> Option<R> {
         let _ = now;
         self.stats.packets_in += 1;
         // What Linux 6.12 does (`virtio_transport_recv_pkt`), and where we differ:
@@ -52,17 +72,17 @@ impl<S: Storage> Endpoint<S> {
         if hdr.dst_cid != self.config.local_cid {
             self.stats.dropped_wrong_cid += 1;
             self.queue_unknown_rst(hdr);
-            return;
+            return None;
         }
         let Ok(ty) = SocketType::try_from(hdr.type_) else {
             self.stats.dropped_invalid += 1;
             self.queue_unknown_rst(hdr);
-            return;
+            return None;
         };
         if payload_len != hdr.len as usize || (hdr.op != Op::Rw as u16 && hdr.len != 0) {
             // A header that disagrees with its own buffer: malformed, not addressed to anyone.
             self.stats.dropped_invalid += 1;
-            return;
+            return None;
         }
         if (ty == SocketType::SeqPacket && !self.config.seqpacket)
             || (ty == SocketType::Stream && !self.config.stream)
@@ -70,7 +90,7 @@ impl<S: Storage> Endpoint<S> {
             // No socket of this type can exist, so none takes it.
             self.stats.dropped_invalid += 1;
             self.queue_unknown_rst(hdr);
-            return;
+            return None;
         }
         let key = (hdr.dst_port, hdr.src_cid, hdr.src_port);
         let id = self.keys.get(&key).copied();
@@ -84,25 +104,23 @@ impl<S: Storage> Endpoint<S> {
                 Some(id) if hdr.op != 0 => self.connecting_got(id, hdr.op),
                 Some(_) => {}
             }
-            return;
+            return None;
         };
         let Some(id) = id else {
             self.handle_unknown(hdr, op, ty);
-            return;
+            return None;
         };
-        let Some(conn) = self.conns.get_mut(&id) else {
-            return;
-        };
+        let conn = self.conns.get_mut(&id)?;
         if conn.ty != ty {
             // Linux answers with `RST` (`virtio_transport_reset_no_sock`) and leaves the
             // socket alone.
             self.stats.dropped_invalid += 1;
             self.queue_unknown_rst(hdr);
-            return;
+            return None;
         }
         if op == Op::Rst {
             self.on_peer_rst(id);
-            return;
+            return None;
         }
         conn.credit.update_peer(hdr.buf_alloc, hdr.fwd_cnt);
         match (conn.connecting(), op) {
@@ -120,7 +138,11 @@ impl<S: Storage> Endpoint<S> {
                 self.stats.dropped_invalid += 1;
                 self.connecting_got(id, hdr.op);
             }
-            (_, Op::Rw) => self.on_rw(id, hdr, keep),
+            (_, Op::Rw) => {
+                let echoed = self.on_rw(id, hdr, keep, echo_room, echo);
+                self.schedule(id);
+                return echoed;
+            }
             (_, Op::Shutdown) => self.on_peer_shutdown(id, hdr.flags),
             (_, Op::CreditUpdate) => self.stats.credit_updates_in += 1,
             (_, Op::CreditRequest) => {
@@ -132,6 +154,7 @@ impl<S: Storage> Endpoint<S> {
             (_, Op::Rst) => unreachable!("handled above"),
         }
         self.schedule(id);
+        None
     }
 
     /// Fire expired timers (connect and close deadlines). Calling it again is harmless.
@@ -282,15 +305,20 @@ impl<S: Storage> Endpoint<S> {
         }
     }
 
-    fn on_rw(&mut self, id: ConnId, hdr: &Header, keep: impl FnOnce(&mut S::Rx)) {
-        let Some(conn) = self.conns.get_mut(&id) else {
-            return;
-        };
+    fn on_rw<R>(
+        &mut self,
+        id: ConnId,
+        hdr: &Header,
+        keep: impl FnOnce(&mut S::Rx),
+        echo_room: usize,
+        echo: impl FnOnce(&Header) -> R,
+    ) -> Option<R> {
+        let conn = self.conns.get_mut(&id)?;
         if let Err(CreditViolation { len, free }) = conn.credit.on_rx(hdr.len) {
             log::warn!("{id}: peer sent {len} bytes with only {free} bytes of credit: resetting");
             self.stats.credit_violations += 1;
             self.reset_conn(id);
-            return;
+            return None;
         }
         self.stats.bytes_in += u64::from(hdr.len);
         let discard = conn.rx_done() || conn.closing();
@@ -298,14 +326,25 @@ impl<S: Storage> Endpoint<S> {
             // Nobody will read it: consume at once so credit keeps flowing.
             self.stats.rx_discarded += u64::from(hdr.len);
             Self::consumed(conn, hdr.len as usize);
-            return;
+            return None;
         }
         let len = hdr.len as usize;
         if conn.sink {
             // Consumed on arrival: no copy, no queue, credit flows on.
             self.stats.bytes_sunk += u64::from(hdr.len);
             Self::consumed(conn, len);
-            return;
+            return None;
+        }
+        if len > 0
+            && len <= echo_room
+            && conn.can_echo(len, self.config.max_payload, self.config.send_buffer)
+        {
+            // Received, read and written at once: the reply carries the credit it freed.
+            Self::consumed(conn, len);
+            let reply = conn.echo_header(self.config.local_cid, hdr.len);
+            self.stats.bytes_echoed += u64::from(hdr.len);
+            let reply = self.count_out(reply);
+            return Some(echo(&reply));
         }
         if len > 0 {
             let before = conn.rx.len();
@@ -331,6 +370,7 @@ impl<S: Storage> Endpoint<S> {
             conn.readable_notified = true;
             self.events.push(Event::Readable(id));
         }
+        None
     }
 
     /// Reset a connection on our initiative (a protocol violation, [`Endpoint::reset`]).

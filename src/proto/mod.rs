@@ -115,7 +115,7 @@ pub use storage::{HeapBuf, HeapStorage, RxBuf, Storage, TxBuf, HEAP_BUF_KEEP};
 pub(crate) use table::shrink_sparse;
 use timers::Timers;
 
-use crate::packet::{cid_fits, Header, ShutdownFlags, SocketType};
+use crate::packet::{cid_fits, Header, Op, ShutdownFlags, SocketType};
 
 /// Default receive buffer per connection (`buf_alloc`), as Linux's default 256 KiB.
 pub const DEFAULT_BUF_ALLOC: u32 = 256 * 1024;
@@ -363,6 +363,9 @@ pub struct Stats {
     pub rx_discarded: u64,
     /// RW payload bytes consumed on arrival by sink connections ([`Endpoint::set_sink`]).
     pub bytes_sunk: u64,
+    /// RW payload bytes echoed straight back on arrival
+    /// ([`Endpoint::handle_packet_or_echo_with`]): counted in `bytes_in` and `bytes_out`.
+    pub bytes_echoed: u64,
     /// `CREDIT_UPDATE`s received.
     pub credit_updates_in: u64,
     /// `CREDIT_REQUEST`s received.
@@ -748,6 +751,38 @@ impl<S: Storage> Endpoint<S> {
             self.schedule(c);
         }
         Ok(())
+    }
+
+    /// Make stream `c` an echo (`on`): whatever arrives is sent back. Its owner still moves
+    /// what is buffered ([`Endpoint::relay`]); what changes is that a packet arriving while
+    /// nothing is buffered either way may be answered at once, its bytes going from the
+    /// request's buffer into the reply's with one copy and never through the queues
+    /// ([`Endpoint::handle_packet_or_echo_with`]; the sim's echo service).
+    pub fn set_echo(&mut self, c: ConnId, on: bool) -> Result<(), ProtoError> {
+        let conn = self.conn_to_read(c, SocketType::Stream, "a seqpacket socket cannot echo")?;
+        conn.echo = on;
+        Ok(())
+    }
+
+    /// Whether a packet with header `hdr` is RW payload for an echo ([`Endpoint::set_echo`])
+    /// that could be answered at once (nothing buffered either way, credit and room for all of
+    /// it): worth finding a buffer for the reply before
+    /// [`Endpoint::handle_packet_or_echo_with`]. A cheap look, not a promise: that call checks
+    /// again with the packet's credit fields applied.
+    pub fn echo_ready(&self, hdr: &Header) -> bool {
+        if hdr.op != Op::Rw as u16 || hdr.len == 0 || hdr.dst_cid != self.config.local_cid {
+            return false;
+        }
+        self.keys
+            .get(&(hdr.dst_port, hdr.src_cid, hdr.src_port))
+            .and_then(|id| self.conns.get(id))
+            .is_some_and(|c| {
+                c.can_echo(
+                    hdr.len as usize,
+                    self.config.max_payload,
+                    self.config.send_buffer,
+                )
+            })
     }
 
     /// The one way stream data leaves the receive queue (`recv`, `recv_with`, `discard`): when

@@ -199,7 +199,7 @@ impl<S: Storage> Endpoint<S> {
         c
     }
 
-    fn count_out(&mut self, h: Header) -> Header {
+    pub(super) fn count_out(&mut self, h: Header) -> Header {
         self.stats.packets_out += 1;
         self.stats.bytes_out += u64::from(h.len);
         if h.op == Op::Rst as u16 {

@@ -281,6 +281,103 @@ fn relay_echoes_what_arrived_credits_it_and_stops_at_the_send_buffer_and_the_end
 }
 
 #[test]
+fn an_echo_answers_a_packet_at_once_only_while_it_can_send_all_of_it_first() {
+    let mut cfg_a = cfg(GUEST_CID);
+    cfg_a.buf_alloc = 1000;
+    let mut p = Pair::with(cfg_a, cfg(VMADDR_CID_HOST));
+    let (ca, cb, _) = p.establish(SocketType::Stream);
+    let now = p.now;
+    let mut buf = vec![0u8; 4096];
+    let mut next = |p: &mut Pair, n: usize| {
+        assert_eq!(p.a.send(now, ca, &pattern(0, n)).unwrap(), n);
+        let h = p.a.poll_transmit(now, &mut buf).expect("A's RW");
+        (h, buf[..n].to_vec())
+    };
+    // Not an echo: never answered at once.
+    let (h, data) = next(&mut p, 300);
+    assert!(!p.b.echo_ready(&h));
+    assert_eq!(p.b.set_echo(cb, true), Ok(()));
+    assert!(p.b.echo_ready(&h));
+    p.b.set_echo(cb, false).unwrap();
+    let r =
+        p.b.handle_packet_or_echo_with(now, &h, 300, |rx| rx.push(&data), 4096, |r| *r);
+    assert_eq!(r, None);
+    assert_eq!(
+        p.read_all(Side::B, cb),
+        data,
+        "kept for the reader as usual"
+    );
+    p.shuttle();
+
+    // An echo with room for the whole reply: received, read, written and sent at once.
+    p.b.set_echo(cb, true).unwrap();
+    let _ = p.events(Side::B);
+    let (h, data) = next(&mut p, 300);
+    let before = p.b.stats();
+    let mut kept = false;
+    let reply =
+        p.b.handle_packet_or_echo_with(now, &h, 300, |_| kept = true, 300, |r| *r)
+            .expect("echoed at once");
+    assert!(!kept, "the payload never entered the receive queue");
+    assert_eq!((reply.op, reply.len), (Op::Rw as u16, 300));
+    assert_eq!((reply.src_port, reply.dst_port), (h.dst_port, h.src_port));
+    assert_eq!(reply.fwd_cnt, 600, "the reply credits what it echoed");
+    assert_eq!(p.b.readable_bytes(cb), 0);
+    assert!(!p.events(Side::B).contains(&Event::Readable(cb)));
+    let after = p.b.stats();
+    assert_eq!(after.bytes_echoed - before.bytes_echoed, 300);
+    assert_eq!(after.bytes_out - before.bytes_out, 300);
+    assert_eq!(after.packets_out - before.packets_out, 1);
+    // The device delivers the reply with the request's bytes.
+    p.a.handle_packet(now, &reply, &data);
+    p.check();
+    assert_eq!(p.read_all(Side::A, ca), data);
+    p.shuttle();
+
+    // A reply buffer too small for the payload: kept, then relayed by the owner.
+    let (h, data) = next(&mut p, 300);
+    let r =
+        p.b.handle_packet_or_echo_with(now, &h, 300, |rx| rx.push(&data), 299, |r| *r);
+    assert_eq!(r, None);
+    assert_eq!(p.b.readable_bytes(cb), 300);
+    // Something buffered: the next packet must queue behind it, not overtake it.
+    let (h2, data2) = next(&mut p, 100);
+    assert!(!p.b.echo_ready(&h2));
+    let r =
+        p.b.handle_packet_or_echo_with(now, &h2, 100, |rx| rx.push(&data2), 4096, |r| *r);
+    assert_eq!(r, None);
+    assert_eq!(p.b.relay(now, cb, usize::MAX), Ok(Some(400)));
+    p.shuttle();
+    let mut want = data.clone();
+    want.extend_from_slice(&data2);
+    assert_eq!(p.read_all(Side::A, ca), want, "in order");
+
+    // More than A's credit lets B send (A's buffer is 1000 bytes and A reads nothing now):
+    // three replies at once, then the fourth packet is kept.
+    for _ in 0..3 {
+        let (h, data) = next(&mut p, 300);
+        let reply =
+            p.b.handle_packet_or_echo_with(now, &h, 300, |_| {}, 4096, |r| *r);
+        p.a.handle_packet(now, &reply.expect("within A's credit"), &data);
+    }
+    let (h, data) = next(&mut p, 300);
+    assert!(!p.b.echo_ready(&h));
+    let r =
+        p.b.handle_packet_or_echo_with(now, &h, 300, |rx| rx.push(&data), 4096, |r| *r);
+    assert_eq!(r, None);
+    p.check();
+    assert_eq!(p.read_all(Side::A, ca).len(), 900);
+    assert_eq!(p.b.relay(now, cb, usize::MAX), Ok(Some(300)));
+    p.shuttle();
+    assert_eq!(p.read_all(Side::A, ca), data);
+
+    // SEQPACKET has no echo.
+    let mut p = Pair::with(seq_cfg(GUEST_CID), seq_cfg(VMADDR_CID_HOST));
+    let (_, cb, _) = p.establish(SocketType::SeqPacket);
+    assert!(p.b.set_echo(cb, true).is_err());
+}
+
+#[test]
 fn refused_connect_without_listener() {
     let mut p = Pair::new();
     let now = p.now;

@@ -93,6 +93,10 @@ impl SimTransport {
                     // The sink consumes payload as it arrives: nothing is copied or queued.
                     let _ = ep.set_sink(conn, true);
                 }
+                if kind == Service::Echo {
+                    // What arrives while the echo keeps up goes straight back (`device_tx`).
+                    let _ = ep.set_echo(conn, true);
+                }
                 // Data may already be buffered (no event for it): its first turn is now.
                 self.services.insert(
                     conn,

@@ -128,6 +128,11 @@ pub struct SimStats {
     pub discarded_bytes: u64,
     /// Bytes the echo services sent back.
     pub echoed_bytes: u64,
+    /// Payload bytes the device side copied: from the driver's TX buffers into the host's
+    /// queues, from those into the driver's RX buffers, and straight from a TX buffer into an
+    /// RX buffer (an echo that keeps up: its bytes are copied once). The discard service
+    /// copies nothing.
+    pub payload_bytes_copied: u64,
 }
 
 /// Lock `m`, also after a panic elsewhere (the state stays usable).

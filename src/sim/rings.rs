@@ -28,6 +28,9 @@ pub(super) struct SimRings {
     pub(super) rx_starved: bool,
     /// TX chains were returned and their interrupt not raised yet (`notify_tx`).
     tx_used: bool,
+    /// RX chains were used by `device_tx` (an echo's reply) and their interrupt not raised
+    /// yet: `device_rx` raises it with its own.
+    rx_used: bool,
 }
 
 impl SimRings {
@@ -50,6 +53,7 @@ impl SimRings {
             hostile,
             rx_starved: false,
             tx_used: false,
+            rx_used: false,
         }
     }
 }
@@ -128,23 +132,75 @@ impl SimRings {
                         log::warn!("sim: dropping packet with bad addressing: {hdr}");
                         stats.protocol_violations += 1;
                     } else {
-                        // Straight from the driver's buffer into the host's queue: one copy.
-                        let mut failed = None;
+                        // An echo that keeps up is answered now, into an RX buffer taken for
+                        // it: its bytes are copied once, from this buffer into that one.
                         let len = (hdr.len as usize).min(pkt.data_len());
-                        ep.handle_packet_with(now, &hdr, len, |rx| {
-                            if let Some(q) = rx.as_heap() {
-                                q.push_with(len, |off, piece| {
-                                    if let Err(e) = pkt.read_data_at(off, piece) {
-                                        failed = Some(e);
-                                    }
-                                });
+                        let mut reply = None;
+                        if self.hostile.is_none() && len == hdr.len as usize && ep.echo_ready(&hdr)
+                        {
+                            if let Some(mut chain) = self.rx.pop_descriptor_chain(&self.mem) {
+                                let head = chain.head_index();
+                                match VsockPacket::from_rx_virtq_chain(
+                                    &self.mem,
+                                    &mut chain,
+                                    max_payload,
+                                ) {
+                                    Ok(p) => reply = Some((head, p)),
+                                    // `device_rx` reports it and returns it, in its turn.
+                                    Err(_) => self.rx.go_to_previous_position(),
+                                }
                             }
-                        });
-                        if let Some(source) = failed {
+                        }
+                        let room = reply
+                            .as_ref()
+                            .map_or(0, |(_, p)| p.data_len().min(max_payload as usize));
+                        // Otherwise straight from the driver's buffer into the host's queue:
+                        // one copy here, one more into an RX buffer when it goes back.
+                        let mut failed = None;
+                        let mut echo_failed = None;
+                        let echoed = ep.handle_packet_or_echo_with(
+                            now,
+                            &hdr,
+                            len,
+                            |rx| {
+                                if let Some(q) = rx.as_heap() {
+                                    q.push_with(len, |off, piece| {
+                                        if let Err(e) = pkt.read_data_at(off, piece) {
+                                            failed = Some(e);
+                                        }
+                                    });
+                                    stats.payload_bytes_copied += len as u64;
+                                }
+                            },
+                            room,
+                            |h| {
+                                if let Some((_, p)) = &reply {
+                                    echo_failed = Self::copy_payload(p, &pkt, h.len as usize).err();
+                                }
+                                *h
+                            },
+                        );
+                        if let Some(source) = failed.or(echo_failed) {
                             return Err(TransportError::Packet {
                                 what: "sim: reading a tx payload",
                                 source,
                             });
+                        }
+                        match (echoed, reply) {
+                            (Some(h), Some((head, mut p))) => {
+                                p.set_header(&h);
+                                drop(p);
+                                self.rx
+                                    .add_used(&self.mem, head, PKT_HEADER_LEN + h.len)
+                                    .map_err(add_used_err("rx", head))?;
+                                self.rx_used = true;
+                                stats.rx_packets += 1;
+                                stats.echoed_bytes += u64::from(h.len);
+                                stats.payload_bytes_copied += u64::from(h.len);
+                            }
+                            // Not echoed after all: the buffer goes back for `device_rx`.
+                            (None, Some(_)) => self.rx.go_to_previous_position(),
+                            _ => {}
                         }
                         stats.tx_packets += 1;
                     }
@@ -183,7 +239,7 @@ impl SimRings {
         max_payload: u32,
         stats: &mut SimStats,
     ) -> Result<bool, TransportError> {
-        let mut used_any = false;
+        let mut used_any = std::mem::take(&mut self.rx_used);
         let mut hostile_notify = false;
         self.rx_starved = true;
         while let Some(mut chain) = self.rx.pop_descriptor_chain(&self.mem) {
@@ -211,6 +267,7 @@ impl SimRings {
                             failed = Some(e);
                         }
                     });
+                    stats.payload_bytes_copied += u64::from(h.len);
                 }
                 *h
             });
@@ -250,6 +307,45 @@ impl SimRings {
             let _ = self.call[0].write(1);
         }
         Ok(used_any)
+    }
+
+    /// Copy the first `n` payload bytes of `src` into the payload of `dst` (fewer than `n` is an
+    /// error: the caller made sure `dst` has room), piece by piece wherever either's buffers end.
+    fn copy_payload<B: vm_memory::bitmap::BitmapSlice>(
+        dst: &VsockPacket<'_, B>,
+        src: &VsockPacket<'_, B>,
+        n: usize,
+    ) -> Result<(), crate::packet::Error> {
+        let mut done = 0;
+        let mut dst_pieces = dst.data_slices();
+        let mut d = dst_pieces.next();
+        let mut d_off = 0;
+        for s in src.data_slices() {
+            let mut s_off = 0;
+            while s_off < s.len() && done < n {
+                let Some(dp) = d else {
+                    break;
+                };
+                if d_off == dp.len() {
+                    d = dst_pieces.next();
+                    d_off = 0;
+                    continue;
+                }
+                let k = (s.len() - s_off).min(dp.len() - d_off).min(n - done);
+                crate::copy::between_volatile(dp, d_off, s, s_off, k)
+                    .map_err(crate::packet::Error::InvalidVolatileAccess)?;
+                s_off += k;
+                d_off += k;
+                done += k;
+            }
+        }
+        if done < n {
+            return Err(crate::packet::Error::DescriptorLengthTooSmall {
+                expected: n as u64,
+                found: done as u64,
+            });
+        }
+        Ok(())
     }
 
     /// Write one bogus used entry into the RX used ring (the hostile test mode).

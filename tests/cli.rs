@@ -640,6 +640,7 @@ fn inspect_sim_json() {
     assert_eq!(stats["rx_buffers_held"], 0, "{v:#}");
     assert!(stats["tx_chunks"].as_u64().unwrap() > 0, "{v:#}");
     assert_eq!(stats["tx_payload_bytes_copied"], 0, "{v:#}");
+    assert_eq!(stats["connections"], 0, "{v:#}");
     assert!(
         v["details"]["host"]
             .as_str()
@@ -1220,4 +1221,37 @@ fn serve_backpressure_and_half_close_both_ways() {
     let got = reader.join().unwrap();
     assert_eq!(got.len(), total, "bytes lost or added");
     assert!(got == data[..total], "bytes differ");
+}
+
+/// The scale counts are visited up and back down (`30,10` runs as 10, 30, 10), and the note
+/// on the larger count compares it with both runs of the smaller one.
+#[test]
+fn bench_scale_brackets_the_larger_count() {
+    let out = run(&[
+        "bench",
+        "--bytes",
+        "65536",
+        "--round-trips",
+        "10",
+        "--scale",
+        "30,10",
+        "--scale-ops",
+        "20",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let note = stdout
+        .lines()
+        .find(|l| l.starts_with("connect+close with 30 open = "))
+        .unwrap_or_else(|| panic!("no scale note: {stdout}"));
+    let runs = note
+        .split("measured before and after (")
+        .nth(1)
+        .and_then(|r| r.split(" us)").next())
+        .unwrap_or_else(|| panic!("no bracketing runs: {note}"));
+    let runs: Vec<f64> = runs.split(" / ").map(|v| v.parse().unwrap()).collect();
+    assert_eq!(runs.len(), 2, "{note}");
+    assert!(runs.iter().all(|&us| us > 0.0), "{note}");
+    assert!(stdout.contains("echo 1B rtt with 30 open = "), "{stdout}");
+    assert!(!stdout.contains("with 10 open = "), "{stdout}");
 }

@@ -808,3 +808,25 @@ fn a_connect_with_a_5_s_timeout_waits_5_s() {
     );
     assert_eq!(d.proto_stats().connect_timeouts, 1);
 }
+
+/// `DriverStats::connections` counts the streams the driver holds: each one connected, and
+/// none once they are closed and the peer is done with them.
+#[test]
+fn stats_count_the_connections_held() {
+    let d = sim();
+    assert_eq!(d.stats().connections, 0);
+    let streams: Vec<_> = (0..10)
+        .map(|_| d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap())
+        .collect();
+    assert_eq!(d.stats().connections, 10);
+    drop(streams);
+    let deadline = Instant::now() + STALL;
+    while d.stats().connections > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} connections still held",
+            d.stats().connections
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+}

@@ -192,6 +192,7 @@ pub(crate) fn stats_json(s: &DriverStats) -> Value {
         "transport_resets": s.transport_resets,
         "bad_events": s.bad_events,
         "recoveries": s.recoveries,
+        "connections": s.connections,
     })
 }
 

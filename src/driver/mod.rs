@@ -528,13 +528,14 @@ impl VsockDriver {
         VsockPoller::new()
     }
 
-    /// Data-path counters: packets, kicks, interrupts, payload bytes copied per direction, and
-    /// the RX and TX pools' occupancy.
+    /// Data-path counters: packets, kicks, interrupts, payload bytes copied per direction, the
+    /// RX and TX pools' occupancy, and the connections held.
     pub fn stats(&self) -> DriverStats {
         let st = self.core.lock();
         let mut stats = st.transport_stats().unwrap_or_default();
         stats.interrupts = self.interrupts.load(std::sync::atomic::Ordering::Relaxed);
         stats.caller_interrupts = st.caller_interrupts();
+        stats.connections = st.ep.connection_count() as u64;
         stats
     }
 

@@ -1096,6 +1096,11 @@ impl<S: Storage> Endpoint<S> {
         self.conns.get(&c).map(|conn| conn.local_port)
     }
 
+    /// How many connections are not yet released (any state, closing ones included).
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
     /// Every connection not yet released (any state), in no particular order.
     pub fn connections(&self) -> Vec<ConnId> {
         self.conns.keys().copied().collect()

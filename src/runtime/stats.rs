@@ -44,4 +44,7 @@ pub struct DriverStats {
     pub bad_events: u64,
     /// Times the device was reset and brought up again (after NEEDS_RESET or a device error).
     pub recoveries: u64,
+    /// Connections the driver holds now, in any state (closing ones until the peer is done
+    /// with them); listeners are not counted.
+    pub connections: u64,
 }

@@ -4,7 +4,10 @@
 //! one-way throughput with 64 KiB writes into a sink, on one connection and on `--parallel`
 //! connections at once (one writer thread each); 64-byte ping-pong round trips against an echo
 //! service, in eventfd and busy-poll mode; and, for each N of `--scale`, the mean cost of a
-//! connect+close and of a 1-byte round trip while N other streams are open. The same one-way
+//! connect+close and of a 1-byte round trip while N other streams are open (the counts are
+//! visited up and then down again, `100,10000` as 100, 10000, 100, so that the smaller count's
+//! two runs bracket the larger one's: a wake-up's cost drifts with what the CPUs did just
+//! before, by 2x between two runs of the same count here). The same one-way
 //! and ping-pong workloads run over a Unix socketpair and TCP loopback, and a memcpy of the
 //! same bytes is the upper limit of any copying transport.
 //!
@@ -28,7 +31,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use vdpa_vsock::device::DeviceSpec;
-use vdpa_vsock::driver::{DriverConfig, VsockDriver};
+use vdpa_vsock::driver::{DriverConfig, VsockAddr, VsockDriver};
 use vdpa_vsock::proto;
 use vdpa_vsock::sim::SimHost;
 
@@ -90,7 +93,8 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value_t = 64, value_parser = positive)]
     msg_size: usize,
     /// Idle streams held open to the echo service while connect+close and 1-byte round trips
-    /// are timed, one run per value (comma-separated).
+    /// are timed (comma-separated): one run per value, then one more per value below the
+    /// largest on the way back down; a value's rows are the mean of its runs.
     #[arg(long, value_delimiter = ',', default_value = "100,10000", value_parser = clap::value_parser!(u16).range(0..=MAX_SCALE))]
     scale: Vec<u16>,
     /// Connect+close pairs, and 1-byte round trips, timed in each scale run.
@@ -179,7 +183,7 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
         ..base
     };
     let echo_steps = if peer.echo.is_some() {
-        2 + scale.len()
+        2 + scale_visits(&scale).len()
     } else {
         0
     };
@@ -344,11 +348,15 @@ pub(crate) fn run(args: &BenchArgs, base: DriverConfig) -> Result<()> {
             }
             rows.push(row);
         }
-        for &open in &scale {
-            let step = steps.start(&format!("scale: {open} open"), ops(args.scale_ops));
-            let r = work::scale(&driver, echo, open, args.scale_ops, &step)?;
-            scale_rows.extend(scale_rows_of(&r, &ours, args.scale_ops));
-        }
+        scale_rows = scale_runs(
+            &driver,
+            echo,
+            &scale,
+            args.scale_ops,
+            &ours,
+            &mut steps,
+            &mut notes,
+        )?;
         drop(driver);
         let step = steps.start(&format!("ping-pong: {ours}, busy-poll"), ops(n));
         let (busy, _host) = open(
@@ -456,6 +464,80 @@ fn list_ratios(v: &[f64]) -> String {
 
 fn ops(n: u32) -> Unit {
     Unit::Ops(n.into())
+}
+
+/// The order the scale counts are measured in: up through the sorted, distinct counts, then
+/// back down through all but the largest (`100,10000` gives 100, 10000, 100), so that each
+/// smaller count brackets the larger ones in time.
+fn scale_visits(scale: &[usize]) -> Vec<usize> {
+    let mut up = scale.to_vec();
+    up.sort_unstable();
+    up.dedup();
+    let down: Vec<usize> = up.iter().rev().skip(1).copied().collect();
+    up.into_iter().chain(down).collect()
+}
+
+/// The scale rows: each count of `scale` measured on every visit (`scale_visits`), its rows the
+/// mean of its visits; a note per larger count gives its cost against the smallest count's,
+/// with the smallest's visits apart (the drift they bracket).
+fn scale_runs(
+    driver: &VsockDriver,
+    echo: VsockAddr,
+    scale: &[usize],
+    scale_ops: u32,
+    ours: &str,
+    steps: &mut Steps,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Row>> {
+    let mut idle = work::IdleStreams::new(driver, echo);
+    let mut runs: Vec<(usize, Vec<work::Scale>, Option<u64>)> = Vec::new();
+    for open in scale_visits(scale) {
+        let step = steps.start(&format!("scale: {open} open"), ops(scale_ops));
+        let rss = idle.hold(open, &step)?;
+        let r = idle.measure(scale_ops, &step)?;
+        match runs.iter_mut().find(|(n, ..)| *n == open) {
+            Some((_, visits, _)) => visits.push(r),
+            None => runs.push((open, vec![r], rss)),
+        }
+    }
+    drop(idle);
+    let mean = |v: &[work::Scale], f: fn(&work::Scale) -> Duration| {
+        let n = u32::try_from(v.len()).unwrap_or(u32::MAX).max(1);
+        v.iter().map(f).sum::<Duration>() / n
+    };
+    let mut rows = Vec::new();
+    let smallest = runs.first().map(|(n, v, _)| (*n, v.clone()));
+    for (open, visits, rss) in &runs {
+        let r = work::Scale {
+            open: *open,
+            connect_close: mean(visits, |s| s.connect_close),
+            round_trip: mean(visits, |s| s.round_trip),
+            rss_per_stream: *rss,
+        };
+        rows.extend(scale_rows_of(&r, ours, scale_ops));
+        let Some((base_n, base)) = smallest.as_ref().filter(|(n, _)| n != open) else {
+            continue;
+        };
+        for (what, f) in [
+            (
+                "connect+close",
+                (|s: &work::Scale| s.connect_close) as fn(&work::Scale) -> Duration,
+            ),
+            ("echo 1B rtt", |s: &work::Scale| s.round_trip),
+        ] {
+            let ratio = mean(visits, f).as_secs_f64() / mean(base, f).as_secs_f64();
+            let each: Vec<String> = base
+                .iter()
+                .map(|s| format!("{:.1}", micros(f(s))))
+                .collect();
+            notes.push(format!(
+                "{what} with {open} open = {ratio:.2}x its cost with {base_n} open, measured before and after ({} us) (target <= 1.5x: {})",
+                each.join(" / "),
+                if ratio <= 1.5 { "met" } else { "missed" }
+            ));
+        }
+    }
+    Ok(rows)
 }
 
 /// The two rows of one scale run, in microseconds per operation.
@@ -578,4 +660,17 @@ fn ping_pong_yardsticks(
         }
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scale_visits;
+
+    #[test]
+    fn scale_counts_are_visited_up_then_back_down() {
+        assert_eq!(scale_visits(&[100, 10_000]), vec![100, 10_000, 100]);
+        assert_eq!(scale_visits(&[30, 10, 30, 20]), vec![10, 20, 30, 20, 10]);
+        assert_eq!(scale_visits(&[5]), vec![5]);
+        assert!(scale_visits(&[]).is_empty());
+    }
 }

@@ -224,52 +224,87 @@ pub(super) struct Scale {
     pub(super) rss_per_stream: Option<u64>,
 }
 
-/// Open `open` idle streams to the echo service, then measure `ops` connect+close pairs and
-/// `ops` 1-byte round trips on one more stream.
-pub(super) fn scale(
-    driver: &VsockDriver,
+/// The idle streams of the scale rows, held open to the echo service: grown to each count in
+/// turn, then shrunk back, so that every smaller count is measured both before and after the
+/// larger ones (on a machine whose wake-up latency drifts with what the CPUs did just before,
+/// a larger count measured after a smaller one would otherwise show the drift as its cost).
+pub(super) struct IdleStreams<'a> {
+    driver: &'a VsockDriver,
     echo: VsockAddr,
-    open: usize,
-    ops: u32,
-    step: &Step,
-) -> Result<Scale> {
-    step.phase(format!("opening {open} idle streams"), open as u64);
-    let mut idle = Vec::with_capacity(open);
-    let rss_before = rss_bytes();
-    for i in 0..open {
-        let s = connect(driver, echo, "echo service")
-            .with_context(|| format!("opening idle stream {} of {open}", i + 1))?;
-        idle.push(s);
-        step.inc(1);
-    }
-    // Below a thousand streams the allocator's reuse of freed memory is most of the reading.
-    let rss_per_stream = match (rss_before, rss_bytes()) {
-        (Some(b), Some(a)) if open >= MEMORY_ROW_MIN => Some(a.saturating_sub(b) / open as u64),
-        _ => None,
-    };
+    open: Vec<VsockStream>,
+}
 
-    step.phase(format!("connect+close, {open} open"), ops.into());
-    let t0 = Instant::now();
-    for i in 1..=ops {
-        drop(connect(driver, echo, "echo service")?);
-        if i % OPS_BATCH == 0 {
-            step.inc(OPS_BATCH.into());
+impl<'a> IdleStreams<'a> {
+    pub(super) fn new(driver: &'a VsockDriver, echo: VsockAddr) -> Self {
+        IdleStreams {
+            driver,
+            echo,
+            open: Vec::new(),
         }
     }
-    let connect_close = t0.elapsed() / ops;
 
-    step.phase(format!("1 B round trips, {open} open"), ops.into());
-    let mut s = connect(driver, echo, "echo service")?;
-    s.set_read_timeout(Some(PEER_TIMEOUT))?;
-    let round_trip = ping_pong(&mut s, ops, 1, step)? / ops;
-    drop(s);
-    drop(idle);
-    Ok(Scale {
-        open,
-        connect_close,
-        round_trip,
-        rss_per_stream,
-    })
+    /// Hold exactly `n` idle streams: open more, or close the newest and wait until the driver
+    /// no longer holds them (each close ends when the echo service is done with it). Growing
+    /// by [`MEMORY_ROW_MIN`] streams or more reports the resident memory each one added.
+    pub(super) fn hold(&mut self, n: usize, step: &Step) -> Result<Option<u64>> {
+        if n <= self.open.len() {
+            step.phase(format!("closing idle streams down to {n}"), 0);
+            self.open.truncate(n);
+            // Besides the idle ones, the driver holds nothing else of ours by now.
+            let deadline = Instant::now() + PEER_TIMEOUT;
+            while self.driver.stats().connections > n as u64 {
+                if Instant::now() >= deadline {
+                    bail!(
+                        "{} connections still held {}s after closing down to {n}: the echo service does not finish its closes",
+                        self.driver.stats().connections,
+                        PEER_TIMEOUT.as_secs()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            return Ok(None);
+        }
+        let more = n - self.open.len();
+        step.phase(format!("opening idle streams up to {n}"), more as u64);
+        let rss_before = rss_bytes();
+        while self.open.len() < n {
+            let s = connect(self.driver, self.echo, "echo service")
+                .with_context(|| format!("opening idle stream {} of {n}", self.open.len() + 1))?;
+            self.open.push(s);
+            step.inc(1);
+        }
+        // Below a thousand streams the allocator's reuse of freed memory is most of the reading.
+        Ok(match (rss_before, rss_bytes()) {
+            (Some(b), Some(a)) if more >= MEMORY_ROW_MIN => Some(a.saturating_sub(b) / more as u64),
+            _ => None,
+        })
+    }
+
+    /// Measure `ops` connect+close pairs and `ops` 1-byte round trips on one more stream, with
+    /// the streams held now open.
+    pub(super) fn measure(&self, ops: u32, step: &Step) -> Result<Scale> {
+        let open = self.open.len();
+        step.phase(format!("connect+close, {open} open"), ops.into());
+        let t0 = Instant::now();
+        for i in 1..=ops {
+            drop(connect(self.driver, self.echo, "echo service")?);
+            if i % OPS_BATCH == 0 {
+                step.inc(OPS_BATCH.into());
+            }
+        }
+        let connect_close = t0.elapsed() / ops;
+
+        step.phase(format!("1 B round trips, {open} open"), ops.into());
+        let mut s = connect(self.driver, self.echo, "echo service")?;
+        s.set_read_timeout(Some(PEER_TIMEOUT))?;
+        let round_trip = ping_pong(&mut s, ops, 1, step)? / ops;
+        Ok(Scale {
+            open,
+            connect_close,
+            round_trip,
+            rss_per_stream: None,
+        })
+    }
 }
 
 /// The fewest idle streams a scale step reports a memory row for.

@@ -32,6 +32,14 @@ enum Step {
         buf_alloc: u32,
         fwd_cnt: u32,
         wrong_type: bool,
+        /// Non-zero: a reply buffer of this many bytes is at hand, for an echo to answer at once
+        /// (`handle_packet_or_echo_with`).
+        echo_room: u16,
+    },
+    /// Make a connection an echo, or not (`set_echo`).
+    SetEcho {
+        conn: u8,
+        on: bool,
     },
     /// A fully arbitrary packet.
     Raw {
@@ -182,6 +190,56 @@ impl World {
         self.ep.handle_packet(self.now, &h, &payload);
     }
 
+    /// A packet that an echo may answer at once into a reply buffer of `room` bytes: a reply
+    /// echoes the whole payload, back to its sender, within the credit we had.
+    fn packet_or_echo(&mut self, h: Header, payload_len: usize, room: usize) {
+        let payload = vec![0xa5u8; payload_len];
+        let credit: Vec<(ConnId, Option<u32>)> = self
+            .conns
+            .iter()
+            .map(|&c| (c, self.ep.peer_credit(c).map(|x| x.0)))
+            .collect();
+        let ready = self.ep.echo_ready(&h);
+        let mut kept = false;
+        let reply = self.ep.handle_packet_or_echo_with(
+            self.now,
+            &h,
+            payload_len,
+            |rx| {
+                kept = true;
+                rx.push(&payload);
+            },
+            room,
+            |r| *r,
+        );
+        let Some(r) = reply else {
+            return;
+        };
+        assert!(ready, "echoed a packet echo_ready refused");
+        assert!(!kept, "an echoed packet was also kept");
+        assert_eq!((r.op, r.len), (Op::Rw as u16, h.len));
+        assert!(r.len as usize <= room, "reply longer than its buffer");
+        assert_eq!((r.src_cid, r.src_port), (h.dst_cid, h.dst_port));
+        assert_eq!((r.dst_cid, r.dst_port), (h.src_cid, h.src_port));
+        for &(c, before) in &credit {
+            if self.ep.local_port(c) == Some(r.src_port)
+                && self.ep.peer_addr(c) == Some((r.dst_cid, r.dst_port))
+            {
+                if let Some(before) = before {
+                    assert!(
+                        r.len <= before,
+                        "echoed {} bytes with credit {before}",
+                        r.len
+                    );
+                }
+            }
+        }
+        if self.sent.len() >= 64 {
+            self.sent.remove(0);
+        }
+        self.sent.push(r);
+    }
+
     fn step(&mut self, step: Step) {
         let now = self.now;
         match step {
@@ -193,6 +251,7 @@ impl World {
                 buf_alloc,
                 fwd_cnt,
                 wrong_type,
+                echo_room,
             } => {
                 let Some(t) = pick(&self.sent, target) else {
                     return;
@@ -215,7 +274,16 @@ impl World {
                     buf_alloc,
                     fwd_cnt,
                 };
-                self.packet(h, len as usize);
+                if echo_room > 0 {
+                    self.packet_or_echo(h, len as usize, usize::from(echo_room));
+                } else {
+                    self.packet(h, len as usize);
+                }
+            }
+            Step::SetEcho { conn, on } => {
+                if let Some(c) = pick(&self.conns, conn) {
+                    let _ = self.ep.set_echo(c, on);
+                }
             }
             Step::Raw {
                 src_cid,

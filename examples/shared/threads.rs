@@ -1,8 +1,12 @@
-//! Per-thread voluntary context switches (the thread hand-offs a workload costs), for the
-//! profiling examples.
+//! Per-thread voluntary context switches (the thread hand-offs a workload costs) and CPU time,
+//! for the profiling examples.
 
-/// Each thread's name and voluntary context switches so far (Linux's /proc).
-pub(crate) fn per_thread_switches() -> Vec<(String, i64)> {
+/// One thread's name (with its id), voluntary context switches and nanoseconds on a CPU so
+/// far (Linux's /proc: `status` and `schedstat`).
+pub(crate) type ThreadCount = (String, i64, u64);
+
+/// Every thread of this process, counted now.
+pub(crate) fn per_thread_switches() -> Vec<ThreadCount> {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return Vec::new();
     };
@@ -17,27 +21,35 @@ pub(crate) fn per_thread_switches() -> Vec<(String, i64)> {
                 .trim()
                 .parse()
                 .ok()?;
+            let cpu = std::fs::read_to_string(t.path().join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0);
             Some((
                 format!("{} ({})", name.trim(), t.file_name().to_string_lossy()),
                 n,
+                cpu,
             ))
         })
         .collect()
 }
 
-/// What each thread of `after` slept since `before` (both from [`per_thread_switches`]),
-/// divided by `per` (round trips, writes): one line each, to print.
-pub(crate) fn switches_since(before: &[(String, i64)], per: f64, unit: &str) -> Vec<String> {
+/// What each thread did since `before` (from [`per_thread_switches`]), divided by `per`
+/// (round trips, writes): its sleeps and its CPU time, one line each, to print.
+pub(crate) fn switches_since(before: &[ThreadCount], per: f64, unit: &str) -> Vec<String> {
     per_thread_switches()
         .into_iter()
-        .map(|(name, n)| {
-            let b = before
+        .map(|(name, n, cpu)| {
+            let (b, b_cpu) = before
                 .iter()
-                .find(|(m, _)| *m == name)
-                .map_or(0, |(_, b)| *b);
+                .find(|(m, ..)| *m == name)
+                .map_or((0, 0), |(_, b, c)| (*b, *c));
             #[allow(clippy::cast_precision_loss)] // Counts far below 2^52.
-            let v = (n - b) as f64 / per;
-            format!("  {name}: {v:.2} per {unit}")
+            let (sleeps, us) = (
+                (n - b) as f64 / per,
+                cpu.saturating_sub(b_cpu) as f64 / 1000.0 / per,
+            );
+            format!("  {name}: {sleeps:.2} sleeps, {us:.2} us on a CPU per {unit}")
         })
         .collect()
 }

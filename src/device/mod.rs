@@ -116,6 +116,16 @@ pub enum DeviceError {
         #[source]
         source: std::io::Error,
     },
+    /// More eventfds than a call can pass (VFIO's `vfio_irq_set` buffer): none was wired.
+    #[error("{op}: {count} eventfds given, expected at most {max}")]
+    TooManyEventfds {
+        /// The call ("VFIO_DEVICE_SET_IRQS").
+        op: &'static str,
+        /// How many were given.
+        count: usize,
+        /// How many it takes.
+        max: usize,
+    },
     /// The DMA region could not be set up.
     #[error("DMA memory")]
     Dma(#[from] crate::dma::DmaError),

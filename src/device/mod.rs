@@ -51,7 +51,8 @@ pub const TX_QUEUE: u16 = 1;
 /// Queue index of the event queue.
 pub const EVENT_QUEUE: u16 = 2;
 
-/// Errors of the device layer.
+/// Errors of the device layer. Causes: the cause is the source (the crate docs, "Errors and
+/// their causes"); [`DeviceError::Failed`] holds a cause turned into text.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     /// The device spec string could not be parsed.

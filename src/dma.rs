@@ -74,7 +74,8 @@ impl Default for DmaOptions {
     }
 }
 
-/// Errors from creating or using a [`DmaRegion`].
+/// Errors from creating or using a [`DmaRegion`]. Causes: the cause is the source (the crate
+/// docs, "Errors and their causes").
 #[derive(thiserror::Error, Debug)]
 pub enum DmaError {
     /// The region size is zero or too large to round up to a page.

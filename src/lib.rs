@@ -25,6 +25,28 @@
 //!   (`VsockStream::connect(&driver, addr).await`, `VsockListener`, `VsockSeqPacket`).
 //! - `open` (crate-internal): `VsockDriver::open`, `open_with` and `open_sim`, opening by device
 //!   spec, the one place that knows every backend.
+//!
+//! # Errors and their causes
+//!
+//! Every error says what was being done and what was seen. Where it has a cause, one of two
+//! rules says where the cause's text is, so that a printer walking `source()` (anyhow's `{:#}`,
+//! as the CLI prints errors) shows each cause once, and one printing `{}` alone still learns
+//! what it needs. Each error type says which rule it follows.
+//! - **The cause is the source** (every error enum: [`device::DeviceError`],
+//!   [`dma::DmaError`], [`virtq::QueueError`], [`packet::Error`], [`pagemap::PagemapError`],
+//!   [`driver::DriverError`], and the runtime's own): the message never holds the cause's
+//!   text, and `source()` returns the cause, typed, so that it can be downcast (the CLI's
+//!   hints find the `io::Error` of a failed system call that way;
+//!   [`device::DeviceError::os_error`] returns it). A variant that only classifies its cause
+//!   is `#[error(transparent)]`: it shows as its cause (the cause's message, then the cause's
+//!   source).
+//! - **The cause is in the message** (the inner errors of the `io::Error`s the sockets return:
+//!   a dead device's, a connection reset by the transport): the message holds the cause's
+//!   text and `source()` hands on the cause's own source, never the cause itself, as
+//!   `io::Error::new` does with the error it wraps; `{}` on such an `io::Error` says why.
+//!
+//! An error that turns its cause into text (`DeviceError::Failed`, the CLI's `anyhow!`
+//! messages) has no source.
 
 #![deny(missing_docs)]
 
@@ -32,6 +54,8 @@ mod copy;
 pub mod device;
 pub mod dma;
 pub mod driver;
+#[cfg(test)]
+mod error_chains;
 mod open;
 pub mod packet;
 pub mod pagemap;

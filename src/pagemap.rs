@@ -17,7 +17,8 @@ pub const PAGEMAP_PAGE_SIZE: u64 = 4096;
 const PFN_MASK: u64 = (1 << 55) - 1;
 const PRESENT: u64 = 1 << 63;
 
-/// Why a range has no usable contiguous physical address.
+/// Why a range has no usable contiguous physical address. Causes: the cause is the source (the
+/// crate docs, "Errors and their causes").
 #[derive(Debug, thiserror::Error)]
 pub enum PagemapError {
     /// Reading `/proc/self/pagemap` failed.

@@ -455,7 +455,8 @@ pub struct OwnedWriteHalf {
     inner: Arc<VsockStream>,
 }
 
-/// [`OwnedReadHalf::reunite`] was given halves of two different streams; both come back.
+/// [`OwnedReadHalf::reunite`] was given halves of two different streams; both come back. No
+/// cause.
 #[derive(Debug, thiserror::Error)]
 #[error("the read and write halves given to reunite come from two different streams")]
 pub struct ReuniteError(pub OwnedReadHalf, pub OwnedWriteHalf);

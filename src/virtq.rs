@@ -82,7 +82,8 @@ const DESC_F_WRITE: u16 = wire_flag(VRING_DESC_F_WRITE);
 const AVAIL_F_NO_INTERRUPT: u16 = wire_flag(VRING_AVAIL_F_NO_INTERRUPT);
 const USED_F_NO_NOTIFY: u16 = wire_flag(VRING_USED_F_NO_NOTIFY);
 
-/// Errors from [`SplitQueue`].
+/// Errors from [`SplitQueue`]. Causes: the cause is the source (the crate docs, "Errors and
+/// their causes").
 #[derive(thiserror::Error, Debug)]
 pub enum QueueError {
     /// The device violated the protocol; the queue stays unusable until [`SplitQueue::reset`].

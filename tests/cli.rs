@@ -7,13 +7,16 @@ use std::io::{Read, Write};
 use std::os::unix::fs::symlink;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_vdpa-vsock");
+#[path = "common/serve.rs"]
+mod serve;
+
+use serve::{proc_status, read_line, Daemon, BIN};
 
 fn cmd() -> Command {
     let mut c = Command::new(BIN);
@@ -673,93 +676,14 @@ fn inspect_other_specs_on_a_fake_tree() {
 
 // ---- serve ----
 
-/// A running `serve`, killed on drop if still there.
-struct Daemon {
-    child: Child,
-    dir: tempfile::TempDir,
-    uds: PathBuf,
-}
+/// How long serve may take to start, and to exit after a signal.
+const SERVE_START: Duration = Duration::from_secs(10);
+const SERVE_EXIT: Duration = Duration::from_secs(5);
 
-impl Daemon {
-    fn start(extra: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let uds = dir.path().join("v.sock");
-        let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
-        let child = cmd()
-            .arg("serve")
-            .arg("--uds")
-            .arg(&uds)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let d = Daemon { child, dir, uds };
-        let t0 = Instant::now();
-        while !d.uds.exists() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "serve did not start: {}",
-                d.log()
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
-        d
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// SIGTERM, then the time until it exited and its exit code.
-    fn terminate(&mut self) -> (Duration, Option<i32>) {
-        let t0 = Instant::now();
-        let st = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return (t0.elapsed(), s.code());
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(5),
-                "serve ignores SIGTERM"
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One line from `s` (without the newline); what came before EOF or an error.
-///
-/// An interrupted read is retried: a socket with a read timeout (SO_RCVTIMEO) is not restarted
-/// after a signal handler runs but fails with EINTR (signal(7)), and any thread of this test
-/// process can take such a signal (glibc's own, for one). Counting EINTR as the end made
-/// `serve_handshake_timeout` see an empty reply at random when the whole file ran.
-fn read_line(s: &mut UnixStream) -> String {
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    loop {
-        match s.read(&mut b) {
-            Ok(1) if b[0] != b'\n' => line.push(b[0]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&line).into_owned()
+/// `serve --uds DIR/v.sock extra..`, run as [`cmd`] runs the binary.
+#[track_caller]
+fn start_serve(extra: &[&str]) -> Daemon {
+    Daemon::start(cmd(), extra, SERVE_START)
 }
 
 /// Connect to `path`, send `line`, return the stream and the answer line.
@@ -806,7 +730,7 @@ fn echo_client(path: &Path, seed: u32, len: usize) {
 
 #[test]
 fn serve_100_clients_echo_1mib_each_despite_bad_clients() {
-    let d = Daemon::start(&[]);
+    let d = start_serve(&[]);
     let t0 = Instant::now();
     let mut threads = Vec::new();
     for i in 0..100 {
@@ -845,7 +769,7 @@ fn serve_100_clients_echo_1mib_each_despite_bad_clients() {
 
 #[test]
 fn serve_handshake_timeout() {
-    let d = Daemon::start(&[]);
+    let d = start_serve(&[]);
     let t0 = Instant::now();
     let mut idle = UnixStream::connect(&d.uds).unwrap();
     idle.set_read_timeout(Some(Duration::from_secs(10)))
@@ -875,7 +799,7 @@ fn serve_handshake_timeout() {
 
 #[test]
 fn serve_connection_limit() {
-    let d = Daemon::start(&["--max-conns", "2"]);
+    let d = start_serve(&["--max-conns", "2"]);
     let (a, ra) = hello(&d.uds, b"CONNECT 7\n");
     let (_b, rb) = hello(&d.uds, b"CONNECT 9\n");
     assert!(
@@ -904,10 +828,10 @@ fn serve_connection_limit() {
 
 #[test]
 fn serve_sigterm_is_quick_and_clean() {
-    let mut d = Daemon::start(&["--listen-port", "5000"]);
+    let mut d = start_serve(&["--listen-port", "5000"]);
     let (mut open, r) = hello(&d.uds, b"CONNECT 7\n");
     assert!(r.starts_with("OK "));
-    let (took, code) = d.terminate();
+    let (took, code) = d.signal_and_wait(libc::SIGTERM, SERVE_EXIT);
     eprintln!("serve: SIGTERM to exit with an open connection: {took:?}");
     assert_eq!(code, Some(0), "{}", d.log());
     assert!(took < Duration::from_secs(1), "{took:?}");
@@ -921,13 +845,9 @@ fn serve_sigterm_is_quick_and_clean() {
     assert!(d.log().contains("stopped"), "{}", d.log());
 
     // SIGINT does the same.
-    let mut d = Daemon::start(&[]);
-    Command::new("kill")
-        .args(["-INT", &d.child.id().to_string()])
-        .status()
-        .unwrap();
-    let st = d.child.wait().unwrap();
-    assert_eq!(st.code(), Some(0));
+    let mut d = start_serve(&[]);
+    let (_, code) = d.signal_and_wait(libc::SIGINT, SERVE_EXIT);
+    assert_eq!(code, Some(0));
     assert!(!d.uds.exists());
 }
 
@@ -954,7 +874,7 @@ fn serve_port_in_use_and_socket_in_use() {
     );
     assert!(!uds.exists(), "socket file created although startup failed");
 
-    let d = Daemon::start(&[]);
+    let d = start_serve(&[]);
     let out = cmd().args(["serve", "--uds"]).arg(&d.uds).output().unwrap();
     expect_error(&out, 1, &["served by a running program"]);
     assert!(d.uds.exists(), "the running daemon's socket was removed");
@@ -964,13 +884,13 @@ fn serve_port_in_use_and_socket_in_use() {
 fn serve_forwards_peer_connections_to_path_port() {
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path().join("host.sock");
-    let d = Daemon::start(&[
+    let d = start_serve(&[
         "--listen-port",
         "5000",
         "--sim-host-uds",
         host.to_str().unwrap(),
     ]);
-    let target = UnixListener::bind(d.path("v.sock_5000")).unwrap();
+    let target = UnixListener::bind(d.uds.with_file_name("v.sock_5000")).unwrap();
     let app = thread::spawn(move || {
         let (mut s, _) = target.accept().unwrap();
         let mut buf = [0u8; 23];
@@ -990,7 +910,7 @@ fn serve_forwards_peer_connections_to_path_port() {
     // No program on PATH_5001: the peer's connection is refused with RST before any
     // RESPONSE (Firecracker's muxer), not accepted and closed; the daemon goes on.
     drop(d);
-    let d = Daemon::start(&[
+    let d = start_serve(&[
         "--listen-port",
         "5001",
         "--sim-host-uds",
@@ -1009,9 +929,9 @@ fn serve_forwards_a_peer_connection_to_any_port_with_a_listener_and_refuses_the_
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path().join("host.sock");
     // No --listen-port at all: every port is forwarded when PATH_<port> has a program.
-    let d = Daemon::start(&["--sim-host-uds", host.to_str().unwrap()]);
+    let d = start_serve(&["--sim-host-uds", host.to_str().unwrap()]);
     for port in [6001u32, 52000] {
-        let target = UnixListener::bind(d.path(&format!("v.sock_{port}"))).unwrap();
+        let target = UnixListener::bind(d.uds.with_file_name(format!("v.sock_{port}"))).unwrap();
         let app = thread::spawn(move || {
             let (mut s, _) = target.accept().unwrap();
             let mut buf = [0u8; 5];
@@ -1032,7 +952,7 @@ fn serve_forwards_a_peer_connection_to_any_port_with_a_listener_and_refuses_the_
     assert!(reply.contains("refused"), "{reply:?}");
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
     // A socket file nobody listens on is no target either.
-    drop(UnixListener::bind(d.path("v.sock_6003")).unwrap());
+    drop(UnixListener::bind(d.uds.with_file_name("v.sock_6003")).unwrap());
     let (_peer, reply) = hello(&host, b"CONNECT 6003\n");
     assert!(reply.contains("refused"), "{reply:?}");
     echo_client(&d.uds, 7, 1024);
@@ -1040,7 +960,7 @@ fn serve_forwards_a_peer_connection_to_any_port_with_a_listener_and_refuses_the_
 
 #[test]
 fn serve_parses_connect_as_firecracker_does() {
-    let d = Daemon::start(&[]);
+    let d = start_serve(&[]);
     for line in [
         &b"connect 7\n"[..],
         b"CONNECT   7\n",
@@ -1076,7 +996,7 @@ fn serve_parses_connect_as_firecracker_does() {
 
 #[test]
 fn serve_data_right_after_the_handshake_line_is_kept() {
-    let d = Daemon::start(&[]);
+    let d = start_serve(&[]);
     let mut s = UnixStream::connect(&d.uds).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(b"CONNECT 7\nhello in the same write").unwrap();
@@ -1106,7 +1026,7 @@ fn serve_with_socat_as_the_client() {
         eprintln!("skipped: socat is not installed");
         return;
     }
-    let d = Daemon::start(&[]);
+    let d = start_serve(&[]);
     for greeting in ["connect 7", "CONNECT   7"] {
         let mut child = Command::new("socat")
             .args(["-t", "2", "-", &format!("UNIX-CONNECT:{}", d.uds.display())])
@@ -1129,15 +1049,6 @@ fn serve_with_socat_as_the_client() {
         );
         assert_eq!(lines.next(), Some("over socat"), "{greeting:?}: {text:?}");
     }
-}
-
-/// A field of `/proc/PID/status` in kB (`VmRSS`).
-fn status_kb(pid: u32, field: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
 /// Whether `s` turns writable within `ms` milliseconds.
@@ -1164,14 +1075,14 @@ fn writable_within(s: &UnixStream, ms: i32) -> bool {
 fn serve_backpressure_and_half_close_both_ways() {
     let dir = tempfile::tempdir().unwrap();
     let host = dir.path().join("host.sock");
-    let d = Daemon::start(&["--sim-host-uds", host.to_str().unwrap()]);
-    let target = UnixListener::bind(d.path("v.sock_7000")).unwrap();
+    let d = start_serve(&["--sim-host-uds", host.to_str().unwrap()]);
+    let target = UnixListener::bind(d.uds.with_file_name("v.sock_7000")).unwrap();
     let (mut peer, reply) = hello(&host, b"CONNECT 7000\n");
     assert!(reply.starts_with("OK "), "{reply:?}");
     let (mut app, _) = target.accept().unwrap();
     app.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let pid = d.child.id();
-    let rss0 = status_kb(pid, "VmRSS");
+    let pid = d.pid();
+    let rss0 = proc_status(pid, "VmRSS");
 
     // The program reads nothing: the peer writes until it stays blocked for a second (the
     // only way to see that nothing more is taken), and far less than 64 MiB went in.
@@ -1194,7 +1105,7 @@ fn serve_backpressure_and_half_close_both_ways() {
             "64 MiB went in although the program reads nothing"
         );
     }
-    let grew = status_kb(pid, "VmRSS").saturating_sub(rss0);
+    let grew = proc_status(pid, "VmRSS").saturating_sub(rss0);
     eprintln!("serve: the peer blocked after {sent} bytes; serve's RSS grew {grew} kB");
     assert!(sent < 16 << 20, "{sent} bytes in flight: no backpressure");
     assert!(grew < 16 * 1024, "serve's RSS grew {grew} kB");

@@ -268,3 +268,37 @@ fn a_removed_device_ends_every_blocked_call_within_a_second() {
     drop(d);
     assert!(t1.elapsed() < BOUND, "drop took {:?}", t1.elapsed());
 }
+
+/// The line the CLI prints for a call that failed with `e` (src/main.rs: `vdpa-vsock: error:`,
+/// then anyhow's `{:#}` of the error under the context that names the call).
+fn cli_error_line(e: std::io::Error, context: &'static str) -> String {
+    format!(
+        "vdpa-vsock: error: {:#}",
+        anyhow::Error::new(e).context(context)
+    )
+}
+
+#[test]
+fn a_removal_is_named_once_in_the_clis_error_line() {
+    let (d, host) = open(SimConfig::default(), DriverConfig::default());
+    let (_s, rx) = blocked_reader(&d);
+    let t0 = Instant::now();
+    host.unplug().unwrap();
+    // The blocked call (`vdpa-vsock connect` reading when the device goes) and a later one.
+    let read = ended_with(&rx, t0);
+    let connect = d.connect(VsockAddr::new(2, ECHO_PORT)).unwrap_err();
+    for (e, context) in [
+        (read, "reading from the vsock stream"),
+        (connect, "connecting to 2:7"),
+    ] {
+        assert_eq!(e.kind(), ErrorKind::ConnectionAborted, "{e}");
+        let line = cli_error_line(e, context);
+        assert_eq!(line.matches("removed").count(), 1, "{line}");
+        assert!(
+            line.contains(&format!(
+                "{context}: vsock device failed: sim was removed: the kernel asked for it back"
+            )),
+            "{line}"
+        );
+    }
+}

@@ -8,11 +8,13 @@
 //! descriptors are printed. Alone in its binary: it needs most of the descriptor limit.
 
 mod common;
+#[path = "common/serve.rs"]
+mod serve;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::thread;
@@ -20,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use common::{checksum, pattern};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
+use serve::{proc_status, read_line, Daemon, BIN};
 
-const BIN: &str = env!("CARGO_BIN_EXE_vdpa-vsock");
 const IDLE: usize = 10_000;
 const ACTIVE: usize = 100;
 const ACTIVE_BYTES: usize = 1 << 20;
@@ -30,81 +32,8 @@ const BATCH: usize = 500;
 /// Any wait longer than this is a hang.
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// A field of `/proc/PID/status` (`Threads`, `VmRSS` and `VmHWM` in kB), as a number.
-fn status(pid: u32, field: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
-    s.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
-
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
-}
-
-/// A running `serve`, killed on drop if still there.
-struct Daemon {
-    child: Child,
-    dir: tempfile::TempDir,
-    uds: PathBuf,
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let uds = dir.path().join("v.sock");
-        let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
-        let child = Command::new(BIN)
-            .env("RUST_LOG", "warn")
-            // No --max-conns: the default (what the descriptor limit holds) must take them.
-            .args(["serve", "--uds"])
-            .arg(&uds)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut d = Daemon { child, dir, uds };
-        let t0 = Instant::now();
-        // The socket file appears once serve accepts (bound under another name, renamed).
-        while !d.uds.exists() {
-            assert!(t0.elapsed() < LIMIT, "serve did not start: {}", d.log());
-            if let Some(st) = d.child.try_wait().unwrap() {
-                panic!("serve exited ({st}): {}", d.log());
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        d
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One line (without the newline), read byte by byte so that nothing after it is taken.
-fn read_line(s: &mut UnixStream) -> String {
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    loop {
-        match s.read(&mut b) {
-            Ok(1) if b[0] != b'\n' => line.push(b[0]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&line).into_owned()
 }
 
 fn connect(path: &Path) -> UnixStream {
@@ -160,16 +89,19 @@ fn serve_10k_idle_plus_100_active_clients() {
     if soft < hard {
         setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("raise the soft RLIMIT_NOFILE");
     }
-    let mut d = Daemon::start();
+    // No --max-conns: the default (what the descriptor limit holds) must take them.
+    let mut cmd = Command::new(BIN);
+    cmd.env("RUST_LOG", "warn");
+    let mut d = Daemon::start(cmd, &[], LIMIT);
     let pid = d.pid();
-    let threads = status(pid, "Threads");
+    let threads = proc_status(pid, "Threads");
     // Serve's thread count, sampled while it serves: (min, max).
     let stop = AtomicBool::new(false);
     let seen = Mutex::new((threads, threads));
     let result = thread::scope(|sc| {
         let monitor = sc.spawn(|| {
             while !stop.load(Ordering::Relaxed) {
-                let t = status(pid, "Threads");
+                let t = proc_status(pid, "Threads");
                 let mut s = seen.lock().unwrap();
                 *s = (s.0.min(t), s.1.max(t));
                 drop(s);
@@ -196,19 +128,7 @@ fn serve_10k_idle_plus_100_active_clients() {
     );
 
     // SIGTERM with the 10,000 still open: every one ended, exit 0, within a second.
-    let t = Instant::now();
-    let pid = libc::pid_t::try_from(pid).expect("pid");
-    // SAFETY: kill(2) on our child's pid; no memory is involved.
-    let r = unsafe { libc::kill(pid, libc::SIGTERM) };
-    assert_eq!(r, 0, "kill: {}", std::io::Error::last_os_error());
-    let code = loop {
-        if let Some(st) = d.child.try_wait().unwrap() {
-            break st.code();
-        }
-        assert!(t.elapsed() < LIMIT, "serve ignores SIGTERM");
-        thread::sleep(Duration::from_millis(5));
-    };
-    let took = t.elapsed();
+    let (took, code) = d.signal_and_wait(libc::SIGTERM, LIMIT);
     eprintln!("serve: SIGTERM to exit with {IDLE} clients open: {took:?}");
     assert_eq!(code, Some(0), "{}", d.log());
     assert!(took < Duration::from_secs(1), "{took:?}");
@@ -241,12 +161,12 @@ fn run(d: &Daemon, pid: u32, threads: u64) -> Vec<UnixStream> {
         }
     }
     let connected = t0.elapsed();
-    let rss_idle = status(pid, "VmRSS");
+    let rss_idle = proc_status(pid, "VmRSS");
     let fds_idle = open_fds(pid);
     eprintln!(
         "serve: {IDLE} idle clients connected in {connected:?}; serve has {} threads, \
          VmRSS {rss_idle} kB, {fds_idle} descriptors",
-        status(pid, "Threads")
+        proc_status(pid, "Threads")
     );
     assert!(
         (IDLE..IDLE + 100).contains(&fds_idle),
@@ -277,12 +197,12 @@ fn run(d: &Daemon, pid: u32, threads: u64) -> Vec<UnixStream> {
     for i in (0..IDLE).step_by(IDLE / 20) {
         echo(&idle[i], 1_000_000 + i as u64, 100);
     }
-    let rss = status(pid, "VmRSS");
-    let hwm = status(pid, "VmHWM");
+    let rss = proc_status(pid, "VmRSS");
+    let hwm = proc_status(pid, "VmHWM");
     eprintln!(
         "serve: afterwards {} threads (started with {threads}), VmRSS {rss} kB, peak VmHWM \
          {hwm} kB; whole run {:?}",
-        status(pid, "Threads"),
+        proc_status(pid, "Threads"),
         t0.elapsed()
     );
     let log = d.log();

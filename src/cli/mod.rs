@@ -26,6 +26,8 @@ use nix::unistd::AccessFlags;
 use vdpa_vsock::device::DeviceSpec;
 
 /// Our standard output was closed by its reader (a pipe into `head`, say): not worth a message.
+/// No cause. (The CLI's other errors are `anyhow` ones: a context says what was being done and
+/// leaves the cause to the chain; an `anyhow!` message that holds a cause's text has no source.)
 #[derive(Debug)]
 pub(crate) struct StdoutClosed;
 

@@ -51,7 +51,8 @@ pub const TX_QUEUE: u16 = 1;
 /// Queue index of the event queue.
 pub const EVENT_QUEUE: u16 = 2;
 
-/// Errors of the device layer.
+/// Errors of the device layer. Causes: the cause is the source (the crate docs, "Errors and
+/// their causes"); [`DeviceError::Failed`] holds a cause turned into text.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     /// The device spec string could not be parsed.
@@ -115,6 +116,16 @@ pub enum DeviceError {
         /// The OS error.
         #[source]
         source: std::io::Error,
+    },
+    /// More eventfds than a call can pass (VFIO's `vfio_irq_set` buffer): none was wired.
+    #[error("{op}: {count} eventfds given, expected at most {max}")]
+    TooManyEventfds {
+        /// The call ("VFIO_DEVICE_SET_IRQS").
+        op: &'static str,
+        /// How many were given.
+        count: usize,
+        /// How many it takes.
+        max: usize,
     },
     /// The DMA region could not be set up.
     #[error("DMA memory")]

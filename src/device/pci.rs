@@ -93,7 +93,7 @@ pub fn sysfs_vsock_function(dir: &std::path::Path) -> Option<VsockFunction> {
     vsock_function(id("vendor")?, id("device")?)
 }
 
-/// Why a config space does not describe a usable virtio-pci device.
+/// Why a config space does not describe a usable virtio-pci device. No variant has a cause.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PciError {
     /// A capability pointer leaves the config space or the list loops.

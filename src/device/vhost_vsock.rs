@@ -222,7 +222,7 @@ pub fn cid_is_reserved(cid: u64) -> bool {
 fn open_error(path: &str, e: io::Error) -> DeviceError {
     let hint = match e.raw_os_error() {
         Some(libc::ENOENT) => {
-            format!("{path}: No such file; load the module: modprobe vhost_vsock")
+            format!("{path} is missing; load the module: modprobe vhost_vsock")
         }
         Some(libc::EACCES) | Some(libc::EPERM) => format!(
             "permission denied opening {path} (see the udev rule in udev/, group vsock: \
@@ -760,9 +760,11 @@ mod tests {
         let (dev, _) = open_fake(4, Some(("open", libc::ENOENT)));
         let e = full_error(&dev.unwrap_err());
         assert!(
-            e.contains("/dev/vhost-vsock: No such file; load the module: modprobe vhost_vsock"),
+            e.contains("/dev/vhost-vsock is missing; load the module: modprobe vhost_vsock"),
             "{e}"
         );
+        // The OS error says "No such file" once, after the hint.
+        assert_eq!(e.matches("No such file").count(), 1, "{e}");
     }
 
     #[test]

@@ -112,7 +112,9 @@ impl Default for DriverConfig {
     }
 }
 
-/// Errors while bringing a driver up.
+/// Errors while bringing a driver up. Causes: the cause is the source (the crate docs, "Errors
+/// and their causes"); as an `io::Error` (`From`), the cause is in the message, as
+/// `io::Error::new` puts it.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
     /// The device layer failed.

@@ -7,7 +7,8 @@ use vm_memory::{GuestMemoryError, VolatileMemoryError};
 use super::PKT_HEADER_SIZE;
 
 /// Vsock packet parsing errors. The variants are those of `virtio-vsock` 0.12, with what was
-/// expected and what was found added where it helps.
+/// expected and what was found added where it helps. Causes: the cause is the source (the
+/// crate docs, "Errors and their causes").
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Too few descriptors in a descriptor chain.

@@ -76,7 +76,7 @@ pub(super) const FLAGS_OFFSET: usize = 32;
 pub(super) const BUF_ALLOC_OFFSET: usize = 36;
 pub(super) const FWD_CNT_OFFSET: usize = 40;
 
-/// An unknown value in a typed header field.
+/// An unknown value in a typed header field. No cause.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("unknown vsock {field} value {value}")]
 pub struct UnknownValue {

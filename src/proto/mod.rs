@@ -231,7 +231,7 @@ pub enum Event {
     Closed(ConnId),
 }
 
-/// Protocol errors.
+/// Protocol errors. No variant has a cause.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
 pub enum ProtoError {
     /// The peer answered our `REQUEST` with `RST`.

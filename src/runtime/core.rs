@@ -1842,9 +1842,11 @@ impl Core {
     }
 }
 
-/// A connection reset because of the transport: says so, and why (the cause chain).
+/// A connection reset because of the transport: says so, and why (the inner error of the
+/// connection's `ConnectionReset`). Causes: the cause is in the message (the crate docs,
+/// "Errors and their causes"): the [`ResetCause`]'s text, then its source.
 #[derive(Debug)]
-struct ConnReset(Arc<ResetCause>);
+pub(crate) struct ConnReset(pub(crate) Arc<ResetCause>);
 
 impl std::fmt::Display for ConnReset {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -15,7 +15,10 @@ use crate::packet::Error as PacketError;
 use crate::virtq::QueueError;
 
 /// What made a transport stop: the device broke the rules or stopped working. Each variant says
-/// what was being done and what was seen; the cause, where there is one, is the source.
+/// what was being done and what was seen. Causes: the cause is the source (the crate docs,
+/// "Errors and their causes"); [`TransportError::Removed`] is its cause;
+/// [`TransportError::Recovery`] has two, the device error while bringing it up (the source)
+/// and what made the driver reset it (in the message, with its causes).
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum TransportError {
     /// A driver-side virtqueue refused an operation: the device wrote something invalid (the
@@ -88,7 +91,10 @@ pub(crate) enum TransportError {
         status: u8,
     },
     /// Bringing the device up again after `cause` failed.
-    #[error("{device}: bringing the device up again after \"{cause}\" failed")]
+    #[error(
+        "{device}: bringing the device up again after \"{}\" failed",
+        error_chain(&**cause)
+    )]
     Recovery {
         /// The device's name.
         device: String,
@@ -98,11 +104,12 @@ pub(crate) enum TransportError {
         #[source]
         source: DeviceError,
     },
-    /// The device went away (see [`DeviceError::Removed`]).
-    #[error("device removed")]
+    /// The device went away (see [`DeviceError::Removed`]): the device error says which
+    /// device and how, and this error shows as it (a message of our own here would name the
+    /// removal twice).
+    #[error(transparent)]
     Removed {
         /// How it went.
-        #[source]
         source: DeviceError,
     },
     /// The event loop could not wait on its eventfds.
@@ -133,8 +140,9 @@ pub(crate) enum TransportError {
         /// The header's `len`.
         len: u32,
     },
-    /// A copy into the driver's own DMA memory failed (a bug: every address is ours).
-    #[error("DMA copy")]
+    /// A copy into the driver's own DMA memory failed (a bug: every address is ours). The copy
+    /// error says it all: it is this error's message.
+    #[error(transparent)]
     Copy(#[from] super::storage::CopyError),
     /// The device side (the simulated device's) could not write the driver's memory.
     #[error("device side: {what} at {addr:#x} failed")]
@@ -150,7 +158,8 @@ pub(crate) enum TransportError {
 }
 
 /// Why the driver reset every connection while it went on (the inner error of each
-/// connection's `ConnectionReset`).
+/// connection's `ConnectionReset`, through `ConnReset`). Causes: the cause is the source (the
+/// crate docs, "Errors and their causes").
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ResetCause {
     /// The device sent TRANSPORT_RESET on its event queue.
@@ -183,7 +192,8 @@ pub(crate) enum ResetCause {
 }
 
 /// Why a core stopped: every blocked and future call on it fails with this, as the inner error
-/// of an `io::Error` of kind `ConnectionAborted`.
+/// of an `io::Error` of kind `ConnectionAborted`. Causes: the cause is in the message (the
+/// crate docs, "Errors and their causes"): `{}` on the `io::Error` says why the device died.
 #[derive(Debug)]
 pub(crate) enum Ended {
     /// The transport failed: the device is dead or broke the rules.

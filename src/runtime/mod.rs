@@ -57,3 +57,8 @@ pub(crate) use self::transport::{
     refill_rx, valid_guest_cid, DeviceRings, DriverTransport, EventQueue, RecoveryPolicy,
     DEFAULT_RECOVERY_LIMIT, EVENT_BUFFERS, TX_HDR_SLOT,
 };
+// For the crate's test of every error's causes (`src/error_chains.rs`).
+#[cfg(test)]
+pub(crate) use self::{
+    core::ConnReset, error::ResetCause, storage::CopyError, transport::EventQueueError,
+};

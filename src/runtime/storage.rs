@@ -93,12 +93,12 @@ fn read_dma(
 }
 
 /// A copy between DMA memory and a buffer failed: the range is not inside one region of the
-/// DMA memory (our own allocations are, so this is a bug, not a device fault).
+/// DMA memory (our own allocations are, so this is a bug, not a device fault). No cause.
 #[derive(Debug, thiserror::Error)]
 #[error("DMA copy of {len} bytes at IOVA {addr:#x}: the range is not inside the DMA region")]
 pub(crate) struct CopyError {
-    addr: u64,
-    len: usize,
+    pub(crate) addr: u64,
+    pub(crate) len: usize,
 }
 
 fn dma_slice(

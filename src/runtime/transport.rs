@@ -98,7 +98,8 @@ impl EventQueue {
     }
 }
 
-/// Why the event queue could not be made.
+/// Why the event queue could not be made. Causes: the cause is the source (the crate docs,
+/// "Errors and their causes"); bring-up turns it into text for `DeviceError::Failed`.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum EventQueueError {
     /// The device takes no descriptor on it.
@@ -560,7 +561,7 @@ impl ReleasedDevice {
     fn gone(&self) -> DeviceError {
         DeviceError::Removed {
             device: self.name.clone(),
-            how: "the driver let go of it after its removal".into(),
+            how: "the driver has let go of it".into(),
         }
     }
 }

@@ -58,7 +58,8 @@ impl SimRings {
     }
 }
 
-/// Why [`SimRings::send_event`] could not deliver an event.
+/// Why [`SimRings::send_event`] could not deliver an event. No source: [`EventError::Write`]
+/// holds its cause turned into text.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum EventError {
     /// The driver has no event queue (or the device is not running).

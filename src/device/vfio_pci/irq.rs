@@ -204,28 +204,34 @@ fn queue_name(index: u16) -> &'static str {
     }
 }
 
-/// `VFIO_DEVICE_SET_IRQS` for `fds` (at most 8) from vector 0; `DATA_NONE` with no fds uses
-/// count 0 for TRIGGER (disable) and count 1 for UNMASK.
+/// `VFIO_DEVICE_SET_IRQS` for `fds` from vector 0; `DATA_NONE` with no fds uses count 0 for
+/// TRIGGER (disable) and count 1 for UNMASK. More fds than an [`sys::IrqSet`] holds
+/// ([`sys::IRQ_SET_ROOM`]) are refused before the ioctl: none is wired, rather than the first
+/// few.
 fn set_irqs_on(device: &File, index: u32, flags: u32, fds: &[i32]) -> Result<(), DeviceError> {
-    {
-        let fds = &fds[..fds.len().min(8)];
-        #[allow(clippy::cast_possible_truncation)]
-        let n = fds.len() as u32; // <= 8
-        let mut set = sys::IrqSet {
-            argsz: argsz::<vfio_bindings::bindings::vfio::vfio_irq_set>() + 4 * n,
-            flags,
-            index,
-            start: 0,
-            count: if flags & sys::VFIO_IRQ_SET_ACTION_UNMASK != 0 {
-                1
-            } else {
-                n
-            },
-            data: [0; 8],
-        };
-        set.data[..fds.len()].copy_from_slice(fds);
-        sys::device_set_irqs(device, &set).map_err(|e| DeviceError::io("VFIO_DEVICE_SET_IRQS", e))
+    let too_many = || DeviceError::TooManyEventfds {
+        op: "VFIO_DEVICE_SET_IRQS",
+        count: fds.len(),
+        max: sys::IRQ_SET_ROOM,
+    };
+    if fds.len() > sys::IRQ_SET_ROOM {
+        return Err(too_many());
     }
+    let n = u32::try_from(fds.len()).map_err(|_| too_many())?;
+    let mut set = sys::IrqSet {
+        argsz: argsz::<vfio_bindings::bindings::vfio::vfio_irq_set>() + 4 * n,
+        flags,
+        index,
+        start: 0,
+        count: if flags & sys::VFIO_IRQ_SET_ACTION_UNMASK != 0 {
+            1
+        } else {
+            n
+        },
+        data: [0; sys::IRQ_SET_ROOM],
+    };
+    set.data[..fds.len()].copy_from_slice(fds);
+    sys::device_set_irqs(device, &set).map_err(|e| DeviceError::io("VFIO_DEVICE_SET_IRQS", e))
 }
 
 impl VfioPciDevice {
@@ -463,5 +469,24 @@ mod tests {
         assert!(calls.iter().all(fired) && fired(&config));
         dispatch_isr(0, &calls, &config);
         assert!(calls.iter().all(|c| !fired(c)) && !fired(&config));
+    }
+
+    #[test]
+    fn more_eventfds_than_an_irq_set_holds_are_refused_before_the_ioctl() {
+        // /dev/null is no VFIO device: an ioctl reached on it would fail with ENOTTY (an
+        // `Io` error), so the typed error below proves the call stopped before it.
+        let null = File::open("/dev/null").unwrap();
+        for count in [sys::IRQ_SET_ROOM + 1, 64] {
+            // Fd numbers only: nothing is opened, and none reaches the kernel.
+            let fds = vec![-1; count];
+            let flags = sys::VFIO_IRQ_SET_DATA_EVENTFD | sys::VFIO_IRQ_SET_ACTION_TRIGGER;
+            match set_irqs_on(&null, sys::VFIO_PCI_MSIX_IRQ_INDEX, flags, &fds) {
+                Err(DeviceError::TooManyEventfds { op, count: c, max }) => {
+                    assert_eq!(op, "VFIO_DEVICE_SET_IRQS");
+                    assert_eq!((c, max), (count, sys::IRQ_SET_ROOM));
+                }
+                r => panic!("{count} eventfds: expected TooManyEventfds, got {r:?}"),
+            }
+        }
     }
 }

@@ -45,8 +45,12 @@ ioctl_io_nr!(VFIO_DEVICE_SET_IRQS, TYPE, VFIO_BASE + 10);
 ioctl_io_nr!(VFIO_IOMMU_MAP_DMA, TYPE, VFIO_BASE + 13);
 ioctl_io_nr!(VFIO_IOMMU_UNMAP_DMA, TYPE, VFIO_BASE + 14);
 
+/// How many eventfds one [`IrqSet`] holds (a virtio-vsock function uses at most 4 vectors:
+/// configuration changes plus rx, tx and event).
+pub const IRQ_SET_ROOM: usize = 8;
+
 /// `struct vfio_irq_set` (whose `data` is a flexible array in the bindings) with room for
-/// up to 8 eventfds, laid out as the kernel reads it.
+/// up to [`IRQ_SET_ROOM`] eventfds, laid out as the kernel reads it.
 #[repr(C)]
 #[derive(Default)]
 pub struct IrqSet {
@@ -55,7 +59,7 @@ pub struct IrqSet {
     pub index: u32,
     pub start: u32,
     pub count: u32,
-    pub data: [i32; 8],
+    pub data: [i32; IRQ_SET_ROOM],
 }
 
 // The header of `IrqSet` is exactly `vfio_irq_set`'s fixed part.

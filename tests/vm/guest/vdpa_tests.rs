@@ -1885,11 +1885,15 @@ pub(crate) fn vdpa_surprise_removal_cli() -> TestResult {
             .lines()
             .find(|l| l.starts_with("vdpa-vsock: error:"))
             .unwrap_or("");
-        if status.code() != Some(1) || exited > EXIT_BOUND || !verdict.contains(" was removed: ") {
+        if status.code() != Some(1)
+            || exited > EXIT_BOUND
+            || !verdict.contains(" was removed: ")
+            || verdict.matches("removed").count() != 1
+        {
             return Err(fail(format!(
                 "the CLI exited {:.0} ms after vdpa dev del with {status} and stderr {text:?} \
                  (expected within {} ms, status 1, a `vdpa-vsock: error:` line naming the \
-                 removal)",
+                 removal once)",
                 exited.as_secs_f64() * 1e3,
                 EXIT_BOUND.as_millis()
             )));

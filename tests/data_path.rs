@@ -341,7 +341,9 @@ fn the_echo_copies_each_byte_once_when_it_keeps_up() {
         "device-side copies of the echoed bytes"
     );
 
-    // Both ways at once: a writer thread, and this thread reading.
+    // Both ways at once: a writer thread, and this thread reading (the counters read before
+    // the writer starts: it may echo a lot before this thread runs again).
+    let before = host.stats();
     let writer = {
         let mut w = s.try_clone().unwrap();
         let data = pattern(6, TOTAL);
@@ -351,7 +353,6 @@ fn the_echo_copies_each_byte_once_when_it_keeps_up() {
             }
         })
     };
-    let before = host.stats();
     let mut got = vec![0u8; TOTAL];
     s.read_exact(&mut got).unwrap();
     writer.join().unwrap();

@@ -312,6 +312,26 @@ fn zero_copy_send_and_receive_copy_nothing() {
     );
 }
 
+/// The sim's counters once its echo has counted `echoed` bytes (bounded wait): the device
+/// thread stores them after the pump that delivered the last reply, which the driver may
+/// already have read.
+#[track_caller]
+fn settled_echo(host: &SimHost, echoed: u64) -> vdpa_vsock::sim::SimStats {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = host.stats();
+        if s.echoed_bytes >= echoed {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the echo counted {} of {echoed} bytes",
+            s.echoed_bytes
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Build item 5: the sim's echo copies each byte once when it keeps up. 64 MiB in lockstep,
 /// 64 KiB out then 64 KiB back: every request arrives while nothing is buffered either way,
 /// so the device copies it from the driver's TX buffer straight into an RX buffer, and the
@@ -332,7 +352,7 @@ fn the_echo_copies_each_byte_once_when_it_keeps_up() {
         s.read_exact(&mut back).unwrap();
         assert!(back == data, "the echo changed the bytes");
     }
-    let after = host.stats();
+    let after = settled_echo(&host, before.echoed_bytes + TOTAL as u64);
     let echoed = after.echoed_bytes - before.echoed_bytes;
     let copied = after.payload_bytes_copied - before.payload_bytes_copied;
     assert_eq!(echoed, TOTAL as u64, "bytes echoed");
@@ -360,7 +380,7 @@ fn the_echo_copies_each_byte_once_when_it_keeps_up() {
         got == pattern(6, TOTAL),
         "the streamed echo changed or lost bytes"
     );
-    let after = host.stats();
+    let after = settled_echo(&host, before.echoed_bytes + TOTAL as u64);
     let copied = after.payload_bytes_copied - before.payload_bytes_copied;
     assert_eq!(after.echoed_bytes - before.echoed_bytes, TOTAL as u64);
     assert!(

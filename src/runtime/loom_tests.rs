@@ -693,3 +693,238 @@ fn f_unlocked_writer_against_kill() {
         }
     });
 }
+
+// ----- g. the leader (`irq.rs`) -----
+
+/// The loop thread of a core with a leader, as `run_loop` is: pump (until a round moves
+/// nothing, at most [`MAX_PUMP_ROUNDS`] per hold of the lock, noting the timer it would sleep
+/// until), then sleep on the stand-in's descriptors until its waker is written or an interrupt
+/// it watches is raised (reading those), and again; it ends with the core, or when the model
+/// stops it with nothing left to do.
+fn leader_loop_thread(rig: &Rig) -> thread::JoinHandle<()> {
+    let core = rig.core.clone();
+    let lines = rig.lines();
+    thread::spawn(move || loop {
+        let more = {
+            let mut st = core.lock();
+            let more = Core::pump_rounds(&mut st, Instant::now(), MAX_PUMP_ROUNDS);
+            if st.dead.is_some() {
+                return;
+            }
+            st.loop_timer = st.ep.poll_timeout();
+            more
+        };
+        // Work left over: the real loop only looks at its descriptors (no wait) and pumps
+        // again.
+        if !more && !lines.loop_wait() {
+            return;
+        }
+    })
+}
+
+/// A read of up to `len` bytes on `c` that may block, from a new thread.
+fn reader(rig: &Rig, c: ConnId, len: usize) -> thread::JoinHandle<io::Result<Vec<u8>>> {
+    let core = rig.core.clone();
+    spawn(move || {
+        let mut buf = vec![0u8; len];
+        let n = core.read(c, &mut buf, Wait::Forever)?;
+        buf.truncate(n);
+        Ok(buf)
+    })
+}
+
+/// The end of a leader model: nobody leads, the loop thread watches the interrupts again, and
+/// every interrupt raised was read (handled by whoever read it).
+#[track_caller]
+fn assert_lead_given_back(rig: &Rig) {
+    assert!(!rig.core.lock().has_leader(), "the lead was not given back");
+    let lines = rig.lines();
+    assert!(
+        lines.loop_watching(),
+        "the loop thread does not watch the interrupts"
+    );
+    assert_eq!(lines.pending(), [0, 0], "an interrupt nobody read");
+}
+
+/// [`model`] for a leader model, which also proves that the leader's path was explored: `f`
+/// returns whether it was in that execution (the model says what that means), and some
+/// execution must say yes.
+#[track_caller]
+fn leader_model(f: impl Fn() -> bool + Sync + Send + 'static) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let led = Arc::new(AtomicBool::new(false));
+    let seen = led.clone();
+    model(move || {
+        if f() {
+            seen.store(true, Ordering::Relaxed);
+        }
+    });
+    assert!(
+        led.load(Ordering::Relaxed),
+        "no execution took the leader's path"
+    );
+}
+
+/// A blocked caller took an interrupt itself.
+fn a_caller_took_an_interrupt(rig: &Rig) -> bool {
+    let taken = rig.core.lock().caller_interrupts();
+    taken > 0
+}
+
+/// A caller leads now (read just before another thread ends its wait: a leader that nothing
+/// else wakes still leads then).
+fn leads(rig: &Rig) -> bool {
+    let led = rig.core.lock().has_leader();
+    led
+}
+
+/// Data the core holds for `c`, read without waiting.
+fn left_on(rig: &Rig, c: ConnId) -> Vec<u8> {
+    let mut buf = [0u8; 16];
+    match rig.core.read(c, &mut buf, Wait::Never) {
+        Ok(n) => buf[..n].to_vec(),
+        Err(e) if e.kind() == ErrorKind::WouldBlock => Vec::new(),
+        Err(e) => panic!("read: {e}"),
+    }
+}
+
+/// A reader blocks (and leads, in the schedules where it blocks before the reply arrives);
+/// the reply arrives with its interrupt, the reader gets it and gives the lead back; a later
+/// reply's interrupt is then the loop thread's, and is not lost at the hand-back.
+#[test]
+fn g_leader_takes_its_reply_and_the_loop_the_next() {
+    leader_model(|| {
+        let (rig, c) = Setup {
+            script: vec![Step::Data(b"ping".to_vec()), Step::Data(b"pong".to_vec())],
+            leader: true,
+            ..Setup::default()
+        }
+        .connected();
+        let r = reader(&rig, c, 16);
+        let lp = leader_loop_thread(&rig);
+        rig.arrive();
+        assert_eq!(r.join().unwrap().expect("read"), b"ping");
+        assert!(!rig.core.lock().has_leader(), "the lead outlived its call");
+        rig.arrive();
+        rig.lines().stop_loop();
+        lp.join().unwrap();
+        assert!(rig.log().script.is_empty(), "the later reply was lost");
+        assert_eq!(left_on(&rig, c), b"pong");
+        assert_lead_given_back(&rig);
+        a_caller_took_an_interrupt(&rig)
+    });
+}
+
+/// Two readers on two connections: one leads, the other sleeps on its condition variable.
+/// Data for the second connection arrives first, then for the first: each reader gets its
+/// own (the follower woken by whoever pumped, the leader not left asleep when its data comes
+/// after), and the lead is given back.
+#[test]
+fn g_leader_and_follower_on_two_connections() {
+    leader_model(|| {
+        let (rig, c) = Setup {
+            script: vec![
+                Step::DataOn(1, b"b".to_vec()),
+                Step::DataOn(0, b"a".to_vec()),
+            ],
+            leader: true,
+            conns: 2,
+            ..Setup::default()
+        }
+        .connected_all();
+        let readers = [reader(&rig, c[0], 4), reader(&rig, c[1], 4)];
+        let lp = leader_loop_thread(&rig);
+        rig.arrive();
+        rig.arrive();
+        let [a, b] = readers.map(|r| r.join().unwrap().expect("read"));
+        assert_eq!((&a[..], &b[..]), (&b"a"[..], &b"b"[..]));
+        rig.lines().stop_loop();
+        lp.join().unwrap();
+        assert_lead_given_back(&rig);
+        a_caller_took_an_interrupt(&rig)
+    });
+}
+
+/// A leader's wait ended from another thread: our `shutdown(Read)` (end of stream) while it
+/// waits on the interrupts; nothing arrives, so only the wake-up can end it. (Each of these
+/// three models has an execution where the reader led when the other thread acted.)
+#[test]
+fn g_our_shutdown_ends_a_leaders_wait() {
+    leader_model(|| {
+        let (rig, c) = Setup {
+            leader: true,
+            ..Setup::default()
+        }
+        .connected();
+        let r = reader(&rig, c, 16);
+        let led = leads(&rig);
+        rig.core.shutdown(c, Shutdown::Read).expect("shutdown");
+        assert_eq!(r.join().unwrap().expect("read"), b"", "end of stream");
+        assert_lead_given_back(&rig);
+        led
+    });
+}
+
+/// A leader's wait ended by the device's reset from another thread (`kill`): the death error.
+#[test]
+fn g_kill_ends_a_leaders_wait() {
+    leader_model(|| {
+        let (rig, c) = Setup {
+            leader: true,
+            ..Setup::default()
+        }
+        .connected();
+        let r = reader(&rig, c, 16);
+        let led = leads(&rig);
+        kill(&rig.core);
+        assert_aborted(r.join().unwrap(), "read");
+        assert_lead_given_back(&rig);
+        led
+    });
+}
+
+/// A leader's wait ended by our `abort` (RST) of its connection from another thread:
+/// ConnectionReset.
+#[test]
+fn g_our_abort_ends_a_leaders_wait() {
+    leader_model(|| {
+        let (rig, c) = Setup {
+            leader: true,
+            ..Setup::default()
+        }
+        .connected();
+        let r = reader(&rig, c, 16);
+        let led = leads(&rig);
+        rig.core.abort(c).expect("abort");
+        let got = r.join().unwrap();
+        assert_eq!(got.map_err(|e| e.kind()), Err(ErrorKind::ConnectionReset));
+        assert_lead_given_back(&rig);
+        led
+    });
+}
+
+/// Two replies arrive back to back while a reader of one byte leads: the second one's
+/// interrupt may come while the lead is handed back (after the leader's last pump, before
+/// the loop watches again); it is the loop thread's then, and its data is not lost.
+#[test]
+fn g_an_interrupt_during_the_hand_back_is_the_loops() {
+    leader_model(|| {
+        let (rig, c) = Setup {
+            script: vec![Step::Data(b"1".to_vec()), Step::Data(b"2".to_vec())],
+            leader: true,
+            ..Setup::default()
+        }
+        .connected();
+        let r = reader(&rig, c, 1);
+        let lp = leader_loop_thread(&rig);
+        rig.arrive();
+        rig.arrive();
+        assert_eq!(r.join().unwrap().expect("read"), b"1");
+        rig.lines().stop_loop();
+        lp.join().unwrap();
+        assert!(rig.log().script.is_empty(), "the second reply was lost");
+        assert_eq!(left_on(&rig, c), b"2");
+        assert_lead_given_back(&rig);
+        a_caller_took_an_interrupt(&rig)
+    });
+}

@@ -7,6 +7,12 @@
 //! device's death (`pump` fails). One step per pump, whoever pumps: the loop thread, or a user
 //! call that runs the transport itself (`kick`, busy-poll).
 //!
+//! A script may also be gated, as a real device's traffic is: a step is delivered only once
+//! the peer has made it arrive ([`Rig::arrive`]), and under `cfg(loom)` its arrival raises the
+//! rx interrupt of the leader's stand-in (`irq/model.rs`), so that the models run the leader
+//! hand-off (`irq.rs`): a core made with [`Setup::leader`] has that stand-in attached, and its
+//! transport's `wake` writes the stand-in's loop waker.
+//!
 //! The loom models (`loom_tests.rs`) run on it; so do the regression tests at the end of this
 //! file, in normal builds, for what those models found. Payload lives on the heap (the sim
 //! host's storage), or in a driver's DMA pools over a small [`DmaRegion`] when a test needs the
@@ -21,6 +27,10 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::core::{Core, RtEndpoint, Transport};
 use super::error::TransportError;
+#[cfg(loom)]
+use super::irq::model::{Line, Lines};
+#[cfg(loom)]
+use super::irq::IrqWait;
 use super::storage::{DmaStorage, RtStorage, RxPool, TxPool, TX_CHUNK};
 use super::sync::Arc;
 use crate::dma::{DmaOptions, DmaRegion, IovaBase};
@@ -52,6 +62,8 @@ pub(crate) enum Step {
     Request,
     /// `RW` with this payload.
     Data(Vec<u8>),
+    /// `RW` with this payload on the connection of our n-th `REQUEST` (0: the first).
+    DataOn(usize, Vec<u8>),
     /// `CREDIT_UPDATE` advertising this receive buffer (and every byte we sent as consumed).
     Credit(u32),
     /// `SHUTDOWN` with both flags (the peer will neither send nor receive).
@@ -65,13 +77,19 @@ pub(crate) enum Step {
 }
 
 /// What the fake device saw and did; shared with the model, which inspects it after its
-/// threads joined (or under the core's lock). It is touched only from `Transport` calls, all
-/// made under the core's lock, so a std mutex (never contended, no scheduling point) keeps it.
+/// threads joined (or under the core's lock). It is touched from `Transport` calls, all made
+/// under the core's lock, and by a peer thread's [`Rig::arrive`], which holds it across no
+/// loom operation: a std mutex (never contended, no scheduling point) keeps it.
 #[derive(Debug)]
 pub(crate) struct DeviceLog {
     pub(crate) script: VecDeque<Step>,
     /// The connection the peer knows: (our port, its port).
     pub(crate) conn: Option<(u32, u32)>,
+    /// Every connection we opened, in order of their `REQUEST`s.
+    pub(crate) conns: Vec<(u32, u32)>,
+    /// A gated script: how many of its steps arrived and are not delivered yet (`None`: every
+    /// step is there at once).
+    pub(crate) arrived: Option<usize>,
     /// The ops we sent, in order.
     pub(crate) ops: Vec<Op>,
     /// Every payload byte we sent, in order (the peer consumes at once).
@@ -91,6 +109,8 @@ impl DeviceLog {
         Arc::new(StdMutex::new(DeviceLog {
             script: script.into(),
             conn: None,
+            conns: Vec::new(),
+            arrived: None,
             ops: Vec::new(),
             received: Vec::new(),
             buf_alloc,
@@ -128,6 +148,10 @@ pub(crate) struct FakeDevice {
     dma: Option<Arc<DmaRegion>>,
     /// The RX pool of a driver's storage.
     rx_pool: Option<Arc<RxPool>>,
+    /// The leader's interrupts (a core made with [`Setup::leader`]): `wake` writes the loop's
+    /// waker there.
+    #[cfg(loom)]
+    lines: Option<Arc<Lines>>,
 }
 
 impl FakeDevice {
@@ -163,6 +187,7 @@ impl FakeDevice {
             let op = Op::try_from(h.op).expect("the endpoint sends known ops");
             if op == Op::Request {
                 log.conn = Some((h.src_port, h.dst_port));
+                log.conns.push((h.src_port, h.dst_port));
             }
             log.ops.push(op);
             log.received.extend_from_slice(&bytes);
@@ -202,7 +227,14 @@ impl Transport for FakeDevice {
         let Some(step) = log.script.front().cloned() else {
             return Ok(moved);
         };
-        let conn = log.conn;
+        if log.arrived == Some(0) {
+            // Gated: the next step has not arrived.
+            return Ok(moved);
+        }
+        let conn = match &step {
+            Step::DataOn(n, _) => log.conns.get(*n).copied(),
+            _ => log.conn,
+        };
         match (&step, conn) {
             // A RESPONSE waits for the REQUEST it answers; everything else but a REQUEST needs
             // a connection the peer knows.
@@ -211,6 +243,9 @@ impl Transport for FakeDevice {
             (_, None) => panic!("script step {step:?} without a connection"),
         }
         log.script.pop_front();
+        if let Some(n) = &mut log.arrived {
+            *n -= 1;
+        }
         moved = true;
         match step {
             Step::Response => {
@@ -223,7 +258,7 @@ impl Transport for FakeDevice {
                 let h = log.header(Op::Request, ids);
                 self.deliver(ep, now, &h, &[]);
             }
-            Step::Data(data) => {
+            Step::Data(data) | Step::DataOn(_, data) => {
                 let mut h = log.header(Op::Rw, conn.expect("checked above"));
                 h.len = u32::try_from(data.len()).expect("a small payload");
                 self.deliver(ep, now, &h, &data);
@@ -257,6 +292,10 @@ impl Transport for FakeDevice {
 
     fn wake(&self) {
         log_of(&self.log).wakes += 1;
+        #[cfg(loom)]
+        if let Some(lines) = &self.lines {
+            lines.wake_loop();
+        }
     }
 
     fn shutdown(&mut self) {
@@ -278,6 +317,12 @@ pub(crate) struct Setup {
     pub(crate) send_buffer: usize,
     /// Payload in a driver's DMA pools rather than on the heap.
     pub(crate) dma: bool,
+    /// Connections [`Setup::connected`] opens (1 when 0).
+    pub(crate) conns: usize,
+    /// Let blocked callers lead over the stand-in of the leader's interrupts, and gate the
+    /// script (see the module docs).
+    #[cfg(loom)]
+    pub(crate) leader: bool,
 }
 
 impl Default for Setup {
@@ -288,6 +333,9 @@ impl Default for Setup {
             peer_buf_alloc: 64 * 1024,
             send_buffer: 64 * 1024,
             dma: false,
+            conns: 1,
+            #[cfg(loom)]
+            leader: false,
         }
     }
 }
@@ -296,6 +344,9 @@ impl Default for Setup {
 pub(crate) struct Rig {
     pub(crate) core: Arc<Core>,
     pub(crate) log: Arc<StdMutex<DeviceLog>>,
+    /// The leader's interrupts (a core made with [`Setup::leader`]).
+    #[cfg(loom)]
+    pub(crate) lines: Option<Arc<Lines>>,
 }
 
 impl Setup {
@@ -327,22 +378,57 @@ impl Setup {
             (RtStorage::Heap, None, None)
         };
         let ep = RtEndpoint::with_storage(config, storage);
+        #[cfg(loom)]
+        let lines = self.leader.then(Lines::new);
         let device = FakeDevice {
             log: log.clone(),
             dma,
             rx_pool,
+            #[cfg(loom)]
+            lines: lines.clone(),
         };
         let core = Core::new(ep, Box::new(device), self.busy_poll).expect("a core");
-        Rig { core, log }
+        #[cfg(loom)]
+        if let Some(lines) = &lines {
+            core.attach_irq(IrqWait::model(lines.clone()));
+        }
+        Rig {
+            core,
+            log,
+            #[cfg(loom)]
+            lines,
+        }
     }
 
     /// A core with one established connection (set up before any thread starts); the script
     /// starts once it is.
-    pub(crate) fn connected(mut self) -> (Rig, ConnId) {
+    pub(crate) fn connected(self) -> (Rig, ConnId) {
+        let (rig, c) = self.connected_all();
+        (rig, c[0])
+    }
+
+    /// A core with [`Setup::conns`] established connections (set up before any thread
+    /// starts), in order of their `REQUEST`s; the script starts once they are, gated when
+    /// [`Setup::leader`] says.
+    pub(crate) fn connected_all(mut self) -> (Rig, Vec<ConnId>) {
         let script = std::mem::take(&mut self.script);
+        let n = self.conns.max(1);
+        #[cfg(loom)]
+        let gated = self.leader;
+        #[cfg(not(loom))]
+        let gated = false;
         let rig = self.core();
-        let c = rig.connect();
-        rig.log().script.extend(script);
+        let c = (0..n).map(|_| rig.connect()).collect();
+        let mut log = rig.log();
+        log.script.extend(script);
+        if gated {
+            log.arrived = Some(0);
+        }
+        drop(log);
+        #[cfg(loom)]
+        if let Some(lines) = &rig.lines {
+            lines.clear_loop_waker();
+        }
         (rig, c)
     }
 }
@@ -387,6 +473,26 @@ impl Rig {
 
     pub(crate) fn log(&self) -> std::sync::MutexGuard<'_, DeviceLog> {
         log_of(&self.log)
+    }
+
+    /// The leader's interrupts of a core made with [`Setup::leader`].
+    #[cfg(loom)]
+    pub(crate) fn lines(&self) -> Arc<Lines> {
+        self.lines
+            .clone()
+            .expect("a core made with Setup::leader has the leader's interrupts")
+    }
+
+    /// The peer's next step arrives (a gated script): the device makes it available, then
+    /// raises the rx interrupt, as a device writes the used ring before it signals.
+    #[cfg(loom)]
+    pub(crate) fn arrive(&self) {
+        *self
+            .log()
+            .arrived
+            .as_mut()
+            .expect("a gated script (Setup::leader)") += 1;
+        self.lines().raise(Line::Rx);
     }
 }
 

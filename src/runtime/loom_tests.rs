@@ -21,6 +21,22 @@
 //!   and its epoll wait cannot be modelled (loom has no file descriptors).
 //! - Payload lives on the heap (the sim host's storage), except in the models of the unlocked
 //!   copies, which need a driver's DMA pools (a small DMA region mapped per execution).
+//! - The leader (`irq.rs`, models `g_*`): under `cfg(loom)` the core's `IrqWait` is the
+//!   stand-in of `irq/model.rs` (the rx and tx interrupts as level-triggered counters, the
+//!   loop's watch of them, the leader's wake-up, the loop's waker; loom's mutex and condition
+//!   variable instead of eventfds, `poll` and epoll). A core made with `Setup::leader` has it
+//!   attached, so blocked reads lead exactly as in a driver, and its script is gated: a step is
+//!   delivered only once the model's peer (the test's own thread) made it arrive, which then
+//!   raises the rx interrupt, as a device writes the used ring and then signals. The loop
+//!   thread is then [`leader_loop_thread`], which does what `run_loop` does with those
+//!   descriptors: pump, then sleep until its waker or an interrupt it watches (reading it),
+//!   and again; the model stops it at the end, and it stops only with nothing left to do. The
+//!   older models keep the unconditional pump rounds of [`loop_thread`] and no leader.
+//! - Anything a thread changes without the core's lock is a loom object (the gate of arrived
+//!   steps is a loom atomic, the interrupts a loom mutex): loom explores the orders of what it
+//!   sees, and a std-only handshake between threads would hide schedules (a first version
+//!   of the gate behind the device log's std mutex hid the lost wake-ups the `g_` models now
+//!   catch).
 
 //! # What loom cannot model, and how the models avoid it
 //! - **Time.** loom has no clock and replays every schedule, so no decision may depend on one.
@@ -32,7 +48,11 @@
 //!   so none fires.
 //! - **File descriptors.** The readiness descriptors are real socketpairs and eventfds; their
 //!   state is the kernel's and is set under the core's lock, so the models check it with
-//!   `poll(2)` after the threads join (or under the lock). The event loop's epoll is not run.
+//!   `poll(2)` after the threads join (or under the lock). The event loop's epoll and the
+//!   leader's `poll` are not run: the `g_` models run the stand-in of `irq/model.rs` (whose
+//!   module docs say what it leaves out: timeouts, failing system calls, `EINTR`), and the
+//!   scripted device raises only the rx interrupt (its TX completions are immediate, inside
+//!   the pump, and raise none).
 //! - **Bounded exploration.** loom explores every schedule with at most
 //!   `LOOM_MAX_PREEMPTIONS` preemptions ([`DEFAULT_PREEMPTIONS`] when unset): a bug that needs
 //!   more forced switches than that is not found.

@@ -32,6 +32,7 @@ use super::irq::model::{Line, Lines};
 #[cfg(loom)]
 use super::irq::IrqWait;
 use super::storage::{DmaStorage, RtStorage, RxPool, TxPool, TX_CHUNK};
+use super::sync::atomic::{AtomicUsize, Ordering};
 use super::sync::Arc;
 use crate::dma::{DmaOptions, DmaRegion, IovaBase};
 use crate::packet::{Header, Op, SocketType, PKT_HEADER_SIZE, VMADDR_CID_HOST};
@@ -77,9 +78,11 @@ pub(crate) enum Step {
 }
 
 /// What the fake device saw and did; shared with the model, which inspects it after its
-/// threads joined (or under the core's lock). It is touched from `Transport` calls, all made
-/// under the core's lock, and by a peer thread's [`Rig::arrive`], which holds it across no
-/// loom operation: a std mutex (never contended, no scheduling point) keeps it.
+/// threads joined (or under the core's lock). It is touched only from `Transport` calls, all
+/// made under the core's lock, so a std mutex (never contended, no scheduling point) keeps it.
+/// loom does not see it: what another thread changes without the core's lock must be a loom
+/// object, or loom would not explore both orders (and a thread that blocked on this lock while
+/// a pump held it would hang the model); hence [`Gate`].
 #[derive(Debug)]
 pub(crate) struct DeviceLog {
     pub(crate) script: VecDeque<Step>,
@@ -87,9 +90,8 @@ pub(crate) struct DeviceLog {
     pub(crate) conn: Option<(u32, u32)>,
     /// Every connection we opened, in order of their `REQUEST`s.
     pub(crate) conns: Vec<(u32, u32)>,
-    /// A gated script: how many of its steps arrived and are not delivered yet (`None`: every
-    /// step is there at once).
-    pub(crate) arrived: Option<usize>,
+    /// The script is gated ([`Gate`]): set before any model thread starts.
+    pub(crate) gated: bool,
     /// The ops we sent, in order.
     pub(crate) ops: Vec<Op>,
     /// Every payload byte we sent, in order (the peer consumes at once).
@@ -110,7 +112,7 @@ impl DeviceLog {
             script: script.into(),
             conn: None,
             conns: Vec::new(),
-            arrived: None,
+            gated: false,
             ops: Vec::new(),
             received: Vec::new(),
             buf_alloc,
@@ -137,6 +139,35 @@ impl DeviceLog {
     }
 }
 
+/// The steps of a gated script that arrived and are not delivered yet: what a real device's
+/// used ring holds. A peer thread adds to it with no lock of the core's, so it is an atomic
+/// of the shim's (a loom one in the models).
+#[derive(Debug)]
+pub(crate) struct Gate(AtomicUsize);
+
+impl Gate {
+    /// Nothing arrived yet.
+    fn new() -> Gate {
+        Gate(AtomicUsize::new(0))
+    }
+
+    /// A step arrived.
+    #[cfg_attr(
+        not(loom),
+        allow(dead_code, reason = "only the loom models gate a script")
+    )]
+    fn arrive(&self) {
+        self.0.fetch_add(1, Ordering::Release);
+    }
+
+    /// Take an arrived step to deliver; false when none has.
+    fn take(&self) -> bool {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
 pub(crate) fn log_of(log: &Arc<StdMutex<DeviceLog>>) -> std::sync::MutexGuard<'_, DeviceLog> {
     log.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -144,6 +175,8 @@ pub(crate) fn log_of(log: &Arc<StdMutex<DeviceLog>>) -> std::sync::MutexGuard<'_
 /// The scripted device (see the module docs).
 pub(crate) struct FakeDevice {
     log: Arc<StdMutex<DeviceLog>>,
+    /// A gated script's arrived steps.
+    gate: Arc<Gate>,
     /// The DMA region of a driver's storage (payload is on the heap when `None`).
     dma: Option<Arc<DmaRegion>>,
     /// The RX pool of a driver's storage.
@@ -227,10 +260,6 @@ impl Transport for FakeDevice {
         let Some(step) = log.script.front().cloned() else {
             return Ok(moved);
         };
-        if log.arrived == Some(0) {
-            // Gated: the next step has not arrived.
-            return Ok(moved);
-        }
         let conn = match &step {
             Step::DataOn(n, _) => log.conns.get(*n).copied(),
             _ => log.conn,
@@ -242,10 +271,11 @@ impl Transport for FakeDevice {
             (Step::Request | Step::Nothing | Step::Fail, _) | (_, Some(_)) => {}
             (_, None) => panic!("script step {step:?} without a connection"),
         }
-        log.script.pop_front();
-        if let Some(n) = &mut log.arrived {
-            *n -= 1;
+        if log.gated && !self.gate.take() {
+            // The next step has not arrived.
+            return Ok(moved);
         }
+        log.script.pop_front();
         moved = true;
         match step {
             Step::Response => {
@@ -344,6 +374,12 @@ impl Default for Setup {
 pub(crate) struct Rig {
     pub(crate) core: Arc<Core>,
     pub(crate) log: Arc<StdMutex<DeviceLog>>,
+    /// A gated script's arrived steps.
+    #[cfg_attr(
+        not(loom),
+        allow(dead_code, reason = "only the loom models gate a script")
+    )]
+    gate: Arc<Gate>,
     /// The leader's interrupts (a core made with [`Setup::leader`]).
     #[cfg(loom)]
     pub(crate) lines: Option<Arc<Lines>>,
@@ -380,8 +416,10 @@ impl Setup {
         let ep = RtEndpoint::with_storage(config, storage);
         #[cfg(loom)]
         let lines = self.leader.then(Lines::new);
+        let gate = Arc::new(Gate::new());
         let device = FakeDevice {
             log: log.clone(),
+            gate: gate.clone(),
             dma,
             rx_pool,
             #[cfg(loom)]
@@ -395,6 +433,7 @@ impl Setup {
         Rig {
             core,
             log,
+            gate,
             #[cfg(loom)]
             lines,
         }
@@ -422,7 +461,7 @@ impl Setup {
         let mut log = rig.log();
         log.script.extend(script);
         if gated {
-            log.arrived = Some(0);
+            log.gated = true;
         }
         drop(log);
         #[cfg(loom)]
@@ -487,11 +526,9 @@ impl Rig {
     /// raises the rx interrupt, as a device writes the used ring before it signals.
     #[cfg(loom)]
     pub(crate) fn arrive(&self) {
-        *self
-            .log()
-            .arrived
-            .as_mut()
-            .expect("a gated script (Setup::leader)") += 1;
+        // Not `self.log()`: a pump holds it across loom operations (the gate's among them),
+        // and a thread blocked on a std mutex is one loom believes runs.
+        self.gate.arrive();
         self.lines().raise(Line::Rx);
     }
 }

@@ -51,6 +51,11 @@ pub(crate) enum Line {
     /// The rx queue's used-buffer interrupt.
     Rx,
     /// The tx queue's.
+    #[allow(
+        dead_code,
+        reason = "the scripted device's TX completions are immediate, inside its pump, and \
+                  raise no interrupt; the leader waits on both all the same"
+    )]
     Tx,
 }
 

@@ -73,8 +73,8 @@ use crate::runtime::test_device::{
 };
 
 /// The preemption bound when `LOOM_MAX_PREEMPTIONS` is not set (`.ci/run` sets the same):
-/// the bugs these models found needed none or one; four explores every model in 7 to 35 s
-/// here (tests/README.md has the counts).
+/// the bugs these models found needed none or one; four explores every model in about a
+/// minute here, half of it the two-connection leader model (tests/README.md has the counts).
 const DEFAULT_PREEMPTIONS: usize = 4;
 
 /// Explore `f` with loom (the bound from `LOOM_MAX_PREEMPTIONS`, else

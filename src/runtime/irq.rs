@@ -22,10 +22,10 @@
 //! run the rings themselves.
 
 //!
-//! Under `cfg(loom)` (the model check, `loom_tests.rs`) the [`IrqWait`] of this file is a
-//! stand-in without file descriptors, made of loom's mutex and condition variable (see
-//! [`model`]); the core runs unchanged over it. This is the only switch: the code below is the
-//! normal build's.
+//! Under `cfg(loom)` (the model check, `loom_tests.rs`) `IrqWait` is a stand-in without file
+//! descriptors, made of loom's mutex and condition variable (`irq/model.rs`, whose module docs
+//! say what it models and what not); the core runs unchanged over it. This is the only
+//! switch: the `IrqWait` below is the normal build's, unchanged.
 
 #[cfg(not(loom))]
 use std::io;

@@ -36,6 +36,16 @@
 //! - The config and removal interrupts and the event queue: the loop thread's alone, and not
 //!   in the models.
 
+// The core uses the leader's side in every loom build; the device's and the loop's sides (and
+// the constructor over `Lines`) are the models' alone.
+#![cfg_attr(
+    not(test),
+    allow(
+        dead_code,
+        reason = "the device's and the loop's sides are the models'"
+    )
+)]
+
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

@@ -20,7 +20,6 @@
 //! and the protocol's timers (a leader that sets an earlier timer than the one the loop sleeps
 //! until wakes the loop: see `Core::timer_check`). Busy-poll mode has no leader: its callers
 //! run the rings themselves.
-
 //!
 //! Under `cfg(loom)` (the model check, `loom_tests.rs`) `IrqWait` is a stand-in without file
 //! descriptors, made of loom's mutex and condition variable (`irq/model.rs`, whose module docs

@@ -753,8 +753,9 @@ fn reader(rig: &Rig, c: ConnId, len: usize) -> thread::JoinHandle<io::Result<Vec
     })
 }
 
-/// The end of a leader model: nobody leads, the loop thread watches the interrupts again, and
-/// every interrupt raised was read (handled by whoever read it).
+/// The end of a leader model: nobody leads, and the loop thread watches the interrupts again
+/// (an interrupt still raised is then the loop's; with the loop stand-in running, it stops
+/// only once none is).
 #[track_caller]
 fn assert_lead_given_back(rig: &Rig) {
     assert!(!rig.core.lock().has_leader(), "the lead was not given back");
@@ -763,7 +764,6 @@ fn assert_lead_given_back(rig: &Rig) {
         lines.loop_watching(),
         "the loop thread does not watch the interrupts"
     );
-    assert_eq!(lines.pending(), [0, 0], "an interrupt nobody read");
 }
 
 /// [`model`] for a leader model, which also proves that the leader's path was explored: `f`
@@ -948,6 +948,40 @@ fn g_an_interrupt_during_the_hand_back_is_the_loops() {
         lp.join().unwrap();
         assert!(rig.log().script.is_empty(), "the second reply was lost");
         assert_eq!(left_on(&rig, c), b"2");
+        assert_lead_given_back(&rig);
+        a_caller_took_an_interrupt(&rig)
+    });
+}
+
+/// A writer blocked on credit (a call that never leads) while a reader of the same connection
+/// leads: the peer's `CREDIT_UPDATE` arrives with its interrupt, and the writer is woken by
+/// whoever pumps it (the leader, or the writer's own kick); then the reader's data ends the
+/// reader's call. No loop thread: the reader leads for as long as an interrupt can come, so
+/// the leader alone handles them (three threads: with the loop stand-in as a fourth, the model
+/// is too large for bound 4).
+#[test]
+fn g_a_writer_blocked_on_credit_is_woken_by_a_leaders_pump() {
+    leader_model(|| {
+        let (rig, c) = Setup {
+            script: vec![Step::Credit(8), Step::Data(b"x".to_vec())],
+            peer_buf_alloc: 4,
+            send_buffer: 4,
+            leader: true,
+            ..Setup::default()
+        }
+        .connected();
+        let r = reader(&rig, c, 16);
+        // Three send buffers: the first leaves at once on the credit there is, the second waits
+        // in the send buffer for credit, the third for room.
+        const DATA: &[u8] = b"abcdefghijkl";
+        let core = rig.core.clone();
+        let w = spawn(move || core.write(c, DATA, Wait::Forever));
+        rig.arrive();
+        assert_eq!(w.join().unwrap().expect("write"), DATA.len());
+        rig.arrive();
+        assert_eq!(r.join().unwrap().expect("read"), b"x");
+        rig.settle();
+        assert_eq!(rig.log().received, DATA);
         assert_lead_given_back(&rig);
         a_caller_took_an_interrupt(&rig)
     });

@@ -159,11 +159,6 @@ impl Lines {
         self.lock().loop_watches
     }
 
-    /// The interrupts raised and not read yet.
-    pub(crate) fn pending(&self) -> [u64; 2] {
-        self.lock().irq
-    }
-
     /// The loop thread's `epoll_wait` (with no timeout: nothing is due) and its reads of
     /// what woke it: sleeps until its waker is written or an interrupt it watches is raised,
     /// then reads those. Returns false when it is stopped with nothing else ready.

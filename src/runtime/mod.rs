@@ -17,7 +17,8 @@
 //!   interrupts or kicks, the waker, the config interrupt) and pumps a core's transport;
 //! - the leader (`irq.rs`): one blocked caller at a time waits on the rx and tx interrupts
 //!   itself, and the loop thread stops watching them meanwhile, so a reply wakes the thread
-//!   waiting for it with no hand-off through the loop thread;
+//!   waiting for it with no hand-off through the loop thread (under `cfg(loom)`, `irq/model.rs`
+//!   stands in for its interrupts, so that `loom_tests.rs` checks the hand-off);
 //! - [`DriverTransport`] (`transport.rs`): the driver's transport, the TX/RX buffers and rings of
 //!   one device, parsed with `VsockPacket` and fed to the endpoint;
 //! - the payload storage in DMA memory (`storage.rs`): the TX chunk pool, the RX buffer pool,

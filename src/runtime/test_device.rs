@@ -7,6 +7,12 @@
 //! device's death (`pump` fails). One step per pump, whoever pumps: the loop thread, or a user
 //! call that runs the transport itself (`kick`, busy-poll).
 //!
+//! A script may also be gated, as a real device's traffic is: a step is delivered only once
+//! the peer has made it arrive ([`Rig::arrive`]), and under `cfg(loom)` its arrival raises the
+//! rx interrupt of the leader's stand-in (`irq/model.rs`), so that the models run the leader
+//! hand-off (`irq.rs`): a core made with [`Setup::leader`] has that stand-in attached, and its
+//! transport's `wake` writes the stand-in's loop waker.
+//!
 //! The loom models (`loom_tests.rs`) run on it; so do the regression tests at the end of this
 //! file, in normal builds, for what those models found. Payload lives on the heap (the sim
 //! host's storage), or in a driver's DMA pools over a small [`DmaRegion`] when a test needs the
@@ -21,7 +27,12 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::core::{Core, RtEndpoint, Transport};
 use super::error::TransportError;
+#[cfg(loom)]
+use super::irq::model::{Line, Lines};
+#[cfg(loom)]
+use super::irq::IrqWait;
 use super::storage::{DmaStorage, RtStorage, RxPool, TxPool, TX_CHUNK};
+use super::sync::atomic::{AtomicUsize, Ordering};
 use super::sync::Arc;
 use crate::dma::{DmaOptions, DmaRegion, IovaBase};
 use crate::packet::{Header, Op, SocketType, PKT_HEADER_SIZE, VMADDR_CID_HOST};
@@ -52,6 +63,8 @@ pub(crate) enum Step {
     Request,
     /// `RW` with this payload.
     Data(Vec<u8>),
+    /// `RW` with this payload on the connection of our n-th `REQUEST` (0: the first).
+    DataOn(usize, Vec<u8>),
     /// `CREDIT_UPDATE` advertising this receive buffer (and every byte we sent as consumed).
     Credit(u32),
     /// `SHUTDOWN` with both flags (the peer will neither send nor receive).
@@ -67,11 +80,18 @@ pub(crate) enum Step {
 /// What the fake device saw and did; shared with the model, which inspects it after its
 /// threads joined (or under the core's lock). It is touched only from `Transport` calls, all
 /// made under the core's lock, so a std mutex (never contended, no scheduling point) keeps it.
+/// loom does not see it: what another thread changes without the core's lock must be a loom
+/// object, or loom would not explore both orders (and a thread that blocked on this lock while
+/// a pump held it would hang the model); hence [`Gate`].
 #[derive(Debug)]
 pub(crate) struct DeviceLog {
     pub(crate) script: VecDeque<Step>,
     /// The connection the peer knows: (our port, its port).
     pub(crate) conn: Option<(u32, u32)>,
+    /// Every connection we opened, in order of their `REQUEST`s.
+    pub(crate) conns: Vec<(u32, u32)>,
+    /// The script is gated ([`Gate`]): set before any model thread starts.
+    pub(crate) gated: bool,
     /// The ops we sent, in order.
     pub(crate) ops: Vec<Op>,
     /// Every payload byte we sent, in order (the peer consumes at once).
@@ -91,6 +111,8 @@ impl DeviceLog {
         Arc::new(StdMutex::new(DeviceLog {
             script: script.into(),
             conn: None,
+            conns: Vec::new(),
+            gated: false,
             ops: Vec::new(),
             received: Vec::new(),
             buf_alloc,
@@ -117,6 +139,35 @@ impl DeviceLog {
     }
 }
 
+/// The steps of a gated script that arrived and are not delivered yet: what a real device's
+/// used ring holds. A peer thread adds to it with no lock of the core's, so it is an atomic
+/// of the shim's (a loom one in the models).
+#[derive(Debug)]
+pub(crate) struct Gate(AtomicUsize);
+
+impl Gate {
+    /// Nothing arrived yet.
+    fn new() -> Gate {
+        Gate(AtomicUsize::new(0))
+    }
+
+    /// A step arrived.
+    #[cfg_attr(
+        not(loom),
+        allow(dead_code, reason = "only the loom models gate a script")
+    )]
+    fn arrive(&self) {
+        self.0.fetch_add(1, Ordering::Release);
+    }
+
+    /// Take an arrived step to deliver; false when none has.
+    fn take(&self) -> bool {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
 pub(crate) fn log_of(log: &Arc<StdMutex<DeviceLog>>) -> std::sync::MutexGuard<'_, DeviceLog> {
     log.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -124,10 +175,16 @@ pub(crate) fn log_of(log: &Arc<StdMutex<DeviceLog>>) -> std::sync::MutexGuard<'_
 /// The scripted device (see the module docs).
 pub(crate) struct FakeDevice {
     log: Arc<StdMutex<DeviceLog>>,
+    /// A gated script's arrived steps.
+    gate: Arc<Gate>,
     /// The DMA region of a driver's storage (payload is on the heap when `None`).
     dma: Option<Arc<DmaRegion>>,
     /// The RX pool of a driver's storage.
     rx_pool: Option<Arc<RxPool>>,
+    /// The leader's interrupts (a core made with [`Setup::leader`]): `wake` writes the loop's
+    /// waker there.
+    #[cfg(loom)]
+    lines: Option<Arc<Lines>>,
 }
 
 impl FakeDevice {
@@ -163,6 +220,7 @@ impl FakeDevice {
             let op = Op::try_from(h.op).expect("the endpoint sends known ops");
             if op == Op::Request {
                 log.conn = Some((h.src_port, h.dst_port));
+                log.conns.push((h.src_port, h.dst_port));
             }
             log.ops.push(op);
             log.received.extend_from_slice(&bytes);
@@ -202,13 +260,20 @@ impl Transport for FakeDevice {
         let Some(step) = log.script.front().cloned() else {
             return Ok(moved);
         };
-        let conn = log.conn;
+        let conn = match &step {
+            Step::DataOn(n, _) => log.conns.get(*n).copied(),
+            _ => log.conn,
+        };
         match (&step, conn) {
             // A RESPONSE waits for the REQUEST it answers; everything else but a REQUEST needs
             // a connection the peer knows.
             (Step::Response, None) => return Ok(moved),
             (Step::Request | Step::Nothing | Step::Fail, _) | (_, Some(_)) => {}
             (_, None) => panic!("script step {step:?} without a connection"),
+        }
+        if log.gated && !self.gate.take() {
+            // The next step has not arrived.
+            return Ok(moved);
         }
         log.script.pop_front();
         moved = true;
@@ -223,7 +288,7 @@ impl Transport for FakeDevice {
                 let h = log.header(Op::Request, ids);
                 self.deliver(ep, now, &h, &[]);
             }
-            Step::Data(data) => {
+            Step::Data(data) | Step::DataOn(_, data) => {
                 let mut h = log.header(Op::Rw, conn.expect("checked above"));
                 h.len = u32::try_from(data.len()).expect("a small payload");
                 self.deliver(ep, now, &h, &data);
@@ -257,6 +322,10 @@ impl Transport for FakeDevice {
 
     fn wake(&self) {
         log_of(&self.log).wakes += 1;
+        #[cfg(loom)]
+        if let Some(lines) = &self.lines {
+            lines.wake_loop();
+        }
     }
 
     fn shutdown(&mut self) {
@@ -278,6 +347,12 @@ pub(crate) struct Setup {
     pub(crate) send_buffer: usize,
     /// Payload in a driver's DMA pools rather than on the heap.
     pub(crate) dma: bool,
+    /// Connections [`Setup::connected`] opens (1 when 0).
+    pub(crate) conns: usize,
+    /// Let blocked callers lead over the stand-in of the leader's interrupts, and gate the
+    /// script (see the module docs).
+    #[cfg(loom)]
+    pub(crate) leader: bool,
 }
 
 impl Default for Setup {
@@ -288,6 +363,9 @@ impl Default for Setup {
             peer_buf_alloc: 64 * 1024,
             send_buffer: 64 * 1024,
             dma: false,
+            conns: 1,
+            #[cfg(loom)]
+            leader: false,
         }
     }
 }
@@ -296,6 +374,15 @@ impl Default for Setup {
 pub(crate) struct Rig {
     pub(crate) core: Arc<Core>,
     pub(crate) log: Arc<StdMutex<DeviceLog>>,
+    /// A gated script's arrived steps.
+    #[cfg_attr(
+        not(loom),
+        allow(dead_code, reason = "only the loom models gate a script")
+    )]
+    gate: Arc<Gate>,
+    /// The leader's interrupts (a core made with [`Setup::leader`]).
+    #[cfg(loom)]
+    pub(crate) lines: Option<Arc<Lines>>,
 }
 
 impl Setup {
@@ -327,22 +414,60 @@ impl Setup {
             (RtStorage::Heap, None, None)
         };
         let ep = RtEndpoint::with_storage(config, storage);
+        #[cfg(loom)]
+        let lines = self.leader.then(Lines::new);
+        let gate = Arc::new(Gate::new());
         let device = FakeDevice {
             log: log.clone(),
+            gate: gate.clone(),
             dma,
             rx_pool,
+            #[cfg(loom)]
+            lines: lines.clone(),
         };
         let core = Core::new(ep, Box::new(device), self.busy_poll).expect("a core");
-        Rig { core, log }
+        #[cfg(loom)]
+        if let Some(lines) = &lines {
+            core.attach_irq(IrqWait::model(lines.clone()));
+        }
+        Rig {
+            core,
+            log,
+            gate,
+            #[cfg(loom)]
+            lines,
+        }
     }
 
     /// A core with one established connection (set up before any thread starts); the script
     /// starts once it is.
-    pub(crate) fn connected(mut self) -> (Rig, ConnId) {
+    pub(crate) fn connected(self) -> (Rig, ConnId) {
+        let (rig, c) = self.connected_all();
+        (rig, c[0])
+    }
+
+    /// A core with [`Setup::conns`] established connections (set up before any thread
+    /// starts), in order of their `REQUEST`s; the script starts once they are, gated when
+    /// [`Setup::leader`] says.
+    pub(crate) fn connected_all(mut self) -> (Rig, Vec<ConnId>) {
         let script = std::mem::take(&mut self.script);
+        let n = self.conns.max(1);
+        #[cfg(loom)]
+        let gated = self.leader;
+        #[cfg(not(loom))]
+        let gated = false;
         let rig = self.core();
-        let c = rig.connect();
-        rig.log().script.extend(script);
+        let c = (0..n).map(|_| rig.connect()).collect();
+        let mut log = rig.log();
+        log.script.extend(script);
+        if gated {
+            log.gated = true;
+        }
+        drop(log);
+        #[cfg(loom)]
+        if let Some(lines) = &rig.lines {
+            lines.clear_loop_waker();
+        }
         (rig, c)
     }
 }
@@ -387,6 +512,24 @@ impl Rig {
 
     pub(crate) fn log(&self) -> std::sync::MutexGuard<'_, DeviceLog> {
         log_of(&self.log)
+    }
+
+    /// The leader's interrupts of a core made with [`Setup::leader`].
+    #[cfg(loom)]
+    pub(crate) fn lines(&self) -> Arc<Lines> {
+        self.lines
+            .clone()
+            .expect("a core made with Setup::leader has the leader's interrupts")
+    }
+
+    /// The peer's next step arrives (a gated script): the device makes it available, then
+    /// raises the rx interrupt, as a device writes the used ring before it signals.
+    #[cfg(loom)]
+    pub(crate) fn arrive(&self) {
+        // Not `self.log()`: a pump holds it across loom operations (the gate's among them),
+        // and a thread blocked on a std mutex is one loom believes runs.
+        self.gate.arrive();
+        self.lines().raise(Line::Rx);
     }
 }
 

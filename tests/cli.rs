@@ -1140,8 +1140,8 @@ fn serve_backpressure_and_half_close_both_ways() {
     assert!(got == data[..total], "bytes differ");
 }
 
-/// The scale counts are visited up and back down (`30,10` runs as 10, 30, 10), and the note
-/// on the larger count compares it with both runs of the smaller one.
+/// The scale counts take turns, up and back down twice (`30,10` runs as 10, 30, 10, 30, 10),
+/// and the note on the larger count compares it with the smaller one's three runs.
 #[test]
 fn bench_scale_brackets_the_larger_count() {
     let out = run(&[
@@ -1162,12 +1162,12 @@ fn bench_scale_brackets_the_larger_count() {
         .find(|l| l.starts_with("connect+close with 30 open = "))
         .unwrap_or_else(|| panic!("no scale note: {stdout}"));
     let runs = note
-        .split("measured before and after (")
+        .split("its runs in turn with it: ")
         .nth(1)
-        .and_then(|r| r.split(" us)").next())
+        .and_then(|r| r.split(" us (").next())
         .unwrap_or_else(|| panic!("no bracketing runs: {note}"));
     let runs: Vec<f64> = runs.split(" / ").map(|v| v.parse().unwrap()).collect();
-    assert_eq!(runs.len(), 2, "{note}");
+    assert_eq!(runs.len(), 3, "{note}");
     assert!(runs.iter().all(|&us| us > 0.0), "{note}");
     assert!(stdout.contains("echo 1B rtt with 30 open = "), "{stdout}");
     assert!(!stdout.contains("with 10 open = "), "{stdout}");

@@ -4,10 +4,10 @@
 //! one-way throughput with 64 KiB writes into a sink, on one connection and on `--parallel`
 //! connections at once (one writer thread each); 64-byte ping-pong round trips against an echo
 //! service, in eventfd and busy-poll mode; and, for each N of `--scale`, the mean cost of a
-//! connect+close and of a 1-byte round trip while N other streams are open (the counts are
-//! visited up and then down again, `100,10000` as 100, 10000, 100, so that the smaller count's
-//! two runs bracket the larger one's: a wake-up's cost drifts with what the CPUs did just
-//! before, by 2x between two runs of the same count here). The same one-way
+//! connect+close and of a 1-byte round trip while N other streams are open (the counts take
+//! turns on one driver, `100,10000` as 100, 10000, 100, 10000, 100, so that the smaller count's
+//! runs bracket the larger one's: a wake-up's cost drifts with what the CPUs did just before,
+//! by up to 6x between two runs of the same count here). The same one-way
 //! and ping-pong workloads run over a Unix socketpair and TCP loopback, and a memcpy of the
 //! same bytes is the upper limit of any copying transport.
 //!
@@ -93,8 +93,8 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value_t = 64, value_parser = positive)]
     msg_size: usize,
     /// Idle streams held open to the echo service while connect+close and 1-byte round trips
-    /// are timed (comma-separated): one run per value, then one more per value below the
-    /// largest on the way back down; a value's rows are the mean of its runs.
+    /// are timed (comma-separated): the values take turns, up and back down twice (100, 10000,
+    /// 100, 10000, 100); a value's rows are the mean of its runs.
     #[arg(long, value_delimiter = ',', default_value = "100,10000", value_parser = clap::value_parser!(u16).range(0..=MAX_SCALE))]
     scale: Vec<u16>,
     /// Connect+close pairs, and 1-byte round trips, timed in each scale run.
@@ -466,15 +466,31 @@ fn ops(n: u32) -> Unit {
     Unit::Ops(n.into())
 }
 
-/// The order the scale counts are measured in: up through the sorted, distinct counts, then
-/// back down through all but the largest (`100,10000` gives 100, 10000, 100), so that each
-/// smaller count brackets the larger ones in time.
+/// Passes up and down through the scale counts (see [`scale_visits`]).
+const SCALE_PASSES: usize = 2;
+
+/// The order the scale counts are measured in: up through the sorted, distinct counts and back
+/// down, [`SCALE_PASSES`] times (`100,10000` gives 100, 10000, 100, 10000, 100), so that the
+/// counts take turns and each smaller one brackets the larger ones in time.
+///
+/// Why turns on one driver, and not one driver per count measured side by side: on this
+/// machine a round trip's cost is mostly its thread wake-ups, and those are 7x cheaper when the
+/// threads that hand off to each other happen to share a CPU. Two sim drivers side by side
+/// measured 87 us and 12 us per 1-byte round trip with the same 100 streams open, depending on
+/// which was opened first; one driver's threads are placed once, for every count alike.
 fn scale_visits(scale: &[usize]) -> Vec<usize> {
     let mut up = scale.to_vec();
     up.sort_unstable();
     up.dedup();
-    let down: Vec<usize> = up.iter().rev().skip(1).copied().collect();
-    up.into_iter().chain(down).collect()
+    let mut visits = up.clone();
+    for pass in 0..SCALE_PASSES {
+        // Back down to the smallest; then, but for the last pass, up again to the largest.
+        visits.extend(up.iter().rev().skip(1));
+        if pass + 1 < SCALE_PASSES {
+            visits.extend(up.iter().skip(1));
+        }
+    }
+    visits
 }
 
 /// The scale rows: each count of `scale` measured on every visit (`scale_visits`), its rows the
@@ -531,7 +547,7 @@ fn scale_runs(
                 .map(|s| format!("{:.1}", micros(f(s))))
                 .collect();
             notes.push(format!(
-                "{what} with {open} open = {ratio:.2}x its cost with {base_n} open, measured before and after ({} us) (target <= 1.5x: {})",
+                "{what} with {open} open = {ratio:.2}x its cost with {base_n} open, its runs in turn with it: {} us (target <= 1.5x: {})",
                 each.join(" / "),
                 if ratio <= 1.5 { "met" } else { "missed" }
             ));
@@ -668,8 +684,14 @@ mod tests {
 
     #[test]
     fn scale_counts_are_visited_up_then_back_down() {
-        assert_eq!(scale_visits(&[100, 10_000]), vec![100, 10_000, 100]);
-        assert_eq!(scale_visits(&[30, 10, 30, 20]), vec![10, 20, 30, 20, 10]);
+        assert_eq!(
+            scale_visits(&[100, 10_000]),
+            vec![100, 10_000, 100, 10_000, 100]
+        );
+        assert_eq!(
+            scale_visits(&[30, 10, 30, 20]),
+            vec![10, 20, 30, 20, 10, 20, 30, 20, 10]
+        );
         assert_eq!(scale_visits(&[5]), vec![5]);
         assert!(scale_visits(&[]).is_empty());
     }

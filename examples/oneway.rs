@@ -1,5 +1,6 @@
 //! Profiling aid: one-way throughput into the sim's discard service, with the driver's
-//! counters and each thread's voluntary context switches per 64 KiB write.
+//! counters and each thread's sleeps and CPU time per 64 KiB write. `GIB=n` sends n GiB;
+//! `HOST_BUF=bytes` sets the buffer the sim host advertises.
 #![allow(clippy::cast_possible_truncation)] // Test sizes and counters are small and known.
 #![allow(clippy::cast_precision_loss)] // Rates and per-write figures are printed, not computed on.
 #[path = "shared/threads.rs"]
@@ -9,7 +10,13 @@ use std::time::Instant;
 use vdpa_vsock::driver::{DriverConfig, VsockAddr, VsockDriver};
 use vdpa_vsock::sim::{SimConfig, DISCARD_PORT};
 fn main() {
-    let (d, host) = VsockDriver::open_sim(SimConfig::default(), DriverConfig::default()).unwrap();
+    // `HOST_BUF=bytes`: the receive buffer the sim host advertises (Linux's 256 KiB by
+    // default), which bounds what one stream has in flight.
+    let mut sim = SimConfig::default();
+    if let Some(b) = std::env::var("HOST_BUF").ok().and_then(|v| v.parse().ok()) {
+        sim.host.buf_alloc = b;
+    }
+    let (d, host) = VsockDriver::open_sim(sim, DriverConfig::default()).unwrap();
     let mut s = d.connect(VsockAddr::new(2, DISCARD_PORT)).unwrap();
     let buf = vec![1u8; 65536];
     let total: u64 = std::env::var("GIB")

@@ -181,11 +181,11 @@ impl SimRings {
                                 *h
                             },
                         );
-                        if let Some(source) = failed.or(echo_failed) {
-                            return Err(TransportError::Packet {
-                                what: "sim: reading a tx payload",
-                                source,
-                            });
+                        let failure = failed
+                            .map(|e| ("sim: reading a tx payload", e))
+                            .or(echo_failed.map(|e| ("sim: echoing a tx payload", e)));
+                        if let Some((what, source)) = failure {
+                            return Err(TransportError::Packet { what, source });
                         }
                         match (echoed, reply) {
                             (Some(h), Some((head, mut p))) => {
